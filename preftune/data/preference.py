@@ -1,0 +1,460 @@
+"""Preference pairs: format detection, row validation, normalisation to text and tokenisation.
+
+Three formats are understood (the names TRL uses):
+
+* ``standard``: ``prompt``, ``chosen`` and ``rejected`` are strings;
+* ``conversational``: they are lists of ``{"role", "content"}`` messages, rendered with the
+  tokenizer's chat template;
+* ``implicit_prompt``: no ``prompt`` column; the prompt is what ``chosen`` and ``rejected`` share.
+
+The prompt and each response are tokenised separately and concatenated, so the prompt ids are
+always an exact prefix of both sequences (no BPE merge across the boundary).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections import Counter
+from dataclasses import dataclass, replace
+
+from preftune.data.load import Records
+from preftune.errors import ConfigError, DataError
+
+FORMATS = ("standard", "conversational", "implicit_prompt")
+TRUNCATION_MODES = ("keep_end", "keep_start", "error")
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class TokenizeSettings:
+    """Length limits. ``truncation_mode``: "keep_end" (cut the prompt's start), "keep_start" (cut the
+    responses' ends) or "error" (a row that does not fit is invalid)."""
+
+    max_length: int = 1024
+    max_prompt_length: int | None = None
+    truncation_mode: str = "keep_end"
+
+
+@dataclass
+class TokenizedPair:
+    """One preference pair as token ids; each response ends with EOS unless it was truncated."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    preference_prob: float
+    margin: float
+    row: int
+
+
+@dataclass
+class SkipReport:
+    """How many rows were read and kept, and why the others were not."""
+
+    total: int
+    kept: int
+    skipped: dict[str, int]
+    examples: list[str]
+
+
+@dataclass
+class RowProblem:
+    """One invalid row: the kind of problem (for counting) and the error to show."""
+
+    kind: str
+    error: DataError
+
+
+class InvalidRow(Exception):
+    """Raised inside row validation; turned into a :class:`RowProblem` with the file and row."""
+
+    def __init__(self, kind: str, field: str, reason: str, fatal: bool = False):
+        super().__init__(reason)
+        self.kind, self.field, self.reason, self.fatal = kind, field, reason, fatal
+
+    def problem(self, source: str, row: int) -> RowProblem:
+        return RowProblem(self.kind, DataError(source, self.reason, row=row, field=self.field))
+
+
+@dataclass
+class _Style:
+    explicit_prompt: bool
+    messages: bool
+
+    @property
+    def format(self) -> str:
+        if not self.explicit_prompt:
+            return "implicit_prompt"
+        return "conversational" if self.messages else "standard"
+
+
+@dataclass
+class _RowTexts:
+    prompt: str
+    chosen: str
+    rejected: str
+    preference_prob: float
+    margin: float
+    row: int
+
+
+# ---------------------------------------------------------------- format detection
+
+
+def detect_format(records: Records) -> str:
+    """The dataset's format, decided by most rows: "standard", "conversational" or "implicit_prompt"."""
+    return _detect_style(records).format
+
+
+def _detect_style(records: Records) -> _Style:
+    if not records.rows:
+        raise DataError(records.name, "the dataset is empty: no rows found")
+    with_prompt = sum("prompt" in row for row in records.rows)
+    kinds = Counter(kind for kind in map(_row_uses_messages, records.rows) if kind is not None)
+    return _Style(explicit_prompt=2 * with_prompt >= len(records.rows), messages=kinds[True] > kinds[False])
+
+
+def _row_uses_messages(row: dict) -> bool | None:
+    value = row.get("chosen")
+    if isinstance(value, str):
+        return False
+    if isinstance(value, list):
+        return True
+    return None
+
+
+def _describe_kind(messages: bool) -> str:
+    return "lists of messages" if messages else "plain strings"
+
+
+def _check_format_matches(row: dict, style: _Style) -> None:
+    uses_messages = _row_uses_messages(row)
+    if uses_messages is not None and uses_messages != style.messages:
+        raise InvalidRow("mixed formats", "chosen",
+                         f"mixed formats: this row uses {_describe_kind(uses_messages)} but most rows use "
+                         f"{_describe_kind(style.messages)}; a dataset must use one format")
+    if not style.explicit_prompt and "prompt" in row:
+        raise InvalidRow("mixed formats", "prompt",
+                         "mixed formats: this row has a 'prompt' but most rows do not (implicit prompt "
+                         "format); a dataset must use one format")
+
+
+# ---------------------------------------------------------------- field validation
+
+
+def _type_name(value) -> str:
+    if value is None:
+        return "null"
+    names = {str: "a string", list: "a list", dict: "an object", bool: "a boolean"}
+    if type(value) in names:
+        return names[type(value)]
+    return "a number" if isinstance(value, numbers.Number) else type(value).__name__
+
+
+def _field(row: dict, name: str, messages: bool):
+    if name not in row:
+        raise InvalidRow("missing field", name, "missing field")
+    value = row[name]
+    if value is None:
+        raise InvalidRow("missing field", name, "missing field (the value is empty or null)")
+    if messages:
+        return _check_messages(name, value)
+    if not isinstance(value, str):
+        raise InvalidRow("wrong type", name, f"wrong type: expected a string, found {_type_name(value)}")
+    return value
+
+
+def _check_messages(name: str, value) -> list[dict]:
+    if not isinstance(value, list):
+        raise InvalidRow("wrong type", name, "wrong type: expected a list of messages (objects with 'role' "
+                                             f"and 'content'), found {_type_name(value)}")
+    for number, message in enumerate(value, start=1):
+        _check_message(name, number, message)
+    return value
+
+
+def _check_message(name: str, number: int, message) -> None:
+    if not isinstance(message, dict):
+        raise InvalidRow("bad message", name, f"malformed message {number}: expected an object with 'role' "
+                                              f"and 'content', found {_type_name(message)}")
+    for key in ("role", "content"):
+        if key not in message or message[key] is None:
+            raise InvalidRow("bad message", name, f"malformed message {number}: no '{key}'")
+        if not isinstance(message[key], str):
+            raise InvalidRow("bad message", name, f"malformed message {number}: '{key}' must be a string, "
+                                                  f"found {_type_name(message[key])}")
+
+
+def _check_not_empty(name: str, value) -> None:
+    if isinstance(value, str) and not value.strip():
+        raise InvalidRow("empty response", name, "empty response: the text is empty or only whitespace")
+    if isinstance(value, list) and not value:
+        raise InvalidRow("empty response", name, "empty response: no messages")
+
+
+def _check_message_contents(name: str, messages: list[dict]) -> None:
+    for number, message in enumerate(messages, start=1):
+        if not message["content"].strip():
+            raise InvalidRow("empty response", name, f"empty response: message {number} has empty content")
+
+
+def _optional_number(row: dict, name: str, default: float) -> float:
+    value = row.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidRow("wrong type", name, f"wrong type: expected a number, found {_type_name(value)} ({value!r})")
+    return float(value)
+
+
+def _preference_prob(row: dict) -> float:
+    prob = _optional_number(row, "preference_prob", 1.0)
+    if not 0.0 <= prob <= 1.0:
+        raise InvalidRow("probability out of range", "preference_prob",
+                         f"probability out of range: must be between 0 and 1, found {prob}")
+    return prob
+
+
+def _margin(row: dict) -> float:
+    margin = _optional_number(row, "margin", 0.0)
+    if not math.isfinite(margin):
+        raise InvalidRow("non-finite margin", "margin", f"margin must be a finite number, found {margin}")
+    return margin
+
+
+# ---------------------------------------------------------------- rows to text
+
+
+def _row_texts(row: dict, style: _Style, tokenizer) -> tuple[str, str, str]:
+    """Validate one row's prompt and responses and return (prompt text, chosen text, rejected text)."""
+    _check_format_matches(row, style)
+    prompt = _field(row, "prompt", style.messages) if style.explicit_prompt else None
+    chosen, rejected = _field(row, "chosen", style.messages), _field(row, "rejected", style.messages)
+    _check_not_empty("chosen", chosen)
+    _check_not_empty("rejected", rejected)
+    if chosen == rejected:
+        raise InvalidRow("identical responses", "rejected",
+                         "chosen and rejected are identical, so the pair expresses no preference")
+    if prompt is None:
+        split = _split_shared_messages if style.messages else _split_shared_text
+        prompt, chosen, rejected = split(chosen, rejected)
+    if not style.messages:
+        _check_not_empty("chosen", chosen)
+        _check_not_empty("rejected", rejected)
+        return prompt, chosen, rejected
+    _check_message_contents("chosen", chosen)
+    _check_message_contents("rejected", rejected)
+    return _render_conversation(prompt, chosen, rejected, tokenizer)
+
+
+def _split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Prompt = the common prefix, cut back to its last whitespace so that no word is split."""
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = next((i for i in range(len(shared) - 1, -1, -1) if shared[i].isspace()), 0)
+    prompt = shared[:cut].rstrip()
+    if not prompt.strip():
+        raise InvalidRow("no shared prompt", "chosen",
+                         "no shared prompt: chosen and rejected do not begin with common text ending at a "
+                         "word boundary, which the implicit prompt format needs")
+    return prompt, chosen[len(prompt):], rejected[len(prompt):]
+
+
+def _split_shared_messages(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
+    """Prompt = the leading messages both share; each response keeps at least one final message."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise InvalidRow("no shared prompt", "chosen",
+                         "no shared prompt: chosen and rejected share no leading messages, which the "
+                         "implicit prompt format needs")
+    for name, rest in (("chosen", chosen[shared:]), ("rejected", rejected[shared:])):
+        if not rest:
+            raise InvalidRow("no shared prompt", name,
+                             f"nothing is left of '{name}' after the shared prompt messages; each response "
+                             "needs at least one final message of its own")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _render_conversation(prompt: list, chosen: list, rejected: list, tokenizer) -> tuple[str, str, str]:
+    generation_prompt = chosen[0]["role"] == "assistant"
+    prompt_text = _render(tokenizer, prompt, "prompt", add_generation_prompt=generation_prompt)
+    return (prompt_text, _completion_text(tokenizer, prompt, prompt_text, chosen, "chosen"),
+            _completion_text(tokenizer, prompt, prompt_text, rejected, "rejected"))
+
+
+def _render(tokenizer, messages: list, field: str, add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # template errors (jinja, raise_exception) are about these messages
+        raise InvalidRow("bad message", field, f"the chat template could not render these messages: {exc}") from None
+
+
+def _completion_text(tokenizer, prompt: list, prompt_text: str, response: list, field: str) -> str:
+    full = _render(tokenizer, prompt + response, field)
+    if not full.startswith(prompt_text):
+        raise InvalidRow("chat template", field,
+                         "the chat template is not prefix-stable: the prompt rendered alone (with "
+                         f"add_generation_prompt) ends {prompt_text[-40:]!r}, but prompt + response renders "
+                         f"{full[max(0, len(prompt_text) - 40):len(prompt_text)]!r} there, so the prompt tokens "
+                         "cannot be shared by both responses; use a chat template that renders a conversation "
+                         "as its prompt followed by the reply", fatal=True)
+    return _strip_trailing_eos(full[len(prompt_text):], tokenizer.eos_token)
+
+
+def _strip_trailing_eos(text: str, eos_token: str | None) -> str:
+    """Templates that close replies with the EOS text would get it twice: we append EOS ids ourselves."""
+    trimmed = text.rstrip()
+    if eos_token and trimmed.endswith(eos_token) and len(trimmed) > len(eos_token):
+        return trimmed[: -len(eos_token)]
+    return text
+
+
+def _validate_rows(records: Records, style: _Style, tokenizer) -> tuple[list[_RowTexts], list[RowProblem]]:
+    texts, problems = [], []
+    for row, number in zip(records.rows, records.row_numbers):
+        try:
+            prompt, chosen, rejected = _row_texts(row, style, tokenizer)
+            texts.append(_RowTexts(prompt, chosen, rejected, _preference_prob(row), _margin(row), number))
+        except InvalidRow as invalid:
+            problem = invalid.problem(records.name, number)
+            if invalid.fatal:
+                raise problem.error from None
+            problems.append(problem)
+    return texts, problems
+
+
+# ---------------------------------------------------------------- tokenisation and lengths
+
+
+def check_settings(settings: TokenizeSettings) -> None:
+    """Raise ConfigError for impossible length settings."""
+    if settings.truncation_mode not in TRUNCATION_MODES:
+        raise ConfigError(f"truncation_mode must be one of {', '.join(TRUNCATION_MODES)}, "
+                          f"not {settings.truncation_mode!r}")
+    if settings.max_length < 2:
+        raise ConfigError("max_length must be at least 2 (one prompt and one response token), "
+                          f"not {settings.max_length}")
+    if settings.max_prompt_length is not None and settings.max_prompt_length < 1:
+        raise ConfigError(f"max_prompt_length must be at least 1, not {settings.max_prompt_length}")
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no EOS token, but every response must end with one; "
+                          "set tokenizer.eos_token")
+    return tokenizer.eos_token_id
+
+
+def _require_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("this dataset holds conversations (lists of messages), but the tokenizer has no "
+                          "chat template to render them")
+
+
+def _token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return list(tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
+
+
+def tokenize_untruncated(records: Records, tokenizer) -> tuple[list[TokenizedPair], list[RowProblem]]:
+    """Validate every row and tokenise the valid ones in full; no length limit is applied."""
+    eos = _eos_id(tokenizer)
+    style = _detect_style(records)
+    if style.messages:
+        _require_chat_template(tokenizer)
+    texts, problems = _validate_rows(records, style, tokenizer)
+    # A chat template writes BOS itself; a plain prompt gets it from the tokenizer.
+    prompts = _token_ids(tokenizer, [t.prompt for t in texts], add_special_tokens=not style.messages)
+    chosen = _token_ids(tokenizer, [t.chosen for t in texts], add_special_tokens=False)
+    rejected = _token_ids(tokenizer, [t.rejected for t in texts], add_special_tokens=False)
+    pairs = [TokenizedPair(list(p), list(c) + [eos], list(r) + [eos], t.preference_prob, t.margin, t.row)
+             for t, p, c, r in zip(texts, prompts, chosen, rejected)]
+    return pairs, problems
+
+
+def fit_to_length(pair: TokenizedPair, settings: TokenizeSettings) -> TokenizedPair:
+    """Apply ``max_prompt_length`` and ``max_length`` to one pair; raises :class:`InvalidRow` if it cannot fit."""
+    if not pair.prompt_ids:
+        raise InvalidRow("empty prompt", "prompt", "the prompt has no tokens, but the first response token "
+                                                   "must be predicted from at least one prompt token")
+    pair = _limit_prompt(pair, settings)
+    longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
+    if len(pair.prompt_ids) + longest <= settings.max_length:
+        return pair
+    if settings.truncation_mode == "keep_end":
+        return _keep_prompt_end(pair, longest, settings.max_length)
+    if settings.truncation_mode == "keep_start":
+        return _keep_response_start(pair, settings.max_length)
+    field = "chosen" if len(pair.chosen_ids) >= len(pair.rejected_ids) else "rejected"
+    raise InvalidRow("too long", field, f"too long: needs {len(pair.prompt_ids) + longest} tokens (prompt "
+                                        f"{len(pair.prompt_ids)} + {field} {longest}, EOS included) but max_length "
+                                        f"is {settings.max_length}, and truncation_mode is 'error'")
+
+
+def _limit_prompt(pair: TokenizedPair, settings: TokenizeSettings) -> TokenizedPair:
+    limit = settings.max_prompt_length
+    if limit is None or len(pair.prompt_ids) <= limit:
+        return pair
+    if settings.truncation_mode == "error":
+        raise InvalidRow("too long", "prompt", f"too long: the prompt has {len(pair.prompt_ids)} tokens but "
+                                               f"max_prompt_length is {limit}, and truncation_mode is 'error'")
+    return replace(pair, prompt_ids=pair.prompt_ids[-limit:])
+
+
+def _keep_prompt_end(pair: TokenizedPair, longest: int, max_length: int) -> TokenizedPair:
+    room = max_length - longest
+    if room < 1:
+        field = "chosen" if len(pair.chosen_ids) == longest else "rejected"
+        raise InvalidRow("too long", field, f"too long: needs at least {longest + 1} tokens ({field} has "
+                                            f"{longest} tokens with EOS, plus at least 1 prompt token) but "
+                                            f"max_length is {max_length}")
+    return replace(pair, prompt_ids=pair.prompt_ids[-room:])
+
+
+def _keep_response_start(pair: TokenizedPair, max_length: int) -> TokenizedPair:
+    room = max_length - len(pair.prompt_ids)
+    if room < 1:
+        raise InvalidRow("too long", "prompt", f"too long: needs at least {len(pair.prompt_ids) + 1} tokens (prompt "
+                                               f"{len(pair.prompt_ids)} + at least 1 response token) but max_length "
+                                               f"is {max_length}")
+    return replace(pair, chosen_ids=pair.chosen_ids[:room], rejected_ids=pair.rejected_ids[:room])
+
+
+def fit_pairs(pairs: list[TokenizedPair], settings: TokenizeSettings,
+              source: str) -> tuple[list[TokenizedPair], list[RowProblem]]:
+    """Fit every pair to the length limits; pairs that cannot fit become problems."""
+    fitted, problems = [], []
+    for pair in pairs:
+        try:
+            fitted.append(fit_to_length(pair, settings))
+        except InvalidRow as invalid:
+            problems.append(invalid.problem(source, pair.row))
+    return fitted, problems
+
+
+def summarise_problems(total: int, kept: int, problems: list[RowProblem]) -> SkipReport:
+    """A SkipReport: counts by kind and the first few messages, in row order."""
+    ordered = sorted(problems, key=lambda p: p.error.row or 0)
+    return SkipReport(total=total, kept=kept, skipped=dict(Counter(p.kind for p in ordered)),
+                      examples=[str(p.error) for p in ordered[:MAX_EXAMPLES]])
+
+
+def tokenize_preferences(records: Records, tokenizer, settings: TokenizeSettings,
+                         skip_invalid: bool = False) -> tuple[list[TokenizedPair], SkipReport]:
+    """Validate and tokenise every row. The first invalid row raises DataError unless ``skip_invalid``."""
+    check_settings(settings)
+    pairs, problems = tokenize_untruncated(records, tokenizer)
+    fitted, too_long = fit_pairs(pairs, settings, records.name)
+    problems = sorted(problems + too_long, key=lambda p: p.error.row or 0)
+    if problems and not skip_invalid:
+        raise problems[0].error
+    report = summarise_problems(len(records.rows), len(fitted), problems)
+    if not fitted:
+        counts = ", ".join(f"{kind}: {count}" for kind, count in report.skipped.items())
+        raise DataError(records.name, f"no valid rows: all {report.total} rows are invalid ({counts}); "
+                                      f"the first: {report.examples[0]}")
+    return fitted, report

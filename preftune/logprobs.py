@@ -1,0 +1,245 @@
+"""Per-token and per-sequence log-probabilities of completions under a causal language model.
+
+The textbook recipe (DPO paper, section 2 of the mission) is: run the model, take ``log_softmax``
+of the logits, shift by one, gather each actual next token, mask out the prompt and padding. Done
+literally, that materialises a ``[batch, seq, vocab]`` logits tensor, a second one of the same size
+for ``log_softmax`` (in float32 when the model runs in bf16), and keeps both alive for the backward
+pass. With a 128k vocabulary and 4k tokens that is ~2 GB per sequence per tensor: the largest
+thing in preference training by far.
+
+:func:`token_logprobs` avoids all of it:
+
+* It runs only the *backbone* (the model without its output projection) to get final hidden states.
+* It keeps only the hidden states that predict completion tokens (position ``t-1`` predicts token
+  ``t``). Prompt and padding positions never reach the vocabulary projection, which skips roughly
+  half of the ``lm_head`` compute on typical preference data.
+* It projects those rows onto the vocabulary ``chunk_size`` rows at a time, in float32, and turns
+  each chunk into ``logit[target] - logsumexp(logits)`` at once: ``[chunk_size, vocab]`` is the
+  largest tensor it ever creates, never ``[N, vocab]`` or ``[batch, seq, vocab]``.
+* With gradients enabled each chunk runs under activation checkpointing, so the autograd graph
+  stores only the chunk's input hidden states; the backward pass recomputes one chunk's logits at a
+  time. Under ``torch.no_grad`` / ``inference_mode`` (the reference model) no checkpointing is done.
+
+The output projection is called as a module (never through its weight), so a LoRA-wrapped
+``lm_head`` still applies its adapter. Model-specific logit post-processing is honoured: Cohere's
+``logit_scale``, Granite's ``logits_scaling`` and Gemma's ``final_logit_softcapping``.
+
+A ``DistributedDataParallel`` wrapper is honoured: the computation runs inside its forward, so
+gradient synchronisation is set up as usual. Note that ``model.forward`` itself is never called, so
+an autocast that a framework patched into ``forward`` (accelerate's mixed precision) does not apply:
+run under ``accelerator.autocast()`` / ``torch.autocast`` or load the weights in the target dtype.
+
+peft models: a LoRA-style ``PeftModel`` is unwrapped with ``get_base_model()``; its adapter layers
+stay injected in the modules, so they still apply, and ``with peft_model.disable_adapter():`` still
+switches them off. Prompt-learning adapters (prefix / prompt tuning) change the model's inputs
+rather than its modules, so for them the peft model's own forward runs and its backbone's hidden
+states are captured on the way (the logits it computes for the last position only, where the model
+supports ``logits_to_keep``, are thrown away); the vocabulary projection is then chunked as above.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
+                   chunk_size: int = 1024, position_ids: Tensor | None = None) -> Tensor:
+    """Log-probability of each completion token given everything before it.
+
+    Args:
+        model: a Hugging Face ``*ForCausalLM`` model, or a peft ``PeftModel`` wrapping one.
+        input_ids: ``[B, L]`` token ids (prompt + completion + padding).
+        attention_mask: ``[B, L]`` passed to the model as is.
+        completion_mask: ``[B, L]`` bool (or 0/1), true at completion tokens. Position 0 has no
+            predecessor and is never scored.
+        chunk_size: rows projected onto the vocabulary at a time.
+        position_ids: optional ``[B, L]`` position ids passed to the model (padding-free batches).
+
+    Returns:
+        float32 ``[B, L]``: entry ``[b, t]`` is ``log p(input_ids[b, t] | input_ids[b, :t])`` where
+        ``completion_mask[b, t]`` is true, exactly 0 elsewhere. Differentiable with respect to the
+        model's parameters.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+    if input_ids.dim() != 2 or completion_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and completion_mask must both be [batch, seq]; got "
+                         f"{tuple(input_ids.shape)} and {tuple(completion_mask.shape)}")
+    if _is_data_parallel(model):
+        return _through_data_parallel(model, input_ids=input_ids, attention_mask=attention_mask,
+                                      completion_mask=completion_mask, chunk_size=chunk_size,
+                                      position_ids=position_ids)
+    batch, length = input_ids.shape
+    target_mask = completion_mask[:, 1:].to(device=input_ids.device, dtype=torch.bool)
+
+    causal_lm, backbone, lm_head = _split_model(model)
+    hidden = _final_hidden_states(model, causal_lm, backbone, input_ids, attention_mask, position_ids)
+    selected = hidden[:, :-1][target_mask]          # [N, H]: only states that predict completion tokens
+    targets = input_ids[:, 1:][target_mask]         # [N]
+    scale, softcap = _logit_postprocessing(causal_lm.config)
+
+    use_checkpoint = torch.is_grad_enabled() and (
+        selected.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
+    pieces = []
+    for start in range(0, selected.shape[0], chunk_size):
+        h_chunk = selected[start:start + chunk_size]
+        t_chunk = targets[start:start + chunk_size]
+        if use_checkpoint:
+            pieces.append(checkpoint(_chunk_logprobs, lm_head, h_chunk, t_chunk, scale, softcap,
+                                     use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(lm_head, h_chunk, t_chunk, scale, softcap))
+    if pieces:
+        values = torch.cat(pieces)
+    else:  # no completion token at all: keep the result attached to the graph
+        values = selected.sum(-1).float() * 0.0
+
+    shifted = torch.zeros(batch, length - 1, dtype=torch.float32, device=input_ids.device)
+    shifted = shifted.masked_scatter(target_mask, values.to(torch.float32))
+    return nn.functional.pad(shifted, (1, 0))
+
+
+def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
+                      chunk_size: int = 1024, position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Summed completion log-probability per row and the number of completion tokens.
+
+    Returns ``(logps [B] float32, lengths [B] float32)``; ``logps[b]`` is
+    ``sum_t log p(input_ids[b, t] | input_ids[b, :t])`` over the completion tokens of row ``b``
+    (position 0 excluded, as in :func:`token_logprobs`).
+    """
+    per_token = token_logprobs(model, input_ids, attention_mask, completion_mask, chunk_size=chunk_size,
+                               position_ids=position_ids)
+    lengths = completion_mask[:, 1:].to(torch.bool).sum(-1).to(torch.float32)
+    return per_token.sum(-1), lengths
+
+
+def _chunk_logprobs(lm_head: nn.Module, hidden: Tensor, targets: Tensor, scale: float | None,
+                    softcap: float | None) -> Tensor:
+    """``log softmax(lm_head(hidden))[target]`` for one chunk of rows, in float32 (or float64)."""
+    logits = lm_head(hidden)
+    if logits.dtype != torch.float64:  # half-precision models: softmax in float32
+        logits = logits.float()
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _split_model(model) -> tuple[Any, nn.Module, nn.Module]:
+    """``(causal_lm, backbone, lm_head)`` of a ``*ForCausalLM`` model, unwrapping peft."""
+    causal_lm = model.get_base_model() if _is_peft_model(model) else model
+    prefix = getattr(causal_lm, "base_model_prefix", None)
+    backbone = getattr(causal_lm, prefix, None) if prefix else None
+    get_head = getattr(causal_lm, "get_output_embeddings", None)
+    lm_head = get_head() if callable(get_head) else None
+    if not isinstance(backbone, nn.Module) or backbone is causal_lm or not isinstance(lm_head, nn.Module):
+        raise TypeError(
+            f"{type(causal_lm).__name__} is not a causal language model with a backbone and an output "
+            "projection (expected a Hugging Face *ForCausalLM model, optionally wrapped by peft)")
+    return causal_lm, backbone, lm_head
+
+
+def _is_data_parallel(model) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _through_data_parallel(wrapper, **inputs) -> Tensor:
+    """Compute :func:`token_logprobs` of ``wrapper.module`` *inside* the DDP wrapper's forward.
+
+    Calling the inner model's submodules directly would skip DDP's forward, which prepares the
+    gradient all-reduce: gradients would silently stay unsynchronised across processes. So the inner
+    module's ``forward`` is redirected, for one call, to our computation, and the wrapper is called.
+    """
+    inner = wrapper.module
+    had_own_forward = "forward" in inner.__dict__
+    own_forward = inner.__dict__.get("forward")
+
+    def restore():
+        if had_own_forward:
+            inner.forward = own_forward
+        else:
+            inner.__dict__.pop("forward", None)
+
+    def redirected(**kwargs):
+        restore()  # the inner computation may call the module itself (prompt-learning peft)
+        return token_logprobs(inner, **kwargs)
+
+    inner.forward = redirected
+    try:
+        return wrapper(**inputs)
+    finally:
+        restore()
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is optional at this level
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _final_hidden_states(model, causal_lm, backbone: nn.Module, input_ids: Tensor,
+                         attention_mask: Tensor | None, position_ids: Tensor | None) -> Tensor:
+    """Final hidden states ``[B, L, H]``, i.e. exactly what the model's ``lm_head`` would receive."""
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if _is_peft_model(model) and _uses_prompt_learning(model):
+        return _hidden_states_through_peft(model, causal_lm, backbone, input_ids, kwargs)
+    return _first_output(backbone(input_ids=input_ids, **kwargs))
+
+
+def _uses_prompt_learning(peft_model) -> bool:
+    config = getattr(peft_model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _hidden_states_through_peft(model, causal_lm, backbone: nn.Module, input_ids: Tensor,
+                                kwargs: dict[str, Any]) -> Tensor:
+    """Run a prompt-learning peft model's own forward and capture its backbone output."""
+    captured: list[Tensor] = []
+
+    def grab(_module, _args, output):
+        captured.append(_first_output(output))
+
+    if "logits_to_keep" in inspect.signature(causal_lm.forward).parameters:
+        kwargs = {**kwargs, "logits_to_keep": 1}
+    handle = backbone.register_forward_hook(grab)
+    try:
+        model(input_ids=input_ids, **kwargs)
+    finally:
+        handle.remove()
+    hidden = captured[-1]
+    # prompt tuning prepends virtual tokens to the sequence; the real tokens are the last L.
+    return hidden[:, hidden.shape[1] - input_ids.shape[1]:]
+
+
+def _first_output(output) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    hidden = getattr(output, "last_hidden_state", None)
+    return hidden if hidden is not None else output[0]
+
+
+def _logit_postprocessing(config) -> tuple[float | None, float | None]:
+    """``(multiplier, softcap)`` a model applies to ``lm_head`` outputs before the softmax."""
+    scale = None
+    if getattr(config, "logit_scale", None) is not None:          # Cohere: logits * logit_scale
+        scale = float(config.logit_scale)
+    factor = getattr(config, "logits_scaling", None)
+    if factor is not None and float(factor) != 1.0:
+        model_type = str(getattr(config, "model_type", ""))
+        # HyperCLOVA X multiplies by it; Granite (and its relatives) divide by it.
+        extra = float(factor) if model_type.startswith("hyperclovax") else 1.0 / float(factor)
+        scale = extra if scale is None else scale * extra
+    softcap = getattr(config, "final_logit_softcapping", None)
+    softcap = float(softcap) if softcap else None
+    return scale, softcap

@@ -1,0 +1,128 @@
+"""Loading tokenizers, policies and reference models: precision by hardware, LoRA through peft."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> 'bf16' on a GPU that supports it, else 'fp32' (bf16 matmuls are ~150x slower on CPU)."""
+    if precision != "auto":
+        if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+            raise ConfigError(f"precision={precision} needs a GPU; on CPU use fp32 (or auto)")
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load tokenizer '{name_or_path}': {exc}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"tokenizer '{name_or_path}' has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model '{name_or_path}': {exc}") from None
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout except LoRA's own (its rate is a training choice of the user)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and "lora_dropout" not in name:
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str]):
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if target_modules in (["all-linear"], "all-linear") else list(target_modules)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise ConfigError(f"LoRA: {exc}") from None
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def prepare_policy(model, cfg):
+    """Dropout, gradient checkpointing and LoRA on a loaded causal LM, per the model settings."""
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def freeze(model):
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """Run a LoRA policy as its own reference: the base weights, no second copy in memory."""
+    with model.disable_adapter():
+        yield model
+
+
+def model_fingerprint(model, name_or_path: str | None) -> str:
+    """A stable identity for cached reference log-probs.
+
+    A local checkpoint is identified by its config and its weight files (names, sizes, modification
+    times); a model built in memory by a hash of its parameters.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    path = Path(name_or_path) if name_or_path else None
+    if path is not None and path.is_dir():
+        for file in sorted(path.rglob("*")):
+            if file.suffix in WEIGHT_SUFFIXES:
+                stat = file.stat()
+                digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    elif name_or_path and path is not None and not path.exists():
+        digest.update(f"hub:{name_or_path}:{getattr(model.config, '_commit_hash', '')}".encode())
+    else:
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

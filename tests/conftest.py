@@ -1,0 +1,33 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from preftune.toy import build_toy_tokenizer
+
+    return build_toy_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    from preftune.toy import build_tiny_llama
+
+    return build_tiny_llama(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama and its tokenizer saved as an ordinary Hugging Face checkpoint directory."""
+    from preftune.toy import build_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_llama(tiny_tokenizer).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
