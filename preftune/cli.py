@@ -53,9 +53,9 @@ def run_demo(args) -> int:
 
 
 def run_dpo(args) -> int:
+    cfg = config_from_args(DPOConfig, args)  # report config mistakes before the heavy imports
     from .train.dpo import train_dpo
 
-    cfg = config_from_args(DPOConfig, args)
     result = train_dpo(cfg)
     if result.is_main_process:
         out.print(f"[green]done[/]: model saved to {result.model_dir}")

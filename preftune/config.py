@@ -69,6 +69,8 @@ class TrainSettings:
     """The shared training loop."""
 
     output_dir: str = _f("runs/run", "Run directory: metrics.jsonl, checkpoints/ and the final model/.")
+    overwrite_output_dir: bool = _f(False, "Start afresh in an output_dir that holds an earlier run (its metrics, "
+                                    "checkpoints and model are deleted). Without it such a run is refused unless --resume.")
     seed: int = _f(42, "Seed for weights of new heads, data order and dropout.")
     num_epochs: float = _f(1.0, "Passes over the training data.")
     max_steps: int = _f(-1, "Stop after this many optimiser steps (overrides num_epochs when > 0).")
@@ -107,11 +109,11 @@ class DPOConfig(ModelSettings, DataSettings, TrainSettings):
     precompute_ref: bool = _f(False, "Compute reference log-probs once before training and cache them on disk.")
     cache_dir: str | None = _f(None, "Where precomputed reference log-probs are cached (default ~/.cache/preftune).")
 
-    def validate(self) -> None:
-        _validate_common(self)
+    def validate(self, require_model: bool = True) -> None:
+        _validate_common(self, require_model)
         if not (0.0 <= self.label_smoothing < 0.5):
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.beta <= 0 or not math.isfinite(self.beta):
+        if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ConfigError(f"beta must be a positive number, got {self.beta}")
         for spec in self.constraints:
             parse_constraint_spec(spec)
@@ -132,18 +134,22 @@ class DPOConfig(ModelSettings, DataSettings, TrainSettings):
 
 def parse_constraint_spec(spec: str) -> tuple[str, float]:
     """'pkg.mod:fn=0.5' -> ('pkg.mod:fn', 0.5)."""
-    target, _, weight = spec.partition("=")
+    target, has_weight, weight = spec.partition("=")
     if ":" not in target or not target.split(":", 1)[0] or not target.split(":", 1)[1]:
         raise ConfigError(f"constraint '{spec}' must look like 'module:function' or 'module:function=weight'")
+    if not has_weight:
+        return target, 1.0
     try:
-        value = float(weight) if weight else 1.0
+        value = float(weight)
     except ValueError:
         raise ConfigError(f"constraint '{spec}': weight '{weight}' is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"constraint '{spec}': weight must be a finite number")
     return target, value
 
 
-def _validate_common(cfg) -> None:
-    if not cfg.model_name_or_path:
+def _validate_common(cfg, require_model: bool = True) -> None:
+    if require_model and not cfg.model_name_or_path:
         raise ConfigError("model_name_or_path is required (a local model directory or a hub name)")
     if not cfg.dataset:
         raise ConfigError("dataset is required (a data file, a save_to_disk directory or a hub name)")
@@ -151,8 +157,16 @@ def _validate_common(cfg) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.learning_rate <= 0:
-        raise ConfigError(f"learning_rate must be positive, got {cfg.learning_rate}")
+    for name in ("learning_rate", "num_epochs"):
+        if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
+            raise ConfigError(f"{name} must be a positive number, got {getattr(cfg, name)}")
+    for name in ("max_grad_norm", "weight_decay"):
+        if not (getattr(cfg, name) >= 0 and math.isfinite(getattr(cfg, name))):
+            raise ConfigError(f"{name} must be a non-negative number, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora_r <= 0 or cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_r and lora_alpha must be positive, got {cfg.lora_r} and {cfg.lora_alpha}")
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
     if not 0.0 <= cfg.warmup_ratio <= 1.0:

@@ -24,10 +24,11 @@ The output projection is called as a module (never through its weight), so a LoR
 ``lm_head`` still applies its adapter. Model-specific logit post-processing is honoured: Cohere's
 ``logit_scale``, Granite's ``logits_scaling`` and Gemma's ``final_logit_softcapping``.
 
-A ``DistributedDataParallel`` wrapper is honoured: the computation runs inside its forward, so
-gradient synchronisation is set up as usual. Note that ``model.forward`` itself is never called, so
-an autocast that a framework patched into ``forward`` (accelerate's mixed precision) does not apply:
-run under ``accelerator.autocast()`` / ``torch.autocast`` or load the weights in the target dtype.
+Under data parallelism, call this inside the forward of the module the distributed wrapper wraps
+(``preftune.train.policy.PolicyLogprobs``): calling the inner model's submodules from outside the
+wrapper's forward would skip its gradient synchronisation. Likewise ``model.forward`` itself is
+never called, so an autocast patched into it (accelerate's mixed precision) does not apply: run
+under ``accelerator.autocast()`` / ``torch.autocast`` or load the weights in the target dtype.
 
 peft models: a LoRA-style ``PeftModel`` is unwrapped with ``get_base_model()``; its adapter layers
 stay injected in the modules, so they still apply, and ``with peft_model.disable_adapter():`` still
@@ -70,10 +71,6 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, comp
     if input_ids.dim() != 2 or completion_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and completion_mask must both be [batch, seq]; got "
                          f"{tuple(input_ids.shape)} and {tuple(completion_mask.shape)}")
-    if _is_data_parallel(model):
-        return _through_data_parallel(model, input_ids=input_ids, attention_mask=attention_mask,
-                                      completion_mask=completion_mask, chunk_size=chunk_size,
-                                      position_ids=position_ids)
     batch, length = input_ids.shape
     target_mask = completion_mask[:, 1:].to(device=input_ids.device, dtype=torch.bool)
 
@@ -144,38 +141,6 @@ def _split_model(model) -> tuple[Any, nn.Module, nn.Module]:
             f"{type(causal_lm).__name__} is not a causal language model with a backbone and an output "
             "projection (expected a Hugging Face *ForCausalLM model, optionally wrapped by peft)")
     return causal_lm, backbone, lm_head
-
-
-def _is_data_parallel(model) -> bool:
-    return isinstance(model, nn.parallel.DistributedDataParallel)
-
-
-def _through_data_parallel(wrapper, **inputs) -> Tensor:
-    """Compute :func:`token_logprobs` of ``wrapper.module`` *inside* the DDP wrapper's forward.
-
-    Calling the inner model's submodules directly would skip DDP's forward, which prepares the
-    gradient all-reduce: gradients would silently stay unsynchronised across processes. So the inner
-    module's ``forward`` is redirected, for one call, to our computation, and the wrapper is called.
-    """
-    inner = wrapper.module
-    had_own_forward = "forward" in inner.__dict__
-    own_forward = inner.__dict__.get("forward")
-
-    def restore():
-        if had_own_forward:
-            inner.forward = own_forward
-        else:
-            inner.__dict__.pop("forward", None)
-
-    def redirected(**kwargs):
-        restore()  # the inner computation may call the module itself (prompt-learning peft)
-        return token_logprobs(inner, **kwargs)
-
-    inner.forward = redirected
-    try:
-        return wrapper(**inputs)
-    finally:
-        restore()
 
 
 def _is_peft_model(model) -> bool:

@@ -211,3 +211,16 @@ def test_two_process_data_parallel_matches_one_process(tiny_model_dir, toy_data,
     w2 = load_file(tmp_path / "two" / "model" / "model.safetensors")
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=1e-4)
+
+
+def test_an_earlier_run_is_never_silently_mixed_or_lost(tiny_model_dir, toy_data, tmp_path):
+    from preftune.errors import ConfigError
+
+    first = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "run", max_steps=2))
+    weights = (first.model_dir / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "run", max_steps=3))
+    assert (first.model_dir / "model.safetensors").read_bytes() == weights  # untouched
+    again = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "run", max_steps=3, overwrite_output_dir=True))
+    assert [r["step"] for r in step_records(again.run_dir)] == [1, 2, 3]
+    assert not (tmp_path / "run" / "model.partial").exists()

@@ -21,7 +21,7 @@ from ..data import TokenizedPair, TokenizeSettings, collate_pairs, load_records,
 from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
 from ..models import freeze, is_peft_model, load_causal_lm, load_tokenizer, model_fingerprint, prepare_policy, \
     compute_dtype, disable_dropout, resolve_precision
-from .loop import Trainer, TrainResult, make_accelerator, save_final_model, set_seed
+from .loop import Trainer, TrainResult, make_accelerator, prepare_run_dir, save_final_model, set_seed
 from .policy import PolicyLogprobs
 from .reference import Reference, cache_key, default_cache_dir, describe, precompute_reference, write_description
 
@@ -117,11 +117,12 @@ def load_pairs(cfg: DPOConfig, tokenizer) -> tuple[list[TokenizedPair], list[Tok
 
 def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> DPOResult:
     """Train a policy on preference pairs. ``model``/``tokenizer``/``ref_model`` may be passed as objects."""
-    if model is None or cfg.dataset is None:
-        cfg.validate()
+    cfg.validate(require_model=model is None)
     run_dir = Path(cfg.output_dir)
     precision = resolve_precision(cfg.precision)
     accelerator = make_accelerator(precision, cfg.report_to, run_dir)
+    prepare_run_dir(run_dir, cfg.resume, cfg.overwrite_output_dir, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for note in cfg.sanity_warnings():
             console.print(f"[yellow]warning:[/] {note}")

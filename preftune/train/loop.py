@@ -330,15 +330,40 @@ class Trainer:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.global_step)
 
 
+RUN_OUTPUTS = ("metrics.jsonl", "config.json", "summary.json", "reference_cache.json", "checkpoints", "model")
+
+
+def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> None:
+    """Refuse to mix a new run into an earlier one's files, unless resuming or told to overwrite."""
+    existing = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not existing or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+                          f"--overwrite_output_dir to start afresh, or choose another --output_dir")
+    if is_main:
+        for name in existing:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
 def save_final_model(accelerator, model, tokenizer, path: Path, merge_lora: bool = False) -> Path:
-    """Save with ``save_pretrained`` (an adapter for LoRA unless merged) plus the tokenizer."""
+    """Save with ``save_pretrained`` (an adapter for LoRA unless merged) plus the tokenizer.
+
+    Written to a staging directory first and renamed, so a crash never leaves a half-written model.
+    """
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
         if merge_lora and hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        staging = path.with_name(path.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
     accelerator.wait_for_everyone()
     return path
 
