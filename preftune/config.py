@@ -86,6 +86,7 @@ class TrainSettings:
     warmup_steps: int = _f(0, "Warm-up steps (overrides warmup_ratio when > 0).")
     logging_steps: int = _f(10, "Write averaged metrics every this many steps.")
     eval_steps: int = _f(0, "Evaluate every this many steps (0: only at the end).")
+    eval_on_start: bool = _f(False, "Also evaluate before the first step (a baseline for the held-out metrics).")
     save_steps: int = _f(0, "Checkpoint every this many steps (0: no intermediate checkpoints).")
     save_total_limit: int = _f(2, "Keep only the newest this many checkpoints.")
     resume: str | None = _f(None, "Resume from a checkpoint directory, or 'latest' for the newest in output_dir.",

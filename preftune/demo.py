@@ -39,7 +39,7 @@ def demo_config(root: Path, base: Path, train: Path, held_out: Path) -> DPOConfi
     return DPOConfig(
         model_name_or_path=str(base), dataset=str(train), eval_dataset=str(held_out), output_dir=str(root / "dpo"),
         beta=0.1, learning_rate=1e-4, per_device_batch_size=16, num_epochs=3, warmup_ratio=0.1,
-        logging_steps=8, eval_steps=32, save_steps=48, max_length=64, precompute_ref=True,
+        logging_steps=8, eval_steps=32, eval_on_start=True, save_steps=48, max_length=64, precompute_ref=True,
         cache_dir=str(root / "cache"), seed=0, overwrite_output_dir=True,
     )
 

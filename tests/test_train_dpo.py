@@ -55,10 +55,15 @@ def cli(*args, env_extra=None, cwd=None):
 
 def test_dpo_learns_toy_preference_on_held_out_pairs(tiny_model_dir, toy_data, tmp_path):
     cfg = config(tiny_model_dir, toy_data["train"], tmp_path / "run", eval_dataset=str(toy_data["eval"]),
-                 eval_split="train", max_steps=-1, num_epochs=3, learning_rate=5e-4, beta=0.1, precompute_ref=True)
+                 eval_split="train", max_steps=-1, num_epochs=3, learning_rate=5e-4, beta=0.1, precompute_ref=True,
+                 eval_on_start=True)
     result = train_dpo(cfg)
     first = step_records(tmp_path / "run")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at the first step
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    before = lines[0]
+    assert before["step"] == 0 and before["eval/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert before["eval/rewards/accuracies"] == 0.0  # untrained: no pair is separated yet
     held_out = result.train.eval_metrics
     assert held_out["eval/rewards/accuracies"] > 0.9
     assert held_out["eval/loss"] < 0.6

@@ -155,6 +155,8 @@ class Trainer:
         window_time = 0.0
         last: dict[str, float] = {}
         eval_results: dict[str, float] = {}
+        if self.s.eval_on_start and self.eval_examples and self.global_step == 0:
+            eval_results = self.evaluate()
         progress = _progress(self.acc.is_main_process)
         with progress:
             bar = progress.add_task("training", total=self.total_steps, completed=self.global_step, status="")
