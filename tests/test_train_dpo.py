@@ -229,3 +229,17 @@ def test_an_earlier_run_is_never_silently_mixed_or_lost(tiny_model_dir, toy_data
     again = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "run", max_steps=3, overwrite_output_dir=True))
     assert [r["step"] for r in step_records(again.run_dir)] == [1, 2, 3]
     assert not (tmp_path / "run" / "model.partial").exists()
+
+
+def test_metrics_reach_tensorboard_when_asked(tiny_model_dir, toy_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "tb", max_steps=3, report_to=["tensorboard"]))
+    events = list(Path(run.run_dir).rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert "loss" in acc.Tags()["scalars"] and "rewards/accuracies" in acc.Tags()["scalars"]
+    logged = [e.value for e in acc.Scalars("loss")]
+    assert logged == pytest.approx([r["loss"] for r in step_records(run.run_dir)], abs=1e-6)
