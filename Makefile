@@ -11,12 +11,13 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test,tensorboard]"
+	$(PY) -m pip install --quiet -e ".[test,annotate]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
+	./scripts/test-setup.sh
 	$(PY) -m pytest
 
 demo: $(STAMP)

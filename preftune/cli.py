@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -15,6 +16,10 @@ from .errors import PreftuneError
 
 err = Console(stderr=True)
 out = Console()
+
+# Each module adds its own sub-command(s) with ``register(subparsers)``; a handler takes the parsed
+# args and returns an exit code. Imports of heavy libraries happen inside the handlers.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max_prompt_length", type=int, default=None, help="Maximum prompt tokens.")
     check.add_argument("--json", action="store_true", help="Print the report as JSON.")
     check.set_defaults(handler=run_data_check)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands)
+
     demo = commands.add_parser("demo", help="Run the offline demonstration (tiny model, toy preference) end to end.")
     demo.add_argument("--output_dir", default="runs/demo", help="Where the demo writes its model, data and metrics.")
     demo.set_defaults(handler=run_demo)

@@ -8,7 +8,6 @@ disabled, or log-probs precomputed once and cached (``precompute_ref``).
 from __future__ import annotations
 
 import copy
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,9 @@ from rich.console import Console
 from ..config import DPOConfig, config_to_dict, parse_constraint_spec
 from ..data import TokenizedPair, TokenizeSettings, collate_pairs, load_records, tokenize_preferences
 from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
-from ..models import freeze, is_peft_model, load_causal_lm, load_tokenizer, model_fingerprint, prepare_policy, \
-    compute_dtype, disable_dropout, resolve_precision
-from .loop import Trainer, TrainResult, make_accelerator, prepare_run_dir, save_final_model, set_seed
+from ..models import compute_dtype, disable_dropout, freeze, is_peft_model, load_causal_lm, load_tokenizer, \
+    model_fingerprint, prepare_policy
+from .loop import RunResult, Trainer, finish_run, save_final_model, start_run
 from .policy import PolicyLogprobs
 from .reference import Reference, cache_key, default_cache_dir, describe, precompute_reference, write_description
 
@@ -33,15 +32,6 @@ class PairExample:
     pair: TokenizedPair
     ref_chosen: float | None = None
     ref_rejected: float | None = None
-
-
-@dataclass
-class DPOResult:
-    run_dir: Path
-    model_dir: Path
-    metrics_file: Path
-    train: TrainResult
-    is_main_process: bool = True
 
 
 class DPOTask:
@@ -115,19 +105,11 @@ def load_pairs(cfg: DPOConfig, tokenizer) -> tuple[list[TokenizedPair], list[Tok
     return train, []
 
 
-def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> DPOResult:
+def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
     """Train a policy on preference pairs. ``model``/``tokenizer``/``ref_model`` may be passed as objects."""
     cfg.validate(require_model=model is None)
-    run_dir = Path(cfg.output_dir)
-    precision = resolve_precision(cfg.precision)
-    accelerator = make_accelerator(precision, cfg.report_to, run_dir)
-    prepare_run_dir(run_dir, cfg.resume, cfg.overwrite_output_dir, accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for note in cfg.sanity_warnings():
-            console.print(f"[yellow]warning:[/] {note}")
-    set_seed(cfg.seed)
-
+    ctx = start_run(cfg, cfg.sanity_warnings())
+    accelerator = ctx.accelerator
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
 
@@ -135,11 +117,11 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
     needs_reference = cfg.loss_type not in REFERENCE_FREE
     if needs_reference and ref_model is None and not (cfg.lora and not cfg.ref_model_name_or_path):
         if cfg.ref_model_name_or_path:
-            ref_model = load_causal_lm(cfg.ref_model_name_or_path, compute_dtype(precision))
+            ref_model = load_causal_lm(cfg.ref_model_name_or_path, compute_dtype(ctx.precision))
         elif model is not None:
             ref_model = copy.deepcopy(model)
         else:
-            ref_model = load_causal_lm(cfg.model_name_or_path, compute_dtype(precision))
+            ref_model = load_causal_lm(cfg.model_name_or_path, compute_dtype(ctx.precision))
     policy = prepare_policy(policy, cfg)
     reference = None
     if needs_reference:
@@ -153,23 +135,19 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
     train_examples = [PairExample(p) for p in train_pairs]
     eval_examples = [PairExample(p) for p in eval_pairs]
     if needs_reference and cfg.precompute_ref:
-        _attach_precomputed(cfg, precision, reference, ref_model if ref_model is not None else policy,
-                            task, accelerator, run_dir, {"train": train_examples, "eval": eval_examples})
+        _attach_precomputed(cfg, ctx.precision, reference, ref_model if ref_model is not None else policy,
+                            task, accelerator, ctx.run_dir, {"train": train_examples, "eval": eval_examples})
         if reference.model is not None:
             reference.model = None  # no longer needed: free its memory
             ref_model = None
         task.reference = None
 
     trainer = Trainer(accelerator=accelerator, model=PolicyLogprobs(policy, cfg.logprob_chunk_size), task=task,
-                      train_examples=train_examples, eval_examples=eval_examples, settings=cfg, run_dir=run_dir,
+                      train_examples=train_examples, eval_examples=eval_examples, settings=cfg, run_dir=ctx.run_dir,
                       config_dict=config_to_dict(cfg), count_tokens=lambda b: int(b["attention_mask"].sum()))
     result = trainer.train()
-    model_dir = save_final_model(accelerator, trainer.unwrapped().model, tokenizer, run_dir / "model", cfg.merge_lora)
-    if accelerator.is_main_process:
-        summary = {"model_dir": str(model_dir), "steps": result.global_step, "train": result.last_metrics,
-                   "eval": result.eval_metrics}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return DPOResult(run_dir, model_dir, run_dir / "metrics.jsonl", result, accelerator.is_main_process)
+    model_dir = save_final_model(accelerator, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model", cfg.merge_lora)
+    return finish_run(ctx, model_dir, result)
 
 
 def _attach_precomputed(cfg, precision, reference, ref_identity_model, task, accelerator, run_dir, splits) -> None:

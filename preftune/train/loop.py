@@ -54,6 +54,58 @@ class TrainResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class RunContext:
+    """What every command sets up before training: the accelerator, the run directory, the precision."""
+
+    accelerator: Any
+    run_dir: Path
+    precision: str
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class RunResult:
+    """Where a finished run put its outputs (returned by every ``train_*`` function)."""
+
+    run_dir: Path
+    model_dir: Path
+    metrics_file: Path
+    train: TrainResult
+    is_main_process: bool = True
+
+
+def start_run(cfg, warnings: list[str] = ()) -> RunContext:
+    """Accelerator, precision and a clean (or resumable) run directory; prints sanity warnings once."""
+    from rich.console import Console
+
+    from ..models import resolve_precision
+
+    run_dir = Path(cfg.output_dir)
+    precision = resolve_precision(cfg.precision)
+    accelerator = make_accelerator(precision, cfg.report_to, run_dir)
+    prepare_run_dir(run_dir, cfg.resume, cfg.overwrite_output_dir, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        console = Console(stderr=True)
+        for note in warnings:
+            console.print(f"[yellow]warning:[/] {note}")
+    set_seed(cfg.seed)
+    return RunContext(accelerator, run_dir, precision)
+
+
+def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dict | None = None) -> RunResult:
+    """Write ``summary.json`` and return where everything went."""
+    if ctx.is_main_process:
+        summary = {"model_dir": str(model_dir), "steps": result.global_step, "train": result.last_metrics,
+                   "eval": result.eval_metrics, **(extra or {})}
+        (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(ctx.run_dir, model_dir, ctx.run_dir / "metrics.jsonl", result, ctx.is_main_process)
+
+
 def make_accelerator(precision: str, report_to: list[str], run_dir: Path):
     from accelerate import Accelerator
 
@@ -79,7 +131,7 @@ class Trainer:
     """Runs a :class:`Task` over examples with the settings of a :class:`~preftune.config.TrainSettings`."""
 
     def __init__(self, *, accelerator, model, task: Task, train_examples: list, eval_examples: list, settings,
-                 run_dir: Path, config_dict: dict, count_tokens: Callable[[dict], int]):
+                 run_dir: Path, config_dict: dict, count_tokens: Callable[[dict], int], unit: str = "pairs"):
         self.acc = accelerator
         self.task = task
         self.train_examples = train_examples
@@ -87,6 +139,7 @@ class Trainer:
         self.s = settings
         self.run_dir = Path(run_dir)
         self.count_tokens = count_tokens
+        self.unit = unit  # what one example is, for the throughput metric ("pairs/s", "samples/s")
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.global_batch = settings.per_device_batch_size * self.world * settings.gradient_accumulation_steps
@@ -174,7 +227,7 @@ class Trainer:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if self.global_step % self.s.logging_steps == 0 or self.global_step == self.total_steps:
                     last = {k: float(np.mean(v)) for k, v in window.items()}
-                    last.update({"pairs/s": window_pairs / window_time, "tokens/s": window_tokens / window_time})
+                    last.update({f"{self.unit}/s": window_pairs / window_time, "tokens/s": window_tokens / window_time})
                     self.log(last)
                     progress.update(bar, status=_status_line(last))
                     window.clear()
@@ -408,7 +461,7 @@ def _flat_for_trackers(config: dict) -> dict:
 
 
 def _status_line(metrics: dict[str, float]) -> str:
-    shown = ["loss", "rewards/accuracies", "rewards/margins", "pairs/s"]
+    shown = ["loss", "rewards/accuracies", "rewards/margins", "accuracy", "pairs/s", "samples/s"]
     return "  ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
 
 
