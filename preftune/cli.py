@@ -19,7 +19,7 @@ out = Console()
 
 # Each module adds its own sub-command(s) with ``register(subparsers)``; a handler takes the parsed
 # args and returns an exit code. Imports of heavy libraries happen inside the handlers.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("preftune.commands.evaluate",)
 
 
 def build_parser() -> argparse.ArgumentParser:

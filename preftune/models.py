@@ -53,6 +53,18 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
         raise ConfigError(f"cannot load model '{name_or_path}': {exc}") from None
 
 
+def load_any_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """A full checkpoint, or a peft adapter directory loaded onto its base model (for evaluation, sampling)."""
+    if (Path(name_or_path) / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        try:
+            return AutoPeftModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load adapter '{name_or_path}': {exc}") from None
+    return load_causal_lm(name_or_path, dtype)
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Zero every dropout except LoRA's own (its rate is a training choice of the user)."""
     for name, module in model.named_modules():

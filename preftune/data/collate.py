@@ -1,4 +1,5 @@
-"""Batching preference pairs: chosen and rejected sequences stacked into one right-padded batch."""
+"""Batching: prompt + completion sequences right-padded with a completion mask; preference pairs as
+chosen and rejected stacked into one such batch (one forward serves both)."""
 
 from __future__ import annotations
 
@@ -18,27 +19,32 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int,
     """
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
-    if pad_token_id is None:
-        raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token (for example to EOS)")
     responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     prompts = [p.prompt_ids for p in pairs] * 2
-    width = _padded_width(max(len(p) + len(r) for p, r in zip(prompts, responses)), pad_to_multiple_of)
-    input_ids = torch.full((len(responses), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(responses), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(responses), width), dtype=torch.bool)
-    for i, (prompt, response) in enumerate(zip(prompts, responses)):
-        end = len(prompt) + len(response)
-        input_ids[i, :end] = torch.tensor(prompt + response, dtype=torch.long)
-        attention_mask[i, :end] = 1
-        completion_mask[i, len(prompt):end] = True
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "completion_mask": completion_mask,
+        **collate_completions(prompts, responses, pad_token_id, pad_to_multiple_of),
         "preference_prob": torch.tensor([p.preference_prob for p in pairs], dtype=torch.float),
         "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float),
         "row": torch.tensor([p.row for p in pairs], dtype=torch.long),
     }
+
+
+def collate_completions(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int,
+                        pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Row i is prompts[i] + completions[i], right-padded: ``input_ids``, ``attention_mask`` and
+    ``completion_mask`` (True exactly on completion tokens)."""
+    if pad_token_id is None:
+        raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token (for example to EOS)")
+    width = _padded_width(max(len(p) + len(c) for p, c in zip(prompts, completions)), pad_to_multiple_of)
+    input_ids = torch.full((len(completions), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(completions), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(completions), width), dtype=torch.bool)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        end = len(prompt) + len(completion)
+        input_ids[i, :end] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[i, :end] = 1
+        completion_mask[i, len(prompt):end] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
 def _padded_width(length: int, multiple: int | None) -> int:

@@ -1,0 +1,108 @@
+"""``preftune eval`` and ``preftune report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import DataError
+
+out = Console()
+
+
+def register(commands) -> None:
+    ev = commands.add_parser("eval", help="Sample from a model on prompts and measure reward, win rate, KL and diversity.",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("--model", required=True, help="Model (directory or hub name; a peft adapter directory works).")
+    ev.add_argument("--prompts", required=True, help="File with a 'prompt' column (JSONL, JSON, CSV, Parquet, ...).")
+    ev.add_argument("--judge", help="reward_model:PATH, function:module:function or llm:BASE_URL (OpenAI-compatible).")
+    ev.add_argument("--judge_model", default="judge", help="Model name sent to an LLM judge.")
+    ev.add_argument("--ref_model", help="Reference model for KL(policy || reference).")
+    ev.add_argument("--baseline_model", help="Baseline model whose samples the win rate is measured against.")
+    ev.add_argument("--pairs", help="Held-out preference pairs: with a scoring judge, report its pair accuracy.")
+    ev.add_argument("--max_new_tokens", type=int, default=48)
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--top_k", type=int, default=0)
+    ev.add_argument("--top_p", type=float, default=1.0)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch_size", type=int, default=16)
+    ev.add_argument("--output_dir", required=True, help="Writes eval.json and samples.jsonl here.")
+    ev.set_defaults(handler=run_eval)
+
+    rep = commands.add_parser("report", help="Render runs' curves and evaluations into one HTML page.")
+    rep.add_argument("runs", nargs="+", help="Run directories (metrics.jsonl, summary.json and/or eval.json).")
+    rep.add_argument("--output", default="report.html", help="HTML file to write.")
+    rep.add_argument("--title", default="preftune report")
+    rep.set_defaults(handler=run_report)
+
+
+def _prompts(path: str) -> list[str]:
+    from ..data import load_records
+
+    records = load_records(path)
+    prompts = []
+    for row, number in zip(records.rows, records.row_numbers):
+        value = row.get("prompt")
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(records.name, "expected a non-empty string", row=number, field="prompt")
+        prompts.append(value)
+    return prompts
+
+
+def run_eval(args) -> int:
+    from ..evaluate.judges import make_judge
+    from ..evaluate.sampling import evaluate_policy, pair_accuracy, sample_responses
+    from ..generate import SamplingSettings
+    from ..models import load_any_causal_lm, load_tokenizer
+
+    prompts = _prompts(args.prompts)
+    judge = make_judge(args.judge, judge_model=args.judge_model) if args.judge else None
+    model = load_any_causal_lm(args.model)
+    tokenizer = load_tokenizer(args.model)
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p)
+    baseline = None
+    if args.baseline_model:
+        base_model = load_any_causal_lm(args.baseline_model)
+        baseline = sample_responses(base_model, load_tokenizer(args.baseline_model), prompts, settings,
+                                    seed=args.seed + 1, batch_size=args.batch_size).responses
+    ref = load_any_causal_lm(args.ref_model) if args.ref_model else None
+    result = evaluate_policy(model, tokenizer, prompts, settings, judge=judge, ref_model=ref, baseline_responses=baseline,
+                             seed=args.seed, batch_size=args.batch_size)
+    metrics = dict(result.metrics)
+    if args.pairs:
+        from ..evaluate.judges import ScoringJudge
+
+        if not isinstance(judge, ScoringJudge):
+            raise DataError(args.pairs, "pair accuracy needs a scoring judge (reward_model: or function:)")
+        from ..data import load_records
+
+        records = load_records(args.pairs)
+        metrics.update(pair_accuracy(judge, [r["prompt"] for r in records.rows], [r["chosen"] for r in records.rows],
+                                     [r["rejected"] for r in records.rows]))
+    if args.temperature != 1.0 and "kl" in metrics:
+        metrics["kl_note"] = "samples drawn at temperature != 1: KL is approximate"
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "eval.json").write_text(json.dumps(metrics, indent=2))
+    (output / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.sample_rows()))
+    table = Table(title=f"evaluation of {args.model} on {len(prompts)} prompts")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+    out.print(f"written: {output / 'eval.json'}, {output / 'samples.jsonl'}")
+    return 0
+
+
+def run_report(args) -> int:
+    from ..evaluate.report import write_report
+
+    path = write_report(args.runs, args.output, title=args.title)
+    out.print(f"report written to {path}")
+    return 0

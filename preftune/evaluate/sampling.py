@@ -1,0 +1,123 @@
+"""Evaluate a policy from its own samples: judged reward, win rate, KL to a reference, diversity.
+
+For each prompt the policy samples a response; then
+
+* ``reward``: the mean judge score (reward model or Python function judges);
+* ``win_rate``: how often the judge prefers the policy's response to a baseline's for the same prompt;
+* ``kl``: sequence-level KL(π ‖ π_ref) estimated as the mean of log π(y|x) − log π_ref(y|x) over
+  the samples y ~ π (unbiased at temperature 1; at other temperatures it measures the sampled
+  distribution's divergence only approximately, and the report says so);
+* ``entropy``: mean next-token entropy of π along its own response tokens;
+* distinct-1/2 and self-BLEU of the responses.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.collate import collate_completions
+from ..logprobs import sequence_logprobs, token_logprobs_and_entropy
+from .diversity import diversity_metrics
+from .judges import ScoringJudge, win_rate
+
+
+@dataclass
+class Samples:
+    prompts: list[str]
+    responses: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    ended: list[bool]
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    samples: Samples
+    scores: list[float] = field(default_factory=list)
+
+    def sample_rows(self) -> list[dict]:
+        rows = []
+        for i, (prompt, response) in enumerate(zip(self.samples.prompts, self.samples.responses)):
+            row = {"prompt": prompt, "response": response, "ended_with_eos": self.samples.ended[i]}
+            if self.scores:
+                row["score"] = self.scores[i]
+            rows.append(row)
+        return rows
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+
+
+def sample_responses(model, tokenizer, prompts: list[str], settings, *, seed: int = 0, batch_size: int = 16) -> Samples:
+    from ..generate import generate_ids
+
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    generation = generate_ids(model, prompt_ids, settings, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, batch_size=batch_size, seed=seed)
+    responses = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generation.response_ids]
+    return Samples(prompts, responses, prompt_ids, [list(r) for r in generation.response_ids], list(generation.ended))
+
+
+@torch.no_grad()
+def response_statistics(model, samples: Samples, pad_token_id: int, *, ref_model=None, batch_size: int = 16,
+                        chunk_size: int = 1024) -> dict[str, list[float]]:
+    """Per sample: log π(y|x), mean token entropy under π, and log π_ref(y|x) when a reference is given."""
+    device = next(model.parameters()).device
+    out: dict[str, list[float]] = {"logp": [], "entropy": [], "ref_logp": []}
+    for start in range(0, len(samples.prompts), batch_size):
+        batch = collate_completions(samples.prompt_ids[start:start + batch_size],
+                                    samples.response_ids[start:start + batch_size], pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        mask = batch["completion_mask"].float()
+        logps, entropy = token_logprobs_and_entropy(model, batch["input_ids"], batch["attention_mask"],
+                                                    batch["completion_mask"], chunk_size=chunk_size)
+        counts = mask.sum(-1).clamp(min=1)
+        out["logp"] += logps.sum(-1).tolist()
+        out["entropy"] += ((entropy * mask).sum(-1) / counts).tolist()
+        if ref_model is not None:
+            ref, _ = sequence_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                       chunk_size=chunk_size)
+            out["ref_logp"] += ref.tolist()
+    return out
+
+
+def evaluate_policy(model, tokenizer, prompts: list[str], settings, *, judge=None, ref_model=None,
+                    baseline_responses: list[str] | None = None, seed: int = 0, batch_size: int = 16) -> Evaluation:
+    """Sample once per prompt and measure everything that is available (see the module docstring)."""
+    was_training = model.training
+    model.eval()
+    samples = sample_responses(model, tokenizer, prompts, settings, seed=seed, batch_size=batch_size)
+    stats = response_statistics(model, samples, tokenizer.pad_token_id, ref_model=ref_model, batch_size=batch_size)
+    model.train(was_training)
+    metrics: dict[str, float] = {
+        "n": float(len(prompts)),
+        "mean_length": statistics.mean(len(r) for r in samples.response_ids) if prompts else 0.0,
+        "eos_rate": sum(samples.ended) / max(len(prompts), 1),
+        "entropy": statistics.mean(stats["entropy"]) if stats["entropy"] else 0.0,
+        **diversity_metrics(samples.responses),
+    }
+    if ref_model is not None:
+        kls = [lp - rp for lp, rp in zip(stats["logp"], stats["ref_logp"])]
+        metrics["kl"] = statistics.mean(kls)
+        metrics["kl_std_error"] = statistics.pstdev(kls) / max(len(kls), 1) ** 0.5
+    scores: list[float] = []
+    if isinstance(judge, ScoringJudge):
+        scores = judge.score(prompts, samples.responses)
+        metrics["reward"] = statistics.mean(scores)
+        metrics["reward_std"] = statistics.pstdev(scores)
+    if judge is not None and baseline_responses is not None:
+        metrics["win_rate"] = win_rate(judge, prompts, samples.responses, baseline_responses)
+    return Evaluation(metrics, samples, scores)
+
+
+def pair_accuracy(judge: ScoringJudge, prompts: list[str], chosen: list[str], rejected: list[str]) -> dict[str, float]:
+    """How often a scoring judge (e.g. a reward model) ranks the chosen response above the rejected one."""
+    a, b = judge.score(prompts, chosen), judge.score(prompts, rejected)
+    wins = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+    return {"pair_accuracy": sum(wins) / max(len(wins), 1),
+            "mean_margin": statistics.mean(x - y for x, y in zip(a, b)) if wins else 0.0}
