@@ -1,6 +1,7 @@
 """preftune: align language models with human preferences.
 
-The Python API mirrors the CLI: build a config object and call the function the command calls::
+The Python API mirrors the CLI: build a config object and call the function the command calls
+(``train_pretrain``, ``train_sft``, ``train_reward``, ``train_ppo``, ``train_dpo``)::
 
     from preftune import DPOConfig, train_dpo
     result = train_dpo(DPOConfig(model_name_or_path="my-sft-model", dataset="pairs.jsonl", output_dir="runs/dpo"))
@@ -8,15 +9,45 @@ The Python API mirrors the CLI: build a config object and call the function the 
 
 __version__ = "0.1.0"
 
-from .config import DPOConfig, load_config  # noqa: E402
+from .config import DPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig, load_config  # noqa: E402
 from .errors import ConfigError, DataError, PreftuneError  # noqa: E402
 
 
 def train_dpo(cfg, **objects):
-    """Train with DPO or a relative (see :func:`preftune.train.dpo.train_dpo`)."""
-    from .train.dpo import train_dpo as _train_dpo
+    """DPO or a relative (see :func:`preftune.train.dpo.train_dpo`)."""
+    from .train.dpo import train_dpo as run
 
-    return _train_dpo(cfg, **objects)
+    return run(cfg, **objects)
 
 
-__all__ = ["DPOConfig", "load_config", "train_dpo", "PreftuneError", "DataError", "ConfigError", "__version__"]
+def train_pretrain(cfg, **objects):
+    """Next-token pretraining on raw text (see :func:`preftune.train.pretrain.train_pretrain`)."""
+    from .train.pretrain import train_pretrain as run
+
+    return run(cfg, **objects)
+
+
+def train_sft(cfg, **objects):
+    """Supervised fine-tuning (see :func:`preftune.train.sft.train_sft`)."""
+    from .train.sft import train_sft as run
+
+    return run(cfg, **objects)
+
+
+def train_reward(cfg, **objects):
+    """A scalar reward model on preference pairs (see :func:`preftune.train.reward.train_reward`)."""
+    from .train.reward import train_reward as run
+
+    return run(cfg, **objects)
+
+
+def train_ppo(cfg, **objects):
+    """PPO against a reward model or function (see :func:`preftune.train.ppo.train_ppo`)."""
+    from .train.ppo import train_ppo as run
+
+    return run(cfg, **objects)
+
+
+__all__ = ["DPOConfig", "PPOConfig", "PretrainConfig", "RewardConfig", "SFTConfig", "load_config", "train_dpo",
+           "train_pretrain", "train_sft", "train_reward", "train_ppo", "PreftuneError", "DataError", "ConfigError",
+           "__version__"]

@@ -19,7 +19,8 @@ out = Console()
 
 # Each module adds its own sub-command(s) with ``register(subparsers)``; a handler takes the parsed
 # args and returns an exit code. Imports of heavy libraries happen inside the handlers.
-COMMAND_MODULES: tuple[str, ...] = ("preftune.commands.evaluate",)
+COMMAND_MODULES: tuple[str, ...] = ("preftune.commands.evaluate", "preftune.commands.reward", "preftune.commands.sft",
+                                      "preftune.commands.ppo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(commands)
 
-    demo = commands.add_parser("demo", help="Run the offline demonstration (tiny model, toy preference) end to end.")
-    demo.add_argument("--output_dir", default="runs/demo", help="Where the demo writes its model, data and metrics.")
+    demo = commands.add_parser("demo", help="Run the built-in controlled-sentiment experiment end to end, offline.")
+    demo.add_argument("--output_dir", default="runs/demo", help="Where the demo writes its runs, report.html and summary.json.")
+    demo.add_argument("--quick", action="store_true", help="A smaller, faster version (for smoke tests).")
     demo.set_defaults(handler=run_demo)
     return parser
 
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_demo(args) -> int:
     from .demo import run_demo as demo
 
-    demo(args.output_dir)
+    demo(args.output_dir, quick=args.quick)
     return 0
 
 

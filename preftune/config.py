@@ -295,3 +295,202 @@ def config_from_args(cls, args: argparse.Namespace):
 
 def config_to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+@dataclass
+class RewardConfig(ModelSettings, DataSettings, TrainSettings):
+    """``preftune reward``: a scalar reward model trained on preference pairs."""
+
+    learning_rate: float = _f(1e-5, "Peak learning rate (AdamW).")
+    loss_type: str = _f("bradley_terry", "Reward loss: bradley_terry (-log σ(r_c - r_r - m)), ranking (relu(margin - (r_c - r_r))), "
+                        "soft_label (Bradley-Terry against the per-row preference_prob).",
+                        choices=["bradley_terry", "ranking", "soft_label"])
+    margin: float = _f(1.0, "Required gap r_c - r_r of the ranking loss (a per-row margin column is added to it).")
+    centering_coef: float = _f(0.0, "Weight of the centring penalty (r_c + r_r)² that keeps rewards near 0.")
+
+    def validate(self, require_model: bool = True) -> None:
+        _validate_common(self, require_model)
+        if not (self.margin >= 0 and math.isfinite(self.margin)):
+            raise ConfigError(f"margin must be a non-negative number, got {self.margin}")
+        if not (self.centering_coef >= 0 and math.isfinite(self.centering_coef)):
+            raise ConfigError(f"centering_coef must be a non-negative number, got {self.centering_coef}")
+        if self.ref_model_name_or_path:
+            raise ConfigError("ref_model_name_or_path: a reward model has no reference model; remove this option")
+
+    def sanity_warnings(self) -> list[str]:
+        """Hyper-parameters far outside the ranges practitioners use for reward models."""
+        notes = []
+        if not 1e-7 <= self.learning_rate <= 1e-3:
+            notes.append(f"learning_rate={self.learning_rate:g} is far outside the usual 1e-6 to 1e-4 for reward models.")
+        return notes
+
+
+# ---------------------------------------------------------------- pretraining and SFT
+
+
+@dataclass
+class PretrainConfig(ModelSettings, TrainSettings):
+    """``preftune pretrain``: next-token prediction on raw text, packed into rows of max_length tokens."""
+
+    model_config: str | None = _f(None, "Start from random weights shaped by this config (a config.json or a model "
+                                        "directory) instead of model_name_or_path; needs tokenizer_name_or_path.")
+    dataset: str | None = _f(None, "Raw text: a .txt file (one document per blank-line-separated block), a directory "
+                                   "of .txt files, JSONL/JSON/Parquet/CSV or save_to_disk data with a text column, "
+                                   "or a hub name (required).")
+    text_column: str = _f("text", "Column holding the documents (tabular and hub data).")
+    split: str = _f("train", "Split to read from a directory or hub dataset.")
+    eval_dataset: str | None = _f(None, "Held-out text; default: a fraction of the documents (eval_fraction).")
+    eval_split: str = _f("test", "Split of eval_dataset to read.")
+    eval_fraction: float = _f(0.0, "Fraction of the documents held out for evaluation when eval_dataset is not given.")
+    max_length: int = _f(1024, "Tokens per packed row (documents are concatenated with EOS and cut into such rows).")
+    skip_invalid: bool = _f(False, "Skip invalid rows (and report them) instead of stopping at the first one.")
+    learning_rate: float = _f(3e-4, "Peak learning rate (AdamW).")
+    # Not an option here (no prompts); present for the checks shared with the other commands.
+    max_prompt_length = None
+
+    def validate(self, require_model: bool = True) -> None:
+        _validate_common(self, require_model=False)
+        if self.model_name_or_path and self.model_config:
+            raise ConfigError("give either model_name_or_path (continue a trained model) or model_config (random "
+                              "weights), not both")
+        if self.model_config and not self.tokenizer_name_or_path:
+            raise ConfigError("model_config needs tokenizer_name_or_path (a fresh model has no tokenizer of its own)")
+        if require_model and not (self.model_name_or_path or self.model_config):
+            raise ConfigError("model_name_or_path or model_config is required")
+        _validate_lm(self)
+
+    def sanity_warnings(self) -> list[str]:
+        return []
+
+
+@dataclass
+class SFTConfig(ModelSettings, DataSettings, TrainSettings):
+    """``preftune sft``: supervised fine-tuning on prompt/completion rows or conversations."""
+
+    completion_only_loss: bool = _f(True, "Train on completion (assistant) tokens only; false trains on every token.")
+    packing: bool = _f(False, "Pack several examples into each row of max_length tokens (block-diagonal attention, "
+                              "position ids restarting per example).")
+    learning_rate: float = _f(2e-5, "Peak learning rate (AdamW).")
+
+    def validate(self, require_model: bool = True) -> None:
+        _validate_common(self, require_model)
+        _validate_lm(self)
+
+    def sanity_warnings(self) -> list[str]:
+        return []
+
+
+def _validate_lm(cfg) -> None:
+    if cfg.ref_model_name_or_path:
+        raise ConfigError("ref_model_name_or_path is not used by this command (no reference model)")
+    if cfg.max_length < 2:
+        raise ConfigError(f"max_length must be at least 2, got {cfg.max_length}")
+
+
+# ---------------------------------------------------------------- PPO
+
+
+@dataclass
+class PPOConfig(ModelSettings, TrainSettings):
+    """``preftune ppo``: RL fine-tuning of a policy against a reward model or function (PPO, KL-penalised)."""
+
+    output_dir: str = _f("runs/ppo", "Run directory: metrics.jsonl, samples.jsonl, checkpoints/ and the final model/.")
+    dataset: str | None = _f(None, "Prompts: JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name with a "
+                                   "'prompt' column (strings or lists of messages) (required).")
+    split: str = _f("train", "Split to read from a directory or hub dataset.")
+    max_prompt_length: int = _f(512, "Longer prompts keep their last this many tokens.")
+    skip_invalid: bool = _f(False, "Skip invalid rows (and report them) instead of stopping at the first one.")
+    reward_model_path: str | None = _f(None, "Reward model directory (trained by `preftune reward`) scoring prompt + response.")
+    reward_function: str | None = _f(None, "Instead of a reward model: 'module:function' or 'path/file.py:function', "
+                                           "called as fn(prompts, responses) -> one number per response.")
+    missing_eos_penalty: float = _f(0.0, "Subtracted from the score of a response that never emits EOS within max_new_tokens.")
+    normalize_scores: bool = _f(False, "Standardise scores with a running mean and std over every score seen so far.")
+    score_clip: float = _f(0.0, "Clip (normalised) scores to [-score_clip, score_clip]; 0 disables.")
+    max_new_tokens: int = _f(64, "Longest response sampled per prompt.")
+    temperature: float = _f(1.0, "Sampling temperature; log-probs are computed at the same temperature.")
+    top_k: int = _f(0, "Sample from the top k tokens only (0: all). Makes samples slightly off-policy.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1: off). Makes samples slightly off-policy.")
+    generation_batch_size: int = _f(16, "Sequences per generation, scoring and no-grad forward pass during rollouts.")
+    num_mini_batches: int = _f(1, "Minibatches (optimiser steps) per pass over a rollout batch. A rollout batch is "
+                                  "per_device_batch_size x processes x gradient_accumulation_steps x num_mini_batches prompts.")
+    num_ppo_epochs: int = _f(4, "Passes over each rollout batch.")
+    max_steps: int = _f(-1, "Stop after this many PPO iterations (one rollout batch and its updates each; "
+                            "overrides num_epochs when > 0).")
+    num_epochs: float = _f(1.0, "Passes over the prompts.")
+    learning_rate: float = _f(3e-6, "Peak learning rate (AdamW).")
+    warmup_ratio: float = _f(0.0, "Fraction of optimiser steps spent warming up linearly from 0.")
+    logging_steps: int = _f(1, "Write averaged metrics every this many iterations.")
+    save_steps: int = _f(0, "Checkpoint every this many iterations (0: no intermediate checkpoints).")
+    cliprange: float = _f(0.2, "PPO clip range ε of the probability ratio.")
+    cliprange_value: float = _f(0.2, "Clip range of the value function update.")
+    vf_coef: float = _f(0.1, "Weight of the value loss.")
+    gamma: float = _f(1.0, "Discount factor γ.")
+    lam: float = _f(0.95, "GAE λ.")
+    kl_coef: float = _f(0.05, "Coefficient β of the per-token KL penalty (initial value when adaptive_kl).")
+    kl_estimator: str = _f("k1", "Per-token KL estimator: k1 (log π - log π_ref) or k3 ((ρ-1) - log ρ, ρ = π_ref/π).",
+                           choices=["k1", "k3"])
+    adaptive_kl: bool = _f(False, "Adapt β to keep the KL near target_kl (Ziegler et al. 2019 proportional controller).")
+    target_kl: float = _f(6.0, "KL (nats per response) the adaptive controller aims for.")
+    kl_horizon: int = _f(10000, "Horizon of the adaptive controller, in samples.")
+    value_model: str = _f("auto", "Critic: shared (a value head on the policy's backbone; 1-model PPO) or separate (a copy "
+                                  "of the policy's backbone with its own head). auto: shared with LoRA, else separate.",
+                          choices=["auto", "shared", "separate"])
+    log_samples_steps: int = _f(10, "Write example generations to samples.jsonl every this many iterations (0: never).")
+    log_samples: int = _f(4, "Example generations written each time.")
+
+    def validate(self, require_model: bool = True, require_reward: bool = True) -> None:
+        if require_model and not self.model_name_or_path:
+            raise ConfigError("model_name_or_path is required (the policy to start from, usually an SFT model)")
+        if not self.dataset:
+            raise ConfigError("dataset is required (a file or dataset of prompts with a 'prompt' column)")
+        if self.reward_model_path and self.reward_function or require_reward and not (
+                self.reward_model_path or self.reward_function):
+            raise ConfigError("give exactly one reward source: reward_model_path (a reward model directory) or "
+                              "reward_function ('module:function')")
+        if self.reward_function and ":" not in self.reward_function:
+            raise ConfigError(f"reward_function '{self.reward_function}' must look like 'module:function' or "
+                              "'path/file.py:function'")
+        if not self.disable_dropout:
+            raise ConfigError("PPO needs dropout off (rollout and update log-probs must come from the same function); "
+                              "remove --no-disable_dropout")
+        positive = ["per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "logprob_chunk_size",
+                    "max_prompt_length", "max_new_tokens", "generation_batch_size", "num_mini_batches",
+                    "num_ppo_epochs", "kl_horizon", "lora_r", "lora_alpha"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("learning_rate", "num_epochs", "temperature", "cliprange", "cliprange_value", "target_kl"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)}")
+        for name in ("max_grad_norm", "weight_decay", "vf_coef", "kl_coef", "score_clip"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ConfigError(f"{name} must be a non-negative number, got {getattr(self, name)}")
+        for name in ("gamma", "lam", "warmup_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not math.isfinite(self.missing_eos_penalty):
+            raise ConfigError(f"missing_eos_penalty must be a finite number, got {self.missing_eos_penalty}")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.log_samples_steps < 0 or self.log_samples < 0:
+            raise ConfigError("log_samples_steps and log_samples must be >= 0")
+        for tracker in self.report_to:
+            if tracker not in ("tensorboard", "wandb"):
+                raise ConfigError(f"report_to: unknown tracker '{tracker}' (choose tensorboard or wandb)")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got '{getattr(self, f.name)}'")
+
+    def sanity_warnings(self) -> list[str]:
+        notes = []
+        if not 1e-7 <= self.learning_rate <= 1e-4:
+            notes.append(f"learning_rate={self.learning_rate:g} is far outside the usual 1e-6 to 1e-5 for PPO.")
+        if self.top_k or self.top_p < 1.0:
+            notes.append("top_k / top_p: PPO treats samples as drawn from the full distribution at the given "
+                         "temperature, so filtered samples are slightly off-policy.")
+        if self.lora and self.lora_dropout > 0:
+            notes.append("PPO turns LoRA dropout off as well (lora_dropout is ignored).")
+        return notes

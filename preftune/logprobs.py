@@ -24,6 +24,11 @@ The output projection is called as a module (never through its weight), so a LoR
 ``lm_head`` still applies its adapter. Model-specific logit post-processing is honoured: Cohere's
 ``logit_scale``, Granite's ``logits_scaling`` and Gemma's ``final_logit_softcapping``.
 
+For PPO and evaluation, :func:`token_logprobs_and_entropy` also returns each predicted distribution's
+entropy (computed in the same chunks, optionally at a sampling temperature), and
+:func:`final_hidden_states` + :func:`completion_logprobs` let a caller reuse the hidden states (a value
+head on the same backbone).
+
 Under data parallelism, call this inside the forward of the module the distributed wrapper wraps
 (``preftune.train.policy.PolicyLogprobs``): calling the inner model's submodules from outside the
 wrapper's forward would skip its gradient synchronisation. Likewise ``model.forward`` itself is
@@ -66,37 +71,87 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, comp
         ``completion_mask[b, t]`` is true, exactly 0 elsewhere. Differentiable with respect to the
         model's parameters.
     """
+    _check_inputs(input_ids, completion_mask, chunk_size)
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
+    values, _ = completion_logprobs(model, hidden, input_ids, completion_mask, chunk_size=chunk_size)
+    return _to_token_layout(values, completion_mask)
+
+
+def token_logprobs_and_entropy(model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
+                               chunk_size: int = 1024, position_ids: Tensor | None = None,
+                               temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """:func:`token_logprobs` plus the entropy of each predicted next-token distribution.
+
+    Both ``[B, L]`` float32, 0 off the completion. The entropy at ``[b, t]`` is that of the
+    distribution that predicted ``input_ids[b, t]``; it is computed per chunk with the log-probs
+    (no ``[B, L, V]`` tensor). ``temperature`` divides the logits first, as sampling does.
+    """
+    _check_inputs(input_ids, completion_mask, chunk_size)
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
+    values, entropy = completion_logprobs(model, hidden, input_ids, completion_mask, chunk_size=chunk_size,
+                                          temperature=temperature, with_entropy=True)
+    return _to_token_layout(values, completion_mask), _to_token_layout(entropy, completion_mask)
+
+
+def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None,
+                        position_ids: Tensor | None = None) -> Tensor:
+    """``[B, L, H]``: what the model's output projection would receive (peft unwrapped as above)."""
+    causal_lm, backbone, _ = _split_model(model)
+    return _final_hidden_states(model, causal_lm, backbone, input_ids, attention_mask, position_ids)
+
+
+def completion_logprobs(model, hidden: Tensor, input_ids: Tensor, completion_mask: Tensor, chunk_size: int = 1024,
+                        temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Flat float32 ``[N]`` log-probs of the N completion tokens (row-major order) from ``hidden``.
+
+    ``hidden`` comes from :func:`final_hidden_states`; state ``t-1`` predicts token ``t``, so
+    ``hidden[:, :-1][completion_mask[:, 1:]]`` are the rows used, in the same order. With
+    ``with_entropy`` the second value is the ``[N]`` entropy of those distributions, else None.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    causal_lm, _, lm_head = _split_model(model)
+    target_mask = completion_mask[:, 1:].to(device=input_ids.device, dtype=torch.bool)
+    selected = hidden[:, :-1][target_mask]          # [N, H]: only states that predict completion tokens
+    targets = input_ids[:, 1:][target_mask]         # [N]
+    scale, softcap = _logit_postprocessing(causal_lm.config)
+    inverse_temperature = None if temperature == 1.0 else 1.0 / temperature
+
+    use_checkpoint = torch.is_grad_enabled() and (
+        selected.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
+    logps, entropies = [], []
+    for start in range(0, selected.shape[0], chunk_size):
+        args = (lm_head, selected[start:start + chunk_size], targets[start:start + chunk_size], scale, softcap,
+                inverse_temperature, with_entropy)
+        if use_checkpoint:
+            out = checkpoint(_chunk_stats, *args, use_reentrant=False)
+        else:
+            out = _chunk_stats(*args)
+        logps.append(out[0])
+        if with_entropy:
+            entropies.append(out[1])
+    if logps:
+        values = torch.cat(logps).to(torch.float32)
+        entropy = torch.cat(entropies).to(torch.float32) if with_entropy else None
+    else:  # no completion token at all: keep the result attached to the graph
+        values = selected.sum(-1).float() * 0.0
+        entropy = values.detach().clone() if with_entropy else None
+    return values, entropy
+
+
+def _check_inputs(input_ids: Tensor, completion_mask: Tensor, chunk_size: int) -> None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     if input_ids.dim() != 2 or completion_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and completion_mask must both be [batch, seq]; got "
                          f"{tuple(input_ids.shape)} and {tuple(completion_mask.shape)}")
-    batch, length = input_ids.shape
-    target_mask = completion_mask[:, 1:].to(device=input_ids.device, dtype=torch.bool)
 
-    causal_lm, backbone, lm_head = _split_model(model)
-    hidden = _final_hidden_states(model, causal_lm, backbone, input_ids, attention_mask, position_ids)
-    selected = hidden[:, :-1][target_mask]          # [N, H]: only states that predict completion tokens
-    targets = input_ids[:, 1:][target_mask]         # [N]
-    scale, softcap = _logit_postprocessing(causal_lm.config)
 
-    use_checkpoint = torch.is_grad_enabled() and (
-        selected.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
-    pieces = []
-    for start in range(0, selected.shape[0], chunk_size):
-        h_chunk = selected[start:start + chunk_size]
-        t_chunk = targets[start:start + chunk_size]
-        if use_checkpoint:
-            pieces.append(checkpoint(_chunk_logprobs, lm_head, h_chunk, t_chunk, scale, softcap,
-                                     use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(lm_head, h_chunk, t_chunk, scale, softcap))
-    if pieces:
-        values = torch.cat(pieces)
-    else:  # no completion token at all: keep the result attached to the graph
-        values = selected.sum(-1).float() * 0.0
-
-    shifted = torch.zeros(batch, length - 1, dtype=torch.float32, device=input_ids.device)
+def _to_token_layout(values: Tensor, completion_mask: Tensor) -> Tensor:
+    """Flat completion values -> ``[B, L]`` with zeros elsewhere (position 0 never scored)."""
+    batch, length = completion_mask.shape
+    target_mask = completion_mask[:, 1:].to(device=values.device, dtype=torch.bool)
+    shifted = torch.zeros(batch, length - 1, dtype=torch.float32, device=values.device)
     shifted = shifted.masked_scatter(target_mask, values.to(torch.float32))
     return nn.functional.pad(shifted, (1, 0))
 
@@ -118,6 +173,12 @@ def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, c
 def _chunk_logprobs(lm_head: nn.Module, hidden: Tensor, targets: Tensor, scale: float | None,
                     softcap: float | None) -> Tensor:
     """``log softmax(lm_head(hidden))[target]`` for one chunk of rows, in float32 (or float64)."""
+    return _chunk_stats(lm_head, hidden, targets, scale, softcap)[0]
+
+
+def _chunk_stats(lm_head: nn.Module, hidden: Tensor, targets: Tensor, scale: float | None, softcap: float | None,
+                 inverse_temperature: float | None = None, with_entropy: bool = False) -> tuple[Tensor, ...]:
+    """``(log p[target],)`` or ``(log p[target], entropy)`` for one chunk of rows, in float32 (or float64)."""
     logits = lm_head(hidden)
     if logits.dtype != torch.float64:  # half-precision models: softmax in float32
         logits = logits.float()
@@ -125,8 +186,14 @@ def _chunk_logprobs(lm_head: nn.Module, hidden: Tensor, targets: Tensor, scale: 
         logits = logits * scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
+    if inverse_temperature is not None:
+        logits = logits * inverse_temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    normaliser = torch.logsumexp(logits, dim=-1)
+    if not with_entropy:
+        return (picked - normaliser,)
+    probs = torch.softmax(logits, dim=-1)
+    return picked - normaliser, normaliser - (probs * logits).sum(-1)
 
 
 def _split_model(model) -> tuple[Any, nn.Module, nn.Module]:

@@ -15,7 +15,7 @@ from preftune.errors import DataError
 
 # Extensions that always mean "a local file", even when it does not exist.
 FILE_LIKE_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zst"}
-TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "text", "response")  # always read as strings
 
 
 @dataclass

@@ -49,12 +49,8 @@ class Evaluation:
         return rows
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-
-
 def sample_responses(model, tokenizer, prompts: list[str], settings, *, seed: int = 0, batch_size: int = 16) -> Samples:
-    from ..generate import generate_ids
+    from ..generate import encode_prompts, generate_ids
 
     prompt_ids = encode_prompts(tokenizer, prompts)
     generation = generate_ids(model, prompt_ids, settings, pad_token_id=tokenizer.pad_token_id,

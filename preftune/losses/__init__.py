@@ -7,12 +7,18 @@ from preftune.losses.preference import (
     PreferenceLogps,
     hinge_loss,
     ipo_loss,
+    load_callable,
     load_constraint,
     preference_loss,
     robust_loss,
     sigmoid_loss,
     simpo_loss,
 )
+from preftune.losses.reward import (REWARD_LOSSES, bradley_terry_loss, centering_penalty, ranking_loss,
+                                    reward_loss, soft_label_loss)
+from preftune.losses.ppo import (KL_ESTIMATORS, PolicyLoss, adaptive_kl_coef, explained_variance, gae_advantages,
+                                 kl_penalty, masked_mean, masked_var, masked_whiten, policy_loss, token_rewards,
+                                 value_loss)
 
 __all__ = [
     "LOSSES",
@@ -26,4 +32,23 @@ __all__ = [
     "robust_loss",
     "sigmoid_loss",
     "simpo_loss",
+    "REWARD_LOSSES",
+    "bradley_terry_loss",
+    "centering_penalty",
+    "ranking_loss",
+    "reward_loss",
+    "soft_label_loss",
+    "load_callable",
+    "KL_ESTIMATORS",
+    "PolicyLoss",
+    "adaptive_kl_coef",
+    "explained_variance",
+    "gae_advantages",
+    "kl_penalty",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "token_rewards",
+    "value_loss",
 ]

@@ -45,6 +45,10 @@ class Task(Protocol):
 
     def eval_metrics(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
+    # Optional: ``eval_summary(outputs: list[dict[str, Tensor]]) -> dict[str, float]`` for metrics of the
+    # whole eval set. When a task defines it, the per-example (non-scalar) values that ``eval_metrics``
+    # returns are not averaged but collected batch by batch, from every process, and handed to it.
+
 
 @dataclass
 class TrainResult:
@@ -131,7 +135,11 @@ class Trainer:
     """Runs a :class:`Task` over examples with the settings of a :class:`~preftune.config.TrainSettings`."""
 
     def __init__(self, *, accelerator, model, task: Task, train_examples: list, eval_examples: list, settings,
-                 run_dir: Path, config_dict: dict, count_tokens: Callable[[dict], int], unit: str = "pairs"):
+                 run_dir: Path, config_dict: dict, count_tokens: Callable[[dict], int], unit: str = "pairs",
+                 steps_per_epoch: int | None = None, updates_per_step: int = 1):
+        """``steps_per_epoch`` and ``updates_per_step`` are for drivers that call :meth:`train_step` themselves
+        (PPO: one step = one rollout batch, ``updates_per_step`` optimiser steps over it); the LR schedule
+        then spans ``total_steps x updates_per_step`` optimiser steps."""
         self.acc = accelerator
         self.task = task
         self.train_examples = train_examples
@@ -143,7 +151,8 @@ class Trainer:
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.global_batch = settings.per_device_batch_size * self.world * settings.gradient_accumulation_steps
-        self.steps_per_epoch = len(train_examples) // self.global_batch
+        self.updates_per_step = updates_per_step
+        self.steps_per_epoch = steps_per_epoch or len(train_examples) // self.global_batch
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"the training data has {len(train_examples)} examples, fewer than one global batch of {self.global_batch} "
@@ -169,9 +178,10 @@ class Trainer:
     def _make_scheduler(self, optimizer):
         from transformers import get_scheduler
 
-        warmup = self.s.warmup_steps if self.s.warmup_steps > 0 else int(round(self.s.warmup_ratio * self.total_steps))
+        updates = self.total_steps * self.updates_per_step
+        warmup = self.s.warmup_steps if self.s.warmup_steps > 0 else int(round(self.s.warmup_ratio * updates))
         name = {"constant": "constant_with_warmup"}.get(self.s.lr_scheduler, self.s.lr_scheduler)
-        return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
+        return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=updates)
 
     def unwrapped(self):
         return self.acc.unwrap_model(self.model)
@@ -195,14 +205,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def train(self) -> TrainResult:
-        if self.s.resume:
-            self.load_checkpoint(self.resolve_resume(self.s.resume))
+    def begin(self) -> dict:
+        """Resume if asked, write ``config.json``, start trackers; returns the checkpoint's extra state."""
+        extra = self.load_checkpoint(self.resolve_resume(self.s.resume)) if self.s.resume else {}
         if self.acc.is_main_process:
             (self.run_dir / "config.json").write_text(json.dumps(self.config_dict, indent=2, default=str))
         if self.s.report_to:
             self.acc.init_trackers(self.run_dir.name, config=_flat_for_trackers(self.config_dict))
-        kill_at = int(os.environ.get("PREFTUNE_KILL_AT_STEP", "0"))  # lets tests simulate a crash (SIGKILL)
+        return extra
+
+    def end(self) -> None:
+        if self.s.report_to:
+            self.acc.end_training()
+
+    def train(self) -> TrainResult:
+        self.begin()
         window: dict[str, list[float]] = defaultdict(list)
         window_pairs = window_tokens = 0
         window_time = 0.0
@@ -223,8 +240,7 @@ class Trainer:
                 window_pairs += pairs
                 window_tokens += tokens
                 window_time += elapsed
-                if kill_at and self.global_step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                kill_point(self.global_step)
                 if self.global_step % self.s.logging_steps == 0 or self.global_step == self.total_steps:
                     last = {k: float(np.mean(v)) for k, v in window.items()}
                     last.update({f"{self.unit}/s": window_pairs / window_time, "tokens/s": window_tokens / window_time})
@@ -240,8 +256,7 @@ class Trainer:
                 progress.update(bar, advance=1)
         if self.eval_examples:
             eval_results = self.evaluate()
-        if self.s.report_to:
-            self.acc.end_training()
+        self.end()
         return TrainResult(self.run_dir, self.global_step, last, eval_results)
 
     def train_step(self, micro_batches: list[list[Any]]) -> tuple[dict[str, float], int, int]:
@@ -285,10 +300,15 @@ class Trainer:
         chunks = [self.eval_examples[i:i + b] for i in range(0, len(self.eval_examples), b)]
         totals: dict[str, torch.Tensor] = {}
         count = 0
+        summarise = getattr(self.task, "eval_summary", None)
+        outputs: list[dict[str, torch.Tensor]] = []
         for examples in chunks[self.rank::self.world]:
             batch = self.to_device(self.task.collate(examples))
             with self.acc.autocast():
                 metrics = self.task.eval_metrics(self.model, batch)
+            if summarise is not None:
+                outputs.append({k: v.detach().float().cpu() for k, v in metrics.items() if v.ndim > 0})
+                metrics = {k: v for k, v in metrics.items() if v.ndim == 0}
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0) + value.detach().float() * len(examples)
             count += len(examples)
@@ -298,6 +318,12 @@ class Trainer:
         summed = self.acc.reduce(local, reduction="sum")
         n = float(summed[-1])
         results = {f"eval/{k}": float(v) / max(n, 1.0) for k, v in zip(keys, summed[:-1].tolist())}
+        if summarise is not None:
+            if self.world > 1:
+                from accelerate.utils import gather_object
+
+                outputs = gather_object(outputs)
+            results.update({f"eval/{k}": float(v) for k, v in summarise(outputs).items()})
         self.log(results)
         return results
 
@@ -331,8 +357,11 @@ class Trainer:
             raise ConfigError(f"--resume: {path} is not a checkpoint (no state.json)")
         return path
 
-    def save_checkpoint(self) -> Path:
-        """Trainable weights, optimiser, scheduler, RNG states and data position, written atomically."""
+    def save_checkpoint(self, extra_state: dict | None = None) -> Path:
+        """Trainable weights, optimiser, scheduler, RNG states and data position, written atomically.
+
+        ``extra_state`` (JSON-serialisable, e.g. PPO's KL coefficient) comes back from :meth:`load_checkpoint`.
+        """
         final = self.checkpoint_dir() / f"{CHECKPOINT_PREFIX}{self.global_step}"
         staging = final.with_name(final.name + ".partial")
         self.acc.wait_for_everyone()
@@ -348,7 +377,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = {"global_step": self.global_step, "total_steps": self.total_steps, "global_batch": self.global_batch,
-                     "world_size": self.world, "seed": self.s.seed}
+                     "world_size": self.world, "seed": self.s.seed, "extra": extra_state or {}}
             (staging / "state.json").write_text(json.dumps(state, indent=2))
             if final.exists():
                 shutil.rmtree(final)
@@ -363,7 +392,7 @@ class Trainer:
         for old in found[:-self.s.save_total_limit] if self.s.save_total_limit > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path) -> dict:
         state = json.loads((path / "state.json").read_text())
         if state["global_batch"] != self.global_batch or state["seed"] != self.s.seed:
             raise ConfigError(f"{path}: checkpoint was written with global batch {state['global_batch']} and seed "
@@ -383,9 +412,11 @@ class Trainer:
         self.global_step = state["global_step"]
         if self.acc.is_main_process:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.global_step)
+        return state.get("extra", {})
 
 
-RUN_OUTPUTS = ("metrics.jsonl", "config.json", "summary.json", "reference_cache.json", "checkpoints", "model")
+RUN_OUTPUTS = ("metrics.jsonl", "config.json", "summary.json", "reference_cache.json", "checkpoints", "model",
+               "samples.jsonl")
 
 
 def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> None:
@@ -424,6 +455,13 @@ def save_final_model(accelerator, model, tokenizer, path: Path, merge_lora: bool
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def kill_point(step: int) -> None:
+    """SIGKILL this process after step ``PREFTUNE_KILL_AT_STEP``: lets tests simulate a crash."""
+    kill_at = int(os.environ.get("PREFTUNE_KILL_AT_STEP", "0"))
+    if kill_at and step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _step_of(path: Path) -> int:

@@ -1,0 +1,198 @@
+"""Batched sampling from a causal LM: left padding, KV cache, temperature / top-k / top-p, EOS, seeds.
+
+Used by PPO rollouts, evaluation, iterative DPO and the annotation server. The loop is our own (a
+few lines over the model's forward with its KV cache) rather than ``model.generate``, so that nothing
+from a checkpoint's ``generation_config.json`` (repetition penalties, minimum lengths, suppressed
+tokens...) silently changes the distribution that PPO assumes it sampled from.
+
+Prompts are left-padded; position ids are counted from each row's first real token, so a padded row
+sees exactly the positions it would see alone. Sampling draws from a private ``torch.Generator``: the
+same seed, prompts and ``batch_size`` give the same samples, and the global RNG is left untouched.
+A response ends at its first EOS (kept); rows that never emit one stop at ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0          # 0: no top-k filter
+    top_p: float = 1.0      # 1.0: no nucleus filter
+    do_sample: bool = True  # False: greedy
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]   # cut after the first EOS, which is kept
+    ended: list[bool]               # whether the response emitted EOS
+
+    def response_tensors(self, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids [B, R], mask [B, R])``: responses right-padded; the mask is True up to and including EOS."""
+        width = max((len(r) for r in self.response_ids), default=0)
+        ids = torch.full((len(self.response_ids), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(self.response_ids), width), dtype=torch.bool)
+        for i, response in enumerate(self.response_ids):
+            ids[i, :len(response)] = torch.tensor(response, dtype=torch.long)
+            mask[i, :len(response)] = True
+        return ids, mask
+
+
+def generate_ids(model, prompt_ids: list[list[int]], settings: SamplingSettings, *, pad_token_id: int,
+                 eos_token_id: int | None, batch_size: int = 16, seed: int | None = None) -> Generation:
+    """Sample one response per prompt (token ids in, token ids out).
+
+    The model is run in eval mode (restored afterwards) without gradients. ``seed=None`` draws a seed
+    from the global RNG (so ``torch.manual_seed`` still makes a run reproducible).
+    """
+    settings.validate()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    responses, ended = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompt_ids), batch_size):
+                chunk = [list(p) for p in prompt_ids[start:start + batch_size]]
+                r, e = _sample_batch(model, chunk, settings, pad_token_id, eos_token_id, generator, device)
+                responses += r
+                ended += e
+    finally:
+        model.train(was_training)
+    return Generation([list(p) for p in prompt_ids], responses, ended)
+
+
+def generate_texts(model, tokenizer, prompts: list, settings: SamplingSettings, *, n: int = 1, batch_size: int = 16,
+                   seed: int | None = None, chat: bool = False) -> list[list[str]]:
+    """``n`` completions per prompt, decoded without special tokens.
+
+    A prompt is a string, or a list of ``{"role", "content"}`` messages; with ``chat=True`` a string
+    becomes one user message. Messages are rendered with the tokenizer's chat template.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    ids = encode_prompts(tokenizer, prompts, chat=chat)
+    repeated = [p for p in ids for _ in range(n)]
+    generation = generate_ids(model, repeated, settings, pad_token_id=_pad_id(tokenizer),
+                              eos_token_id=tokenizer.eos_token_id, batch_size=batch_size, seed=seed)
+    texts = tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def encode_prompts(tokenizer, prompts: list, chat: bool = False) -> list[list[int]]:
+    """Token ids of each prompt, as the trainers tokenise prompts.
+
+    A plain string gets the tokenizer's special tokens (BOS); a conversation is rendered by the chat
+    template with the generation prompt, and the template supplies BOS itself.
+    """
+    out = []
+    for prompt in prompts:
+        if chat and isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, str):
+            out.append(list(tokenizer(prompt, add_special_tokens=True)["input_ids"]))
+        else:
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError("the tokenizer has neither a pad nor an EOS token")
+
+
+def _sample_batch(model, prompts: list[list[int]], settings: SamplingSettings, pad_token_id: int,
+                  eos_token_id: int | None, generator: torch.Generator, device) -> tuple[list[list[int]], list[bool]]:
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[i, width - len(prompt):] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra)
+    next_position = position_ids[:, -1:] + 1
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens = []
+    for step in range(settings.max_new_tokens):
+        token = _next_token(out.logits[:, -1, :], settings, generator)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        if eos_token_id is not None:
+            done = done | (token == eos_token_id)
+        if bool(done.all()) or step == settings.max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                    past_key_values=out.past_key_values, use_cache=True, **extra)
+        next_position = next_position + 1
+    generated = torch.stack(tokens, dim=1).tolist()
+    responses, ended = [], []
+    for row in generated:
+        if eos_token_id is not None and eos_token_id in row:
+            cut = row.index(eos_token_id) + 1
+            responses.append(row[:cut])
+            ended.append(True)
+        else:
+            responses.append(row)
+            ended.append(False)
+    return responses, ended
+
+
+def _next_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
+    """One token per row: argmax, or a draw from the temperature / top-k / top-p filtered distribution."""
+    logits = logits.float()
+    if not settings.do_sample:
+        return logits.argmax(-1)
+    logits = logits / settings.temperature
+    if settings.top_k > 0 and settings.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, settings.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the top one is always kept)
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= settings.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False

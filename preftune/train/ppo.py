@@ -1,0 +1,268 @@
+"""PPO on the shared loop: rollouts (``rollout.py``), then several epochs of clipped updates over them.
+
+One *iteration* (the ``step`` in ``metrics.jsonl``, checkpoints and ``max_steps``) samples a rollout
+batch of prompts, scores it, and takes ``num_ppo_epochs x num_mini_batches`` optimiser steps over it
+through :meth:`Trainer.train_step` (accumulation, clipping, the schedule and metric reduction).
+
+The critic is a scalar head on a backbone's per-token hidden states. ``shared`` puts it on the
+policy's own backbone (with LoRA: "1-model PPO": adapters serve policy and critic, the reference is
+the policy with adapters disabled, so one copy of the weights is held). ``separate`` (the default
+without LoRA) gives the critic its own copy of the policy's backbone, so value errors never move
+the policy's weights; the reward model is not reused because it may have another tokenizer.
+
+Exact resume: generation seeds and minibatch orders are functions of (seed, iteration, process), and
+the KL coefficient and score statistics travel in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import PPOConfig, config_to_dict
+from ..data.collate import collate_completions
+from ..errors import ConfigError
+from ..logprobs import completion_logprobs, final_hidden_states
+from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
+from ..models import freeze, is_peft_model, load_causal_lm, load_tokenizer, prepare_policy, compute_dtype
+from .loop import (RunResult, Trainer, TrainResult, _progress, _truncate_metrics, finish_run, kill_point,
+                   save_final_model, start_run)
+from .rollout import FunctionReward, ModelReward, RolloutWorker, RunningMoments, Sample, load_prompts, pad_rows
+
+
+class PolicyValue(nn.Module):
+    """The module the loop trains: per-token log-probs of the policy and values of the critic, in one forward."""
+
+    def __init__(self, policy: nn.Module, value_head: nn.Linear, critic: nn.Module | None = None,
+                 chunk_size: int = 1024, temperature: float = 1.0):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.critic = critic          # a separate backbone, or None to share the policy's
+        self.chunk_size = chunk_size
+        self.temperature = temperature
+
+    def forward(self, input_ids, attention_mask, completion_mask, with_entropy: bool = False):
+        """Flat ``[N]`` log-probs, values and (optionally) entropies of the completion tokens, row-major."""
+        hidden = final_hidden_states(self.policy, input_ids, attention_mask)
+        logps, entropy = completion_logprobs(self.policy, hidden, input_ids, completion_mask, self.chunk_size,
+                                             self.temperature, with_entropy)
+        if self.critic is not None:
+            out = self.critic(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        target = completion_mask[:, 1:].to(torch.bool)
+        values = self.value_head(hidden[:, :-1][target]).squeeze(-1).float()
+        return logps, values, entropy
+
+
+class PPOTask:
+    """A micro-batch of rollout samples -> clipped policy loss + vf_coef x clipped value loss."""
+
+    def __init__(self, cfg: PPOConfig, pad_token_id: int):
+        self.cfg = cfg
+        self.pad_token_id = pad_token_id
+
+    def collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        batch = collate_completions([s.prompt_ids for s in samples], [s.response_ids for s in samples], self.pad_token_id)
+        for name in ("old_logps", "old_values", "advantages", "returns"):
+            batch[name], batch["response_mask"] = pad_rows([getattr(s, name) for s in samples])
+        return batch
+
+    def loss(self, model, batch):
+        logps_flat, values_flat, _ = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        mask = batch["response_mask"]
+        logps = torch.zeros_like(batch["old_logps"]).masked_scatter(mask, logps_flat)
+        values = torch.zeros_like(batch["old_values"]).masked_scatter(mask, values_flat)
+        pg = policy_loss(logps, batch["old_logps"], batch["advantages"], mask, self.cfg.cliprange)
+        vf, vf_clipfrac = value_loss(values, batch["old_values"], batch["returns"], mask, self.cfg.cliprange_value)
+        loss = pg.loss + self.cfg.vf_coef * vf
+        return loss, {"loss": loss.detach(), "loss/policy": pg.loss.detach(), "loss/value": vf.detach(),
+                      "policy/clipfrac": pg.clipfrac, "policy/approxkl": pg.approxkl, "val/clipfrac": vf_clipfrac}
+
+    def eval_metrics(self, model, batch):
+        return self.loss(model, batch)[1]
+
+
+def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, ref_model=None, reward=None) -> RunResult:
+    """Fine-tune a policy with PPO. ``model``/``tokenizer``/``ref_model`` may be objects; ``reward`` a
+    callable ``(prompts, responses) -> scores`` used instead of ``cfg.reward_model_path``/``reward_function``."""
+    cfg.validate(require_model=model is None, require_reward=reward is None)
+    ctx = start_run(cfg, cfg.sanity_warnings())
+    acc = ctx.accelerator
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no EOS token; PPO responses end at EOS")
+    prompts = load_prompts(cfg.dataset, cfg.split, tokenizer, cfg.max_prompt_length, cfg.skip_invalid)
+    if reward is None:
+        reward = ModelReward(cfg.reward_model_path, acc.device, cfg.generation_batch_size) if cfg.reward_model_path \
+            else FunctionReward(cfg.reward_function)
+    elif not isinstance(reward, (FunctionReward, ModelReward)):
+        reward = FunctionReward(reward)
+
+    policy = model if model is not None else load_causal_lm(cfg.model_name_or_path)
+    shared = cfg.value_model == "shared" or (cfg.value_model == "auto" and cfg.lora)
+    critic = None if shared else _critic_backbone(policy, cfg)
+    adapter_reference = cfg.lora and ref_model is None and not cfg.ref_model_name_or_path
+    if not adapter_reference and ref_model is None:
+        ref_model = (load_causal_lm(cfg.ref_model_name_or_path, compute_dtype(ctx.precision)) if cfg.ref_model_name_or_path
+                     else copy.deepcopy(policy))
+    policy = prepare_policy(policy, cfg)
+    _no_dropout(policy)
+    if ref_model is not None:
+        _no_dropout(ref_model)
+        ref_model = freeze(ref_model).to(acc.device)
+    value_head = nn.Linear(_hidden_size(policy), 1)
+    nn.init.zeros_(value_head.weight)
+    nn.init.zeros_(value_head.bias)
+    module = PolicyValue(policy, value_head, critic, cfg.logprob_chunk_size, cfg.temperature)
+
+    local_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
+    global_batch = local_batch * acc.num_processes
+    per_epoch = len(prompts) // global_batch
+    if per_epoch == 0:
+        raise ConfigError(f"{len(prompts)} prompts are fewer than one rollout batch of {global_batch} (per_device_batch_size "
+                          "x processes x gradient_accumulation_steps x num_mini_batches)")
+    trainer = Trainer(accelerator=acc, model=module, task=PPOTask(cfg, tokenizer.pad_token_id), train_examples=prompts,
+                      eval_examples=[], settings=cfg, run_dir=ctx.run_dir, config_dict=config_to_dict(cfg),
+                      count_tokens=lambda b: int(b["attention_mask"].sum()), unit="samples", steps_per_epoch=per_epoch,
+                      updates_per_step=cfg.num_ppo_epochs * cfg.num_mini_batches)
+    worker = RolloutWorker(cfg=cfg, accelerator=acc, policy_value=trainer.unwrapped(), reward=reward, tokenizer=tokenizer,
+                           ref_model=ref_model)
+    result = _run(cfg, trainer, worker, prompts, local_batch, global_batch)
+    model_dir = save_final_model(acc, trainer.unwrapped().policy, tokenizer, ctx.run_dir / "model", cfg.merge_lora)
+    return finish_run(ctx, model_dir, result)
+
+
+def _run(cfg: PPOConfig, trainer: Trainer, worker: RolloutWorker, prompts, local_batch: int, global_batch: int) -> TrainResult:
+    acc = trainer.acc
+    extra = trainer.begin()
+    kl_coef = float(extra.get("kl_coef", cfg.kl_coef))
+    moments = RunningMoments(**extra.get("score_moments", {}))
+    samples_file = trainer.run_dir / "samples.jsonl"
+    if cfg.resume and acc.is_main_process:
+        _truncate_metrics(samples_file, trainer.global_step)
+    window: dict[str, list[float]] = defaultdict(list)
+    last: dict[str, float] = {}
+    with _progress(acc.is_main_process) as progress:
+        bar = progress.add_task("ppo", total=trainer.total_steps, completed=trainer.global_step, status="")
+        while trainer.global_step < trainer.total_steps:
+            iteration = trainer.global_step
+            started = time.perf_counter()
+            batch_prompts = _iteration_prompts(prompts, cfg.seed, iteration, trainer.steps_per_epoch, global_batch,
+                                               local_batch, trainer.rank)
+            seed = (cfg.seed * 1_000_003 + iteration * 7_919 + trainer.rank * 104_729) % 2**62
+            rollout = worker.collect(batch_prompts, seed, kl_coef, moments)
+            rollout_time = time.perf_counter() - started
+            updates, tokens = _update(cfg, trainer, rollout.samples, iteration)
+            elapsed = time.perf_counter() - started
+            trainer.global_step += 1
+
+            stats = {**_mean_over_processes(acc, rollout.stats), "objective/kl_coef": kl_coef}
+            if cfg.adaptive_kl:
+                kl_coef = adaptive_kl_coef(kl_coef, stats["objective/kl"], cfg.target_kl, global_batch, cfg.kl_horizon)
+            metrics = {**stats, **{k: _window_mean(v) for k, v in updates.items()}}
+            metrics["learning_rate"] = updates["learning_rate"][-1]
+            metrics.update({"samples/s": global_batch / elapsed, "tokens/s": tokens / elapsed,
+                            "time/rollout": rollout_time, "time/update": elapsed - rollout_time})
+            for key, value in metrics.items():
+                window[key].append(value)
+            kill_point(trainer.global_step)
+            if trainer.global_step % cfg.logging_steps == 0 or trainer.global_step == trainer.total_steps:
+                last = {k: _window_mean(v) if k != "objective/kl_coef" else v[-1] for k, v in window.items()}
+                trainer.log(last)
+                progress.update(bar, status=_status(last))
+                window.clear()
+            if cfg.log_samples_steps and cfg.log_samples and acc.is_main_process and (
+                    trainer.global_step % cfg.log_samples_steps == 0 or trainer.global_step == 1):
+                with open(samples_file, "a") as handle:
+                    for row in rollout.examples[:cfg.log_samples]:
+                        handle.write(json.dumps({"step": trainer.global_step, **row}) + "\n")
+            if cfg.save_steps and trainer.global_step % cfg.save_steps == 0:
+                trainer.save_checkpoint({"kl_coef": kl_coef, "score_moments": moments.__dict__.copy()})
+            progress.update(bar, advance=1)
+    trainer.end()
+    return TrainResult(trainer.run_dir, trainer.global_step, last, {})
+
+
+def _update(cfg: PPOConfig, trainer: Trainer, samples: list[Sample], iteration: int) -> tuple[dict[str, list], int]:
+    """``num_ppo_epochs`` shuffled passes over the rollout, one optimiser step per minibatch."""
+    metrics: dict[str, list[float]] = defaultdict(list)
+    tokens = 0
+    micro = cfg.per_device_batch_size
+    mini = micro * cfg.gradient_accumulation_steps
+    for epoch in range(cfg.num_ppo_epochs):
+        generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + iteration * 1_009 + epoch) % 2**62)
+        order = torch.randperm(len(samples), generator=generator).tolist()
+        for start in range(0, len(order), mini):
+            chosen = order[start:start + mini]
+            micro_batches = [[samples[i] for i in chosen[k:k + micro]] for k in range(0, len(chosen), micro)]
+            values, _, step_tokens = trainer.train_step(micro_batches)
+            tokens += step_tokens
+            for key, value in values.items():
+                metrics[key].append(value)
+    return metrics, tokens
+
+
+def _iteration_prompts(prompts, seed: int, iteration: int, per_epoch: int, global_batch: int, local_batch: int, rank: int):
+    from .loop import epoch_order
+
+    epoch, within = divmod(iteration, per_epoch)
+    order = epoch_order(len(prompts), seed, epoch)
+    start = within * global_batch + rank * local_batch
+    return [prompts[i] for i in order[start:start + local_batch]]
+
+
+def _mean_over_processes(acc, stats: dict[str, float]) -> dict[str, float]:
+    if acc.num_processes == 1:
+        return dict(stats)
+    keys = sorted(stats)
+    reduced = acc.reduce(torch.tensor([stats[k] for k in keys], device=acc.device), reduction="mean")
+    return dict(zip(keys, reduced.tolist()))
+
+
+def _critic_backbone(policy, cfg) -> nn.Module:
+    """A trainable copy of the policy's backbone (without its vocabulary head) for a separate critic."""
+    base = policy.get_base_model() if is_peft_model(policy) else policy
+    backbone = copy.deepcopy(getattr(base, base.base_model_prefix))
+    if cfg.gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _no_dropout(backbone)
+    return backbone.requires_grad_(True)
+
+
+def _hidden_size(policy) -> int:
+    base = policy.get_base_model() if is_peft_model(policy) else policy
+    head = base.get_output_embeddings()
+    return getattr(head, "in_features", None) or base.config.get_text_config().hidden_size
+
+
+def _no_dropout(model: nn.Module) -> None:
+    """Every dropout off, LoRA's included: rollouts and updates must evaluate the same function."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def _window_mean(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]  # explained variance is NaN when the returns do not vary
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _status(metrics: dict[str, float]) -> str:
+    shown = ["objective/scores", "objective/kl", "samples/s"]
+    return "  ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in shown if k in metrics)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The per-iteration records of a run's ``metrics.jsonl``."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

@@ -1,0 +1,202 @@
+"""Supervised fine-tuning on the shared loop, and the language-modelling task it shares with pretraining.
+
+The loss is the mean negative log-likelihood of the labelled tokens of a batch (completion tokens, or
+all of them), computed with :func:`preftune.logprobs.token_logprobs`: only labelled positions reach
+the vocabulary projection, chunk by chunk. Packed rows get position ids restarting at 0 for every
+example and a block-diagonal causal attention mask, so examples never see each other; a short
+probe checks that the model honours it before training starts.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from ..config import SFTConfig, config_to_dict
+from ..data.load import load_records
+from ..data.packing import LMRow, block_causal_mask, collate_rows, pack_examples, single_row
+from ..data.text import SFTSettings, tokenize_sft
+from ..errors import ConfigError
+from ..logprobs import token_logprobs
+from ..models import load_causal_lm, load_tokenizer, prepare_policy
+from .loop import RunContext, RunResult, Trainer, finish_run, save_final_model, start_run
+
+console = Console(stderr=True)
+
+
+def attention_implementation(model) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "eager")
+
+
+def packed_attention_mask(model, position_ids: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask to pass with packed rows.
+
+    Eager and SDPA attention get an explicit block-diagonal causal 4D mask (transformers passes a 4D
+    mask through untouched). Other kernels (flash, flex) get None: transformers then derives the
+    packed layout from ``position_ids`` itself (variable-length flash attention, a packed block mask).
+    """
+    kind = attention_implementation(model)
+    if kind == "sdpa":
+        return block_causal_mask(position_ids)
+    if kind == "eager":
+        return block_causal_mask(position_ids, dtype=next(model.parameters()).dtype)
+    return None
+
+
+class LMLogprobs(nn.Module):
+    """A causal LM as the log-probs of its labelled tokens (what the loop prepares and wraps)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, loss_mask, position_ids=None) -> torch.Tensor:
+        if position_ids is not None:  # packed rows
+            attention_mask = packed_attention_mask(self.model, position_ids)
+        return token_logprobs(self.model, input_ids, attention_mask, loss_mask, chunk_size=self.chunk_size,
+                              position_ids=position_ids)
+
+
+@torch.no_grad()
+def check_packed_attention(lm: LMLogprobs) -> None:
+    """Raise ConfigError unless packing two sequences leaves the second one's log-probs unchanged."""
+    param = next(lm.parameters())
+    vocab = lm.model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    first, other, second = (torch.randint(vocab, (n,), generator=generator) for n in (5, 5, 6))
+    positions = torch.cat([torch.arange(5), torch.arange(6)])[None].to(param.device)
+    mask = torch.ones(1, 11, dtype=torch.bool, device=param.device)
+    was_training = lm.training
+    lm.eval()
+    try:
+        alone = lm(second[None].to(param.device), mask[:, :6].long(), mask[:, :6])[0]
+        packed = [lm(torch.cat([a, second])[None].to(param.device), mask.long(), mask, positions)[0, 5:]
+                  for a in (first, other)]
+    finally:
+        lm.train(was_training)
+    alone[0] = packed[0][0] = packed[1][0] = 0.0  # first tokens are not scored in a packed row
+    tolerance = 1e-4 if param.dtype == torch.float32 else 5e-2
+    worst = max(float((p - alone).abs().max()) for p in packed)
+    if worst > tolerance:
+        raise ConfigError(
+            f"packing is not supported by this model ({attention_implementation(lm.model)} attention): a sequence "
+            f"packed after another gets different log-probs (by {worst:.3g}) than alone, so packed examples would "
+            "attend to each other; train without packing (SFT: packing false) or use another attention implementation")
+
+
+class LMTask:
+    """Next-token NLL over a batch's labelled tokens (SFT and pretraining)."""
+
+    def __init__(self, pad_token_id: int, packed: bool):
+        self.pad_token_id = pad_token_id
+        self.packed = packed
+
+    def collate(self, rows: list[LMRow]) -> dict[str, torch.Tensor]:
+        batch = collate_rows(rows, self.pad_token_id)
+        if not self.packed:
+            del batch["position_ids"]  # one example per row: the ordinary padding mask is enough
+        return batch
+
+    def nll(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: summed NLL of the labelled tokens, and how many there are."""
+        logps = model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch.get("position_ids"))
+        return -logps.sum(-1), batch["loss_mask"][:, 1:].sum(-1).float()
+
+    def loss(self, model, batch):
+        nll, count = self.nll(model, batch)
+        loss = nll.sum() / count.sum().clamp(min=1)
+        return loss, {"loss": loss.detach()}
+
+    def eval_metrics(self, model, batch):
+        nll, count = self.nll(model, batch)
+        return {"nll": nll, "label_tokens": count}  # per row: the loop hands them to eval_summary
+
+    def eval_summary(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Held-out loss: the mean NLL over every labelled token (not a mean of batch means), and its perplexity."""
+        nll = sum(float(o["nll"].sum()) for o in outputs)
+        count = sum(float(o["label_tokens"].sum()) for o in outputs)
+        loss = nll / max(count, 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(kept, held out): a seeded random ``fraction`` of ``items`` held out, both in their original order."""
+    if fraction <= 0:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:max(1, int(round(fraction * len(items))))])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
+def report_skipped(name: str, report) -> None:
+    if report.skipped:
+        reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(report.skipped.items()))
+        console.print(f"[yellow]{name}: skipped {report.total - report.kept} of {report.total} rows ({reasons})")
+
+
+def check_positions(model, rows: list[LMRow], max_length: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    longest = max((len(r.input_ids) for r in rows), default=0)
+    if limit and longest > limit:
+        raise ConfigError(f"rows of up to {longest} tokens (max_length {max_length}) exceed the model's "
+                          f"{limit} positions; lower max_length")
+
+
+def train_lm(cfg, ctx: RunContext, model, tokenizer, train_rows: list[LMRow], eval_rows: list[LMRow],
+             packed: bool, extra: dict | None = None) -> RunResult:
+    """Train ``model`` on language-modelling rows with the shared loop and save it (SFT and pretraining)."""
+    check_positions(model, train_rows + eval_rows, cfg.max_length)
+    if ctx.is_main_process:
+        tokens = sum(len(r.input_ids) for r in train_rows)
+        console.print(f"training on {len(train_rows)} rows ({tokens} tokens), evaluating on {len(eval_rows)} rows")
+    lm = LMLogprobs(prepare_policy(model, cfg), cfg.logprob_chunk_size).to(ctx.accelerator.device)
+    if packed:
+        check_packed_attention(lm)
+    trainer = Trainer(accelerator=ctx.accelerator, model=lm, task=LMTask(tokenizer.pad_token_id, packed),
+                      train_examples=train_rows, eval_examples=eval_rows, settings=cfg, run_dir=ctx.run_dir,
+                      config_dict=config_to_dict(cfg), count_tokens=lambda b: int(b["attention_mask"].sum()),
+                      unit="samples")
+    result = trainer.train()
+    model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model",
+                                 cfg.merge_lora)
+    return finish_run(ctx, model_dir, result, extra)
+
+
+def sft_rows(cfg: SFTConfig, tokenizer) -> tuple[list[LMRow], list[LMRow], dict]:
+    """Training and held-out rows (packed or one example each) and counts for the summary."""
+    settings = SFTSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                           truncation_mode=cfg.truncation_mode, completion_only_loss=cfg.completion_only_loss)
+
+    def examples(source, split):
+        records = load_records(source, split=split)
+        found, report = tokenize_sft(records, tokenizer, settings, skip_invalid=cfg.skip_invalid)
+        report_skipped(records.name, report)
+        return found
+
+    train = examples(cfg.dataset, cfg.split)
+    if cfg.eval_dataset:
+        held = examples(cfg.eval_dataset, cfg.eval_split)
+    else:
+        train, held = hold_out(train, cfg.eval_fraction, cfg.seed)
+    if cfg.packing:
+        rows = pack_examples(train, cfg.max_length), pack_examples(held, cfg.max_length)
+    else:
+        rows = [single_row(e) for e in train], [single_row(e) for e in held]
+    return rows[0], rows[1], {"train_examples": len(train), "eval_examples": len(held)}
+
+
+def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None) -> RunResult:
+    """Supervised fine-tuning; ``model``/``tokenizer`` may be passed as objects."""
+    cfg.validate(require_model=model is None)
+    ctx = start_run(cfg, cfg.sanity_warnings())
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    train_rows, eval_rows, counts = sft_rows(cfg, tokenizer)
+    model = model if model is not None else load_causal_lm(cfg.model_name_or_path)
+    return train_lm(cfg, ctx, model, tokenizer, train_rows, eval_rows, cfg.packing, counts)
