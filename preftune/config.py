@@ -150,30 +150,42 @@ def parse_constraint_spec(spec: str) -> tuple[str, float]:
 
 
 def _validate_common(cfg, require_model: bool = True) -> None:
+    """Checks shared by the commands that read a dataset of rows with ``max_length`` tokens."""
     if require_model and not cfg.model_name_or_path:
         raise ConfigError("model_name_or_path is required (a local model directory or a hub name)")
     if not cfg.dataset:
         raise ConfigError("dataset is required (a data file, a save_to_disk directory or a hub name)")
-    positive = ["per_device_batch_size", "gradient_accumulation_steps", "max_length", "logging_steps", "logprob_chunk_size"]
+    _check_ranges(cfg, positive=["max_length"])
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
+        raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be smaller than max_length ({cfg.max_length})")
+    validate_training(cfg)
+
+
+def _check_ranges(cfg, positive=(), positive_numbers=(), non_negative=(), unit_interval=()) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("learning_rate", "num_epochs"):
+    for name in positive_numbers:
         if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
             raise ConfigError(f"{name} must be a positive number, got {getattr(cfg, name)}")
-    for name in ("max_grad_norm", "weight_decay"):
+    for name in non_negative:
         if not (getattr(cfg, name) >= 0 and math.isfinite(getattr(cfg, name))):
             raise ConfigError(f"{name} must be a non-negative number, got {getattr(cfg, name)}")
+    for name in unit_interval:
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+
+
+def validate_training(cfg) -> None:
+    """Checks of the ``ModelSettings`` and ``TrainSettings`` every training command shares."""
+    _check_ranges(cfg, positive=["per_device_batch_size", "gradient_accumulation_steps", "logging_steps",
+                                 "logprob_chunk_size", "lora_r", "lora_alpha"],
+                  positive_numbers=["learning_rate", "num_epochs"], non_negative=["max_grad_norm", "weight_decay"],
+                  unit_interval=["warmup_ratio"])
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
-    if cfg.lora_r <= 0 or cfg.lora_alpha <= 0:
-        raise ConfigError(f"lora_r and lora_alpha must be positive, got {cfg.lora_r} and {cfg.lora_alpha}")
-    if not 0.0 <= cfg.eval_fraction < 1.0:
-        raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
-    if not 0.0 <= cfg.warmup_ratio <= 1.0:
-        raise ConfigError(f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
-    if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
-        raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be smaller than max_length ({cfg.max_length})")
     for tracker in cfg.report_to:
         if tracker not in ("tensorboard", "wandb"):
             raise ConfigError(f"report_to: unknown tracker '{tracker}' (choose tensorboard or wandb)")
@@ -453,36 +465,17 @@ class PPOConfig(ModelSettings, TrainSettings):
         if not self.disable_dropout:
             raise ConfigError("PPO needs dropout off (rollout and update log-probs must come from the same function); "
                               "remove --no-disable_dropout")
-        positive = ["per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "logprob_chunk_size",
-                    "max_prompt_length", "max_new_tokens", "generation_batch_size", "num_mini_batches",
-                    "num_ppo_epochs", "kl_horizon", "lora_r", "lora_alpha"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("learning_rate", "num_epochs", "temperature", "cliprange", "cliprange_value", "target_kl"):
-            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
-                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)}")
-        for name in ("max_grad_norm", "weight_decay", "vf_coef", "kl_coef", "score_clip"):
-            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
-                raise ConfigError(f"{name} must be a non-negative number, got {getattr(self, name)}")
-        for name in ("gamma", "lam", "warmup_ratio"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        validate_training(self)
+        _check_ranges(self, positive=["max_prompt_length", "max_new_tokens", "generation_batch_size", "num_mini_batches",
+                                      "num_ppo_epochs", "kl_horizon"],
+                      positive_numbers=["temperature", "cliprange", "cliprange_value", "target_kl"],
+                      non_negative=["vf_coef", "kl_coef", "score_clip"], unit_interval=["gamma", "lam"])
         if not math.isfinite(self.missing_eos_penalty):
             raise ConfigError(f"missing_eos_penalty must be a finite number, got {self.missing_eos_penalty}")
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.log_samples_steps < 0 or self.log_samples < 0:
             raise ConfigError("log_samples_steps and log_samples must be >= 0")
-        for tracker in self.report_to:
-            if tracker not in ("tensorboard", "wandb"):
-                raise ConfigError(f"report_to: unknown tracker '{tracker}' (choose tensorboard or wandb)")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got '{getattr(self, f.name)}'")
 
     def sanity_warnings(self) -> list[str]:
         notes = []

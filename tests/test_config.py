@@ -175,7 +175,7 @@ def test_missing_config_file(tmp_path):
     ({"num_epochs": -1.0}, "num_epochs must be a positive number"),
     ({"max_grad_norm": float("nan")}, "max_grad_norm must be a non-negative number"),
     ({"lora_dropout": 1.0}, "lora_dropout must be in"),
-    ({"lora_r": 0}, "lora_r and lora_alpha must be positive"),
+    ({"lora_r": 0}, "lora_r must be positive"),
     ({"constraints": ["m:f="]}, "is not a number"),
     ({"constraints": ["m:f=nan"]}, "must be a finite number"),
     ({"beta": 0.0}, "beta must be a positive number"),
