@@ -1,0 +1,114 @@
+"""The web app: ``create_app(db, settings)`` wires pages, API, admin routes, errors and guards together.
+
+Only ``/login`` and ``/static/*`` answer without a token. Pages redirect a visitor without a valid
+token to the login form; the API and the admin downloads answer 401.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio.to_thread
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader
+from starlette.exceptions import HTTPException
+
+from . import admin, api, pages
+from .answers import AnswerError
+from .db import Database
+from .queue import LEASE_SECONDS, NotAssigned, RequestConflict
+from .security import GuardMiddleware, Forbidden, LoginRequired
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MAX_BODY = 1_000_000
+
+
+@dataclass
+class ServerSettings:
+    max_body: int = DEFAULT_MAX_BODY
+    lease: float = LEASE_SECONDS
+    secure_cookies: bool = False
+    threads: int = 8  # worker threads for database calls
+
+
+def _wants_json(request: Request) -> bool:
+    path = request.url.path
+    return path.startswith("/api/") or path.endswith((".json", ".jsonl"))
+
+
+def _error(request: Request, status: int, message: str, heading: str = "Something went wrong"):
+    if _wants_json(request):
+        return JSONResponse({"detail": message}, status)
+    context = {"title": heading, "heading": heading, "message": message, "user": None}
+    return pages.render(request, "error.html", context, status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LoginRequired)
+    async def login_required(request: Request, exc: LoginRequired):
+        if _wants_json(request):
+            return JSONResponse({"detail": "a valid token is required"}, 401, headers={"www-authenticate": "Bearer"})
+        if request.method == "GET":
+            return RedirectResponse("/login", status_code=303)
+        return _error(request, 401, "Please log in again.", "Not logged in")
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, exc: Forbidden):
+        return _error(request, 403, str(exc), "Not allowed")
+
+    @app.exception_handler(NotAssigned)
+    async def not_assigned(request: Request, exc: NotAssigned):
+        return _error(request, 404, "That item is not in your queue.", "Not found")
+
+    @app.exception_handler(RequestConflict)
+    async def conflict(request: Request, exc: RequestConflict):
+        return _error(request, 409, str(exc), "Conflict")
+
+    @app.exception_handler(AnswerError)
+    async def bad_answer(request: Request, exc: AnswerError):
+        return _error(request, 422, str(exc), "Invalid answer")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        # never echo the input back (it could hold a token); name the fields only
+        fields = sorted({".".join(str(part) for part in error.get("loc", ())) for error in exc.errors()})
+        return _error(request, 422, f"invalid request: {', '.join(fields)}", "Invalid request")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(request, exc.status_code, str(exc.detail), "Error")
+
+
+def create_app(db: Database, settings: ServerSettings | None = None, watcher=None) -> FastAPI:
+    """The ASGI app over an upgraded database; ``watcher`` (a RewardModelWatcher) runs while it serves."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = app.state.settings.threads
+        if watcher is not None:
+            watcher.start()
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.stop()
+
+    app = FastAPI(title="preftune annotate", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.db = db
+    app.state.settings = settings or ServerSettings()
+    environment = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
+                              lstrip_blocks=True)
+    app.state.templates = Jinja2Templates(env=environment)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(pages.router)
+    app.include_router(api.router)
+    app.include_router(admin.router)
+    _install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, max_body=app.state.settings.max_body)
+    return app

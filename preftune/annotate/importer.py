@@ -1,0 +1,233 @@
+"""Projects and their items: prompts with 2..N candidate responses, from a file or sampled from a model.
+
+Input rows (any file ``preftune.data.load_records`` reads: JSONL, JSON, CSV, Parquet):
+``prompt`` plus the candidates as ``responses`` (a list), ``response_1``, ``response_2``, ... columns,
+or ``chosen`` / ``rejected``; optional ``id``. A bad row stops the import with the same row-numbered
+message as bad training data. Items already in the project (same id) are left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+
+from sqlalchemy import func, select, text, update
+
+from preftune.data.load import load_records
+from preftune.errors import ConfigError, DataError, PreftuneError
+
+from .answers import MAX_CANDIDATES
+from .models import KINDS, Item, Label, Project
+
+MAX_TEXT = 100_000
+RESPONSE_COLUMN = re.compile(r"^response_(\d+)$")
+RESERVED = {"id", "prompt", "responses", "chosen", "rejected"}
+
+
+class ProjectError(PreftuneError):
+    """A project that is missing, exists already, or is given bad settings."""
+
+
+@dataclass
+class ItemSpec:
+    external_id: str
+    prompt: str
+    candidates: list[str]
+    meta: dict = field(default_factory=dict)
+    row: int = 0
+
+
+def get_project(session, name: str) -> Project:
+    project = session.scalar(select(Project).where(Project.name == name))
+    if project is None:
+        known = ", ".join(session.scalars(select(Project.name).order_by(Project.name))) or "none yet"
+        raise ProjectError(f"no project named {name!r} (projects: {known})")
+    return project
+
+
+def read_guidelines(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read guidelines file {path}: {exc}") from None
+
+
+def ensure_project(session, name: str, kind: str | None = None, guidelines: str | None = None,
+                   overlap: int | None = None, allow_notes: bool | None = None) -> tuple[Project, bool]:
+    """Get the project, creating it when new; given settings update it. Returns (project, created)."""
+    if not name or len(name) > 200:
+        raise ProjectError("a project name must have 1 to 200 characters")
+    if kind is not None and kind not in KINDS:
+        raise ProjectError(f"question kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if overlap is not None and not 1 <= overlap <= 100:
+        raise ProjectError(f"overlap (annotators per item) must be from 1 to 100, got {overlap}")
+    project = session.scalar(select(Project).where(Project.name == name))
+    created = project is None
+    if created:
+        project = Project(name=name, kind=kind or "pairwise", guidelines="", overlap=1, allow_notes=True,
+                          created_at=time.time())
+        session.add(project)
+    elif kind is not None and kind != project.kind:
+        has_items = session.scalar(select(func.count()).select_from(Item).where(Item.project_id == project.id))
+        if has_items:
+            raise ProjectError(f"project {name!r} asks for {project.kind} answers; it cannot become {kind} "
+                               "once it has items (start a new project)")
+        project.kind = kind
+    if guidelines is not None:
+        project.guidelines = guidelines
+    if overlap is not None and overlap != project.overlap:
+        project.overlap = overlap
+        if not created:
+            refresh_complete(session, project)
+    if allow_notes is not None:
+        project.allow_notes = allow_notes
+    session.flush()
+    return project, created
+
+
+def refresh_complete(session, project: Project) -> None:
+    """Recompute which items have all their labels (after the project's overlap changed)."""
+    session.flush()
+    labels = select(func.count()).select_from(Label).where(Label.item_id == Item.id).scalar_subquery()
+    session.execute(update(Item).where(Item.project_id == project.id).values(complete=labels >= project.overlap))
+
+
+def _text(source: str, number: int, name: str, value) -> str:
+    if not isinstance(value, str):
+        got = "missing" if value is None else f"got {type(value).__name__}"
+        raise DataError(source, f"expected a non-empty string, {got}", row=number, field=name)
+    if not value.strip():
+        raise DataError(source, "is empty", row=number, field=name)
+    if len(value) > MAX_TEXT:
+        raise DataError(source, f"longer than {MAX_TEXT} characters ({len(value)})", row=number, field=name)
+    return value
+
+
+def _candidates(source: str, row: dict, number: int, required: int) -> list[str]:
+    numbered = sorted((int(m.group(1)), key) for key in row if (m := RESPONSE_COLUMN.match(key)))
+    if row.get("responses") is not None:
+        value = row["responses"]
+        if not isinstance(value, list):
+            raise DataError(source, f"expected a list of strings, got {type(value).__name__}", row=number, field="responses")
+        texts = [_text(source, number, f"responses[{i}]", v) for i, v in enumerate(value)]
+    elif numbered:
+        present = [(n, key) for n, key in numbered if row[key] not in (None, "")]
+        texts = [_text(source, number, key, row[key]) for _, key in present]
+    elif "chosen" in row or "rejected" in row:
+        texts = [_text(source, number, key, row.get(key)) for key in ("chosen", "rejected")]
+    elif required == 0:
+        return []
+    else:
+        raise DataError(source, "no candidate responses: give 'responses' (a list), 'response_1', "
+                                "'response_2', ... columns, or 'chosen' and 'rejected'", row=number)
+    if len(texts) < required:
+        raise DataError(source, f"needs at least {required} candidate responses, got {len(texts)}", row=number,
+                        field="responses")
+    if len(texts) > MAX_CANDIDATES:
+        raise DataError(source, f"at most {MAX_CANDIDATES} candidate responses, got {len(texts)}", row=number,
+                        field="responses")
+    for a, b in combinations(range(len(texts)), 2):
+        if texts[a] == texts[b]:
+            raise DataError(source, f"candidates {a + 1} and {b + 1} are identical", row=number, field="responses")
+    return texts
+
+
+def _row_id(source: str, row: dict, number: int, prompt: str, candidates: list[str]) -> str:
+    value = row.get("id")
+    if value is None or value == "":
+        digest = hashlib.sha256(json.dumps([prompt, candidates]).encode()).hexdigest()
+        return digest[:20]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(source, f"expected a string or integer, got {type(value).__name__}", row=number, field="id")
+    text = str(value)
+    if len(text) > 150:
+        raise DataError(source, "longer than 150 characters", row=number, field="id")
+    return text
+
+
+def _meta(row: dict) -> dict:
+    plain = (str, int, float, bool, type(None))
+    return {k: v for k, v in row.items()
+            if k not in RESERVED and not RESPONSE_COLUMN.match(k) and isinstance(v, plain)}
+
+
+def read_items(source: str, generating: bool = False) -> list[ItemSpec]:
+    """Validate every row of an import file; with ``generating`` the candidates may be absent."""
+    records = load_records(source)
+    specs, seen = [], {}
+    for row, number in zip(records.rows, records.row_numbers):
+        prompt = _text(records.name, number, "prompt", row.get("prompt"))
+        candidates = _candidates(records.name, row, number, 0 if generating else 2)
+        external_id = _row_id(records.name, row, number, prompt, candidates)
+        if external_id in seen:
+            raise DataError(records.name, f"duplicate id {external_id!r} (first used on row {seen[external_id]})",
+                            row=number, field="id")
+        seen[external_id] = number
+        specs.append(ItemSpec(external_id, prompt, candidates, _meta(row), number))
+    return specs
+
+
+def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling: dict | None = None,
+                        batch_size: int = 16, seed: int | None = None, chat: bool = False) -> None:
+    """Add ``n`` responses sampled from the model at ``model_path`` to every item (empty and repeated ones dropped)."""
+    from preftune.generate import SamplingSettings, generate_texts
+    from preftune.models import load_causal_lm, load_tokenizer
+
+    settings = SamplingSettings(**(sampling or {}))
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise ConfigError(f"sampling: {exc}") from None
+    if not 1 <= n <= MAX_CANDIDATES:
+        raise ConfigError(f"the number of candidates to sample must be from 1 to {MAX_CANDIDATES}, got {n}")
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path)
+    model.eval()
+    outputs = generate_texts(model, tokenizer, [s.prompt for s in specs], settings, n=n, batch_size=batch_size,
+                             seed=seed, chat=chat)
+    for spec, texts in zip(specs, outputs):
+        spec.meta["generated_by"] = str(model_path)
+        for sample in texts:
+            if sample.strip() and sample not in spec.candidates and len(spec.candidates) < MAX_CANDIDATES:
+                spec.candidates.append(sample)
+        if len(spec.candidates) < 2:
+            raise DataError(str(model_path), f"item {spec.external_id!r} (row {spec.row}): the model gave fewer than "
+                                             "2 different responses; sample with a higher temperature or larger n")
+
+
+def split_pairs(spec: ItemSpec) -> list[ItemSpec]:
+    """For pairwise projects: an item with N > 2 candidates becomes one item per pair."""
+    if len(spec.candidates) == 2:
+        return [spec]
+    return [ItemSpec(f"{spec.external_id}:{i + 1}-{j + 1}", spec.prompt, [spec.candidates[i], spec.candidates[j]],
+                     dict(spec.meta), spec.row) for i, j in combinations(range(len(spec.candidates)), 2)]
+
+
+def add_items(session, project: Project, specs: list[ItemSpec], seed: int | None = None) -> tuple[int, int]:
+    """Insert new items (random serving order); returns (added, already present)."""
+    if project.kind == "pairwise":
+        specs = [part for spec in specs for part in split_pairs(spec)]
+    existing = set(session.scalars(select(Item.external_id).where(Item.project_id == project.id)))
+    rng = random.Random(seed)
+    now = time.time()
+    added = 0
+    for spec in specs:
+        if spec.external_id in existing:
+            continue
+        existing.add(spec.external_id)
+        session.add(Item(project_id=project.id, external_id=spec.external_id, prompt=spec.prompt,
+                         candidates=list(spec.candidates), meta=spec.meta, random_key=rng.random(), priority=0.0,
+                         created_at=now))
+        added += 1
+    session.flush()
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("ANALYZE items"))  # fresh statistics keep the queue query on its index
+    return added, len(specs) - added

@@ -1,0 +1,101 @@
+"""The tables. Every change here needs a migration in ``migrations/versions`` (a test checks they agree).
+
+Times are Unix seconds (floats) so that SQLite and PostgreSQL compare them the same way.
+Answers are stored in the candidates' canonical order; ``Assignment.display_order`` records the
+order one annotator saw them in (position-bias control).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+KINDS = ("pairwise", "ranking", "rating")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Project(Base):
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    guidelines: Mapped[str] = mapped_column(Text, default="")
+    overlap: Mapped[int] = mapped_column(Integer, default=1)
+    allow_notes: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    scored_with: Mapped[str | None] = mapped_column(String(500), nullable=True)
+
+
+class Item(Base):
+    __tablename__ = "items"
+    __table_args__ = (
+        UniqueConstraint("project_id", "external_id", name="uq_items_project_external"),
+        Index("ix_items_project_order", "project_id", "complete", "priority", "random_key"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    external_id: Mapped[str] = mapped_column(String(200))
+    prompt: Mapped[str] = mapped_column(Text)
+    candidates: Mapped[list] = mapped_column(JSON)
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    random_key: Mapped[float] = mapped_column(Float)
+    priority: Mapped[float] = mapped_column(Float, default=0.0)
+    complete: Mapped[bool] = mapped_column(Boolean, default=False)  # has all the labels its project wants
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Annotator(Base):
+    __tablename__ = "annotators"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Assignment(Base):
+    """One item served to one annotator: the order they saw the candidates in, and what became of it."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (
+        UniqueConstraint("item_id", "annotator_id", name="uq_assignments_item_annotator"),
+        Index("ix_assignments_annotator_status", "annotator_id", "project_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    display_order: Mapped[list] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(10), default="open")  # open, done, skipped
+    served_at: Mapped[float] = mapped_column(Float)
+
+
+class Label(Base):
+    """An annotator's judgement of one item. ``request_id`` makes client retries idempotent."""
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        UniqueConstraint("item_id", "annotator_id", name="uq_labels_item_annotator"),
+        UniqueConstraint("annotator_id", "request_id", name="uq_labels_annotator_request"),
+        Index("ix_labels_project", "project_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id"), unique=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    answer: Mapped[dict] = mapped_column(JSON)
+    note: Mapped[str] = mapped_column(Text, default="")
+    request_id: Mapped[str] = mapped_column(String(100))
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
