@@ -113,8 +113,9 @@ def frontier_plot(runs: list[RunData]) -> str | None:
     for family, items in sorted(families.items()):
         items.sort()
         ax.plot([i[0] for i in items], [i[1] for i in items], marker="o", label=family)
-        for kl, reward, name in items:
-            ax.annotate(name, (kl, reward), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for index, (kl, reward, name) in enumerate(items):
+            ax.annotate(name, (kl, reward), fontsize=7, xytext=(4, 4 if index % 2 == 0 else -11),
+                        textcoords="offset points")
     ax.set_xlabel("KL(π ‖ π_ref), nats per sequence")
     ax.set_ylabel("mean reward")
     ax.set_title("reward vs KL frontier")

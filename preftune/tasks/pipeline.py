@@ -35,22 +35,25 @@ console = Console()
 class DemoScale:
     """Sizes of every stage. ``full`` fits in ~10 minutes on 2 CPU cores; ``quick`` is for tests."""
 
-    corpus_reviews: int = 6000
-    hidden_size: int = 128
+    corpus_reviews: int = 8000
+    hidden_size: int = 192
     layers: int = 4
     vocab_size: int = 1200
-    pretrain_epochs: float = 2.0
+    pretrain_epochs: float = 3.0
     sft_rows: int = 3000
     train_prompts: int = 320
     eval_prompts: int = 96
     samples_per_prompt: int = 4
     max_new_tokens: int = 32
     reward_epochs: float = 2.0
-    dpo_betas: tuple[float, ...] = (0.05, 0.1, 0.5)
+    dpo_betas: tuple[float, ...] = (0.05, 0.1, 0.5, 1.0)
     dpo_epochs: float = 2.0
-    ppo_kl_coefs: tuple[float, ...] = (0.05, 0.2)
-    ppo_iterations: int = 40
+    dpo_learning_rate: float = 2e-4
+    ppo_kl_coefs: tuple[float, ...] = (0.02, 0.1)
+    ppo_iterations: int = 70
+    ppo_learning_rate: float = 1e-4
     best_of_n: int = 8
+    eval_repeats: int = 2   # samples per held-out prefix (more samples, less noise in the reward estimate)
     seed: int = 0
 
     @classmethod
@@ -162,7 +165,8 @@ def dpo_runs(scale: DemoScale, sft: Path, pairs: Path, root: Path) -> list[Path]
     for beta in scale.dpo_betas:
         cfg = DPOConfig(model_name_or_path=str(sft), dataset=str(pairs), output_dir=str(root / f"dpo-beta{beta:g}"),
                         beta=beta, max_length=96, per_device_batch_size=32, num_epochs=scale.dpo_epochs,
-                        learning_rate=2e-4, warmup_ratio=0.1, logging_steps=10, eval_fraction=0.1, precompute_ref=True,
+                        learning_rate=scale.dpo_learning_rate, warmup_ratio=0.1, logging_steps=10, eval_fraction=0.1,
+                        precompute_ref=True,
                         cache_dir=str(root / "cache"), seed=scale.seed, overwrite_output_dir=True)
         dirs.append(train_dpo(cfg).run_dir)
     return dirs
@@ -179,7 +183,7 @@ def ppo_runs(scale: DemoScale, sft: Path, reward: Path, root: Path) -> list[Path
         cfg = PPOConfig(model_name_or_path=str(sft), dataset=str(prompts), reward_model_path=str(reward),
                         output_dir=str(root / f"ppo-kl{coef:g}"), kl_coef=coef, max_new_tokens=scale.max_new_tokens,
                         per_device_batch_size=16, num_mini_batches=2, num_ppo_epochs=2, max_steps=scale.ppo_iterations,
-                        learning_rate=5e-5, normalize_scores=True, missing_eos_penalty=1.0, generation_batch_size=64,
+                        learning_rate=scale.ppo_learning_rate, normalize_scores=True, missing_eos_penalty=1.0, generation_batch_size=64,
                         logging_steps=5, log_samples_steps=10, seed=scale.seed, overwrite_output_dir=True)
         dirs.append(train_ppo(cfg).run_dir)
     return dirs
@@ -195,7 +199,7 @@ def evaluate_all(scale: DemoScale, sft: Path, reward: Path, runs: list[Path], ro
     from ..generate import SamplingSettings
     from ..models import load_causal_lm, load_tokenizer
 
-    prompts = SentimentTask(eval_prompts=scale.eval_prompts, seed=scale.seed).eval_prefixes()
+    prompts = SentimentTask(eval_prompts=scale.eval_prompts, seed=scale.seed).eval_prefixes() * scale.eval_repeats
     settings = SamplingSettings(max_new_tokens=scale.max_new_tokens)
     oracle = FunctionJudge("preftune.tasks.sentiment:sentiment_reward")
     tokenizer = load_tokenizer(str(sft))
@@ -280,13 +284,27 @@ def honest_summary(results: list[MethodResult]) -> list[str]:
                      f"{best.metrics.get('kl', 0):.2f}, distinct-2 {best.metrics.get('distinct_2', 0):.3f} "
                      f"(SFT {by_name['sft'].get('distinct_2', 0):.3f}).")
     if "dpo" in families and "ppo" in families:
-        dpo = max(families["dpo"], key=lambda r: r.metrics["reward"])
         ppo = max(families["ppo"], key=lambda r: r.metrics["reward"])
-        better = "DPO" if dpo.metrics["reward"] > ppo.metrics["reward"] else "PPO"
-        notes.append(f"In this run {better} reached the higher oracle reward ({dpo.metrics['reward']:+.3f} DPO vs "
-                     f"{ppo.metrics['reward']:+.3f} PPO, at KL {dpo.metrics.get('kl', 0):.2f} vs {ppo.metrics.get('kl', 0):.2f}). "
-                     "PPO here optimises the learned reward model, DPO the same labelled pairs; both are small models "
-                     "trained for minutes, so treat one run as one sample, not a verdict.")
+        kl_ppo = ppo.metrics.get("kl", 0.0)
+        comparable = [r for r in families["dpo"] if r.metrics.get("kl", 0.0) <= 1.5 * kl_ppo + 0.5]
+        if comparable:
+            dpo = max(comparable, key=lambda r: r.metrics["reward"])
+            gap = dpo.metrics["reward"] - ppo.metrics["reward"]
+            noise = 2 * math.sqrt(sum(r.metrics.get("reward_std", 0.0) ** 2 / max(r.metrics.get("n", 1.0), 1.0)
+                                      for r in (dpo, ppo)))
+            verdict = ("the two are within sampling noise of each other" if abs(gap) < noise else
+                       f"{'DPO' if gap > 0 else 'PPO'} did better")
+            notes.append(f"At comparable KL {verdict}: {dpo.name} {dpo.metrics['reward']:+.3f} at KL "
+                         f"{dpo.metrics.get('kl', 0):.2f} against {ppo.name} {ppo.metrics['reward']:+.3f} at KL {kl_ppo:.2f} "
+                         f"(difference {gap:+.3f}; two standard errors: {noise:.3f}).")
+        else:
+            lowest = min(families["dpo"], key=lambda r: r.metrics.get("kl", 0.0))
+            notes.append(f"No DPO run stayed as close to SFT as {ppo.name} (KL {kl_ppo:.2f}; the closest DPO run, "
+                         f"{lowest.name}, is at KL {lowest.metrics.get('kl', 0):.2f}), so this run cannot rank them at "
+                         "equal KL; compare their points on the frontier plot.")
+        notes.append("PPO optimises the learned reward model, DPO the oracle-labelled pairs directly, best-of-N picks "
+                     "with the learned reward model; all are small models trained for minutes, so one run is one "
+                     "sample, not a verdict.")
     return notes
 
 
