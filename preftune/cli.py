@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .config import DPOConfig, add_config_arguments, config_from_args
+from .commands import add_training_command
+from .config import DPOConfig
 from .errors import PreftuneError
 
 err = Console(stderr=True)
@@ -28,12 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"preftune {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    dpo = commands.add_parser("dpo", help="Train a policy on preference pairs (DPO, IPO, SLiC, rDPO, SimPO, soft labels).",
-                              description="Direct Preference Optimization and its family. Every option can be set in "
-                                          "the YAML file given by --config or by its flag; flags win.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(dpo, DPOConfig)
-    dpo.set_defaults(handler=run_dpo)
+    add_training_command(commands, "dpo", DPOConfig, "preftune.train.dpo:train_dpo",
+                         help="Train a policy on preference pairs (DPO, IPO, SLiC, rDPO, SimPO, soft labels).",
+                         description="Direct Preference Optimization and its family.")
 
     data = commands.add_parser("data", help="Inspect preference datasets.")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -59,17 +57,6 @@ def run_demo(args) -> int:
     from .demo import run_demo as demo
 
     demo(args.output_dir, quick=args.quick)
-    return 0
-
-
-def run_dpo(args) -> int:
-    cfg = config_from_args(DPOConfig, args)  # report config mistakes before the heavy imports
-    from .train.dpo import train_dpo
-
-    result = train_dpo(cfg)
-    if result.is_main_process:
-        out.print(f"[green]done[/]: model saved to {result.model_dir}")
-        out.print(f"metrics written to {result.metrics_file}")
     return 0
 
 

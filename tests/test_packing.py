@@ -10,13 +10,7 @@ from preftune.train import sft as sft_module
 from preftune.train.sft import LMLogprobs, LMTask, check_packed_attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (several contend badly on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_examples(n, seed=0, vocab=400, low=3, high=12):

@@ -16,13 +16,7 @@ from preftune.train.pretrain import fresh_model, train_pretrain
 from preftune.train.sft import train_sft
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (several contend badly on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_documents(n, seed):

@@ -225,7 +225,7 @@ def test_killed_reward_run_resumes_to_the_same_weights(tiny_model_dir, data, tmp
     resumed = start_cli(*common, "--output_dir", str(tmp_path / "resumed"), "--resume")
     stdout, stderr = resumed.communicate()
     assert resumed.returncode == 0, stderr
-    assert "reward model saved to" in stdout
+    assert "model saved to" in stdout
     a = load_file(tmp_path / "full" / "model" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and "score.weight" in a
@@ -290,7 +290,7 @@ def test_reward_help_and_yaml_config(tiny_model_dir, data, tmp_path, capsys):
     assert main(["reward", "--config", str(yaml_file), "--max_steps", "3"]) == 0
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["loss_type"] == "ranking" and saved["margin"] == 0.5 and saved["max_steps"] == 3
-    assert "reward model saved to" in capsys.readouterr().out
+    assert "model saved to" in capsys.readouterr().out
     yaml_file.write_text("loss_type: hinge\n")
     assert main(["reward", "--config", str(yaml_file)]) == 2
 

@@ -21,13 +21,7 @@ from preftune.toy import make_toy_preferences
 from preftune.train.sft import train_sft
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (several contend badly on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_sft_rows(n, seed=0, conversational=False):

@@ -6,20 +6,18 @@ import argparse
 
 from rich.console import Console
 
-from ..config import RewardConfig, add_config_arguments, config_from_args
+from ..config import RewardConfig
+from . import add_training_command
 
 out = Console()
 
 
 def register(subparsers) -> None:
-    reward = subparsers.add_parser(
-        "reward", help="Train a reward model on preference pairs (Bradley-Terry, margin ranking, soft labels).",
+    add_training_command(
+        subparsers, "reward", RewardConfig, "preftune.train.reward:train_reward",
+        help="Train a reward model on preference pairs (Bradley-Terry, margin ranking, soft labels).",
         description="A scalar reward model: a one-output classification head on any transformers backbone, read at "
-                    "the last token (decoders) or [CLS] (encoders). Every option can be set in the YAML file given "
-                    "by --config or by its flag; flags win.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(reward, RewardConfig)
-    reward.set_defaults(handler=run_reward)
+                    "the last token (decoders) or [CLS] (encoders).")
 
     score = subparsers.add_parser(
         "score", help="Score prompt/response rows with a reward model; writes each row plus 'reward' (JSONL).",
@@ -34,17 +32,6 @@ def register(subparsers) -> None:
     score.add_argument("--split", default="train", help="Split to read from a directory or hub dataset.")
     score.add_argument("--device", default=None, help="Device to score on, e.g. cuda or cpu; None means cuda when available.")
     score.set_defaults(handler=run_score)
-
-
-def run_reward(args) -> int:
-    cfg = config_from_args(RewardConfig, args)  # report config mistakes before the heavy imports
-    from ..train.reward import train_reward
-
-    result = train_reward(cfg)
-    if result.is_main_process:
-        out.print(f"[green]done[/]: reward model saved to {result.model_dir}")
-        out.print(f"metrics written to {result.metrics_file}")
-    return 0
 
 
 def run_score(args) -> int:
