@@ -443,18 +443,23 @@ def summarise_problems(total: int, kept: int, problems: list[RowProblem]) -> Ski
                       examples=[str(p.error) for p in ordered[:MAX_EXAMPLES]])
 
 
+def settle_problems(source: str, total: int, kept: list, problems: list[RowProblem], skip_invalid: bool) -> SkipReport:
+    """Raise the first invalid row's error (unless ``skip_invalid``), or if no row is left; else the report."""
+    problems = sorted(problems, key=lambda p: p.error.row or 0)
+    if problems and not skip_invalid:
+        raise problems[0].error
+    report = summarise_problems(total, len(kept), problems)
+    if not kept:
+        counts = ", ".join(f"{kind}: {count}" for kind, count in report.skipped.items())
+        raise DataError(source, f"no valid rows: all {report.total} rows are invalid ({counts}); "
+                                f"the first: {report.examples[0]}")
+    return report
+
+
 def tokenize_preferences(records: Records, tokenizer, settings: TokenizeSettings,
                          skip_invalid: bool = False) -> tuple[list[TokenizedPair], SkipReport]:
     """Validate and tokenise every row. The first invalid row raises DataError unless ``skip_invalid``."""
     check_settings(settings)
     pairs, problems = tokenize_untruncated(records, tokenizer)
     fitted, too_long = fit_pairs(pairs, settings, records.name)
-    problems = sorted(problems + too_long, key=lambda p: p.error.row or 0)
-    if problems and not skip_invalid:
-        raise problems[0].error
-    report = summarise_problems(len(records.rows), len(fitted), problems)
-    if not fitted:
-        counts = ", ".join(f"{kind}: {count}" for kind, count in report.skipped.items())
-        raise DataError(records.name, f"no valid rows: all {report.total} rows are invalid ({counts}); "
-                                      f"the first: {report.examples[0]}")
-    return fitted, report
+    return fitted, settle_problems(records.name, len(records.rows), fitted, problems + too_long, skip_invalid)

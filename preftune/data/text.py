@@ -24,7 +24,7 @@ from pathlib import Path
 from preftune.data.load import Records, load_records
 from preftune.data.packing import LMExample
 from preftune.data.preference import (TRUNCATION_MODES, InvalidRow, RowProblem, SkipReport, _check_messages,
-                                      _type_name, summarise_problems)
+                                      _type_name, settle_problems, summarise_problems)
 from preftune.errors import ConfigError, DataError
 
 SFT_FORMATS = ("prompt_completion", "messages", "text")
@@ -314,12 +314,4 @@ def tokenize_sft(records: Records, tokenizer, settings: SFTSettings,
             examples.append(_build_example(segments, pieces, eos, settings, fmt, number))
         except InvalidRow as invalid:
             problems.append(invalid.problem(records.name, number))
-    problems.sort(key=lambda p: p.error.row or 0)
-    if problems and not skip_invalid:
-        raise problems[0].error
-    report = summarise_problems(len(records.rows), len(examples), problems)
-    if not examples:
-        counts = ", ".join(f"{kind}: {count}" for kind, count in report.skipped.items())
-        raise DataError(records.name, f"no valid rows: all {report.total} rows are invalid ({counts}); "
-                                      f"the first: {report.examples[0]}")
-    return examples, report
+    return examples, settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)

@@ -8,7 +8,6 @@ disabled, or log-probs precomputed once and cached (``precompute_ref``).
 from __future__ import annotations
 
 import copy
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from rich.console import Console
 
 from ..config import DPOConfig, config_to_dict, parse_constraint_spec
+from ..data.split import hold_out, report_skipped
 from ..data import TokenizedPair, TokenizeSettings, collate_pairs, load_records, tokenize_preferences
 from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
 from ..models import compute_dtype, disable_dropout, freeze, is_peft_model, load_causal_lm, load_tokenizer, \
@@ -84,9 +84,7 @@ class DPOTask:
 def _tokenize(source: str, split: str, tokenizer, settings: TokenizeSettings, skip_invalid: bool) -> list[TokenizedPair]:
     records = load_records(source, split=split)
     pairs, report = tokenize_preferences(records, tokenizer, settings, skip_invalid=skip_invalid)
-    if report.skipped:
-        reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(report.skipped.items()))
-        console.print(f"[yellow]{records.name}: skipped {report.total - report.kept} of {report.total} rows ({reasons})")
+    report_skipped(records.name, report)
     return pairs
 
 
@@ -96,13 +94,7 @@ def load_pairs(cfg: DPOConfig, tokenizer) -> tuple[list[TokenizedPair], list[Tok
     train = _tokenize(cfg.dataset, cfg.split, tokenizer, settings, cfg.skip_invalid)
     if cfg.eval_dataset:
         return train, _tokenize(cfg.eval_dataset, cfg.eval_split, tokenizer, settings, cfg.skip_invalid)
-    if cfg.eval_fraction > 0:
-        order = list(range(len(train)))
-        random.Random(cfg.seed).shuffle(order)
-        n_eval = max(1, int(round(cfg.eval_fraction * len(train))))
-        held = set(order[:n_eval])
-        return [p for i, p in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
-    return train, []
+    return hold_out(train, cfg.eval_fraction, cfg.seed)
 
 
 def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:

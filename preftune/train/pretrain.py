@@ -17,7 +17,8 @@ from ..data.text import read_documents, tokenize_documents
 from ..errors import ConfigError
 from ..models import load_causal_lm, load_tokenizer
 from .loop import RunResult, start_run
-from .sft import hold_out, report_skipped, train_lm
+from ..data.split import hold_out, report_skipped
+from .sft import train_lm
 
 
 def fresh_model(model_config: str, tokenizer, seed: int):

@@ -10,7 +10,6 @@ probe checks that the model honours it before training starts.
 from __future__ import annotations
 
 import math
-import random
 
 import torch
 from rich.console import Console
@@ -18,6 +17,7 @@ from torch import nn
 
 from ..config import SFTConfig, config_to_dict
 from ..data.load import load_records
+from ..data.split import hold_out, report_skipped
 from ..data.packing import LMRow, block_causal_mask, collate_rows, pack_examples, single_row
 from ..data.text import SFTSettings, tokenize_sft
 from ..errors import ConfigError
@@ -123,22 +123,6 @@ class LMTask:
         count = sum(float(o["label_tokens"].sum()) for o in outputs)
         loss = nll / max(count, 1.0)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
-
-
-def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(kept, held out): a seeded random ``fraction`` of ``items`` held out, both in their original order."""
-    if fraction <= 0:
-        return items, []
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:max(1, int(round(fraction * len(items))))])
-    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
-
-
-def report_skipped(name: str, report) -> None:
-    if report.skipped:
-        reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(report.skipped.items()))
-        console.print(f"[yellow]{name}: skipped {report.total - report.kept} of {report.total} rows ({reasons})")
 
 
 def check_positions(model, rows: list[LMRow], max_length: int) -> None:
