@@ -26,6 +26,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/dpo_throughput.py
+	$(PY) bench/ppo_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
