@@ -74,11 +74,13 @@ def disable_dropout(model: nn.Module) -> None:
             module.attention_dropout = 0.0
 
 
-def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str]):
+def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM",
+               modules_to_save: list[str] | None = None):
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if target_modules in (["all-linear"], "all-linear") else list(target_modules)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type,
+                        modules_to_save=modules_to_save)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
@@ -89,15 +91,19 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def prepare_policy(model, cfg):
-    """Dropout, gradient checkpointing and LoRA on a loaded causal LM, per the model settings."""
+def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """Dropout, gradient checkpointing and LoRA on a loaded model, per the model settings.
+
+    ``task_type``/``modules_to_save`` are peft's: a reward model passes ``SEQ_CLS`` and its head, which is
+    then trained in full next to the adapters."""
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora:
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type,
+                           modules_to_save)
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     return model

@@ -32,7 +32,7 @@ from ..data.preference import (InvalidRow, _check_message_contents, _check_not_e
                                _render, _require_chat_template, _strip_trailing_eos)
 from ..errors import ConfigError
 from ..losses import reward_loss
-from ..models import disable_dropout, is_peft_model, load_tokenizer
+from ..models import is_peft_model, load_tokenizer, prepare_policy
 from .dpo import load_pairs
 from .loop import RunResult, Trainer, finish_run, save_final_model, start_run
 
@@ -125,25 +125,7 @@ def load_classifier(name_or_path, dtype: torch.dtype = torch.float32, new_head: 
 
 def prepare_reward_model(model, cfg):
     """Dropout, gradient checkpointing and LoRA (the head is trained in full: ``modules_to_save``)."""
-    if cfg.disable_dropout:
-        disable_dropout(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if not cfg.lora:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else list(cfg.lora_target_modules)
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-                        task_type="SEQ_CLS", modules_to_save=[head_name(model)])
-    try:
-        model = get_peft_model(model, config)
-    except ValueError as exc:
-        raise ConfigError(f"LoRA: {exc}") from None
-    if cfg.gradient_checkpointing:
-        model.enable_input_require_grads()
-    return model
+    return prepare_policy(model, cfg, task_type="SEQ_CLS", modules_to_save=[head_name(model)])
 
 
 def check_reward_model(model) -> None:
