@@ -5,7 +5,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from preftune.cli import main
 from preftune.config import PretrainConfig, SFTConfig

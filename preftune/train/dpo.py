@@ -20,7 +20,8 @@ from ..data import TokenizedPair, TokenizeSettings, collate_pairs, load_records,
 from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
 from ..models import compute_dtype, disable_dropout, freeze, is_peft_model, load_causal_lm, load_tokenizer, \
     model_fingerprint, prepare_policy
-from .loop import RunResult, Trainer, finish_run, save_final_model, start_run
+from .loop import Trainer
+from .run import RunResult, finish_run, save_final_model, start_run
 from .policy import PolicyLogprobs
 from .reference import Reference, cache_key, default_cache_dir, describe, precompute_reference, write_description
 

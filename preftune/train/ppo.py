@@ -32,8 +32,8 @@ from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
 from ..models import freeze, is_peft_model, load_causal_lm, load_tokenizer, prepare_policy, compute_dtype
-from .loop import (RunResult, Trainer, TrainResult, _progress, _truncate_metrics, finish_run, kill_point,
-                   save_final_model, start_run)
+from .loop import Trainer, TrainResult, _progress, _truncate_metrics, kill_point
+from .run import RunResult, finish_run, save_final_model, start_run
 from .rollout import FunctionReward, ModelReward, RolloutWorker, RunningMoments, Sample, load_prompts, pad_rows
 
 

@@ -16,7 +16,7 @@ from ..data.packing import pack_stream
 from ..data.text import read_documents, tokenize_documents
 from ..errors import ConfigError
 from ..models import load_causal_lm, load_tokenizer
-from .loop import RunResult, start_run
+from .run import RunResult, start_run
 from ..data.split import hold_out, report_skipped
 from .sft import train_lm
 

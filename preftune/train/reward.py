@@ -34,7 +34,8 @@ from ..errors import ConfigError
 from ..losses import reward_loss
 from ..models import is_peft_model, load_tokenizer, prepare_policy
 from .dpo import load_pairs
-from .loop import RunResult, Trainer, finish_run, save_final_model, start_run
+from .loop import Trainer
+from .run import RunResult, finish_run, save_final_model, start_run
 
 console = Console(stderr=True)
 HEAD_NAMES = ("score", "classifier")

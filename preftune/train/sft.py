@@ -23,7 +23,8 @@ from ..data.text import SFTSettings, tokenize_sft
 from ..errors import ConfigError
 from ..logprobs import token_logprobs
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
-from .loop import RunContext, RunResult, Trainer, finish_run, save_final_model, start_run
+from .loop import Trainer
+from .run import RunContext, RunResult, finish_run, save_final_model, start_run
 
 console = Console(stderr=True)
 

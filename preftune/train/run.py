@@ -1,0 +1,124 @@
+"""A run's life outside the loop: its accelerator and precision, its directory (never silently mixed
+with an earlier run's files), its final model (written atomically) and its ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .loop import TrainResult
+
+
+@dataclass
+class RunContext:
+    """What every command sets up before training: the accelerator, the run directory, the precision."""
+
+    accelerator: Any
+    run_dir: Path
+    precision: str
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class RunResult:
+    """Where a finished run put its outputs (returned by every ``train_*`` function)."""
+
+    run_dir: Path
+    model_dir: Path
+    metrics_file: Path
+    train: TrainResult
+    is_main_process: bool = True
+
+
+def start_run(cfg, warnings: list[str] = ()) -> RunContext:
+    """Accelerator, precision and a clean (or resumable) run directory; prints sanity warnings once."""
+    from rich.console import Console
+
+    from ..models import resolve_precision
+
+    run_dir = Path(cfg.output_dir)
+    precision = resolve_precision(cfg.precision)
+    accelerator = make_accelerator(precision, cfg.report_to, run_dir)
+    prepare_run_dir(run_dir, cfg.resume, cfg.overwrite_output_dir, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        console = Console(stderr=True)
+        for note in warnings:
+            console.print(f"[yellow]warning:[/] {note}")
+    set_seed(cfg.seed)
+    return RunContext(accelerator, run_dir, precision)
+
+
+def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dict | None = None) -> RunResult:
+    """Write ``summary.json`` and return where everything went."""
+    if ctx.is_main_process:
+        summary = {"model_dir": str(model_dir), "steps": result.global_step, "train": result.last_metrics,
+                   "eval": result.eval_metrics, **(extra or {})}
+        (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(ctx.run_dir, model_dir, ctx.run_dir / "metrics.jsonl", result, ctx.is_main_process)
+
+
+def make_accelerator(precision: str, report_to: list[str], run_dir: Path):
+    from accelerate import Accelerator
+
+    mixed = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")
+    # cpu=True on a machine without CUDA lets torchrun-style launchers (`accelerate launch --multi_gpu`,
+    # `torchrun`) start gloo data parallelism across CPU processes.
+    return Accelerator(mixed_precision=mixed, log_with=report_to or None, project_dir=str(run_dir),
+                       step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available())
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "config.json", "summary.json", "reference_cache.json", "checkpoints", "model",
+               "samples.jsonl")
+
+
+def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> None:
+    """Refuse to mix a new run into an earlier one's files, unless resuming or told to overwrite."""
+    existing = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not existing or resume:
+        return
+    if not overwrite:
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+                          f"--overwrite_output_dir to start afresh, or choose another --output_dir")
+    if is_main:
+        for name in existing:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def save_final_model(accelerator, model, tokenizer, path: Path, merge_lora: bool = False) -> Path:
+    """Save with ``save_pretrained`` (an adapter for LoRA unless merged) plus the tokenizer.
+
+    Written to a staging directory first and renamed, so a crash never leaves a half-written model.
+    """
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model)
+        if merge_lora and hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        staging = path.with_name(path.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    accelerator.wait_for_everyone()
+    return path
