@@ -22,8 +22,9 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from preftune.toy import build_toy_tokenizer
+    from toydata import toy_corpus
 
-    return build_toy_tokenizer()
+    return build_toy_tokenizer(toy_corpus())
 
 
 @pytest.fixture()

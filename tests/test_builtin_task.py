@@ -7,8 +7,8 @@ from preftune.evaluate.judges import FunctionJudge
 from preftune.evaluate.sampling import evaluate_policy
 from preftune.generate import SamplingSettings
 from preftune.models import load_causal_lm, load_tokenizer
-from preftune.tasks.pipeline import DemoScale, base_model, dpo_runs, preference_pairs, supervised_model
-from preftune.tasks.sentiment import SentimentTask, review_corpus, sentiment_reward
+from preftune.demo.pipeline import DemoScale, base_model, dpo_runs, preference_pairs, supervised_model
+from preftune.demo.sentiment import SentimentTask, review_corpus, sentiment_reward
 
 
 def test_the_oracle_scores_sentiment_and_the_corpus_varies():
@@ -30,7 +30,7 @@ def test_dpo_raises_oracle_reward_over_sft(tmp_path):
 
     tokenizer, reference = load_tokenizer(str(sft)), load_causal_lm(str(sft))
     prompts = SentimentTask(eval_prompts=48, seed=scale.seed).eval_prefixes() * 2
-    oracle = FunctionJudge("preftune.tasks.sentiment:sentiment_reward")
+    oracle = FunctionJudge("preftune.demo.sentiment:sentiment_reward")
     settings = SamplingSettings(max_new_tokens=20)
     before = evaluate_policy(reference, tokenizer, prompts, settings, judge=oracle, ref_model=reference, seed=5).metrics
     after = evaluate_policy(load_causal_lm(str(dpo_dir / "model")), tokenizer, prompts, settings, judge=oracle,

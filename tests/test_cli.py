@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from preftune.cli import main
-from preftune.toy import make_toy_preferences
+from toydata import make_toy_preferences
 
 LN2 = math.log(2.0)
 STEP_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",

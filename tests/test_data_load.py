@@ -5,7 +5,7 @@ import pytest
 
 from preftune.data import Records, load_records
 from preftune.errors import DataError
-from preftune.toy import make_toy_preferences
+from toydata import make_toy_preferences
 
 ROWS = [
     {"prompt": "Describe the river in a few words:", "chosen": " calm", "rejected": " loud", "margin": 0.5},

@@ -7,7 +7,7 @@ import torch
 from preftune.data import (Records, TokenizedPair, TokenizeSettings, collate_pairs, collate_pairs_fn, detect_format,
                            tokenize_preferences)
 from preftune.errors import DataError
-from preftune.toy import make_toy_preferences
+from toydata import make_toy_preferences
 
 PROMPT = "Describe the weather in a few words:"   # 10 tokens, 11 with BOS
 CHOSEN = " gentle kind quiet warm soft"            # 5 tokens, 6 with EOS

@@ -31,7 +31,7 @@ def run_eval(tmp_path, model_dir, prompts_file, *extra):
 
 def test_function_judge_with_reference_and_baseline(tiny_model_dir, prompts_file, tmp_path):
     metrics, samples = run_eval(tmp_path, tiny_model_dir, prompts_file,
-                                "--judge", "function:preftune.tasks.sentiment:sentiment_reward",
+                                "--judge", "function:preftune.demo.sentiment:sentiment_reward",
                                 "--ref_model", str(tiny_model_dir), "--baseline_model", str(tiny_model_dir))
     assert len(samples) == 4 and all("score" in s for s in samples)
     assert metrics["reward"] == pytest.approx(sum(s["score"] for s in samples) / 4)
@@ -72,7 +72,7 @@ def test_llm_judge_over_http(tiny_model_dir, prompts_file, tmp_path):
 
 
 def test_report_cli_on_eval_output(tiny_model_dir, prompts_file, tmp_path):
-    run_eval(tmp_path, tiny_model_dir, prompts_file, "--judge", "function:preftune.tasks.sentiment:sentiment_reward",
+    run_eval(tmp_path, tiny_model_dir, prompts_file, "--judge", "function:preftune.demo.sentiment:sentiment_reward",
              "--ref_model", str(tiny_model_dir))
     assert main(["report", str(tmp_path / "eval"), "--output", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()

@@ -33,7 +33,7 @@ def test_bleu_and_self_bleu():
 
 
 def test_function_judge_and_win_rate():
-    judge = FunctionJudge("preftune.tasks.sentiment:sentiment_reward")
+    judge = FunctionJudge("preftune.demo.sentiment:sentiment_reward")
     scores = judge.score(["p", "p"], ["a wonderful, brilliant film", "an awful, boring mess"])
     assert scores[0] > 0.5 > -0.5 > scores[1]
     rate = win_rate(judge, ["p"] * 3, ["great fun", "terrible", "okay"], ["terrible", "great fun", "okay"])

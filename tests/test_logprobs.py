@@ -19,7 +19,7 @@ def naive_token_logprobs(model, input_ids, attention_mask, completion_mask):
 
 def make_batch(tok, rows=((3, 4), (1, 6), (5, 1), (2, 2))):
     """Right-padded prompt+completion batch; each row has its own prompt and completion length."""
-    from preftune.toy import CALM_WORDS, TOPICS
+    from toydata import CALM_WORDS, TOPICS
 
     seqs, prompt_lens = [], []
     for i, (prompt_words, completion_words) in enumerate(rows):

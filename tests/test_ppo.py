@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from preftune.config import PPOConfig
 from preftune.errors import ConfigError, DataError
-from preftune.toy import CALM_WORDS, LOUD_WORDS, TOPICS
+from toydata import CALM_WORDS, LOUD_WORDS, TOPICS
 from preftune.train.ppo import read_metrics, train_ppo
 
 REWARD_MODULE = f"""

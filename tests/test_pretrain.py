@@ -10,7 +10,7 @@ from preftune.cli import main
 from preftune.config import PretrainConfig, SFTConfig
 from preftune.data.text import read_documents, tokenize_documents
 from preftune.errors import ConfigError, DataError
-from preftune.toy import CALM_WORDS, TOPICS
+from toydata import CALM_WORDS, TOPICS
 from preftune.train.pretrain import fresh_model, train_pretrain
 from preftune.train.sft import train_sft
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from preftune import DPOConfig
-from preftune.toy import make_toy_preferences
+from toydata import make_toy_preferences
 from preftune.train.dpo import train_dpo
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from preftune.toy import CALM_WORDS, make_toy_preferences
+from toydata import CALM_WORDS, make_toy_preferences
 
 ROOT = Path(__file__).resolve().parents[2]
 XSS_PROMPT = "<script>window.__pwned = 1</script> Describe the harbour in a few words:"

@@ -1,6 +1,7 @@
 """``preftune demo``: the built-in controlled-sentiment experiment, offline, end to end.
 
-See :mod:`preftune.tasks.pipeline`: pretrain (cached) -> SFT -> oracle-labelled pairs -> reward
+:mod:`preftune.demo.sentiment` is the task (a review corpus and a rule-based sentiment oracle);
+:mod:`preftune.demo.pipeline` runs it: pretrain (cached) -> SFT -> oracle-labelled pairs -> reward
 model -> DPO at several beta, PPO at several KL coefficients, best-of-N -> held-out evaluation ->
 ``report.html`` and ``summary.json`` in the output directory.
 """
@@ -9,6 +10,6 @@ from __future__ import annotations
 
 
 def run_demo(output_dir: str = "runs/demo", quick: bool = False) -> dict:
-    from .tasks.pipeline import DemoScale, run_pipeline
+    from .pipeline import DemoScale, run_pipeline
 
     return run_pipeline(output_dir, DemoScale.quick() if quick else DemoScale())

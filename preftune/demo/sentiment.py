@@ -108,7 +108,7 @@ def sentiment_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """The oracle: VADER compound sentiment of each continuation, in [-1, 1] (the prompt is ignored).
 
     Usable anywhere preftune takes a ``module:function`` reward or judge:
-    ``preftune.tasks.sentiment:sentiment_reward``.
+    ``preftune.demo.sentiment:sentiment_reward``.
     """
     analyzer = _analyzer()
     return [float(analyzer.polarity_scores(text)["compound"]) for text in responses]

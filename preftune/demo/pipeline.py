@@ -201,7 +201,7 @@ def evaluate_all(scale: DemoScale, sft: Path, reward: Path, runs: list[Path], ro
 
     prompts = SentimentTask(eval_prompts=scale.eval_prompts, seed=scale.seed).eval_prefixes() * scale.eval_repeats
     settings = SamplingSettings(max_new_tokens=scale.max_new_tokens)
-    oracle = FunctionJudge("preftune.tasks.sentiment:sentiment_reward")
+    oracle = FunctionJudge("preftune.demo.sentiment:sentiment_reward")
     tokenizer = load_tokenizer(str(sft))
     reference = load_causal_lm(str(sft))
     reference.eval()
