@@ -1,0 +1,93 @@
+"""Configs of the commands that learn from preference pairs: ``preftune dpo`` and ``preftune reward``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .base import option
+from .shared import DataSettings, ModelSettings, TrainSettings, validate_dataset_command
+
+
+@dataclass
+class DPOConfig(ModelSettings, DataSettings, TrainSettings):
+    """``preftune dpo``: Direct Preference Optimization and its family."""
+
+    loss_type: str = option("sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), simpo (reference-free).",
+                            choices=["sigmoid", "ipo", "hinge", "robust", "simpo"])
+    beta: float = option(0.1, "Strength of the KL constraint (DPO's beta).")
+    label_smoothing: float = option(0.0, "Global label noise epsilon (soft labels; rDPO's noise rate). "
+                                    "A per-row preference_prob column takes precedence.")
+    simpo_gamma: float = option(0.5, "SimPO target reward margin.")
+    nll_weight: float = option(0.0, "Weight of an NLL term on the chosen response added to the loss.")
+    constraints: list[str] = option([], "Extra penalty terms 'module:function[=weight]', each called with the batch's log-probs.")
+    precompute_ref: bool = option(False, "Compute reference log-probs once before training and cache them on disk.")
+    cache_dir: str | None = option(None, "Where precomputed reference log-probs are cached (default ~/.cache/preftune).")
+
+    def validate(self, require_model: bool = True) -> None:
+        validate_dataset_command(self, require_model)
+        if not (0.0 <= self.label_smoothing < 0.5):
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ConfigError(f"beta must be a positive number, got {self.beta}")
+        for spec in self.constraints:
+            parse_constraint_spec(spec)
+
+    def sanity_warnings(self) -> list[str]:
+        """Hyper-parameters far outside the ranges practitioners report."""
+        notes = []
+        low, high = (0.5, 10.0) if self.loss_type == "simpo" else (0.01, 1.0)
+        if not low <= self.beta <= high:
+            notes.append(f"beta={self.beta} is far outside the usual range ({low}-{high}; 0.1-0.5 is typical for DPO).")
+        if not 1e-7 <= self.learning_rate <= 1e-4:
+            notes.append(f"learning_rate={self.learning_rate:g} is far outside the usual 1e-6 to 1e-5 for preference tuning.")
+        pairs = self.per_device_batch_size * self.gradient_accumulation_steps
+        if not 4 <= pairs <= 1024:
+            notes.append(f"{pairs} pairs per optimiser step (per device) is far outside the usual 32-128.")
+        return notes
+
+
+def parse_constraint_spec(spec: str) -> tuple[str, float]:
+    """'pkg.mod:fn=0.5' -> ('pkg.mod:fn', 0.5)."""
+    target, has_weight, weight = spec.partition("=")
+    if ":" not in target or not target.split(":", 1)[0] or not target.split(":", 1)[1]:
+        raise ConfigError(f"constraint '{spec}' must look like 'module:function' or 'module:function=weight'")
+    if not has_weight:
+        return target, 1.0
+    try:
+        value = float(weight)
+    except ValueError:
+        raise ConfigError(f"constraint '{spec}': weight '{weight}' is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"constraint '{spec}': weight must be a finite number")
+    return target, value
+
+
+
+@dataclass
+class RewardConfig(ModelSettings, DataSettings, TrainSettings):
+    """``preftune reward``: a scalar reward model trained on preference pairs."""
+
+    learning_rate: float = option(1e-5, "Peak learning rate (AdamW).")
+    loss_type: str = option("bradley_terry", "Reward loss: bradley_terry (-log σ(r_c - r_r - m)), ranking (relu(margin - (r_c - r_r))), "
+                            "soft_label (Bradley-Terry against the per-row preference_prob).",
+                            choices=["bradley_terry", "ranking", "soft_label"])
+    margin: float = option(1.0, "Required gap r_c - r_r of the ranking loss (a per-row margin column is added to it).")
+    centering_coef: float = option(0.0, "Weight of the centring penalty (r_c + r_r)² that keeps rewards near 0.")
+
+    def validate(self, require_model: bool = True) -> None:
+        validate_dataset_command(self, require_model)
+        if not (self.margin >= 0 and math.isfinite(self.margin)):
+            raise ConfigError(f"margin must be a non-negative number, got {self.margin}")
+        if not (self.centering_coef >= 0 and math.isfinite(self.centering_coef)):
+            raise ConfigError(f"centering_coef must be a non-negative number, got {self.centering_coef}")
+        if self.ref_model_name_or_path:
+            raise ConfigError("ref_model_name_or_path: a reward model has no reference model; remove this option")
+
+    def sanity_warnings(self) -> list[str]:
+        """Hyper-parameters far outside the ranges practitioners use for reward models."""
+        notes = []
+        if not 1e-7 <= self.learning_rate <= 1e-3:
+            notes.append(f"learning_rate={self.learning_rate:g} is far outside the usual 1e-6 to 1e-4 for reward models.")
+        return notes

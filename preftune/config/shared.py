@@ -1,0 +1,136 @@
+"""Settings every training command shares: the model, the data source, held-out data, the loop.
+
+A command's config combines the pieces it needs (``DPOConfig(ModelSettings, DataSettings,
+TrainSettings)``) and adds its own fields; each field is declared once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .base import check_ranges, option
+
+
+@dataclass
+class ModelSettings:
+    """How the policy (and its reference) are loaded."""
+
+    model_name_or_path: str | None = option(None, "Policy model: a local directory or a hub name (required).")
+    tokenizer_name_or_path: str | None = option(None, "Tokenizer, if not the model's own.")
+    ref_model_name_or_path: str | None = option(
+            None, "Reference model; default: the policy's starting weights (with LoRA: the policy with adapters disabled).")
+    precision: str = option("auto", "auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16.",
+                            choices=["auto", "fp32", "bf16", "fp16"])
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    disable_dropout: bool = option(True, "Turn off dropout in the policy and reference (LoRA dropout is kept).")
+    lora: bool = option(False, "Train LoRA adapters instead of all weights.")
+    lora_r: int = option(8, "LoRA rank.")
+    lora_alpha: int = option(16, "LoRA scaling alpha.")
+    lora_dropout: float = option(0.05, "Dropout on the LoRA branch.")
+    lora_target_modules: list[str] = option(["all-linear"], "Modules to adapt; 'all-linear' means every linear layer but the output head.")
+    merge_lora: bool = option(False, "Save the final model with the adapter merged into the base weights.")
+
+
+@dataclass
+class DataSource:
+    """The training rows: where they come from and what to do with invalid ones."""
+
+    dataset: str | None = option(None, "Training data: JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub "
+                                       "name (required).")
+    split: str = option("train", "Split to read from a directory or hub dataset.")
+    skip_invalid: bool = option(False, "Skip invalid rows (and report them) instead of stopping at the first one.")
+
+
+@dataclass
+class HeldOutData:
+    """The held-out rows evaluated during training."""
+
+    eval_dataset: str | None = option(None, "Held-out data; default: a fraction of the training data (eval_fraction).")
+    eval_split: str = option("test", "Split of eval_dataset to read.")
+    eval_fraction: float = option(0.0, "Fraction of the training rows held out for evaluation when eval_dataset is "
+                                       "not given.")
+
+
+@dataclass
+class DataSettings(HeldOutData, DataSource):
+    """Where prompt/completion rows or preference pairs come from and how they are tokenised."""
+
+    max_length: int = option(1024, "Maximum prompt + completion tokens.")
+    max_prompt_length: int | None = option(None, "Maximum prompt tokens (the end of the prompt is kept).")
+    truncation_mode: str = option("keep_end", "keep_end: shorten the prompt from its start; keep_start: cut completions "
+                                  "at the end; error: reject rows that do not fit.",
+                                  choices=["keep_end", "keep_start", "error"])
+
+
+@dataclass
+class TrainSettings:
+    """The shared training loop."""
+
+    output_dir: str = option("runs/run", "Run directory: metrics.jsonl, checkpoints/ and the final model/.")
+    overwrite_output_dir: bool = option(False, "Start afresh in an output_dir that holds an earlier run (its metrics, "
+                                        "checkpoints and model are deleted). Without it such a run is refused unless --resume.")
+    seed: int = option(42, "Seed for weights of new heads, data order and dropout.")
+    num_epochs: float = option(1.0, "Passes over the training data.")
+    max_steps: int = option(-1, "Stop after this many optimiser steps (overrides num_epochs when > 0).")
+    per_device_batch_size: int = option(8, "Pairs per device per forward pass.")
+    gradient_accumulation_steps: int = option(1, "Forward passes per optimiser step.")
+    learning_rate: float = option(1e-6, "Peak learning rate (AdamW).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 disables clipping).")
+    lr_scheduler: str = option("linear", "Learning-rate schedule after warm-up.", choices=["linear", "cosine", "constant"])
+    warmup_ratio: float = option(0.1, "Fraction of steps spent warming up linearly from 0.")
+    warmup_steps: int = option(0, "Warm-up steps (overrides warmup_ratio when > 0).")
+    logging_steps: int = option(10, "Write averaged metrics every this many steps.")
+    eval_steps: int = option(0, "Evaluate every this many steps (0: only at the end).")
+    eval_on_start: bool = option(False, "Also evaluate before the first step (a baseline for the held-out metrics).")
+    save_steps: int = option(0, "Checkpoint every this many steps (0: no intermediate checkpoints).")
+    save_total_limit: int = option(2, "Keep only the newest this many checkpoints.")
+    resume: str | None = option(None, "Resume from a checkpoint directory, or 'latest' for the newest in output_dir.",
+                                nargs="?", const="latest")
+    report_to: list[str] = option([], "Also send metrics to: tensorboard, wandb.")
+    logprob_chunk_size: int = option(1024, "Tokens per chunk when projecting hidden states onto the vocabulary.")
+
+
+def validate_dataset_command(cfg, require_model: bool = True) -> None:
+    """Checks shared by the commands that read a dataset of rows with ``max_length`` tokens."""
+    if require_model and not cfg.model_name_or_path:
+        raise ConfigError("model_name_or_path is required (a local model directory or a hub name)")
+    if not cfg.dataset:
+        raise ConfigError("dataset is required (a data file, a save_to_disk directory or a hub name)")
+    check_ranges(cfg, positive=["max_length"])
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
+        raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be smaller than max_length ({cfg.max_length})")
+    validate_training(cfg)
+
+
+def validate_training(cfg) -> None:
+    """Checks of the ``ModelSettings`` and ``TrainSettings`` every training command shares."""
+    check_ranges(cfg, positive=["per_device_batch_size", "gradient_accumulation_steps", "logging_steps",
+                                 "logprob_chunk_size", "lora_r", "lora_alpha"],
+                  positive_numbers=["learning_rate", "num_epochs"], non_negative=["max_grad_norm", "weight_decay"],
+                  unit_interval=["warmup_ratio"])
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    for tracker in cfg.report_to:
+        if tracker not in ("tensorboard", "wandb"):
+            raise ConfigError(f"report_to: unknown tracker '{tracker}' (choose tensorboard or wandb)")
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got '{getattr(cfg, f.name)}'")
+
+
+
+
+def validate_lm(cfg) -> None:
+    """Checks of the language-modelling commands (pretrain, SFT): no reference model, rows of 2+ tokens."""
+    if cfg.ref_model_name_or_path:
+        raise ConfigError("ref_model_name_or_path is not used by this command (no reference model)")
+    if cfg.max_length < 2:
+        raise ConfigError(f"max_length must be at least 2, got {cfg.max_length}")
