@@ -1,78 +1,46 @@
-"""``preftune <command>``: parse the configuration, call the library, report. Nothing else lives here."""
+"""``preftune <command>``: parse the configuration, call the library, report. Nothing else lives here.
+
+The commands, their arguments and their handlers are listed in :mod:`preftune.commands.table`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import sys
 
 from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .commands import add_training_command
-from .config import DPOConfig
+from .commands import HelpFormatter
+from .commands.table import COMMANDS, GROUPS
 from .errors import PreftuneError
 
 err = Console(stderr=True)
-out = Console()
-
-# Each module adds its own sub-command(s) with ``register(subparsers)``; a handler takes the parsed
-# args and returns an exit code. Imports of heavy libraries happen inside the handlers.
-COMMAND_MODULES: tuple[str, ...] = ("preftune.commands.evaluate", "preftune.commands.reward", "preftune.commands.sft",
-                                      "preftune.commands.ppo", "preftune.commands.annotate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="preftune", description="Align language models with human preferences.")
+    parser = argparse.ArgumentParser(prog="preftune", description="Align language models with human preferences.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"preftune {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    add_training_command(commands, "dpo", DPOConfig, "preftune.train.dpo:train_dpo",
-                         help="Train a policy on preference pairs (DPO, IPO, SLiC, rDPO, SimPO, soft labels).",
-                         description="Direct Preference Optimization and its family.")
-
-    data = commands.add_parser("data", help="Inspect preference datasets.")
-    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-    check = data_commands.add_parser("check", help="Validate a dataset and report lengths, duplicates and biases.")
-    check.add_argument("dataset", help="File, save_to_disk directory or hub name.")
-    check.add_argument("--tokenizer", required=True, help="Tokenizer (local directory or hub name) used to count tokens.")
-    check.add_argument("--split", default="train", help="Split to read from a directory or hub dataset.")
-    check.add_argument("--max_length", type=int, default=1024, help="Maximum prompt + completion tokens.")
-    check.add_argument("--max_prompt_length", type=int, default=None, help="Maximum prompt tokens.")
-    check.add_argument("--json", action="store_true", help="Print the report as JSON.")
-    check.set_defaults(handler=run_data_check)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(commands)
-
-    demo = commands.add_parser("demo", help="Run the built-in controlled-sentiment experiment end to end, offline.")
-    demo.add_argument("--output_dir", default="runs/demo", help="Where the demo writes its runs, report.html and summary.json.")
-    demo.add_argument("--quick", action="store_true", help="A smaller, faster version (for smoke tests).")
-    demo.set_defaults(handler=run_demo)
+    groups = {(): parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
+    for command in COMMANDS:
+        *group, name = command.name.split()
+        sub = _group(groups, tuple(group)).add_parser(name, help=command.help, formatter_class=HelpFormatter,
+                                                      description=command.description or command.help)
+        command.arguments(sub)
+        sub.set_defaults(handler=command.run)
     return parser
 
 
-def run_demo(args) -> int:
-    from .demo import run_demo as demo
-
-    demo(args.output_dir, quick=args.quick)
-    return 0
-
-
-def run_data_check(args) -> int:
-    from .data import TokenizeSettings
-    from .data.check import check_dataset, render_report, report_to_dict
-    from .models import load_tokenizer
-
-    tokenizer = load_tokenizer(args.tokenizer)
-    settings = TokenizeSettings(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
-    report = check_dataset(args.dataset, tokenizer, settings, split=args.split)
-    if args.json:
-        print(json.dumps(report_to_dict(report), indent=2))
-    else:
-        render_report(report, out)
-    return 0
+def _group(groups: dict, path: tuple[str, ...]):
+    """The sub-parsers of the group ``path`` ("annotate", "token"), made (with its parents) on first use."""
+    if path not in groups:
+        help, description = GROUPS[" ".join(path)]
+        group = _group(groups, path[:-1]).add_parser(path[-1], help=help, description=description or help,
+                                                     formatter_class=HelpFormatter)
+        groups[path] = group.add_subparsers(dest=f"{path[-1]}_command", required=True, metavar="SUBCOMMAND")
+    return groups[path]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,11 @@ The user-error paths run the real entry point in subprocesses. They are started 
 module, so that their interpreter start-ups overlap; each test then inspects one finished run.
 """
 
+import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from preftune.cli import main
+from preftune.cli import build_parser, main
 from toydata import make_toy_preferences
 
 LN2 = math.log(2.0)
@@ -269,3 +271,86 @@ def test_data_check_json(tmp_path, tiny_model_dir, toy_data, capsys):
     assert report["format"] == "standard" and report["skipped"] == {}
     assert report["source"] == str(toy_data)
     assert set(report["lengths"]) == {"prompt", "chosen", "rejected", "total"}
+
+
+# ------------------------------------------------------------------ the command table
+
+
+def _leaf_parsers(parser, path=()):
+    """(words, parser) for every command the parser accepts, walking groups such as ``annotate token``."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subparsers:
+        yield path, parser
+        return
+    for name, sub in subparsers[0].choices.items():
+        yield from _leaf_parsers(sub, (*path, name))
+
+
+def test_the_parser_has_exactly_the_commands_of_the_table():
+    from preftune.commands.table import COMMANDS
+
+    names = [command.name for command in COMMANDS]
+    assert len(names) == len(set(names))
+    leaves = dict(_leaf_parsers(build_parser()))
+    assert set(leaves) == {tuple(name.split()) for name in names}
+    for command in COMMANDS:
+        assert leaves[tuple(command.name.split())].get_default("handler") is command.run
+
+
+def test_help_lists_every_command_of_the_table(capsys, monkeypatch):
+    from preftune.commands.table import COMMANDS, GROUPS
+
+    monkeypatch.setenv("COLUMNS", "200")
+    for name in [c.name for c in COMMANDS] + list(GROUPS):
+        *parent, word = name.split()
+        with pytest.raises(SystemExit) as info:
+            main([*parent, "--help"])
+        assert info.value.code == 0
+        help_text = GROUPS[name][0] if name in GROUPS else next(c.help for c in COMMANDS if c.name == name)
+        assert re.search(rf"^\s+{word}\s+{re.escape(help_text)}$", capsys.readouterr().out, re.M), name
+
+
+def test_preftune_help_lists_every_top_level_command():
+    from preftune.commands.table import COMMANDS
+
+    done = subprocess.run([sys.executable, "-m", "preftune.cli", "--help"], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120)
+    assert done.returncode == 0
+    listed = set(re.findall(r"^    (\w+)  ", done.stdout, re.M))
+    assert listed == {command.name.split()[0] for command in COMMANDS}
+
+
+def test_every_listed_option_is_snake_case():
+    for path, parser in _leaf_parsers(build_parser()):
+        for action in parser._actions:
+            shown = [s for s in action.option_strings if s not in getattr(action, "old_spellings", ())]
+            bad = [s for s in shown if not re.fullmatch(r"-h|--help|--(no-)?[a-z0-9_]+", s)]
+            assert bad == [], (path, bad)
+
+
+ANNOTATE_SNAKE = [
+    ["annotate", "serve", "--reward_model", "rm", "--rerank_interval", "5", "--max_body", "2048", "--lease_minutes", "3",
+     "--secure_cookies", "--log_level", "debug"],
+    ["annotate", "import", "rows.jsonl", "--project", "p", "--num_candidates", "3", "--max_new_tokens", "7", "--top_p",
+     "0.9", "--top_k", "5", "--batch_size", "4"],
+    ["annotate", "rank", "--reward_model", "rm", "--batch_size", "8"],
+    ["annotate", "export", "--project", "p", "--output", "o.jsonl", "--min_votes", "2", "--margin_scale", "0.5"],
+]
+
+
+@pytest.mark.parametrize("snake", ANNOTATE_SNAKE, ids=lambda argv: argv[1])
+def test_annotate_takes_snake_case_flags_and_the_old_kebab_spelling(snake, capsys, monkeypatch):
+    kebab = [arg.replace("_", "-") if arg.startswith("--") else arg for arg in snake]
+    assert kebab != snake
+    parser = build_parser()
+    new, old = parser.parse_args(snake), parser.parse_args(kebab)
+    assert vars(new) == vars(old)
+    given = {arg[2:] for arg in snake if arg.startswith("--")}
+    assert all(getattr(new, name) not in (None, False) for name in given)
+    # --help shows the snake_case spelling only
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        parser.parse_args([*snake[:2], "--help"])
+    text = capsys.readouterr().out
+    assert all(f"--{name}" in text for name in given)
+    assert not any(f"--{name.replace('_', '-')}" in text for name in given if "_" in name)

@@ -1,34 +1,47 @@
-"""Sub-commands beyond the core ones in ``preftune.cli``; each module exposes ``register(subparsers)``."""
+"""The ``preftune`` commands: :mod:`.table` lists every one; the modules beside it hold their arguments and handlers.
+
+A handler takes the parsed arguments and returns an exit code; it imports the heavy libraries
+(torch, transformers, the annotation server) itself, so that ``preftune --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
-
-from ..config import add_config_arguments, config_from_args
-
-CONFIG_NOTE = " Every option can be set in the YAML file given by --config or by its flag; flags win."
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 
 
-def add_training_command(subparsers, name: str, config_cls, train: str, help: str, description: str) -> None:
-    """A command whose options are the fields of ``config_cls`` and which calls ``train`` ('module:function')."""
-    parser = subparsers.add_parser(name, help=help, description=description + CONFIG_NOTE,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_arguments(parser, config_cls)
-    parser.set_defaults(handler=functools.partial(run_training, config_cls, train))
+@dataclass(frozen=True)
+class Command:
+    """One row of the command table."""
+
+    name: str  # the words after ``preftune``, e.g. "dpo" or "annotate token add"
+    run: Callable[[argparse.Namespace], int]  # the handler: parsed arguments -> exit code
+    arguments: Callable[[argparse.ArgumentParser], None]  # adds the command's arguments to its parser
+    help: str  # one line, shown in the parent command's --help
+    description: str | None = None  # shown by the command's own --help (default: help)
 
 
-def run_training(config_cls, train: str, args) -> int:
-    cfg = config_from_args(config_cls, args)  # report config mistakes before the heavy imports
-    module, function = train.split(":")
-    result = getattr(importlib.import_module(module), function)(cfg)
-    if result.is_main_process:
-        from rich.console import Console
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults (but not None or False); leaves out old spellings of options, which still work."""
 
-        out = Console()
-        out.print(f"[green]done[/]: model saved to {result.model_dir}")
-        out.print(f"metrics written to {result.metrics_file}")
-        if (result.run_dir / "samples.jsonl").is_file():
-            out.print(f"example generations in {result.run_dir / 'samples.jsonl'}")
-    return 0
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        old = getattr(action, "old_spellings", ())
+        if old:
+            action = copy.copy(action)
+            action.option_strings = [s for s in action.option_strings if s not in old]
+        return super()._format_action_invocation(action)
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> argparse.Action:
+    """``--name`` (snake_case, like every option); the older ``--kebab-case`` spelling is accepted, unlisted."""
+    old = name.replace("_", "-")
+    action = parser.add_argument(f"--{name}", *([f"--{old}"] if old != name else []), dest=name, **kwargs)
+    action.old_spellings = [f"--{old}"] if old != name else []
+    return action

@@ -1,4 +1,4 @@
-"""``preftune annotate ...``: the preference collection server and its admin commands."""
+"""``preftune annotate ...``: the preference collection server and its admin commands (listed in :mod:`.table`)."""
 
 from __future__ import annotations
 
@@ -11,126 +11,108 @@ from rich.table import Table
 
 from preftune.errors import ConfigError
 
+from . import add_flag
+
 out = Console()
 err = Console(stderr=True)
 
 
-def _flag(parser, name: str, **kwargs):
-    """``--some-name`` with ``--some_name`` as an alias (the other commands use underscores)."""
-    names = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
-    parser.add_argument(*names, dest=name.replace("-", "_"), **kwargs)
-
-
 def _db(parser) -> None:
-    _flag(parser, "db", default=None, metavar="URL",
-          help="Database: an SQLite file path (default: $PREFTUNE_ANNOTATE_DB or annotations.db) or a "
-               "postgresql://user:password@host/name URL.")
+    add_flag(parser, "db", default=None, metavar="URL",
+             help="Database: an SQLite file path (default: $PREFTUNE_ANNOTATE_DB or annotations.db) or a "
+                  "postgresql://user:password@host/name URL.")
 
 
-def register(subparsers) -> None:
-    annotate = subparsers.add_parser("annotate", help="Collect human preferences: web app, items, tokens, export.",
-                                     description="Collect preferences from people: import items, issue tokens, "
-                                                 "serve the labelling app, then export training pairs.")
-    commands = annotate.add_subparsers(dest="annotate_command", required=True, metavar="SUBCOMMAND")
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+def db_arguments(parser) -> None:
+    """The commands that need nothing but the database (``migrate``, ``token list``)."""
+    _db(parser)
 
-    serve = commands.add_parser("serve", help="Start the web app.", formatter_class=defaults)
+
+def serve_arguments(serve) -> None:
     _db(serve)
-    _flag(serve, "host", default="127.0.0.1", help="Interface to listen on.")
-    _flag(serve, "port", type=int, default=8000, help="Port to listen on.")
-    _flag(serve, "reward-model", default=None, metavar="PATH",
-          help="Serve first the items this reward model separates least (active learning); re-ranks when it changes.")
-    _flag(serve, "rerank-interval", type=float, default=60.0, help="Seconds between checks for a changed reward model.")
-    _flag(serve, "max-body", type=int, default=1_000_000, help="Largest request body accepted, in bytes.")
-    _flag(serve, "lease-minutes", type=float, default=30.0,
-          help="How long a served but unlabelled item stays reserved for its annotator.")
-    _flag(serve, "secure-cookies", action="store_true", help="Mark cookies Secure (when served over HTTPS).")
-    _flag(serve, "threads", type=int, default=8, help="Worker threads for database calls.")
-    _flag(serve, "log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-          help="Server log level.")
-    serve.set_defaults(handler=run_serve)
+    add_flag(serve, "host", default="127.0.0.1", help="Interface to listen on.")
+    add_flag(serve, "port", type=int, default=8000, help="Port to listen on.")
+    add_flag(serve, "reward_model", default=None, metavar="PATH",
+             help="Serve first the items this reward model separates least (active learning); re-ranks when it "
+                  "changes.")
+    add_flag(serve, "rerank_interval", type=float, default=60.0, help="Seconds between checks for a changed reward model.")
+    add_flag(serve, "max_body", type=int, default=1_000_000, help="Largest request body accepted, in bytes.")
+    add_flag(serve, "lease_minutes", type=float, default=30.0,
+             help="How long a served but unlabelled item stays reserved for its annotator.")
+    add_flag(serve, "secure_cookies", action="store_true", help="Mark cookies Secure (when served over HTTPS).")
+    add_flag(serve, "threads", type=int, default=8, help="Worker threads for database calls.")
+    add_flag(serve, "log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+             help="Server log level.")
 
-    imp = commands.add_parser("import", help="Add items (a prompt and 2..N responses) to a project.",
-                              formatter_class=defaults,
-                              description="Rows need 'prompt' and the candidates as 'responses' (list), "
-                                          "'response_1', 'response_2', ... or 'chosen'/'rejected'; optional 'id'. "
-                                          "With --model the candidates are sampled instead. The project is "
-                                          "created if new; the given settings update it.")
+
+def import_arguments(imp) -> None:
     imp.add_argument("file", help="JSONL, JSON, CSV or Parquet file.")
     _db(imp)
-    _flag(imp, "project", required=True, help="Project name.")
-    _flag(imp, "kind", choices=["pairwise", "ranking", "rating"], default=None,
-          help="Question: pairwise (A / B / tie, optional strength), ranking (order N), rating (1-7 each). "
-               "New projects default to pairwise.")
-    _flag(imp, "guidelines", default=None, metavar="FILE", help="Markdown file shown to annotators.")
-    _flag(imp, "overlap", type=int, default=None, help="Annotators per item (new projects: 1).")
-    imp.add_argument("--notes", dest="allow_notes", action=argparse.BooleanOptionalAction, default=None,
-                     help="Offer a free-text note per item (new projects: yes).")
-    _flag(imp, "model", default=None, metavar="PATH", help="Generate the candidates with this model.")
-    _flag(imp, "num-candidates", type=int, default=2, help="Responses sampled per prompt with --model.")
-    _flag(imp, "max-new-tokens", type=int, default=None, help="Sampling: longest response.")
-    _flag(imp, "temperature", type=float, default=None, help="Sampling temperature.")
-    _flag(imp, "top-p", type=float, default=None, help="Sampling nucleus.")
-    _flag(imp, "top-k", type=int, default=None, help="Sampling top-k.")
-    _flag(imp, "batch-size", type=int, default=16, help="Prompts per generation batch.")
-    _flag(imp, "seed", type=int, default=None, help="Seed for sampling and for the serving order.")
-    _flag(imp, "chat", action="store_true", help="Render prompts with the tokenizer's chat template.")
-    imp.set_defaults(handler=run_import)
+    add_flag(imp, "project", required=True, help="Project name.")
+    add_flag(imp, "kind", choices=["pairwise", "ranking", "rating"], default=None,
+             help="Question: pairwise (A / B / tie, optional strength), ranking (order N), rating (1-7 each). "
+                  "New projects default to pairwise.")
+    _project_settings(imp, "Annotators per item (new projects: 1).", "(new projects: yes)")
+    add_flag(imp, "model", default=None, metavar="PATH", help="Generate the candidates with this model.")
+    add_flag(imp, "num_candidates", type=int, default=2, help="Responses sampled per prompt with --model.")
+    add_flag(imp, "max_new_tokens", type=int, default=None, help="Sampling: longest response.")
+    add_flag(imp, "temperature", type=float, default=None, help="Sampling temperature.")
+    add_flag(imp, "top_p", type=float, default=None, help="Sampling nucleus.")
+    add_flag(imp, "top_k", type=int, default=None, help="Sampling top-k.")
+    add_flag(imp, "batch_size", type=int, default=16, help="Prompts per generation batch.")
+    add_flag(imp, "seed", type=int, default=None, help="Seed for sampling and for the serving order.")
+    add_flag(imp, "chat", action="store_true", help="Render prompts with the tokenizer's chat template.")
 
-    project = commands.add_parser("project", help="List projects, or show / change one.", formatter_class=defaults)
+
+def project_arguments(project) -> None:
     project.add_argument("name", nargs="?", help="Project to show or change (omit to list all).")
     _db(project)
-    _flag(project, "guidelines", default=None, metavar="FILE", help="New guidelines (markdown file).")
-    _flag(project, "overlap", type=int, default=None, help="New number of annotators per item.")
-    project.add_argument("--notes", dest="allow_notes", action=argparse.BooleanOptionalAction, default=None,
-                         help="Offer a free-text note per item.")
-    project.set_defaults(handler=run_project)
+    _project_settings(project, "New number of annotators per item.", "")
 
-    token = commands.add_parser("token", help="Issue, list, rotate and revoke annotator tokens.")
-    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
-    add = token_commands.add_parser("add", help="Create an annotator (or admin) and print its token once.")
+
+def _project_settings(parser, overlap_help: str, notes_default: str) -> None:
+    add_flag(parser, "guidelines", default=None, metavar="FILE", help="Markdown file shown to annotators.")
+    add_flag(parser, "overlap", type=int, default=None, help=overlap_help)
+    parser.add_argument("--notes", dest="allow_notes", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"Offer a free-text note per item {notes_default}".rstrip() + ".")
+
+
+def token_add_arguments(add) -> None:
     add.add_argument("name")
     add.add_argument("--admin", action="store_true", help="May see progress, agreement and exports.")
-    rotate = token_commands.add_parser("rotate", help="Give an annotator a new token (the old one stops working).")
-    rotate.add_argument("name")
-    revoke = token_commands.add_parser("revoke", help="Disable an annotator's token (labels are kept).")
-    revoke.add_argument("name")
-    listing = token_commands.add_parser("list", help="List annotators (tokens are not stored, so not shown).")
-    for sub in (add, rotate, revoke, listing):
-        _db(sub)
-        sub.set_defaults(handler=run_token)
+    _db(add)
 
-    rank = commands.add_parser("rank", help="Order a project's queue by a reward model (least separated first).",
-                               formatter_class=defaults)
+
+def token_name_arguments(parser) -> None:
+    """``token rotate`` and ``token revoke``: the annotator's name."""
+    parser.add_argument("name")
+    _db(parser)
+
+
+def rank_arguments(rank) -> None:
     _db(rank)
-    _flag(rank, "project", default=None, help="Project (default: all).")
-    _flag(rank, "reward-model", required=True, metavar="PATH", help="Reward model directory.")
-    _flag(rank, "batch-size", type=int, default=16, help="Responses scored per batch.")
-    rank.set_defaults(handler=run_rank)
+    add_flag(rank, "project", default=None, help="Project (default: all).")
+    add_flag(rank, "reward_model", required=True, metavar="PATH", help="Reward model directory.")
+    add_flag(rank, "batch_size", type=int, default=16, help="Responses scored per batch.")
 
-    export = commands.add_parser("export", help="Write training pairs (preftune dpo / reward read them).",
-                                 formatter_class=defaults)
+
+def export_arguments(export) -> None:
     _db(export)
-    _flag(export, "project", required=True, help="Project name.")
-    _flag(export, "output", required=True, metavar="FILE", help="JSONL file to write.")
-    _flag(export, "ties", choices=["drop", "keep"], default="drop",
-          help="drop: ignore tie votes and split pairs; keep: a tie is half a vote each way, split pairs get "
-               "preference_prob 0.5.")
-    _flag(export, "min-votes", type=int, default=1, help="Leave out pairs with fewer counted votes.")
-    _flag(export, "margin-scale", type=float, default=0.0,
-          help="Add a 'margin' column: this times the mean vote strength toward chosen (0: no column).")
-    _flag(export, "raw", action="store_true", help="Write every label as stored instead of aggregated pairs.")
-    export.set_defaults(handler=run_export)
+    add_flag(export, "project", required=True, help="Project name.")
+    add_flag(export, "output", required=True, metavar="FILE", help="JSONL file to write.")
+    add_flag(export, "ties", choices=["drop", "keep"], default="drop",
+             help="drop: ignore tie votes and split pairs; keep: a tie is half a vote each way, split pairs get "
+                  "preference_prob 0.5.")
+    add_flag(export, "min_votes", type=int, default=1, help="Leave out pairs with fewer counted votes.")
+    add_flag(export, "margin_scale", type=float, default=0.0,
+             help="Add a 'margin' column: this times the mean vote strength toward chosen (0: no column).")
+    add_flag(export, "raw", action="store_true", help="Write every label as stored instead of aggregated pairs.")
 
-    stats = commands.add_parser("stats", help="Progress, inter-annotator agreement and per-annotator statistics.")
+
+def stats_arguments(stats) -> None:
     _db(stats)
-    _flag(stats, "project", required=True, help="Project name.")
-    _flag(stats, "json", action="store_true", help="Print JSON.")
-    stats.set_defaults(handler=run_stats)
-
-    migrate = commands.add_parser("migrate", help="Upgrade the database schema (every command also does this).")
-    _db(migrate)
-    migrate.set_defaults(handler=run_migrate)
+    add_flag(stats, "project", required=True, help="Project name.")
+    add_flag(stats, "json", action="store_true", help="Print JSON.")
 
 
 def open_db(url):

@@ -1,8 +1,7 @@
-"""``preftune eval`` and ``preftune report``."""
+"""``preftune eval`` and ``preftune report``: their arguments and handlers (listed in :mod:`.table`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -14,9 +13,7 @@ from ..errors import DataError
 out = Console()
 
 
-def register(commands) -> None:
-    ev = commands.add_parser("eval", help="Sample from a model on prompts and measure reward, win rate, KL and diversity.",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def eval_arguments(ev) -> None:
     ev.add_argument("--model", required=True, help="Model (directory or hub name; a peft adapter directory works).")
     ev.add_argument("--prompts", required=True, help="File with a 'prompt' column (JSONL, JSON, CSV, Parquet, ...).")
     ev.add_argument("--judge", help="reward_model:PATH, function:module:function or llm:BASE_URL (OpenAI-compatible).")
@@ -31,13 +28,12 @@ def register(commands) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch_size", type=int, default=16)
     ev.add_argument("--output_dir", required=True, help="Writes eval.json and samples.jsonl here.")
-    ev.set_defaults(handler=run_eval)
 
-    rep = commands.add_parser("report", help="Render runs' curves and evaluations into one HTML page.")
+
+def report_arguments(rep) -> None:
     rep.add_argument("runs", nargs="+", help="Run directories (metrics.jsonl, summary.json and/or eval.json).")
     rep.add_argument("--output", default="report.html", help="HTML file to write.")
     rep.add_argument("--title", default="preftune report")
-    rep.set_defaults(handler=run_report)
 
 
 def _prompts(path: str) -> list[str]:

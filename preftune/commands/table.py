@@ -1,0 +1,87 @@
+"""Every ``preftune`` command, in one table: its name, its help, its arguments and the function it calls.
+
+``preftune.cli`` builds the parser from :data:`COMMANDS` alone. A command of several words
+("annotate token add") sits under its group; :data:`GROUPS` gives each group's help. To add a
+command, write its ``*_arguments(parser)`` and ``run_*(args) -> int`` in a module beside this one
+(or use :func:`~.training.training_command` for a config-driven trainer) and add its row here.
+"""
+
+from __future__ import annotations
+
+from .. import train_dpo, train_ppo, train_pretrain, train_reward, train_sft
+from ..config import DPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig
+from . import Command, annotate, data, demo, evaluate, reward
+from .training import training_command
+
+# name -> (help, description) of the commands that only group sub-commands
+GROUPS: dict[str, tuple[str, str | None]] = {
+    "data": ("Inspect preference datasets.", None),
+    "annotate": ("Collect human preferences: web app, items, tokens, export.",
+                 "Collect preferences from people: import items, issue tokens, serve the labelling app, then export "
+                 "training pairs."),
+    "annotate token": ("Issue, list, rotate and revoke annotator tokens.", None),
+}
+
+COMMANDS: tuple[Command, ...] = (
+    training_command(
+        "pretrain", PretrainConfig, train_pretrain,
+        help="Train a causal LM on raw text (from a checkpoint or from random weights).",
+        description="Next-token prediction on raw text, packed into rows of max_length tokens. Start from "
+                    "--model_name_or_path, or from random weights with --model_config and --tokenizer_name_or_path."),
+    training_command(
+        "sft", SFTConfig, train_sft,
+        help="Supervised fine-tuning on prompt/completion rows or conversations.",
+        description="Supervised fine-tuning: the loss covers completion (assistant) tokens only unless "
+                    "--no-completion_only_loss; --packing packs several examples per row."),
+    training_command(
+        "reward", RewardConfig, train_reward,
+        help="Train a reward model on preference pairs (Bradley-Terry, margin ranking, soft labels).",
+        description="A scalar reward model: a one-output classification head on any transformers backbone, read at "
+                    "the last token (decoders) or [CLS] (encoders)."),
+    training_command(
+        "ppo", PPOConfig, train_ppo,
+        help="Fine-tune a policy with PPO against a reward model or a reward function (KL-penalised).",
+        description="Proximal Policy Optimization for language models: sample responses to the prompts, score them "
+                    "(reward_model_path or reward_function), penalise the KL to the starting policy, and update "
+                    "policy and critic with clipped objectives."),
+    training_command(
+        "dpo", DPOConfig, train_dpo,
+        help="Train a policy on preference pairs (DPO, IPO, SLiC, rDPO, SimPO, soft labels).",
+        description="Direct Preference Optimization and its family."),
+    Command("score", reward.run_score, reward.score_arguments,
+            help="Score prompt/response rows with a reward model; writes each row plus 'reward' (JSONL).",
+            description="Reads rows with 'prompt' and 'response' (strings, or lists of messages rendered with the "
+                        "chat template) and writes each row with its 'reward' added, in the input order."),
+    Command("eval", evaluate.run_eval, evaluate.eval_arguments,
+            help="Sample from a model on prompts and measure reward, win rate, KL and diversity."),
+    Command("report", evaluate.run_report, evaluate.report_arguments,
+            help="Render runs' curves and evaluations into one HTML page."),
+    Command("data check", data.run_check, data.check_arguments,
+            help="Validate a dataset and report lengths, duplicates and biases."),
+    Command("annotate serve", annotate.run_serve, annotate.serve_arguments, help="Start the web app."),
+    Command("annotate import", annotate.run_import, annotate.import_arguments,
+            help="Add items (a prompt and 2..N responses) to a project.",
+            description="Rows need 'prompt' and the candidates as 'responses' (list), 'response_1', 'response_2', "
+                        "... or 'chosen'/'rejected'; optional 'id'. With --model the candidates are sampled "
+                        "instead. The project is created if new; the given settings update it."),
+    Command("annotate project", annotate.run_project, annotate.project_arguments,
+            help="List projects, or show / change one."),
+    Command("annotate token add", annotate.run_token, annotate.token_add_arguments,
+            help="Create an annotator (or admin) and print its token once."),
+    Command("annotate token rotate", annotate.run_token, annotate.token_name_arguments,
+            help="Give an annotator a new token (the old one stops working)."),
+    Command("annotate token revoke", annotate.run_token, annotate.token_name_arguments,
+            help="Disable an annotator's token (labels are kept)."),
+    Command("annotate token list", annotate.run_token, annotate.db_arguments,
+            help="List annotators (tokens are not stored, so not shown)."),
+    Command("annotate rank", annotate.run_rank, annotate.rank_arguments,
+            help="Order a project's queue by a reward model (least separated first)."),
+    Command("annotate export", annotate.run_export, annotate.export_arguments,
+            help="Write training pairs (preftune dpo / reward read them)."),
+    Command("annotate stats", annotate.run_stats, annotate.stats_arguments,
+            help="Progress, inter-annotator agreement and per-annotator statistics."),
+    Command("annotate migrate", annotate.run_migrate, annotate.db_arguments,
+            help="Upgrade the database schema (every command also does this)."),
+    Command("demo", demo.run_demo, demo.demo_arguments,
+            help="Run the built-in controlled-sentiment experiment end to end, offline."),
+)
