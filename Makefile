@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check preftune tests bench
 	./scripts/test-setup.sh
 	$(PY) -m pytest
 

@@ -37,9 +37,9 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 def build_assets(root: Path, vocab: int, hidden: int, layers: int, pairs: int, seed: int = 0) -> dict:
     """A word-level tokenizer (exact token counts, no merges), a Llama checkpoint and a JSONL of pairs."""
+    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    import torch
 
     words = [f"w{i}" for i in range(vocab - 3)]
     table = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
@@ -49,8 +49,10 @@ def build_assets(root: Path, vocab: int, hidden: int, layers: int, pairs: int, s
     model_dir = root / "model"
     tokenizer.save_pretrained(model_dir)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=1024,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=1024,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(model_dir)
     rng = random.Random(seed)
@@ -102,6 +104,7 @@ class PeakRSS:
 
 def run_ours(args, assets, out_dir: Path, precompute: bool = True) -> dict:
     import torch  # noqa: F401  (imported before the baseline, like TRL's worker)
+
     from preftune import DPOConfig
     from preftune.train.dpo import train_dpo
 
@@ -224,8 +227,8 @@ def main() -> None:
     assets = build_assets(root, args.vocab, args.hidden, args.layers, args.pairs)
     assets_file = root / "assets.json"
     assets_file.write_text(json.dumps(assets))
-    console.print(f"model: Llama vocab={args.vocab} hidden={args.hidden} layers={args.layers}; batch={args.batch} pairs; "
-                  f"{assets['tokens_per_pair']:.0f} tokens per pair; fp32; {os.cpu_count()} CPU threads")
+    console.print(f"model: Llama vocab={args.vocab} hidden={args.hidden} layers={args.layers}; batch={args.batch} "
+                  f"pairs; {assets['tokens_per_pair']:.0f} tokens per pair; fp32; {os.cpu_count()} CPU threads")
 
     results = {}
     for name in args.runs:

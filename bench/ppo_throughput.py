@@ -42,7 +42,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 TRL_WITH_PPO = "1.12.0"
 
 
-def build_assets(root: Path, vocab: int, hidden: int, layers: int, prompts: int, prompt_length: int, seed: int = 0) -> dict:
+def build_assets(root: Path, vocab: int, hidden: int, layers: int, prompts: int, prompt_length: int,
+                 seed: int = 0) -> dict:
     """A word-level tokenizer (exact round trips), a policy checkpoint, a reward model and a JSONL of prompts."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -53,8 +54,10 @@ def build_assets(root: Path, vocab: int, hidden: int, layers: int, prompts: int,
     raw = Tokenizer(models.WordLevel(vocab=table, unk_token="<pad>"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=1024,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                         max_position_embeddings=1024,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     paths = {"model": root / "policy", "reward": root / "reward"}
     torch.manual_seed(seed)
@@ -75,6 +78,7 @@ def build_assets(root: Path, vocab: int, hidden: int, layers: int, prompts: int,
 
 def run_ours(args, assets, out_dir: Path, lora: bool = False) -> dict:
     import torch
+
     from preftune.config import PPOConfig
     from preftune.train import loop
     from preftune.train.ppo import read_metrics, train_ppo
@@ -109,8 +113,7 @@ def run_ours(args, assets, out_dir: Path, lora: bool = False) -> dict:
 def run_trl(args, assets, out_dir: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              TrainerCallback)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     torch.manual_seed(0)
@@ -171,7 +174,8 @@ def trl_path() -> str | None:
     probe = subprocess.run([sys.executable, "-c", "import trl.experimental.ppo"], capture_output=True)
     if probe.returncode == 0:
         return None
-    target = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "preftune" / "bench" / f"trl-{TRL_WITH_PPO}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    target = cache / "preftune" / "bench" / f"trl-{TRL_WITH_PPO}"
     if not (target / "trl" / "experimental" / "ppo").is_dir():
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                         f"trl=={TRL_WITH_PPO}"], check=True)
@@ -198,7 +202,8 @@ def summarise(result: dict, batch: int) -> dict:
     iteration = statistics.median(timed)
     cpu = statistics.median(result["iteration_cpu"][1:] or result["iteration_cpu"])
     return {"iterations/s": 1 / iteration, "samples/s": batch / iteration, "peak MiB": result["peak_mib"],
-            "iteration s": iteration, "CPU s / iteration": cpu, "total s": result["total_s"], "response length": result["response_length"],
+            "iteration s": iteration, "CPU s / iteration": cpu, "total s": result["total_s"],
+            "response length": result["response_length"],
             "entropy (iter 1)": result["entropy_first"], "kl (iter 1)": result["kl_first"]}
 
 
@@ -244,13 +249,15 @@ def main() -> None:
     assets_file = root / "assets.json"
     assets_file.write_text(json.dumps(assets))
     console.print(f"policy, critic, reward model: Llama vocab={args.vocab} hidden={args.hidden} layers={args.layers}; "
-                  f"rollout {args.batch} prompts of {args.prompt_length} tokens, {args.response} new tokens, micro-batch "
-                  f"{args.micro}, {args.epochs} PPO epochs; fp32; {args.threads} thread(s) per process, {os.cpu_count()} CPUs")
+                  f"rollout {args.batch} prompts of {args.prompt_length} tokens, {args.response} new tokens, "
+                  f"micro-batch {args.micro}, {args.epochs} PPO epochs; fp32; {args.threads} thread(s) per process, "
+                  f"{os.cpu_count()} CPUs")
     results = {}
     for name in args.runs:
         console.print(f"running {name} ...")
         results[name] = summarise(spawn(name, args, assets_file, root), args.batch)
-    columns = ["iterations/s", "samples/s", "peak MiB", "iteration s", "CPU s / iteration", "total s", "response length",
+    columns = ["iterations/s", "samples/s", "peak MiB", "iteration s", "CPU s / iteration", "total s",
+               "response length",
                "entropy (iter 1)"]
     table = Table(title="PPO iteration: rollout + updates (median of iterations 2..N)")
     table.add_column("trainer")
@@ -259,7 +266,8 @@ def main() -> None:
     for name, r in results.items():
         table.add_row(name, *(f"{r[c]:.3f}" if c == "iterations/s" else f"{r[c]:.1f}" for c in columns))
     console.print(table)
-    report = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "assets", "out")}, "results": results}
+    report = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "assets", "out")},
+              "results": results}
     if "preftune" in results and "trl" in results:
         ours, theirs = results["preftune"], results["trl"]
         ratio = {"speed": ours["samples/s"] / theirs["samples/s"], "memory": ours["peak MiB"] / theirs["peak MiB"],

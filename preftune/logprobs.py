@@ -1,6 +1,6 @@
 """Per-token and per-sequence log-probabilities of completions under a causal language model.
 
-The textbook recipe (DPO paper, section 2 of the mission) is: run the model, take ``log_softmax``
+The textbook recipe (as in the DPO paper's reference code) is: run the model, take ``log_softmax``
 of the logits, shift by one, gather each actual next token, mask out the prompt and padding. Done
 literally, that materialises a ``[batch, seq, vocab]`` logits tensor, a second one of the same size
 for ``log_softmax`` (in float32 when the model runs in bf16), and keeps both alive for the backward

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "<|{{ message['role'] }}|>{{ message['content'] }}{% if message['role'] != 'assistant' or not loop.last %}\n{% endif %}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}"
+    "{% if message['role'] != 'assistant' or not loop.last %}\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
@@ -30,7 +31,8 @@ def build_toy_tokenizer(corpus: list[str], vocab_size: int = 400):
     tok.train_from_iterator(corpus, trainer=trainer)
     from tokenizers.processors import TemplateProcessing
 
-    tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    bos = ("<s>", tok.token_to_id("<s>"))
+    tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[bos])
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                       additional_special_tokens=special[3:])
     wrapped.chat_template = CHAT_TEMPLATE

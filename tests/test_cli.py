@@ -329,7 +329,8 @@ def test_every_listed_option_is_snake_case():
 
 
 ANNOTATE_SNAKE = [
-    ["annotate", "serve", "--reward_model", "rm", "--rerank_interval", "5", "--max_body", "2048", "--lease_minutes", "3",
+    ["annotate", "serve", "--reward_model", "rm", "--rerank_interval", "5", "--max_body", "2048", "--lease_minutes",
+     "3",
      "--secure_cookies", "--log_level", "debug"],
     ["annotate", "import", "rows.jsonl", "--project", "p", "--num_candidates", "3", "--max_new_tokens", "7", "--top_p",
      "0.9", "--top_k", "5", "--batch_size", "4"],

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from preftune.cli import build_parser, main
-from preftune.config import (DPOConfig, config_from_args, config_to_dict, load_config, parse_constraint_spec)
+from preftune.config import DPOConfig, config_from_args, config_to_dict, load_config, parse_constraint_spec
 from preftune.errors import ConfigError, PreftuneError
 
 REQUIRED = {"model_name_or_path": "some/model", "dataset": "pairs.jsonl"}
@@ -279,7 +279,8 @@ def test_constraints_are_validated_with_the_config():
 
 def test_sensible_defaults_produce_no_warnings():
     assert make().sanity_warnings() == []
-    assert make(beta=0.5, learning_rate=5e-6, per_device_batch_size=4, gradient_accumulation_steps=16).sanity_warnings() == []
+    assert make(beta=0.5, learning_rate=5e-6, per_device_batch_size=4,
+                gradient_accumulation_steps=16).sanity_warnings() == []
 
 
 @pytest.mark.parametrize("overrides, word", [

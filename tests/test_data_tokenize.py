@@ -4,8 +4,15 @@ import pickle
 import pytest
 import torch
 
-from preftune.data import (Records, TokenizedPair, TokenizeSettings, collate_pairs, collate_pairs_fn, detect_format,
-                           tokenize_preferences)
+from preftune.data import (
+    Records,
+    TokenizedPair,
+    TokenizeSettings,
+    collate_pairs,
+    collate_pairs_fn,
+    detect_format,
+    tokenize_preferences,
+)
 from preftune.errors import DataError
 from toydata import make_toy_preferences
 

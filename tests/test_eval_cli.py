@@ -6,7 +6,6 @@ import math
 import pytest
 
 from preftune.cli import main
-
 from test_evaluate import _JudgeServer
 
 
@@ -51,7 +50,8 @@ def test_reward_model_judge_and_pair_accuracy(tiny_model_dir, prompts_file, tmp_
     rm.save_pretrained(rm_dir)
     tiny_tokenizer.save_pretrained(rm_dir)
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": "Describe it:", "chosen": " calm kind", "rejected": " loud rude"}) + "\n"
+    pairs.write_text("".join(json.dumps({"prompt": "Describe it:", "chosen": " calm kind",
+                                         "rejected": " loud rude"}) + "\n"
                              for _ in range(3)))
     metrics, _ = run_eval(tmp_path, tiny_model_dir, prompts_file, "--judge", f"reward_model:{rm_dir}",
                           "--pairs", str(pairs))

@@ -3,12 +3,18 @@
 import pytest
 import torch
 
-from preftune.data.packing import (LMExample, block_causal_mask, collate_rows, pack_examples, pack_stream,
-                                   segment_ids, single_row)
+from preftune.data.packing import (
+    LMExample,
+    block_causal_mask,
+    collate_rows,
+    pack_examples,
+    pack_stream,
+    segment_ids,
+    single_row,
+)
 from preftune.errors import ConfigError
 from preftune.train import sft as sft_module
 from preftune.train.sft import LMLogprobs, LMTask, check_packed_attention
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

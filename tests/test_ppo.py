@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from preftune.config import PPOConfig
 from preftune.errors import ConfigError, DataError
-from toydata import CALM_WORDS, LOUD_WORDS, TOPICS
 from preftune.train.ppo import read_metrics, train_ppo
+from toydata import CALM_WORDS, LOUD_WORDS, TOPICS
 
 REWARD_MODULE = f"""
 CALM = set({CALM_WORDS!r})
@@ -217,7 +217,8 @@ def test_reward_model_and_conversational_prompts(setup, tmp_path, tiny_tokenizer
     LlamaForSequenceClassification(rm_config).save_pretrained(reward_dir)
     tiny_tokenizer.save_pretrained(reward_dir)
     chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Describe {t} in a few words:"}]}) + "\n"
+    chats.write_text("".join(json.dumps({"prompt": [{"role": "user",
+                                                     "content": f"Describe {t} in a few words:"}]}) + "\n"
                              for t in TOPICS[:8]) * 2)
     run = train_ppo(config(setup, tmp_path / "rm-run", reward_function=None, reward_model_path=str(reward_dir),
                            dataset=str(chats), max_steps=2, log_samples_steps=1))
@@ -254,7 +255,8 @@ def cli(*args, env_extra=None):
 def test_cli_yaml_help_and_killed_run_resumes_exactly(setup, tmp_path):
     yaml_file = tmp_path / "ppo.yaml"
     yaml_file.write_text(f"model_name_or_path: {setup['model']}\ndataset: {setup['prompts']}\n"
-                         f"reward_function: {setup['reward']}\nper_device_batch_size: 8\ngradient_accumulation_steps: 2\n"
+                         f"reward_function: {setup['reward']}\nper_device_batch_size: 8\n"
+                         f"gradient_accumulation_steps: 2\n"
                          "num_mini_batches: 2\nmax_new_tokens: 8\nlearning_rate: 0.001\nmax_steps: 6\nsave_steps: 2\n"
                          "adaptive_kl: true\ntarget_kl: 0.05\nkl_horizon: 64\nnormalize_scores: true\n"
                          "lr_scheduler: cosine\nlog_samples_steps: 1\n")
@@ -280,7 +282,7 @@ def test_cli_yaml_help_and_killed_run_resumes_exactly(setup, tmp_path):
         for key in ("objective/scores", "objective/kl", "objective/kl_coef", "loss/policy", "loss/value"):
             assert y[key] == pytest.approx(x[key], abs=1e-6), key
     assert full_records[-1]["objective/kl_coef"] != full_records[0]["objective/kl_coef"]
-    samples = lambda d: [json.loads(l) for l in (d / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+    samples = lambda d: [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()]  # noqa: E731
     assert samples(tmp_path / "resumed") == samples(tmp_path / "full")
 
     from preftune.cli import build_parser

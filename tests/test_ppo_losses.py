@@ -6,8 +6,18 @@ import random
 import pytest
 import torch
 
-from preftune.losses.ppo import (adaptive_kl_coef, explained_variance, gae_advantages, kl_penalty, masked_mean,
-                                 masked_var, masked_whiten, policy_loss, token_rewards, value_loss)
+from preftune.losses.ppo import (
+    adaptive_kl_coef,
+    explained_variance,
+    gae_advantages,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
 
 G = 99.0  # garbage in padding
 
@@ -90,7 +100,8 @@ def test_masked_statistics_and_whitening_by_hand():
     assert masked_var(values, mask).item() == pytest.approx(1.0)               # (1 + 0 + 1) / (3 - 1)
     assert masked_var(values, mask, unbiased=False).item() == pytest.approx(2 / 3)
     torch.testing.assert_close(masked_whiten(values, mask), t([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-7, rtol=0)
-    torch.testing.assert_close(masked_whiten(values, mask, shift_mean=False), t([[1.0, 2.0, 3.0, 0.0]]), atol=1e-7, rtol=0)
+    torch.testing.assert_close(masked_whiten(values, mask, shift_mean=False), t([[1.0, 2.0, 3.0, 0.0]]), atol=1e-7,
+                               rtol=0)
 
 
 def test_score_goes_on_the_last_response_token():

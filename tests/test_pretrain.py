@@ -10,10 +10,9 @@ from preftune.cli import main
 from preftune.config import PretrainConfig, SFTConfig
 from preftune.data.text import read_documents, tokenize_documents
 from preftune.errors import ConfigError, DataError
-from toydata import CALM_WORDS, TOPICS
 from preftune.train.pretrain import fresh_model, train_pretrain
 from preftune.train.sft import train_sft
-
+from toydata import CALM_WORDS, TOPICS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,7 +59,8 @@ def test_text_sources_and_bad_rows(tmp_path, tiny_tokenizer):
     assert read_documents(str(tmp_path / "dir"))[0] == ["alpha", "beta", "gamma"]
     rows = [{"text": "one"}, {"text": 5}, {"body": "x"}, {"text": "  "}, {"text": "two"}]
     write_jsonl(tmp_path / "docs.jsonl", rows)
-    with pytest.raises(DataError, match=r"docs.jsonl: row 2: field 'text': wrong type: expected a string, found a number"):
+    with pytest.raises(DataError, match=r"docs.jsonl: row 2: field 'text': wrong type: expected a string, found a "
+                                        r"number"):
         read_documents(str(tmp_path / "docs.jsonl"))
     texts, report = read_documents(str(tmp_path / "docs.jsonl"), skip_invalid=True)
     assert texts == ["one", "two"]
@@ -99,11 +99,13 @@ def test_pretrain_from_config_then_sft_beats_sft_from_scratch(tiny_model_dir, tm
 
     train = write_jsonl(tmp_path / "sft.jsonl", toy_sft(64, seed=2))
     held = write_jsonl(tmp_path / "held.jsonl", toy_sft(24, seed=3))
-    sft = dict(dataset=str(train), eval_dataset=str(held), eval_split="train", max_steps=8, learning_rate=3e-3, **common)
+    sft = dict(dataset=str(train), eval_dataset=str(held), eval_split="train", max_steps=8, learning_rate=3e-3,
+               **common)
     tuned = train_sft(SFTConfig(model_name_or_path=str(pre.model_dir), output_dir=str(tmp_path / "tuned"), **sft))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     scratch_model = fresh_model(str(Path(tiny_model_dir) / "config.json"), tokenizer, seed=0)
-    scratch = train_sft(SFTConfig(output_dir=str(tmp_path / "scratch"), **sft), model=scratch_model, tokenizer=tokenizer)
+    scratch = train_sft(SFTConfig(output_dir=str(tmp_path / "scratch"), **sft), model=scratch_model,
+                        tokenizer=tokenizer)
     tuned_start, tuned_end = eval_losses(tuned.run_dir)[0], eval_losses(tuned.run_dir)[-1]
     scratch_end = eval_losses(scratch.run_dir)[-1]
     assert tuned_end < tuned_start  # SFT improves on the pretrained model's own held-out loss

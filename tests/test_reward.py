@@ -13,10 +13,16 @@ from safetensors.torch import load_file
 
 from preftune.cli import main
 from preftune.config import RewardConfig
-from preftune.data import collate_pairs, load_records, tokenize_preferences, TokenizeSettings
+from preftune.data import TokenizeSettings, collate_pairs, load_records, tokenize_preferences
+from preftune.train.reward import (
+    RewardScorer,
+    expected_calibration_error,
+    load_reward_model,
+    score_texts,
+    sequence_rewards,
+    train_reward,
+)
 from toydata import CALM_WORDS, LOUD_WORDS, TOPICS, make_toy_preferences
-from preftune.train.reward import (RewardScorer, expected_calibration_error, load_reward_model,
-                                   score_texts, sequence_rewards, train_reward)
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -39,9 +45,11 @@ def start_cli(*args, **extra):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("reward-data")
-    soft = [row | {"preference_prob": [0.8, 0.9, 1.0][i % 3]} for i, row in enumerate(make_toy_preferences(128, seed=1))]
+    soft = [row | {"preference_prob": [0.8, 0.9, 1.0][i % 3]}
+            for i, row in enumerate(make_toy_preferences(128, seed=1))]
     # first half unsure, second half sure: a model over-confident on one half is under-confident on the other
-    soft_eval = [row | {"preference_prob": 0.55 if i < 32 else 1.0} for i, row in enumerate(make_toy_preferences(64, seed=2))]
+    soft_eval = [row | {"preference_prob": 0.55 if i < 32 else 1.0}
+                 for i, row in enumerate(make_toy_preferences(64, seed=2))]
     return {"train": write_jsonl(root / "train.jsonl", make_toy_preferences(128, seed=1)),
             "eval": write_jsonl(root / "eval.jsonl", make_toy_preferences(64, seed=2)),
             "soft_eval": write_jsonl(root / "soft_eval.jsonl", soft_eval),
@@ -206,14 +214,16 @@ def test_a_model_without_a_one_output_head_is_refused(tiny_model, tiny_tokenizer
 
     with pytest.raises(ConfigError, match="no classification head"):
         train_reward(config(None, data, tmp_path / "a"), model=tiny_model, tokenizer=tiny_tokenizer)
-    two_labels = BertForSequenceClassification(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=1,
+    two_labels = BertForSequenceClassification(BertConfig(vocab_size=len(tiny_tokenizer), hidden_size=32,
+                                                          num_hidden_layers=1,
                                                           num_attention_heads=4, intermediate_size=64))
     with pytest.raises(ConfigError, match="one output, this one has 2"):
         train_reward(config(None, data, tmp_path / "b"), model=two_labels, tokenizer=tiny_tokenizer)
 
 
 def test_killed_reward_run_resumes_to_the_same_weights(tiny_model_dir, data, tmp_path):
-    common = ["reward", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data["train"]), "--max_steps", "8",
+    common = ["reward", "--model_name_or_path", str(tiny_model_dir), "--dataset", str(data["train"]), "--max_steps",
+              "8",
               "--per_device_batch_size", "8", "--learning_rate", "1e-3", "--max_length", "64", "--save_steps", "3",
               "--logging_steps", "1", "--lr_scheduler", "cosine", "--warmup_steps", "2", "--seed", "3"]
     killed = start_cli(*common, "--output_dir", str(tmp_path / "resumed"), PREFTUNE_KILL_AT_STEP="5")
@@ -285,7 +295,8 @@ def test_reward_help_and_yaml_config(tiny_model_dir, data, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "--loss_type" in text and "soft_label" in text and "--centering_coef" in text
     yaml_file = tmp_path / "run.yaml"
-    yaml_file.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: {data['train']}\noutput_dir: {tmp_path / 'out'}\n"
+    yaml_file.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: {data['train']}\n"
+                         f"output_dir: {tmp_path / 'out'}\n"
                          "loss_type: ranking\nmargin: 0.5\nmax_steps: 2\nper_device_batch_size: 4\nmax_length: 64\n")
     assert main(["reward", "--config", str(yaml_file), "--max_steps", "3"]) == 0
     saved = json.loads((tmp_path / "out" / "config.json").read_text())

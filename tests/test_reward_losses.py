@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from preftune.errors import ConfigError
-from preftune.losses import (REWARD_LOSSES, bradley_terry_loss, centering_penalty, ranking_loss, reward_loss,
-                             soft_label_loss)
+from preftune.losses import (
+    REWARD_LOSSES,
+    bradley_terry_loss,
+    centering_penalty,
+    ranking_loss,
+    reward_loss,
+    soft_label_loss,
+)
 
 CHOSEN = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
 REJECTED = torch.tensor([0.0, 0.5, 2.5], dtype=torch.float64)   # Δ = [1.0, -1.0, -0.5]
@@ -23,7 +29,8 @@ def test_bradley_terry_matches_hand_computed_values():
     # per-row margin m: -log σ(Δ - m)
     margin = torch.tensor([0.5, 0.0, -1.0], dtype=torch.float64)
     expected = [neg_log_sigmoid(0.5), neg_log_sigmoid(-1.0), neg_log_sigmoid(0.5)]
-    torch.testing.assert_close(bradley_terry_loss(CHOSEN, REJECTED, margin), torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(bradley_terry_loss(CHOSEN, REJECTED, margin),
+                               torch.tensor(expected, dtype=torch.float64))
     assert neg_log_sigmoid(0.0) == pytest.approx(math.log(2))
     assert float(bradley_terry_loss(torch.tensor([0.3]), torch.tensor([0.3]))) == pytest.approx(math.log(2))
 
@@ -31,7 +38,8 @@ def test_bradley_terry_matches_hand_computed_values():
 def test_ranking_loss_is_margin_ranking_loss():
     # relu(1 - Δ) with Δ = [1.0, -1.0, -0.5]
     torch.testing.assert_close(ranking_loss(CHOSEN, REJECTED), torch.tensor([0.0, 2.0, 1.5], dtype=torch.float64))
-    torch.testing.assert_close(ranking_loss(CHOSEN, REJECTED, margin=0.25), torch.tensor([0.0, 1.25, 0.75], dtype=torch.float64))
+    torch.testing.assert_close(ranking_loss(CHOSEN, REJECTED, margin=0.25),
+                               torch.tensor([0.0, 1.25, 0.75], dtype=torch.float64))
     reference = torch.nn.MarginRankingLoss(margin=1.0)(CHOSEN, REJECTED, torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(ranking_loss(CHOSEN, REJECTED).mean(), reference)
 
@@ -48,12 +56,14 @@ def test_soft_label_loss_matches_hand_computed_values():
                                bradley_terry_loss(CHOSEN, REJECTED, margin))
     # its minimum over Δ is where σ(Δ) = p
     delta = torch.tensor([math.log(0.7 / 0.3)], dtype=torch.float64, requires_grad=True)
-    soft_label_loss(delta, torch.zeros(1, dtype=torch.float64), torch.tensor([0.7], dtype=torch.float64)).sum().backward()
+    prob = torch.tensor([0.7], dtype=torch.float64)
+    soft_label_loss(delta, torch.zeros(1, dtype=torch.float64), prob).sum().backward()
     assert abs(float(delta.grad)) < 1e-12
 
 
 def test_centering_penalty_and_total():
-    torch.testing.assert_close(centering_penalty(CHOSEN, REJECTED), torch.tensor([1.0, 0.0, 20.25], dtype=torch.float64))
+    torch.testing.assert_close(centering_penalty(CHOSEN, REJECTED),
+                               torch.tensor([1.0, 0.0, 20.25], dtype=torch.float64))
     total, metrics = reward_loss("bradley_terry", CHOSEN, REJECTED, centering_coef=0.1)
     bt = (neg_log_sigmoid(1.0) + neg_log_sigmoid(-1.0) + neg_log_sigmoid(-0.5)) / 3
     assert float(total) == pytest.approx(bt + 0.1 * (1.0 + 0.0 + 20.25) / 3, rel=1e-12)
@@ -67,7 +77,8 @@ def test_centering_penalty_and_total():
                            margin=torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
     assert float(total) == pytest.approx((0.5 + 1.5 + 1.0) / 3)
     total, _ = reward_loss("soft_label", CHOSEN, REJECTED, preference_prob=torch.full((3,), 0.5, dtype=torch.float64))
-    assert float(total) == pytest.approx(sum(0.5 * neg_log_sigmoid(d) + 0.5 * neg_log_sigmoid(-d) for d in (1, -1, -0.5)) / 3)
+    symmetric = [0.5 * neg_log_sigmoid(d) + 0.5 * neg_log_sigmoid(-d) for d in (1, -1, -0.5)]
+    assert float(total) == pytest.approx(sum(symmetric) / 3)
 
 
 def test_unknown_loss_names_the_valid_ones():

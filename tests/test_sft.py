@@ -2,8 +2,8 @@
 
 import json
 import math
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +17,8 @@ from preftune.config import SFTConfig
 from preftune.data import Records
 from preftune.data.text import SFTSettings, tokenize_sft
 from preftune.errors import DataError
-from toydata import make_toy_preferences
 from preftune.train.sft import train_sft
-
+from toydata import make_toy_preferences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,9 +77,11 @@ def cli_runs(tmp_path_factory, tiny_model_dir):
     bad = write_jsonl(root / "bad.jsonl", toy_sft_rows(3) + [{"prompt": "Describe the city:", "completion": 7}])
     model = ["--model_name_or_path", str(tiny_model_dir)]
     scenarios = {
-        "killed": (["sft", *model, "--dataset", str(data), "--output_dir", str(root / "resumed"), *as_flags(RESUME_SETTINGS)],
+        "killed": (["sft", *model, "--dataset", str(data), "--output_dir", str(root / "resumed"),
+                    *as_flags(RESUME_SETTINGS)],
                    {"PREFTUNE_KILL_AT_STEP": "5", "OMP_NUM_THREADS": "1"}),  # one thread, as in-process
-        "bad_row": (["sft", *model, "--dataset", str(bad), "--output_dir", str(root / "bad")], {"OMP_NUM_THREADS": "1"}),
+        "bad_row": (["sft", *model, "--dataset", str(bad), "--output_dir", str(root / "bad")],
+                    {"OMP_NUM_THREADS": "1"}),
     }
     running = {name: subprocess.Popen([sys.executable, "-m", "preftune.cli", *args], env=subprocess_env(**env),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -123,7 +124,8 @@ def test_multi_turn_trains_every_assistant_turn_and_nothing_else(tiny_tokenizer)
     # prompt/completion given as message lists: the completion is trained, the prompt is not
     row = {"prompt": messages[:2], "completion": messages[2:3]}
     [pc], _ = tokenize_sft(records([row]), tiny_tokenizer, SFTSettings())
-    assert pc.input_ids == pieces[0][0] + pieces[1][0] and pc.loss_mask == [False] * len(pieces[0][0]) + [True] * len(pieces[1][0])
+    assert pc.input_ids == pieces[0][0] + pieces[1][0]
+    assert pc.loss_mask == [False] * len(pieces[0][0]) + [True] * len(pieces[1][0])
 
 
 def test_truncation_modes(tiny_tokenizer):
@@ -131,7 +133,8 @@ def test_truncation_modes(tiny_tokenizer):
     [whole], _ = tokenize_sft(records([row]), tiny_tokenizer, SFTSettings())
     n = len(whole.input_ids)
     [end], _ = tokenize_sft(records([row]), tiny_tokenizer, SFTSettings(max_length=n - 4))
-    [start], _ = tokenize_sft(records([row]), tiny_tokenizer, SFTSettings(max_length=n - 4, truncation_mode="keep_start"))
+    settings = SFTSettings(max_length=n - 4, truncation_mode="keep_start")
+    [start], _ = tokenize_sft(records([row]), tiny_tokenizer, settings)
     [short], _ = tokenize_sft(records([row]), tiny_tokenizer, SFTSettings(max_prompt_length=3))
     assert end.input_ids == whole.input_ids[4:] and end.loss_mask == whole.loss_mask[4:]
     assert start.input_ids == whole.input_ids[:n - 4] and start.loss_mask == whole.loss_mask[:n - 4]
@@ -144,7 +147,8 @@ def test_truncation_modes(tiny_tokenizer):
 
 BAD_ROWS = [
     ({"prompt": "Describe the city:"}, "row 2: field 'completion': missing field"),
-    ({"prompt": "Describe the city:", "completion": ["calm"]}, "row 2: field 'completion': wrong type: expected a string like the prompt"),
+    ({"prompt": "Describe the city:", "completion": ["calm"]},
+     "row 2: field 'completion': wrong type: expected a string like the prompt"),
     ({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant"}]},
      "row 2: field 'completion': malformed message 1: no 'content'"),
     ({"prompt": 3, "completion": " calm"}, "row 2: field 'prompt': wrong type: expected a string, found a number"),
@@ -166,7 +170,8 @@ def test_bad_conversations(tiny_tokenizer):
     good = toy_sft_rows(1, conversational=True)
     cases = [([{"role": "user", "content": "hi"}], "no assistant message"),
              ([{"role": "assistant", "content": "hi"}], "message 1 is from the assistant"),
-             ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}], "message 2 (assistant) has empty"),
+             ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}],
+              "message 2 (assistant) has empty"),
              ([{"role": "user"}], "malformed message 1: no 'content'"),
              ("hello", "wrong type: expected a list of messages")]
     for messages, message in cases:

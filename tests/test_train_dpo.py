@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from preftune import DPOConfig
-from toydata import make_toy_preferences
 from preftune.train.dpo import train_dpo
+from toydata import make_toy_preferences
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,8 @@ def step_records(run_dir) -> list[dict]:
 
 def cli(*args, env_extra=None, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd)
 
 
 def test_dpo_learns_toy_preference_on_held_out_pairs(tiny_model_dir, toy_data, tmp_path):
@@ -159,7 +160,8 @@ def test_precomputed_reference_is_cached_reused_and_matches_live(tiny_model_dir,
 
     # changing the tokenisation changes the fingerprint: no stale reuse
     monkeypatch.undo()
-    third = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "pre3", precompute_ref=True, max_prompt_length=4))
+    third = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "pre3", precompute_ref=True,
+                             max_prompt_length=4))
     assert json.loads((third.run_dir / "reference_cache.json").read_text())["train"]["reused"] is False
 
 
@@ -175,14 +177,16 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_model_dir, toy_data, 
 
 def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, toy_data, tmp_path):
     plain = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "plain", max_steps=3))
-    ckpt = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "ckpt", max_steps=3, gradient_checkpointing=True))
+    ckpt = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "ckpt", max_steps=3,
+                            gradient_checkpointing=True))
     assert [r["loss"] for r in step_records(ckpt.run_dir)] == pytest.approx(
         [r["loss"] for r in step_records(plain.run_dir)], abs=1e-5)
 
 
 def test_nll_and_constraint_terms_enter_the_loss(tiny_model_dir, toy_data, tmp_path, monkeypatch):
     module = tmp_path / "my_constraints.py"
-    module.write_text("import torch\n\ndef long_rejected(lp):\n    return torch.relu(-lp.policy_rejected / lp.rejected_lengths - 1.0)\n")
+    module.write_text("import torch\n\ndef long_rejected(lp):\n    return torch.relu(-lp.policy_rejected / "
+                      "lp.rejected_lengths - 1.0)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     run = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "c", max_steps=2, nll_weight=0.5,
                            constraints=["my_constraints:long_rejected=2.0"]))
@@ -200,7 +204,8 @@ def test_two_process_data_parallel_matches_one_process(tiny_model_dir, toy_data,
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # on a machine without CUDA, accelerate's torchrun-based launcher gives gloo data parallelism
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "preftune.cli", "dpo", *common,
               "--per_device_batch_size", "4", "--output_dir", str(tmp_path / "two")]
     double = subprocess.run(launch, capture_output=True, text=True, env=env)
@@ -226,7 +231,8 @@ def test_an_earlier_run_is_never_silently_mixed_or_lost(tiny_model_dir, toy_data
     with pytest.raises(ConfigError, match="already holds a run"):
         train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "run", max_steps=3))
     assert (first.model_dir / "model.safetensors").read_bytes() == weights  # untouched
-    again = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "run", max_steps=3, overwrite_output_dir=True))
+    again = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "run", max_steps=3,
+                             overwrite_output_dir=True))
     assert [r["step"] for r in step_records(again.run_dir)] == [1, 2, 3]
     assert not (tmp_path / "run" / "model.partial").exists()
 

@@ -35,7 +35,8 @@ def serve_arguments(serve) -> None:
     add_flag(serve, "reward_model", default=None, metavar="PATH",
              help="Serve first the items this reward model separates least (active learning); re-ranks when it "
                   "changes.")
-    add_flag(serve, "rerank_interval", type=float, default=60.0, help="Seconds between checks for a changed reward model.")
+    add_flag(serve, "rerank_interval", type=float, default=60.0, help="Seconds between checks for a changed reward "
+                                                                      "model.")
     add_flag(serve, "max_body", type=int, default=1_000_000, help="Largest request body accepted, in bytes.")
     add_flag(serve, "lease_minutes", type=float, default=30.0,
              help="How long a served but unlabelled item stays reserved for its annotator.")
@@ -175,8 +176,9 @@ def run_import(args) -> int:
     guidelines = read_guidelines(args.guidelines)
     specs = read_items(args.file, generating=bool(args.model))
     if args.model:
-        sampling = {key: value for key, value in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
-                                                  ("top_p", args.top_p), ("top_k", args.top_k)) if value is not None}
+        sampling = {key: value for key, value in (("max_new_tokens", args.max_new_tokens),
+                                                  ("temperature", args.temperature), ("top_p", args.top_p),
+                                                  ("top_k", args.top_k)) if value is not None}
         generate_candidates(specs, args.model, args.num_candidates, sampling, batch_size=args.batch_size,
                             seed=args.seed, chat=args.chat)
     db = open_db(args.db)

@@ -7,7 +7,8 @@ import json
 
 def check_arguments(parser) -> None:
     parser.add_argument("dataset", help="File, save_to_disk directory or hub name.")
-    parser.add_argument("--tokenizer", required=True, help="Tokenizer (local directory or hub name) used to count tokens.")
+    parser.add_argument("--tokenizer", required=True, help="Tokenizer (local directory or hub name) used to count "
+                                                           "tokens.")
     parser.add_argument("--split", default="train", help="Split to read from a directory or hub dataset.")
     parser.add_argument("--max_length", type=int, default=1024, help="Maximum prompt + completion tokens.")
     parser.add_argument("--max_prompt_length", type=int, default=None, help="Maximum prompt tokens.")

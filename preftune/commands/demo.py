@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def demo_arguments(parser) -> None:
-    parser.add_argument("--output_dir", default="runs/demo", help="Where the demo writes its runs, report.html and summary.json.")
+    parser.add_argument("--output_dir", default="runs/demo", help="Where the demo writes its runs, report.html and "
+                                                                  "summary.json.")
     parser.add_argument("--quick", action="store_true", help="A smaller, faster version (for smoke tests).")
 
 

@@ -67,7 +67,8 @@ def run_eval(args) -> int:
         baseline = sample_responses(base_model, load_tokenizer(args.baseline_model), prompts, settings,
                                     seed=args.seed + 1, batch_size=args.batch_size).responses
     ref = load_any_causal_lm(args.ref_model) if args.ref_model else None
-    result = evaluate_policy(model, tokenizer, prompts, settings, judge=judge, ref_model=ref, baseline_responses=baseline,
+    result = evaluate_policy(model, tokenizer, prompts, settings, judge=judge, ref_model=ref,
+                             baseline_responses=baseline,
                              seed=args.seed, batch_size=args.batch_size)
     metrics = dict(result.metrics)
     if args.pairs:

@@ -11,8 +11,16 @@ from .base import add_config_arguments, check_ranges, config_from_args, config_t
 from .lm import PretrainConfig, SFTConfig
 from .ppo import PPOConfig
 from .preference import DPOConfig, RewardConfig, parse_constraint_spec
-from .shared import (DataSettings, DataSource, HeldOutData, ModelSettings, TrainSettings, validate_dataset_command,
-                     validate_lm, validate_training)
+from .shared import (
+                     DataSettings,
+                     DataSource,
+                     HeldOutData,
+                     ModelSettings,
+                     TrainSettings,
+                     validate_dataset_command,
+                     validate_lm,
+                     validate_training,
+)
 
 __all__ = ["DPOConfig", "DataSettings", "DataSource", "HeldOutData", "ModelSettings", "PPOConfig", "PretrainConfig",
            "RewardConfig", "SFTConfig", "TrainSettings", "add_config_arguments", "check_ranges", "config_from_args",

@@ -124,7 +124,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         base, is_list = _base_type(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata.get('help', '')} (default: "
+                                                                        f"{default})"}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if base is bool:

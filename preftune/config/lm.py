@@ -6,8 +6,15 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import option
-from .shared import (DataSettings, DataSource, HeldOutData, ModelSettings, TrainSettings, validate_dataset_command,
-                     validate_lm)
+from .shared import (
+    DataSettings,
+    DataSource,
+    HeldOutData,
+    ModelSettings,
+    TrainSettings,
+    validate_dataset_command,
+    validate_lm,
+)
 
 
 @dataclass
@@ -16,11 +23,12 @@ class PretrainConfig(ModelSettings, HeldOutData, DataSource, TrainSettings):
 
     model_config: str | None = option(None, "Start from random weights shaped by this config (a config.json or a model "
                                             "directory) instead of model_name_or_path; needs tokenizer_name_or_path.")
-    dataset: str | None = option(None, "Raw text: a .txt file (one document per blank-line-separated block), a directory "
-                                       "of .txt files, JSONL/JSON/Parquet/CSV or save_to_disk data with a text column, "
-                                       "or a hub name (required).")
+    dataset: str | None = option(None, "Raw text: a .txt file (one document per blank-line-separated block), a "
+                                       "directory of .txt files, JSONL/JSON/Parquet/CSV or save_to_disk data with a "
+                                       "text column, or a hub name (required).")
     text_column: str = option("text", "Column holding the documents (tabular and hub data).")
-    max_length: int = option(1024, "Tokens per packed row (documents are concatenated with EOS and cut into such rows).")
+    max_length: int = option(1024, "Tokens per packed row (documents are concatenated with EOS and cut into such "
+                                   "rows).")
     learning_rate: float = option(3e-4, "Peak learning rate (AdamW).")
     # Not an option here (no prompts); present for the checks shared with the other commands.
     max_prompt_length = None
@@ -44,7 +52,8 @@ class PretrainConfig(ModelSettings, HeldOutData, DataSource, TrainSettings):
 class SFTConfig(ModelSettings, DataSettings, TrainSettings):
     """``preftune sft``: supervised fine-tuning on prompt/completion rows or conversations."""
 
-    completion_only_loss: bool = option(True, "Train on completion (assistant) tokens only; false trains on every token.")
+    completion_only_loss: bool = option(True, "Train on completion (assistant) tokens only; false trains on every "
+                                              "token.")
     packing: bool = option(False, "Pack several examples into each row of max_length tokens (block-diagonal attention, "
                                   "position ids restarting per example).")
     learning_rate: float = option(2e-5, "Peak learning rate (AdamW).")

@@ -14,23 +14,30 @@ from .shared import DataSource, ModelSettings, TrainSettings, validate_training
 class PPOConfig(ModelSettings, DataSource, TrainSettings):
     """``preftune ppo``: RL fine-tuning of a policy against a reward model or function (PPO, KL-penalised)."""
 
-    output_dir: str = option("runs/ppo", "Run directory: metrics.jsonl, samples.jsonl, checkpoints/ and the final model/.")
-    dataset: str | None = option(None, "Prompts: JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name with a "
-                                       "'prompt' column (strings or lists of messages) (required).")
+    output_dir: str = option("runs/ppo", "Run directory: metrics.jsonl, samples.jsonl, checkpoints/ and the final "
+                                         "model/.")
+    dataset: str | None = option(None, "Prompts: JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name with "
+                                       "a 'prompt' column (strings or lists of messages) (required).")
     max_prompt_length: int = option(512, "Longer prompts keep their last this many tokens.")
-    reward_model_path: str | None = option(None, "Reward model directory (trained by `preftune reward`) scoring prompt + response.")
-    reward_function: str | None = option(None, "Instead of a reward model: 'module:function' or 'path/file.py:function', "
-                                               "called as fn(prompts, responses) -> one number per response.")
-    missing_eos_penalty: float = option(0.0, "Subtracted from the score of a response that never emits EOS within max_new_tokens.")
-    normalize_scores: bool = option(False, "Standardise scores with a running mean and std over every score seen so far.")
+    reward_model_path: str | None = option(None, "Reward model directory (trained by `preftune reward`) scoring "
+                                                 "prompt + response.")
+    reward_function: str | None = option(None, "Instead of a reward model: 'module:function' or "
+                                               "'path/file.py:function', called as fn(prompts, responses) -> one "
+                                               "number per response.")
+    missing_eos_penalty: float = option(0.0, "Subtracted from the score of a response that never emits EOS within "
+                                             "max_new_tokens.")
+    normalize_scores: bool = option(False, "Standardise scores with a running mean and std over every score seen so "
+                                           "far.")
     score_clip: float = option(0.0, "Clip (normalised) scores to [-score_clip, score_clip]; 0 disables.")
     max_new_tokens: int = option(64, "Longest response sampled per prompt.")
     temperature: float = option(1.0, "Sampling temperature; log-probs are computed at the same temperature.")
     top_k: int = option(0, "Sample from the top k tokens only (0: all). Makes samples slightly off-policy.")
     top_p: float = option(1.0, "Nucleus sampling threshold (1: off). Makes samples slightly off-policy.")
-    generation_batch_size: int = option(16, "Sequences per generation, scoring and no-grad forward pass during rollouts.")
+    generation_batch_size: int = option(16, "Sequences per generation, scoring and no-grad forward pass during "
+                                            "rollouts.")
     num_mini_batches: int = option(1, "Minibatches (optimiser steps) per pass over a rollout batch. A rollout batch is "
-                                      "per_device_batch_size x processes x gradient_accumulation_steps x num_mini_batches prompts.")
+                                      "per_device_batch_size x processes x gradient_accumulation_steps x "
+                                      "num_mini_batches prompts.")
     num_ppo_epochs: int = option(4, "Passes over each rollout batch.")
     max_steps: int = option(-1, "Stop after this many PPO iterations (one rollout batch and its updates each; "
                                 "overrides num_epochs when > 0).")
@@ -45,15 +52,19 @@ class PPOConfig(ModelSettings, DataSource, TrainSettings):
     gamma: float = option(1.0, "Discount factor γ.")
     lam: float = option(0.95, "GAE λ.")
     kl_coef: float = option(0.05, "Coefficient β of the per-token KL penalty (initial value when adaptive_kl).")
-    kl_estimator: str = option("k1", "Per-token KL estimator: k1 (log π - log π_ref) or k3 ((ρ-1) - log ρ, ρ = π_ref/π).",
+    kl_estimator: str = option("k1", "Per-token KL estimator: k1 (log π - log π_ref) or k3 ((ρ-1) - log ρ, ρ = "
+                                     "π_ref/π).",
                                choices=["k1", "k3"])
-    adaptive_kl: bool = option(False, "Adapt β to keep the KL near target_kl (Ziegler et al. 2019 proportional controller).")
+    adaptive_kl: bool = option(False, "Adapt β to keep the KL near target_kl (Ziegler et al. 2019 proportional "
+                                      "controller).")
     target_kl: float = option(6.0, "KL (nats per response) the adaptive controller aims for.")
     kl_horizon: int = option(10000, "Horizon of the adaptive controller, in samples.")
-    value_model: str = option("auto", "Critic: shared (a value head on the policy's backbone; 1-model PPO) or separate (a copy "
-                                      "of the policy's backbone with its own head). auto: shared with LoRA, else separate.",
+    value_model: str = option("auto", "Critic: shared (a value head on the policy's backbone; 1-model PPO) or "
+                                      "separate (a copy of the policy's backbone with its own head). auto: shared with "
+                                      "LoRA, else separate.",
                               choices=["auto", "shared", "separate"])
-    log_samples_steps: int = option(10, "Write example generations to samples.jsonl every this many iterations (0: never).")
+    log_samples_steps: int = option(10, "Write example generations to samples.jsonl every this many iterations (0: "
+                                        "never).")
     log_samples: int = option(4, "Example generations written each time.")
 
     def validate(self, require_model: bool = True, require_reward: bool = True) -> None:

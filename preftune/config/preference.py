@@ -14,16 +14,19 @@ from .shared import DataSettings, ModelSettings, TrainSettings, validate_dataset
 class DPOConfig(ModelSettings, DataSettings, TrainSettings):
     """``preftune dpo``: Direct Preference Optimization and its family."""
 
-    loss_type: str = option("sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), simpo (reference-free).",
+    loss_type: str = option("sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), simpo "
+                                       "(reference-free).",
                             choices=["sigmoid", "ipo", "hinge", "robust", "simpo"])
     beta: float = option(0.1, "Strength of the KL constraint (DPO's beta).")
     label_smoothing: float = option(0.0, "Global label noise epsilon (soft labels; rDPO's noise rate). "
                                     "A per-row preference_prob column takes precedence.")
     simpo_gamma: float = option(0.5, "SimPO target reward margin.")
     nll_weight: float = option(0.0, "Weight of an NLL term on the chosen response added to the loss.")
-    constraints: list[str] = option([], "Extra penalty terms 'module:function[=weight]', each called with the batch's log-probs.")
+    constraints: list[str] = option([], "Extra penalty terms 'module:function[=weight]', each called with the batch's "
+                                        "log-probs.")
     precompute_ref: bool = option(False, "Compute reference log-probs once before training and cache them on disk.")
-    cache_dir: str | None = option(None, "Where precomputed reference log-probs are cached (default ~/.cache/preftune).")
+    cache_dir: str | None = option(None, "Where precomputed reference log-probs are cached (default "
+                                         "~/.cache/preftune).")
 
     def validate(self, require_model: bool = True) -> None:
         validate_dataset_command(self, require_model)
@@ -41,7 +44,8 @@ class DPOConfig(ModelSettings, DataSettings, TrainSettings):
         if not low <= self.beta <= high:
             notes.append(f"beta={self.beta} is far outside the usual range ({low}-{high}; 0.1-0.5 is typical for DPO).")
         if not 1e-7 <= self.learning_rate <= 1e-4:
-            notes.append(f"learning_rate={self.learning_rate:g} is far outside the usual 1e-6 to 1e-5 for preference tuning.")
+            notes.append(f"learning_rate={self.learning_rate:g} is far outside the usual 1e-6 to 1e-5 for preference "
+                         f"tuning.")
         pairs = self.per_device_batch_size * self.gradient_accumulation_steps
         if not 4 <= pairs <= 1024:
             notes.append(f"{pairs} pairs per optimiser step (per device) is far outside the usual 32-128.")
@@ -70,7 +74,8 @@ class RewardConfig(ModelSettings, DataSettings, TrainSettings):
     """``preftune reward``: a scalar reward model trained on preference pairs."""
 
     learning_rate: float = option(1e-5, "Peak learning rate (AdamW).")
-    loss_type: str = option("bradley_terry", "Reward loss: bradley_terry (-log σ(r_c - r_r - m)), ranking (relu(margin - (r_c - r_r))), "
+    loss_type: str = option("bradley_terry", "Reward loss: bradley_terry (-log σ(r_c - r_r - m)), ranking "
+                                             "(relu(margin - (r_c - r_r))), "
                             "soft_label (Bradley-Terry against the per-row preference_prob).",
                             choices=["bradley_terry", "ranking", "soft_label"])
     margin: float = option(1.0, "Required gap r_c - r_r of the ranking loss (a per-row margin column is added to it).")
@@ -89,5 +94,6 @@ class RewardConfig(ModelSettings, DataSettings, TrainSettings):
         """Hyper-parameters far outside the ranges practitioners use for reward models."""
         notes = []
         if not 1e-7 <= self.learning_rate <= 1e-3:
-            notes.append(f"learning_rate={self.learning_rate:g} is far outside the usual 1e-6 to 1e-4 for reward models.")
+            notes.append(f"learning_rate={self.learning_rate:g} is far outside the usual 1e-6 to 1e-4 for reward "
+                         f"models.")
         return notes

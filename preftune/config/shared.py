@@ -20,7 +20,8 @@ class ModelSettings:
     model_name_or_path: str | None = option(None, "Policy model: a local directory or a hub name (required).")
     tokenizer_name_or_path: str | None = option(None, "Tokenizer, if not the model's own.")
     ref_model_name_or_path: str | None = option(
-            None, "Reference model; default: the policy's starting weights (with LoRA: the policy with adapters disabled).")
+            None, "Reference model; default: the policy's starting weights (with LoRA: the policy with adapters "
+                  "disabled).")
     precision: str = option("auto", "auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16.",
                             choices=["auto", "fp32", "bf16", "fp16"])
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
@@ -29,7 +30,8 @@ class ModelSettings:
     lora_r: int = option(8, "LoRA rank.")
     lora_alpha: int = option(16, "LoRA scaling alpha.")
     lora_dropout: float = option(0.05, "Dropout on the LoRA branch.")
-    lora_target_modules: list[str] = option(["all-linear"], "Modules to adapt; 'all-linear' means every linear layer but the output head.")
+    lora_target_modules: list[str] = option(["all-linear"], "Modules to adapt; 'all-linear' means every linear layer "
+                                                            "but the output head.")
     merge_lora: bool = option(False, "Save the final model with the adapter merged into the base weights.")
 
 
@@ -59,8 +61,8 @@ class DataSettings(HeldOutData, DataSource):
 
     max_length: int = option(1024, "Maximum prompt + completion tokens.")
     max_prompt_length: int | None = option(None, "Maximum prompt tokens (the end of the prompt is kept).")
-    truncation_mode: str = option("keep_end", "keep_end: shorten the prompt from its start; keep_start: cut completions "
-                                  "at the end; error: reject rows that do not fit.",
+    truncation_mode: str = option("keep_end", "keep_end: shorten the prompt from its start; keep_start: cut "
+                                              "completions at the end; error: reject rows that do not fit.",
                                   choices=["keep_end", "keep_start", "error"])
 
 
@@ -70,7 +72,8 @@ class TrainSettings:
 
     output_dir: str = option("runs/run", "Run directory: metrics.jsonl, checkpoints/ and the final model/.")
     overwrite_output_dir: bool = option(False, "Start afresh in an output_dir that holds an earlier run (its metrics, "
-                                        "checkpoints and model are deleted). Without it such a run is refused unless --resume.")
+                                        "checkpoints and model are deleted). Without it such a run is refused unless "
+                                        "--resume.")
     seed: int = option(42, "Seed for weights of new heads, data order and dropout.")
     num_epochs: float = option(1.0, "Passes over the training data.")
     max_steps: int = option(-1, "Stop after this many optimiser steps (overrides num_epochs when > 0).")
@@ -81,7 +84,8 @@ class TrainSettings:
     adam_beta1: float = option(0.9, "AdamW beta1.")
     adam_beta2: float = option(0.999, "AdamW beta2.")
     max_grad_norm: float = option(1.0, "Clip the gradient norm to this value (0 disables clipping).")
-    lr_scheduler: str = option("linear", "Learning-rate schedule after warm-up.", choices=["linear", "cosine", "constant"])
+    lr_scheduler: str = option("linear", "Learning-rate schedule after warm-up.",
+                               choices=["linear", "cosine", "constant"])
     warmup_ratio: float = option(0.1, "Fraction of steps spent warming up linearly from 0.")
     warmup_steps: int = option(0, "Warm-up steps (overrides warmup_ratio when > 0).")
     logging_steps: int = option(10, "Write averaged metrics every this many steps.")
@@ -105,7 +109,8 @@ def validate_dataset_command(cfg, require_model: bool = True) -> None:
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
-        raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be smaller than max_length ({cfg.max_length})")
+        raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be smaller than max_length "
+                          f"({cfg.max_length})")
     validate_training(cfg)
 
 

@@ -98,7 +98,8 @@ def base_model(scale: DemoScale, cache_root: Path) -> Path:
     corpus = review_corpus(scale.corpus_reviews, seed=scale.seed + 3)
     tokenizer = build_toy_tokenizer(corpus, vocab_size=scale.vocab_size)
     init = cached / "init"
-    build_tiny_llama(tokenizer, hidden_size=scale.hidden_size, layers=scale.layers, heads=4, seed=scale.seed).save_pretrained(init)
+    build_tiny_llama(tokenizer, hidden_size=scale.hidden_size, layers=scale.layers, heads=4,
+                     seed=scale.seed).save_pretrained(init)
     tokenizer.save_pretrained(init)
     data = _write_jsonl([{"text": t} for t in corpus], cached / "corpus.jsonl")
     cfg = PretrainConfig(model_name_or_path=str(init), dataset=str(data), output_dir=str(cached / "run"),
@@ -183,7 +184,8 @@ def ppo_runs(scale: DemoScale, sft: Path, reward: Path, root: Path) -> list[Path
         cfg = PPOConfig(model_name_or_path=str(sft), dataset=str(prompts), reward_model_path=str(reward),
                         output_dir=str(root / f"ppo-kl{coef:g}"), kl_coef=coef, max_new_tokens=scale.max_new_tokens,
                         per_device_batch_size=16, num_mini_batches=2, num_ppo_epochs=2, max_steps=scale.ppo_iterations,
-                        learning_rate=scale.ppo_learning_rate, normalize_scores=True, missing_eos_penalty=1.0, generation_batch_size=64,
+                        learning_rate=scale.ppo_learning_rate, normalize_scores=True, missing_eos_penalty=1.0,
+                        generation_batch_size=64,
                         logging_steps=5, log_samples_steps=10, seed=scale.seed, overwrite_output_dir=True)
         dirs.append(train_ppo(cfg).run_dir)
     return dirs
@@ -220,7 +222,8 @@ def evaluate_all(scale: DemoScale, sft: Path, reward: Path, runs: list[Path], ro
     return results
 
 
-def best_of_n(scale, sft_model, tokenizer, reward: Path, prompts, settings, root: Path, oracle, sft_samples) -> MethodResult:
+def best_of_n(scale, sft_model, tokenizer, reward: Path, prompts, settings, root: Path, oracle,
+              sft_samples) -> MethodResult:
     """Sample N continuations from SFT, keep the one the learned reward model likes best.
 
     Its KL to SFT is the known closed form log N - (N - 1) / N (Stiennon et al. 2020, appendix)."""
@@ -241,7 +244,8 @@ def best_of_n(scale, sft_model, tokenizer, reward: Path, prompts, settings, root
                "kl": math.log(n) - (n - 1) / n, "win_rate": win_rate(oracle, prompts, picked, sft_samples),
                **diversity_metrics(picked)}
     run_dir = root / f"best-of-{n}"
-    _save_evaluation(run_dir, metrics, [{"prompt": p, "response": r, "score": s} for p, r, s in zip(prompts, picked, scores)])
+    rows = [{"prompt": p, "response": r, "score": s} for p, r, s in zip(prompts, picked, scores)]
+    _save_evaluation(run_dir, metrics, rows)
     return MethodResult(run_dir.name, "best", str(run_dir), metrics)
 
 
@@ -295,8 +299,8 @@ def honest_summary(results: list[MethodResult]) -> list[str]:
             verdict = ("the two are within sampling noise of each other" if abs(gap) < noise else
                        f"{'DPO' if gap > 0 else 'PPO'} did better")
             notes.append(f"At comparable KL {verdict}: {dpo.name} {dpo.metrics['reward']:+.3f} at KL "
-                         f"{dpo.metrics.get('kl', 0):.2f} against {ppo.name} {ppo.metrics['reward']:+.3f} at KL {kl_ppo:.2f} "
-                         f"(difference {gap:+.3f}; two standard errors: {noise:.3f}).")
+                         f"{dpo.metrics.get('kl', 0):.2f} against {ppo.name} {ppo.metrics['reward']:+.3f} at KL "
+                         f"{kl_ppo:.2f} (difference {gap:+.3f}; two standard errors: {noise:.3f}).")
         else:
             lowest = min(families["dpo"], key=lambda r: r.metrics.get("kl", 0.0))
             notes.append(f"No DPO run stayed as close to SFT as {ppo.name} (KL {kl_ppo:.2f}; the closest DPO run, "
@@ -340,8 +344,8 @@ def run_pipeline(output_dir: str | Path, scale: DemoScale | None = None, cache_d
     results = evaluate_all(scale, sft, reward, runs, root)
     timings["evaluate"] = time.perf_counter() - t
     notes = honest_summary(results)
-    report = write_report([r.run_dir for r in results], root / "report.html", title="preftune demo: controlled sentiment",
-                          names=[r.name for r in results], notes=notes)
+    report = write_report([r.run_dir for r in results], root / "report.html",
+                          title="preftune demo: controlled sentiment", names=[r.name for r in results], notes=notes)
     timings["total"] = time.perf_counter() - started
     summary = {"scale": asdict(scale), "pairs": pair_stats, "reward_model_eval": reward_eval,
                "results": [asdict(r) for r in results], "notes": notes, "timings_s": timings, "report": str(report)}

@@ -82,7 +82,8 @@ def review_corpus(n: int, seed: int = 0) -> list[str]:
 def review_pairs(n: int, seed: int = 0) -> list[dict]:
     """``n`` prompt/completion rows (opener -> continuation), for supervised fine-tuning."""
     rng = random.Random(seed)
-    return [{"prompt": opener, "completion": continuation} for opener, continuation in (make_review(rng) for _ in range(n))]
+    reviews = (make_review(rng) for _ in range(n))
+    return [{"prompt": opener, "completion": continuation} for opener, continuation in reviews]
 
 
 def prefixes(n: int, seed: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""PPO for language models as pure functions of per-token tensors (RLHF step 5 of the mission).
+"""PPO for language models as pure functions of per-token tensors (the RL step of the RLHF pipeline).
 
 Everything is ``[B, T]`` over response tokens with a bool ``mask`` (True up to and including each
 response's EOS, False on padding after it); padded positions never influence a result. References:
@@ -50,7 +50,10 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
 
 
 def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """``(x - mean) / sqrt(var + eps)`` over the masked entries (mean added back if not ``shift_mean``); 0 off the mask."""
+    """``(x - mean) / sqrt(var + eps)`` over the masked entries (mean added back if not ``shift_mean``).
+
+    Entries off the mask are 0.
+    """
     mean, var = masked_mean(values, mask), masked_var(values, mask)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
@@ -109,7 +112,8 @@ class PolicyLoss:
     approxkl: Tensor   # ½·mean (log ρ)², a KL(π_old ‖ π) estimate
 
 
-def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, cliprange: float = 0.2) -> PolicyLoss:
+def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,
+                cliprange: float = 0.2) -> PolicyLoss:
     """The clipped surrogate objective (negated, to minimise), averaged over response tokens."""
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)

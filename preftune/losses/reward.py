@@ -58,7 +58,7 @@ def soft_label_loss(chosen: Tensor, rejected: Tensor, preference_prob: Tensor | 
         z = Δ - m;   loss = -p·log σ(z) - (1 - p)·log σ(-z).
 
     The pair counts as "chosen wins" with weight p and "rejected wins" with weight 1 - p (probabilistic
-    preferences, MISSION.md section 3); its minimum is at σ(z) = p. p = 1 is :func:`bradley_terry_loss`.
+    preferences); its minimum is at σ(z) = p. p = 1 is :func:`bradley_terry_loss`.
     """
     z = chosen - rejected - _as(margin, chosen)
     p = 1.0 if preference_prob is None else _as(preference_prob, chosen)

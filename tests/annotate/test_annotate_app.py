@@ -6,8 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from preftune.annotate import admin, pages
-from preftune.annotate import api as api_routes
+from preftune.annotate import admin, api as api_routes, pages
 from preftune.annotate.app import ServerSettings, create_app
 from preftune.annotate.models import Annotator, Label
 from preftune.annotate.tokens import hash_token, revoke

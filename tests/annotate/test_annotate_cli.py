@@ -58,7 +58,8 @@ def test_export_and_stats_from_two_annotators(db_url, db, make_project, tmp_path
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert code == 0 and "wrote 5 pairs" in out and len(rows) == 5  # item-0 is split 1:1 and dropped
     assert all(r["preference_prob"] == 1.0 for r in rows)
-    code, out, _ = run(capsys, "export", "--db", db_url, "--project", "demo", "--output", str(out_file), "--ties", "keep")
+    code, out, _ = run(capsys, "export", "--db", db_url, "--project", "demo", "--output", str(out_file), "--ties",
+                       "keep")
     assert "wrote 6 pairs" in out
     code, out, _ = run(capsys, "export", "--db", db_url, "--project", "demo", "--output", str(out_file), "--raw")
     assert "wrote 12 labels" in out and "display_order" in out_file.read_text()

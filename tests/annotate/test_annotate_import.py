@@ -94,7 +94,8 @@ def test_project_settings_are_checked(tmp_path):
             ensure_project(session, "q", kind="stars")
     with database.write() as session:
         project, _ = ensure_project(session, "p")
-        add_items(session, project, read_items(str(write(tmp_path / "i.jsonl", [{"prompt": "x", "responses": ["a", "b"]}]))))
+        rows = [{"prompt": "x", "responses": ["a", "b"]}]
+        add_items(session, project, read_items(str(write(tmp_path / "i.jsonl", rows))))
     with database.write() as session, pytest.raises(ProjectError, match="cannot become pairwise"):
         ensure_project(session, "p", kind="pairwise")
     database.dispose()
@@ -103,7 +104,8 @@ def test_project_settings_are_checked(tmp_path):
 def test_candidates_can_be_sampled_from_a_model(tmp_path, tiny_model_dir, capsys):
     pytest.importorskip("preftune.generate")
     prompts = write(tmp_path / "prompts.jsonl", [{"prompt": "Describe the river in a few words:"},
-                                                 {"prompt": "Describe a garden in a few words:", "responses": ["calm"]}])
+                                                 {"prompt": "Describe a garden in a few words:",
+                                                  "responses": ["calm"]}])
     db = tmp_path / "a.db"
     code = main(["annotate", "import", str(prompts), "--db", str(db), "--project", "p", "--kind", "ranking",
                  "--model", str(tiny_model_dir), "--num-candidates", "4", "--max-new-tokens", "6", "--seed", "0"])
