@@ -26,6 +26,20 @@ from preftune.errors import ConfigError
 ROLES = ("system", "user", "assistant", "tool")
 
 
+def required_field(row: dict, name: str, messages: bool):
+    """A required field: a string, or (``messages``) a list of messages."""
+    if name not in row:
+        raise InvalidRow("missing field", name, "missing field")
+    value = row[name]
+    if value is None:
+        raise InvalidRow("missing field", name, "missing field (the value is empty or null)")
+    if messages:
+        return check_messages(name, value)
+    if not isinstance(value, str):
+        raise InvalidRow("wrong type", name, f"wrong type: expected a string, found {type_name(value)}")
+    return value
+
+
 def check_messages(field: str, value) -> list[dict]:
     """``value`` as a list of messages with known roles and string contents, else InvalidRow."""
     if not isinstance(value, list):
@@ -126,6 +140,8 @@ def prompt_text(tokenizer, prompt, field: str = "prompt") -> tuple[str, bool]:
     A string is used as it is (tokenise it with special tokens: BOS); a list of messages is rendered
     with the generation prompt (tokenise it without: the template wrote BOS).
     """
+    if prompt is None:
+        raise InvalidRow("missing field", field, f"missing field (every row needs a '{field}')")
     if isinstance(prompt, str):
         if not prompt.strip():
             raise InvalidRow("empty prompt", field, "empty prompt: the text is empty or only whitespace")

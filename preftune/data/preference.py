@@ -20,10 +20,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from preftune.data.load import Records
-from preftune.data.messages import (check_contents, check_messages, eos_id, render_pair, reply_text,
-                                    require_chat_template)
-from preftune.data.rows import (InvalidRow, RowProblem, SkipReport, settle_problems, summarise_problems,  # noqa: F401
-                                type_name)
+from preftune.data.messages import check_contents, eos_id, render_pair, reply_text, require_chat_template, required_field
+from preftune.data.rows import InvalidRow, RowProblem, SkipReport, settle_problems, type_name
 from preftune.errors import ConfigError, DataError
 
 FORMATS = ("standard", "conversational", "implicit_prompt")
@@ -118,19 +116,6 @@ def _check_format_matches(row: dict, style: _Style) -> None:
 # ---------------------------------------------------------------- field validation
 
 
-def _field(row: dict, name: str, messages: bool):
-    if name not in row:
-        raise InvalidRow("missing field", name, "missing field")
-    value = row[name]
-    if value is None:
-        raise InvalidRow("missing field", name, "missing field (the value is empty or null)")
-    if messages:
-        return check_messages(name, value)
-    if not isinstance(value, str):
-        raise InvalidRow("wrong type", name, f"wrong type: expected a string, found {type_name(value)}")
-    return value
-
-
 def _check_not_empty(name: str, value) -> None:
     if isinstance(value, str) and not value.strip():
         raise InvalidRow("empty response", name, "empty response: the text is empty or only whitespace")
@@ -168,8 +153,8 @@ def _margin(row: dict) -> float:
 def _row_texts(row: dict, style: _Style, tokenizer) -> tuple[str, str, str]:
     """Validate one row's prompt and responses and return (prompt text, chosen text, rejected text)."""
     _check_format_matches(row, style)
-    prompt = _field(row, "prompt", style.messages) if style.explicit_prompt else None
-    chosen, rejected = _field(row, "chosen", style.messages), _field(row, "rejected", style.messages)
+    prompt = required_field(row, "prompt", style.messages) if style.explicit_prompt else None
+    chosen, rejected = required_field(row, "chosen", style.messages), required_field(row, "rejected", style.messages)
     _check_not_empty("chosen", chosen)
     _check_not_empty("rejected", rejected)
     if chosen == rejected:
