@@ -144,7 +144,7 @@ def test_reward_model_scorer_refuses_nan_and_renders_chat_prompts(tiny_model_dir
 
 
 def test_misspelled_role_is_refused_with_a_suggestion(tmp_path, tiny_tokenizer):
-    from preftune.data import load_records, tokenize_preferences, TokenizeSettings
+    from preftune.data import TokenizeSettings, load_records, tokenize_preferences
 
     rows = [{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "calm"}],
              "rejected": [{"role": "asistant", "content": "loud"}]}]
@@ -163,7 +163,8 @@ def test_eval_accepts_message_prompts(tmp_path, tiny_model_dir, tiny_tokenizer, 
     assert rendered.count("<s>") == 1 and rendered.endswith("<|assistant|>")
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": CHAT}, {"prompt": "Describe the city"}])
     code = main(["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--max_new_tokens", "3",
-                 "--judge", "function:preftune.tasks.sentiment:sentiment_reward", "--output_dir", str(tmp_path / "out")])
+                 "--judge", "function:preftune.tasks.sentiment:sentiment_reward",
+                 "--output_dir", str(tmp_path / "out")])
     assert code == 0
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert [s["prompt"] for s in samples] == [CHAT, "Describe the city"]

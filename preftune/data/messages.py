@@ -125,7 +125,8 @@ def strip_trailing_eos(text: str, eos_token: str | None) -> str:
 def eos_id(tokenizer) -> int:
     """The id every trained response ends with; ConfigError when the tokenizer has none."""
     if tokenizer.eos_token_id is None:
-        raise ConfigError("the tokenizer has no EOS token, but every response must end with one; set tokenizer.eos_token")
+        raise ConfigError("the tokenizer has no EOS token, but every response must end with one; "
+                          "set tokenizer.eos_token")
     return tokenizer.eos_token_id
 
 

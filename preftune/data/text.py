@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from preftune.data.load import Records, load_records
-from preftune.data.packing import LMExample
 from preftune.data.messages import check_contents, check_messages, end_turn, eos_id, render, require_prefix
+from preftune.data.packing import LMExample
 from preftune.data.preference import TRUNCATION_MODES
 from preftune.data.rows import InvalidRow, RowProblem, SkipReport, settle_problems, summarise_problems, type_name
 from preftune.errors import ConfigError, DataError

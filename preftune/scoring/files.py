@@ -1,4 +1,4 @@
-"""``preftune score``: score every prompt/response row of a file with a reward model, write them back with ``reward``."""
+"""``preftune score``: score every prompt/response row of a file with a reward model; write each with its ``reward``."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def score_file(model_path, input_path, output_path, batch_size: int = 16, max_le
         prompts.append(prompt)
         responses.append(response)
     model = load_weights(model_path, tokenizer.pad_token_id, device)  # after the rows proved valid
-    scorer = RewardModelScorer(model_path, model=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                               prompt_special_tokens=not messages)
+    scorer = RewardModelScorer(model_path, model=model, tokenizer=tokenizer, batch_size=batch_size,
+                               max_length=max_length, prompt_special_tokens=not messages)
     rewards = scorer.score(prompts, responses)
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)

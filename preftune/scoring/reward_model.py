@@ -164,7 +164,8 @@ def tokenize_for_scoring(tokenizer, prompts: list, responses: list[str], max_len
     if eos is None:  # as prepare_tokenizer: an encoder's SEP
         eos, eos_text = getattr(tokenizer, "sep_token_id", None), getattr(tokenizer, "sep_token", None)
     if eos is None:
-        raise ConfigError("the tokenizer has no EOS token, but every response must end with one; set tokenizer.eos_token")
+        raise ConfigError("the tokenizer has no EOS token (nor SEP), but every response must end with one; "
+                          "set tokenizer.eos_token")
     if not prompts:
         return []
     prompt_ids = _encode_prompts(tokenizer, prompts, prompt_special_tokens)

@@ -194,10 +194,10 @@ def ppo_runs(scale: DemoScale, sft: Path, reward: Path, root: Path) -> list[Path
 
 def evaluate_all(scale: DemoScale, sft: Path, reward: Path, runs: list[Path], root: Path) -> list[MethodResult]:
     """Every model samples once per held-out prefix; the oracle scores, KL is measured against SFT."""
-    from ..scoring import FunctionScorer
     from ..evaluate.sampling import evaluate_policy
     from ..generate import SamplingSettings
     from ..models import load_causal_lm, load_tokenizer
+    from ..scoring import FunctionScorer
 
     prompts = SentimentTask(eval_prompts=scale.eval_prompts, seed=scale.seed).eval_prefixes() * scale.eval_repeats
     settings = SamplingSettings(max_new_tokens=scale.max_new_tokens)

@@ -52,7 +52,8 @@ def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int, ski
     report = settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
     if report.skipped:
         reasons = ", ".join(f"{n} x {kind}" for kind, n in sorted(report.skipped.items()))
-        console.print(f"[yellow]{records.name}: skipped {report.total - report.kept} of {report.total} rows ({reasons})")
+        skipped = report.total - report.kept
+        console.print(f"[yellow]{records.name}: skipped {skipped} of {report.total} rows ({reasons})")
     return examples
 
 
