@@ -109,16 +109,10 @@ def encode_prompts(tokenizer, prompts: list, chat: bool = False) -> list[list[in
     A plain string gets the tokenizer's special tokens (BOS); a conversation is rendered by the chat
     template with the generation prompt, and the template supplies BOS itself.
     """
-    out = []
-    for prompt in prompts:
-        if chat and isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if isinstance(prompt, str):
-            out.append(list(tokenizer(prompt, add_special_tokens=True)["input_ids"]))
-        else:
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    return out
+    from .data.messages import prompt_ids
+
+    return [prompt_ids(tokenizer, [{"role": "user", "content": p}] if chat and isinstance(p, str) else p)
+            for p in prompts]
 
 
 def _pad_id(tokenizer) -> int:

@@ -5,7 +5,7 @@ import pytest
 
 from preftune.demo.pipeline import DemoScale, base_model, dpo_runs, preference_pairs, supervised_model
 from preftune.demo.sentiment import SentimentTask, review_corpus, sentiment_reward
-from preftune.evaluate.judges import FunctionJudge
+from preftune.scoring import FunctionScorer
 from preftune.evaluate.sampling import evaluate_policy
 from preftune.generate import SamplingSettings
 from preftune.models import load_causal_lm, load_tokenizer
@@ -30,7 +30,7 @@ def test_dpo_raises_oracle_reward_over_sft(tmp_path):
 
     tokenizer, reference = load_tokenizer(str(sft)), load_causal_lm(str(sft))
     prompts = SentimentTask(eval_prompts=48, seed=scale.seed).eval_prefixes() * 2
-    oracle = FunctionJudge("preftune.demo.sentiment:sentiment_reward")
+    oracle = FunctionScorer("preftune.demo.sentiment:sentiment_reward")
     settings = SamplingSettings(max_new_tokens=20)
     before = evaluate_policy(reference, tokenizer, prompts, settings, judge=oracle, ref_model=reference, seed=5).metrics
     after = evaluate_policy(load_causal_lm(str(dpo_dir / "model")), tokenizer, prompts, settings, judge=oracle,

@@ -10,7 +10,9 @@ import pytest
 
 from preftune.errors import PreftuneError
 from preftune.evaluate.diversity import bleu, distinct_n, self_bleu
-from preftune.evaluate.judges import FunctionJudge, LLMJudge, make_judge, win_rate
+from preftune.evaluate.judges import make_judge, win_rate
+from preftune.scoring import FunctionScorer
+from preftune.scoring.llm import LLMJudge
 from preftune.evaluate.report import write_report
 
 
@@ -33,7 +35,7 @@ def test_bleu_and_self_bleu():
 
 
 def test_function_judge_and_win_rate():
-    judge = FunctionJudge("preftune.demo.sentiment:sentiment_reward")
+    judge = FunctionScorer("preftune.demo.sentiment:sentiment_reward")
     scores = judge.score(["p", "p"], ["a wonderful, brilliant film", "an awful, boring mess"])
     assert scores[0] > 0.5 > -0.5 > scores[1]
     rate = win_rate(judge, ["p"] * 3, ["great fun", "terrible", "okay"], ["terrible", "great fun", "okay"])

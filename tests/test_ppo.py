@@ -240,7 +240,7 @@ def test_config_and_prompt_errors_are_for_people(setup, tmp_path):
         train_ppo(config(setup, tmp_path / "bad-run", dataset=str(bad)))
     with pytest.raises(ConfigError, match="fewer than one rollout batch"):  # 1 valid row after skipping
         train_ppo(config(setup, tmp_path / "skip-run", dataset=str(bad), skip_invalid=True, overwrite_output_dir=True))
-    with pytest.raises(ConfigError, match="reward function .* cannot import"):
+    with pytest.raises(ConfigError, match="reward_function .* cannot import"):
         train_ppo(config(setup, tmp_path / "fn-run", reward_function="no_such_module:fn", overwrite_output_dir=True))
 
 

@@ -1,9 +1,13 @@
 """Projects and their items: prompts with 2..N candidate responses, from a file or sampled from a model.
 
 Input rows (any file ``preftune.data.load_records`` reads: JSONL, JSON, CSV, Parquet):
-``prompt`` plus the candidates as ``responses`` (a list), ``response_1``, ``response_2``, ... columns,
+``prompt`` (a string, or a conversation: a list of chat messages) plus the candidates as ``responses`` (a list), ``response_1``, ``response_2``, ... columns,
 or ``chosen`` / ``rejected``; optional ``id``. A bad row stops the import with the same row-numbered
 message as bad training data. Items already in the project (same id) are left alone.
+
+A conversation prompt is shown to annotators as "role: content" lines and kept in the item's
+``meta["prompt_messages"]``: candidates sampled from a model, and the reward model ordering the
+queue, read it through their own chat templates.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 from sqlalchemy import func, select, text, update
 
 from preftune.data.load import load_records
+from preftune.data.messages import check_messages, plain_text
+from preftune.data.rows import InvalidRow
 from preftune.errors import ConfigError, DataError, PreftuneError
 
 from .answers import MAX_CANDIDATES
@@ -41,6 +47,11 @@ class ItemSpec:
     candidates: list[str]
     meta: dict = field(default_factory=dict)
     row: int = 0
+
+    @property
+    def model_prompt(self) -> str | list:
+        """What a model reads: the conversation when the prompt is one, else the text."""
+        return self.meta.get("prompt_messages") or self.prompt
 
 
 def get_project(session, name: str) -> Project:
@@ -111,6 +122,20 @@ def _text(source: str, number: int, name: str, value) -> str:
     return value
 
 
+def _prompt(source: str, row: dict, number: int) -> tuple[str, list | None]:
+    """(text shown to annotators, the conversation or None) of the row's prompt."""
+    value = row.get("prompt")
+    if not isinstance(value, list):
+        return _text(source, number, "prompt", value), None
+    try:
+        messages = check_messages("prompt", value)
+    except InvalidRow as invalid:
+        raise invalid.problem(source, number).error from None
+    if not any(m["content"].strip() for m in messages):
+        raise DataError(source, "is empty (no message has content)", row=number, field="prompt")
+    return _text(source, number, "prompt", plain_text(messages)), messages
+
+
 def _candidates(source: str, row: dict, number: int, required: int) -> list[str]:
     numbered = sorted((int(m.group(1)), key) for key in row if (m := RESPONSE_COLUMN.match(key)))
     if row.get("responses") is not None:
@@ -140,7 +165,7 @@ def _candidates(source: str, row: dict, number: int, required: int) -> list[str]
     return texts
 
 
-def _row_id(source: str, row: dict, number: int, prompt: str, candidates: list[str]) -> str:
+def _row_id(source: str, row: dict, number: int, prompt: str | list, candidates: list[str]) -> str:
     value = row.get("id")
     if value is None or value == "":
         digest = hashlib.sha256(json.dumps([prompt, candidates]).encode()).hexdigest()
@@ -164,14 +189,15 @@ def read_items(source: str, generating: bool = False) -> list[ItemSpec]:
     records = load_records(source)
     specs, seen = [], {}
     for row, number in zip(records.rows, records.row_numbers):
-        prompt = _text(records.name, number, "prompt", row.get("prompt"))
+        prompt, messages = _prompt(records.name, row, number)
         candidates = _candidates(records.name, row, number, 0 if generating else 2)
-        external_id = _row_id(records.name, row, number, prompt, candidates)
+        external_id = _row_id(records.name, row, number, messages or prompt, candidates)
         if external_id in seen:
             raise DataError(records.name, f"duplicate id {external_id!r} (first used on row {seen[external_id]})",
                             row=number, field="id")
         seen[external_id] = number
-        specs.append(ItemSpec(external_id, prompt, candidates, _meta(row), number))
+        meta = {**_meta(row), "prompt_messages": messages} if messages else _meta(row)
+        specs.append(ItemSpec(external_id, prompt, candidates, meta, number))
     return specs
 
 
@@ -191,7 +217,7 @@ def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
     model.eval()
-    outputs = generate_texts(model, tokenizer, [s.prompt for s in specs], settings, n=n, batch_size=batch_size,
+    outputs = generate_texts(model, tokenizer, [s.model_prompt for s in specs], settings, n=n, batch_size=batch_size,
                              seed=seed, chat=chat)
     for spec, texts in zip(specs, outputs):
         spec.meta["generated_by"] = str(model_path)

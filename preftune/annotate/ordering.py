@@ -1,7 +1,7 @@
 """Active learning: serve first the items whose candidates a reward model separates least.
 
-A scorer is any callable ``scorer(prompts, responses) -> list[float]``. An item's priority is the
-smallest score gap between two of its candidates (the pair the model is least sure of); the queue
+A scorer is a :mod:`preftune.scoring` scorer or any callable ``scorer(prompts, responses) -> scores``
+(its scores pass the same checks as every scorer's). An item's priority is the smallest score gap between two of its candidates (the pair the model is least sure of); the queue
 serves small priorities first. ``RewardModelWatcher`` re-ranks every project when the reward model
 on disk changes (for example after it was retrained on the newest labels).
 """
@@ -16,9 +16,10 @@ from typing import Callable
 from rich.console import Console
 from sqlalchemy import select, update
 
+from preftune.scoring import Scorer, as_scorer
+
 from .models import Item, Project
 
-Scorer = Callable[[list[str], list[str]], list[float]]
 console = Console(stderr=True)
 
 
@@ -27,22 +28,25 @@ def least_separated(scores: list[float]) -> float:
     return min(abs(a - b) for a, b in combinations(scores, 2))
 
 
-def rerank_project(db, project_name: str, scorer: Scorer, source: str = "scorer", chunk: int = 256) -> int:
-    """Score every candidate of a project's items and store each item's priority; returns items scored."""
+def rerank_project(db, project_name: str, scorer: Scorer | Callable, source: str = "scorer", chunk: int = 256) -> int:
+    """Score every candidate of a project's items and store each item's priority; returns items scored.
+
+    An item imported with a conversation as its prompt is scored on those messages (``meta["prompt_messages"]``).
+    """
+    scorer = as_scorer(scorer, "scorer")
     with db.read() as session:
         project = session.scalar(select(Project).where(Project.name == project_name))
-        items = session.execute(select(Item.id, Item.prompt, Item.candidates)
+        items = session.execute(select(Item.id, Item.prompt, Item.candidates, Item.meta)
                                 .where(Item.project_id == project.id).order_by(Item.id)).all()
     done = 0
     for start in range(0, len(items), chunk):
         part = items[start:start + chunk]
-        prompts = [prompt for _, prompt, candidates in part for _ in candidates]
-        responses = [text for _, _, candidates in part for text in candidates]
-        scores = [float(s) for s in scorer(prompts, responses)]
-        if len(scores) != len(responses):
-            raise ValueError(f"the scorer returned {len(scores)} scores for {len(responses)} responses")
+        prompts = [(meta or {}).get("prompt_messages") or prompt for _, prompt, candidates, meta in part
+                   for _ in candidates]
+        responses = [text for _, _, candidates, _ in part for text in candidates]
+        scores = scorer.score(prompts, responses)
         priorities, at = [], 0
-        for item_id, _, candidates in part:
+        for item_id, _, candidates, _ in part:
             priorities.append((item_id, least_separated(scores[at:at + len(candidates)])))
             at += len(candidates)
         with db.write() as session:
@@ -54,7 +58,7 @@ def rerank_project(db, project_name: str, scorer: Scorer, source: str = "scorer"
     return done
 
 
-def rerank_all(db, scorer: Scorer, source: str) -> int:
+def rerank_all(db, scorer: Scorer | Callable, source: str) -> int:
     with db.read() as session:
         names = list(session.scalars(select(Project.name).order_by(Project.id)))
     return sum(rerank_project(db, name, scorer, source) for name in names)
@@ -62,14 +66,9 @@ def rerank_all(db, scorer: Scorer, source: str) -> int:
 
 def reward_model_scorer(path: str, batch_size: int = 16, device: str | None = None) -> Scorer:
     """A scorer backed by a reward model trained with ``preftune reward``."""
-    from preftune.train.reward import load_reward_model, score_texts
+    from preftune.scoring.reward_model import RewardModelScorer
 
-    model, tokenizer = load_reward_model(path, device=device)
-
-    def scorer(prompts: list[str], responses: list[str]) -> list[float]:
-        return score_texts(model, tokenizer, prompts, responses, batch_size)
-
-    return scorer
+    return RewardModelScorer(path, device=device, batch_size=batch_size)
 
 
 def model_version(path: str) -> float | None:

@@ -36,29 +36,31 @@ def report_arguments(rep) -> None:
     rep.add_argument("--title", default="preftune report")
 
 
-def _prompts(path: str) -> list[str]:
+def _prompts(path: str, tokenizer) -> list:
+    """The 'prompt' column: strings, or lists of chat messages (checked by rendering them with the chat template)."""
     from ..data import load_records
+    from ..data.messages import prompt_text
+    from ..data.rows import InvalidRow
 
     records = load_records(path)
-    prompts = []
     for row, number in zip(records.rows, records.row_numbers):
-        value = row.get("prompt")
-        if not isinstance(value, str) or not value.strip():
-            raise DataError(records.name, "expected a non-empty string", row=number, field="prompt")
-        prompts.append(value)
-    return prompts
+        try:
+            prompt_text(tokenizer, row.get("prompt"))
+        except InvalidRow as invalid:
+            raise invalid.problem(records.name, number).error from None
+    return [row["prompt"] for row in records.rows]
 
 
 def run_eval(args) -> int:
-    from ..evaluate.judges import make_judge
+    from ..evaluate.judges import is_scoring, make_judge
     from ..evaluate.sampling import evaluate_policy, pair_accuracy, sample_responses
     from ..generate import SamplingSettings
     from ..models import load_any_causal_lm, load_tokenizer
 
-    prompts = _prompts(args.prompts)
+    tokenizer = load_tokenizer(args.model)
+    prompts = _prompts(args.prompts, tokenizer)
     judge = make_judge(args.judge, judge_model=args.judge_model) if args.judge else None
     model = load_any_causal_lm(args.model)
-    tokenizer = load_tokenizer(args.model)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p)
     baseline = None
@@ -72,9 +74,7 @@ def run_eval(args) -> int:
                              seed=args.seed, batch_size=args.batch_size)
     metrics = dict(result.metrics)
     if args.pairs:
-        from ..evaluate.judges import ScoringJudge
-
-        if not isinstance(judge, ScoringJudge):
+        if judge is None or not is_scoring(judge):
             raise DataError(args.pairs, "pair accuracy needs a scoring judge (reward_model: or function:)")
         from ..data import load_records
 

@@ -22,7 +22,7 @@ def score_arguments(score) -> None:
 
 
 def run_score(args) -> int:
-    from ..train.reward import score_file
+    from ..scoring.files import score_file
 
     result = score_file(args.model, args.input, args.output, batch_size=args.batch_size, max_length=args.max_length,
                         split=args.split, device=args.device)

@@ -3,8 +3,8 @@
 from preftune.data.check import DatasetReport, check_dataset, render_report, report_to_dict
 from preftune.data.collate import collate_completions, collate_pairs, collate_pairs_fn
 from preftune.data.load import Records, load_records
-from preftune.data.preference import (SkipReport, TokenizedPair, TokenizeSettings, detect_format,
-                                      tokenize_preferences)
+from preftune.data.preference import TokenizedPair, TokenizeSettings, detect_format, tokenize_preferences
+from preftune.data.rows import SkipReport
 
 __all__ = [
     "DatasetReport", "Records", "SkipReport", "TokenizeSettings", "TokenizedPair",

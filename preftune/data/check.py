@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from preftune.data.load import Records, load_records
 from preftune.data.preference import (TokenizedPair, TokenizeSettings, check_settings, detect_format, fit_pairs,
-                                      summarise_problems, tokenize_untruncated)
+                                      tokenize_untruncated)
+from preftune.data.rows import summarise_problems
 
 LENGTH_BIAS_THRESHOLD = 0.65    # warn when one side is the longer one in more than this share of pairs
 DUPLICATE_THRESHOLD = 0.01      # warn when more than this share of rows repeat an earlier row

@@ -20,11 +20,13 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from preftune.data.load import Records
+from preftune.data.messages import (check_contents, eos_id, render_pair, reply_text, require_chat_template,
+                                    required_field)
+from preftune.data.rows import InvalidRow, RowProblem, SkipReport, settle_problems, type_name
 from preftune.errors import ConfigError, DataError
 
 FORMATS = ("standard", "conversational", "implicit_prompt")
 TRUNCATION_MODES = ("keep_end", "keep_start", "error")
-MAX_EXAMPLES = 5
 
 
 @dataclass
@@ -47,35 +49,6 @@ class TokenizedPair:
     preference_prob: float
     margin: float
     row: int
-
-
-@dataclass
-class SkipReport:
-    """How many rows were read and kept, and why the others were not."""
-
-    total: int
-    kept: int
-    skipped: dict[str, int]
-    examples: list[str]
-
-
-@dataclass
-class RowProblem:
-    """One invalid row: the kind of problem (for counting) and the error to show."""
-
-    kind: str
-    error: DataError
-
-
-class InvalidRow(Exception):
-    """Raised inside row validation; turned into a :class:`RowProblem` with the file and row."""
-
-    def __init__(self, kind: str, field: str, reason: str, fatal: bool = False):
-        super().__init__(reason)
-        self.kind, self.field, self.reason, self.fatal = kind, field, reason, fatal
-
-    def problem(self, source: str, row: int) -> RowProblem:
-        return RowProblem(self.kind, DataError(source, self.reason, row=row, field=self.field))
 
 
 @dataclass
@@ -144,49 +117,6 @@ def _check_format_matches(row: dict, style: _Style) -> None:
 # ---------------------------------------------------------------- field validation
 
 
-def _type_name(value) -> str:
-    if value is None:
-        return "null"
-    names = {str: "a string", list: "a list", dict: "an object", bool: "a boolean"}
-    if type(value) in names:
-        return names[type(value)]
-    return "a number" if isinstance(value, numbers.Number) else type(value).__name__
-
-
-def _field(row: dict, name: str, messages: bool):
-    if name not in row:
-        raise InvalidRow("missing field", name, "missing field")
-    value = row[name]
-    if value is None:
-        raise InvalidRow("missing field", name, "missing field (the value is empty or null)")
-    if messages:
-        return _check_messages(name, value)
-    if not isinstance(value, str):
-        raise InvalidRow("wrong type", name, f"wrong type: expected a string, found {_type_name(value)}")
-    return value
-
-
-def _check_messages(name: str, value) -> list[dict]:
-    if not isinstance(value, list):
-        raise InvalidRow("wrong type", name, "wrong type: expected a list of messages (objects with 'role' "
-                                             f"and 'content'), found {_type_name(value)}")
-    for number, message in enumerate(value, start=1):
-        _check_message(name, number, message)
-    return value
-
-
-def _check_message(name: str, number: int, message) -> None:
-    if not isinstance(message, dict):
-        raise InvalidRow("bad message", name, f"malformed message {number}: expected an object with 'role' "
-                                              f"and 'content', found {_type_name(message)}")
-    for key in ("role", "content"):
-        if key not in message or message[key] is None:
-            raise InvalidRow("bad message", name, f"malformed message {number}: no '{key}'")
-        if not isinstance(message[key], str):
-            raise InvalidRow("bad message", name, f"malformed message {number}: '{key}' must be a string, "
-                                                  f"found {_type_name(message[key])}")
-
-
 def _check_not_empty(name: str, value) -> None:
     if isinstance(value, str) and not value.strip():
         raise InvalidRow("empty response", name, "empty response: the text is empty or only whitespace")
@@ -194,18 +124,12 @@ def _check_not_empty(name: str, value) -> None:
         raise InvalidRow("empty response", name, "empty response: no messages")
 
 
-def _check_message_contents(name: str, messages: list[dict]) -> None:
-    for number, message in enumerate(messages, start=1):
-        if not message["content"].strip():
-            raise InvalidRow("empty response", name, f"empty response: message {number} has empty content")
-
-
 def _optional_number(row: dict, name: str, default: float) -> float:
     value = row.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InvalidRow("wrong type", name, f"wrong type: expected a number, found {_type_name(value)} ({value!r})")
+        raise InvalidRow("wrong type", name, f"wrong type: expected a number, found {type_name(value)} ({value!r})")
     return float(value)
 
 
@@ -230,8 +154,8 @@ def _margin(row: dict) -> float:
 def _row_texts(row: dict, style: _Style, tokenizer) -> tuple[str, str, str]:
     """Validate one row's prompt and responses and return (prompt text, chosen text, rejected text)."""
     _check_format_matches(row, style)
-    prompt = _field(row, "prompt", style.messages) if style.explicit_prompt else None
-    chosen, rejected = _field(row, "chosen", style.messages), _field(row, "rejected", style.messages)
+    prompt = required_field(row, "prompt", style.messages) if style.explicit_prompt else None
+    chosen, rejected = required_field(row, "chosen", style.messages), required_field(row, "rejected", style.messages)
     _check_not_empty("chosen", chosen)
     _check_not_empty("rejected", rejected)
     if chosen == rejected:
@@ -244,8 +168,8 @@ def _row_texts(row: dict, style: _Style, tokenizer) -> tuple[str, str, str]:
         _check_not_empty("chosen", chosen)
         _check_not_empty("rejected", rejected)
         return prompt, chosen, rejected
-    _check_message_contents("chosen", chosen)
-    _check_message_contents("rejected", rejected)
+    check_contents("chosen", chosen)
+    check_contents("rejected", rejected)
     return _render_conversation(prompt, chosen, rejected, tokenizer)
 
 
@@ -279,37 +203,8 @@ def _split_shared_messages(chosen: list[dict], rejected: list[dict]) -> tuple[li
 
 
 def _render_conversation(prompt: list, chosen: list, rejected: list, tokenizer) -> tuple[str, str, str]:
-    generation_prompt = chosen[0]["role"] == "assistant"
-    prompt_text = _render(tokenizer, prompt, "prompt", add_generation_prompt=generation_prompt)
-    return (prompt_text, _completion_text(tokenizer, prompt, prompt_text, chosen, "chosen"),
-            _completion_text(tokenizer, prompt, prompt_text, rejected, "rejected"))
-
-
-def _render(tokenizer, messages: list, field: str, add_generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # template errors (jinja, raise_exception) are about these messages
-        raise InvalidRow("bad message", field, f"the chat template could not render these messages: {exc}") from None
-
-
-def _completion_text(tokenizer, prompt: list, prompt_text: str, response: list, field: str) -> str:
-    full = _render(tokenizer, prompt + response, field)
-    if not full.startswith(prompt_text):
-        raise InvalidRow("chat template", field,
-                         "the chat template is not prefix-stable: the prompt rendered alone (with "
-                         f"add_generation_prompt) ends {prompt_text[-40:]!r}, but prompt + response renders "
-                         f"{full[max(0, len(prompt_text) - 40):len(prompt_text)]!r} there, so the prompt tokens "
-                         "cannot be shared by both responses; use a chat template that renders a conversation "
-                         "as its prompt followed by the reply", fatal=True)
-    return _strip_trailing_eos(full[len(prompt_text):], tokenizer.eos_token)
-
-
-def _strip_trailing_eos(text: str, eos_token: str | None) -> str:
-    """Templates that close replies with the EOS text would get it twice: we append EOS ids ourselves."""
-    trimmed = text.rstrip()
-    if eos_token and trimmed.endswith(eos_token) and len(trimmed) > len(eos_token):
-        return trimmed[: -len(eos_token)]
-    return text
+    prompt_text, chosen_text = render_pair(tokenizer, prompt, chosen, "chosen")
+    return prompt_text, chosen_text, reply_text(tokenizer, prompt, prompt_text, rejected, "rejected")
 
 
 def _validate_rows(records: Records, style: _Style, tokenizer) -> tuple[list[_RowTexts], list[RowProblem]]:
@@ -341,19 +236,6 @@ def check_settings(settings: TokenizeSettings) -> None:
         raise ConfigError(f"max_prompt_length must be at least 1, not {settings.max_prompt_length}")
 
 
-def _eos_id(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("the tokenizer has no EOS token, but every response must end with one; "
-                          "set tokenizer.eos_token")
-    return tokenizer.eos_token_id
-
-
-def _require_chat_template(tokenizer) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("this dataset holds conversations (lists of messages), but the tokenizer has no "
-                          "chat template to render them")
-
-
 def _token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
     if not texts:
         return []
@@ -362,10 +244,10 @@ def _token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[li
 
 def tokenize_untruncated(records: Records, tokenizer) -> tuple[list[TokenizedPair], list[RowProblem]]:
     """Validate every row and tokenise the valid ones in full; no length limit is applied."""
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     style = _detect_style(records)
     if style.messages:
-        _require_chat_template(tokenizer)
+        require_chat_template(tokenizer)
     texts, problems = _validate_rows(records, style, tokenizer)
     # A chat template writes BOS itself; a plain prompt gets it from the tokenizer.
     prompts = _token_ids(tokenizer, [t.prompt for t in texts], add_special_tokens=not style.messages)
@@ -434,26 +316,6 @@ def fit_pairs(pairs: list[TokenizedPair], settings: TokenizeSettings,
         except InvalidRow as invalid:
             problems.append(invalid.problem(source, pair.row))
     return fitted, problems
-
-
-def summarise_problems(total: int, kept: int, problems: list[RowProblem]) -> SkipReport:
-    """A SkipReport: counts by kind and the first few messages, in row order."""
-    ordered = sorted(problems, key=lambda p: p.error.row or 0)
-    return SkipReport(total=total, kept=kept, skipped=dict(Counter(p.kind for p in ordered)),
-                      examples=[str(p.error) for p in ordered[:MAX_EXAMPLES]])
-
-
-def settle_problems(source: str, total: int, kept: list, problems: list[RowProblem], skip_invalid: bool) -> SkipReport:
-    """Raise the first invalid row's error (unless ``skip_invalid``), or if no row is left; else the report."""
-    problems = sorted(problems, key=lambda p: p.error.row or 0)
-    if problems and not skip_invalid:
-        raise problems[0].error
-    report = summarise_problems(total, len(kept), problems)
-    if not kept:
-        counts = ", ".join(f"{kind}: {count}" for kind, count in report.skipped.items())
-        raise DataError(source, f"no valid rows: all {report.total} rows are invalid ({counts}); "
-                                f"the first: {report.examples[0]}")
-    return report
 
 
 def tokenize_preferences(records: Records, tokenizer, settings: TokenizeSettings,

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from preftune.data.load import Records, load_records
+from preftune.data.messages import check_contents, check_messages, end_turn, eos_id, render, require_prefix
 from preftune.data.packing import LMExample
-from preftune.data.preference import (TRUNCATION_MODES, InvalidRow, RowProblem, SkipReport, _check_messages,
-                                      _type_name, settle_problems, summarise_problems)
+from preftune.data.preference import TRUNCATION_MODES
+from preftune.data.rows import InvalidRow, RowProblem, SkipReport, settle_problems, summarise_problems, type_name
 from preftune.errors import ConfigError, DataError
 
 SFT_FORMATS = ("prompt_completion", "messages", "text")
@@ -90,7 +91,7 @@ def read_documents(source: str, split: str = "train", text_column: str = "text",
 
 def tokenize_documents(texts: list[str], tokenizer, batch_size: int = 1000) -> list[list[int]]:
     """Token ids of each document with the tokenizer's special tokens (BOS) and EOS at the end."""
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     documents = []
     for start in range(0, len(texts), batch_size):
         for ids in tokenizer(texts[start:start + batch_size], add_special_tokens=True, verbose=False)["input_ids"]:
@@ -143,7 +144,7 @@ def _string(row: dict, name: str, empty_kind: str | None) -> str:
     if value is None:
         raise InvalidRow("missing field", name, "missing field (the value is empty or null)")
     if not isinstance(value, str):
-        raise InvalidRow("wrong type", name, f"wrong type: expected a string, found {_type_name(value)}")
+        raise InvalidRow("wrong type", name, f"wrong type: expected a string, found {type_name(value)}")
     if empty_kind and not value.strip():
         raise InvalidRow(empty_kind, name, f"{empty_kind}: the text is empty or only whitespace")
     return value
@@ -152,29 +153,10 @@ def _string(row: dict, name: str, empty_kind: str | None) -> str:
 def _messages(row: dict, name: str) -> list[dict]:
     if name not in row or row[name] is None:
         raise InvalidRow("missing field", name, "missing field")
-    messages = _check_messages(name, row[name])
+    messages = check_messages(name, row[name])
     if not messages:
         raise InvalidRow("empty completion", name, "no messages")
     return messages
-
-
-def _render(tokenizer, messages: list[dict], field: str, add_generation_prompt: bool = False) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("this dataset holds conversations (lists of messages), but the tokenizer has no chat "
-                          "template to render them")
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # template errors (jinja, raise_exception) are about these messages
-        raise InvalidRow("bad message", field, f"the chat template could not render these messages: {exc}") from None
-
-
-def _require_prefix(prefix: str, text: str, field: str) -> None:
-    if not text.startswith(prefix):
-        raise InvalidRow("chat template", field,
-                         "the chat template is not prefix-stable: a conversation rendered up to a reply does not "
-                         f"begin with its rendering up to the turn before ({prefix[-40:]!r} vs "
-                         f"{text[max(0, len(prefix) - 40):len(prefix)]!r}), so the context tokens cannot be split "
-                         "from the reply's", fatal=True)
 
 
 def _conversation_segments(messages: list[dict], tokenizer) -> list[_Segment]:
@@ -190,10 +172,10 @@ def _conversation_segments(messages: list[dict], tokenizer) -> list[_Segment]:
             raise InvalidRow("empty completion", "messages", f"message {i + 1} (assistant) has empty content")
     segments, done = [], ""
     for i in turns:
-        before = _render(tokenizer, messages[:i], "messages", add_generation_prompt=True)
-        after = _render(tokenizer, messages[:i + 1], "messages")
-        _require_prefix(done, before, "messages")
-        _require_prefix(before, after, "messages")
+        before = render(tokenizer, messages[:i], "messages", add_generation_prompt=True)
+        after = render(tokenizer, messages[:i + 1], "messages")
+        require_prefix(done, before, "messages")
+        require_prefix(before, after, "messages")
         segments += [_Segment(before[len(done):], False), _Segment(after[len(before):], True)]
         done = after
     return segments
@@ -209,12 +191,10 @@ def _prompt_completion_segments(row: dict, tokenizer) -> list[_Segment]:
         raise InvalidRow("wrong type", "completion", "wrong type: expected a string like the prompt, found a list")
     if isinstance(leader, list):
         prompt, completion = _messages(row, "prompt"), _messages(row, "completion")
-        for number, message in enumerate(completion, start=1):
-            if not message["content"].strip():
-                raise InvalidRow("empty completion", "completion", f"message {number} has empty content")
-        prompt_text = _render(tokenizer, prompt, "prompt", add_generation_prompt=completion[0]["role"] == "assistant")
-        full = _render(tokenizer, prompt + completion, "completion")
-        _require_prefix(prompt_text, full, "completion")
+        check_contents("completion", completion, "empty completion")
+        prompt_text = render(tokenizer, prompt, "prompt", add_generation_prompt=completion[0]["role"] == "assistant")
+        full = render(tokenizer, prompt + completion, "completion")
+        require_prefix(prompt_text, full, "completion")  # the template's own end of turn is kept (see end_turn)
         return [_Segment(prompt_text, False), _Segment(full[len(prompt_text):], True)]
     prompt = _string(row, "prompt", None)
     completion = _string(row, "completion", "empty completion")
@@ -231,13 +211,6 @@ def _row_segments(row: dict, fmt: str, tokenizer) -> list[_Segment]:
     if fmt == "messages":
         return _conversation_segments(_messages(row, "messages"), tokenizer)
     return _prompt_completion_segments(row, tokenizer)
-
-
-def _eos_id(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("the tokenizer has no EOS token, but every sequence must end with one; "
-                          "set tokenizer.eos_token")
-    return tokenizer.eos_token_id
 
 
 def _tokenize_segments(rows: list[list[_Segment]], tokenizer) -> list[list[list[int]]]:
@@ -258,8 +231,8 @@ def _build_example(segments: list[_Segment], pieces: list[list[int]], eos: int, 
     trained: list[bool] = []
     prompt_length = 0
     for index, (segment, piece) in enumerate(zip(segments, pieces)):
-        if segment.trained and eos not in piece:
-            piece = piece + [eos]
+        if segment.trained:
+            piece = end_turn(piece, eos)
         ids += piece
         trained += [segment.trained or not settings.completion_only_loss] * len(piece)
         if index == 0 and not segment.trained:
@@ -297,7 +270,7 @@ def tokenize_sft(records: Records, tokenizer, settings: SFTSettings,
                           f"not {settings.truncation_mode!r}")
     if settings.max_length < 2:
         raise ConfigError(f"max_length must be at least 2, not {settings.max_length}")
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     fmt = detect_sft_format(records)
     kept: list[tuple[int, list[_Segment]]] = []
     problems: list[RowProblem] = []

@@ -196,14 +196,14 @@ def ppo_runs(scale: DemoScale, sft: Path, reward: Path, root: Path) -> list[Path
 
 def evaluate_all(scale: DemoScale, sft: Path, reward: Path, runs: list[Path], root: Path) -> list[MethodResult]:
     """Every model samples once per held-out prefix; the oracle scores, KL is measured against SFT."""
-    from ..evaluate.judges import FunctionJudge
     from ..evaluate.sampling import evaluate_policy
     from ..generate import SamplingSettings
     from ..models import load_causal_lm, load_tokenizer
+    from ..scoring import FunctionScorer
 
     prompts = SentimentTask(eval_prompts=scale.eval_prompts, seed=scale.seed).eval_prefixes() * scale.eval_repeats
     settings = SamplingSettings(max_new_tokens=scale.max_new_tokens)
-    oracle = FunctionJudge("preftune.demo.sentiment:sentiment_reward")
+    oracle = FunctionScorer("preftune.demo.sentiment:sentiment_reward")
     tokenizer = load_tokenizer(str(sft))
     reference = load_causal_lm(str(sft))
     reference.eval()
@@ -230,14 +230,14 @@ def best_of_n(scale, sft_model, tokenizer, reward: Path, prompts, settings, root
     from ..evaluate.diversity import diversity_metrics
     from ..evaluate.judges import win_rate
     from ..generate import generate_texts
-    from ..train.reward import load_reward_model, score_texts
+    from ..scoring.reward_model import RewardModelScorer
 
     n = scale.best_of_n
-    rm, rm_tokenizer = load_reward_model(str(reward))
+    rm = RewardModelScorer(str(reward), batch_size=64)
     samples = generate_texts(sft_model, tokenizer, prompts, settings, n=n, batch_size=64, seed=scale.seed + 11)
     picked = []
     for prompt, texts in zip(prompts, samples):
-        scores = score_texts(rm, rm_tokenizer, [prompt] * n, texts, batch_size=64)
+        scores = rm.score([prompt] * n, texts)
         picked.append(texts[max(range(n), key=scores.__getitem__)])
     scores = oracle.score(prompts, picked)
     metrics = {"n": float(len(prompts)), "reward": statistics.mean(scores), "reward_std": statistics.pstdev(scores),

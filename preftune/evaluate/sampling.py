@@ -21,12 +21,12 @@ import torch
 from ..data.collate import collate_completions
 from ..logprobs import sequence_logprobs, token_logprobs_and_entropy
 from .diversity import diversity_metrics
-from .judges import ScoringJudge, win_rate
+from .judges import is_scoring, win_rate
 
 
 @dataclass
 class Samples:
-    prompts: list[str]
+    prompts: list            # strings, or lists of chat messages (rendered with the chat template)
     responses: list[str]
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
@@ -49,7 +49,7 @@ class Evaluation:
         return rows
 
 
-def sample_responses(model, tokenizer, prompts: list[str], settings, *, seed: int = 0, batch_size: int = 16) -> Samples:
+def sample_responses(model, tokenizer, prompts: list, settings, *, seed: int = 0, batch_size: int = 16) -> Samples:
     from ..generate import encode_prompts, generate_ids
 
     prompt_ids = encode_prompts(tokenizer, prompts)
@@ -82,7 +82,7 @@ def response_statistics(model, samples: Samples, pad_token_id: int, *, ref_model
     return out
 
 
-def evaluate_policy(model, tokenizer, prompts: list[str], settings, *, judge=None, ref_model=None,
+def evaluate_policy(model, tokenizer, prompts: list, settings, *, judge=None, ref_model=None,
                     baseline_responses: list[str] | None = None, seed: int = 0, batch_size: int = 16) -> Evaluation:
     """Sample once per prompt and measure everything that is available (see the module docstring)."""
     was_training = model.training
@@ -102,7 +102,7 @@ def evaluate_policy(model, tokenizer, prompts: list[str], settings, *, judge=Non
         metrics["kl"] = statistics.mean(kls)
         metrics["kl_std_error"] = statistics.pstdev(kls) / max(len(kls), 1) ** 0.5
     scores: list[float] = []
-    if isinstance(judge, ScoringJudge):
+    if judge is not None and is_scoring(judge):
         scores = judge.score(prompts, samples.responses)
         metrics["reward"] = statistics.mean(scores)
         metrics["reward_std"] = statistics.pstdev(scores)
@@ -111,7 +111,7 @@ def evaluate_policy(model, tokenizer, prompts: list[str], settings, *, judge=Non
     return Evaluation(metrics, samples, scores)
 
 
-def pair_accuracy(judge: ScoringJudge, prompts: list[str], chosen: list[str], rejected: list[str]) -> dict[str, float]:
+def pair_accuracy(judge, prompts: list, chosen: list[str], rejected: list[str]) -> dict[str, float]:
     """How often a scoring judge (e.g. a reward model) ranks the chosen response above the rejected one."""
     a, b = judge.score(prompts, chosen), judge.score(prompts, rejected)
     wins = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]

@@ -20,17 +20,15 @@ as "chosen wins" with probability p and "rejected wins" with probability 1 - p.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from preftune.errors import ConfigError
+from preftune.loading import load_callable
 
 
 @dataclass
@@ -276,46 +274,3 @@ def load_constraint(spec: str) -> Constraint:
     attribute is missing, or it is not callable.
     """
     return load_callable(spec, "constraint")
-
-
-def load_callable(spec: str, what: str = "function"):
-    """Resolve ``"package.module:function"`` or ``"path/to/file.py:function"`` (dots reach attributes).
-
-    ``what`` names the option in error messages ("constraint", "reward function", ...). Raises
-    :class:`ConfigError` for a malformed spec, a module that cannot be imported, a missing attribute
-    or a target that is not callable.
-    """
-    module_name, sep, attr_path = str(spec).rpartition(":")
-    if not sep or not module_name or not attr_path:
-        raise ConfigError(f"{what} '{spec}' must be written 'package.module:function' "
-                          "or 'path/to/file.py:function'")
-    if module_name.endswith(".py"):
-        module = _import_file(module_name, spec, what)
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ConfigError(f"{what} '{spec}': cannot import module '{module_name}' ({err})") from None
-    target = module
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            raise ConfigError(f"{what} '{spec}': module '{module_name}' has no attribute '{attr_path}'")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ConfigError(f"{what} '{spec}': '{attr_path}' is a {type(target).__name__}, not a function")
-    return target
-
-
-def _import_file(path_text: str, spec: str, what: str = "constraint"):
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{what} '{spec}': file '{path}' does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"preftune_constraint_{path.stem}", path)
-    if module_spec is None or module_spec.loader is None:
-        raise ConfigError(f"{what} '{spec}': cannot load '{path}' as a Python module")
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except ImportError as err:
-        raise ConfigError(f"{what} '{spec}': importing '{path}' failed ({err})") from None
-    return module

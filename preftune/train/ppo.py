@@ -34,7 +34,7 @@ from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
 from ..models import freeze, is_peft_model, load_causal_lm, load_tokenizer, prepare_policy, compute_dtype
 from .loop import Trainer, TrainResult, _progress, _truncate_metrics, kill_point
 from .run import RunResult, finish_run, save_final_model, start_run
-from .rollout import FunctionReward, ModelReward, RolloutWorker, RunningMoments, Sample, load_prompts, pad_rows
+from .rollout import RolloutWorker, RunningMoments, Sample, load_prompts, pad_rows, reward_scorer
 
 
 class PolicyValue(nn.Module):
@@ -100,11 +100,7 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, ref_model=None, rew
     if tokenizer.eos_token_id is None:
         raise ConfigError("the tokenizer has no EOS token; PPO responses end at EOS")
     prompts = load_prompts(cfg.dataset, cfg.split, tokenizer, cfg.max_prompt_length, cfg.skip_invalid)
-    if reward is None:
-        reward = ModelReward(cfg.reward_model_path, acc.device, cfg.generation_batch_size) if cfg.reward_model_path \
-            else FunctionReward(cfg.reward_function)
-    elif not isinstance(reward, (FunctionReward, ModelReward)):
-        reward = FunctionReward(reward)
+    reward = reward_scorer(cfg, acc.device, reward)
 
     policy = model if model is not None else load_causal_lm(cfg.model_name_or_path)
     shared = cfg.value_model == "shared" or (cfg.value_model == "auto" and cfg.lora)

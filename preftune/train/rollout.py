@@ -1,9 +1,10 @@
 """PPO rollouts: prompts in, scored samples with per-token advantages and returns out.
 
 One rollout samples a response per prompt (:mod:`preftune.generate`), scores each with the reward
-source, recomputes every log-prob and value with the same forward the updates use (no grad, dropout
-off, same temperature), builds the KL-penalised per-token reward with the score on the last response
-token, and runs GAE and advantage whitening (:mod:`preftune.losses.ppo`).
+scorer (:mod:`preftune.scoring`: a function or a reward model), recomputes every log-prob and value
+with the same forward the updates use (no grad, dropout off, same temperature), builds the
+KL-penalised per-token reward with the score on the last response token, and runs GAE and advantage
+whitening (:mod:`preftune.losses.ppo`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from rich.console import Console
 
 from ..data import load_records
 from ..data.collate import collate_completions
-from ..errors import DataError, PreftuneError
+from ..data.messages import prompt_text
+from ..data.rows import InvalidRow, settle_problems
 from ..generate import SamplingSettings, generate_ids
 from ..logprobs import completion_logprobs, final_hidden_states
-from ..losses import load_callable
 from ..losses.ppo import explained_variance, gae_advantages, kl_penalty, masked_whiten, token_rewards
+from ..scoring import CheckedScorer, FunctionScorer, as_scorer
+from ..scoring.reward_model import RewardModelScorer
 
 console = Console(stderr=True)
 
@@ -40,113 +43,38 @@ class PromptExample:
 def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int, skip_invalid: bool = False) -> list[PromptExample]:
     """Read and validate the ``prompt`` column; long prompts keep their last ``max_prompt_length`` tokens."""
     records = load_records(source, split=split)
-    examples, skipped = [], {}
+    examples, problems = [], []
     for row, number in zip(records.rows, records.row_numbers):
         try:
-            examples.append(_prompt_example(row, number, tokenizer, max_prompt_length))
-        except DataError as error:
-            if not skip_invalid:
-                raise DataError(records.name, error.reason, row=number, field="prompt") from None
-            skipped[error.reason] = skipped.get(error.reason, 0) + 1
-    if skipped:
-        reasons = ", ".join(f"{n} x {reason}" for reason, n in sorted(skipped.items()))
-        console.print(f"[yellow]{records.name}: skipped {sum(skipped.values())} of {len(records.rows)} rows ({reasons})")
-    if not examples:
-        raise DataError(records.name, "no valid prompts")
+            examples.append(_prompt_example(row.get("prompt"), number, tokenizer, max_prompt_length))
+        except InvalidRow as invalid:
+            problems.append(invalid.problem(records.name, number))
+    report = settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
+    if report.skipped:
+        reasons = ", ".join(f"{n} x {kind}" for kind, n in sorted(report.skipped.items()))
+        skipped = report.total - report.kept
+        console.print(f"[yellow]{records.name}: skipped {skipped} of {report.total} rows ({reasons})")
     return examples
 
 
-def _prompt_example(row: dict, number: int, tokenizer, max_prompt_length: int) -> PromptExample:
-    value = row.get("prompt")
-    if value is None:
-        raise DataError("", "missing field (every row needs a 'prompt')")
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError("", "empty prompt")
-        text, ids = value, list(tokenizer(value, add_special_tokens=True)["input_ids"])
-    elif isinstance(value, list):
-        _check_messages(value)
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError("", "the prompt is a list of messages, but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    else:
-        raise DataError("", f"wrong type: expected a string or a list of messages, found {type(value).__name__}")
+def _prompt_example(value, number: int, tokenizer, max_prompt_length: int) -> PromptExample:
+    text, chat = prompt_text(tokenizer, value)
+    ids = list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
     if not ids:
-        raise DataError("", "the prompt has no tokens")
+        raise InvalidRow("empty prompt", "prompt", "the prompt has no tokens")
     return PromptExample(value, text, ids[-max_prompt_length:], number)
 
 
-def _check_messages(messages: list) -> None:
-    if not messages:
-        raise DataError("", "empty prompt: no messages")
-    for i, message in enumerate(messages, start=1):
-        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
-            raise DataError("", f"malformed message {i}: expected an object with string 'role' and 'content'")
+# ---------------------------------------------------------------------- reward
 
 
-# ---------------------------------------------------------------------- reward sources
-
-
-class FunctionReward:
-    """``module:function`` called as ``fn(prompts, responses) -> rewards``."""
-
-    def __init__(self, spec_or_fn):
-        self.fn = load_callable(spec_or_fn, "reward function") if isinstance(spec_or_fn, str) else spec_or_fn
-        self.name = spec_or_fn if isinstance(spec_or_fn, str) else getattr(spec_or_fn, "__name__", "reward function")
-
-    def __call__(self, prompts: list[PromptExample], responses: list[str]) -> list[float]:
-        return checked_scores(self.fn([p.prompt for p in prompts], responses), len(responses), self.name)
-
-
-class ModelReward:
-    """A trained reward model (``preftune reward``) scoring prompt + response text."""
-
-    def __init__(self, path: str, device, batch_size: int = 16):
-        from .reward import load_reward_model
-
-        self.model, self.tokenizer = load_reward_model(path, device)
-        self.model.requires_grad_(False)
-        self.batch_size = batch_size
-        self.name = str(path)
-
-    def __call__(self, prompts: list[PromptExample], responses: list[str]) -> list[float]:
-        from .reward import score_texts
-
-        scores = [0.0] * len(prompts)
-        plain = [i for i, p in enumerate(prompts) if isinstance(p.prompt, str)]
-        chat = [i for i, p in enumerate(prompts) if not isinstance(p.prompt, str)]
-        if plain:
-            values = score_texts(self.model, self.tokenizer, [prompts[i].prompt for i in plain],
-                                 [responses[i] for i in plain], self.batch_size)
-            for i, v in zip(plain, values):
-                scores[i] = v
-        if chat:
-            rendered = [self._render(prompts[i]) for i in chat]
-            values = score_texts(self.model, self.tokenizer, rendered, [responses[i] for i in chat], self.batch_size,
-                                 prompt_special_tokens=False)
-            for i, v in zip(chat, values):
-                scores[i] = v
-        return checked_scores(scores, len(responses), self.name)
-
-    def _render(self, prompt: PromptExample) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(prompt.prompt, tokenize=False, add_generation_prompt=True)
-        return prompt.text
-
-
-def checked_scores(values, expected: int, name: str) -> list[float]:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().float().reshape(-1).tolist()
-    try:
-        scores = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise PreftuneError(f"reward '{name}' must return one number per response, got {type(values).__name__}") from None
-    if len(scores) != expected:
-        raise PreftuneError(f"reward '{name}' returned {len(scores)} scores for {expected} responses")
-    if not all(math.isfinite(s) for s in scores):
-        raise PreftuneError(f"reward '{name}' returned a score that is not a finite number")
-    return scores
+def reward_scorer(cfg, device, reward=None) -> CheckedScorer:
+    """The PPO reward: ``reward`` (a scorer or a function) when given, else the configured reward model or function."""
+    if reward is not None:
+        return as_scorer(reward, "reward")
+    if cfg.reward_model_path:
+        return RewardModelScorer(cfg.reward_model_path, device=device, batch_size=cfg.generation_batch_size)
+    return FunctionScorer(cfg.reward_function, option="reward_function")
 
 
 @dataclass
@@ -226,7 +154,7 @@ class RolloutWorker:
         self.cfg = cfg
         self.acc = accelerator
         self.policy_value = policy_value          # unwrapped PolicyValue
-        self.reward = reward
+        self.reward = reward                      # a preftune.scoring scorer
         self.tokenizer = tokenizer
         self.ref_model = ref_model                # None: the LoRA policy with its adapters disabled
         self.settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -240,7 +168,7 @@ class RolloutWorker:
                                       eos_token_id=self.tokenizer.eos_token_id, batch_size=cfg.generation_batch_size,
                                       seed=seed)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
-        raw = torch.tensor(self.reward(prompts, texts), dtype=torch.float32, device=device)
+        raw = torch.tensor(self.reward.score([p.prompt for p in prompts], texts), dtype=torch.float32, device=device)
         ended = torch.tensor(generation.ended, device=device)
         all_scores = None
         if cfg.normalize_scores:  # every process keeps the same statistics: update them with all scores

@@ -191,7 +191,7 @@ def test_active_learning_serves_the_least_separated_items_first_and_reranks(db, 
 def test_reward_model_scorer_ranks_with_a_real_reward_model(tmp_path, tiny_model_dir, make_project):
     pytest.importorskip("preftune.train.reward")
     from preftune.annotate.ordering import reward_model_scorer
-    from preftune.train.reward import load_classifier, load_reward_model, score_texts
+    from preftune.scoring.reward_model import load_classifier, load_reward_model, score_texts
 
     model_dir = tmp_path / "rm"
     load_classifier(str(tiny_model_dir), new_head=True).save_pretrained(model_dir)
