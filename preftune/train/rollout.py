@@ -8,7 +8,6 @@ token, and runs GAE and advantage whitening (:mod:`preftune.losses.ppo`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -19,7 +18,6 @@ from ..data import load_records
 from ..data.collate import collate_completions
 from ..errors import DataError, PreftuneError
 from ..generate import SamplingSettings, generate_ids
-from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses import load_callable
 from ..losses.ppo import explained_variance, gae_advantages, kl_penalty, masked_whiten, token_rewards
 
@@ -222,13 +220,13 @@ def adjusted_scores(raw: torch.Tensor, ended: torch.Tensor, missing_eos_penalty:
 class RolloutWorker:
     """Everything a rollout needs that stays fixed over the run."""
 
-    def __init__(self, *, cfg, accelerator, policy_value, reward, tokenizer, ref_model=None):
+    def __init__(self, *, cfg, accelerator, policy_value, reward, tokenizer, reference):
         self.cfg = cfg
         self.acc = accelerator
         self.policy_value = policy_value          # unwrapped PolicyValue
         self.reward = reward
         self.tokenizer = tokenizer
-        self.ref_model = ref_model                # None: the LoRA policy with its adapters disabled
+        self.reference = reference                # a live reference (train/reference.py)
         self.settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                          top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
 
@@ -292,18 +290,9 @@ class RolloutWorker:
                 with self.acc.autocast():
                     logps, values, entropy = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                                                     with_entropy=True)
-                    ref = self.reference_logps(batch)
+                    ref = self.reference.token_logps(batch, self.cfg.temperature)
                 for target, flat in zip(out, (logps, values, entropy, ref)):
                     target += list(torch.split(flat.float(), lengths))
         finally:
             module.train(was_training)
         return out
-
-    def reference_logps(self, batch) -> torch.Tensor:
-        model = self.ref_model if self.ref_model is not None else self.policy_value.policy
-        context = self.policy_value.policy.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
-        with context:
-            hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
-            logps, _ = completion_logprobs(model, hidden, batch["input_ids"], batch["completion_mask"],
-                                           chunk_size=self.cfg.logprob_chunk_size, temperature=self.cfg.temperature)
-        return logps

@@ -3,10 +3,11 @@ with an earlier run's files), its final model (written atomically) and its ``sum
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,15 @@ from .loop import TrainResult
 
 @dataclass
 class RunContext:
-    """What every command sets up before training: the accelerator, the run directory, the precision."""
+    """What every command sets up before training: the accelerator, the run directory, the precision, and
+    the settings the loop reads (``settings``, a config with the training fields; ``config_dict``, saved
+    as ``config.json``). :meth:`Trainer.from_run <preftune.train.loop.Trainer.from_run>` builds on it."""
 
     accelerator: Any
     run_dir: Path
     precision: str
+    settings: Any = None
+    config_dict: dict = field(default_factory=dict)
 
     @property
     def is_main_process(self) -> bool:
@@ -57,7 +62,7 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         for note in warnings:
             console.print(f"[yellow]warning:[/] {note}")
     set_seed(cfg.seed)
-    return RunContext(accelerator, run_dir, precision)
+    return RunContext(accelerator, run_dir, precision, cfg, dataclasses.asdict(cfg))
 
 
 def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dict | None = None) -> RunResult:

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from ..config import SFTConfig, config_to_dict
+from ..config import SFTConfig
 from ..data.load import load_records
 from ..data.split import hold_out, report_skipped
 from ..data.packing import LMRow, block_causal_mask, collate_rows, pack_examples, single_row
@@ -144,10 +144,8 @@ def train_lm(cfg, ctx: RunContext, model, tokenizer, train_rows: list[LMRow], ev
     lm = LMLogprobs(prepare_policy(model, cfg), cfg.logprob_chunk_size).to(ctx.accelerator.device)
     if packed:
         check_packed_attention(lm)
-    trainer = Trainer(accelerator=ctx.accelerator, model=lm, task=LMTask(tokenizer.pad_token_id, packed),
-                      train_examples=train_rows, eval_examples=eval_rows, settings=cfg, run_dir=ctx.run_dir,
-                      config_dict=config_to_dict(cfg), count_tokens=lambda b: int(b["attention_mask"].sum()),
-                      unit="samples")
+    trainer = Trainer.from_run(ctx, model=lm, task=LMTask(tokenizer.pad_token_id, packed), train_examples=train_rows,
+                               eval_examples=eval_rows, unit="samples")
     result = trainer.train()
     model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model",
                                  cfg.merge_lora)
