@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 
 from ..config import DPOConfig, parse_constraint_spec
-from ..data.split import hold_out, report_skipped
+from ..data.split import report_skipped
 from ..data import TokenizedPair, TokenizeSettings, collate_pairs, load_records, tokenize_preferences
 from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from .loop import Trainer
-from .run import RunResult, finish_run, save_final_model, start_run
+from .run import RunResult, finish_run, save_final_model, start_run, train_and_eval
 from .policy import PolicyLogprobs
 from .reference import Reference, make_reference
 
@@ -69,10 +69,7 @@ def _tokenize(source: str, split: str, tokenizer, settings: TokenizeSettings, sk
 def load_pairs(cfg: DPOConfig, tokenizer) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
     settings = TokenizeSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                                 truncation_mode=cfg.truncation_mode)
-    train = _tokenize(cfg.dataset, cfg.split, tokenizer, settings, cfg.skip_invalid)
-    if cfg.eval_dataset:
-        return train, _tokenize(cfg.eval_dataset, cfg.eval_split, tokenizer, settings, cfg.skip_invalid)
-    return hold_out(train, cfg.eval_fraction, cfg.seed)
+    return train_and_eval(cfg, lambda source, split: _tokenize(source, split, tokenizer, settings, cfg.skip_invalid))
 
 
 def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:

@@ -9,7 +9,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -72,6 +72,17 @@ def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dic
                    "eval": result.eval_metrics, **(extra or {})}
         (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(ctx.run_dir, model_dir, ctx.run_dir / "metrics.jsonl", result, ctx.is_main_process)
+
+
+def train_and_eval(cfg, read: Callable[[str, str], list]) -> tuple[list, list]:
+    """Training and held-out items: ``read(source, split)`` of ``dataset``, then of ``eval_dataset`` or,
+    without one, an ``eval_fraction`` of the training items held out."""
+    from ..data.split import hold_out
+
+    train = read(cfg.dataset, cfg.split)
+    if cfg.eval_dataset:
+        return train, read(cfg.eval_dataset, cfg.eval_split)
+    return hold_out(train, cfg.eval_fraction, cfg.seed)
 
 
 def make_accelerator(precision: str, report_to: list[str], run_dir: Path):

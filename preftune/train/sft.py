@@ -17,14 +17,14 @@ from torch import nn
 
 from ..config import SFTConfig
 from ..data.load import load_records
-from ..data.split import hold_out, report_skipped
+from ..data.split import report_skipped
 from ..data.packing import LMRow, block_causal_mask, collate_rows, pack_examples, single_row
 from ..data.text import SFTSettings, tokenize_sft
 from ..errors import ConfigError
 from ..logprobs import token_logprobs
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from .loop import Trainer
-from .run import RunContext, RunResult, finish_run, save_final_model, start_run
+from .run import RunContext, RunResult, finish_run, save_final_model, start_run, train_and_eval
 
 console = Console(stderr=True)
 
@@ -163,11 +163,7 @@ def sft_rows(cfg: SFTConfig, tokenizer) -> tuple[list[LMRow], list[LMRow], dict]
         report_skipped(records.name, report)
         return found
 
-    train = examples(cfg.dataset, cfg.split)
-    if cfg.eval_dataset:
-        held = examples(cfg.eval_dataset, cfg.eval_split)
-    else:
-        train, held = hold_out(train, cfg.eval_fraction, cfg.seed)
+    train, held = train_and_eval(cfg, examples)
     if cfg.packing:
         rows = pack_examples(train, cfg.max_length), pack_examples(held, cfg.max_length)
     else:
