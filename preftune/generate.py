@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .models import base_model
+
 
 @dataclass
 class SamplingSettings:
@@ -185,7 +187,7 @@ def _next_token(logits: torch.Tensor, settings: SamplingSettings, generator: tor
 
 
 def _accepts_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     try:
         return "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):

@@ -52,6 +52,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .models import base_model
+
 
 def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
                    chunk_size: int = 1024, position_ids: Tensor | None = None) -> Tensor:
@@ -198,7 +200,7 @@ def _chunk_stats(lm_head: nn.Module, hidden: Tensor, targets: Tensor, scale: flo
 
 def _split_model(model) -> tuple[Any, nn.Module, nn.Module]:
     """``(causal_lm, backbone, lm_head)`` of a ``*ForCausalLM`` model, unwrapping peft."""
-    causal_lm = model.get_base_model() if _is_peft_model(model) else model
+    causal_lm = base_model(model)
     prefix = getattr(causal_lm, "base_model_prefix", None)
     backbone = getattr(causal_lm, prefix, None) if prefix else None
     get_head = getattr(causal_lm, "get_output_embeddings", None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -91,6 +90,11 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def base_model(model):
+    """The transformers model under a peft wrapper (its adapter layers stay injected), or ``model`` itself."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
     """Dropout, gradient checkpointing and LoRA on a loaded model, per the model settings.
 
@@ -113,13 +117,6 @@ def freeze(model):
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-@contextlib.contextmanager
-def adapters_disabled(model):
-    """Run a LoRA policy as its own reference: the base weights, no second copy in memory."""
-    with model.disable_adapter():
-        yield model
 
 
 def model_fingerprint(model, name_or_path: str | None) -> str:

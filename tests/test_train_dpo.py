@@ -147,7 +147,7 @@ def test_precomputed_reference_is_cached_reused_and_matches_live(tiny_model_dir,
     def must_not_run(*args, **kwargs):
         raise AssertionError("the reference model ran although its log-probs were cached")
 
-    monkeypatch.setattr(reference_module.Reference, "sequence_logps", must_not_run)
+    monkeypatch.setattr(reference_module.LiveReference, "sequence_logps", must_not_run)
     second = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "pre2", precompute_ref=True))
     cache = json.loads((tmp_path / "pre2" / "reference_cache.json").read_text())["train"]
     assert cache["reused"] is True and Path(cache["path"]).is_file()

@@ -3,13 +3,30 @@
 An algorithm supplies a :class:`Task`: how a batch of examples becomes a loss and metrics. The loop
 owns the rest: devices and data parallelism (``accelerate``), AdamW and the schedule, gradient
 accumulation and clipping, metrics (progress bar, ``metrics.jsonl``, trackers), evaluation,
-checkpoints and exact resume.
+checkpoints (:mod:`.checkpoint`) and exact resume.
 
 Data order is a pure function of (seed, epoch): step ``s`` of a run always sees the same examples,
 whatever the number of processes, so a resumed run and a data-parallel run reproduce a single
-uninterrupted one. Each optimiser step consumes one *global batch* of
+uninterrupted one. By default each step is one optimiser update on one *global batch* of
 ``per_device_batch_size x processes x gradient_accumulation_steps`` examples; the incomplete
 remainder of an epoch is dropped (it is reshuffled into the next epoch).
+
+Online algorithms (PPO, GRPO/RLOO, iterative and online DPO) make their own batch each step: they
+pass a :class:`StepFunction` as ``step`` and the loop calls ``step.run(trainer, s)`` for every step
+``s`` (0-based). A step function typically
+
+* takes its prompts with ``trainer.step_examples(s, per_process)`` (the training examples are the
+  prompts; ``examples_per_step`` tells the loop how many one step consumes, across processes);
+* generates and scores, then runs any number of optimiser updates with ``trainer.optimizer_step(micro_batches)``
+  (``updates_per_step`` of them: the LR schedule spans ``total_steps x updates_per_step`` updates);
+* returns a :class:`StepOutput`: its metrics, the examples and tokens it processed, and optional
+  ``samples`` (rows the loop appends to ``samples.jsonl`` with the step number).
+
+Its ``state_dict()`` (JSON) is saved in every checkpoint and handed to ``load_state_dict`` on resume;
+put there what the step owns that is not a trainable weight or an RNG state (both of which the loop
+saves): an adaptive KL coefficient, running score statistics. Make generation seeds and minibatch
+orders functions of (seed, step, process), and resume reproduces an uninterrupted run exactly.
+Metrics named in ``gauges`` are logged as their last value rather than the mean over the logging window.
 """
 
 from __future__ import annotations
@@ -17,10 +34,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import random
-import shutil
-import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -29,11 +42,11 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..errors import ConfigError, PreftuneError
+from ..errors import ConfigError
+from .checkpoint import PREFIX, find_checkpoint, kill_point, load_checkpoint, save_checkpoint, truncate_records
 
-CHECKPOINT_PREFIX = "step-"
+RECORD_FILES = ("metrics.jsonl", "samples.jsonl")
 
 
 class Task(Protocol):
@@ -51,6 +64,43 @@ class Task(Protocol):
 
 
 @dataclass
+class StepOutput:
+    """What one training step did: metrics (floats), examples and tokens processed (all processes)."""
+
+    metrics: dict[str, float]
+    examples: int
+    tokens: int
+    samples: list[dict] = field(default_factory=list)   # rows for samples.jsonl (main process writes them)
+
+
+class StepFunction(Protocol):
+    """One training step of an online algorithm (see the module docstring)."""
+
+    gauges: tuple[str, ...]
+
+    def run(self, trainer: "Trainer", step: int) -> StepOutput: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class OfflineStep:
+    """The default step: one optimiser update on the step's global batch of training examples."""
+
+    gauges: tuple[str, ...] = ()
+
+    def run(self, trainer: "Trainer", step: int) -> StepOutput:
+        return trainer.optimizer_step(trainer.micro_batches(step))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
 class TrainResult:
     run_dir: Path
     global_step: int
@@ -63,32 +113,42 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
+def attention_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+def window_mean(values: list[float]) -> float:
+    """Mean of the finite values (a step may have none: explained variance of constant returns), else NaN."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 class Trainer:
     """Runs a :class:`Task` over examples with the settings of a :class:`~preftune.config.TrainSettings`."""
 
     def __init__(self, *, accelerator, model, task: Task, train_examples: list, eval_examples: list, settings,
-                 run_dir: Path, config_dict: dict, count_tokens: Callable[[dict], int], unit: str = "pairs",
-                 steps_per_epoch: int | None = None, updates_per_step: int = 1):
-        """``steps_per_epoch`` and ``updates_per_step`` are for drivers that call :meth:`train_step` themselves
-        (PPO: one step = one rollout batch, ``updates_per_step`` optimiser steps over it); the LR schedule
-        then spans ``total_steps x updates_per_step`` optimiser steps."""
+                 run_dir: Path, config_dict: dict, count_tokens: Callable[[dict], int] = attention_tokens,
+                 unit: str = "pairs", step: StepFunction | None = None, examples_per_step: int | None = None,
+                 updates_per_step: int = 1):
         self.acc = accelerator
         self.task = task
         self.train_examples = train_examples
         self.eval_examples = eval_examples
         self.s = settings
         self.run_dir = Path(run_dir)
+        self.config_dict = config_dict
         self.count_tokens = count_tokens
         self.unit = unit  # what one example is, for the throughput metric ("pairs/s", "samples/s")
+        self.step = step or OfflineStep()
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.global_batch = settings.per_device_batch_size * self.world * settings.gradient_accumulation_steps
         self.updates_per_step = updates_per_step
-        self.steps_per_epoch = steps_per_epoch or len(train_examples) // self.global_batch
+        self.steps_per_epoch = len(train_examples) // (examples_per_step or self.global_batch)
         if self.steps_per_epoch == 0:
             raise ConfigError(
-                f"the training data has {len(train_examples)} examples, fewer than one global batch of {self.global_batch} "
-                f"(per_device_batch_size x processes x gradient_accumulation_steps)")
+                f"the training data has {len(train_examples)} examples, fewer than one global batch of "
+                f"{examples_per_step or self.global_batch} (per_device_batch_size x processes x gradient_accumulation_steps)")
         if settings.max_steps > 0:
             self.total_steps = settings.max_steps
         else:
@@ -103,7 +163,13 @@ class Trainer:
         self.global_step = 0
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config_dict = config_dict
+
+    @classmethod
+    def from_run(cls, ctx, *, model, task: Task, train_examples: list, eval_examples: list = (), **options) -> "Trainer":
+        """A trainer for the run set up by :func:`~preftune.train.run.start_run`; ``options`` as for the constructor."""
+        return cls(accelerator=ctx.accelerator, model=model, task=task, train_examples=train_examples,
+                   eval_examples=list(eval_examples), settings=ctx.settings, run_dir=ctx.run_dir,
+                   config_dict=ctx.config_dict, **options)
 
     # ------------------------------------------------------------------ set-up
 
@@ -132,28 +198,23 @@ class Trainer:
             batches.append([self.train_examples[i] for i in order[offset:offset + b]])
         return batches
 
+    def step_examples(self, step: int, per_process: int) -> list[Any]:
+        """This process's ``per_process`` training examples of step ``step``, for a step function that
+        consumes ``per_process x processes`` examples a step (an online algorithm's prompts)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.train_examples), self.s.seed, epoch)
+        start = (within * self.world + self.rank) * per_process
+        return [self.train_examples[i] for i in order[start:start + per_process]]
+
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.acc.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ------------------------------------------------------------------ the loop
 
-    def begin(self) -> dict:
-        """Resume if asked, write ``config.json``, start trackers; returns the checkpoint's extra state."""
-        extra = self.load_checkpoint(self.resolve_resume(self.s.resume)) if self.s.resume else {}
-        if self.acc.is_main_process:
-            (self.run_dir / "config.json").write_text(json.dumps(self.config_dict, indent=2, default=str))
-        if self.s.report_to:
-            self.acc.init_trackers(self.run_dir.name, config=_flat_for_trackers(self.config_dict))
-        return extra
-
-    def end(self) -> None:
-        if self.s.report_to:
-            self.acc.end_training()
-
     def train(self) -> TrainResult:
-        self.begin()
+        self._begin()
         window: dict[str, list[float]] = defaultdict(list)
-        window_pairs = window_tokens = 0
+        window_examples = window_tokens = 0
         window_time = 0.0
         last: dict[str, float] = {}
         eval_results: dict[str, float] = {}
@@ -164,23 +225,23 @@ class Trainer:
             bar = progress.add_task("training", total=self.total_steps, completed=self.global_step, status="")
             while self.global_step < self.total_steps:
                 started = time.perf_counter()
-                metrics, pairs, tokens = self.train_step(self.micro_batches(self.global_step))
-                elapsed = time.perf_counter() - started
+                out = self.step.run(self, self.global_step)
+                window_time += time.perf_counter() - started
                 self.global_step += 1
-                for key, value in metrics.items():
+                for key, value in out.metrics.items():
                     window[key].append(value)
-                window_pairs += pairs
-                window_tokens += tokens
-                window_time += elapsed
+                window_examples += out.examples
+                window_tokens += out.tokens
                 kill_point(self.global_step)
                 if self.global_step % self.s.logging_steps == 0 or self.global_step == self.total_steps:
-                    last = {k: float(np.mean(v)) for k, v in window.items()}
-                    last.update({f"{self.unit}/s": window_pairs / window_time, "tokens/s": window_tokens / window_time})
+                    last = {k: v[-1] if k in self.step.gauges else window_mean(v) for k, v in window.items()}
+                    last.update({f"{self.unit}/s": window_examples / window_time, "tokens/s": window_tokens / window_time})
                     self.log(last)
                     progress.update(bar, status=_status_line(last))
                     window.clear()
-                    window_pairs = window_tokens = 0
+                    window_examples = window_tokens = 0
                     window_time = 0.0
+                self.log_samples(out.samples)
                 if self.s.eval_steps and self.global_step % self.s.eval_steps == 0 and self.global_step < self.total_steps:
                     eval_results = self.evaluate()
                 if self.s.save_steps and self.global_step % self.s.save_steps == 0:
@@ -188,10 +249,21 @@ class Trainer:
                 progress.update(bar, advance=1)
         if self.eval_examples:
             eval_results = self.evaluate()
-        self.end()
+        if self.s.report_to:
+            self.acc.end_training()
         return TrainResult(self.run_dir, self.global_step, last, eval_results)
 
-    def train_step(self, micro_batches: list[list[Any]]) -> tuple[dict[str, float], int, int]:
+    def _begin(self) -> None:
+        """Resume if asked, write ``config.json``, start trackers."""
+        if self.s.resume:
+            self.load_checkpoint(find_checkpoint(self.checkpoint_dir(), self.s.resume))
+        if self.acc.is_main_process:
+            (self.run_dir / "config.json").write_text(json.dumps(self.config_dict, indent=2, default=str))
+        if self.s.report_to:
+            self.acc.init_trackers(self.run_dir.name, config=_flat_for_trackers(self.config_dict))
+
+    def optimizer_step(self, micro_batches: list[list[Any]]) -> StepOutput:
+        """One optimiser update: forward and backward over the micro-batches (accumulated), clip, step."""
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         local_tokens = 0
@@ -221,7 +293,8 @@ class Trainer:
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
         values["learning_rate"] = lr
-        return values, self.global_batch, tokens
+        examples = sum(len(m) for m in micro_batches) * self.world
+        return StepOutput(values, examples, tokens)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -272,119 +345,37 @@ class Trainer:
         if self.s.report_to:
             self.acc.log(metrics, step=self.global_step)
 
+    def log_samples(self, rows: list[dict]) -> None:
+        """Append example generations to ``samples.jsonl``, tagged with the current step."""
+        if rows and self.acc.is_main_process:
+            with open(self.run_dir / "samples.jsonl", "a") as handle:
+                handle.writelines(json.dumps({"step": self.global_step, **row}) + "\n" for row in rows)
+
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def resolve_resume(self, resume: str) -> Path:
-        if resume == "latest":
-            found = sorted(self.checkpoint_dir().glob(f"{CHECKPOINT_PREFIX}*"), key=_step_of)
-            found = [p for p in found if (p / "state.json").is_file()]
-            if not found:
-                raise ConfigError(f"--resume: no checkpoint found in {self.checkpoint_dir()}")
-            return found[-1]
-        path = Path(resume)
-        if not (path / "state.json").is_file():
-            raise ConfigError(f"--resume: {path} is not a checkpoint (no state.json)")
-        return path
+    def save_checkpoint(self) -> Path:
+        """Trainable weights, optimiser, scheduler, RNG states, data position and the step function's state."""
+        state = {"global_step": self.global_step, "total_steps": self.total_steps, "world_size": self.world,
+                 **self._must_match(), "extra": self.step.state_dict()}
+        return save_checkpoint(self.acc, self.checkpoint_dir() / f"{PREFIX}{self.global_step}", self.unwrapped(),
+                               self.optimizer, self.scheduler, state, self.s.save_total_limit)
 
-    def save_checkpoint(self, extra_state: dict | None = None) -> Path:
-        """Trainable weights, optimiser, scheduler, RNG states and data position, written atomically.
-
-        ``extra_state`` (JSON-serialisable, e.g. PPO's KL coefficient) comes back from :meth:`load_checkpoint`.
-        """
-        final = self.checkpoint_dir() / f"{CHECKPOINT_PREFIX}{self.global_step}"
-        staging = final.with_name(final.name + ".partial")
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            weights = {name: p.detach().cpu().contiguous() for name, p in self.unwrapped().named_parameters() if p.requires_grad}
-            save_file(weights, staging / "trainable.safetensors")
-            torch.save(self.optimizer.state_dict(), staging / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), staging / "scheduler.pt")
-        self.acc.wait_for_everyone()
-        torch.save(_rng_state(), staging / f"rng-{self.rank}.pt")
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            state = {"global_step": self.global_step, "total_steps": self.total_steps, "global_batch": self.global_batch,
-                     "world_size": self.world, "seed": self.s.seed, "extra": extra_state or {}}
-            (staging / "state.json").write_text(json.dumps(state, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
-            self._prune_checkpoints()
-        self.acc.wait_for_everyone()
-        return final
-
-    def _prune_checkpoints(self) -> None:
-        found = sorted((p for p in self.checkpoint_dir().glob(f"{CHECKPOINT_PREFIX}*") if not p.name.endswith(".partial")),
-                       key=_step_of)
-        for old in found[:-self.s.save_total_limit] if self.s.save_total_limit > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def load_checkpoint(self, path: Path) -> dict:
-        state = json.loads((path / "state.json").read_text())
-        if state["global_batch"] != self.global_batch or state["seed"] != self.s.seed:
-            raise ConfigError(f"{path}: checkpoint was written with global batch {state['global_batch']} and seed "
-                              f"{state['seed']}; this run has {self.global_batch} and {self.s.seed}")
-        weights = load_file(path / "trainable.safetensors")
-        params = {name: p for name, p in self.unwrapped().named_parameters() if p.requires_grad}
-        if set(weights) != set(params):
-            raise PreftuneError(f"{path}: checkpoint weights do not match this model's trainable parameters")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor.to(params[name].device))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.acc.device, weights_only=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng_file = path / f"rng-{self.rank}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+    def load_checkpoint(self, path: Path) -> None:
+        state = load_checkpoint(self.acc, path, self.unwrapped(), self.optimizer, self.scheduler, self._must_match())
         self.global_step = state["global_step"]
+        self.step.load_state_dict(state.get("extra", {}))
         if self.acc.is_main_process:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.global_step)
-        return state.get("extra", {})
+            for name in RECORD_FILES:
+                truncate_records(self.run_dir / name, self.global_step)
+
+    def _must_match(self) -> dict:
+        return {"global_batch": self.global_batch, "seed": self.s.seed}
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def kill_point(step: int) -> None:
-    """SIGKILL this process after step ``PREFTUNE_KILL_AT_STEP``: lets tests simulate a crash."""
-    kill_at = int(os.environ.get("PREFTUNE_KILL_AT_STEP", "0"))
-    if kill_at and step == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.name.removeprefix(CHECKPOINT_PREFIX).split(".")[0])
-    except ValueError:
-        return -1
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _flat_for_trackers(config: dict) -> dict:
@@ -392,8 +383,10 @@ def _flat_for_trackers(config: dict) -> dict:
 
 
 def _status_line(metrics: dict[str, float]) -> str:
-    shown = ["loss", "rewards/accuracies", "rewards/margins", "accuracy", "pairs/s", "samples/s"]
-    return "  ".join(f"{k}={metrics[k]:.4g}" for k in shown if k in metrics)
+    shown = ["loss", "rewards/accuracies", "rewards/margins", "accuracy", "objective/scores", "objective/kl",
+             "pairs/s", "samples/s"]
+    return "  ".join(f"{k.split('/')[-1] if k.startswith('objective/') else k}={metrics[k]:.4g}"
+                     for k in shown if k in metrics)
 
 
 def _progress(enabled: bool):

@@ -1,8 +1,9 @@
 """PPO on the shared loop: rollouts (``rollout.py``), then several epochs of clipped updates over them.
 
 One *iteration* (the ``step`` in ``metrics.jsonl``, checkpoints and ``max_steps``) samples a rollout
-batch of prompts, scores it, and takes ``num_ppo_epochs x num_mini_batches`` optimiser steps over it
-through :meth:`Trainer.train_step` (accumulation, clipping, the schedule and metric reduction).
+batch of prompts, scores it, and takes ``num_ppo_epochs x num_mini_batches`` optimiser steps over it.
+It is the loop's step function (:class:`PPOStep`): the loop owns logging, checkpoints and resume,
+and each update goes through :meth:`Trainer.optimizer_step` (accumulation, clipping, the schedule).
 
 The critic is a scalar head on a backbone's per-token hidden states. ``shared`` puts it on the
 policy's own backbone (with LoRA: "1-model PPO": adapters serve policy and critic, the reference is
@@ -22,17 +23,17 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..config import PPOConfig, config_to_dict
+from ..config import PPOConfig
 from ..data.collate import collate_completions
 from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
-from ..models import freeze, is_peft_model, load_causal_lm, load_tokenizer, prepare_policy, compute_dtype
-from .loop import Trainer, TrainResult, _progress, _truncate_metrics, kill_point
+from ..models import base_model, load_causal_lm, load_tokenizer, prepare_policy
+from .loop import StepOutput, Trainer, window_mean
+from .reference import make_reference
 from .run import RunResult, finish_run, save_final_model, start_run
 from .rollout import RolloutWorker, RunningMoments, Sample, load_prompts, pad_rows, reward_scorer
 
@@ -105,15 +106,9 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, ref_model=None, rew
     policy = model if model is not None else load_causal_lm(cfg.model_name_or_path)
     shared = cfg.value_model == "shared" or (cfg.value_model == "auto" and cfg.lora)
     critic = None if shared else _critic_backbone(policy, cfg)
-    adapter_reference = cfg.lora and ref_model is None and not cfg.ref_model_name_or_path
-    if not adapter_reference and ref_model is None:
-        ref_model = (load_causal_lm(cfg.ref_model_name_or_path, compute_dtype(ctx.precision)) if cfg.ref_model_name_or_path
-                     else copy.deepcopy(policy))
     policy = prepare_policy(policy, cfg)
     _no_dropout(policy)
-    if ref_model is not None:
-        _no_dropout(ref_model)
-        ref_model = freeze(ref_model).to(acc.device)
+    reference = make_reference(cfg, ctx, policy, ref_model=ref_model)
     value_head = nn.Linear(_hidden_size(policy), 1)
     nn.init.zeros_(value_head.weight)
     nn.init.zeros_(value_head.bias)
@@ -121,98 +116,73 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, ref_model=None, rew
 
     local_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
     global_batch = local_batch * acc.num_processes
-    per_epoch = len(prompts) // global_batch
-    if per_epoch == 0:
+    if len(prompts) < global_batch:
         raise ConfigError(f"{len(prompts)} prompts are fewer than one rollout batch of {global_batch} (per_device_batch_size "
                           "x processes x gradient_accumulation_steps x num_mini_batches)")
-    trainer = Trainer(accelerator=acc, model=module, task=PPOTask(cfg, tokenizer.pad_token_id), train_examples=prompts,
-                      eval_examples=[], settings=cfg, run_dir=ctx.run_dir, config_dict=config_to_dict(cfg),
-                      count_tokens=lambda b: int(b["attention_mask"].sum()), unit="samples", steps_per_epoch=per_epoch,
-                      updates_per_step=cfg.num_ppo_epochs * cfg.num_mini_batches)
-    worker = RolloutWorker(cfg=cfg, accelerator=acc, policy_value=trainer.unwrapped(), reward=reward, tokenizer=tokenizer,
-                           ref_model=ref_model)
-    result = _run(cfg, trainer, worker, prompts, local_batch, global_batch)
+    worker = RolloutWorker(cfg=cfg, accelerator=acc, policy_value=module, reward=reward, tokenizer=tokenizer,
+                           reference=reference)
+    trainer = Trainer.from_run(ctx, model=module, task=PPOTask(cfg, tokenizer.pad_token_id), train_examples=prompts,
+                               unit="samples", step=PPOStep(cfg, worker, local_batch), examples_per_step=global_batch,
+                               updates_per_step=cfg.num_ppo_epochs * cfg.num_mini_batches)
+    result = trainer.train()
     model_dir = save_final_model(acc, trainer.unwrapped().policy, tokenizer, ctx.run_dir / "model", cfg.merge_lora)
     return finish_run(ctx, model_dir, result)
 
 
-def _run(cfg: PPOConfig, trainer: Trainer, worker: RolloutWorker, prompts, local_batch: int, global_batch: int) -> TrainResult:
-    acc = trainer.acc
-    extra = trainer.begin()
-    kl_coef = float(extra.get("kl_coef", cfg.kl_coef))
-    moments = RunningMoments(**extra.get("score_moments", {}))
-    samples_file = trainer.run_dir / "samples.jsonl"
-    if cfg.resume and acc.is_main_process:
-        _truncate_metrics(samples_file, trainer.global_step)
-    window: dict[str, list[float]] = defaultdict(list)
-    last: dict[str, float] = {}
-    with _progress(acc.is_main_process) as progress:
-        bar = progress.add_task("ppo", total=trainer.total_steps, completed=trainer.global_step, status="")
-        while trainer.global_step < trainer.total_steps:
-            iteration = trainer.global_step
-            started = time.perf_counter()
-            batch_prompts = _iteration_prompts(prompts, cfg.seed, iteration, trainer.steps_per_epoch, global_batch,
-                                               local_batch, trainer.rank)
-            seed = (cfg.seed * 1_000_003 + iteration * 7_919 + trainer.rank * 104_729) % 2**62
-            rollout = worker.collect(batch_prompts, seed, kl_coef, moments)
-            rollout_time = time.perf_counter() - started
-            updates, tokens = _update(cfg, trainer, rollout.samples, iteration)
-            elapsed = time.perf_counter() - started
-            trainer.global_step += 1
+class PPOStep:
+    """One PPO iteration, as the loop's step function: a rollout batch of prompts, then
+    ``num_ppo_epochs x num_mini_batches`` optimiser updates over it. Its state is the KL coefficient
+    (adaptive) and the running score statistics; the RNG, the weights (the critic's included) and
+    the prompt order (a function of the step) are the loop's."""
 
-            stats = {**_mean_over_processes(acc, rollout.stats), "objective/kl_coef": kl_coef}
-            if cfg.adaptive_kl:
-                kl_coef = adaptive_kl_coef(kl_coef, stats["objective/kl"], cfg.target_kl, global_batch, cfg.kl_horizon)
-            metrics = {**stats, **{k: _window_mean(v) for k, v in updates.items()}}
-            metrics["learning_rate"] = updates["learning_rate"][-1]
-            metrics.update({"samples/s": global_batch / elapsed, "tokens/s": tokens / elapsed,
-                            "time/rollout": rollout_time, "time/update": elapsed - rollout_time})
-            for key, value in metrics.items():
-                window[key].append(value)
-            kill_point(trainer.global_step)
-            if trainer.global_step % cfg.logging_steps == 0 or trainer.global_step == trainer.total_steps:
-                last = {k: _window_mean(v) if k != "objective/kl_coef" else v[-1] for k, v in window.items()}
-                trainer.log(last)
-                progress.update(bar, status=_status(last))
-                window.clear()
-            if cfg.log_samples_steps and cfg.log_samples and acc.is_main_process and (
-                    trainer.global_step % cfg.log_samples_steps == 0 or trainer.global_step == 1):
-                with open(samples_file, "a") as handle:
-                    for row in rollout.examples[:cfg.log_samples]:
-                        handle.write(json.dumps({"step": trainer.global_step, **row}) + "\n")
-            if cfg.save_steps and trainer.global_step % cfg.save_steps == 0:
-                trainer.save_checkpoint({"kl_coef": kl_coef, "score_moments": moments.__dict__.copy()})
-            progress.update(bar, advance=1)
-    trainer.end()
-    return TrainResult(trainer.run_dir, trainer.global_step, last, {})
+    gauges = ("objective/kl_coef",)
 
+    def __init__(self, cfg: PPOConfig, worker: RolloutWorker, local_batch: int):
+        self.cfg = cfg
+        self.worker = worker
+        self.local_batch = local_batch       # prompts per process and iteration
+        self.load_state_dict({})
 
-def _update(cfg: PPOConfig, trainer: Trainer, samples: list[Sample], iteration: int) -> tuple[dict[str, list], int]:
-    """``num_ppo_epochs`` shuffled passes over the rollout, one optimiser step per minibatch."""
-    metrics: dict[str, list[float]] = defaultdict(list)
-    tokens = 0
-    micro = cfg.per_device_batch_size
-    mini = micro * cfg.gradient_accumulation_steps
-    for epoch in range(cfg.num_ppo_epochs):
-        generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + iteration * 1_009 + epoch) % 2**62)
-        order = torch.randperm(len(samples), generator=generator).tolist()
-        for start in range(0, len(order), mini):
-            chosen = order[start:start + mini]
-            micro_batches = [[samples[i] for i in chosen[k:k + micro]] for k in range(0, len(chosen), micro)]
-            values, _, step_tokens = trainer.train_step(micro_batches)
-            tokens += step_tokens
-            for key, value in values.items():
-                metrics[key].append(value)
-    return metrics, tokens
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.kl_coef, "score_moments": self.moments.__dict__.copy()}
 
+    def load_state_dict(self, state: dict) -> None:
+        self.kl_coef = float(state.get("kl_coef", self.cfg.kl_coef))
+        self.moments = RunningMoments(**state.get("score_moments", {}))
 
-def _iteration_prompts(prompts, seed: int, iteration: int, per_epoch: int, global_batch: int, local_batch: int, rank: int):
-    from .loop import epoch_order
+    def run(self, trainer: Trainer, step: int) -> StepOutput:
+        cfg = self.cfg
+        started = time.perf_counter()
+        seed = (cfg.seed * 1_000_003 + step * 7_919 + trainer.rank * 104_729) % 2**62
+        rollout = self.worker.collect(trainer.step_examples(step, self.local_batch), seed, self.kl_coef, self.moments)
+        rollout_time = time.perf_counter() - started
+        updates, tokens = self.update(trainer, rollout.samples, step)
+        stats = {**_mean_over_processes(trainer.acc, rollout.stats), "objective/kl_coef": self.kl_coef}
+        global_batch = self.local_batch * trainer.world
+        if cfg.adaptive_kl:
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, stats["objective/kl"], cfg.target_kl, global_batch, cfg.kl_horizon)
+        metrics = {**stats, **{k: window_mean(v) for k, v in updates.items()}, "learning_rate": updates["learning_rate"][-1],
+                   "time/rollout": rollout_time, "time/update": time.perf_counter() - started - rollout_time}
+        logged = cfg.log_samples_steps and ((step + 1) % cfg.log_samples_steps == 0 or step == 0)
+        return StepOutput(metrics, global_batch, tokens, rollout.examples[:cfg.log_samples] if logged else [])
 
-    epoch, within = divmod(iteration, per_epoch)
-    order = epoch_order(len(prompts), seed, epoch)
-    start = within * global_batch + rank * local_batch
-    return [prompts[i] for i in order[start:start + local_batch]]
+    def update(self, trainer: Trainer, samples: list[Sample], step: int) -> tuple[dict[str, list], int]:
+        """``num_ppo_epochs`` shuffled passes over the rollout, one optimiser step per minibatch."""
+        cfg = self.cfg
+        metrics: dict[str, list[float]] = defaultdict(list)
+        tokens = 0
+        micro = cfg.per_device_batch_size
+        mini = micro * cfg.gradient_accumulation_steps
+        for epoch in range(cfg.num_ppo_epochs):
+            generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step * 1_009 + epoch) % 2**62)
+            order = torch.randperm(len(samples), generator=generator).tolist()
+            for start in range(0, len(order), mini):
+                chosen = order[start:start + mini]
+                out = trainer.optimizer_step([[samples[i] for i in chosen[k:k + micro]] for k in range(0, len(chosen), micro)])
+                tokens += out.tokens
+                for key, value in out.metrics.items():
+                    metrics[key].append(value)
+        return metrics, tokens
 
 
 def _mean_over_processes(acc, stats: dict[str, float]) -> dict[str, float]:
@@ -225,7 +195,7 @@ def _mean_over_processes(acc, stats: dict[str, float]) -> dict[str, float]:
 
 def _critic_backbone(policy, cfg) -> nn.Module:
     """A trainable copy of the policy's backbone (without its vocabulary head) for a separate critic."""
-    base = policy.get_base_model() if is_peft_model(policy) else policy
+    base = base_model(policy)
     backbone = copy.deepcopy(getattr(base, base.base_model_prefix))
     if cfg.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -234,7 +204,7 @@ def _critic_backbone(policy, cfg) -> nn.Module:
 
 
 def _hidden_size(policy) -> int:
-    base = policy.get_base_model() if is_peft_model(policy) else policy
+    base = base_model(policy)
     head = base.get_output_embeddings()
     return getattr(head, "in_features", None) or base.config.get_text_config().hidden_size
 
@@ -246,16 +216,6 @@ def _no_dropout(model: nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
-
-
-def _window_mean(values: list[float]) -> float:
-    finite = [v for v in values if np.isfinite(v)]  # explained variance is NaN when the returns do not vary
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-def _status(metrics: dict[str, float]) -> str:
-    shown = ["objective/scores", "objective/kl", "samples/s"]
-    return "  ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in shown if k in metrics)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

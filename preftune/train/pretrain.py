@@ -16,8 +16,8 @@ from ..data.packing import pack_stream
 from ..data.text import read_documents, tokenize_documents
 from ..errors import ConfigError
 from ..models import load_causal_lm, load_tokenizer
-from .run import RunResult, start_run
-from ..data.split import hold_out, report_skipped
+from .run import RunResult, start_run, train_and_eval
+from ..data.split import report_skipped
 from .sft import train_lm
 
 
@@ -51,11 +51,7 @@ def pretrain_rows(cfg: PretrainConfig, tokenizer):
         report_skipped(str(source), report)
         return texts
 
-    train = documents(cfg.dataset, cfg.split)
-    if cfg.eval_dataset:
-        held = documents(cfg.eval_dataset, cfg.eval_split)
-    else:
-        train, held = hold_out(train, cfg.eval_fraction, cfg.seed)
+    train, held = train_and_eval(cfg, documents)
     train_rows = pack_stream(tokenize_documents(train, tokenizer), cfg.max_length)
     eval_rows = pack_stream(tokenize_documents(held, tokenizer), cfg.max_length) if held else []
     return train_rows, eval_rows, {"train_documents": len(train), "eval_documents": len(held)}

@@ -1,14 +1,23 @@
-"""The frozen reference policy: live, adapter-disabled, or precomputed once and cached on disk.
+"""The reference policy, chosen in one place: a frozen model, the LoRA policy with its adapters
+disabled, log-probs precomputed once and cached on disk, or none.
 
-Reference log-probs never change during training, so with ``precompute_ref`` they are computed in
-one pass before training and stored under a fingerprint of (reference model, exact token ids,
-precision). Any later run with the same fingerprint loads them instead of running the reference:
-the token ids capture the data, the tokenizer and every truncation setting at once.
+:func:`make_reference` decides, for every algorithm: an explicit ``ref_model`` object, else
+``ref_model_name_or_path``, else (with LoRA) the policy's own base weights with adapters off, else a
+frozen copy of the policy in the compute precision. Every kind answers the same questions of a
+batch of ``(input_ids, attention_mask, completion_mask)`` rows: ``sequence_logps`` (summed over the
+completion, ``[B]``) and, when run live, ``token_logps`` (per completion token, flat).
+
+Reference log-probs never change during training, so with ``precompute`` they are computed in one
+pass before training, for any list of (prompt ids, completion ids) sequences (DPO's chosen and
+rejected, KTO's mismatched completions, ...), and stored under a fingerprint of (reference model,
+exact token ids, precision). Any later run with the same fingerprint loads them instead of running
+the reference: the token ids capture the data, the tokenizer and every truncation setting at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -16,36 +25,152 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from ..logprobs import sequence_logprobs
+from ..data.collate import collate_completions
+from ..logprobs import completion_logprobs, final_hidden_states, sequence_logprobs
+from ..models import base_model, compute_dtype, disable_dropout, freeze, is_peft_model, load_causal_lm, \
+    model_fingerprint
 
-CACHE_FORMAT = "preftune-ref-logps-v1"
+CACHE_FORMAT = "preftune-ref-logps-v2"
+Sequence = tuple[list[int], list[int]]   # (prompt ids, completion ids)
+console = Console(stderr=True)
 
 
-@dataclass
 class Reference:
-    """How to get reference log-probs for a batch: a frozen model, or the policy with adapters off."""
+    """No reference (a reference-free loss): asking it for log-probs is a bug."""
 
-    model: torch.nn.Module | None = None          # a separate frozen model
-    adapter_policy: torch.nn.Module | None = None  # a peft policy whose adapters are disabled for the reference
-    chunk_size: int = 1024
+    kind = "none"
+
+    def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise RuntimeError(f"the reference ({self.kind}) cannot give sequence log-probs here")
+
+    def token_logps(self, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+        raise RuntimeError(f"the reference ({self.kind}) cannot give per-token log-probs")
+
+
+class LiveReference(Reference):
+    """A model run on every batch, in eval mode and without gradients."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int):
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def running(self):
+        return contextlib.nullcontext()
 
     @torch.no_grad()
-    def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.model is not None:
-            context, model = contextlib.nullcontext(), self.model
-        elif self.adapter_policy is not None:
-            context, model = self.adapter_policy.disable_adapter(), self.adapter_policy
-        else:
-            raise RuntimeError("no reference model configured")
-        was_training = model.training
-        model.eval()
-        with context:
-            sums, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+    def sequence_logps(self, batch):
+        with self._evaluating():
+            sums, _ = sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                                         chunk_size=self.chunk_size)
-        model.train(was_training)
         return sums.float()
+
+    @torch.no_grad()
+    def token_logps(self, batch, temperature: float = 1.0):
+        with self._evaluating():
+            hidden = final_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
+            logps, _ = completion_logprobs(self.model, hidden, batch["input_ids"], batch["completion_mask"],
+                                           chunk_size=self.chunk_size, temperature=temperature)
+        return logps
+
+    @contextlib.contextmanager
+    def _evaluating(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.running():
+                yield
+        finally:
+            self.model.train(was_training)
+
+
+class ModelReference(LiveReference):
+    """A separate frozen model."""
+
+    kind = "model"
+
+
+class AdapterReference(LiveReference):
+    """The LoRA policy with its adapters disabled: the base weights, no second copy in memory."""
+
+    kind = "adapter"
+
+    def running(self):
+        return self.model.disable_adapter()
+
+
+class PrecomputedReference(Reference):
+    """Sequence log-probs computed before training, looked up by each row's exact tokens."""
+
+    kind = "precomputed"
+
+    def __init__(self, table: dict[tuple, float]):
+        self.table = table
+
+    def sequence_logps(self, batch):
+        keys = row_keys(batch)
+        try:
+            values = [self.table[key] for key in keys]
+        except KeyError:
+            raise RuntimeError("a sequence of this batch has no precomputed reference log-prob") from None
+        return torch.tensor(values, dtype=torch.float32, device=batch["input_ids"].device)
+
+
+def sequence_key(prompt_ids: list[int], completion_ids: list[int]) -> tuple:
+    return tuple(prompt_ids) + tuple(completion_ids), len(completion_ids)
+
+
+def row_keys(batch: dict[str, torch.Tensor]) -> list[tuple]:
+    """:func:`sequence_key` of every row of a padded batch (any padding side)."""
+    ids, attended = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+    completion = batch["completion_mask"].cpu().bool().sum(-1).tolist()
+    return [(tuple(ids[i][attended[i]].tolist()), completion[i]) for i in range(ids.shape[0])]
+
+
+def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True, precompute: dict[str, list[Sequence]] | None = None,
+                   pad_token_id: int | None = None) -> Reference:
+    """The run's reference for ``policy`` (already prepared: LoRA applied), on ``ctx``'s device.
+
+    ``precompute`` (split name -> sequences) asks for :class:`PrecomputedReference`: the log-probs of
+    those sequences are loaded from the cache or computed now, and no reference model is kept.
+    """
+    if not needed:
+        return Reference()
+    device, chunk = ctx.accelerator.device, cfg.logprob_chunk_size
+    if ref_model is None and cfg.ref_model_name_or_path:
+        ref_model = load_causal_lm(cfg.ref_model_name_or_path, compute_dtype(ctx.precision))
+    if ref_model is None and is_peft_model(policy):
+        live: LiveReference = AdapterReference(policy.to(device), chunk)
+    else:
+        if ref_model is None:
+            ref_model = copy.deepcopy(policy).to(compute_dtype(ctx.precision))
+        disable_dropout(ref_model)
+        live = ModelReference(freeze(ref_model).to(device), chunk)
+    if precompute is None:
+        return live
+    return _precomputed(cfg, ctx, live, precompute, pad_token_id)
+
+
+def _precomputed(cfg, ctx, live: LiveReference, splits: dict[str, list[Sequence]], pad_token_id: int) -> Reference:
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    fingerprint = model_fingerprint(base_model(live.model), cfg.ref_model_name_or_path or cfg.model_name_or_path)
+    table, described = {}, {}
+    for split, sequences in splits.items():
+        if not sequences:
+            continue
+        path = cache_root / f"{cache_key(fingerprint, sequences, ctx.precision)}.safetensors"
+        cached = precompute_logps(live, sequences, pad_token_id, 2 * cfg.per_device_batch_size, path, ctx.accelerator)
+        table.update(zip((sequence_key(*s) for s in sequences), cached.logps.tolist()))
+        described[split] = {"path": str(cached.path), "reused": cached.hit, "sequences": len(sequences)}
+        if ctx.is_main_process:
+            state = "reused cached" if cached.hit else "computed and cached"
+            console.print(f"reference log-probs ({split}): {state} at {cached.path}")
+    if ctx.is_main_process:
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.run_dir / "reference_cache.json").write_text(json.dumps(described, indent=2))
+    return PrecomputedReference(table)
 
 
 def default_cache_dir() -> Path:
@@ -53,57 +178,45 @@ def default_cache_dir() -> Path:
     return Path(root) / "reference-logps"
 
 
-def token_fingerprint(pairs) -> str:
+def token_fingerprint(sequences: list[Sequence]) -> str:
     digest = hashlib.sha256()
-    for pair in pairs:
-        for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+    for sequence in sequences:
+        for ids in sequence:
             digest.update(len(ids).to_bytes(4, "little"))
             digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
     return digest.hexdigest()
 
 
-def cache_key(model_fingerprint: str, pairs, precision: str) -> str:
-    parts = [CACHE_FORMAT, model_fingerprint, token_fingerprint(pairs), precision]
+def cache_key(model_fingerprint: str, sequences: list[Sequence], precision: str) -> str:
+    parts = [CACHE_FORMAT, model_fingerprint, token_fingerprint(sequences), precision]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
 @dataclass
 class CachedLogps:
-    chosen: torch.Tensor    # [N]
-    rejected: torch.Tensor  # [N]
+    logps: torch.Tensor     # [N], one per sequence
     path: Path
     hit: bool               # True when loaded from an earlier run's cache
 
 
-def precompute_reference(reference: Reference, pairs, collate, batch_size: int, device, cache_path: Path,
-                         accelerator=None) -> CachedLogps:
-    """Reference log-probs of every pair, loaded from ``cache_path`` or computed and written there."""
-    ctx = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
-    with ctx:
+def precompute_logps(reference: Reference, sequences: list[Sequence], pad_token_id: int, batch_size: int,
+                     cache_path: Path, accelerator=None) -> CachedLogps:
+    """Reference log-probs of every sequence, loaded from ``cache_path`` or computed and written there."""
+    device = accelerator.device if accelerator is not None else "cpu"
+    with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
         if cache_path.is_file():
-            tensors = load_file(cache_path)
-            if tensors["chosen"].numel() == len(pairs):
-                return CachedLogps(tensors["chosen"], tensors["rejected"], cache_path, hit=True)
-        chosen, rejected = [], []
-        for start in range(0, len(pairs), batch_size):
-            batch = collate(pairs[start:start + batch_size])
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            sums = reference.sequence_logps(batch).cpu()
-            half = sums.shape[0] // 2
-            chosen.append(sums[:half])
-            rejected.append(sums[half:])
-        result = {"chosen": torch.cat(chosen).contiguous(), "rejected": torch.cat(rejected).contiguous()}
+            logps = load_file(cache_path)["logps"]
+            if logps.numel() == len(sequences):
+                return CachedLogps(logps, cache_path, hit=True)
+        parts = []
+        for start in range(0, len(sequences), batch_size):
+            prompts, completions = zip(*sequences[start:start + batch_size])
+            batch = collate_completions(list(prompts), list(completions), pad_token_id)
+            parts.append(reference.sequence_logps({k: v.to(device) for k, v in batch.items()}).cpu())
+        logps = torch.cat(parts).contiguous()
         if accelerator is None or accelerator.is_main_process:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             staging = cache_path.with_suffix(".partial")
-            save_file(result, staging, metadata={"format": CACHE_FORMAT, "pairs": str(len(pairs))})
+            save_file({"logps": logps}, staging, metadata={"format": CACHE_FORMAT, "sequences": str(len(sequences))})
             staging.replace(cache_path)
-    return CachedLogps(result["chosen"], result["rejected"], cache_path, hit=False)
-
-
-def describe(cached: CachedLogps) -> dict:
-    return {"path": str(cached.path), "reused": cached.hit, "pairs": int(cached.chosen.numel())}
-
-
-def write_description(run_dir: Path, entries: dict) -> None:
-    (run_dir / "reference_cache.json").write_text(json.dumps(entries, indent=2))
+    return CachedLogps(logps, cache_path, hit=False)

@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from ..config import RewardConfig, config_to_dict
+from ..config import RewardConfig
 from ..data import collate_pairs
 from ..losses import reward_loss
 from ..models import load_tokenizer, prepare_policy
@@ -120,9 +120,8 @@ def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RunResult:
     check_reward_model(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = prepare_reward_model(model, cfg)
-    trainer = Trainer(accelerator=ctx.accelerator, model=RewardScorer(model), task=RewardTask(cfg, tokenizer.pad_token_id),
-                      train_examples=train_pairs, eval_examples=eval_pairs, settings=cfg, run_dir=ctx.run_dir,
-                      config_dict=config_to_dict(cfg), count_tokens=lambda b: int(b["attention_mask"].sum()))
+    trainer = Trainer.from_run(ctx, model=RewardScorer(model), task=RewardTask(cfg, tokenizer.pad_token_id),
+                               train_examples=train_pairs, eval_examples=eval_pairs)
     result = trainer.train()
     model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model", cfg.merge_lora)
     return finish_run(ctx, model_dir, result)

@@ -9,7 +9,6 @@ whitening (:mod:`preftune.losses.ppo`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -21,7 +20,6 @@ from ..data.collate import collate_completions
 from ..data.messages import prompt_text
 from ..data.rows import InvalidRow, settle_problems
 from ..generate import SamplingSettings, generate_ids
-from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.ppo import explained_variance, gae_advantages, kl_penalty, masked_whiten, token_rewards
 from ..scoring import CheckedScorer, FunctionScorer, as_scorer
 from ..scoring.reward_model import RewardModelScorer
@@ -150,13 +148,13 @@ def adjusted_scores(raw: torch.Tensor, ended: torch.Tensor, missing_eos_penalty:
 class RolloutWorker:
     """Everything a rollout needs that stays fixed over the run."""
 
-    def __init__(self, *, cfg, accelerator, policy_value, reward, tokenizer, ref_model=None):
+    def __init__(self, *, cfg, accelerator, policy_value, reward, tokenizer, reference):
         self.cfg = cfg
         self.acc = accelerator
         self.policy_value = policy_value          # unwrapped PolicyValue
         self.reward = reward                      # a preftune.scoring scorer
         self.tokenizer = tokenizer
-        self.ref_model = ref_model                # None: the LoRA policy with its adapters disabled
+        self.reference = reference                # a live reference (train/reference.py)
         self.settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                          top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
 
@@ -220,18 +218,9 @@ class RolloutWorker:
                 with self.acc.autocast():
                     logps, values, entropy = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                                                     with_entropy=True)
-                    ref = self.reference_logps(batch)
+                    ref = self.reference.token_logps(batch, self.cfg.temperature)
                 for target, flat in zip(out, (logps, values, entropy, ref)):
                     target += list(torch.split(flat.float(), lengths))
         finally:
             module.train(was_training)
         return out
-
-    def reference_logps(self, batch) -> torch.Tensor:
-        model = self.ref_model if self.ref_model is not None else self.policy_value.policy
-        context = self.policy_value.policy.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
-        with context:
-            hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
-            logps, _ = completion_logprobs(model, hidden, batch["input_ids"], batch["completion_mask"],
-                                           chunk_size=self.cfg.logprob_chunk_size, temperature=self.cfg.temperature)
-        return logps

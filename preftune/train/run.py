@@ -3,12 +3,13 @@ with an earlier run's files), its final model (written atomically) and its ``sum
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -19,11 +20,15 @@ from .loop import TrainResult
 
 @dataclass
 class RunContext:
-    """What every command sets up before training: the accelerator, the run directory, the precision."""
+    """What every command sets up before training: the accelerator, the run directory, the precision, and
+    the settings the loop reads (``settings``, a config with the training fields; ``config_dict``, saved
+    as ``config.json``). :meth:`Trainer.from_run <preftune.train.loop.Trainer.from_run>` builds on it."""
 
     accelerator: Any
     run_dir: Path
     precision: str
+    settings: Any = None
+    config_dict: dict = field(default_factory=dict)
 
     @property
     def is_main_process(self) -> bool:
@@ -57,7 +62,7 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         for note in warnings:
             console.print(f"[yellow]warning:[/] {note}")
     set_seed(cfg.seed)
-    return RunContext(accelerator, run_dir, precision)
+    return RunContext(accelerator, run_dir, precision, cfg, dataclasses.asdict(cfg))
 
 
 def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dict | None = None) -> RunResult:
@@ -67,6 +72,17 @@ def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dic
                    "eval": result.eval_metrics, **(extra or {})}
         (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(ctx.run_dir, model_dir, ctx.run_dir / "metrics.jsonl", result, ctx.is_main_process)
+
+
+def train_and_eval(cfg, read: Callable[[str, str], list]) -> tuple[list, list]:
+    """Training and held-out items: ``read(source, split)`` of ``dataset``, then of ``eval_dataset`` or,
+    without one, an ``eval_fraction`` of the training items held out."""
+    from ..data.split import hold_out
+
+    train = read(cfg.dataset, cfg.split)
+    if cfg.eval_dataset:
+        return train, read(cfg.eval_dataset, cfg.eval_split)
+    return hold_out(train, cfg.eval_fraction, cfg.seed)
 
 
 def make_accelerator(precision: str, report_to: list[str], run_dir: Path):

@@ -15,16 +15,16 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from ..config import SFTConfig, config_to_dict
+from ..config import SFTConfig
 from ..data.load import load_records
-from ..data.split import hold_out, report_skipped
+from ..data.split import report_skipped
 from ..data.packing import LMRow, block_causal_mask, collate_rows, pack_examples, single_row
 from ..data.text import SFTSettings, tokenize_sft
 from ..errors import ConfigError
 from ..logprobs import token_logprobs
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from .loop import Trainer
-from .run import RunContext, RunResult, finish_run, save_final_model, start_run
+from .run import RunContext, RunResult, finish_run, save_final_model, start_run, train_and_eval
 
 console = Console(stderr=True)
 
@@ -144,10 +144,8 @@ def train_lm(cfg, ctx: RunContext, model, tokenizer, train_rows: list[LMRow], ev
     lm = LMLogprobs(prepare_policy(model, cfg), cfg.logprob_chunk_size).to(ctx.accelerator.device)
     if packed:
         check_packed_attention(lm)
-    trainer = Trainer(accelerator=ctx.accelerator, model=lm, task=LMTask(tokenizer.pad_token_id, packed),
-                      train_examples=train_rows, eval_examples=eval_rows, settings=cfg, run_dir=ctx.run_dir,
-                      config_dict=config_to_dict(cfg), count_tokens=lambda b: int(b["attention_mask"].sum()),
-                      unit="samples")
+    trainer = Trainer.from_run(ctx, model=lm, task=LMTask(tokenizer.pad_token_id, packed), train_examples=train_rows,
+                               eval_examples=eval_rows, unit="samples")
     result = trainer.train()
     model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model",
                                  cfg.merge_lora)
@@ -165,11 +163,7 @@ def sft_rows(cfg: SFTConfig, tokenizer) -> tuple[list[LMRow], list[LMRow], dict]
         report_skipped(records.name, report)
         return found
 
-    train = examples(cfg.dataset, cfg.split)
-    if cfg.eval_dataset:
-        held = examples(cfg.eval_dataset, cfg.eval_split)
-    else:
-        train, held = hold_out(train, cfg.eval_fraction, cfg.seed)
+    train, held = train_and_eval(cfg, examples)
     if cfg.packing:
         rows = pack_examples(train, cfg.max_length), pack_examples(held, cfg.max_length)
     else:

@@ -1,0 +1,130 @@
+"""Checkpoints on disk: trainable weights, optimiser, scheduler, RNG states and the loop's state.
+
+A checkpoint is the directory ``<run_dir>/checkpoints/step-<N>``, written to ``step-<N>.partial``
+and renamed, so a crash never leaves a half-written one. ``state.json`` holds the step, the settings
+that must match on resume (global batch, seed) and ``extra``: the JSON state of an online step
+(PPO's KL coefficient, say) that the loop hands back on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ConfigError, PreftuneError
+
+PREFIX = "step-"
+
+
+def find_checkpoint(checkpoint_dir: Path, resume: str) -> Path:
+    """``resume`` is ``latest`` (the newest complete checkpoint in ``checkpoint_dir``) or a checkpoint's path."""
+    if resume == "latest":
+        found = [p for p in sorted(checkpoint_dir.glob(f"{PREFIX}*"), key=step_of) if (p / "state.json").is_file()]
+        if not found:
+            raise ConfigError(f"--resume: no checkpoint found in {checkpoint_dir}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise ConfigError(f"--resume: {path} is not a checkpoint (no state.json)")
+    return path
+
+
+def trainable_parameters(model) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(acc, final: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """Write ``final`` atomically (every process calls this); keep the newest ``keep`` checkpoints (0: all)."""
+    staging = final.with_name(final.name + ".partial")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
+        save_file(weights, staging / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    acc.wait_for_everyone()
+    torch.save(rng_state(), staging / f"rng-{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        (staging / "state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        prune(final.parent, keep)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(acc, path: Path, model, optimizer, scheduler, expected: dict) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; ``expected`` settings (global batch, seed) must match."""
+    state = json.loads((path / "state.json").read_text())
+    if any(state[key] != value for key, value in expected.items()):
+        written = ", ".join(f"{k} {state[k]}" for k in expected)
+        wanted = ", ".join(f"{k} {v}" for k, v in expected.items())
+        raise ConfigError(f"{path}: checkpoint was written with {written}; this run has {wanted}")
+    weights = load_file(path / "trainable.safetensors")
+    params = trainable_parameters(model)
+    if set(weights) != set(params):
+        raise PreftuneError(f"{path}: checkpoint weights do not match this model's trainable parameters")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor.to(params[name].device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng_file = path / f"rng-{acc.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def prune(checkpoint_dir: Path, keep: int) -> None:
+    found = sorted((p for p in checkpoint_dir.glob(f"{PREFIX}*") if not p.name.endswith(".partial")), key=step_of)
+    for old in found[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def step_of(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix(PREFIX).split(".")[0])
+    except ValueError:
+        return -1
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def truncate_records(path: Path, step: int) -> None:
+    """Drop the JSON lines of ``path`` written after ``step`` (a resumed run writes them again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def kill_point(step: int) -> None:
+    """SIGKILL this process after step ``PREFTUNE_KILL_AT_STEP``: lets tests simulate a crash."""
+    kill_at = int(os.environ.get("PREFTUNE_KILL_AT_STEP", "0"))
+    if kill_at and step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
