@@ -104,20 +104,33 @@ def test_eval_judge_refuses_non_finite_scores(tiny_model, tiny_tokenizer, bad_mo
 
 
 def test_annotation_ordering_refuses_non_finite_scores(tmp_path, bad_module):
+    from sqlalchemy import select
+
     from preftune.annotate.db import Database
     from preftune.annotate.importer import ItemSpec, add_items, ensure_project
+    from preftune.annotate.models import Item
     from preftune.annotate.ordering import rerank_project
 
     database = Database(f"sqlite:///{tmp_path / 'a.db'}")
     database.upgrade()
     with database.write() as session:
         project, _ = ensure_project(session, "demo", "pairwise")
-        add_items(session, project, [ItemSpec(f"i{i}", f"Prompt {i}", [f"a{i}", f"b{i}"]) for i in range(3)], seed=0)
+        specs = [ItemSpec(f"i{i}", f"Prompt {i}", [f"a{i}", f"b{i}"]) for i in range(2)]
+        add_items(session, project, specs + [ItemSpec("chat", "shown", ["a", "bbb"], {"prompt_messages": CHAT})], seed=0)
     with pytest.raises(PreftuneError, match=rf"scorer '{bad_module}:nan_third' returned a score that is not a finite"):
         rerank_project(database, "demo", FunctionScorer(f"{bad_module}:nan_third"))
     with pytest.raises(PreftuneError, match="returned 5 scores for 6 responses"):
         rerank_project(database, "demo", FunctionScorer(f"{bad_module}:one_short"))
-    assert rerank_project(database, "demo", lambda p, r: [float(len(x) + i) for i, x in enumerate(r)]) == 3
+    seen = []
+
+    def lengths(prompts, responses):
+        seen.extend(prompts)
+        return [len(text) for text in responses]
+
+    assert rerank_project(database, "demo", lengths) == 3
+    assert seen == ["Prompt 0"] * 2 + ["Prompt 1"] * 2 + [CHAT] * 2   # a conversation is scored as its messages
+    with database.read() as session:
+        assert sorted(session.scalars(select(Item.priority))) == [0.0, 0.0, 2.0]
     database.dispose()
 
 

@@ -1,8 +1,9 @@
 """Active learning: serve first the items whose candidates a reward model separates least.
 
 A scorer is a :mod:`preftune.scoring` scorer or any callable ``scorer(prompts, responses) -> scores``
-(its scores pass the same checks as every scorer's). An item's priority is the smallest score gap between two of its candidates (the pair the model is least sure of); the queue
-serves small priorities first. ``RewardModelWatcher`` re-ranks every project when the reward model
+(its scores pass the same checks as every scorer's). An item's priority is the smallest score gap
+between two of its candidates (the pair the model is least sure of); the queue serves small
+priorities first. ``RewardModelWatcher`` re-ranks every project when the reward model
 on disk changes (for example after it was retrained on the newest labels).
 """
 
