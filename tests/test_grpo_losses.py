@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from preftune.losses import (AGGREGATIONS, LOSS_TYPE_ALIASES, aggregate_loss, drop_zero_std_groups,
+from preftune.losses import (AGGREGATIONS, LOSS_TYPE_ALIASES, aggregate_loss, combined_rewards, drop_zero_std_groups,
                              frac_reward_zero_std, group_advantages, group_std, grpo_loss, overlong_penalty,
                              rloo_advantages, sequence_kl, zero_std_groups)
 
@@ -72,6 +72,21 @@ def test_sequence_kl_sums_the_per_token_estimate_over_completion_tokens():
     close(sequence_kl(logps, ref, mask), [0.5 + (-1.0), 0.0])
     k3 = lambda log_ratio: math.exp(-log_ratio) + log_ratio - 1  # noqa: E731
     close(sequence_kl(logps, ref, mask, "k3"), [k3(0.5) + k3(-1.0), 0.0])
+
+
+def test_weighted_sum_of_reward_functions_with_and_without_per_reward_normalisation():
+    # two groups of 2; function 1 gives [1, 3 | 0, 0], function 2 gives [10, 30 | 5, 15]
+    rewards = t([[1.0, 10.0], [3.0, 30.0], [0.0, 5.0], [0.0, 15.0]])
+    close(combined_rewards(rewards), [11.0, 33.0, 5.0, 15.0])
+    close(combined_rewards(rewards, t([2.0, 0.5])), [7.0, 21.0, 2.5, 7.5])
+    # normalised per function and group: deviations +-1, +-10, +-5 over sample stds sqrt(2), 10 sqrt(2), 5 sqrt(2)
+    a, b, c = 1 / (math.sqrt(2) + 1e-4), 10 / (10 * math.sqrt(2) + 1e-4), 5 / (5 * math.sqrt(2) + 1e-4)
+    close(combined_rewards(rewards, t([2.0, 0.5]), group_size=2, normalize=True),
+          [-2 * a - 0.5 * b, 2 * a + 0.5 * b, -0.5 * c, 0.5 * c])
+    with pytest.raises(ValueError, match="3 reward weights for 2"):
+        combined_rewards(rewards, t([1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="group size"):
+        combined_rewards(rewards, normalize=True)
 
 
 def test_bad_groups_are_refused():

@@ -20,8 +20,9 @@ from preftune.losses.ppo import (KL_ESTIMATORS, PolicyLoss, adaptive_kl_coef, ex
                                  kl_penalty, masked_mean, masked_var, masked_whiten, policy_loss, token_rewards,
                                  value_loss)
 from preftune.losses.grpo import (AGGREGATIONS, LOSS_TYPE_ALIASES, SCALE_REWARDS, GRPOLoss, aggregate_loss,
-                                  drop_zero_std_groups, frac_reward_zero_std, group_advantages, group_std, grpo_loss,
-                                  overlong_penalty, rloo_advantages, sequence_kl, zero_std_groups)
+                                  combined_rewards, drop_zero_std_groups, frac_reward_zero_std, group_advantages,
+                                  group_std, grpo_loss, overlong_penalty, rloo_advantages, sequence_kl,
+                                  zero_std_groups)
 
 __all__ = [
     "LOSSES",
@@ -59,6 +60,7 @@ __all__ = [
     "SCALE_REWARDS",
     "GRPOLoss",
     "aggregate_loss",
+    "combined_rewards",
     "drop_zero_std_groups",
     "frac_reward_zero_std",
     "group_advantages",

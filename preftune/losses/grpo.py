@@ -74,6 +74,27 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
     raise ValueError(f"unknown scale_rewards '{scale_rewards}' (choose {', '.join(SCALE_REWARDS)})")
 
 
+def combined_rewards(per_function: Tensor, weights: Tensor | None = None, group_size: int | None = None,
+                     normalize: bool = False) -> Tensor:
+    """``[N]`` total reward from ``[N, K]`` rewards of ``K`` reward functions: ``Σ_k w_k·r_k`` (weights 1 by default).
+
+    ``normalize`` first standardises each function's rewards within each group,
+    ``r_k ← (r_k - mean_g(r_k)) / (std_g(r_k) + 1e-4)`` (as :func:`group_advantages` with ``group``),
+    so that a function with a large scale or spread does not drown the others.
+    """
+    if per_function.dim() != 2:
+        raise ValueError(f"expected [completions, reward functions] rewards, got shape {tuple(per_function.shape)}")
+    if normalize:
+        if group_size is None:
+            raise ValueError("per-reward normalisation needs the group size")
+        per_function = torch.stack([group_advantages(column, group_size, "group") for column in per_function.T], dim=1)
+    if weights is None:
+        return per_function.sum(dim=1)
+    if weights.shape != per_function.shape[1:]:
+        raise ValueError(f"{weights.numel()} reward weights for {per_function.shape[1]} reward functions")
+    return per_function @ weights.to(per_function.dtype)
+
+
 def rloo_advantages(rewards: Tensor, kl: Tensor, beta: float, group_size: int) -> Tensor:
     """RLOO advantages ``[N]`` with the KL folded into the reward (Ahmadian et al. 2024, sec. 3-4).
 
@@ -210,6 +231,7 @@ def grpo_loss(logps: Tensor, advantages: Tensor, mask: Tensor, *, old_logps: Ten
     if beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs the reference log-probs (ref_logps)")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    mask = mask.to(torch.bool)
     if truncated is not None:
         mask = mask & ~truncated.to(torch.bool)[:, None]
     if advantages.dim() == 1:
