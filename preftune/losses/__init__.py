@@ -18,6 +18,10 @@ from preftune.losses.reward import (REWARD_LOSSES, bradley_terry_loss, centering
 from preftune.losses.ppo import (KL_ESTIMATORS, PolicyLoss, adaptive_kl_coef, explained_variance, gae_advantages,
                                  kl_penalty, masked_mean, masked_var, masked_whiten, policy_loss, token_rewards,
                                  value_loss)
+from preftune.losses.grpo import (AGGREGATIONS, LOSS_TYPE_ALIASES, SCALE_REWARDS, GRPOLoss, aggregate_loss,
+                                  combined_rewards, drop_zero_std_groups, frac_reward_zero_std, group_advantages,
+                                  group_std, grpo_loss, overlong_penalty, rloo_advantages, sequence_kl,
+                                  zero_std_groups)
 
 __all__ = [
     "LOSSES",
@@ -49,4 +53,19 @@ __all__ = [
     "policy_loss",
     "token_rewards",
     "value_loss",
+    "AGGREGATIONS",
+    "LOSS_TYPE_ALIASES",
+    "SCALE_REWARDS",
+    "GRPOLoss",
+    "aggregate_loss",
+    "combined_rewards",
+    "drop_zero_std_groups",
+    "frac_reward_zero_std",
+    "group_advantages",
+    "group_std",
+    "grpo_loss",
+    "overlong_penalty",
+    "rloo_advantages",
+    "sequence_kl",
+    "zero_std_groups",
 ]
