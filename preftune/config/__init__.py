@@ -1,28 +1,19 @@
 """Run configurations: one dataclass per command, read from YAML, every field also a command-line flag.
 
-- :mod:`.base`: the machinery (:func:`option` fields with help text, :func:`load_config`, flags);
+- :mod:`.base`: the machinery (:func:`option` fields with help text, :func:`with_default`, :func:`load_config`,
+  flags);
 - :mod:`.shared`: the settings commands share (model, data source, held-out data, training loop),
   each field declared once;
 - :mod:`.preference` (``dpo``, ``reward``), :mod:`.lm` (``pretrain``, ``sft``), :mod:`.ppo`: the
   commands' configs. Values are validated before any model is loaded.
 """
 
-from .base import add_config_arguments, check_ranges, config_from_args, config_to_dict, load_config, option
+from .base import add_config_arguments, config_from_args, config_to_dict, load_config, option, with_default
 from .lm import PretrainConfig, SFTConfig
 from .ppo import PPOConfig
 from .preference import DPOConfig, RewardConfig, parse_constraint_spec
-from .shared import (
-                     DataSettings,
-                     DataSource,
-                     HeldOutData,
-                     ModelSettings,
-                     TrainSettings,
-                     validate_dataset_command,
-                     validate_lm,
-                     validate_training,
-)
+from .shared import DataSettings, DataSource, HeldOutData, ModelSettings, TrainSettings
 
 __all__ = ["DPOConfig", "DataSettings", "DataSource", "HeldOutData", "ModelSettings", "PPOConfig", "PretrainConfig",
-           "RewardConfig", "SFTConfig", "TrainSettings", "add_config_arguments", "check_ranges", "config_from_args",
-           "config_to_dict", "load_config", "option", "parse_constraint_spec", "validate_dataset_command",
-           "validate_lm", "validate_training"]
+           "RewardConfig", "SFTConfig", "TrainSettings", "add_config_arguments", "config_from_args", "config_to_dict",
+           "load_config", "option", "parse_constraint_spec", "with_default"]

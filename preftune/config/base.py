@@ -31,6 +31,12 @@ def option(default, help: str, **extra):
 
 
 
+def with_default(cls, name: str, default):
+    """The field ``name`` of the dataclass ``cls`` with another default; its help text is declared once, in ``cls``."""
+    inherited = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return option(default, **inherited.metadata)
+
+
 def check_ranges(cfg, positive=(), positive_numbers=(), non_negative=(), unit_interval=()) -> None:
     """Each named field is positive / a positive finite number / a non-negative finite number / in [0, 1]."""
     for name in positive:

@@ -5,16 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .base import option
-from .shared import (
-    DataSettings,
-    DataSource,
-    HeldOutData,
-    ModelSettings,
-    TrainSettings,
-    validate_dataset_command,
-    validate_lm,
-)
+from .base import option, with_default
+from .shared import DataSettings, DataSource, HeldOutData, ModelSettings, TrainSettings, validate_data, validate_lm
 
 
 @dataclass
@@ -29,12 +21,12 @@ class PretrainConfig(ModelSettings, HeldOutData, DataSource, TrainSettings):
     text_column: str = option("text", "Column holding the documents (tabular and hub data).")
     max_length: int = option(1024, "Tokens per packed row (documents are concatenated with EOS and cut into such "
                                    "rows).")
-    learning_rate: float = option(3e-4, "Peak learning rate (AdamW).")
+    learning_rate: float = with_default(TrainSettings, "learning_rate", 3e-4)
     # Not an option here (no prompts); present for the checks shared with the other commands.
     max_prompt_length = None
 
     def validate(self, require_model: bool = True) -> None:
-        validate_dataset_command(self, require_model=False)
+        validate_data(self, require_model=False)
         if self.model_name_or_path and self.model_config:
             raise ConfigError("give either model_name_or_path (continue a trained model) or model_config (random "
                               "weights), not both")
@@ -56,10 +48,10 @@ class SFTConfig(ModelSettings, DataSettings, TrainSettings):
                                               "token.")
     packing: bool = option(False, "Pack several examples into each row of max_length tokens (block-diagonal attention, "
                                   "position ids restarting per example).")
-    learning_rate: float = option(2e-5, "Peak learning rate (AdamW).")
+    learning_rate: float = with_default(TrainSettings, "learning_rate", 2e-5)
 
     def validate(self, require_model: bool = True) -> None:
-        validate_dataset_command(self, require_model)
+        validate_data(self, require_model)
         validate_lm(self)
 
     def sanity_warnings(self) -> list[str]:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .base import check_ranges, option
+from .base import check_ranges, option, with_default
 from .shared import DataSource, ModelSettings, TrainSettings, validate_training
 
 
@@ -41,9 +41,8 @@ class PPOConfig(ModelSettings, DataSource, TrainSettings):
     num_ppo_epochs: int = option(4, "Passes over each rollout batch.")
     max_steps: int = option(-1, "Stop after this many PPO iterations (one rollout batch and its updates each; "
                                 "overrides num_epochs when > 0).")
-    num_epochs: float = option(1.0, "Passes over the prompts.")
-    learning_rate: float = option(3e-6, "Peak learning rate (AdamW).")
-    warmup_ratio: float = option(0.0, "Fraction of optimiser steps spent warming up linearly from 0.")
+    learning_rate: float = with_default(TrainSettings, "learning_rate", 3e-6)
+    warmup_ratio: float = with_default(TrainSettings, "warmup_ratio", 0.0)
     logging_steps: int = option(1, "Write averaged metrics every this many iterations.")
     save_steps: int = option(0, "Checkpoint every this many iterations (0: no intermediate checkpoints).")
     cliprange: float = option(0.2, "PPO clip range ε of the probability ratio.")

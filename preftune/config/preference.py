@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .base import option
-from .shared import DataSettings, ModelSettings, TrainSettings, validate_dataset_command
+from .base import option, with_default
+from .shared import DataSettings, ModelSettings, TrainSettings, validate_data
 
 
 @dataclass
@@ -29,7 +29,7 @@ class DPOConfig(ModelSettings, DataSettings, TrainSettings):
                                          "~/.cache/preftune).")
 
     def validate(self, require_model: bool = True) -> None:
-        validate_dataset_command(self, require_model)
+        validate_data(self, require_model)
         if not (0.0 <= self.label_smoothing < 0.5):
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if not (self.beta > 0 and math.isfinite(self.beta)):
@@ -73,7 +73,7 @@ def parse_constraint_spec(spec: str) -> tuple[str, float]:
 class RewardConfig(ModelSettings, DataSettings, TrainSettings):
     """``preftune reward``: a scalar reward model trained on preference pairs."""
 
-    learning_rate: float = option(1e-5, "Peak learning rate (AdamW).")
+    learning_rate: float = with_default(TrainSettings, "learning_rate", 1e-5)
     loss_type: str = option("bradley_terry", "Reward loss: bradley_terry (-log σ(r_c - r_r - m)), ranking "
                                              "(relu(margin - (r_c - r_r))), "
                             "soft_label (Bradley-Terry against the per-row preference_prob).",
@@ -82,7 +82,7 @@ class RewardConfig(ModelSettings, DataSettings, TrainSettings):
     centering_coef: float = option(0.0, "Weight of the centring penalty (r_c + r_r)² that keeps rewards near 0.")
 
     def validate(self, require_model: bool = True) -> None:
-        validate_dataset_command(self, require_model)
+        validate_data(self, require_model)
         if not (self.margin >= 0 and math.isfinite(self.margin)):
             raise ConfigError(f"margin must be a non-negative number, got {self.margin}")
         if not (self.centering_coef >= 0 and math.isfinite(self.centering_coef)):

@@ -99,7 +99,7 @@ class TrainSettings:
     logprob_chunk_size: int = option(1024, "Tokens per chunk when projecting hidden states onto the vocabulary.")
 
 
-def validate_dataset_command(cfg, require_model: bool = True) -> None:
+def validate_data(cfg, require_model: bool = True) -> None:
     """Checks shared by the commands that read a dataset of rows with ``max_length`` tokens."""
     if require_model and not cfg.model_name_or_path:
         raise ConfigError("model_name_or_path is required (a local model directory or a hub name)")
