@@ -21,7 +21,8 @@ out = Console()
 # Each module adds its own sub-command(s) with ``register(subparsers)``; a handler takes the parsed
 # args and returns an exit code. Imports of heavy libraries happen inside the handlers.
 COMMAND_MODULES: tuple[str, ...] = ("preftune.commands.evaluate", "preftune.commands.reward", "preftune.commands.sft",
-                                      "preftune.commands.ppo", "preftune.commands.annotate")
+                                      "preftune.commands.ppo", "preftune.commands.annotate",
+                                      "preftune.commands.export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,35 @@
+"""``preftune export gguf``: a trained model as a GGUF file for llama.cpp-family runtimes."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+out = Console()
+
+
+def register(commands) -> None:
+    export = commands.add_parser("export", help="Write a trained model in another format (GGUF).")
+    formats = export.add_subparsers(dest="export_format", required=True, metavar="FORMAT")
+    gguf = formats.add_parser(
+        "gguf", help="Write a run's model (LoRA adapter merged) as a GGUF file.",
+        description="Writes the model of a run directory (its model/) or of a model directory as GGUF, with a LoRA "
+                    "adapter merged into its base. Llama-family models; tokenizer and chat template included.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gguf.add_argument("model", metavar="RUN_OR_MODEL_DIR", help="A run directory (with model/) or a model directory.")
+    gguf.add_argument("--output", required=True, help="The .gguf file to write.")
+    gguf.add_argument("--dtype", default="f16", choices=("f16", "f32", "q8_0"),
+                      help="Weight type of the 2-D tensors (norms stay f32; q8_0 falls back to f16 where a row "
+                           "is not a multiple of 32).")
+    gguf.set_defaults(handler=run_export_gguf)
+
+
+def run_export_gguf(args) -> int:
+    from ..export_gguf import export_gguf
+
+    result = export_gguf(args.model, args.output, dtype=args.dtype)
+    out.print(f"[green]written[/]: {result.path} ({result.architecture}, {result.tensors} tensors, {result.dtype})")
+    if result.fallback_f16:
+        out.print(f"{len(result.fallback_f16)} tensor(s) written as f16 (rows not divisible by 32 for q8_0)")
+    return 0
