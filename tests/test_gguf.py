@@ -164,7 +164,8 @@ def test_bad_gguf_files_give_clear_errors(gqa_model_dir, tmp_path, capsys):
 def test_export_refuses_other_architectures(tmp_path, tiny_tokenizer, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1, n_head=2))
+    gpt2.save_pretrained(tmp_path / "gpt2")
     tiny_tokenizer.save_pretrained(tmp_path / "gpt2")
     assert main(["export", "gguf", str(tmp_path / "gpt2"), "--output", str(tmp_path / "x.gguf")]) == 2
     assert "supports the Llama family" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()

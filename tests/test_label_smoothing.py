@@ -24,10 +24,11 @@ def pair_losses(task, examples):
 
 
 def test_the_same_pair_has_the_same_loss_in_any_batch(tiny_tokenizer):
-    rows = [{"prompt": "the cat", "chosen": " sat on the mat", "rejected": " ran"},               # no preference_prob
+    rows = [{"prompt": "the cat", "chosen": " sat on the mat", "rejected": " ran"},          # no preference_prob
             {"prompt": "a dog", "chosen": " barked", "rejected": " slept all day", "preference_prob": 0.7},
             {"prompt": "the sun", "chosen": " rose", "rejected": " set", "preference_prob": 1.0}]
-    pairs, _ = tokenize_preferences(Records("pairs.jsonl", rows, [1, 2, 3]), tiny_tokenizer, TokenizeSettings(max_length=64))
+    records = Records("pairs.jsonl", rows, [1, 2, 3])
+    pairs, _ = tokenize_preferences(records, tiny_tokenizer, TokenizeSettings(max_length=64))
     assert math.isnan(pairs[0].preference_prob) and pairs[2].preference_prob == 1.0
     task = DPOTask(DPOConfig(beta=BETA, label_smoothing=EPS), tiny_tokenizer.pad_token_id, reference=None)
     examples = [PairExample(p, ref_chosen=-3.0, ref_rejected=-2.0) for p in pairs]

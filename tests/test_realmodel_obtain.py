@@ -28,15 +28,16 @@ def test_under_ci_the_real_model_tests_fail_instead_of_skipping(tmp_path):
     """The fixture's policy, run as pytest would run it: skip with a reason locally, fail under CI=true."""
     test = tmp_path / "test_policy.py"
     test.write_text("from preftune.realmodel import ModelUnavailable\n"
-                    "import sys; sys.path.insert(0, %r)\n"
+                    f"import sys; sys.path.insert(0, {str(Path(__file__).parent / 'realmodel')!r})\n"
                     "from conftest import obtain\n"
                     "def fail():\n    raise ModelUnavailable('no index here')\n"
-                    "def test_needs_model():\n    obtain(fail)\n" % str(Path(__file__).parent / "realmodel"))
+                    "def test_needs_model():\n    obtain(fail)\n")
     results = {}
     for ci in ("", "true"):
         env = {**os.environ, "CI": ci}
         done = subprocess.run([sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", str(test)],
-                              capture_output=True, text=True, env=env, cwd=tmp_path)
+                              capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
         results[ci] = (done.returncode, done.stdout)
     assert results[""][0] == 0 and "1 skipped" in results[""][1] and "no index here" in results[""][1]
-    assert results["true"][0] == 1 and "1 failed" in results["true"][1] and "required when CI=true" in results["true"][1]
+    code, output = results["true"]
+    assert code == 1 and "1 failed" in output and "required when CI=true" in output

@@ -27,7 +27,8 @@ def records(run_dir):
 
 
 def chat_ids(tokenizer):
-    return tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    rendered = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return rendered["input_ids"]
 
 
 def small_run(**overrides):
@@ -43,8 +44,7 @@ def two_pairs(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", make_toy_preferences(2, conversational=True))
 
 
-def test_loading_the_gguf_equals_loading_its_converted_checkpoint(smollm2_gguf, smollm2_dir, smollm2_tokenizer,
-                                                                  one_thread):
+def test_loading_the_gguf_equals_loading_its_converted_checkpoint(smollm2_gguf, smollm2_tokenizer, one_thread):
     from preftune.gguf_import import load_gguf
 
     direct, direct_tokenizer = load_gguf(smollm2_gguf)
@@ -106,8 +106,9 @@ def test_generation_with_the_chat_template_stops_at_end_of_turn(smollm2_dir, smo
     assert tokenizer.eos_token == END_OF_TURN
     prompt = encode_prompts(tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]])
     assert tokenizer.decode(prompt[0]).endswith("<|im_start|>assistant\n")
-    generation = generate_ids(load_causal_lm(str(smollm2_dir)), prompt, SamplingSettings(max_new_tokens=40, do_sample=False),
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    greedy = SamplingSettings(max_new_tokens=40, do_sample=False)
+    generation = generate_ids(load_causal_lm(str(smollm2_dir)), prompt, greedy, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
     response = generation.response_ids[0]
     assert generation.ended[0] and response[-1] == tokenizer.convert_tokens_to_ids(END_OF_TURN)
     assert END_OF_TURN not in tokenizer.decode(response[:-1])
@@ -124,7 +125,8 @@ def test_cli_dpo_from_the_gguf_file_saves_a_loadable_adapter(smollm2_gguf, smoll
             "--max_steps", "2", "--per_device_batch_size", "2", "--max_length", "128", "--learning_rate", "2e-3",
             "--logging_steps", "1", "--cache_dir", str(tmp_path / "ref-cache")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "preftune.cli", "dpo", *args], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "preftune.cli", "dpo", *args], capture_output=True, text=True, env=env,
+                          check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = run / "model"
     assert (saved / "adapter_config.json").is_file()
