@@ -9,10 +9,12 @@ command then loads, trains and saves the model like any other. The file's hash i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import ConfigError
@@ -81,6 +83,7 @@ def converted_checkpoint(path: Path) -> Path:
     if (target / SOURCE_FILE).is_file():
         return target
     reader = read_gguf(path)
+    print(f"converting {path.name} once into an ordinary checkpoint: {target}", file=sys.stderr, flush=True)
     model, tokenizer = load_gguf(path)
     pre = field_value(reader, "tokenizer.ggml.pre")
     if pre:
@@ -91,11 +94,11 @@ def converted_checkpoint(path: Path) -> Path:
     tokenizer.save_pretrained(partial)
     (partial / SOURCE_FILE).write_text(json.dumps({"source": str(path.resolve()), "sha256": digest,
                                                    "architecture": field_value(reader, "general.architecture")}))
-    shutil.rmtree(target, ignore_errors=True)
-    try:
-        partial.rename(target)
-    except OSError:               # another process finished the same conversion first
-        shutil.rmtree(partial, ignore_errors=True)
+    if not (target / SOURCE_FILE).is_file():      # else another process finished the same conversion first
+        shutil.rmtree(target, ignore_errors=True)  # an interrupted earlier attempt
+        with contextlib.suppress(OSError):
+            partial.rename(target)
+    shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
