@@ -13,6 +13,7 @@ Two layout details a llama.cpp loader relies on:
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,14 +72,19 @@ def export_gguf(run_or_model_dir: str | Path, output: str | Path, dtype: str = "
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(output), arch)
-    write_hyperparameters(writer, model.config, dtype, name=source.resolve().name)
-    write_tokenizer(writer, tokenizer, model.config)
-    count, fallback = write_tensors(writer, model, arch, dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    partial = output.with_name(output.name + ".partial")     # a failed export leaves no half-written file
+    writer = gguf.GGUFWriter(str(partial), arch)
+    try:
+        write_hyperparameters(writer, model.config, dtype, name=source.resolve().name)
+        write_tokenizer(writer, tokenizer, model.config)
+        count, fallback = write_tensors(writer, model, arch, dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
     return ExportResult(output, arch, dtype, count, fallback)
 
 

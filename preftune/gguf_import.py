@@ -78,6 +78,7 @@ def sha256_of(path: Path) -> str:
 
 def converted_checkpoint(path: Path) -> Path:
     """The cached ordinary checkpoint of a GGUF file, converting it on first use."""
+    check_magic(path)
     digest = file_sha256(path)
     target = cache_root() / "gguf" / digest
     if (target / SOURCE_FILE).is_file():
@@ -102,12 +103,16 @@ def converted_checkpoint(path: Path) -> Path:
     return target
 
 
-def read_gguf(path: Path):
-    """A ``gguf.GGUFReader`` of the file, or ConfigError saying why the file is not a usable GGUF."""
+def check_magic(path: Path) -> None:
     with path.open("rb") as handle:
         magic = handle.read(4)
     if magic != GGUF_MAGIC:
         raise ConfigError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with {GGUF_MAGIC!r})")
+
+
+def read_gguf(path: Path):
+    """A ``gguf.GGUFReader`` of the file, or ConfigError saying why the file is not a usable GGUF."""
+    check_magic(path)
     try:
         import gguf
     except ImportError:
