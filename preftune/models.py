@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .gguf_import import resolve_model_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -32,6 +33,7 @@ def compute_dtype(precision: str) -> torch.dtype:
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
+    name_or_path = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
@@ -46,6 +48,7 @@ def load_tokenizer(name_or_path: str):
 def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
+    name_or_path = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     except (OSError, ValueError) as exc:

@@ -1,4 +1,5 @@
 import copy
+import math
 import pickle
 
 import pytest
@@ -113,7 +114,9 @@ def test_preference_prob_and_margin_are_carried_through(tiny_tokenizer):
     rows[1].update(preference_prob=None, margin=None)
     rows[2].update(preference_prob=1, margin=-3)
     pairs = tokenize(tiny_tokenizer, rows + make_toy_preferences(1))
-    assert [p.preference_prob for p in pairs] == [0.7, 1.0, 1.0, 1.0]
+    probs = [p.preference_prob for p in pairs]
+    assert probs[0] == 0.7 and probs[2] == 1.0                      # a given 1.0 stays distinct from none:
+    assert math.isnan(probs[1]) and math.isnan(probs[3])            # absent -> NaN (then 1 - label_smoothing)
     assert [p.margin for p in pairs] == [2.5, 0.0, -3.0, 0.0]
 
 

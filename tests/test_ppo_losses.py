@@ -137,3 +137,17 @@ def test_adaptive_controller_keeps_kl_near_target_in_closed_loop():
     late = history[-150:]
     assert abs(sum(late) / len(late) / target - 1) < 0.1  # and settles around it
     assert beta == pytest.approx(0.6 / target, rel=0.15)
+
+
+def test_value_clip_fraction_counts_no_token_inside_the_range():
+    # values within ε of the old values, drawn independently so that old + (v - old) rounds away from v
+    g = torch.Generator().manual_seed(0)
+    old, values = torch.randn(1, 100_000, generator=g) * 3, torch.randn(1, 100_000, generator=g) * 3
+    keep = (values - old).abs() < 0.2
+    old, values = old[keep][None], values[keep][None]
+    returns = torch.randn(old.shape, generator=g) * 3
+    assert bool((old + (values - old) != values).any())          # the rounding the old formula tripped on
+    mask = torch.ones_like(old, dtype=torch.bool)
+    loss, clipfrac = value_loss(values, old, returns, mask, cliprange_value=0.2)
+    assert clipfrac.item() == 0.0
+    assert loss.item() == pytest.approx(0.5 * ((values - returns) ** 2).mean().item(), rel=1e-6)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .. import train_dpo, train_ppo, train_pretrain, train_reward, train_sft
 from ..config import DPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig
-from . import Command, annotate, data, demo, evaluate, reward
+from . import Command, annotate, data, demo, evaluate, export, reward
 from .training import training_command
 
 # name -> (help, description) of the commands that only group sub-commands
@@ -19,6 +19,7 @@ GROUPS: dict[str, tuple[str, str | None]] = {
     "annotate": ("Collect human preferences: web app, items, tokens, export.",
                  "Collect preferences from people: import items, issue tokens, serve the labelling app, then export "
                  "training pairs."),
+    "export": ("Write a trained model in another format (GGUF).", None),
     "annotate token": ("Issue, list, rotate and revoke annotator tokens.", None),
 }
 
@@ -56,6 +57,10 @@ COMMANDS: tuple[Command, ...] = (
             help="Sample from a model on prompts and measure reward, win rate, KL and diversity."),
     Command("report", evaluate.run_report, evaluate.report_arguments,
             help="Render runs' curves and evaluations into one HTML page."),
+    Command("export gguf", export.run_export_gguf, export.gguf_arguments,
+            help="Write a run's model (LoRA adapter merged) as a GGUF file.",
+            description="Writes the model of a run directory (its model/) or of a model directory as GGUF, with a "
+                        "LoRA adapter merged into its base. Llama-family models; tokenizer and chat template included."),
     Command("data check", data.run_check, data.check_arguments,
             help="Validate a dataset and report lengths, duplicates and biases."),
     Command("annotate serve", annotate.run_serve, annotate.serve_arguments, help="Start the web app."),

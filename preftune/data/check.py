@@ -7,6 +7,7 @@ token lengths of every row whose content is valid, including rows too long to ke
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from preftune.data.load import Records, load_records
@@ -154,7 +155,8 @@ def _add_value_stats(report: DatasetReport, records: Records, pairs: list[Tokeni
     if not pairs:
         return
     if any(row.get("preference_prob") is not None for row in records.rows):
-        report.preference_prob = _value_stats([p.preference_prob for p in pairs])
+        probs = [1.0 if math.isnan(p.preference_prob) else p.preference_prob for p in pairs]   # NaN: none given
+        report.preference_prob = _value_stats(probs)
     if any(row.get("margin") is not None for row in records.rows):
         report.margin = _value_stats([p.margin for p in pairs])
 

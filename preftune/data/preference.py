@@ -46,7 +46,7 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    preference_prob: float
+    preference_prob: float   # NaN when the row has none: then the loss uses 1 - label_smoothing
     margin: float
     row: int
 
@@ -134,8 +134,8 @@ def _optional_number(row: dict, name: str, default: float) -> float:
 
 
 def _preference_prob(row: dict) -> float:
-    prob = _optional_number(row, "preference_prob", 1.0)
-    if not 0.0 <= prob <= 1.0:
+    prob = _optional_number(row, "preference_prob", math.nan)   # NaN: absent, distinct from a given 1.0
+    if not math.isnan(prob) and not 0.0 <= prob <= 1.0:
         raise InvalidRow("probability out of range", "preference_prob",
                          f"probability out of range: must be between 0 and 1, found {prob}")
     return prob

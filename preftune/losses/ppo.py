@@ -19,7 +19,7 @@ Clipped policy objective with ρ_t = exp(log π(a_t) - log π_old(a_t))::
 
 Clipped value loss::
 
-    V^clip_t = V_old_t + clip(V_t - V_old_t, -ε_v, ε_v),   L_value = ½·mean_t max((V_t - R_t)², (V^clip_t - R_t)²)
+    V^clip_t = clip(V_t, V_old_t - ε_v, V_old_t + ε_v),   L_value = ½·mean_t max((V_t - R_t)², (V^clip_t - R_t)²)
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tens
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
                cliprange_value: float = 0.2) -> tuple[Tensor, Tensor]:
     """``(loss, clipfrac)``: half the larger of the plain and clipped squared errors, averaged over tokens."""
-    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    # Clamp the value itself: ``old + clamp(v - old)`` rounds, so an unclipped v would differ from itself.
+    clipped = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
     plain_error = (values - returns) ** 2
     clipped_error = (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(plain_error, clipped_error), mask)

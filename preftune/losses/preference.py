@@ -72,12 +72,14 @@ def _log_ratios(lp: PreferenceLogps, loss_name: str) -> tuple[Tensor, Tensor]:
 
 
 def _preference_prob(lp: PreferenceLogps, label_smoothing: float, like: Tensor) -> Tensor:
-    """Per-pair p: ``preference_prob`` when given, else ``1 - label_smoothing``."""
-    if lp.preference_prob is not None:
-        return lp.preference_prob.to(dtype=like.dtype, device=like.device)
+    """Per-pair p: the pair's own ``preference_prob`` where given, else (None or NaN) ``1 - label_smoothing``."""
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    return torch.full_like(like, 1.0 - label_smoothing)
+    default = torch.full_like(like, 1.0 - label_smoothing)
+    if lp.preference_prob is None:
+        return default
+    probs = lp.preference_prob.to(dtype=like.dtype, device=like.device)
+    return torch.where(torch.isnan(probs), default, probs)
 
 
 def _margin(lp: PreferenceLogps, like: Tensor) -> Tensor | float:

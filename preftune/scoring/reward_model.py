@@ -102,6 +102,9 @@ def load_classifier(name_or_path, dtype: torch.dtype = torch.float32, new_head: 
     """
     from transformers import AutoModelForSequenceClassification
 
+    from ..gguf_import import resolve_model_path
+
+    name_or_path = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
     try:
         return AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype,
                                                                   ignore_mismatched_sizes=new_head)

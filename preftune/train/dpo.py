@@ -45,7 +45,7 @@ class DPOTask:
         return PreferenceLogps(
             policy_chosen=sums[:half], policy_rejected=sums[half:], ref_chosen=ref_chosen, ref_rejected=ref_rejected,
             chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
-            preference_prob=probs if bool((probs < 1).any()) else None,
+            preference_prob=None if bool(probs.isnan().all()) else probs,   # NaN: the row has none
             margin=batch["margin"] if bool((batch["margin"] != 0).any()) else None,
         )
 

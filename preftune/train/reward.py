@@ -84,7 +84,7 @@ class RewardTask:
 
     def _loss(self, chosen, rejected, batch):
         return reward_loss(self.cfg.loss_type, chosen, rejected, margin=batch["margin"],
-                           preference_prob=batch["preference_prob"], ranking_margin=self.cfg.margin,
+                           preference_prob=batch["preference_prob"].nan_to_num(1.0), ranking_margin=self.cfg.margin,
                            centering_coef=self.cfg.centering_coef)
 
     def loss(self, model, batch):
@@ -94,7 +94,7 @@ class RewardTask:
         chosen, rejected = self.rewards(model, batch)
         metrics = self._loss(chosen, rejected, batch)[1]
         metrics["prob_chosen"] = torch.sigmoid(chosen - rejected).detach()   # per pair, for eval_summary
-        metrics["outcome"] = batch["preference_prob"]
+        metrics["outcome"] = batch["preference_prob"].nan_to_num(1.0)   # NaN: no column, a hard label
         return metrics
 
     def eval_summary(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:

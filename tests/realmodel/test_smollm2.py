@@ -1,0 +1,163 @@
+"""preftune on a real chat model (SmolLM2-135M-Instruct, 134.5M parameters), at small sizes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from preftune.models import load_causal_lm
+from toydata import make_toy_preferences
+
+END_OF_TURN = "<|im_end|>"
+QUESTION = [{"role": "user", "content": "Answer in one word: what colour is a clear daytime sky?"}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if '"loss"' in line]
+
+
+def chat_ids(tokenizer):
+    rendered = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return rendered["input_ids"]
+
+
+def small_run(**overrides):
+    values = dict(per_device_batch_size=2, max_length=128, logging_steps=1, max_steps=3, warmup_ratio=0.0, seed=0,
+                  lora=True, lora_r=8, lora_alpha=16, learning_rate=2e-3)
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture(scope="module")
+def two_pairs(tmp_path_factory):
+    """Two conversational pairs: every step sees the same two, so the loss must fall."""
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", make_toy_preferences(2, conversational=True))
+
+
+def test_loading_the_gguf_equals_loading_its_converted_checkpoint(smollm2_gguf, smollm2_tokenizer, one_thread):
+    from preftune.gguf_import import load_gguf
+
+    direct, direct_tokenizer = load_gguf(smollm2_gguf)
+    ids = chat_ids(smollm2_tokenizer)
+    assert direct_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"] == ids
+    with torch.no_grad():
+        expected = direct(torch.tensor([ids])).logits
+        got = load_causal_lm(str(smollm2_gguf))(torch.tensor([ids])).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)   # the conversion stores the de-quantised fp32 weights
+
+
+def test_lora_dpo_on_conversational_pairs_starts_at_ln2_and_learns(smollm2_dir, two_pairs, tmp_path, one_thread):
+    from preftune import DPOConfig
+    from preftune.train.dpo import train_dpo
+
+    cfg = DPOConfig(model_name_or_path=str(smollm2_dir), dataset=str(two_pairs), output_dir=str(tmp_path / "dpo"),
+                    cache_dir=str(tmp_path / "ref-cache"), **small_run())
+    cfg.validate()
+    train_dpo(cfg)
+    losses = [r["loss"] for r in records(tmp_path / "dpo")]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)     # LoRA starts as the reference
+    assert losses[-1] < losses[0] - 1e-3
+
+
+def test_sft_step_on_messages_learns(smollm2_dir, tmp_path, one_thread):
+    from preftune.config import SFTConfig
+    from preftune.train.sft import train_sft
+
+    rows = [{"messages": QUESTION + [{"role": "assistant", "content": "Blue, like a calm sea."}]},
+            {"messages": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "A pear."}]}]
+    cfg = SFTConfig(model_name_or_path=str(smollm2_dir), dataset=str(write_jsonl(tmp_path / "sft.jsonl", rows)),
+                    output_dir=str(tmp_path / "sft"), **small_run())
+    cfg.validate()
+    train_sft(cfg)
+    losses = [r["loss"] for r in records(tmp_path / "sft")]
+    assert 0 < losses[0] < 8 and losses[-1] < losses[0] - 1e-2     # a pretrained model: far below ln(49152) = 10.8
+
+
+def test_reward_model_step_learns_and_scores(smollm2_dir, two_pairs, tmp_path, one_thread):
+    from preftune.config import RewardConfig
+    from preftune.train.reward import load_reward_model, score_texts, train_reward
+
+    cfg = RewardConfig(model_name_or_path=str(smollm2_dir), dataset=str(two_pairs), output_dir=str(tmp_path / "rm"),
+                       **small_run())
+    cfg.validate()
+    result = train_reward(cfg)
+    losses = [r["loss"] for r in records(tmp_path / "rm")]
+    assert losses[-1] < losses[0] - 1e-3
+    model, tokenizer = load_reward_model(result.model_dir)
+    scores = score_texts(model, tokenizer, ["hello"], ["a calm reply"])
+    assert len(scores) == 1 and math.isfinite(float(scores[0]))
+
+
+def test_generation_with_the_chat_template_stops_at_end_of_turn(smollm2_dir, smollm2_tokenizer, one_thread):
+    from preftune.generate import SamplingSettings, encode_prompts, generate_ids
+
+    tokenizer = smollm2_tokenizer
+    assert tokenizer.eos_token == END_OF_TURN
+    prompt = encode_prompts(tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]])
+    assert tokenizer.decode(prompt[0]).endswith("<|im_start|>assistant\n")
+    greedy = SamplingSettings(max_new_tokens=40, do_sample=False)
+    generation = generate_ids(load_causal_lm(str(smollm2_dir)), prompt, greedy, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    response = generation.response_ids[0]
+    assert generation.ended[0] and response[-1] == tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    assert END_OF_TURN not in tokenizer.decode(response[:-1])
+    assert "paris" in tokenizer.decode(response, skip_special_tokens=True).lower()
+
+
+def test_cli_dpo_from_the_gguf_file_saves_a_loadable_adapter(smollm2_gguf, smollm2_dir, smollm2_tokenizer, two_pairs,
+                                                              tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    args = ["--model_name_or_path", str(smollm2_gguf), "--lora", "--dataset", str(two_pairs), "--output_dir", str(run),
+            "--max_steps", "2", "--per_device_batch_size", "2", "--max_length", "128", "--learning_rate", "2e-3",
+            "--logging_steps", "1", "--cache_dir", str(tmp_path / "ref-cache")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "preftune.cli", "dpo", *args], capture_output=True, text=True, env=env,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = run / "model"
+    assert (saved / "adapter_config.json").is_file()
+    base_name = json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_name == str(smollm2_dir)         # the converted checkpoint, loadable by anyone
+    ids = torch.tensor([chat_ids(smollm2_tokenizer)])
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_name), saved)
+    with torch.no_grad():
+        tuned_logits = tuned(ids).logits
+        with tuned.disable_adapter():
+            base_logits = tuned(ids).logits
+    assert (tuned_logits - base_logits).abs().max() > 1e-4      # two steps changed the model
+
+
+def test_export_gguf_round_trips_smollm2(smollm2_dir, smollm2_tokenizer, tmp_path, one_thread):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.export_gguf import export_gguf
+
+    output = tmp_path / "smollm2-f16.gguf"
+    export_gguf(smollm2_dir, output, "f16")
+    reader = gguf.GGUFReader(output)
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == smollm2_tokenizer.eos_token_id
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=output.name)
+    back_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=output.name)
+    ids = chat_ids(smollm2_tokenizer)
+    assert back_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"] == ids
+    with torch.no_grad():
+        expected = load_causal_lm(str(smollm2_dir))(torch.tensor([ids])).logits
+        got = back(torch.tensor([ids])).logits
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-2     # f16 weights: 1e-2 relative
