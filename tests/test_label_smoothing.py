@@ -8,9 +8,22 @@ import torch
 from preftune.config import DPOConfig
 from preftune.data import Records, TokenizeSettings, tokenize_preferences
 from preftune.losses.preference import sigmoid_loss
-from preftune.train.dpo import DPOTask, PairExample
+from preftune.train.dpo import DPOTask
 
 BETA, EPS = 0.5, 0.1
+
+
+REF_CHOSEN, REF_REJECTED = -3.0, -2.0
+
+
+class FixedReference:
+    """Every chosen row has reference log-prob -3, every rejected row -2."""
+
+    kind = "fixed"
+
+    def sequence_logps(self, batch):
+        half = batch["input_ids"].shape[0] // 2
+        return torch.tensor([REF_CHOSEN] * half + [REF_REJECTED] * half)
 
 
 def fake_policy(input_ids, attention_mask, completion_mask):
@@ -30,8 +43,8 @@ def test_the_same_pair_has_the_same_loss_in_any_batch(tiny_tokenizer):
     records = Records("pairs.jsonl", rows, [1, 2, 3])
     pairs, _ = tokenize_preferences(records, tiny_tokenizer, TokenizeSettings(max_length=64))
     assert math.isnan(pairs[0].preference_prob) and pairs[2].preference_prob == 1.0
-    task = DPOTask(DPOConfig(beta=BETA, label_smoothing=EPS), tiny_tokenizer.pad_token_id, reference=None)
-    examples = [PairExample(p, ref_chosen=-3.0, ref_rejected=-2.0) for p in pairs]
+    task = DPOTask(DPOConfig(beta=BETA, label_smoothing=EPS), tiny_tokenizer.pad_token_id, reference=FixedReference())
+    examples = pairs
     with_soft = pair_losses(task, [examples[0], examples[1]])      # a batch mate with p < 1
     with_hard = pair_losses(task, [examples[0], examples[2]])      # a batch mate with a given p = 1
     alone = pair_losses(task, [examples[0]])
@@ -41,7 +54,7 @@ def test_the_same_pair_has_the_same_loss_in_any_batch(tiny_tokenizer):
     def expected(example, p):
         batch = task.collate([example])
         lp = fake_policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).sum(-1)
-        z = BETA * ((lp[0] - example.ref_chosen) - (lp[1] - example.ref_rejected))
+        z = BETA * ((lp[0] - REF_CHOSEN) - (lp[1] - REF_REJECTED))
         return -(p * math.log(torch.sigmoid(z)) + (1 - p) * math.log(torch.sigmoid(-z)))
 
     assert with_soft[0].item() == pytest.approx(expected(examples[0], 1 - EPS), rel=1e-6)
