@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from harness import add_model_arguments, add_worker_arguments, results_table, run_worker
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
@@ -198,25 +200,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4, help="pairs per step (both trainers)")
     parser.add_argument("--pairs", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    add_model_arguments(parser, lr=1e-5)
     parser.add_argument("--chunk", type=int, default=1024, help="preftune's logprob_chunk_size")
     parser.add_argument("--runs", nargs="*", default=["preftune", "trl", "trl-precompute"])
     parser.add_argument("--skip-agreement", action="store_true")
-    parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--assets", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
 
-    if args.worker:
-        assets = json.loads(Path(args.assets).read_text())
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        result = WORKERS[args.worker](args, assets, out)
-        (out / "bench.json").write_text(json.dumps(result))
+    if run_worker(args, WORKERS):
         return
 
     from rich.console import Console
@@ -235,12 +226,9 @@ def main() -> None:
         console.print(f"running {name} ...")
         results[name] = summarise(spawn(name, args, assets_file, root, args.steps, args.batch), args.batch,
                                   assets["tokens_per_pair"])
-    table = Table(title="DPO training step (median of steps 2..N)")
-    for column in ("trainer", "pairs/s", "tokens/s", "peak MiB", "step s"):
-        table.add_column(column, justify="right")
-    for name, r in results.items():
-        table.add_row(name, f"{r['pairs/s']:.3f}", f"{r['tokens/s']:.0f}", f"{r['peak MiB']:.0f}", f"{r['step s']:.2f}")
-    console.print(table)
+    digits = {"pairs/s": 3, "tokens/s": 0, "peak MiB": 0, "step s": 2}
+    console.print(results_table("DPO training step (median of steps 2..N)", results, list(digits),
+                                lambda column, value: f"{value:.{digits[column]}f}"))
     ours = results.get("preftune")
     report = {"config": vars(args), "results": results}
     if ours:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dpo_throughput import PeakRSS  # noqa: E402
+from harness import add_model_arguments, add_worker_arguments, results_table, run_worker  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -215,31 +216,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="PPO epochs per rollout")
     parser.add_argument("--response", type=int, default=64, help="response length (max new tokens)")
     parser.add_argument("--prompt-length", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-6)
+    add_model_arguments(parser, lr=3e-6)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
     parser.add_argument("--runs", nargs="*", default=["preftune", "trl", "preftune-lora"])
-    parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--assets", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
 
-    if args.worker:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        assets = json.loads(Path(args.assets).read_text())
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        result = WORKERS[args.worker](args, assets, out)
-        (out / "bench.json").write_text(json.dumps(result))
+    if run_worker(args, WORKERS, threads=args.threads):
         return
 
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     args.trl_path = trl_path() if any(r.startswith("trl") for r in args.runs) else None
@@ -259,13 +245,8 @@ def main() -> None:
     columns = ["iterations/s", "samples/s", "peak MiB", "iteration s", "CPU s / iteration", "total s",
                "response length",
                "entropy (iter 1)"]
-    table = Table(title="PPO iteration: rollout + updates (median of iterations 2..N)")
-    table.add_column("trainer")
-    for column in columns:
-        table.add_column(column, justify="right")
-    for name, r in results.items():
-        table.add_row(name, *(f"{r[c]:.3f}" if c == "iterations/s" else f"{r[c]:.1f}" for c in columns))
-    console.print(table)
+    console.print(results_table("PPO iteration: rollout + updates (median of iterations 2..N)", results, columns,
+                                lambda column, value: f"{value:.3f}" if column == "iterations/s" else f"{value:.1f}"))
     report = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "assets", "out")},
               "results": results}
     if "preftune" in results and "trl" in results:
