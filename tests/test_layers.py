@@ -1,0 +1,42 @@
+"""Data flows one way: the components (data, losses, log-probs, scoring, evaluation, annotation) never
+import a training module, a command or the demo."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "preftune"
+COMPONENTS = ["data", "losses", "scoring", "evaluate", "annotate", "logprobs.py", "generate.py", "loading.py"]
+UPPER = ("preftune.train", "preftune.commands", "preftune.demo", "preftune.cli")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(filter(None, [base, node.module or ""]))
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def component_files():
+    for entry in COMPONENTS:
+        path = PACKAGE / entry
+        yield from (sorted(path.rglob("*.py")) if path.is_dir() else [path])
+
+
+@pytest.mark.parametrize("path", list(component_files()), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_components_do_not_import_upper_layers(path):
+    upward = sorted(name for name in imported_modules(path) if name.startswith(UPPER))
+    assert not upward, f"{path.relative_to(PACKAGE)} imports {upward}"
+
+
+def test_the_check_sees_relative_imports(tmp_path):
+    assert "preftune.train.loop" in imported_modules(PACKAGE / "train" / "ppo.py")
