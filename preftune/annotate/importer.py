@@ -108,6 +108,18 @@ def _text(source: str, number: int, name: str, value) -> str:
         raise DataError(source, "is empty", row=number, field=name)
     if len(value) > MAX_TEXT:
         raise DataError(source, f"longer than {MAX_TEXT} characters ({len(value)})", row=number, field=name)
+    return _storable(source, number, name, value)
+
+
+def _storable(source: str, number: int, name: str, value: str) -> str:
+    """Text both databases can store: PostgreSQL refuses NUL characters, and UTF-8 lone surrogates."""
+    if "\x00" in value:
+        raise DataError(source, "contains a NUL character", row=number, field=name)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(source, "is not valid Unicode text (a lone surrogate)", row=number, field=name) from None
     return value
 
 
@@ -150,7 +162,7 @@ def _row_id(source: str, row: dict, number: int, prompt: str, candidates: list[s
     text = str(value)
     if len(text) > 150:
         raise DataError(source, "longer than 150 characters", row=number, field="id")
-    return text
+    return _storable(source, number, "id", text)
 
 
 def _meta(row: dict) -> dict:

@@ -100,6 +100,19 @@ def register(subparsers) -> None:
         _db(sub)
         sub.set_defaults(handler=run_token)
 
+    member = commands.add_parser("member", help="Choose who may see and label a project (admins see all).")
+    member_commands = member.add_subparsers(dest="member_command", required=True, metavar="ACTION")
+    for action, text in (("add", "Let an annotator see and label a project."),
+                         ("remove", "Take an annotator off a project (their labels are kept).")):
+        sub = member_commands.add_parser(action, help=text)
+        sub.add_argument("project")
+        sub.add_argument("name")
+    listing = member_commands.add_parser("list", help="List a project's members.")
+    listing.add_argument("project")
+    for sub in member_commands.choices.values():
+        _db(sub)
+        sub.set_defaults(handler=run_member)
+
     rank = commands.add_parser("rank", help="Order a project's queue by a reward model (least separated first).",
                                formatter_class=defaults)
     _db(rank)
@@ -254,6 +267,23 @@ def run_token(args) -> int:
             return 0
     err.print(f"token for {args.name} (shown once; only its hash is stored):")
     print(token)
+    return 0
+
+
+def run_member(args) -> int:
+    from preftune.annotate import members
+
+    db = open_db(args.db)
+    with db.write() as session:
+        if args.member_command == "list":
+            names = members.list_members(session, args.project)
+            out.print("\n".join(names) if names else f"project {args.project!r} has no members yet")
+        elif args.member_command == "add":
+            added = members.add_member(session, args.project, args.name)
+            out.print(f"{args.name} {'added to' if added else 'is already a member of'} {args.project}")
+        else:
+            removed = members.remove_member(session, args.project, args.name)
+            out.print(f"{args.name} {'removed from' if removed else 'was not a member of'} {args.project}")
     return 0
 
 
