@@ -2,13 +2,15 @@
 
 Reports count in SQL (progress) and read label rows only, never a project's items; exports read the
 labelled items. Admin work runs on its own small thread pool (``ServerSettings.admin_threads``), so
-however many reports are asked for at once, annotators' requests keep their own threads.
+however many reports are asked for at once, annotators' requests keep their own threads; and a report
+is reused for ``ServerSettings.report_seconds`` (a dashboard left reloading costs one report per period).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from urllib.parse import quote
 
 import anyio.to_thread
@@ -21,7 +23,7 @@ from .members import visible_projects
 from .models import Project
 from .pages import load_project, render
 from .queue import project_progress
-from .security import ItemId, User, admin_user
+from .security import RowId, User, admin_user
 from .tokens import list_annotators
 
 router = APIRouter(prefix="/admin")
@@ -41,15 +43,32 @@ async def _admin_work(request: Request, work):
     return await anyio.to_thread.run_sync(work, limiter=request.app.state.admin_limiter)
 
 
+async def admin(request: Request) -> User:
+    """FastAPI dependency: ``admin_user``, checked on the admin threads too."""
+    return await _admin_work(request, lambda: admin_user(request))
+
+
+def _recent(request: Request, key, compute):
+    """``compute()``, or its result from less than ``report_seconds`` ago (on the admin threads)."""
+    cache, now = request.app.state.report_cache, time.monotonic()
+    found = cache.get(key)
+    if found is not None and now - found[0] < request.app.state.settings.report_seconds:
+        return found[1]
+    value = compute()
+    cache[key] = (time.monotonic(), value)
+    return value
+
+
 @router.get("")
-async def dashboard(request: Request, user: User = Depends(admin_user)):
+async def dashboard(request: Request, user: User = Depends(admin)):
     def report():
         with request.app.state.db.read() as session:
             projects = [project_report(session, p) for p in visible_projects(session, user.id, True)]
             annotators = list_annotators(session)
-        return {"title": "Admin", "user": user, "projects": projects, "annotators": annotators}
+        return {"projects": projects, "annotators": annotators}
 
-    return render(request, "admin.html", await _admin_work(request, report))
+    context = await _admin_work(request, lambda: _recent(request, "dashboard", report))
+    return render(request, "admin.html", {"title": "Admin", "user": user, **context})
 
 
 def download_name(name: str) -> str:
@@ -69,9 +88,9 @@ def _filename(project: Project, suffix: str) -> str:
 
 
 @router.get("/p/{project_id}/export.jsonl")
-async def export(request: Request, project_id: ItemId, ties: str = "drop",
+async def export(request: Request, project_id: RowId, ties: str = "drop",
                  min_votes: int = Query(1, ge=1, le=1_000_000), margin_scale: float = Query(0.0, ge=0.0),
-                 user: User = Depends(admin_user)):
+                 user: User = Depends(admin)):
     if ties not in TIE_MODES:
         return JSONResponse({"detail": f"ties must be one of {', '.join(TIE_MODES)}"}, 422)
     if not math.isfinite(margin_scale) or margin_scale > MAX_MARGIN_SCALE:
@@ -87,7 +106,7 @@ async def export(request: Request, project_id: ItemId, ties: str = "drop",
 
 
 @router.get("/p/{project_id}/labels.jsonl")
-async def labels(request: Request, project_id: ItemId, user: User = Depends(admin_user)):
+async def labels(request: Request, project_id: RowId, user: User = Depends(admin)):
     def rows():
         project = load_project(request, project_id)
         with request.app.state.db.read() as session:
@@ -98,10 +117,10 @@ async def labels(request: Request, project_id: ItemId, user: User = Depends(admi
 
 
 @router.get("/p/{project_id}/stats.json")
-async def stats(request: Request, project_id: ItemId, user: User = Depends(admin_user)):
+async def stats(request: Request, project_id: RowId, user: User = Depends(admin)):
     def report():
         project = load_project(request, project_id)
         with request.app.state.db.read() as session:
             return project_report(session, project)
 
-    return JSONResponse(await _admin_work(request, report))
+    return JSONResponse(await _admin_work(request, lambda: _recent(request, project_id, report)))

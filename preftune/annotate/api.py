@@ -17,7 +17,7 @@ from .answers import LETTERS, AnswerError, summary
 from .models import Assignment, Label, Project
 from .members import visible_projects
 from .pages import load_project
-from .security import ItemId, User, check_csrf, current_user
+from .security import RowId, User, check_csrf, current_user
 
 router = APIRouter(prefix="/api")
 MAX_NESTING = 10  # an answer needs 2 (an object holding a list)
@@ -72,14 +72,14 @@ def projects(request: Request, user: User = Depends(current_user)):
 
 
 @router.get("/projects/{project_id}/next")
-def next_item(request: Request, project_id: ItemId, user: User = Depends(current_user)):
+def next_item(request: Request, project_id: RowId, user: User = Depends(current_user)):
     project = load_project(request, project_id, user)
     served = queue.next_item(request.app.state.db, project, user.id, request.app.state.settings.lease)
     return {"item": item_json(project, served) if served else None}
 
 
 @router.post("/projects/{project_id}/items/{item_id}/label")
-async def post_label(request: Request, project_id: ItemId, item_id: ItemId, next: bool = False,
+async def post_label(request: Request, project_id: RowId, item_id: RowId, next: bool = False,
                      user: User = Depends(current_user)):
     """Store a label: 201 when new, 200 for a retry (``duplicate``) or a change (``updated``).
 
@@ -102,7 +102,7 @@ async def post_label(request: Request, project_id: ItemId, item_id: ItemId, next
 
 
 @router.post("/projects/{project_id}/items/{item_id}/skip")
-async def post_skip(request: Request, project_id: ItemId, item_id: ItemId, user: User = Depends(current_user)):
+async def post_skip(request: Request, project_id: RowId, item_id: RowId, user: User = Depends(current_user)):
     check_csrf(request, user, request.headers.get("x-csrf-token"))
     project = await run_in_threadpool(load_project, request, project_id, user)
     await run_in_threadpool(queue.skip, request.app.state.db, project, user.id, item_id)
@@ -110,7 +110,7 @@ async def post_skip(request: Request, project_id: ItemId, item_id: ItemId, user:
 
 
 @router.get("/projects/{project_id}/labels")
-def own_labels(request: Request, project_id: ItemId, user: User = Depends(current_user)):
+def own_labels(request: Request, project_id: RowId, user: User = Depends(current_user)):
     project = load_project(request, project_id, user)
     with request.app.state.db.read() as session:
         rows = queue.own_labels(session, project, user.id, limit=100_000)
@@ -118,7 +118,7 @@ def own_labels(request: Request, project_id: ItemId, user: User = Depends(curren
 
 
 @router.get("/labels/{label_id}")
-def own_label(request: Request, label_id: ItemId, user: User = Depends(current_user)):
+def own_label(request: Request, label_id: RowId, user: User = Depends(current_user)):
     with request.app.state.db.read() as session:
         label = session.scalar(select(Label).where(Label.id == label_id, Label.annotator_id == user.id))
         if label is None:  # someone else's label looks exactly like a missing one

@@ -36,7 +36,8 @@ class ServerSettings:
     lease: float = LEASE_SECONDS
     secure_cookies: bool = False
     threads: int = 8  # worker threads for annotators' database calls
-    admin_threads: int = 2  # admin reports and exports run on their own, so they never hold up annotators
+    admin_threads: int = 1  # admin reports and exports run on their own, so they never hold up annotators
+    report_seconds: float = 2.0  # an admin report is reused for this long
     login_attempts: int = 10  # failed logins allowed per client address ...
     login_window: float = 300.0  # ... within this many seconds
 
@@ -120,6 +121,7 @@ def create_app(db: Database, settings: ServerSettings | None = None, watcher=Non
     app.state.db = db
     app.state.settings = settings or ServerSettings()
     app.state.admin_limiter = CapacityLimiter(app.state.settings.admin_threads)
+    app.state.report_cache = {}
     app.state.login_limiter = LoginLimiter(app.state.settings.login_attempts, app.state.settings.login_window)
     environment = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
                               lstrip_blocks=True)

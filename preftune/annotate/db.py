@@ -2,8 +2,9 @@
 
 A plain path means an SQLite file (WAL journal, full sync: a label the server acknowledged survives a
 crash), created readable by its owner only (0600; SQLite gives its journal files the same mode), as are
-the backups taken before an upgrade. ``postgresql://`` URLs use psycopg 3. ``Database.write()`` sessions take SQLite's write lock
-at once (``BEGIN IMMEDIATE``) so concurrent writers queue instead of failing; PostgreSQL needs nothing.
+the backups taken before an upgrade. ``postgresql://`` URLs use psycopg 3. ``Database.write()``
+sessions take SQLite's write lock at once (``BEGIN IMMEDIATE``) so concurrent writers queue instead of
+failing; PostgreSQL needs nothing.
 """
 
 from __future__ import annotations

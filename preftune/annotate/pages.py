@@ -15,7 +15,7 @@ from . import queue, sessions
 from .answers import LETTERS, STRENGTHS, AnswerError, form_values, summary
 from .members import is_member, visible_projects
 from .models import Project
-from .security import (ItemId, User, check_csrf, client_address, current_user, login_cookie, same_origin,
+from .security import (RowId, User, check_csrf, client_address, current_user, login_cookie, same_origin,
                        session_cookie)
 from .tokens import find_annotator
 
@@ -92,8 +92,7 @@ async def login(request: Request):
         return _login_page(request, "That token is not valid (or has been revoked).", 401)
     response = RedirectResponse("/admin" if annotator.is_admin else "/", status_code=303)
     _set_cookie(request, response, session_cookie(request), session_id, sessions.SESSION_SECONDS)
-    response.delete_cookie(login_cookie(request), path="/", secure=request.app.state.settings.secure_cookies,
-                           httponly=True, samesite="strict")
+    _set_cookie(request, response, login_cookie(request), "", 0)  # delete it
     return response
 
 
@@ -109,8 +108,7 @@ async def logout(request: Request, user: User = Depends(current_user)):
 
         await run_in_threadpool(log_out)
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(session_cookie(request), path="/", secure=request.app.state.settings.secure_cookies,
-                           httponly=True, samesite="strict")
+    _set_cookie(request, response, session_cookie(request), "", 0)  # delete it
     return response
 
 
@@ -144,7 +142,7 @@ def _label_page(request: Request, user: User, project: Project, served: queue.Se
 
 
 @router.get("/p/{project_id}")
-def next_page(request: Request, project_id: ItemId, user: User = Depends(current_user)):
+def next_page(request: Request, project_id: RowId, user: User = Depends(current_user)):
     project = load_project(request, project_id, user)
     served = queue.next_item(request.app.state.db, project, user.id, request.app.state.settings.lease)
     if served is None:
@@ -155,7 +153,7 @@ def next_page(request: Request, project_id: ItemId, user: User = Depends(current
 
 
 @router.get("/p/{project_id}/items/{item_id}")
-def item_page(request: Request, project_id: ItemId, item_id: ItemId, user: User = Depends(current_user)):
+def item_page(request: Request, project_id: RowId, item_id: RowId, user: User = Depends(current_user)):
     project = load_project(request, project_id, user)
     with request.app.state.db.read() as session:
         served = queue.own_item(session, project, user.id, item_id)
@@ -163,7 +161,7 @@ def item_page(request: Request, project_id: ItemId, item_id: ItemId, user: User 
 
 
 @router.post("/p/{project_id}/items/{item_id}")
-async def post_item(request: Request, project_id: ItemId, item_id: ItemId, user: User = Depends(current_user)):
+async def post_item(request: Request, project_id: RowId, item_id: RowId, user: User = Depends(current_user)):
     form = await request.form()
     check_csrf(request, user, form.get("csrf_token"))
     project = await run_in_threadpool(load_project, request, project_id, user)
@@ -190,7 +188,7 @@ async def post_item(request: Request, project_id: ItemId, item_id: ItemId, user:
 
 
 @router.get("/p/{project_id}/mine")
-def mine_page(request: Request, project_id: ItemId, user: User = Depends(current_user)):
+def mine_page(request: Request, project_id: RowId, user: User = Depends(current_user)):
     project = load_project(request, project_id, user)
     with request.app.state.db.read() as session:
         rows = [{"item_id": item.id, "prompt": item.prompt, "note": label.note, "seconds": label.seconds,

@@ -23,7 +23,7 @@ from . import sessions
 from .tokens import find_annotator
 
 MAX_ID = 2**31 - 1  # ids are 32-bit integer columns; a larger one cannot exist
-ItemId = Annotated[int, Path(ge=1, le=MAX_ID)]
+RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                  b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
