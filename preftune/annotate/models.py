@@ -67,6 +67,7 @@ class Assignment(Base):
     __table_args__ = (
         UniqueConstraint("item_id", "annotator_id", name="uq_assignments_item_annotator"),
         Index("ix_assignments_annotator_status", "annotator_id", "project_id", "status"),
+        Index("ix_assignments_project_status", "project_id", "status", "served_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

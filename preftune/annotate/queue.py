@@ -243,12 +243,33 @@ def skip(db, project: Project, annotator_id: int, item_id: int) -> None:
         served.assignment.status = "skipped"
 
 
+# How many items the queue query could still serve, without visiting every item: the project's
+# incomplete items, less those the annotator was served, less those whose places are all held. An
+# incomplete item has fewer done assignments than places, so a full one has a live open assignment.
+_MINE = exists().where(_A.c.item_id == _I.c.id, _A.c.annotator_id == bindparam("annotator_id"))
+_INCOMPLETE = select(func.count()).select_from(_I).where(_I.c.project_id == bindparam("project_id"),
+                                                         _I.c.complete.is_(False))
+_MINE_INCOMPLETE = select(func.count()).select_from(_A.join(_I, _I.c.id == _A.c.item_id)).where(
+    _A.c.annotator_id == bindparam("annotator_id"), _A.c.project_id == bindparam("project_id"),
+    _I.c.complete.is_(False))
+_LIVE_OPEN = select(_A.c.item_id).where(_A.c.project_id == bindparam("project_id"), _A.c.status == "open",
+                                        _A.c.served_at > bindparam("cutoff"))
+_FULL_NOT_MINE = select(func.count()).select_from(_I).where(
+    _I.c.id.in_(_LIVE_OPEN), _I.c.complete.is_(False), ~_MINE, _TAKEN >= bindparam("overlap"))
+
+
+def available_count(session, project: Project, annotator_id: int, lease: float = LEASE_SECONDS) -> int:
+    """``count(ELIGIBLE)`` from three small counts (the same number; a test checks)."""
+    params = _queue_params(project, annotator_id, lease)
+    return (session.scalar(_INCOMPLETE, params) - session.scalar(_MINE_INCOMPLETE, params)
+            - session.scalar(_FULL_NOT_MINE, params))
+
+
 def annotator_progress(session, project: Project, annotator_id: int, lease: float = LEASE_SECONDS) -> dict:
     """Labelled, skipped and still-to-do counts for one annotator (what their progress bar shows)."""
     counts = dict(session.execute(select(Assignment.status, func.count()).where(
         Assignment.annotator_id == annotator_id, Assignment.project_id == project.id).group_by(Assignment.status)).all())
-    available = session.scalar(select(func.count()).select_from(ELIGIBLE.subquery()),
-                               _queue_params(project, annotator_id, lease))
+    available = available_count(session, project, annotator_id, lease)
     done, skipped, open_ = counts.get("done", 0), counts.get("skipped", 0), counts.get("open", 0)
     return {"done": done, "skipped": skipped, "remaining": available + open_, "total": done + available + open_}
 

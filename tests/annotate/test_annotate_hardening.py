@@ -371,3 +371,36 @@ def test_annotators_see_and_label_only_projects_they_belong_to(db_url, db, make_
     assert alice.get("/api/projects/2/next").status_code == 404
     assert main(["annotate", "member", "add", "closed", "nobody", "--db", url]) == 2
     assert "no annotator named 'nobody'" in capsys.readouterr().err
+
+
+def test_the_quick_queue_count_equals_counting_the_queue_query(db, make_project):
+    """``available_count`` (what progress bars show; cheap on large projects) == count(ELIGIBLE)."""
+    from preftune.annotate.models import Annotator
+
+    make_project(db, items=12, overlap=2, annotators=[f"r{i}" for i in range(5)], admins=())
+    with db.read() as session:
+        proj = get_project(session, "demo")
+        ids = [a.id for a in session.scalars(select(Annotator).order_by(Annotator.id))]
+
+    def check():
+        with db.read() as session:
+            for annotator in ids:
+                plain = session.scalar(select(func.count()).select_from(queue.ELIGIBLE.subquery()),
+                                       queue._queue_params(proj, annotator, queue.LEASE_SECONDS))
+                assert queue.available_count(session, proj, annotator) == plain
+
+    check()
+    for step in range(30):  # serve, label, skip and let leases lapse, checking after every change
+        annotator = ids[step % len(ids)]
+        served = queue.next_item(db, proj, annotator)
+        if served is None:
+            continue
+        if step % 5 == 1:
+            queue.skip(db, proj, annotator, served.item.id)
+        elif step % 5 != 3:  # every fifth served item is left open
+            queue.submit(db, proj, annotator, served.item.id, {"choice": "B"}, "", f"s{step}")
+        if step % 7 == 6:
+            _expire_leases(db)
+        check()
+    with db.read() as session:
+        assert 0 < queue.available_count(session, proj, ids[0]) < 12  # the states above were not trivial

@@ -1,4 +1,4 @@
-"""Server-side browser sessions and project membership.
+"""Server-side browser sessions, project membership, and an index for counting open assignments.
 
 Existing annotators are made members of every existing project, so an upgrade changes nobody's
 access; projects created afterwards start with no members (``preftune annotate member add``).
@@ -35,11 +35,13 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.Float, nullable=False),
     )
     op.create_index("ix_sessions_annotator_id", "sessions", ["annotator_id"])
+    op.create_index("ix_assignments_project_status", "assignments", ["project_id", "status", "served_at"])
     op.execute("INSERT INTO memberships (project_id, annotator_id, created_at) "
                "SELECT projects.id, annotators.id, 0 FROM projects CROSS JOIN annotators WHERE NOT annotators.is_admin")
 
 
 def downgrade() -> None:
+    op.drop_index("ix_assignments_project_status", "assignments")
     op.drop_index("ix_sessions_annotator_id", "sessions")
     op.drop_table("sessions")
     op.drop_index("ix_memberships_annotator_id", "memberships")
