@@ -35,24 +35,28 @@ class LabelRecord:
     created_at: float
 
 
-def project_labels(session, project: Project) -> tuple[dict[int, Item], list[LabelRecord]]:
-    """The project's items by id and every stored label (skips are not labels)."""
-    items = {item.id: item for item in session.scalars(select(Item).where(Item.project_id == project.id))}
+def label_records(session, project: Project) -> list[LabelRecord]:
+    """Every stored label of the project (skips are not labels); items are not loaded."""
     rows = session.execute(
-        select(Label, Annotator.name, Assignment.display_order)
+        select(Label.item_id, Annotator.name, Label.answer, Assignment.display_order, Label.seconds, Label.note,
+               Label.created_at)
         .join(Annotator, Annotator.id == Label.annotator_id)
         .join(Assignment, Assignment.id == Label.assignment_id)
-        .where(Label.project_id == project.id).order_by(Label.item_id, Label.id)).all()
-    labels = [LabelRecord(label.item_id, name, label.answer, order, label.seconds, label.note, label.created_at)
-              for label, name, order in rows]
-    return items, labels
+        .where(Label.project_id == project.id).order_by(Label.item_id, Label.id))
+    return [LabelRecord(*row) for row in rows]
 
 
-def votes_by_pair(kind: str, items: dict[int, Item], labels: list[LabelRecord]) -> dict:
+def labelled_items(session, project: Project) -> dict[int, Item]:
+    """The project's items that have at least one label, by id (exports need their texts)."""
+    labelled = select(Label.item_id).where(Label.project_id == project.id)
+    return {item.id: item for item in session.scalars(select(Item).where(Item.id.in_(labelled)))}
+
+
+def votes_by_pair(kind: str, labels: list[LabelRecord]) -> dict:
     """``{(item_id, i, j): [(annotator, outcome, magnitude), ...]}`` over all labels."""
     votes = defaultdict(list)
     for record in labels:
-        n = len(items[record.item_id].candidates)
+        n = len(record.display_order)  # one entry per candidate
         for i, j, outcome, magnitude in comparisons(kind, record.answer, n):
             votes[(record.item_id, i, j)].append((record.annotator, outcome, magnitude))
     return votes
@@ -85,9 +89,12 @@ def export_pairs(session, project: Project, ties: str = "drop", min_votes: int =
     ``margin`` is ``margin_scale`` times the mean signed strength of the votes toward the chosen
     response (pairwise strength, rank distance or score difference; never below 0).
     """
-    items, labels = project_labels(session, project)
+    if not 0.0 <= margin_scale < float("inf"):  # also refuses NaN
+        raise ConfigError(f"margin_scale must be a finite number of at least 0, got {margin_scale}")
+    labels = label_records(session, project)
+    items = labelled_items(session, project)
     rows = []
-    for (item_id, i, j), votes in sorted(votes_by_pair(project.kind, items, labels).items()):
+    for (item_id, i, j), votes in sorted(votes_by_pair(project.kind, labels).items()):
         decided = majority(votes, ties)
         if decided is None or decided[2] < min_votes:
             continue
@@ -105,7 +112,8 @@ def export_pairs(session, project: Project, ties: str = "drop", min_votes: int =
 
 def export_raw(session, project: Project) -> list[dict]:
     """Every label as stored: the answer (canonical order), the order shown, note, time taken."""
-    items, labels = project_labels(session, project)
+    labels = label_records(session, project)
+    items = labelled_items(session, project)
     return [{"item": items[r.item_id].external_id, "prompt": items[r.item_id].prompt,
              "candidates": items[r.item_id].candidates, "kind": project.kind, "annotator": r.annotator,
              "answer": r.answer, "display_order": r.display_order, "note": r.note,

@@ -15,8 +15,8 @@ from itertools import combinations
 from sqlalchemy import func, select
 
 from .answers import comparisons
-from .aggregate import LabelRecord, project_labels, votes_by_pair
-from .models import Annotator, Assignment, Item, Project
+from .aggregate import LabelRecord, label_records, votes_by_pair
+from .models import Annotator, Assignment, Project
 
 
 def _distance(metric: str):
@@ -81,7 +81,7 @@ def krippendorff_alpha(units: list[list], metric: str = "nominal") -> float | No
     return 1.0 - observed / expected
 
 
-def agreement_units(kind: str, items: dict[int, Item], labels: list[LabelRecord]) -> tuple[dict, str]:
+def agreement_units(kind: str, labels: list[LabelRecord]) -> tuple[dict, str]:
     """``{unit: {annotator: value}}`` and the metric for this question kind."""
     units: dict = defaultdict(dict)
     if kind == "rating":
@@ -89,16 +89,18 @@ def agreement_units(kind: str, items: dict[int, Item], labels: list[LabelRecord]
             for index, score in enumerate(record.answer["scores"]):
                 units[(record.item_id, index)][record.annotator] = score
         return units, "interval"
-    for (item_id, i, j), votes in votes_by_pair(kind, items, labels).items():
+    for (item_id, i, j), votes in votes_by_pair(kind, labels).items():
         for annotator, outcome, _ in votes:
             units[(item_id, i, j)][annotator] = outcome
     return units, "nominal"
 
 
-def project_agreement(session, project: Project, min_common: int = 2) -> dict:
-    """Agreement summary: raters, units, alpha, kappa (two raters) and kappa for every pair of raters."""
-    items, labels = project_labels(session, project)
-    units, metric = agreement_units(project.kind, items, labels)
+def project_agreement(session, project: Project, min_common: int = 2, labels: list[LabelRecord] | None = None) -> dict:
+    """Agreement summary: raters, units, alpha, kappa (two raters) and kappa for every pair of raters.
+
+    ``labels``: the project's label records when the caller has them already."""
+    labels = label_records(session, project) if labels is None else labels
+    units, metric = agreement_units(project.kind, labels)
     raters = sorted({name for values in units.values() for name in values})
     alpha = krippendorff_alpha([list(values.values()) for values in units.values()], metric)
     weights = "quadratic" if metric == "interval" else None
@@ -121,15 +123,15 @@ def project_agreement(session, project: Project, min_common: int = 2) -> dict:
     return result
 
 
-def annotator_stats(session, project: Project) -> list[dict]:
+def annotator_stats(session, project: Project, labels: list[LabelRecord] | None = None) -> list[dict]:
     """Per annotator: labels, skips, agreement with the others' majority, median seconds, position bias.
 
     ``first_shown_wins`` is the share of decided comparisons won by the response shown first
     (0.5 is unbiased); ``agreement_with_majority`` compares each vote with the majority of the other
     annotators of that pair (pairs where the others are split are left out).
     """
-    items, labels = project_labels(session, project)
-    votes = votes_by_pair(project.kind, items, labels)
+    labels = label_records(session, project) if labels is None else labels
+    votes = votes_by_pair(project.kind, labels)
     agree, compared = Counter(), Counter()
     for pair_votes in votes.values():
         for annotator, outcome, _ in pair_votes:

@@ -15,10 +15,12 @@ from starlette.concurrency import run_in_threadpool
 from . import queue
 from .answers import LETTERS, AnswerError, summary
 from .models import Assignment, Label, Project
+from .members import visible_projects
 from .pages import load_project
-from .security import User, check_csrf, current_user
+from .security import RowId, User, check_csrf, current_user
 
 router = APIRouter(prefix="/api")
+MAX_NESTING = 10  # an answer needs 2 (an object holding a list)
 
 
 def item_json(project: Project, served: queue.Served) -> dict:
@@ -38,31 +40,46 @@ def label_json(project: Project, label: Label, assignment: Assignment) -> dict:
 async def _json_body(request: Request) -> dict:
     try:
         body = await request.json()
-    except ValueError:
+    except ValueError:  # not JSON, not UTF-8
         raise AnswerError("the request body must be a JSON object") from None
+    except RecursionError:
+        raise AnswerError("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise AnswerError("the request body must be a JSON object")
+    if nesting(body) > MAX_NESTING:
+        raise AnswerError(f"the request body is nested too deeply (at most {MAX_NESTING} levels)")
     return body
+
+
+def nesting(value) -> int:
+    """How deeply lists and objects nest in a JSON value (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 @router.get("/projects")
 def projects(request: Request, user: User = Depends(current_user)):
     lease = request.app.state.settings.lease
     with request.app.state.db.read() as session:
-        found = list(session.scalars(select(Project).order_by(Project.id)))
+        found = sorted(visible_projects(session, user.id, user.is_admin), key=lambda p: p.id)
         return [{"id": p.id, "name": p.name, "kind": p.kind,
                  "progress": queue.annotator_progress(session, p, user.id, lease)} for p in found]
 
 
 @router.get("/projects/{project_id}/next")
-def next_item(request: Request, project_id: int, user: User = Depends(current_user)):
-    project = load_project(request, project_id)
+def next_item(request: Request, project_id: RowId, user: User = Depends(current_user)):
+    project = load_project(request, project_id, user)
     served = queue.next_item(request.app.state.db, project, user.id, request.app.state.settings.lease)
     return {"item": item_json(project, served) if served else None}
 
 
 @router.post("/projects/{project_id}/items/{item_id}/label")
-async def post_label(request: Request, project_id: int, item_id: int, next: bool = False,
+async def post_label(request: Request, project_id: RowId, item_id: RowId, next: bool = False,
                      user: User = Depends(current_user)):
     """Store a label: 201 when new, 200 for a retry (``duplicate``) or a change (``updated``).
 
@@ -73,7 +90,7 @@ async def post_label(request: Request, project_id: int, item_id: int, next: bool
 
     def store():
         db = request.app.state.db
-        project = load_project(request, project_id)
+        project = load_project(request, project_id, user)
         lease = request.app.state.settings.lease if next else None
         result = queue.submit(db, project, user.id, item_id, body, body.get("note"), body.get("request_id"), lease)
         reply = {"label_id": result.label.id, "item_id": item_id, "outcome": result.outcome}
@@ -85,23 +102,23 @@ async def post_label(request: Request, project_id: int, item_id: int, next: bool
 
 
 @router.post("/projects/{project_id}/items/{item_id}/skip")
-async def post_skip(request: Request, project_id: int, item_id: int, user: User = Depends(current_user)):
+async def post_skip(request: Request, project_id: RowId, item_id: RowId, user: User = Depends(current_user)):
     check_csrf(request, user, request.headers.get("x-csrf-token"))
-    project = await run_in_threadpool(load_project, request, project_id)
+    project = await run_in_threadpool(load_project, request, project_id, user)
     await run_in_threadpool(queue.skip, request.app.state.db, project, user.id, item_id)
     return {"item_id": item_id, "outcome": "skipped"}
 
 
 @router.get("/projects/{project_id}/labels")
-def own_labels(request: Request, project_id: int, user: User = Depends(current_user)):
-    project = load_project(request, project_id)
+def own_labels(request: Request, project_id: RowId, user: User = Depends(current_user)):
+    project = load_project(request, project_id, user)
     with request.app.state.db.read() as session:
         rows = queue.own_labels(session, project, user.id, limit=100_000)
         return [label_json(project, label, assignment) for label, _, assignment in rows]
 
 
 @router.get("/labels/{label_id}")
-def own_label(request: Request, label_id: int, user: User = Depends(current_user)):
+def own_label(request: Request, label_id: RowId, user: User = Depends(current_user)):
     with request.app.state.db.read() as session:
         label = session.scalar(select(Label).where(Label.id == label_id, Label.annotator_id == user.id))
         if label is None:  # someone else's label looks exactly like a missing one

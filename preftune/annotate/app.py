@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio.to_thread
+from anyio import CapacityLimiter
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
@@ -23,7 +24,7 @@ from . import admin, api, pages
 from .answers import AnswerError
 from .db import Database
 from .queue import LEASE_SECONDS, NotAssigned, RequestConflict
-from .security import GuardMiddleware, Forbidden, LoginRequired
+from .security import SECURITY_HEADERS, Forbidden, GuardMiddleware, LoginLimiter, LoginRequired, TooManyAttempts
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MAX_BODY = 1_000_000
@@ -34,7 +35,11 @@ class ServerSettings:
     max_body: int = DEFAULT_MAX_BODY
     lease: float = LEASE_SECONDS
     secure_cookies: bool = False
-    threads: int = 8  # worker threads for database calls
+    threads: int = 8  # worker threads for annotators' database calls
+    admin_threads: int = 1  # admin reports and exports run on their own, so they never hold up annotators
+    report_seconds: float = 2.0  # an admin report is reused for this long
+    login_attempts: int = 10  # failed logins allowed per client address ...
+    login_window: float = 300.0  # ... within this many seconds
 
 
 def _wants_json(request: Request) -> bool:
@@ -42,11 +47,13 @@ def _wants_json(request: Request) -> bool:
     return path.startswith("/api/") or path.endswith((".json", ".jsonl"))
 
 
-def _error(request: Request, status: int, message: str, heading: str = "Something went wrong"):
+def _error(request: Request, status: int, message: str, heading: str = "Something went wrong", headers=None):
     if _wants_json(request):
-        return JSONResponse({"detail": message}, status)
+        return JSONResponse({"detail": message}, status, headers=headers)
     context = {"title": heading, "heading": heading, "message": message, "user": None}
-    return pages.render(request, "error.html", context, status)
+    response = pages.render(request, "error.html", context, status)
+    response.headers.update(headers or {})
+    return response
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -82,7 +89,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return _error(request, exc.status_code, str(exc.detail), "Error")
+        return _error(request, exc.status_code, str(exc.detail), "Error", headers=exc.headers)
+
+    @app.exception_handler(TooManyAttempts)
+    async def too_many(request: Request, exc: TooManyAttempts):
+        return _error(request, 429, str(exc), "Too many attempts", headers={"retry-after": str(exc.retry_after)})
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception):
+        # answered outside the middleware stack, so the security headers are added here; the server logs
+        # the traceback (a bug), the client sees no details
+        headers = {name.decode(): value.decode() for name, value in SECURITY_HEADERS}
+        return PlainTextResponse("internal server error", 500, headers=headers)
 
 
 def create_app(db: Database, settings: ServerSettings | None = None, watcher=None) -> FastAPI:
@@ -102,6 +120,9 @@ def create_app(db: Database, settings: ServerSettings | None = None, watcher=Non
     app = FastAPI(title="preftune annotate", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.db = db
     app.state.settings = settings or ServerSettings()
+    app.state.admin_limiter = CapacityLimiter(app.state.settings.admin_threads)
+    app.state.report_cache = {}
+    app.state.login_limiter = LoginLimiter(app.state.settings.login_attempts, app.state.settings.login_window)
     environment = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
                               lstrip_blocks=True)
     app.state.templates = Jinja2Templates(env=environment)

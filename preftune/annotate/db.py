@@ -1,8 +1,10 @@
 """Database URLs, engines and schema upgrades (Alembic).
 
 A plain path means an SQLite file (WAL journal, full sync: a label the server acknowledged survives a
-crash). ``postgresql://`` URLs use psycopg 3. ``Database.write()`` sessions take SQLite's write lock
-at once (``BEGIN IMMEDIATE``) so concurrent writers queue instead of failing; PostgreSQL needs nothing.
+crash), created readable by its owner only (0600; SQLite gives its journal files the same mode), as are
+the backups taken before an upgrade. ``postgresql://`` URLs use psycopg 3. ``Database.write()``
+sessions take SQLite's write lock at once (``BEGIN IMMEDIATE``) so concurrent writers queue instead of
+failing; PostgreSQL needs nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class Database:
             parent = Path(parsed.database).parent
             if not parent.is_dir():
                 raise DatabaseError(f"cannot create the SQLite database: directory {parent} does not exist")
+            if parsed.database != ":memory:":
+                private_file(Path(parsed.database))
         kwargs = {"pool_size": pool_size, "max_overflow": 10, "pool_timeout": 60}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
@@ -146,7 +150,7 @@ def alembic_config(connection=None):
 
 def backup_sqlite(path: str, revision: str) -> Path:
     """Copy the database aside (``<file>.before-<revision>``) before a schema upgrade touches it."""
-    target = Path(f"{path}.before-{revision}")
+    target = private_file(Path(f"{path}.before-{revision}"))
     source = sqlite3.connect(path)
     try:
         with contextlib.closing(sqlite3.connect(target)) as copy:
@@ -154,6 +158,17 @@ def backup_sqlite(path: str, revision: str) -> Path:
     finally:
         source.close()
     return target
+
+
+def private_file(path: Path) -> Path:
+    """Create ``path`` empty with mode 0600 if it does not exist (an existing file keeps its mode)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise DatabaseError(f"cannot create {path}: {exc.strerror}") from None
+    return path
 
 
 def _configure_sqlite(engine: Engine) -> None:

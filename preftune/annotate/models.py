@@ -67,6 +67,7 @@ class Assignment(Base):
     __table_args__ = (
         UniqueConstraint("item_id", "annotator_id", name="uq_assignments_item_annotator"),
         Index("ix_assignments_annotator_status", "annotator_id", "project_id", "status"),
+        Index("ix_assignments_project_status", "project_id", "status", "served_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -74,7 +75,7 @@ class Assignment(Base):
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
     display_order: Mapped[list] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(10), default="open")  # open, done, skipped
+    status: Mapped[str] = mapped_column(String(10), default="open")  # open, done, skipped, expired
     served_at: Mapped[float] = mapped_column(Float)
 
 
@@ -99,3 +100,27 @@ class Label(Base):
     seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Membership(Base):
+    """An annotator may see and label a project only when added to it (admins see every project)."""
+
+    __tablename__ = "memberships"
+    __table_args__ = (UniqueConstraint("project_id", "annotator_id", name="uq_memberships_project_annotator"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class LoginSession(Base):
+    """A browser session: the cookie holds a random id; only its SHA-256 hash is stored here."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import secrets
 import uuid
 
@@ -10,13 +9,14 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import RedirectResponse
 from markdown_it import MarkdownIt
 from markupsafe import Markup
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from . import queue
+from . import queue, sessions
 from .answers import LETTERS, STRENGTHS, AnswerError, form_values, summary
+from .members import is_member, visible_projects
 from .models import Project
-from .security import LOGIN_COOKIE, SESSION_COOKIE, User, check_csrf, current_user, same_origin
+from .security import (RowId, User, check_csrf, client_address, current_user, login_cookie, same_origin,
+                       session_cookie)
 from .tokens import find_annotator
 
 router = APIRouter()
@@ -27,7 +27,6 @@ KEYS_HELP = {
     "ranking": "Keys: press the letters best first (a, b, ...) · Backspace clears · n note · Enter submit · s skip",
     "rating": "Keys: 1-7 scores the outlined response and moves on · ← → move · n note · Enter submit · s skip",
 }
-SESSION_SECONDS = 7 * 24 * 3600
 
 
 def render(request: Request, name: str, context: dict, status: int = 200):
@@ -38,19 +37,27 @@ def guidelines_html(text: str):
     return Markup(_markdown.render(text)) if text.strip() else None
 
 
-def load_project(request: Request, project_id: int) -> Project:
+def load_project(request: Request, project_id: int, user: User | None = None) -> Project:
+    """The project, or 404; with ``user`` (not an admin) also 404 unless they are a member."""
     with request.app.state.db.read() as session:
         project = session.get(Project, project_id)
+        if project is not None and user is not None and not user.is_admin and not is_member(session, project_id,
+                                                                                               user.id):
+            project = None  # looks exactly like a missing project
     if project is None:
         raise HTTPException(404, "no such project")
     return project
 
 
+def _set_cookie(request: Request, response, name: str, value: str, max_age: int) -> None:
+    response.set_cookie(name, value, max_age=max_age, path="/", httponly=True, samesite="strict",
+                        secure=request.app.state.settings.secure_cookies)
+
+
 def _login_page(request: Request, error: str | None = None, status: int = 200):
     nonce = secrets.token_urlsafe(24)
     response = render(request, "login.html", {"title": "Log in", "user": None, "csrf": nonce, "error": error}, status)
-    response.set_cookie(LOGIN_COOKIE, nonce, max_age=3600, httponly=True, samesite="strict",
-                        secure=request.app.state.settings.secure_cookies)
+    _set_cookie(request, response, login_cookie(request), nonce, 3600)
     return response
 
 
@@ -61,24 +68,31 @@ def login_form(request: Request):
 
 @router.post("/login")
 async def login(request: Request):
+    limiter, address = request.app.state.login_limiter, client_address(request)
+    limiter.check(address)
     form = await request.form()
-    nonce = request.cookies.get(LOGIN_COOKIE) or ""
-    sent = str(form.get("csrf_token") or "")
-    if not nonce or not hmac.compare_digest(nonce, sent) or not same_origin(request):
+    nonce = request.cookies.get(login_cookie(request)) or ""
+    if not nonce or not sessions.secrets_match(nonce, form.get("csrf_token")) or not same_origin(request):
         return _login_page(request, "The login form expired; please try again.", 403)
-    token = str(form.get("token") or "").strip()
+    token = form.get("token")
+    token = token.strip() if isinstance(token, str) else ""
+    old_session = request.cookies.get(session_cookie(request))
 
-    def lookup():
-        with request.app.state.db.read() as session:
-            return find_annotator(session, token)
+    def log_in():
+        with request.app.state.db.write() as session:
+            annotator = find_annotator(session, token)
+            if annotator is None:
+                return None, None
+            sessions.end(session, old_session)  # a fresh id at every login (no session fixation)
+            return annotator, sessions.start(session, annotator.id)
 
-    annotator = await run_in_threadpool(lookup)
+    annotator, session_id = await run_in_threadpool(log_in)
     if annotator is None:
+        limiter.failed(address)
         return _login_page(request, "That token is not valid (or has been revoked).", 401)
     response = RedirectResponse("/admin" if annotator.is_admin else "/", status_code=303)
-    response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_SECONDS, httponly=True, samesite="strict",
-                        secure=request.app.state.settings.secure_cookies)
-    response.delete_cookie(LOGIN_COOKIE)
+    _set_cookie(request, response, session_cookie(request), session_id, sessions.SESSION_SECONDS)
+    _set_cookie(request, response, login_cookie(request), "", 0)  # delete it
     return response
 
 
@@ -86,8 +100,15 @@ async def login(request: Request):
 async def logout(request: Request, user: User = Depends(current_user)):
     form = await request.form()
     check_csrf(request, user, form.get("csrf_token"))
+    if user.by_cookie:
+
+        def log_out():
+            with request.app.state.db.write() as session:
+                sessions.end(session, user.secret)
+
+        await run_in_threadpool(log_out)
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(SESSION_COOKIE)
+    _set_cookie(request, response, session_cookie(request), "", 0)  # delete it
     return response
 
 
@@ -95,7 +116,7 @@ async def logout(request: Request, user: User = Depends(current_user)):
 def home(request: Request, user: User = Depends(current_user)):
     db, lease = request.app.state.db, request.app.state.settings.lease
     with db.read() as session:
-        projects = list(session.scalars(select(Project).order_by(Project.name)))
+        projects = visible_projects(session, user.id, user.is_admin)
         rows = [{"id": p.id, "name": p.name, "kind_text": KIND_TEXT[p.kind],
                  "progress": queue.annotator_progress(session, p, user.id, lease)} for p in projects]
     return render(request, "home.html", {"title": "Projects", "user": user, "projects": rows})
@@ -121,8 +142,8 @@ def _label_page(request: Request, user: User, project: Project, served: queue.Se
 
 
 @router.get("/p/{project_id}")
-def next_page(request: Request, project_id: int, user: User = Depends(current_user)):
-    project = load_project(request, project_id)
+def next_page(request: Request, project_id: RowId, user: User = Depends(current_user)):
+    project = load_project(request, project_id, user)
     served = queue.next_item(request.app.state.db, project, user.id, request.app.state.settings.lease)
     if served is None:
         with request.app.state.db.read() as session:
@@ -132,18 +153,18 @@ def next_page(request: Request, project_id: int, user: User = Depends(current_us
 
 
 @router.get("/p/{project_id}/items/{item_id}")
-def item_page(request: Request, project_id: int, item_id: int, user: User = Depends(current_user)):
-    project = load_project(request, project_id)
+def item_page(request: Request, project_id: RowId, item_id: RowId, user: User = Depends(current_user)):
+    project = load_project(request, project_id, user)
     with request.app.state.db.read() as session:
         served = queue.own_item(session, project, user.id, item_id)
     return _label_page(request, user, project, served, return_to="mine" if served.label else "next")
 
 
 @router.post("/p/{project_id}/items/{item_id}")
-async def post_item(request: Request, project_id: int, item_id: int, user: User = Depends(current_user)):
+async def post_item(request: Request, project_id: RowId, item_id: RowId, user: User = Depends(current_user)):
     form = await request.form()
     check_csrf(request, user, form.get("csrf_token"))
-    project = await run_in_threadpool(load_project, request, project_id)
+    project = await run_in_threadpool(load_project, request, project_id, user)
     db = request.app.state.db
     back = f"/p/{project_id}/mine" if form.get("return_to") == "mine" else f"/p/{project_id}"
     if form.get("action") == "skip":
@@ -167,8 +188,8 @@ async def post_item(request: Request, project_id: int, item_id: int, user: User 
 
 
 @router.get("/p/{project_id}/mine")
-def mine_page(request: Request, project_id: int, user: User = Depends(current_user)):
-    project = load_project(request, project_id)
+def mine_page(request: Request, project_id: RowId, user: User = Depends(current_user)):
+    project = load_project(request, project_id, user)
     with request.app.state.db.read() as session:
         rows = [{"item_id": item.id, "prompt": item.prompt, "note": label.note, "seconds": label.seconds,
                  "answer": summary(project.kind, label.answer, assignment.display_order)}

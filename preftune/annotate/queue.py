@@ -4,7 +4,10 @@ An item goes to ``project.overlap`` annotators. Serving an item creates an assig
 randomised order the annotator sees the candidates in; an open assignment holds its place for
 ``lease`` seconds. Items are served by ``(priority, random_key)``: random unless a reward model has
 set priorities (see ``ordering``). A label is unique per (item, annotator) and per (annotator,
-request id): a retried request returns the stored label instead of adding another.
+request id): a retried request returns the stored label instead of adding another. An item never
+gets more than ``overlap`` labels, whatever the order of skips, leases and retries: a late label is
+taken only while a place is free, and when an item is complete the others' open assignments of it
+expire (they are not served again).
 """
 
 from __future__ import annotations
@@ -93,9 +96,9 @@ def serve(session, project: Project, annotator_id: int, lease: float, locking: b
     The hot paths use plain table rows rather than ORM objects: they run once per label.
     """
     now = time.time()
-    current = session.execute(select(*ASSIGNMENT_COLUMNS).where(
-        _A.c.annotator_id == annotator_id, _A.c.project_id == project.id, _A.c.status == "open")
-        .order_by(_A.c.served_at, _A.c.id).limit(1)).first()
+    current = session.execute(select(*ASSIGNMENT_COLUMNS).join(_I, _I.c.id == _A.c.item_id).where(
+        _A.c.annotator_id == annotator_id, _A.c.project_id == project.id, _A.c.status == "open",
+        _I.c.complete.is_(False)).order_by(_A.c.served_at, _A.c.id).limit(1)).first()
     if current is not None:
         return Served(current, _item_row(session, current.item_id))
     params = _queue_params(project, annotator_id, lease)
@@ -140,10 +143,22 @@ def own_item(session, project: Project, annotator_id: int, item_id: int) -> Serv
     return Served(assignment, session.get(Item, item_id), label)
 
 
+def storable(value: str, what: str) -> str:
+    """Text both databases can store: no NUL characters (PostgreSQL refuses them), no lone surrogates."""
+    if "\x00" in value:
+        raise AnswerError(f"{what}: NUL characters are not allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AnswerError(f"{what}: not valid Unicode text (a lone surrogate)") from None
+    return value
+
+
 def clean_note(project: Project, note) -> str:
     note = (note or "").strip() if isinstance(note, (str, type(None))) else None
     if note is None:
         raise AnswerError("note: expected text")
+    storable(note, "note")
     if note and not project.allow_notes:
         raise AnswerError("this project does not take notes")
     if len(note) > MAX_NOTE:
@@ -159,6 +174,7 @@ def submit(db, project: Project, annotator_id: int, item_id: int, fields, note, 
     """
     if not request_id or not isinstance(request_id, str) or len(request_id) > MAX_REQUEST_ID:
         raise AnswerError(f"request_id: expected a string of 1 to {MAX_REQUEST_ID} characters")
+    storable(request_id, "request_id")
     note = clean_note(project, note)
     for attempt in range(3):
         try:
@@ -174,7 +190,7 @@ def submit(db, project: Project, annotator_id: int, item_id: int, fields, note, 
     raise AssertionError("unreachable")
 
 
-_OWN = (select(_A.c.id, _A.c.display_order, _A.c.served_at, _L.c.id.label("label_id"), _L.c.request_id)
+_OWN = (select(_A.c.id, _A.c.display_order, _A.c.served_at, _A.c.status, _L.c.id.label("label_id"), _L.c.request_id)
         .select_from(_A.outerjoin(_L, _L.c.assignment_id == _A.c.id))
         .where(_A.c.item_id == bindparam("item_id"), _A.c.annotator_id == bindparam("annotator_id"),
                _A.c.project_id == bindparam("project_id")))
@@ -202,12 +218,19 @@ def store(session, project: Project, annotator_id: int, item_id: int, fields, no
         return Submitted(Row(id=found.label_id), "updated")
     if check_request_id and session.scalar(_REQUEST_USED, {**keys, "request_id": request_id}) is not None:
         raise RequestConflict(f"request id {request_id!r} was already used for another item")
+    if found.status == "skipped":
+        raise RequestConflict("you skipped this item, so it went to someone else; it cannot be labelled now")
+    labels = session.scalar(_LABELS_OF_ITEM, keys)
+    if labels >= project.overlap:
+        raise RequestConflict("this item already has all the labels it needs (your time on it ran out and "
+                              "others labelled it); your answer was not stored")
     label_id = session.execute(_ADD_LABEL, {
         **keys, "assignment_id": found.id, "answer": answer, "note": note, "request_id": request_id,
         "seconds": max(0.0, now - found.served_at), "created_at": now, "updated_at": now}).scalar_one()
     session.execute(update(_A).where(_A.c.id == found.id).values(status="done"))
-    if session.scalar(_LABELS_OF_ITEM, keys) >= project.overlap:
+    if labels + 1 >= project.overlap:
         session.execute(update(_I).where(_I.c.id == item_id).values(complete=True))
+        session.execute(update(_A).where(_A.c.item_id == item_id, _A.c.status == "open").values(status="expired"))
     return Submitted(Row(id=label_id), "created")
 
 
@@ -220,12 +243,33 @@ def skip(db, project: Project, annotator_id: int, item_id: int) -> None:
         served.assignment.status = "skipped"
 
 
+# How many items the queue query could still serve, without visiting every item: the project's
+# incomplete items, less those the annotator was served, less those whose places are all held. An
+# incomplete item has fewer done assignments than places, so a full one has a live open assignment.
+_MINE = exists().where(_A.c.item_id == _I.c.id, _A.c.annotator_id == bindparam("annotator_id"))
+_INCOMPLETE = select(func.count()).select_from(_I).where(_I.c.project_id == bindparam("project_id"),
+                                                         _I.c.complete.is_(False))
+_MINE_INCOMPLETE = select(func.count()).select_from(_A.join(_I, _I.c.id == _A.c.item_id)).where(
+    _A.c.annotator_id == bindparam("annotator_id"), _A.c.project_id == bindparam("project_id"),
+    _I.c.complete.is_(False))
+_LIVE_OPEN = select(_A.c.item_id).where(_A.c.project_id == bindparam("project_id"), _A.c.status == "open",
+                                        _A.c.served_at > bindparam("cutoff"))
+_FULL_NOT_MINE = select(func.count()).select_from(_I).where(
+    _I.c.id.in_(_LIVE_OPEN), _I.c.complete.is_(False), ~_MINE, _TAKEN >= bindparam("overlap"))
+
+
+def available_count(session, project: Project, annotator_id: int, lease: float = LEASE_SECONDS) -> int:
+    """``count(ELIGIBLE)`` from three small counts (the same number; a test checks)."""
+    params = _queue_params(project, annotator_id, lease)
+    return (session.scalar(_INCOMPLETE, params) - session.scalar(_MINE_INCOMPLETE, params)
+            - session.scalar(_FULL_NOT_MINE, params))
+
+
 def annotator_progress(session, project: Project, annotator_id: int, lease: float = LEASE_SECONDS) -> dict:
     """Labelled, skipped and still-to-do counts for one annotator (what their progress bar shows)."""
     counts = dict(session.execute(select(Assignment.status, func.count()).where(
         Assignment.annotator_id == annotator_id, Assignment.project_id == project.id).group_by(Assignment.status)).all())
-    available = session.scalar(select(func.count()).select_from(ELIGIBLE.subquery()),
-                               _queue_params(project, annotator_id, lease))
+    available = available_count(session, project, annotator_id, lease)
     done, skipped, open_ = counts.get("done", 0), counts.get("skipped", 0), counts.get("open", 0)
     return {"done": done, "skipped": skipped, "remaining": available + open_, "total": done + available + open_}
 
@@ -235,10 +279,10 @@ def project_progress(session, project: Project) -> dict:
     items = session.scalar(select(func.count()).select_from(Item).where(Item.project_id == project.id))
     per_item = (select(Label.item_id, func.count().label("n")).where(Label.project_id == project.id)
                 .group_by(Label.item_id).subquery())
-    labels = session.scalar(select(func.coalesce(func.sum(per_item.c.n), 0)))
+    labels = int(session.scalar(select(func.coalesce(func.sum(per_item.c.n), 0))))  # PostgreSQL sums are Decimal
     complete = session.scalar(select(func.count()).select_from(per_item).where(per_item.c.n >= project.overlap))
     wanted = items * project.overlap
-    return {"items": items, "labels": int(labels), "wanted": wanted, "complete_items": complete,
+    return {"items": items, "labels": labels, "wanted": wanted, "complete_items": complete,
             "fraction": min(1.0, labels / wanted) if wanted else 0.0}
 
 

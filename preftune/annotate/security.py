@@ -1,23 +1,29 @@
-"""Who is asking, and may they: token authentication, CSRF checks, request size limits, safe headers.
+"""Who is asking, and may they: tokens and sessions, CSRF checks, login rate limits, size limits, headers.
 
-A token arrives either as ``Authorization: Bearer <token>`` (scripts; no CSRF check needed, browsers
-never add that header by themselves) or in the HttpOnly, SameSite=Strict session cookie set at login
-(browsers; every state-changing request must then carry the session's CSRF token, and a foreign
-``Origin`` is refused). Tokens never appear in URLs, so access logs never see them.
+A script sends its token as ``Authorization: Bearer <token>`` (no CSRF check needed: browsers never add
+that header by themselves). A browser logs in once with its token and then carries a random session id
+in an HttpOnly, SameSite=Strict cookie (``__Host-`` prefixed over HTTPS, so no other site or port of
+the host can set it); every state-changing request must then carry the session's CSRF token, and a
+foreign ``Origin`` is refused. Tokens never appear in URLs or cookies, so logs and other services on
+the host never see them.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Annotated
 from urllib.parse import urlsplit
 
-from fastapi import Request
+from fastapi import Path, Request
 from starlette.exceptions import HTTPException
 
-from .tokens import csrf_matches, csrf_token, find_annotator
+from . import sessions
+from .tokens import find_annotator
 
-SESSION_COOKIE = "preftune_session"
-LOGIN_COOKIE = "preftune_login"
+MAX_ID = 2**31 - 1  # ids are 32-bit integer columns; a larger one cannot exist
+RowId = Annotated[int, Path(ge=1, le=MAX_ID)]
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                  b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
@@ -28,12 +34,33 @@ SECURITY_HEADERS = [
 ]
 
 
+def cookie_name(request: Request, name: str) -> str:
+    """``__Host-`` names over HTTPS: the browser then insists on Secure, Path=/ and no Domain."""
+    return f"__Host-{name}" if request.app.state.settings.secure_cookies else name
+
+
+def session_cookie(request: Request) -> str:
+    return cookie_name(request, "preftune_session")
+
+
+def login_cookie(request: Request) -> str:
+    return cookie_name(request, "preftune_login")
+
+
 class LoginRequired(Exception):
-    """No token, or one that is unknown or revoked."""
+    """No token or session, or one that is unknown, expired or revoked."""
 
 
 class Forbidden(Exception):
     """Authenticated, but not allowed (an annotator on an admin route, a failed CSRF check)."""
+
+
+class TooManyAttempts(Exception):
+    """Too many failed logins from one address."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many failed logins from your address; try again in {retry_after} seconds")
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -41,32 +68,32 @@ class User:
     id: int
     name: str
     is_admin: bool
-    token: str
+    secret: str  # the bearer token, or the session id for a browser
     by_cookie: bool
 
     @property
     def csrf(self) -> str:
-        return csrf_token(self.token)
+        return sessions.csrf_token(self.secret)
 
 
-def request_token(request: Request) -> tuple[str | None, bool]:
-    """(token, came from the session cookie)."""
+def request_secret(request: Request) -> tuple[str | None, bool]:
+    """(bearer token or session id, came from the session cookie)."""
     header = request.headers.get("authorization", "")
     if header[:7].lower() == "bearer ":
         return header[7:].strip(), False
-    return request.cookies.get(SESSION_COOKIE), True
+    return request.cookies.get(session_cookie(request)), True
 
 
 def current_user(request: Request) -> User:
-    """FastAPI dependency: the annotator the request's token belongs to."""
-    token, by_cookie = request_token(request)
-    if not token:
+    """FastAPI dependency: the annotator the request's token or session belongs to."""
+    secret, by_cookie = request_secret(request)
+    if not secret:
         raise LoginRequired()
     with request.app.state.db.read() as session:
-        annotator = find_annotator(session, token)
+        annotator = sessions.find(session, secret) if by_cookie else find_annotator(session, secret)
     if annotator is None:
         raise LoginRequired()
-    return User(annotator.id, annotator.name, annotator.is_admin, token, by_cookie)
+    return User(annotator.id, annotator.name, annotator.is_admin, secret, by_cookie)
 
 
 def admin_user(request: Request) -> User:
@@ -81,15 +108,47 @@ def same_origin(request: Request) -> bool:
     origin = request.headers.get("origin")
     if origin is None:
         return True
-    return urlsplit(origin).netloc == request.headers.get("host", "")
+    try:
+        return urlsplit(origin).netloc == request.headers.get("host", "")
+    except ValueError:  # not a URL at all
+        return False
 
 
-def check_csrf(request: Request, user: User, submitted: str | None) -> None:
+def check_csrf(request: Request, user: User, submitted) -> None:
     """Cookie-authenticated writes need the session's CSRF token and no foreign Origin."""
     if not user.by_cookie:
         return
-    if not same_origin(request) or not csrf_matches(user.token, submitted):
+    if not same_origin(request) or not sessions.csrf_matches(user.secret, submitted):
         raise Forbidden("the form is out of date or came from another site; reload the page and try again")
+
+
+class LoginLimiter:
+    """At most ``attempts`` failed logins per client address within ``window`` seconds (in memory)."""
+
+    def __init__(self, attempts: int = 10, window: float = 300.0):
+        self.attempts, self.window = attempts, window
+        self.failures: dict[str, deque] = {}
+
+    def check(self, address: str) -> None:
+        recent = self._recent(address)
+        if len(recent) >= self.attempts:
+            raise TooManyAttempts(int(recent[0] + self.window - time.monotonic()) + 1)
+
+    def failed(self, address: str) -> None:
+        self._recent(address).append(time.monotonic())
+        if len(self.failures) > 10_000:  # forget addresses with no recent failures
+            for key in [k for k, v in self.failures.items() if not self._recent(k)]:
+                del self.failures[key]
+
+    def _recent(self, address: str) -> deque:
+        recent = self.failures.setdefault(address, deque())
+        while recent and recent[0] < time.monotonic() - self.window:
+            recent.popleft()
+        return recent
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 class BodyTooLarge(HTTPException):
@@ -129,9 +188,7 @@ class GuardMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                present = {name.lower() for name, _ in message.get("headers", [])}
-                extra = [(name, value) for name, value in SECURITY_HEADERS if name not in present]
-                message = {**message, "headers": list(message.get("headers", [])) + extra}
+                message = {**message, "headers": with_security_headers(message.get("headers", []))}
             await send(message)
 
         try:
@@ -146,3 +203,8 @@ class GuardMiddleware:
                     "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"),
                                 (b"content-length", str(len(body)).encode())] + SECURITY_HEADERS})
         await send({"type": "http.response.body", "body": body})
+
+
+def with_security_headers(headers) -> list:
+    present = {name.lower() for name, _ in headers}
+    return list(headers) + [(name, value) for name, value in SECURITY_HEADERS if name not in present]

@@ -1,4 +1,4 @@
-"""Annotator tokens: random secrets shown once, stored only as SHA-256 hashes; CSRF tokens derived from them.
+"""Annotator tokens: random secrets shown once, stored only as SHA-256 hashes.
 
 A token carries 256 random bits, so a fast hash is enough (no password stretching needed): the
 database never holds anything that opens the app.
@@ -7,7 +7,6 @@ database never holds anything that opens the app.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 import time
@@ -16,6 +15,7 @@ from sqlalchemy import select
 
 from preftune.errors import PreftuneError
 
+from . import sessions
 from .models import Annotator
 
 TOKEN_PREFIX = "pt_"
@@ -34,17 +34,9 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def csrf_token(token: str) -> str:
-    """The form token for a session: unguessable without the session's own secret."""
-    return hmac.new(token.encode("utf-8"), b"preftune-annotate-csrf", hashlib.sha256).hexdigest()
-
-
-def csrf_matches(token: str, value: str | None) -> bool:
-    return bool(value) and hmac.compare_digest(csrf_token(token), value)
-
-
-def find_annotator(session, token: str | None) -> Annotator | None:
-    if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+def find_annotator(session, token) -> Annotator | None:
+    if not isinstance(token, str) or not token.isascii() or not token.startswith(TOKEN_PREFIX) \
+            or len(token) > 200:
         return None
     found = session.scalar(select(Annotator).where(Annotator.token_hash == hash_token(token)))
     return found if found is not None and found.active else None
@@ -64,7 +56,7 @@ def add_annotator(session, name: str, is_admin: bool = False) -> tuple[Annotator
     return annotator, token
 
 
-def _get(session, name: str) -> Annotator:
+def get_annotator(session, name: str) -> Annotator:
     annotator = session.scalar(select(Annotator).where(Annotator.name == name))
     if annotator is None:
         raise AnnotatorError(f"no annotator named {name!r}")
@@ -72,17 +64,21 @@ def _get(session, name: str) -> Annotator:
 
 
 def rotate_token(session, name: str) -> str:
-    """Replace an annotator's token (the old one stops working at once); reactivates a revoked one."""
-    annotator = _get(session, name)
+    """Replace an annotator's token (the old one and its browser sessions stop working at once);
+    reactivates a revoked one."""
+    annotator = get_annotator(session, name)
     token = new_token()
     annotator.token_hash = hash_token(token)
     annotator.active = True
+    sessions.end_all(session, annotator.id)
     return token
 
 
 def revoke(session, name: str) -> None:
-    """Disable an annotator's token; their labels are kept."""
-    _get(session, name).active = False
+    """Disable an annotator's token and end their browser sessions; their labels are kept."""
+    annotator = get_annotator(session, name)
+    annotator.active = False
+    sessions.end_all(session, annotator.id)
 
 
 def list_annotators(session) -> list[Annotator]:

@@ -90,6 +90,18 @@ def token_name_arguments(parser) -> None:
     _db(parser)
 
 
+def member_arguments(parser) -> None:
+    """``member add`` and ``member remove``: the project and the annotator's name."""
+    parser.add_argument("project")
+    parser.add_argument("name")
+    _db(parser)
+
+
+def member_list_arguments(parser) -> None:
+    parser.add_argument("project")
+    _db(parser)
+
+
 def rank_arguments(rank) -> None:
     _db(rank)
     add_flag(rank, "project", default=None, help="Project (default: all).")
@@ -132,7 +144,7 @@ def run_serve(args) -> int:
     from preftune.annotate.app import ServerSettings, create_app
 
     if args.max_body < 1024:
-        raise ConfigError("--max-body must be at least 1024 bytes")
+        raise ConfigError("--max_body must be at least 1024 bytes")
     if not 1 <= args.threads <= 256:
         raise ConfigError("--threads must be from 1 to 256")
     db = open_db(args.db)
@@ -241,6 +253,23 @@ def run_token(args) -> int:
     return 0
 
 
+def run_member(args) -> int:
+    from preftune.annotate import members
+
+    db = open_db(args.db)
+    with db.write() as session:
+        if args.member_command == "list":
+            names = members.list_members(session, args.project)
+            out.print("\n".join(names) if names else f"project {args.project!r} has no members yet")
+        elif args.member_command == "add":
+            added = members.add_member(session, args.project, args.name)
+            out.print(f"{args.name} {'added to' if added else 'is already a member of'} {args.project}")
+        else:
+            removed = members.remove_member(session, args.project, args.name)
+            out.print(f"{args.name} {'removed from' if removed else 'was not a member of'} {args.project}")
+    return 0
+
+
 def run_rank(args) -> int:
     from preftune.annotate.importer import get_project
     from preftune.annotate.ordering import rerank_all, rerank_project, reward_model_scorer
@@ -263,7 +292,7 @@ def run_export(args) -> int:
     from preftune.annotate.importer import get_project
 
     if args.min_votes < 1:
-        raise ConfigError("--min-votes must be at least 1")
+        raise ConfigError("--min_votes must be at least 1")
     db = open_db(args.db)
     with db.read() as session:
         project = get_project(session, args.project)

@@ -20,6 +20,7 @@ GROUPS: dict[str, tuple[str, str | None]] = {
                  "Collect preferences from people: import items, issue tokens, serve the labelling app, then export "
                  "training pairs."),
     "export": ("Write a trained model in another format (GGUF).", None),
+    "annotate member": ("Choose who may see and label a project (admins see all).", None),
     "annotate token": ("Issue, list, rotate and revoke annotator tokens.", None),
 }
 
@@ -71,6 +72,12 @@ COMMANDS: tuple[Command, ...] = (
                         "instead. The project is created if new; the given settings update it."),
     Command("annotate project", annotate.run_project, annotate.project_arguments,
             help="List projects, or show / change one."),
+    Command("annotate member add", annotate.run_member, annotate.member_arguments,
+            help="Let an annotator see and label a project."),
+    Command("annotate member remove", annotate.run_member, annotate.member_arguments,
+            help="Take an annotator off a project (their labels are kept)."),
+    Command("annotate member list", annotate.run_member, annotate.member_list_arguments,
+            help="List a project's members."),
     Command("annotate token add", annotate.run_token, annotate.token_add_arguments,
             help="Create an annotator (or admin) and print its token once."),
     Command("annotate token rotate", annotate.run_token, annotate.token_name_arguments,

@@ -42,8 +42,9 @@ def db(db_url):
 def seed(db, kind: str = "pairwise", items: int = 4, overlap: int = 1, annotators=("alice", "bob"),
          admins=("boss",), candidates: int = 2, project: str = "demo", guidelines: str = "Pick the kinder reply.",
          prompts=None) -> dict[str, str]:
-    """A project with ``items`` items and the given annotators; returns their tokens by name."""
+    """A project with ``items`` items and the given annotators (its members); returns their tokens by name."""
     from preftune.annotate.importer import ItemSpec, add_items, ensure_project
+    from preftune.annotate.members import add_member
     from preftune.annotate.tokens import add_annotator
 
     tokens = {}
@@ -54,6 +55,7 @@ def seed(db, kind: str = "pairwise", items: int = 4, overlap: int = 1, annotator
         add_items(session, proj, specs, seed=0)
         for name in annotators:
             tokens[name] = add_annotator(session, name)[1]
+            add_member(session, project, name)
         for name in admins:
             tokens[name] = add_annotator(session, name, is_admin=True)[1]
     return tokens

@@ -147,6 +147,7 @@ def test_ranking_and_rating_keys_in_the_browser(tmp_path, make_project, start_se
     from sqlalchemy import select
 
     from preftune.annotate.db import Database
+    from preftune.annotate.members import add_member
     from preftune.annotate.models import Assignment, Label
 
     url = f"sqlite:///{tmp_path / 'a.db'}"
@@ -155,6 +156,8 @@ def test_ranking_and_rating_keys_in_the_browser(tmp_path, make_project, start_se
     tokens = make_project(database, kind="ranking", items=1, candidates=3, project="rank", annotators=("ana",),
                           admins=())
     make_project(database, kind="rating", items=1, candidates=2, project="rate", annotators=(), admins=())
+    with database.write() as session:
+        add_member(session, "rate", "ana")
     server = start_server(url, "--log-level", "warning")
     page = chromium.new_context().new_page()
     log_in(page, server.url, tokens["ana"], "/")
