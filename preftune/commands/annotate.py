@@ -184,7 +184,7 @@ def run_import(args) -> int:
     from preftune.annotate.importer import add_items, ensure_project, generate_candidates, read_guidelines, read_items
 
     if args.num_candidates < 1:
-        raise ConfigError("--num-candidates must be at least 1")
+        raise ConfigError("--num_candidates must be at least 1")
     guidelines = read_guidelines(args.guidelines)
     specs = read_items(args.file, generating=bool(args.model))
     if args.model:
