@@ -10,10 +10,12 @@ whitening (:mod:`preftune.losses.ppo`).
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console
+from torch import nn
 
 from ..data import load_records
 from ..data.collate import collate_completions
@@ -224,3 +226,45 @@ class RolloutWorker:
         finally:
             module.train(was_training)
         return out
+
+
+# ---------------------------------------------------------------------- updates (PPO, GRPO, RLOO)
+
+
+def minibatch_updates(trainer, samples: list, *, epochs: int, per_update: int, micro: int, seed: int, step: int,
+                      before_update=None) -> tuple[dict[str, list], int]:
+    """``epochs`` shuffled passes over ``samples``, one optimiser update per ``per_update`` of them (in
+    micro-batches of ``micro``). The order is a function of (seed, step, epoch); ``before_update(chosen)``,
+    if given, sees each update's samples first. Returns every update's metrics and the tokens processed."""
+    metrics: dict[str, list[float]] = defaultdict(list)
+    tokens = 0
+    for epoch in range(epochs):
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + epoch) % 2**62)
+        order = torch.randperm(len(samples), generator=generator).tolist()
+        for start in range(0, len(order), per_update):
+            chosen = [samples[i] for i in order[start:start + per_update]]
+            if before_update is not None:
+                before_update(chosen)
+            out = trainer.optimizer_step([chosen[k:k + micro] for k in range(0, len(chosen), micro)])
+            tokens += out.tokens
+            for key, value in out.metrics.items():
+                metrics[key].append(value)
+    return metrics, tokens
+
+
+def mean_over_processes(acc, stats: dict[str, float]) -> dict[str, float]:
+    """Each statistic averaged over the processes (every process gets the same dict)."""
+    if acc.num_processes == 1:
+        return dict(stats)
+    keys = sorted(stats)
+    reduced = acc.reduce(torch.tensor([stats[k] for k in keys], device=acc.device), reduction="mean")
+    return dict(zip(keys, reduced.tolist()))
+
+
+def no_dropout(model: nn.Module) -> None:
+    """Every dropout off, LoRA's included: rollouts and updates must evaluate the same function."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
