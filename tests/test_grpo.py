@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preftune.config import GRPOConfig, RLOOConfig, load_config
+from preftune.config import GRPOConfig, RLOOConfig, config_from_args, load_config
 from preftune.errors import ConfigError
 from preftune.train.grpo import Completion, GRPOTask, PolicyTokens, train_grpo
 from preftune.train.ppo import read_metrics
@@ -146,6 +146,21 @@ def test_dynamic_sampling_gives_up_on_signal_free_groups_and_never_moves_the_wei
     assert all(torch.equal(start[name], end[name]) for name in start)
 
 
+def test_dr_grpo_with_dapo_overlong_options_and_normalised_rewards(setup, tmp_path):
+    # normalised per group, the constant reward adds nothing to the advantages but stays in the logged reward
+    run = train_grpo(config(setup, tmp_path / "dr", reward_funcs=[setup["reward"], setup["half"]],
+                            reward_weights=[1.0, 0.5], normalize_rewards=True, scale_rewards="none",
+                            loss_type="dr_grpo", mask_truncated_completions=True, max_completion_length=3,
+                            overlong_cache=2, max_steps=3, per_device_batch_size=16))
+    for r in read_metrics(run.run_dir):
+        assert r["completions/clipped_ratio"] > 0 and r["completions/max_length"] == 3
+        penalty = r["reward"] - (r["rewards/calm_fraction/mean"] + 0.25)   # 0 / -0.5 / -1 for 1 / 2 / 3 tokens
+        assert -1.0 <= penalty < -0.1
+        assert r["grad_norm"] > 0
+    start, end = load_file(setup["model"] / "model.safetensors"), load_file(run.model_dir / "model.safetensors")
+    assert any(not torch.equal(start[name], end[name]) for name in start)
+
+
 def test_config_errors_are_for_people(setup, tmp_path):
     with pytest.raises(ConfigError, match="multiple of num_generations"):
         config(setup, tmp_path, per_device_batch_size=6)
@@ -210,3 +225,6 @@ def test_cli_killed_grpo_run_resumes_exactly_and_rloo_runs(setup, tmp_path):
     for flag in ("--num_generations", "--beta", "--epsilon_high", "--loss_type", "--scale_rewards", "--reward_weights",
                  "--mask_truncated_completions", "--num_iterations", "--advantage"):
         assert flag in choices["grpo"].format_help() and flag in choices["rloo"].format_help()
+    args = build_parser().parse_args(["grpo", "--model_name_or_path", "m", "--dataset", "d", "--reward_funcs", "r.py:f",
+                                      "--scale_rewards", "none", "--reward_weights", "0.5"])
+    assert config_from_args(GRPOConfig, args).scale_rewards == "none"

@@ -179,19 +179,21 @@ class Groups:
     texts: list[str]
     ended: list[bool]
     per_function: Tensor                  # [N, K] rewards of each reward function
-    total: Tensor                         # [N] weighted total (overlong penalty included)
+    total: Tensor                         # [N] what the advantages use: weighted sum (of normalised rewards
+                                          # with normalize_rewards), plus the overlong penalty
+    reward: Tensor                        # [N] the same of the raw rewards (logged)
 
     def select(self, groups: list[int], size: int) -> "Groups":
         rows = [g * size + j for g in groups for j in range(size)]
         return Groups([self.prompts[g] for g in groups], [self.response_ids[i] for i in rows],
                       [self.texts[i] for i in rows], [self.ended[i] for i in rows], self.per_function[rows],
-                      self.total[rows])
+                      self.total[rows], self.reward[rows])
 
     @staticmethod
     def join(parts: list["Groups"]) -> "Groups":
         return Groups([p for g in parts for p in g.prompts], [r for g in parts for r in g.response_ids],
                       [t for g in parts for t in g.texts], [e for g in parts for e in g.ended],
-                      torch.cat([g.per_function for g in parts]), torch.cat([g.total for g in parts]))
+                      *(torch.cat([getattr(g, name) for g in parts]) for name in ("per_function", "total", "reward")))
 
 
 @dataclass
@@ -227,11 +229,13 @@ class GroupSampler:
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         columns = [scorer.score([p.prompt for p in repeated], texts) for _, scorer in self.scorers]
         per_function = torch.tensor(columns, dtype=torch.float32).T.reshape(len(texts), len(columns))
-        total = combined_rewards(per_function, self.weights, size, cfg.normalize_rewards)
+        reward = combined_rewards(per_function, self.weights)
+        total = combined_rewards(per_function, self.weights, size, normalize=True) if cfg.normalize_rewards else reward
         if cfg.overlong_cache:
             lengths = torch.tensor([len(r) for r in generation.response_ids])
-            total = total + overlong_penalty(lengths, cfg.max_completion_length, cfg.overlong_cache)
-        return Groups(prompts, generation.response_ids, texts, generation.ended, per_function, total)
+            penalty = overlong_penalty(lengths, cfg.max_completion_length, cfg.overlong_cache)
+            reward, total = reward + penalty, total + penalty
+        return Groups(prompts, generation.response_ids, texts, generation.ended, per_function, total, reward)
 
     def collect(self, trainer: Trainer, step: int, local_prompts: int) -> Batch:
         """The step's groups (with dynamic sampling: groups with a reward spread, resampled), then advantages."""
@@ -285,13 +289,13 @@ class GroupSampler:
         stats.update(self.reward_stats(groups))
         examples = [{"prompt": p.text, "completion": t, "reward": r}
                     for p, t, r in zip([p for p in groups.prompts for _ in range(size)], groups.texts,
-                                       groups.total.tolist())]
+                                       groups.reward.tolist())]
         return Batch(completions, stats, examples)
 
     def reward_stats(self, groups: Groups) -> dict[str, float]:
         lengths = torch.tensor([len(r) for r in groups.response_ids], dtype=torch.float32)
-        stats = {"reward": float(groups.total.mean()),
-                 "reward_std": float(group_std(groups.total, self.cfg.num_generations).mean()),
+        stats = {"reward": float(groups.reward.mean()),
+                 "reward_std": float(group_std(groups.reward, self.cfg.num_generations).mean()),
                  "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                  "completions/max_length": float(lengths.max()),
                  "completions/clipped_ratio": 1.0 - sum(groups.ended) / len(groups.ended)}
