@@ -161,6 +161,28 @@ def test_dr_grpo_with_dapo_overlong_options_and_normalised_rewards(setup, tmp_pa
     assert any(not torch.equal(start[name], end[name]) for name in start)
 
 
+def test_reward_functions_get_the_datasets_other_columns_as_trl_passes_them(setup, tmp_path):
+    rows = [{"prompt": f"Describe {topic} in a few words:", "topic": topic, "id": i} for i, topic in enumerate(TOPICS)]
+    data = tmp_path / "topics.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    seen = {}
+
+    def topic_check(prompts, completions, topic):   # each completion with its own row's column
+        return [float(t in p) for p, t in zip(prompts, topic)]
+
+    def trl_style(completions, **kwargs):
+        seen.update(kwargs)
+        return [float(len(c.split())) for c in completions]
+
+    cfg = config(setup, tmp_path / "cols", dataset=str(data), max_steps=2, per_device_batch_size=16)
+    run = train_grpo(cfg, reward_funcs=[topic_check, trl_style])
+    records = read_metrics(run.run_dir)
+    assert all(r["rewards/topic_check/mean"] == 1.0 for r in records)
+    assert set(seen) == {"prompts", "topic", "id"} and len(seen["id"]) == 16
+    assert all(f"Describe {t} in" in p for p, t in zip(seen["prompts"], seen["topic"]))
+    assert records[-1]["rewards/trl_style/mean"] == pytest.approx(records[-1]["reward"] - 1.0, abs=1e-6)
+
+
 def test_config_errors_are_for_people(setup, tmp_path):
     with pytest.raises(ConfigError, match="multiple of num_generations"):
         config(setup, tmp_path, per_device_batch_size=6)

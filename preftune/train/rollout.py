@@ -38,6 +38,7 @@ class PromptExample:
     text: str                 # the prompt as the policy reads it (chat template applied)
     ids: list[int]
     row: int
+    columns: dict = field(default_factory=dict)   # the row's other fields (a reference answer for a reward function)
 
 
 def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int, skip_invalid: bool = False) -> list[PromptExample]:
@@ -46,7 +47,9 @@ def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int, ski
     examples, problems = [], []
     for row, number in zip(records.rows, records.row_numbers):
         try:
-            examples.append(_prompt_example(row.get("prompt"), number, tokenizer, max_prompt_length))
+            example = _prompt_example(row.get("prompt"), number, tokenizer, max_prompt_length)
+            example.columns = {k: v for k, v in row.items() if k != "prompt"}
+            examples.append(example)
         except InvalidRow as invalid:
             problems.append(invalid.problem(records.name, number))
     report = settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
