@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from ..config import GRPOConfig
-from ..data.collate import collate_completions
 from ..errors import ConfigError
 from ..generate import SamplingSettings, generate_ids
 from ..losses.grpo import (
@@ -31,7 +30,7 @@ from ..losses.grpo import (
     zero_std_groups,
 )
 from ..scoring import FunctionScorer, as_scorer, check_scores
-from .rollout import PromptExample, pad_rows
+from .rollout import PromptExample, device_batches, evaluating, pad_rows
 
 
 @dataclass
@@ -207,22 +206,15 @@ class GroupSampler:
         if not (want_old or want_ref):
             return None, None
         old, ref = [], []
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            for start in range(0, len(prompt_ids), self.cfg.generation_batch_size):
-                end = start + self.cfg.generation_batch_size
-                batch = collate_completions(prompt_ids[start:end], response_ids[start:end], self.tokenizer.pad_token_id)
-                batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-                lengths = [len(r) for r in response_ids[start:end]]
+        with evaluating(self.module):
+            for batch, lengths in device_batches(prompt_ids, response_ids, self.cfg.generation_batch_size,
+                                                 self.tokenizer.pad_token_id, self.acc.device):
                 with self.acc.autocast():
                     if want_old:
                         old += torch.split(self.module(batch["input_ids"], batch["attention_mask"],
                                                        batch["completion_mask"])[0].float(), lengths)
                     if want_ref:
                         ref += torch.split(self.reference.token_logps(batch, self.cfg.temperature).float(), lengths)
-        finally:
-            self.module.train(was_training)
         return old or None, ref or None
 
 

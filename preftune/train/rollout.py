@@ -9,6 +9,7 @@ whitening (:mod:`preftune.losses.ppo`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -210,24 +211,16 @@ class RolloutWorker:
     def forward_all(self, prompt_ids, response_ids) -> tuple[list[torch.Tensor], ...]:
         """Per response: policy log-probs, values, entropies and reference log-probs (1-D tensors)."""
         module = self.policy_value
-        was_training = module.training
-        module.eval()
         out: tuple[list, list, list, list] = ([], [], [], [])
-        size = self.cfg.generation_batch_size
-        try:
-            for start in range(0, len(prompt_ids), size):
-                batch = collate_completions(prompt_ids[start:start + size], response_ids[start:start + size],
-                                            self.tokenizer.pad_token_id)
-                batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-                lengths = batch["completion_mask"].sum(-1).tolist()
+        with evaluating(module):
+            for batch, lengths in device_batches(prompt_ids, response_ids, self.cfg.generation_batch_size,
+                                                 self.tokenizer.pad_token_id, self.acc.device):
                 with self.acc.autocast():
                     logps, values, entropy = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                                                     with_entropy=True)
                     ref = self.reference.token_logps(batch, self.cfg.temperature)
                 for target, flat in zip(out, (logps, values, entropy, ref)):
                     target += list(torch.split(flat.float(), lengths))
-        finally:
-            module.train(was_training)
         return out
 
 
@@ -253,6 +246,24 @@ def minibatch_updates(trainer, samples: list, *, epochs: int, per_update: int, m
             for key, value in out.metrics.items():
                 metrics[key].append(value)
     return metrics, tokens
+
+
+def device_batches(prompt_ids: list[list[int]], response_ids: list[list[int]], size: int, pad_token_id: int, device):
+    """``(padded batch on device, completion lengths)`` for every ``size`` consecutive sequences."""
+    for start in range(0, len(prompt_ids), size):
+        batch = collate_completions(prompt_ids[start:start + size], response_ids[start:start + size], pad_token_id)
+        yield {k: v.to(device) for k, v in batch.items()}, [len(r) for r in response_ids[start:start + size]]
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """``module`` in eval mode for the block (no dropout), its mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def mean_over_processes(acc, stats: dict[str, float]) -> dict[str, float]:
