@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/dpo_throughput.py
 	$(PY) bench/ppo_throughput.py
+	$(PY) bench/grpo_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,7 +1,7 @@
 """preftune: align language models with human preferences.
 
 The Python API mirrors the CLI: build a config object and call the function the command calls
-(``train_pretrain``, ``train_sft``, ``train_reward``, ``train_ppo``, ``train_dpo``)::
+(``train_pretrain``, ``train_sft``, ``train_reward``, ``train_ppo``, ``train_grpo``, ``train_dpo``)::
 
     from preftune import DPOConfig, train_dpo
     result = train_dpo(DPOConfig(model_name_or_path="my-sft-model", dataset="pairs.jsonl", output_dir="runs/dpo"))
@@ -9,7 +9,16 @@ The Python API mirrors the CLI: build a config object and call the function the 
 
 __version__ = "0.1.0"
 
-from .config import DPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig, load_config  # noqa: E402
+from .config import (  # noqa: E402
+    DPOConfig,
+    GRPOConfig,
+    PPOConfig,
+    PretrainConfig,
+    RewardConfig,
+    RLOOConfig,
+    SFTConfig,
+    load_config,  # noqa: E402
+)
 from .errors import ConfigError, DataError, PreftuneError  # noqa: E402
 
 
@@ -48,6 +57,13 @@ def train_ppo(cfg, **objects):
     return run(cfg, **objects)
 
 
-__all__ = ["DPOConfig", "PPOConfig", "PretrainConfig", "RewardConfig", "SFTConfig", "load_config", "train_dpo",
-           "train_pretrain", "train_sft", "train_reward", "train_ppo", "PreftuneError", "DataError", "ConfigError",
-           "__version__"]
+def train_grpo(cfg, **objects):
+    """GRPO, or RLOO with an ``RLOOConfig`` (see :func:`preftune.train.grpo.train_grpo`)."""
+    from .train.grpo import train_grpo as run
+
+    return run(cfg, **objects)
+
+
+__all__ = ["DPOConfig", "GRPOConfig", "PPOConfig", "PretrainConfig", "RLOOConfig", "RewardConfig", "SFTConfig",
+           "load_config", "train_dpo", "train_pretrain", "train_sft", "train_reward", "train_ppo", "train_grpo",
+           "PreftuneError", "DataError", "ConfigError", "__version__"]

@@ -8,8 +8,8 @@ command, write its ``*_arguments(parser)`` and ``run_*(args) -> int`` in a modul
 
 from __future__ import annotations
 
-from .. import train_dpo, train_ppo, train_pretrain, train_reward, train_sft
-from ..config import DPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig
+from .. import train_dpo, train_grpo, train_ppo, train_pretrain, train_reward, train_sft
+from ..config import DPOConfig, GRPOConfig, PPOConfig, PretrainConfig, RewardConfig, RLOOConfig, SFTConfig
 from . import Command, annotate, data, demo, evaluate, export, reward
 from .training import training_command
 
@@ -46,6 +46,19 @@ COMMANDS: tuple[Command, ...] = (
         description="Proximal Policy Optimization for language models: sample responses to the prompts, score them "
                     "(reward_model_path or reward_function), penalise the KL to the starting policy, and update "
                     "policy and critic with clipped objectives."),
+    training_command(
+        "grpo", GRPOConfig, train_grpo,
+        help="Fine-tune a policy with GRPO (DAPO, Dr. GRPO) against reward functions or reward models; no critic.",
+        description="Group Relative Policy Optimization: sample num_generations completions per prompt, score them "
+                    "(reward_funcs, weighted by reward_weights), use each reward minus its group's mean (scaled by "
+                    "scale_rewards) as the advantage, and update with the clipped objective (epsilon, epsilon_high), "
+                    "optionally with a k3 KL to the reference (beta)."),
+    training_command(
+        "rloo", RLOOConfig, train_grpo,
+        help="Fine-tune a policy with RLOO (REINFORCE leave-one-out) against reward functions or reward models.",
+        description="REINFORCE Leave-One-Out: sample num_generations completions per prompt; each completion's "
+                    "baseline is the mean reward of the others, and beta x its KL to the reference is subtracted from "
+                    "its reward. The GRPO trainer with advantage=rloo."),
     training_command(
         "dpo", DPOConfig, train_dpo,
         help="Train a policy on preference pairs (DPO, IPO, SLiC, rDPO, SimPO, soft labels).",

@@ -139,7 +139,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         elif is_list:
             kwargs.update(nargs="*", type=base, metavar=f.name.upper())
         else:
-            kwargs["type"] = _optional(base)
+            # "none" stays a string where it is one of the choices (scale_rewards: none)
+            kwargs["type"] = base if "none" in f.metadata.get("choices", ()) else _optional(base)
             kwargs["metavar"] = base.__name__.upper()
             if "nargs" in f.metadata:
                 kwargs.update(nargs=f.metadata["nargs"], const=f.metadata["const"])

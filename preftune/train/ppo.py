@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -35,7 +34,8 @@ from ..models import base_model, load_causal_lm, load_tokenizer, prepare_policy
 from .loop import StepOutput, Trainer, window_mean
 from .reference import make_reference
 from .run import RunResult, finish_run, save_final_model, start_run
-from .rollout import RolloutWorker, RunningMoments, Sample, load_prompts, pad_rows, reward_scorer
+from .rollout import (RolloutWorker, RunningMoments, Sample, load_prompts, mean_over_processes, minibatch_updates,
+                      no_dropout, pad_rows, reward_scorer)
 
 
 class PolicyValue(nn.Module):
@@ -107,7 +107,7 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, ref_model=None, rew
     shared = cfg.value_model == "shared" or (cfg.value_model == "auto" and cfg.lora)
     critic = None if shared else _critic_backbone(policy, cfg)
     policy = prepare_policy(policy, cfg)
-    _no_dropout(policy)
+    no_dropout(policy)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model)
     value_head = nn.Linear(_hidden_size(policy), 1)
     nn.init.zeros_(value_head.weight)
@@ -157,7 +157,7 @@ class PPOStep:
         rollout = self.worker.collect(trainer.step_examples(step, self.local_batch), seed, self.kl_coef, self.moments)
         rollout_time = time.perf_counter() - started
         updates, tokens = self.update(trainer, rollout.samples, step)
-        stats = {**_mean_over_processes(trainer.acc, rollout.stats), "objective/kl_coef": self.kl_coef}
+        stats = {**mean_over_processes(trainer.acc, rollout.stats), "objective/kl_coef": self.kl_coef}
         global_batch = self.local_batch * trainer.world
         if cfg.adaptive_kl:
             self.kl_coef = adaptive_kl_coef(self.kl_coef, stats["objective/kl"], cfg.target_kl, global_batch, cfg.kl_horizon)
@@ -169,28 +169,9 @@ class PPOStep:
     def update(self, trainer: Trainer, samples: list[Sample], step: int) -> tuple[dict[str, list], int]:
         """``num_ppo_epochs`` shuffled passes over the rollout, one optimiser step per minibatch."""
         cfg = self.cfg
-        metrics: dict[str, list[float]] = defaultdict(list)
-        tokens = 0
-        micro = cfg.per_device_batch_size
-        mini = micro * cfg.gradient_accumulation_steps
-        for epoch in range(cfg.num_ppo_epochs):
-            generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step * 1_009 + epoch) % 2**62)
-            order = torch.randperm(len(samples), generator=generator).tolist()
-            for start in range(0, len(order), mini):
-                chosen = order[start:start + mini]
-                out = trainer.optimizer_step([[samples[i] for i in chosen[k:k + micro]] for k in range(0, len(chosen), micro)])
-                tokens += out.tokens
-                for key, value in out.metrics.items():
-                    metrics[key].append(value)
-        return metrics, tokens
-
-
-def _mean_over_processes(acc, stats: dict[str, float]) -> dict[str, float]:
-    if acc.num_processes == 1:
-        return dict(stats)
-    keys = sorted(stats)
-    reduced = acc.reduce(torch.tensor([stats[k] for k in keys], device=acc.device), reduction="mean")
-    return dict(zip(keys, reduced.tolist()))
+        return minibatch_updates(trainer, samples, epochs=cfg.num_ppo_epochs, micro=cfg.per_device_batch_size,
+                                 per_update=cfg.per_device_batch_size * cfg.gradient_accumulation_steps,
+                                 seed=cfg.seed, step=step)
 
 
 def _critic_backbone(policy, cfg) -> nn.Module:
@@ -199,7 +180,7 @@ def _critic_backbone(policy, cfg) -> nn.Module:
     backbone = copy.deepcopy(getattr(base, base.base_model_prefix))
     if cfg.gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    _no_dropout(backbone)
+    no_dropout(backbone)
     return backbone.requires_grad_(True)
 
 
@@ -207,15 +188,6 @@ def _hidden_size(policy) -> int:
     base = base_model(policy)
     head = base.get_output_embeddings()
     return getattr(head, "in_features", None) or base.config.get_text_config().hidden_size
-
-
-def _no_dropout(model: nn.Module) -> None:
-    """Every dropout off, LoRA's included: rollouts and updates must evaluate the same function."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -9,11 +9,14 @@ whitening (:mod:`preftune.losses.ppo`).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console
+from torch import nn
 
 from ..data import load_records
 from ..data.collate import collate_completions
@@ -36,6 +39,7 @@ class PromptExample:
     text: str                 # the prompt as the policy reads it (chat template applied)
     ids: list[int]
     row: int
+    columns: dict = field(default_factory=dict)   # the row's other fields (a reference answer for a reward function)
 
 
 def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int, skip_invalid: bool = False) -> list[PromptExample]:
@@ -44,7 +48,9 @@ def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int, ski
     examples, problems = [], []
     for row, number in zip(records.rows, records.row_numbers):
         try:
-            examples.append(_prompt_example(row.get("prompt"), number, tokenizer, max_prompt_length))
+            example = _prompt_example(row.get("prompt"), number, tokenizer, max_prompt_length)
+            example.columns = {k: v for k, v in row.items() if k != "prompt"}
+            examples.append(example)
         except InvalidRow as invalid:
             problems.append(invalid.problem(records.name, number))
     report = settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
@@ -205,22 +211,74 @@ class RolloutWorker:
     def forward_all(self, prompt_ids, response_ids) -> tuple[list[torch.Tensor], ...]:
         """Per response: policy log-probs, values, entropies and reference log-probs (1-D tensors)."""
         module = self.policy_value
-        was_training = module.training
-        module.eval()
         out: tuple[list, list, list, list] = ([], [], [], [])
-        size = self.cfg.generation_batch_size
-        try:
-            for start in range(0, len(prompt_ids), size):
-                batch = collate_completions(prompt_ids[start:start + size], response_ids[start:start + size],
-                                            self.tokenizer.pad_token_id)
-                batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-                lengths = batch["completion_mask"].sum(-1).tolist()
+        with evaluating(module):
+            for batch, lengths in device_batches(prompt_ids, response_ids, self.cfg.generation_batch_size,
+                                                 self.tokenizer.pad_token_id, self.acc.device):
                 with self.acc.autocast():
                     logps, values, entropy = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                                                     with_entropy=True)
                     ref = self.reference.token_logps(batch, self.cfg.temperature)
                 for target, flat in zip(out, (logps, values, entropy, ref)):
                     target += list(torch.split(flat.float(), lengths))
-        finally:
-            module.train(was_training)
         return out
+
+
+# ---------------------------------------------------------------------- updates (PPO, GRPO, RLOO)
+
+
+def minibatch_updates(trainer, samples: list, *, epochs: int, per_update: int, micro: int, seed: int, step: int,
+                      before_update=None) -> tuple[dict[str, list], int]:
+    """``epochs`` shuffled passes over ``samples``, one optimiser update per ``per_update`` of them (in
+    micro-batches of ``micro``). The order is a function of (seed, step, epoch); ``before_update(chosen)``,
+    if given, sees each update's samples first. Returns every update's metrics and the tokens processed."""
+    metrics: dict[str, list[float]] = defaultdict(list)
+    tokens = 0
+    for epoch in range(epochs):
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + epoch) % 2**62)
+        order = torch.randperm(len(samples), generator=generator).tolist()
+        for start in range(0, len(order), per_update):
+            chosen = [samples[i] for i in order[start:start + per_update]]
+            if before_update is not None:
+                before_update(chosen)
+            out = trainer.optimizer_step([chosen[k:k + micro] for k in range(0, len(chosen), micro)])
+            tokens += out.tokens
+            for key, value in out.metrics.items():
+                metrics[key].append(value)
+    return metrics, tokens
+
+
+def device_batches(prompt_ids: list[list[int]], response_ids: list[list[int]], size: int, pad_token_id: int, device):
+    """``(padded batch on device, completion lengths)`` for every ``size`` consecutive sequences."""
+    for start in range(0, len(prompt_ids), size):
+        batch = collate_completions(prompt_ids[start:start + size], response_ids[start:start + size], pad_token_id)
+        yield {k: v.to(device) for k, v in batch.items()}, [len(r) for r in response_ids[start:start + size]]
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """``module`` in eval mode for the block (no dropout), its mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def mean_over_processes(acc, stats: dict[str, float]) -> dict[str, float]:
+    """Each statistic averaged over the processes (every process gets the same dict)."""
+    if acc.num_processes == 1:
+        return dict(stats)
+    keys = sorted(stats)
+    reduced = acc.reduce(torch.tensor([stats[k] for k in keys], device=acc.device), reduction="mean")
+    return dict(zip(keys, reduced.tolist()))
+
+
+def no_dropout(model: nn.Module) -> None:
+    """Every dropout off, LoRA's included: rollouts and updates must evaluate the same function."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

@@ -1,0 +1,138 @@
+"""Configs of ``preftune grpo`` and ``preftune rloo`` (one trainer; RLOO is GRPO with ``advantage: rloo``).
+
+Option names follow TRL's ``GRPOConfig`` (``num_generations``, ``max_completion_length``, ``beta``,
+``epsilon``, ``epsilon_high``, ``num_iterations``, ``loss_type``, ``scale_rewards``,
+``mask_truncated_completions``, ``reward_funcs``, ``reward_weights``, ``steps_per_generation``).
+Batch sizes count completions, as in TRL: a rollout batch is ``per_device_batch_size x processes x
+gradient_accumulation_steps x steps_per_generation`` completions, ``num_generations`` per prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..losses.grpo import AGGREGATIONS, LOSS_TYPE_ALIASES, SCALE_REWARDS
+from .base import check_ranges, option
+from .shared import DataSource, ModelSettings, TrainSettings, validate_training
+
+
+@dataclass
+class GRPOConfig(ModelSettings, DataSource, TrainSettings):
+    """``preftune grpo``: critic-free online RL with a group baseline (GRPO, DAPO, Dr. GRPO; RLOO by ``advantage``)."""
+
+    output_dir: str = option("runs/grpo", "Run directory: metrics.jsonl, samples.jsonl, checkpoints/ and the final "
+                                          "model/.")
+    dataset: str | None = option(None, "Prompts: JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name with "
+                                       "a 'prompt' column (strings or lists of messages) (required).")
+    max_prompt_length: int = option(512, "Longer prompts keep their last this many tokens.")
+    reward_funcs: list[str] = option([], "Reward functions, each 'module:function' or 'path/file.py:function' "
+                                         "called as fn(prompts, completions) -> one number per completion, or a "
+                                         "reward model directory (trained by `preftune reward`) (at least one).")
+    reward_weights: list[float] = option([], "Weight of each reward function in the total reward (default: 1 each).")
+    normalize_rewards: bool = option(False, "Standardise each reward function within its group before the weighted "
+                                            "sum.")
+    advantage: str = option("grpo", "grpo: reward minus the group mean, scaled by scale_rewards; rloo: reward (minus "
+                                    "beta x KL) minus the mean of the other completions of the prompt.",
+                            choices=["grpo", "rloo"])
+    num_generations: int = option(8, "Completions sampled per prompt (the group size G).")
+    max_completion_length: int = option(256, "Longest completion sampled.")
+    temperature: float = option(1.0, "Sampling temperature; log-probs are computed at the same temperature.")
+    top_k: int = option(0, "Sample from the top k tokens only (0: all). Makes samples slightly off-policy.")
+    top_p: float = option(1.0, "Nucleus sampling threshold (1: off). Makes samples slightly off-policy.")
+    generation_batch_size: int = option(32, "Sequences per generation and no-grad forward pass.")
+    per_device_batch_size: int = option(8, "Completions per device per forward pass.")
+    steps_per_generation: int = option(1, "Optimiser steps per pass over a rollout batch (its minibatches).")
+    num_iterations: int = option(1, "Passes (μ) over each rollout batch.")
+    beta: float = option(0.0, "KL coefficient. grpo: weight of the k3 KL to the reference in the loss; rloo: weight of "
+                              "the sequence KL subtracted from the reward. 0: no reference is loaded.")
+    epsilon: float = option(0.2, "Lower clip range ε_low of the importance ratio.")
+    epsilon_high: float | None = option(None, "Upper clip range ε_high (DAPO clip-higher, e.g. 0.28); default: "
+                                              "epsilon.")
+    loss_type: str = option("dapo", "Loss aggregation: token_mean (alias dapo, bnpo), sequence_mean (alias grpo) or "
+                                    "constant (alias dr_grpo).",
+                            choices=[*AGGREGATIONS, *LOSS_TYPE_ALIASES])
+    scale_rewards: str = option("group", "Divide advantages by the group's reward std (group), the batch's (batch) or "
+                                         "not at all (none, Dr. GRPO). Ignored by rloo.",
+                                choices=list(SCALE_REWARDS))
+    mask_truncated_completions: bool = option(False, "Leave completions that reach max_completion_length without EOS "
+                                                     "out of the loss (DAPO overlong filtering).")
+    overlong_cache: int = option(0, "DAPO soft overlong punishment: a penalty from 0 to -1 over the last this many "
+                                    "tokens before max_completion_length, added to the reward (0: off).")
+    dynamic_sampling: bool = option(False, "Drop groups whose rewards are all equal and sample more prompts (DAPO "
+                                           "dynamic sampling).")
+    max_resample_attempts: int = option(3, "Extra sampling rounds dynamic sampling may take per step; groups still "
+                                           "missing are then filled with all-equal ones.")
+    max_steps: int = option(-1, "Stop after this many iterations (one rollout batch and its updates each; overrides "
+                                "num_epochs when > 0).")
+    learning_rate: float = option(1e-6, "Peak learning rate (AdamW).")
+    warmup_ratio: float = option(0.0, "Fraction of optimiser steps spent warming up linearly from 0.")
+    logging_steps: int = option(1, "Write averaged metrics every this many iterations.")
+    save_steps: int = option(0, "Checkpoint every this many iterations (0: no intermediate checkpoints).")
+    log_samples_steps: int = option(10, "Write example generations to samples.jsonl every this many iterations (0: "
+                                        "never).")
+    log_samples: int = option(4, "Example generations written each time.")
+
+    @property
+    def aggregation(self) -> str:
+        """``loss_type`` with TRL's names resolved (see :data:`preftune.losses.grpo.LOSS_TYPE_ALIASES`)."""
+        return LOSS_TYPE_ALIASES.get(self.loss_type, self.loss_type)
+
+    def validate(self, require_model: bool = True, require_reward: bool = True) -> None:
+        if require_model and not self.model_name_or_path:
+            raise ConfigError("model_name_or_path is required (the policy to start from)")
+        if not self.dataset:
+            raise ConfigError("dataset is required (a file or dataset of prompts with a 'prompt' column)")
+        if require_reward and not self.reward_funcs:
+            raise ConfigError("reward_funcs is required: one or more 'module:function' names or reward model "
+                              "directories")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
+        if not self.disable_dropout:
+            raise ConfigError("GRPO needs dropout off (sampling and update log-probs must come from the same "
+                              "function); remove --no-disable_dropout")
+        validate_training(self)
+        check_ranges(self, positive=["max_prompt_length", "max_completion_length", "generation_batch_size",
+                                      "steps_per_generation", "num_iterations"],
+                      positive_numbers=["temperature", "epsilon"], non_negative=["beta", "overlong_cache",
+                                                                                  "max_resample_attempts"])
+        self._validate_groups()
+
+    def _validate_groups(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be at least 2 (a group baseline needs 2 completions), got "
+                              f"{self.num_generations}")
+        rollout = self.per_device_batch_size * self.gradient_accumulation_steps * self.steps_per_generation
+        if rollout % self.num_generations:
+            raise ConfigError(f"per_device_batch_size x gradient_accumulation_steps x steps_per_generation = {rollout} "
+                              f"completions per device must be a multiple of num_generations ({self.num_generations})")
+        if self.epsilon_high is not None and not self.epsilon_high > 0:
+            raise ConfigError(f"epsilon_high must be a positive number, got {self.epsilon_high}")
+        if self.overlong_cache > self.max_completion_length:
+            raise ConfigError(f"overlong_cache ({self.overlong_cache}) must not exceed max_completion_length "
+                              f"({self.max_completion_length})")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
+        if self.log_samples_steps < 0 or self.log_samples < 0:
+            raise ConfigError("log_samples_steps and log_samples must be >= 0")
+
+    def sanity_warnings(self) -> list[str]:
+        notes = []
+        if self.advantage == "rloo" and self.scale_rewards != "group":
+            notes.append("scale_rewards is ignored with advantage=rloo (the leave-one-out baseline is not scaled).")
+        if self.lora and self.lora_dropout > 0:
+            notes.append("GRPO turns LoRA dropout off as well (lora_dropout is ignored).")
+        return notes
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """``preftune rloo``: REINFORCE Leave-One-Out (Ahmadian et al. 2024), the KL to the reference in the reward."""
+
+    output_dir: str = option("runs/rloo", "Run directory: metrics.jsonl, samples.jsonl, checkpoints/ and the final "
+                                          "model/.")
+    advantage: str = option("rloo", "grpo: reward minus the group mean, scaled by scale_rewards; rloo: reward (minus "
+                                     "beta x KL) minus the mean of the other completions of the prompt.",
+                            choices=["grpo", "rloo"])
+    beta: float = option(0.05, "Weight of the sequence KL to the reference subtracted from each reward (0: no "
+                               "reference is loaded).")

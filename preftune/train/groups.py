@@ -1,0 +1,254 @@
+"""GRPO and RLOO sampling: groups of completions per prompt, scored, with their advantages.
+
+For each prompt :class:`GroupSampler` samples ``num_generations`` completions (:mod:`preftune.generate`;
+the ``G`` completions of a prompt are contiguous), scores them with every reward function
+(:mod:`preftune.scoring`, each logged on its own), optionally drops groups whose rewards are all
+equal and samples more prompts (DAPO dynamic sampling), runs the no-grad forwards the updates need
+(the sampling policy's log-probs when updates go off-policy, the reference's when ``beta > 0``) and
+turns the weighted total reward into advantages (:mod:`preftune.losses.grpo`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..config import GRPOConfig
+from ..errors import ConfigError
+from ..generate import SamplingSettings, generate_ids
+from ..losses.grpo import (
+    combined_rewards,
+    group_advantages,
+    group_std,
+    overlong_penalty,
+    rloo_advantages,
+    sequence_kl,
+    zero_std_groups,
+)
+from ..scoring import FunctionScorer, as_scorer, check_scores
+from .rollout import PromptExample, device_batches, evaluating, pad_rows
+
+
+@dataclass
+class Completion:
+    """One sampled completion and what its updates need (per-token tensors over its tokens, or None)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantage: float
+    truncated: bool                       # reached max_completion_length without EOS
+    old_logps: Tensor | None = None       # the sampling policy's, when the updates go off-policy
+    ref_logps: Tensor | None = None       # the reference's, when beta > 0
+
+
+def reward_scorers(cfg: GRPOConfig, device, given=None) -> list:
+    """One checked scorer per reward function: the given objects, else ``cfg.reward_funcs`` (a
+    ``module:function`` name, or a reward model directory). Names are unique: they key the metrics."""
+    if given:
+        scorers = [as_scorer(obj, "reward_funcs") for obj in given]
+    else:
+        scorers = []
+        for spec in cfg.reward_funcs:
+            if Path(spec).is_dir():
+                from ..scoring.reward_model import RewardModelScorer
+
+                scorers.append(RewardModelScorer(spec, device=device, batch_size=cfg.generation_batch_size))
+            else:
+                scorers.append(FunctionScorer(spec, option="reward_funcs", name=spec.rpartition(":")[2]))
+    if cfg.reward_weights and len(cfg.reward_weights) != len(scorers):
+        raise ConfigError(f"{len(cfg.reward_weights)} reward_weights for {len(scorers)} reward functions")
+    names = [Path(str(s.name)).name or "reward" for s in scorers]
+    return [(name if names.count(name) == 1 else f"{name}_{i}", s) for i, (name, s) in enumerate(zip(names, scorers))]
+
+
+@dataclass
+class Groups:
+    """Sampled groups, flat: completion ``i`` belongs to prompt ``i // G``."""
+
+    prompts: list[PromptExample]
+    response_ids: list[list[int]]
+    texts: list[str]
+    ended: list[bool]
+    per_function: Tensor                  # [N, K] rewards of each reward function
+    total: Tensor                         # [N] what the advantages use: weighted sum (of normalised rewards
+                                          # with normalize_rewards), plus the overlong penalty
+    reward: Tensor                        # [N] the same of the raw rewards (logged)
+
+    def select(self, groups: list[int], size: int) -> "Groups":
+        rows = [g * size + j for g in groups for j in range(size)]
+        return Groups([self.prompts[g] for g in groups], [self.response_ids[i] for i in rows],
+                      [self.texts[i] for i in rows], [self.ended[i] for i in rows], self.per_function[rows],
+                      self.total[rows], self.reward[rows])
+
+    @staticmethod
+    def join(parts: list["Groups"]) -> "Groups":
+        return Groups([p for g in parts for p in g.prompts], [r for g in parts for r in g.response_ids],
+                      [t for g in parts for t in g.texts], [e for g in parts for e in g.ended],
+                      *(torch.cat([getattr(g, name) for g in parts]) for name in ("per_function", "total", "reward")))
+
+
+@dataclass
+class Batch:
+    completions: list[Completion]
+    stats: dict[str, float]
+    examples: list[dict] = field(default_factory=list)
+
+
+class GroupSampler:
+    """Prompts in, scored groups of completions with their advantages out."""
+
+    def __init__(self, cfg: GRPOConfig, accelerator, module, scorers: list, tokenizer, reference):
+        self.cfg = cfg
+        self.acc = accelerator
+        self.module = module              # the unwrapped PolicyTokens the loop trains
+        self.scorers = scorers            # [(name, scorer)]
+        self.tokenizer = tokenizer
+        self.reference = reference
+        self.settings = SamplingSettings(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                         top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
+        weights = cfg.reward_weights or [1.0] * len(scorers)
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+
+    def sample(self, prompts: list[PromptExample], seed: int) -> Groups:
+        """``G`` completions of each prompt, scored."""
+        cfg, size = self.cfg, self.cfg.num_generations
+        repeated = [p for p in prompts for _ in range(size)]
+        with self.acc.autocast():
+            generation = generate_ids(self.module.policy, [p.ids for p in repeated], self.settings, seed=seed,
+                                      pad_token_id=self.tokenizer.pad_token_id,
+                                      eos_token_id=self.tokenizer.eos_token_id, batch_size=cfg.generation_batch_size)
+        texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
+        columns = [score(scorer, repeated, texts) for _, scorer in self.scorers]
+        per_function = torch.tensor(columns, dtype=torch.float32).T.reshape(len(texts), len(columns))
+        reward = combined_rewards(per_function, self.weights)
+        total = combined_rewards(per_function, self.weights, size, normalize=True) if cfg.normalize_rewards else reward
+        if cfg.overlong_cache:
+            lengths = torch.tensor([len(r) for r in generation.response_ids])
+            penalty = overlong_penalty(lengths, cfg.max_completion_length, cfg.overlong_cache)
+            reward, total = reward + penalty, total + penalty
+        return Groups(prompts, generation.response_ids, texts, generation.ended, per_function, total, reward)
+
+    def collect(self, trainer, step: int, local_prompts: int) -> Batch:
+        """The step's groups (with dynamic sampling: groups with a reward spread, resampled), then advantages."""
+        cfg, size = self.cfg, self.cfg.num_generations
+        first = self.sample(trainer.step_examples(step, local_prompts), _seed(cfg.seed, step, trainer.rank, 0))
+        zero = zero_std_groups(first.total, size)
+        stats = {"frac_reward_zero_std": float(zero.float().mean())}
+        groups = first
+        if cfg.dynamic_sampling:
+            groups, attempts = self.resample(trainer, step, first, local_prompts)
+            stats["dynamic_sampling/attempts"] = float(attempts)
+        return self.finish(groups, stats)
+
+    def resample(self, trainer, step: int, first: Groups, wanted: int) -> tuple[Groups, int]:
+        """DAPO dynamic sampling: keep groups whose rewards differ, sample more prompts until ``wanted``
+        groups (at most ``max_resample_attempts`` more rounds), then fill up with all-equal groups."""
+        cfg, size = self.cfg, self.cfg.num_generations
+        kept, dropped, current, attempt = [], [], first, 0
+        while True:
+            zero = zero_std_groups(current.total, size).tolist()
+            kept.append(current.select([g for g, z in enumerate(zero) if not z], size))
+            dropped.append(current.select([g for g, z in enumerate(zero) if z], size))
+            missing = wanted - sum(len(k.prompts) for k in kept)
+            if missing <= 0 or attempt == cfg.max_resample_attempts:
+                break
+            attempt += 1
+            seed = _seed(cfg.seed, step, trainer.rank, attempt)
+            generator = torch.Generator().manual_seed(seed)
+            picks = torch.randint(len(trainer.train_examples), (missing,), generator=generator)
+            current = self.sample([trainer.train_examples[i] for i in picks.tolist()], seed)
+        groups = Groups.join(kept + dropped)
+        return groups.select(list(range(wanted)), size), attempt + 1
+
+    def finish(self, groups: Groups, stats: dict[str, float]) -> Batch:
+        cfg, size = self.cfg, self.cfg.num_generations
+        prompt_ids = [p.ids for p in groups.prompts for _ in range(size)]
+        rloo_kl = cfg.advantage == "rloo" and cfg.beta > 0
+        off_policy = cfg.num_iterations > 1 or cfg.steps_per_generation > 1 or rloo_kl
+        old, ref = self.token_logps(prompt_ids, groups.response_ids, off_policy, cfg.beta > 0)
+        if cfg.advantage == "rloo":
+            kl = torch.zeros_like(groups.total)
+            if rloo_kl:
+                (old_pad, mask), ref_pad = pad_rows(old), pad_rows(ref)[0]
+                kl = sequence_kl(old_pad, ref_pad, mask).cpu()
+            advantages = rloo_advantages(groups.total, kl, cfg.beta, size)
+        else:
+            advantages = group_advantages(groups.total, size, cfg.scale_rewards)
+        completions = [Completion(p, r, float(a), not e, old[i] if old else None, ref[i] if ref else None)
+                       for i, (p, r, a, e) in enumerate(zip(prompt_ids, groups.response_ids, advantages.tolist(),
+                                                            groups.ended))]
+        stats.update(self.reward_stats(groups))
+        examples = [{"prompt": p.text, "completion": t, "reward": r}
+                    for p, t, r in zip([p for p in groups.prompts for _ in range(size)], groups.texts,
+                                       groups.reward.tolist())]
+        return Batch(completions, stats, examples)
+
+    def reward_stats(self, groups: Groups) -> dict[str, float]:
+        lengths = torch.tensor([len(r) for r in groups.response_ids], dtype=torch.float32)
+        stats = {"reward": float(groups.reward.mean()),
+                 "reward_std": float(group_std(groups.reward, self.cfg.num_generations).mean()),
+                 "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+                 "completions/max_length": float(lengths.max()),
+                 "completions/clipped_ratio": 1.0 - sum(groups.ended) / len(groups.ended)}
+        for k, (name, _) in enumerate(self.scorers):
+            column = groups.per_function[:, k]
+            stats[f"rewards/{name}/mean"] = float(column.mean())
+            stats[f"rewards/{name}/std"] = float(column.std()) if column.numel() > 1 else 0.0
+        return stats
+
+    @torch.no_grad()
+    def token_logps(self, prompt_ids, response_ids, want_old: bool, want_ref: bool):
+        """Per completion (1-D tensors): the sampling policy's log-probs and the reference's, each only if wanted."""
+        if not (want_old or want_ref):
+            return None, None
+        old, ref = [], []
+        with evaluating(self.module):
+            for batch, lengths in device_batches(prompt_ids, response_ids, self.cfg.generation_batch_size,
+                                                 self.tokenizer.pad_token_id, self.acc.device):
+                with self.acc.autocast():
+                    if want_old:
+                        old += torch.split(self.module(batch["input_ids"], batch["attention_mask"],
+                                                       batch["completion_mask"])[0].float(), lengths)
+                    if want_ref:
+                        ref += torch.split(self.reference.token_logps(batch, self.cfg.temperature).float(), lengths)
+        return old or None, ref or None
+
+
+def score(scorer, prompts: list[PromptExample], texts: list[str]) -> list[float]:
+    """``scorer``'s rewards. Reward functions are called as TRL calls them when they ask for it: one with a
+    ``completions`` parameter gets keywords (``prompts=``, ``completions=``), and one with ``**kwargs`` or
+    parameters named after the dataset's other columns also gets those columns, one value per completion
+    (the reference answer a verifiable reward checks against)."""
+    params = _parameters(getattr(scorer, "fn", None))
+    if params is None:
+        return scorer.score([p.prompt for p in prompts], texts)
+    columns = prompts[0].columns if prompts else {}
+    any_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    wanted = [k for k in columns if any_keyword or k in params]
+    if not wanted and "completions" not in params:
+        return scorer.score([p.prompt for p in prompts], texts)
+    extra = {k: [p.columns.get(k) for p in prompts] for k in wanted}
+    if "completions" in params:
+        if "prompts" in params or any_keyword:
+            extra["prompts"] = [p.prompt for p in prompts]
+        values = scorer.fn(completions=texts, **extra)
+    else:
+        values = scorer.fn([p.prompt for p in prompts], texts, **extra)
+    return check_scores(scorer.name, values, len(texts))
+
+
+def _parameters(fn) -> dict | None:
+    if fn is None:
+        return None
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _seed(seed: int, step: int, rank: int, attempt: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + attempt * 15_485_863) % 2**62

@@ -1,0 +1,168 @@
+"""GRPO and RLOO on the shared loop: a group of completions per prompt, a baseline from the group, no critic.
+
+One *iteration* (the ``step`` in ``metrics.jsonl``, checkpoints and ``max_steps``) is the loop's step
+function (:class:`GRPOStep`): sample ``num_generations`` completions for each of its prompts and
+score them with every reward function (:mod:`.groups`), turn the weighted total into advantages (GRPO: group-centred
+and scaled; RLOO: leave-one-out with the KL folded into the reward), then take ``num_iterations x
+steps_per_generation`` optimiser updates over the completions with the clipped loss. Every formula is
+in :mod:`preftune.losses.grpo`; this module only moves data.
+
+Forwards are skipped when they cannot matter: the sampling policy's log-probs only when the updates
+go off-policy (``num_iterations > 1``, several minibatches, or RLOO's KL), the reference only when
+``beta > 0`` (otherwise no reference is even loaded). Exact resume: generation seeds, resampling
+prompts and minibatch orders are functions of (seed, iteration, attempt, process).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor, nn
+
+from ..config import GRPOConfig
+from ..data.collate import collate_completions
+from ..errors import ConfigError
+from ..logprobs import completion_logprobs, final_hidden_states
+from ..losses.grpo import grpo_loss
+from ..models import load_causal_lm, load_tokenizer, prepare_policy
+from .groups import Completion, GroupSampler, reward_scorers
+from .loop import StepOutput, Trainer, window_mean
+from .reference import make_reference
+from .rollout import load_prompts, mean_over_processes, minibatch_updates, no_dropout, pad_rows
+from .run import RunResult, finish_run, save_final_model, start_run
+
+
+class PolicyTokens(nn.Module):
+    """The module the loop trains: flat ``[N]`` log-probs (and entropies) of the completion tokens, row-major."""
+
+    def __init__(self, policy: nn.Module, chunk_size: int = 1024, temperature: float = 1.0):
+        super().__init__()
+        self.policy = policy
+        self.chunk_size = chunk_size
+        self.temperature = temperature
+
+    def forward(self, input_ids, attention_mask, completion_mask, with_entropy: bool = False):
+        hidden = final_hidden_states(self.policy, input_ids, attention_mask)
+        return completion_logprobs(self.policy, hidden, input_ids, completion_mask, self.chunk_size,
+                                   self.temperature, with_entropy)
+
+
+class GRPOTask:
+    """A micro-batch of completions -> the clipped GRPO loss (:func:`preftune.losses.grpo.grpo_loss`)."""
+
+    def __init__(self, cfg: GRPOConfig, pad_token_id: int):
+        self.cfg = cfg
+        self.pad_token_id = pad_token_id
+        self.num_tokens: float | None = None   # token_mean's denominator, set by the step before each update
+
+    def collate(self, samples: list[Completion]) -> dict[str, Tensor]:
+        batch = collate_completions([s.prompt_ids for s in samples], [s.response_ids for s in samples],
+                                    self.pad_token_id)
+        lengths = torch.tensor([len(s.response_ids) for s in samples])
+        batch["response_mask"] = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
+        batch["advantages"] = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+        batch["truncated"] = torch.tensor([s.truncated for s in samples])
+        for name in ("old_logps", "ref_logps"):
+            if getattr(samples[0], name) is not None:
+                batch[name] = pad_rows([getattr(s, name) for s in samples])[0]
+        return batch
+
+    def loss(self, model, batch):
+        cfg = self.cfg
+        logps_flat, entropy = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                    with_entropy=True)
+        mask = batch["response_mask"]
+        logps = torch.zeros(mask.shape, dtype=logps_flat.dtype, device=mask.device).masked_scatter(mask, logps_flat)
+        out = grpo_loss(logps, batch["advantages"], mask, old_logps=batch.get("old_logps"),
+                        ref_logps=batch.get("ref_logps"), beta=cfg.beta if cfg.advantage == "grpo" else 0.0,
+                        epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, aggregation=cfg.aggregation,
+                        max_completion_length=cfg.max_completion_length,
+                        truncated=batch["truncated"] if cfg.mask_truncated_completions else None,
+                        num_tokens=self.num_tokens if cfg.aggregation == "token_mean" else None)
+        return out.loss, {"loss": out.loss.detach(), "entropy": entropy.detach().mean(), **out.metrics()}
+
+    def eval_metrics(self, model, batch):
+        return self.loss(model, batch)[1]
+
+    def loss_tokens(self, samples: list[Completion]) -> int:
+        """Completion tokens that enter the loss (truncated completions out when they are masked)."""
+        return sum(len(s.response_ids) for s in samples if not (self.cfg.mask_truncated_completions and s.truncated))
+
+
+def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, reward_funcs=None) -> RunResult:
+    """Fine-tune a policy with GRPO (or RLOO: ``cfg.advantage == "rloo"``). ``model``/``tokenizer``/``ref_model``
+    may be objects; ``reward_funcs`` a list of callables ``(prompts, completions) -> scores`` (or scorers) used
+    instead of ``cfg.reward_funcs``."""
+    cfg.validate(require_model=model is None, require_reward=not reward_funcs)
+    ctx = start_run(cfg, cfg.sanity_warnings())
+    acc = ctx.accelerator
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no EOS token; completions end at EOS")
+    prompts = load_prompts(cfg.dataset, cfg.split, tokenizer, cfg.max_prompt_length, cfg.skip_invalid)
+    scorers = reward_scorers(cfg, acc.device, reward_funcs)
+
+    policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)
+    no_dropout(policy)
+    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.beta > 0)
+    module = PolicyTokens(policy, cfg.logprob_chunk_size, cfg.temperature)
+
+    per_update = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
+    local_prompts = per_update * cfg.steps_per_generation // cfg.num_generations
+    if len(prompts) < local_prompts * acc.num_processes:
+        raise ConfigError(f"{len(prompts)} prompts are fewer than one rollout batch of "
+                          f"{local_prompts * acc.num_processes} (per_device_batch_size x processes x "
+                          "gradient_accumulation_steps x steps_per_generation / num_generations)")
+    task = GRPOTask(cfg, tokenizer.pad_token_id)
+    sampler = GroupSampler(cfg, acc, module, scorers, tokenizer, reference)
+    trainer = Trainer.from_run(ctx, model=module, task=task, train_examples=prompts, unit="samples",
+                               step=GRPOStep(cfg, sampler, task, local_prompts),
+                               examples_per_step=local_prompts * acc.num_processes,
+                               updates_per_step=cfg.num_iterations * cfg.steps_per_generation)
+    result = trainer.train()
+    model_dir = save_final_model(acc, trainer.unwrapped().policy, tokenizer, ctx.run_dir / "model", cfg.merge_lora)
+    return finish_run(ctx, model_dir, result)
+
+
+class GRPOStep:
+    """One GRPO/RLOO iteration, as the loop's step function: sample and score the groups, then
+    ``num_iterations`` passes of ``steps_per_generation`` optimiser updates over the completions.
+    It holds no state of its own: the RNG, the weights and the prompt order are the loop's."""
+
+    gauges: tuple[str, ...] = ()
+
+    def __init__(self, cfg: GRPOConfig, sampler: GroupSampler, task: GRPOTask, local_prompts: int):
+        self.cfg = cfg
+        self.sampler = sampler
+        self.task = task
+        self.local_prompts = local_prompts
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def run(self, trainer: Trainer, step: int) -> StepOutput:
+        cfg = self.cfg
+        started = time.perf_counter()
+        batch = self.sampler.collect(trainer, step, self.local_prompts)
+        rollout_time = time.perf_counter() - started
+        updates, tokens = minibatch_updates(trainer, batch.completions, epochs=cfg.num_iterations,
+                                            per_update=cfg.per_device_batch_size * cfg.gradient_accumulation_steps,
+                                            micro=cfg.per_device_batch_size, seed=cfg.seed, step=step,
+                                            before_update=lambda chosen: self.count_tokens(trainer, chosen))
+        metrics = {**mean_over_processes(trainer.acc, batch.stats), **{k: window_mean(v) for k, v in updates.items()},
+                   "learning_rate": updates["learning_rate"][-1], "time/rollout": rollout_time,
+                   "time/update": time.perf_counter() - started - rollout_time}
+        logged = cfg.log_samples_steps and ((step + 1) % cfg.log_samples_steps == 0 or step == 0)
+        return StepOutput(metrics, len(batch.completions) * trainer.world, tokens,
+                          batch.examples[:cfg.log_samples] if logged else [])
+
+    def count_tokens(self, trainer: Trainer, chosen: list[Completion]) -> None:
+        """token_mean over the whole optimiser batch: its loss tokens on every process, divided by the
+        number of micro-batch losses the loop and data parallelism average (accumulation x processes)."""
+        local = torch.tensor(float(self.task.loss_tokens(chosen)), device=trainer.acc.device)
+        total = float(trainer.acc.reduce(local, reduction="sum")) if trainer.world > 1 else float(local)
+        self.task.num_tokens = max(total, 1.0) / (self.cfg.gradient_accumulation_steps * trainer.world)
