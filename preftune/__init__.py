@@ -1,7 +1,7 @@
 """preftune: align language models with human preferences.
 
 The Python API mirrors the CLI: build a config object and call the function the command calls
-(``train_pretrain``, ``train_sft``, ``train_reward``, ``train_ppo``, ``train_dpo``)::
+(``train_pretrain``, ``train_sft``, ``train_reward``, ``train_ppo``, ``train_dpo``, ``train_kto``)::
 
     from preftune import DPOConfig, train_dpo
     result = train_dpo(DPOConfig(model_name_or_path="my-sft-model", dataset="pairs.jsonl", output_dir="runs/dpo"))
@@ -9,13 +9,20 @@ The Python API mirrors the CLI: build a config object and call the function the 
 
 __version__ = "0.1.0"
 
-from .config import DPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig, load_config  # noqa: E402
+from .config import DPOConfig, KTOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig, load_config  # noqa: E402
 from .errors import ConfigError, DataError, PreftuneError  # noqa: E402
 
 
 def train_dpo(cfg, **objects):
     """DPO or a relative (see :func:`preftune.train.dpo.train_dpo`)."""
     from .train.dpo import train_dpo as run
+
+    return run(cfg, **objects)
+
+
+def train_kto(cfg, **objects):
+    """KTO on desirable / undesirable examples (see :func:`preftune.train.kto.train_kto`)."""
+    from .train.kto import train_kto as run
 
     return run(cfg, **objects)
 
@@ -48,6 +55,6 @@ def train_ppo(cfg, **objects):
     return run(cfg, **objects)
 
 
-__all__ = ["DPOConfig", "PPOConfig", "PretrainConfig", "RewardConfig", "SFTConfig", "load_config", "train_dpo",
-           "train_pretrain", "train_sft", "train_reward", "train_ppo", "PreftuneError", "DataError", "ConfigError",
-           "__version__"]
+__all__ = ["DPOConfig", "KTOConfig", "PPOConfig", "PretrainConfig", "RewardConfig", "SFTConfig", "load_config",
+           "train_dpo", "train_kto", "train_pretrain", "train_sft", "train_reward", "train_ppo", "PreftuneError",
+           "DataError", "ConfigError", "__version__"]
