@@ -20,15 +20,14 @@ import torch
 from rich.console import Console
 
 from ..config import KTOConfig
-from ..data import TokenizedPair, TokenizeSettings, collate_completions, collate_pairs, load_records
+from ..data import TokenizedPair, collate_completions, collate_pairs
 from ..data.kto import KTOExample, label_counts, mismatched_completions, tokenize_kto
-from ..data.split import report_skipped
 from ..losses import kto_loss, kto_metrics
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from .loop import Trainer
 from .policy import PolicyLogprobs
 from .reference import Reference, Sequence, make_reference
-from .run import RunResult, finish_run, save_final_model, start_run, train_and_eval
+from .run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
 
 console = Console(stderr=True)
 
@@ -139,21 +138,13 @@ def weight_advice(cfg: KTOConfig, n_desirable: int, n_undesirable: int) -> str |
             f"(e.g. --desirable_weight {(low + high) / 2:.3g})")
 
 
-def _tokenize(source: str, split: str, tokenizer, settings: TokenizeSettings, skip_invalid: bool) -> list[KTOExample]:
-    records = load_records(source, split=split)
-    examples, report = tokenize_kto(records, tokenizer, settings, skip_invalid=skip_invalid)
-    report_skipped(records.name, report)
-    return examples
-
-
 def load_examples(cfg: KTOConfig, tokenizer) -> tuple[list[KTOExample], list[KTOExample]]:
     """Training and held-out examples; a held-out fraction takes whole rows (both halves of a pair)."""
-    settings = TokenizeSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                                truncation_mode=cfg.truncation_mode)
+    read = tokenized_reader(cfg, tokenizer, tokenize_kto)
 
     def rows(source: str, split: str) -> list[list[KTOExample]]:
         by_row: dict[int, list[KTOExample]] = defaultdict(list)
-        for example in _tokenize(source, split, tokenizer, settings, cfg.skip_invalid):
+        for example in read(source, split):
             by_row[example.row].append(example)
         return list(by_row.values())
 
