@@ -56,7 +56,7 @@ def item_sequences(items: list[KTOItem], kto_kl: bool) -> list[Sequence]:
 class KTOTask:
     """Turns a batch of labelled completions into the KTO loss and TRL's KTO metrics."""
 
-    def __init__(self, cfg: KTOConfig, pad_token_id: int, reference: Reference | None, accelerator):
+    def __init__(self, cfg: KTOConfig, pad_token_id: int, reference: Reference, accelerator):
         self.cfg = cfg
         self.pad_token_id = pad_token_id
         self.reference = reference
