@@ -82,7 +82,7 @@ def one_seed(args, seed: int) -> dict[str, dict]:
 
 def markdown_table(by_seed: list[dict[str, dict]]) -> str:
     """Means over seeds; in brackets the lowest and highest seed's value."""
-    lines = ["| method | examples (pairs) | oracle reward | win rate vs SFT | KL to SFT | distinct-2 | self-BLEU |",
+    lines = ["| method | training rows | oracle reward | win rate vs SFT | KL to SFT | distinct-2 | self-BLEU |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def cell(name: str, key: str, form: str) -> str:
@@ -90,7 +90,7 @@ def markdown_table(by_seed: list[dict[str, dict]]) -> str:
         if not values or name == "sft" and key == "win_rate":
             return "-"
         low, high, mean = min(values), max(values), statistics.mean(values)
-        return f"{mean:{form}}" if len(values) == 1 else f"{mean:{form}} [{low:{form}}, {high:{form}}]"
+        return f"{mean:{form}}" if low == high else f"{mean:{form}} [{low:{form}}, {high:{form}}]"
 
     for name in by_seed[0]:
         examples = "-" if name == "sft" else cell(name, "examples", ".0f")
