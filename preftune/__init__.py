@@ -1,7 +1,8 @@
 """preftune: align language models with human preferences.
 
 The Python API mirrors the CLI: build a config object and call the function the command calls
-(``train_pretrain``, ``train_sft``, ``train_reward``, ``train_ppo``, ``train_grpo``, ``train_dpo``)::
+(``train_pretrain``, ``train_sft``, ``train_reward``, ``train_ppo``, ``train_grpo``, ``train_dpo``,
+``train_kto``)::
 
     from preftune import DPOConfig, train_dpo
     result = train_dpo(DPOConfig(model_name_or_path="my-sft-model", dataset="pairs.jsonl", output_dir="runs/dpo"))
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 from .config import (  # noqa: E402
     DPOConfig,
     GRPOConfig,
+    KTOConfig,
     PPOConfig,
     PretrainConfig,
     RewardConfig,
@@ -25,6 +27,13 @@ from .errors import ConfigError, DataError, PreftuneError  # noqa: E402
 def train_dpo(cfg, **objects):
     """DPO or a relative (see :func:`preftune.train.dpo.train_dpo`)."""
     from .train.dpo import train_dpo as run
+
+    return run(cfg, **objects)
+
+
+def train_kto(cfg, **objects):
+    """KTO on desirable / undesirable examples (see :func:`preftune.train.kto.train_kto`)."""
+    from .train.kto import train_kto as run
 
     return run(cfg, **objects)
 
@@ -64,6 +73,6 @@ def train_grpo(cfg, **objects):
     return run(cfg, **objects)
 
 
-__all__ = ["DPOConfig", "GRPOConfig", "PPOConfig", "PretrainConfig", "RLOOConfig", "RewardConfig", "SFTConfig",
-           "load_config", "train_dpo", "train_pretrain", "train_sft", "train_reward", "train_ppo", "train_grpo",
+__all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "PPOConfig", "PretrainConfig", "RLOOConfig", "RewardConfig",
+           "SFTConfig", "load_config", "train_dpo", "train_kto", "train_pretrain", "train_sft", "train_reward", "train_ppo", "train_grpo",
            "PreftuneError", "DataError", "ConfigError", "__version__"]

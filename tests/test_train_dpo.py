@@ -33,12 +33,12 @@ def toy_data(tmp_path_factory):
     }
 
 
-def config(model_dir, data, out, **overrides) -> DPOConfig:
+def config(model_dir, data, out, cls=DPOConfig, **overrides) -> DPOConfig:
     values = dict(model_name_or_path=str(model_dir), dataset=str(data), output_dir=str(out), per_device_batch_size=8,
                   learning_rate=1e-3, max_length=64, logging_steps=1, max_steps=6, warmup_ratio=0.0, seed=0,
                   cache_dir=str(Path(out).parent / "ref-cache"))
     values.update(overrides)
-    cfg = DPOConfig(**values)
+    cfg = cls(**values)
     cfg.validate()
     return cfg
 
@@ -52,6 +52,51 @@ def cli(*args, env_extra=None, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "preftune.cli", *args], capture_output=True, text=True, env=env,
                           cwd=cwd)
+
+
+def killed_and_resumed(command: str, model_dir, data, tmp_path) -> tuple[dict, dict, dict]:
+    """Train 8 steps in one go, and again killed during step 5 then resumed from the step-3 checkpoint, both
+    with dropout on (the resumed run must also restore RNG states). The start, full and resumed weights."""
+    dropout_dir = tmp_path / "dropout-model"
+    shutil.copytree(model_dir, dropout_dir)
+    model_config = json.loads((dropout_dir / "config.json").read_text())
+    (dropout_dir / "config.json").write_text(json.dumps({**model_config, "attention_dropout": 0.2}))
+    common = [command, "--model_name_or_path", str(dropout_dir), "--dataset", str(data), "--max_steps", "8",
+              "--per_device_batch_size", "8", "--learning_rate", "1e-3", "--max_length", "64", "--save_steps", "3",
+              "--logging_steps", "1", "--no-disable_dropout", "--lr_scheduler", "cosine", "--warmup_steps", "2"]
+    full = cli(*common, "--output_dir", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    killed = cli(*common, "--output_dir", str(tmp_path / "resumed"), env_extra={"PREFTUNE_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9  # SIGKILL during step 5: the last checkpoint is step 3
+    assert not (tmp_path / "resumed" / "model").exists()
+    assert (tmp_path / "resumed" / "checkpoints" / "step-3" / "state.json").is_file()
+    resumed = cli(*common, "--output_dir", str(tmp_path / "resumed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    return tuple(load_file(path / "model.safetensors") for path in
+                 (dropout_dir, tmp_path / "full" / "model", tmp_path / "resumed" / "model"))
+
+
+def one_and_two_processes(command: str, model_dir, data, tmp_path) -> tuple[list[dict], list[dict]]:
+    """4 steps on one process (8 examples a step), and on two (4 each) with accelerate's launcher; the same
+    final weights. Returns both runs' step records."""
+    common = ["--model_name_or_path", str(model_dir), "--dataset", str(data), "--max_steps", "4",
+              "--learning_rate", "1e-3", "--max_length", "64", "--logging_steps", "1", "--warmup_ratio", "0"]
+    single = cli(command, *common, "--per_device_batch_size", "8", "--output_dir", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # on a machine without CUDA, accelerate's torchrun-based launcher gives gloo data parallelism
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "preftune.cli",
+              command, *common, "--per_device_batch_size", "4", "--output_dir", str(tmp_path / "two")]
+    double = subprocess.run(launch, capture_output=True, text=True, env=env)
+    assert double.returncode == 0, double.stderr[-3000:]
+    w1 = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=1e-4)
+    one, two = step_records(tmp_path / "one"), step_records(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    return one, two
 
 
 def test_dpo_learns_toy_preference_on_held_out_pairs(tiny_model_dir, toy_data, tmp_path):
@@ -72,28 +117,7 @@ def test_dpo_learns_toy_preference_on_held_out_pairs(tiny_model_dir, toy_data, t
 
 
 def test_killed_run_resumes_to_the_same_final_weights(tiny_model_dir, toy_data, tmp_path):
-    # dropout on: the resumed run must also restore RNG states to match
-    model_dir = tmp_path / "dropout-model"
-    shutil.copytree(tiny_model_dir, model_dir)
-    cfg_file = model_dir / "config.json"
-    cfg_json = json.loads(cfg_file.read_text())
-    cfg_json["attention_dropout"] = 0.2
-    cfg_file.write_text(json.dumps(cfg_json))
-    common = ["dpo", "--model_name_or_path", str(model_dir), "--dataset", str(toy_data["train"]), "--max_steps", "8",
-              "--per_device_batch_size", "8", "--learning_rate", "1e-3", "--max_length", "64", "--save_steps", "3",
-              "--logging_steps", "1", "--no-disable_dropout", "--lr_scheduler", "cosine", "--warmup_steps", "2"]
-    full = cli(*common, "--output_dir", str(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr
-
-    killed = cli(*common, "--output_dir", str(tmp_path / "resumed"), env_extra={"PREFTUNE_KILL_AT_STEP": "5"})
-    assert killed.returncode == -9  # SIGKILL during step 5: the last checkpoint is step 3
-    assert not (tmp_path / "resumed" / "model").exists()
-    assert (tmp_path / "resumed" / "checkpoints" / "step-3" / "state.json").is_file()
-    resumed = cli(*common, "--output_dir", str(tmp_path / "resumed"), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-
-    a = load_file(tmp_path / "full" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    start, a, b = killed_and_resumed("dpo", tiny_model_dir, toy_data["train"], tmp_path)
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
@@ -102,7 +126,6 @@ def test_killed_run_resumes_to_the_same_final_weights(tiny_model_dir, toy_data, 
     assert [r["step"] for r in step_records(tmp_path / "resumed")] == list(range(1, 9))
     assert losses_resumed == pytest.approx(losses_full, abs=1e-6)
     # the weights really moved, so equality is not trivial
-    start = load_file(model_dir / "model.safetensors")
     assert any(not torch.allclose(start[n], a[n]) for n in a)
 
 
@@ -198,29 +221,11 @@ def test_nll_and_constraint_terms_enter_the_loss(tiny_model_dir, toy_data, tmp_p
 
 @pytest.mark.slow
 def test_two_process_data_parallel_matches_one_process(tiny_model_dir, toy_data, tmp_path):
-    common = ["--model_name_or_path", str(tiny_model_dir), "--dataset", str(toy_data["train"]), "--max_steps", "4",
-              "--learning_rate", "1e-3", "--max_length", "64", "--logging_steps", "1", "--warmup_ratio", "0"]
-    single = cli("dpo", *common, "--per_device_batch_size", "8", "--output_dir", str(tmp_path / "one"))
-    assert single.returncode == 0, single.stderr
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    # on a machine without CUDA, accelerate's torchrun-based launcher gives gloo data parallelism
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "preftune.cli", "dpo", *common,
-              "--per_device_batch_size", "4", "--output_dir", str(tmp_path / "two")]
-    double = subprocess.run(launch, capture_output=True, text=True, env=env)
-    assert double.returncode == 0, double.stderr[-3000:]
-    one = step_records(tmp_path / "one")
-    two = step_records(tmp_path / "two")
-    assert len(one) == len(two) == 4
+    one, two = one_and_two_processes("dpo", tiny_model_dir, toy_data["train"], tmp_path)
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-5)
     assert one[-1]["loss"] < one[0]["loss"]
-    w1 = load_file(tmp_path / "one" / "model" / "model.safetensors")
-    w2 = load_file(tmp_path / "two" / "model" / "model.safetensors")
-    for name in w1:
-        torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=1e-4)
 
 
 def test_an_earlier_run_is_never_silently_mixed_or_lost(tiny_model_dir, toy_data, tmp_path):

@@ -8,8 +8,8 @@ command, write its ``*_arguments(parser)`` and ``run_*(args) -> int`` in a modul
 
 from __future__ import annotations
 
-from .. import train_dpo, train_grpo, train_ppo, train_pretrain, train_reward, train_sft
-from ..config import DPOConfig, GRPOConfig, PPOConfig, PretrainConfig, RewardConfig, RLOOConfig, SFTConfig
+from .. import train_dpo, train_grpo, train_kto, train_ppo, train_pretrain, train_reward, train_sft
+from ..config import DPOConfig, GRPOConfig, KTOConfig, PPOConfig, PretrainConfig, RewardConfig, RLOOConfig, SFTConfig
 from . import Command, annotate, data, demo, evaluate, export, reward
 from .training import training_command
 
@@ -63,6 +63,11 @@ COMMANDS: tuple[Command, ...] = (
         "dpo", DPOConfig, train_dpo,
         help="Train a policy on preference pairs (DPO, IPO, SLiC, rDPO, SimPO, soft labels).",
         description="Direct Preference Optimization and its family."),
+    training_command(
+        "kto", KTOConfig, train_kto,
+        help="Train a policy on thumbs-up / thumbs-down examples (KTO); preference pairs work too.",
+        description="Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on prompt/completion/label rows; "
+                    "pairs (prompt/chosen/rejected) give one desirable and one undesirable example each."),
     Command("score", reward.run_score, reward.score_arguments,
             help="Score prompt/response rows with a reward model; writes each row plus 'reward' (JSONL).",
             description="Reads rows with 'prompt' and 'response' (strings, or lists of messages rendered with the "

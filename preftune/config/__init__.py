@@ -4,7 +4,7 @@
   flags);
 - :mod:`.shared`: the settings commands share (model, data source, held-out data, training loop),
   each field declared once;
-- :mod:`.preference` (``dpo``, ``reward``), :mod:`.lm` (``pretrain``, ``sft``), :mod:`.ppo`, :mod:`.grpo`
+- :mod:`.preference` (``dpo``, ``kto``, ``reward``), :mod:`.lm` (``pretrain``, ``sft``), :mod:`.ppo`, :mod:`.grpo`
   (``grpo``, ``rloo``): the commands' configs. Values are validated before any model is loaded.
 """
 
@@ -12,9 +12,9 @@ from .base import add_config_arguments, config_from_args, config_to_dict, load_c
 from .grpo import GRPOConfig, RLOOConfig
 from .lm import PretrainConfig, SFTConfig
 from .ppo import PPOConfig
-from .preference import DPOConfig, RewardConfig, parse_constraint_spec
+from .preference import DPOConfig, KTOConfig, RewardConfig, parse_constraint_spec
 from .shared import DataSettings, DataSource, HeldOutData, ModelSettings, TrainSettings
 
-__all__ = ["DPOConfig", "DataSettings", "DataSource", "GRPOConfig", "HeldOutData", "ModelSettings", "PPOConfig",
+__all__ = ["DPOConfig", "DataSettings", "DataSource", "GRPOConfig", "HeldOutData", "KTOConfig", "ModelSettings", "PPOConfig",
            "PretrainConfig", "RLOOConfig", "RewardConfig", "SFTConfig", "TrainSettings", "add_config_arguments",
            "config_from_args", "config_to_dict", "load_config", "option", "parse_constraint_spec", "with_default"]

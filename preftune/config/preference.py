@@ -1,4 +1,4 @@
-"""Configs of the commands that learn from preference pairs: ``preftune dpo`` and ``preftune reward``."""
+"""Configs of the commands that learn from preferences: ``preftune dpo``, ``preftune kto`` and ``preftune reward``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .base import option, with_default
+from .base import check_ranges, option, with_default
 from .shared import DataSettings, ModelSettings, TrainSettings, validate_data
 
 
@@ -66,6 +66,35 @@ def parse_constraint_spec(spec: str) -> tuple[str, float]:
     if not math.isfinite(value):
         raise ConfigError(f"constraint '{spec}': weight must be a finite number")
     return target, value
+
+
+@dataclass
+class KTOConfig(DPOConfig):
+    """``preftune kto``: KTO on desirable / undesirable examples (unpaired rows, or pairs split in two).
+
+    Every DPO option that is not about the pairwise loss applies unchanged (model, data, training loop,
+    LoRA, the reference and its cache).
+    """
+
+    loss_type: str = option("kto", "KTO (Ethayarajh et al. 2024); the only loss of this command.", choices=["kto"])
+    beta: float = option(0.1, "β of the implied reward β·(log π - log π_ref).")
+    desirable_weight: float = option(1.0, "λ_D, the weight of desirable examples. The paper advises "
+                                          "λ_D·n_D / (λ_U·n_U) in [1, 4/3].")
+    undesirable_weight: float = option(1.0, "λ_U, the weight of undesirable examples.")
+    kto_kl: bool = option(True, "Use the reference point z₀ (a KL estimate from each prompt paired with another "
+                                "example's completion); --no-kto_kl sets z₀ = 0.")
+
+    def validate(self, require_model: bool = True) -> None:
+        super().validate(require_model)
+        check_ranges(self, positive_numbers=["desirable_weight", "undesirable_weight"])
+        unused = {"label_smoothing": 0.0, "nll_weight": 0.0, "constraints": []}
+        for name, default in unused.items():
+            if getattr(self, name) != default:
+                raise ConfigError(f"{name} is an option of the pairwise DPO losses; KTO does not use it")
+
+    def sanity_warnings(self) -> list[str]:
+        return [note.replace(" pairs per optimiser step", " examples per optimiser step")
+                for note in super().sanity_warnings()]
 
 
 

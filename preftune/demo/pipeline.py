@@ -194,8 +194,9 @@ def ppo_runs(scale: DemoScale, sft: Path, reward: Path, root: Path) -> list[Path
 # ---------------------------------------------------------------------- evaluation
 
 
-def evaluate_all(scale: DemoScale, sft: Path, reward: Path, runs: list[Path], root: Path) -> list[MethodResult]:
-    """Every model samples once per held-out prefix; the oracle scores, KL is measured against SFT."""
+def evaluate_all(scale: DemoScale, sft: Path, reward: Path | None, runs: list[Path], root: Path) -> list[MethodResult]:
+    """Every model samples once per held-out prefix; the oracle scores, KL is measured against SFT. Best-of-N
+    with the learned ``reward`` model is added unless ``reward`` is None."""
     from ..evaluate.sampling import evaluate_policy
     from ..generate import SamplingSettings
     from ..models import load_causal_lm, load_tokenizer
@@ -218,7 +219,8 @@ def evaluate_all(scale: DemoScale, sft: Path, reward: Path, runs: list[Path], ro
             sft_samples = evaluation.samples.responses
         _save_evaluation(run_dir, evaluation.metrics, evaluation.sample_rows())
         results.append(MethodResult(name, family, str(run_dir), evaluation.metrics))
-    results.append(best_of_n(scale, reference, tokenizer, reward, prompts, settings, root, oracle, sft_samples))
+    if reward is not None:
+        results.append(best_of_n(scale, reference, tokenizer, reward, prompts, settings, root, oracle, sft_samples))
     return results
 
 

@@ -13,6 +13,7 @@ from preftune.losses.preference import (
     sigmoid_loss,
     simpo_loss,
 )
+from preftune.losses.kto import KTOOutput, kto_loss, kto_metrics, kto_reference_point
 from preftune.losses.reward import (REWARD_LOSSES, bradley_terry_loss, centering_penalty, ranking_loss,
                                     reward_loss, soft_label_loss)
 from preftune.losses.ppo import (KL_ESTIMATORS, PolicyLoss, adaptive_kl_coef, explained_variance, gae_advantages,
@@ -24,6 +25,10 @@ from preftune.losses.grpo import (AGGREGATIONS, LOSS_TYPE_ALIASES, SCALE_REWARDS
                                   zero_std_groups)
 
 __all__ = [
+    "KTOOutput",
+    "kto_loss",
+    "kto_metrics",
+    "kto_reference_point",
     "LOSSES",
     "REFERENCE_FREE",
     "LossOutput",

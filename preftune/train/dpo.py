@@ -10,12 +10,11 @@ from __future__ import annotations
 import torch
 
 from ..config import DPOConfig, parse_constraint_spec
-from ..data.split import report_skipped
-from ..data import TokenizedPair, TokenizeSettings, collate_pairs, load_records, tokenize_preferences
+from ..data import TokenizedPair, collate_pairs, tokenize_preferences
 from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from .loop import Trainer
-from .run import RunResult, finish_run, save_final_model, start_run, train_and_eval
+from .run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
 from .policy import PolicyLogprobs
 from .reference import Reference, make_reference
 
@@ -59,17 +58,8 @@ class DPOTask:
         return self.loss(model, batch)[1]
 
 
-def _tokenize(source: str, split: str, tokenizer, settings: TokenizeSettings, skip_invalid: bool) -> list[TokenizedPair]:
-    records = load_records(source, split=split)
-    pairs, report = tokenize_preferences(records, tokenizer, settings, skip_invalid=skip_invalid)
-    report_skipped(records.name, report)
-    return pairs
-
-
 def load_pairs(cfg: DPOConfig, tokenizer) -> tuple[list[TokenizedPair], list[TokenizedPair]]:
-    settings = TokenizeSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                                truncation_mode=cfg.truncation_mode)
-    return train_and_eval(cfg, lambda source, split: _tokenize(source, split, tokenizer, settings, cfg.skip_invalid))
+    return train_and_eval(cfg, tokenized_reader(cfg, tokenizer, tokenize_preferences))
 
 
 def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:

@@ -265,7 +265,7 @@ class Trainer:
     def optimizer_step(self, micro_batches: list[list[Any]]) -> StepOutput:
         """One optimiser update: forward and backward over the micro-batches (accumulated), clip, step."""
         self.model.train()
-        sums: dict[str, torch.Tensor] = {}
+        values_of: dict[str, list[torch.Tensor]] = defaultdict(list)
         local_tokens = 0
         steps = len(micro_batches)
         for k, examples in enumerate(micro_batches):
@@ -277,7 +277,7 @@ class Trainer:
                     loss, metrics = self.task.loss(self.model, batch)
                 self.acc.backward(loss / steps)
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0) + value.detach().float() / steps
+                values_of[key].append(value.detach().float())
         grad_norm = None
         if self.s.max_grad_norm > 0:
             grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
@@ -285,8 +285,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        keys = sorted(sums)
-        stacked = torch.stack([sums[k] for k in keys] + [torch.tensor(float(local_tokens), device=self.acc.device)])
+        keys = sorted(values_of)  # each metric's mean over the micro-batches where it is a number (NaN: none)
+        stacked = torch.stack([torch.stack(values_of[k]).nanmean() for k in keys]
+                              + [torch.tensor(float(local_tokens), device=self.acc.device)])
         stacked = self.acc.reduce(stacked.to(self.acc.device), reduction="mean")
         values = {k: float(v) for k, v in zip(keys, stacked[:-1].tolist())}
         tokens = int(round(float(stacked[-1]) * self.world))

@@ -85,6 +85,24 @@ def train_and_eval(cfg, read: Callable[[str, str], list]) -> tuple[list, list]:
     return hold_out(train, cfg.eval_fraction, cfg.seed)
 
 
+def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str], list]:
+    """``read(source, split)`` for :func:`train_and_eval`: load the rows, ``tokenize(records, tokenizer, settings,
+    skip_invalid=...)`` them within the config's length limits, and report the rows skipped."""
+    from ..data import TokenizeSettings, load_records
+    from ..data.split import report_skipped
+
+    settings = TokenizeSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                                truncation_mode=cfg.truncation_mode)
+
+    def read(source: str, split: str) -> list:
+        records = load_records(source, split=split)
+        items, report = tokenize(records, tokenizer, settings, skip_invalid=cfg.skip_invalid)
+        report_skipped(records.name, report)
+        return items
+
+    return read
+
+
 def make_accelerator(precision: str, report_to: list[str], run_dir: Path):
     from accelerate import Accelerator
 
