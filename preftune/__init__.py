@@ -74,5 +74,5 @@ def train_grpo(cfg, **objects):
 
 
 __all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "PPOConfig", "PretrainConfig", "RLOOConfig", "RewardConfig",
-           "SFTConfig", "load_config", "train_dpo", "train_kto", "train_pretrain", "train_sft", "train_reward", "train_ppo", "train_grpo",
-           "PreftuneError", "DataError", "ConfigError", "__version__"]
+           "SFTConfig", "load_config", "train_dpo", "train_kto", "train_pretrain", "train_sft", "train_reward",
+           "train_ppo", "train_grpo", "PreftuneError", "DataError", "ConfigError", "__version__"]

@@ -5,10 +5,10 @@ import pytest
 
 from preftune.demo.pipeline import DemoScale, base_model, dpo_runs, preference_pairs, supervised_model
 from preftune.demo.sentiment import SentimentTask, review_corpus, sentiment_reward
-from preftune.scoring import FunctionScorer
 from preftune.evaluate.sampling import evaluate_policy
 from preftune.generate import SamplingSettings
 from preftune.models import load_causal_lm, load_tokenizer
+from preftune.scoring import FunctionScorer
 
 
 def test_the_oracle_scores_sentiment_and_the_corpus_varies():

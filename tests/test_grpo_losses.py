@@ -9,9 +9,21 @@ import math
 import pytest
 import torch
 
-from preftune.losses import (AGGREGATIONS, LOSS_TYPE_ALIASES, aggregate_loss, combined_rewards, drop_zero_std_groups,
-                             frac_reward_zero_std, group_advantages, group_std, grpo_loss, overlong_penalty,
-                             rloo_advantages, sequence_kl, zero_std_groups)
+from preftune.losses import (
+    AGGREGATIONS,
+    LOSS_TYPE_ALIASES,
+    aggregate_loss,
+    combined_rewards,
+    drop_zero_std_groups,
+    frac_reward_zero_std,
+    group_advantages,
+    group_std,
+    grpo_loss,
+    overlong_penalty,
+    rloo_advantages,
+    sequence_kl,
+    zero_std_groups,
+)
 
 G = 99.0  # garbage in padding
 

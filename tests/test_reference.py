@@ -16,8 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def settings(tmp_path, **overrides):
-    values = dict(ref_model_name_or_path=None, model_name_or_path=None, logprob_chunk_size=7, cache_dir=str(tmp_path / "cache"),
-                  per_device_batch_size=1)
+    values = dict(ref_model_name_or_path=None, model_name_or_path=None, logprob_chunk_size=7,
+                  cache_dir=str(tmp_path / "cache"), per_device_batch_size=1)
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -69,7 +69,8 @@ def test_lora_policy_uses_its_base_weights_with_adapters_disabled(tiny_tokenizer
 
     base = build_tiny_llama(tiny_tokenizer)
     expected = plain_logps(base, SEQUENCES)
-    policy = apply_lora(build_tiny_llama(tiny_tokenizer), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    policy = apply_lora(build_tiny_llama(tiny_tokenizer), r=4, alpha=8, dropout=0.0,
+                        target_modules=["q_proj", "v_proj"])
     with torch.no_grad():  # a trained adapter: B != 0, so the policy differs from its base
         for name, p in policy.named_parameters():
             if "lora_B" in name:

@@ -116,7 +116,8 @@ def test_annotation_ordering_refuses_non_finite_scores(tmp_path, bad_module):
     with database.write() as session:
         project, _ = ensure_project(session, "demo", "pairwise")
         specs = [ItemSpec(f"i{i}", f"Prompt {i}", [f"a{i}", f"b{i}"]) for i in range(2)]
-        add_items(session, project, specs + [ItemSpec("chat", "shown", ["a", "bbb"], {"prompt_messages": CHAT})], seed=0)
+        add_items(session, project, specs + [ItemSpec("chat", "shown", ["a", "bbb"], {"prompt_messages": CHAT})],
+                  seed=0)
     with pytest.raises(PreftuneError, match=rf"scorer '{bad_module}:nan_third' returned a score that is not a finite"):
         rerank_project(database, "demo", FunctionScorer(f"{bad_module}:nan_third"))
     with pytest.raises(PreftuneError, match="returned 5 scores for 6 responses"):

@@ -14,8 +14,8 @@ from itertools import combinations
 
 from sqlalchemy import func, select
 
-from .answers import comparisons
 from .aggregate import LabelRecord, label_records, votes_by_pair
+from .answers import comparisons
 from .models import Annotator, Assignment, Project
 
 

@@ -61,7 +61,8 @@ def parse_answer(kind: str, fields: Mapping, display_order: list[int]) -> dict:
                 raise AnswerError("ranking: expected a list of letters, best first")
             positions = [_position(letter, n, "ranking") for letter in order]
         else:
-            ranks = {LETTERS[p]: _int(fields.get(f"rank_{LETTERS[p]}"), f"rank of {LETTERS[p]}", 1, n) for p in range(n)}
+            ranks = {LETTERS[p]: _int(fields.get(f"rank_{LETTERS[p]}"), f"rank of {LETTERS[p]}", 1, n)
+                     for p in range(n)}
             positions = [LETTERS.index(letter) for letter, _ in sorted(ranks.items(), key=lambda kv: kv[1])]
             if len(set(ranks.values())) != n:
                 raise AnswerError(f"give each response a different rank from 1 to {n}")
@@ -104,7 +105,8 @@ def comparisons(kind: str, answer: dict, n: int) -> list[tuple[int, int, int, fl
         return [(0, 1, 1 if winner == 0 else -1, float(answer.get("strength") or 1))]
     if kind == "ranking":
         rank = {index: r for r, index in enumerate(answer["ranking"])}
-        return [(i, j, 1 if rank[i] < rank[j] else -1, float(abs(rank[i] - rank[j]))) for i, j in combinations(range(n), 2)]
+        return [(i, j, 1 if rank[i] < rank[j] else -1, float(abs(rank[i] - rank[j])))
+                for i, j in combinations(range(n), 2)]
     scores = answer["scores"]
     out = []
     for i, j in combinations(range(n), 2):

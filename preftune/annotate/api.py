@@ -14,8 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from . import queue
 from .answers import LETTERS, AnswerError, summary
-from .models import Assignment, Label, Project
 from .members import visible_projects
+from .models import Assignment, Label, Project
 from .pages import load_project
 from .security import RowId, User, check_csrf, current_user
 

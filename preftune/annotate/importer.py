@@ -1,9 +1,9 @@
 """Projects and their items: prompts with 2..N candidate responses, from a file or sampled from a model.
 
 Input rows (any file ``preftune.data.load_records`` reads: JSONL, JSON, CSV, Parquet):
-``prompt`` (a string, or a conversation: a list of chat messages) plus the candidates as ``responses`` (a list), ``response_1``, ``response_2``, ... columns,
-or ``chosen`` / ``rejected``; optional ``id``. A bad row stops the import with the same row-numbered
-message as bad training data. Items already in the project (same id) are left alone.
+``prompt`` (a string, or a conversation: a list of chat messages) plus the candidates as ``responses`` (a list),
+``response_1``, ``response_2``, ... columns, or ``chosen`` / ``rejected``; optional ``id``. A bad row stops the import
+with the same row-numbered message as bad training data. Items already in the project (same id) are left alone.
 
 A conversation prompt is shown to annotators as "role: content" lines and kept in the item's
 ``meta["prompt_messages"]``: candidates sampled from a model, and the reward model ordering the
@@ -153,7 +153,8 @@ def _candidates(source: str, row: dict, number: int, required: int) -> list[str]
     if row.get("responses") is not None:
         value = row["responses"]
         if not isinstance(value, list):
-            raise DataError(source, f"expected a list of strings, got {type(value).__name__}", row=number, field="responses")
+            raise DataError(source, f"expected a list of strings, got {type(value).__name__}", row=number,
+                            field="responses")
         texts = [_text(source, number, f"responses[{i}]", v) for i, v in enumerate(value)]
     elif numbered:
         present = [(n, key) for n, key in numbered if row[key] not in (None, "")]

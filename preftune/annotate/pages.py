@@ -15,8 +15,7 @@ from . import queue, sessions
 from .answers import LETTERS, STRENGTHS, AnswerError, form_values, summary
 from .members import is_member, visible_projects
 from .models import Project
-from .security import (RowId, User, check_csrf, client_address, current_user, login_cookie, same_origin,
-                       session_cookie)
+from .security import RowId, User, check_csrf, client_address, current_user, login_cookie, same_origin, session_cookie
 from .tokens import find_annotator
 
 router = APIRouter()
@@ -148,7 +147,8 @@ def next_page(request: Request, project_id: RowId, user: User = Depends(current_
     if served is None:
         with request.app.state.db.read() as session:
             progress = queue.annotator_progress(session, project, user.id, request.app.state.settings.lease)
-        return render(request, "done.html", {"title": "All done", "user": user, "project": project, "progress": progress})
+        return render(request, "done.html",
+                      {"title": "All done", "user": user, "project": project, "progress": progress})
     return _label_page(request, user, project, served)
 
 

@@ -267,8 +267,9 @@ def available_count(session, project: Project, annotator_id: int, lease: float =
 
 def annotator_progress(session, project: Project, annotator_id: int, lease: float = LEASE_SECONDS) -> dict:
     """Labelled, skipped and still-to-do counts for one annotator (what their progress bar shows)."""
-    counts = dict(session.execute(select(Assignment.status, func.count()).where(
-        Assignment.annotator_id == annotator_id, Assignment.project_id == project.id).group_by(Assignment.status)).all())
+    query = select(Assignment.status, func.count()).where(
+        Assignment.annotator_id == annotator_id, Assignment.project_id == project.id).group_by(Assignment.status)
+    counts = dict(session.execute(query).all())
     available = available_count(session, project, annotator_id, lease)
     done, skipped, open_ = counts.get("done", 0), counts.get("skipped", 0), counts.get("open", 0)
     return {"done": done, "skipped": skipped, "remaining": available + open_, "total": done + available + open_}

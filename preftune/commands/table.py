@@ -79,7 +79,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("export gguf", export.run_export_gguf, export.gguf_arguments,
             help="Write a run's model (LoRA adapter merged) as a GGUF file.",
             description="Writes the model of a run directory (its model/) or of a model directory as GGUF, with a "
-                        "LoRA adapter merged into its base. Llama-family models; tokenizer and chat template included."),
+                        "LoRA adapter merged into its base. Llama-family models; tokenizer and chat template "
+                        "included."),
     Command("data check", data.run_check, data.check_arguments,
             help="Validate a dataset and report lengths, duplicates and biases."),
     Command("annotate serve", annotate.run_serve, annotate.serve_arguments, help="Start the web app."),

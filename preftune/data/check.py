@@ -11,8 +11,14 @@ import math
 from dataclasses import dataclass, field
 
 from preftune.data.load import Records, load_records
-from preftune.data.preference import (TokenizedPair, TokenizeSettings, check_settings, detect_format, fit_pairs,
-                                      tokenize_untruncated)
+from preftune.data.preference import (
+    TokenizedPair,
+    TokenizeSettings,
+    check_settings,
+    detect_format,
+    fit_pairs,
+    tokenize_untruncated,
+)
 from preftune.data.rows import summarise_problems
 
 LENGTH_BIAS_THRESHOLD = 0.65    # warn when one side is the longer one in more than this share of pairs

@@ -20,8 +20,14 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from preftune.data.load import Records
-from preftune.data.messages import (check_contents, eos_id, render_pair, reply_text, require_chat_template,
-                                    required_field)
+from preftune.data.messages import (
+    check_contents,
+    eos_id,
+    render_pair,
+    reply_text,
+    require_chat_template,
+    required_field,
+)
 from preftune.data.rows import InvalidRow, RowProblem, SkipReport, settle_problems, type_name
 from preftune.errors import ConfigError, DataError
 

@@ -24,7 +24,8 @@ CURVES = [
     ("rewards/rejected", "reward of rejected"), ("accuracy", "reward-model accuracy"),
     ("objective/scores", "PPO mean reward"), ("objective/kl", "PPO KL to reference"),
 ]
-EVAL_COLUMNS = ["reward", "kl", "win_rate", "entropy", "distinct_1", "distinct_2", "self_bleu", "mean_length", "eos_rate"]
+EVAL_COLUMNS = ["reward", "kl", "win_rate", "entropy", "distinct_1", "distinct_2", "self_bleu", "mean_length",
+                "eos_rate"]
 
 
 @dataclass

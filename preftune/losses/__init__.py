@@ -1,5 +1,37 @@
 """Loss functions: pure functions of log-prob (or score) tensors, picked by name by the trainers."""
 
+from preftune.losses.grpo import (
+    AGGREGATIONS,
+    LOSS_TYPE_ALIASES,
+    SCALE_REWARDS,
+    GRPOLoss,
+    aggregate_loss,
+    combined_rewards,
+    drop_zero_std_groups,
+    frac_reward_zero_std,
+    group_advantages,
+    group_std,
+    grpo_loss,
+    overlong_penalty,
+    rloo_advantages,
+    sequence_kl,
+    zero_std_groups,
+)
+from preftune.losses.kto import KTOOutput, kto_loss, kto_metrics, kto_reference_point
+from preftune.losses.ppo import (
+    KL_ESTIMATORS,
+    PolicyLoss,
+    adaptive_kl_coef,
+    explained_variance,
+    gae_advantages,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
 from preftune.losses.preference import (
     LOSSES,
     REFERENCE_FREE,
@@ -13,16 +45,14 @@ from preftune.losses.preference import (
     sigmoid_loss,
     simpo_loss,
 )
-from preftune.losses.kto import KTOOutput, kto_loss, kto_metrics, kto_reference_point
-from preftune.losses.reward import (REWARD_LOSSES, bradley_terry_loss, centering_penalty, ranking_loss,
-                                    reward_loss, soft_label_loss)
-from preftune.losses.ppo import (KL_ESTIMATORS, PolicyLoss, adaptive_kl_coef, explained_variance, gae_advantages,
-                                 kl_penalty, masked_mean, masked_var, masked_whiten, policy_loss, token_rewards,
-                                 value_loss)
-from preftune.losses.grpo import (AGGREGATIONS, LOSS_TYPE_ALIASES, SCALE_REWARDS, GRPOLoss, aggregate_loss,
-                                  combined_rewards, drop_zero_std_groups, frac_reward_zero_std, group_advantages,
-                                  group_std, grpo_loss, overlong_penalty, rloo_advantages, sequence_kl,
-                                  zero_std_groups)
+from preftune.losses.reward import (
+    REWARD_LOSSES,
+    bradley_terry_loss,
+    centering_penalty,
+    ranking_loss,
+    reward_loss,
+    soft_label_loss,
+)
 
 __all__ = [
     "KTOOutput",

@@ -10,8 +10,17 @@ every score passes the same checks (:func:`check_scores`). The reward-model and 
 own modules, imported where used, so that scoring with a function needs neither torch nor HTTP.
 """
 
-from .base import (SPEC_HELP, CheckedScorer, FunctionScorer, Scorer, as_scorer, check_batch, check_batch_size,
-                   check_scores, make_scorer)
+from .base import (
+                   SPEC_HELP,
+                   CheckedScorer,
+                   FunctionScorer,
+                   Scorer,
+                   as_scorer,
+                   check_batch,
+                   check_batch_size,
+                   check_scores,
+                   make_scorer,
+)
 
 __all__ = ["SPEC_HELP", "CheckedScorer", "FunctionScorer", "Scorer", "as_scorer", "check_batch", "check_batch_size",
            "check_scores", "make_scorer"]

@@ -21,7 +21,6 @@ from ..data.messages import plain_text
 from ..errors import PreftuneError
 from .base import check_batch, check_scores
 
-
 JUDGE_PROMPT = """You compare two responses to the same prompt and decide which one is better.
 
 Prompt:

@@ -14,9 +14,9 @@ from ..data import TokenizedPair, collate_pairs, tokenize_preferences
 from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from .loop import Trainer
-from .run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
 from .policy import PolicyLogprobs
 from .reference import Reference, make_reference
+from .run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
 
 
 class DPOTask:
@@ -26,7 +26,8 @@ class DPOTask:
         self.cfg = cfg
         self.pad_token_id = pad_token_id
         self.reference = reference
-        self.constraints = [(load_constraint(target), weight) for target, weight in map(parse_constraint_spec, cfg.constraints)]
+        self.constraints = [(load_constraint(target), weight)
+                            for target, weight in map(parse_constraint_spec, cfg.constraints)]
 
     def collate(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
         return collate_pairs(pairs, self.pad_token_id)

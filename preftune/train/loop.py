@@ -144,15 +144,14 @@ class Trainer:
         self.rank = accelerator.process_index
         self.global_batch = settings.per_device_batch_size * self.world * settings.gradient_accumulation_steps
         self.updates_per_step = updates_per_step
-        self.steps_per_epoch = len(train_examples) // (examples_per_step or self.global_batch)
+        per_step = examples_per_step or self.global_batch
+        self.steps_per_epoch = len(train_examples) // per_step
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"the training data has {len(train_examples)} examples, fewer than one global batch of "
-                f"{examples_per_step or self.global_batch} (per_device_batch_size x processes x gradient_accumulation_steps)")
-        if settings.max_steps > 0:
-            self.total_steps = settings.max_steps
-        else:
-            self.total_steps = max(1, math.ceil(settings.num_epochs * self.steps_per_epoch))
+                f"{per_step} (per_device_batch_size x processes x gradient_accumulation_steps)")
+        self.total_steps = (settings.max_steps if settings.max_steps > 0
+                            else max(1, math.ceil(settings.num_epochs * self.steps_per_epoch)))
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the model has no trainable parameters")
@@ -165,7 +164,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def from_run(cls, ctx, *, model, task: Task, train_examples: list, eval_examples: list = (), **options) -> "Trainer":
+    def from_run(cls, ctx, *, model, task: Task, train_examples: list, eval_examples: list = (),
+                 **options) -> "Trainer":
         """A trainer for the run set up by :func:`~preftune.train.run.start_run`; ``options`` as for the constructor."""
         return cls(accelerator=ctx.accelerator, model=model, task=task, train_examples=train_examples,
                    eval_examples=list(eval_examples), settings=ctx.settings, run_dir=ctx.run_dir,
@@ -214,8 +214,7 @@ class Trainer:
     def train(self) -> TrainResult:
         self._begin()
         window: dict[str, list[float]] = defaultdict(list)
-        window_examples = window_tokens = 0
-        window_time = 0.0
+        window_examples, window_tokens, window_time = 0, 0, 0.0
         last: dict[str, float] = {}
         eval_results: dict[str, float] = {}
         if self.s.eval_on_start and self.eval_examples and self.global_step == 0:
@@ -235,14 +234,15 @@ class Trainer:
                 kill_point(self.global_step)
                 if self.global_step % self.s.logging_steps == 0 or self.global_step == self.total_steps:
                     last = {k: v[-1] if k in self.step.gauges else window_mean(v) for k, v in window.items()}
-                    last.update({f"{self.unit}/s": window_examples / window_time, "tokens/s": window_tokens / window_time})
+                    last.update({f"{self.unit}/s": window_examples / window_time,
+                                 "tokens/s": window_tokens / window_time})
                     self.log(last)
                     progress.update(bar, status=_status_line(last))
                     window.clear()
-                    window_examples = window_tokens = 0
-                    window_time = 0.0
+                    window_examples, window_tokens, window_time = 0, 0, 0.0
                 self.log_samples(out.samples)
-                if self.s.eval_steps and self.global_step % self.s.eval_steps == 0 and self.global_step < self.total_steps:
+                if (self.s.eval_steps and self.global_step % self.s.eval_steps == 0
+                        and self.global_step < self.total_steps):
                     eval_results = self.evaluate()
                 if self.s.save_steps and self.global_step % self.s.save_steps == 0:
                     self.save_checkpoint()
@@ -391,7 +391,8 @@ def _status_line(metrics: dict[str, float]) -> str:
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich import progress as rp
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[status]}"), disable=not enabled)
+    return rp.Progress(rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                       rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), rp.TextColumn("{task.fields[status]}"),
+                       disable=not enabled)

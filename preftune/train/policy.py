@@ -18,5 +18,6 @@ class PolicyLogprobs(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                completion_mask: torch.Tensor) -> torch.Tensor:
         return token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size)

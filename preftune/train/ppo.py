@@ -33,9 +33,18 @@ from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
 from ..models import base_model, load_causal_lm, load_tokenizer, prepare_policy
 from .loop import StepOutput, Trainer, window_mean
 from .reference import make_reference
+from .rollout import (
+    RolloutWorker,
+    RunningMoments,
+    Sample,
+    load_prompts,
+    mean_over_processes,
+    minibatch_updates,
+    no_dropout,
+    pad_rows,
+    reward_scorer,
+)
 from .run import RunResult, finish_run, save_final_model, start_run
-from .rollout import (RolloutWorker, RunningMoments, Sample, load_prompts, mean_over_processes, minibatch_updates,
-                      no_dropout, pad_rows, reward_scorer)
 
 
 class PolicyValue(nn.Module):
@@ -71,7 +80,8 @@ class PPOTask:
         self.pad_token_id = pad_token_id
 
     def collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        batch = collate_completions([s.prompt_ids for s in samples], [s.response_ids for s in samples], self.pad_token_id)
+        batch = collate_completions([s.prompt_ids for s in samples], [s.response_ids for s in samples],
+                                    self.pad_token_id)
         for name in ("old_logps", "old_values", "advantages", "returns"):
             batch[name], batch["response_mask"] = pad_rows([getattr(s, name) for s in samples])
         return batch
@@ -117,8 +127,8 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, ref_model=None, rew
     local_batch = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
     global_batch = local_batch * acc.num_processes
     if len(prompts) < global_batch:
-        raise ConfigError(f"{len(prompts)} prompts are fewer than one rollout batch of {global_batch} (per_device_batch_size "
-                          "x processes x gradient_accumulation_steps x num_mini_batches)")
+        raise ConfigError(f"{len(prompts)} prompts are fewer than one rollout batch of {global_batch} "
+                          "(per_device_batch_size x processes x gradient_accumulation_steps x num_mini_batches)")
     worker = RolloutWorker(cfg=cfg, accelerator=acc, policy_value=module, reward=reward, tokenizer=tokenizer,
                            reference=reference)
     trainer = Trainer.from_run(ctx, model=module, task=PPOTask(cfg, tokenizer.pad_token_id), train_examples=prompts,
@@ -160,9 +170,11 @@ class PPOStep:
         stats = {**mean_over_processes(trainer.acc, rollout.stats), "objective/kl_coef": self.kl_coef}
         global_batch = self.local_batch * trainer.world
         if cfg.adaptive_kl:
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, stats["objective/kl"], cfg.target_kl, global_batch, cfg.kl_horizon)
-        metrics = {**stats, **{k: window_mean(v) for k, v in updates.items()}, "learning_rate": updates["learning_rate"][-1],
-                   "time/rollout": rollout_time, "time/update": time.perf_counter() - started - rollout_time}
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, stats["objective/kl"], cfg.target_kl, global_batch,
+                                            cfg.kl_horizon)
+        metrics = {**stats, **{k: window_mean(v) for k, v in updates.items()},
+                   "learning_rate": updates["learning_rate"][-1], "time/rollout": rollout_time,
+                   "time/update": time.perf_counter() - started - rollout_time}
         logged = cfg.log_samples_steps and ((step + 1) % cfg.log_samples_steps == 0 or step == 0)
         return StepOutput(metrics, global_batch, tokens, rollout.examples[:cfg.log_samples] if logged else [])
 

@@ -13,11 +13,11 @@ import torch
 
 from ..config import PretrainConfig
 from ..data.packing import pack_stream
+from ..data.split import report_skipped
 from ..data.text import read_documents, tokenize_documents
 from ..errors import ConfigError
 from ..models import load_causal_lm, load_tokenizer
 from .run import RunResult, start_run, train_and_eval
-from ..data.split import report_skipped
 from .sft import train_lm
 
 

@@ -30,8 +30,15 @@ from safetensors.torch import load_file, save_file
 
 from ..data.collate import collate_completions
 from ..logprobs import completion_logprobs, final_hidden_states, sequence_logprobs
-from ..models import base_model, compute_dtype, disable_dropout, freeze, is_peft_model, load_causal_lm, \
-    model_fingerprint
+from ..models import (
+    base_model,
+    compute_dtype,
+    disable_dropout,
+    freeze,
+    is_peft_model,
+    load_causal_lm,
+    model_fingerprint,
+)
 
 CACHE_FORMAT = "preftune-ref-logps-v2"
 Sequence = tuple[list[int], list[int]]   # (prompt ids, completion ids)
@@ -63,8 +70,8 @@ class LiveReference(Reference):
     @torch.no_grad()
     def sequence_logps(self, batch):
         with self._evaluating():
-            sums, _ = sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                        chunk_size=self.chunk_size)
+            sums, _ = sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"],
+                                        batch["completion_mask"], chunk_size=self.chunk_size)
         return sums.float()
 
     @torch.no_grad()
@@ -129,8 +136,8 @@ def row_keys(batch: dict[str, torch.Tensor]) -> list[tuple]:
     return [(tuple(ids[i][attended[i]].tolist()), completion[i]) for i in range(ids.shape[0])]
 
 
-def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True, precompute: dict[str, list[Sequence]] | None = None,
-                   pad_token_id: int | None = None) -> Reference:
+def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True,
+                   precompute: dict[str, list[Sequence]] | None = None, pad_token_id: int | None = None) -> Reference:
     """The run's reference for ``policy`` (already prepared: LoRA applied), on ``ctx``'s device.
 
     ``precompute`` (split name -> sequences) asks for :class:`PrecomputedReference`: the log-probs of

@@ -16,8 +16,7 @@ from ..config import RewardConfig
 from ..data import collate_pairs
 from ..losses import reward_loss
 from ..models import load_tokenizer, prepare_policy
-from ..scoring.reward_model import (check_reward_model, head_name, load_classifier, prepare_tokenizer,
-                                    sequence_rewards)
+from ..scoring.reward_model import check_reward_model, head_name, load_classifier, prepare_tokenizer, sequence_rewards
 from .dpo import load_pairs
 from .loop import Trainer
 from .run import RunResult, finish_run, save_final_model, start_run
@@ -112,8 +111,9 @@ def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RunResult:
     tokenizer = prepare_tokenizer(tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path))
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
     if cfg.loss_type != "soft_label" and any(p.preference_prob < 1 for p in train_pairs) and ctx.is_main_process:
-        console.print(f"[yellow]warning:[/] the data has preference_prob values below 1, which loss_type={cfg.loss_type} "
-                      "ignores (it treats every pair as certain); use --loss_type soft_label to use them")
+        console.print(f"[yellow]warning:[/] the data has preference_prob values below 1, which "
+                      f"loss_type={cfg.loss_type} ignores (it treats every pair as certain); use --loss_type "
+                      "soft_label to use them")
     if model is None:
         torch.manual_seed(cfg.seed)  # the new head's initial weights
         model = load_classifier(cfg.model_name_or_path, new_head=True)
@@ -123,5 +123,6 @@ def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RunResult:
     trainer = Trainer.from_run(ctx, model=RewardScorer(model), task=RewardTask(cfg, tokenizer.pad_token_id),
                                train_examples=train_pairs, eval_examples=eval_pairs)
     result = trainer.train()
-    model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model", cfg.merge_lora)
+    model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model",
+                                 cfg.merge_lora)
     return finish_run(ctx, model_dir, result)

@@ -42,7 +42,8 @@ class PromptExample:
     columns: dict = field(default_factory=dict)   # the row's other fields (a reference answer for a reward function)
 
 
-def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int, skip_invalid: bool = False) -> list[PromptExample]:
+def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int,
+                 skip_invalid: bool = False) -> list[PromptExample]:
     """Read and validate the ``prompt`` column; long prompts keep their last ``max_prompt_length`` tokens."""
     records = load_records(source, split=split)
     examples, problems = [], []
@@ -164,13 +165,15 @@ class RolloutWorker:
         self.settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                          top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
 
-    def collect(self, prompts: list[PromptExample], seed: int, kl_coef: float, moments: RunningMoments | None) -> Rollout:
+    def collect(self, prompts: list[PromptExample], seed: int, kl_coef: float,
+                moments: RunningMoments | None) -> Rollout:
         cfg, device = self.cfg, self.acc.device
         policy = self.policy_value.policy
         with self.acc.autocast():
-            generation = generate_ids(policy, [p.ids for p in prompts], self.settings, pad_token_id=self.tokenizer.pad_token_id,
-                                      eos_token_id=self.tokenizer.eos_token_id, batch_size=cfg.generation_batch_size,
-                                      seed=seed)
+            generation = generate_ids(policy, [p.ids for p in prompts], self.settings,
+                                      pad_token_id=self.tokenizer.pad_token_id,
+                                      eos_token_id=self.tokenizer.eos_token_id,
+                                      batch_size=cfg.generation_batch_size, seed=seed)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         raw = torch.tensor(self.reward.score([p.prompt for p in prompts], texts), dtype=torch.float32, device=device)
         ended = torch.tensor(generation.ended, device=device)
@@ -216,8 +219,8 @@ class RolloutWorker:
             for batch, lengths in device_batches(prompt_ids, response_ids, self.cfg.generation_batch_size,
                                                  self.tokenizer.pad_token_id, self.acc.device):
                 with self.acc.autocast():
-                    logps, values, entropy = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                                    with_entropy=True)
+                    logps, values, entropy = module(batch["input_ids"], batch["attention_mask"],
+                                                    batch["completion_mask"], with_entropy=True)
                     ref = self.reference.token_logps(batch, self.cfg.temperature)
                 for target, flat in zip(out, (logps, values, entropy, ref)):
                     target += list(torch.split(flat.float(), lengths))

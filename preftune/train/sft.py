@@ -17,8 +17,8 @@ from torch import nn
 
 from ..config import SFTConfig
 from ..data.load import load_records
-from ..data.split import report_skipped
 from ..data.packing import LMRow, block_causal_mask, collate_rows, pack_examples, single_row
+from ..data.split import report_skipped
 from ..data.text import SFTSettings, tokenize_sft
 from ..errors import ConfigError
 from ..logprobs import token_logprobs

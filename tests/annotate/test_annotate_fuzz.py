@@ -75,7 +75,8 @@ def random_request(rng: random.Random, method: str, path: str, csrf: str | None)
         kind = rng.random()
         if kind < 0.4:
             request["content"] = random_json(rng)
-            headers["content-type"] = rng.choice(["application/json", "text/plain", "application/json; charset=latin-1"])
+            headers["content-type"] = rng.choice(["application/json", "text/plain",
+                                                  "application/json; charset=latin-1"])
         elif kind < 0.85:
             request["data"], request["files"] = random_form(rng, csrf)
         else:
