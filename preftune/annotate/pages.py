@@ -15,17 +15,18 @@ from . import queue, sessions
 from .answers import LETTERS, STRENGTHS, AnswerError, form_values, summary
 from .members import is_member, visible_projects
 from .models import Project
-from .security import (RowId, User, check_csrf, client_address, current_user, login_cookie, same_origin,
-                       session_cookie)
+from .security import RowId, User, check_csrf, client_address, current_user, login_cookie, same_origin, session_cookie
 from .tokens import find_annotator
 
 router = APIRouter()
 _markdown = MarkdownIt("commonmark", {"html": False})  # raw HTML in guidelines is shown as text
-KIND_TEXT = {"pairwise": "pick the better of two", "ranking": "rank the responses", "rating": "score each response 1-7"}
+KIND_TEXT = {"pairwise": "pick the better of two", "ranking": "rank the responses", "rating": "score each response 1-7",
+             "binary": "thumbs up or down"}
 KEYS_HELP = {
     "pairwise": "Keys: a / ← A is better · b / → B is better · t tie · 1 2 3 how much · n note · Enter submit · s skip",
     "ranking": "Keys: press the letters best first (a, b, ...) · Backspace clears · n note · Enter submit · s skip",
     "rating": "Keys: 1-7 scores the outlined response and moves on · ← → move · n note · Enter submit · s skip",
+    "binary": "Keys: u / + thumbs up · d / - thumbs down · n note · Enter submit · s skip",
 }
 
 
@@ -148,7 +149,8 @@ def next_page(request: Request, project_id: RowId, user: User = Depends(current_
     if served is None:
         with request.app.state.db.read() as session:
             progress = queue.annotator_progress(session, project, user.id, request.app.state.settings.lease)
-        return render(request, "done.html", {"title": "All done", "user": user, "project": project, "progress": progress})
+        return render(request, "done.html",
+                      {"title": "All done", "user": user, "project": project, "progress": progress})
     return _label_page(request, user, project, served)
 
 
