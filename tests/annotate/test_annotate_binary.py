@@ -61,6 +61,12 @@ def test_binary_answers_over_the_api_valid_and_invalid(db, make_project):
     assert stored == [(1, "down", ""), (1, "up", "friendly"), (2, "down", "")]
     mine = ana.get("/api/projects/1/labels").json()
     assert sorted(m["answer"] for m in mine) == ["thumbs down", "thumbs up"]
+    boss = TestClient(app, headers={"authorization": f"Bearer {tokens['boss']}"})
+    assert boss.get("/admin/p/1/export.jsonl").status_code == 422  # no pairs in a binary project
+    assert boss.get("/admin/p/1/kto.jsonl?min_agreement=2").status_code == 422
+    exported = [json.loads(line) for line in boss.get("/admin/p/1/kto.jsonl").text.splitlines()]
+    assert sorted((r["label"], r["label_prob"]) for r in exported) == [(False, 1.0)]  # the other item is split 1:1
+    assert "KTO rows" in boss.get("/admin").text
 
 
 def test_binary_export_majority_label_prob_min_agreement_and_alpha(db_url, db, make_project, tmp_path, capsys):
