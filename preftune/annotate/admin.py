@@ -25,6 +25,7 @@ from .pages import load_project, render
 from .queue import project_progress
 from .security import RowId, User, admin_user
 from .tokens import list_annotators
+from .unpaired import export_kto
 
 router = APIRouter(prefix="/admin")
 MAX_MARGIN_SCALE = 1e6
@@ -98,9 +99,24 @@ async def export(request: Request, project_id: RowId, ties: str = "drop",
 
     def rows():
         project = load_project(request, project_id)
+        if project.kind == "binary":
+            return JSONResponse({"detail": "a binary project has no pairs: export KTO rows (kto.jsonl)"}, 422)
         with request.app.state.db.read() as session:
             found = export_pairs(session, project, ties=ties, min_votes=min_votes, margin_scale=margin_scale)
         return _jsonl(found, _filename(project, "pairs"))
+
+    return await _admin_work(request, rows)
+
+
+@router.get("/p/{project_id}/kto.jsonl")
+async def export_unpaired(request: Request, project_id: RowId, min_agreement: float = Query(0.0, ge=0.0, le=1.0),
+                          min_votes: int = Query(1, ge=1, le=1_000_000), user: User = Depends(admin)):
+    """Unpaired KTO rows (any question kind): prompt, completion, label, label_prob."""
+    def rows():
+        project = load_project(request, project_id)
+        with request.app.state.db.read() as session:
+            found = export_kto(session, project, min_agreement=min_agreement, min_votes=min_votes)
+        return _jsonl(found, _filename(project, "kto"))
 
     return await _admin_work(request, rows)
 

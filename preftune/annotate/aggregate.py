@@ -53,9 +53,15 @@ def labelled_items(session, project: Project) -> dict[int, Item]:
 
 
 def votes_by_pair(kind: str, labels: list[LabelRecord]) -> dict:
-    """``{(item_id, i, j): [(annotator, outcome, magnitude), ...]}`` over all labels."""
+    """``{(item_id, i, j): [(annotator, outcome, magnitude), ...]}`` over all labels.
+
+    A binary answer is a vote on its one candidate: key ``(item_id, 0, 0)``, outcome +1 up, -1 down.
+    """
     votes = defaultdict(list)
     for record in labels:
+        if kind == "binary":
+            votes[(record.item_id, 0, 0)].append((record.annotator, 1 if record.answer["thumb"] == "up" else -1, 1.0))
+            continue
         n = len(record.display_order)  # one entry per candidate
         for i, j, outcome, magnitude in comparisons(kind, record.answer, n):
             votes[(record.item_id, i, j)].append((record.annotator, outcome, magnitude))
@@ -91,6 +97,8 @@ def export_pairs(session, project: Project, ties: str = "drop", min_votes: int =
     """
     if not 0.0 <= margin_scale < float("inf"):  # also refuses NaN
         raise ConfigError(f"margin_scale must be a finite number of at least 0, got {margin_scale}")
+    if project.kind == "binary":
+        raise ConfigError(f"project {project.name!r} asks binary questions (no pairs): export it with --format kto")
     labels = label_records(session, project)
     items = labelled_items(session, project)
     rows = []

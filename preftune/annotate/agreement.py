@@ -1,9 +1,10 @@
 """Inter-annotator agreement and per-annotator statistics.
 
 Units of agreement: for pairwise and ranking questions each pair of candidates of an item (value:
-which one won, or tie; nominal); for ratings each candidate of an item (value: its 1-7 score;
-interval). With exactly two annotators the headline is Cohen's kappa (quadratic weights for ratings),
-otherwise Krippendorff's alpha, which allows any number of raters and missing values.
+which one won, or tie; nominal); for binary questions each item (thumbs up or down; nominal); for
+ratings each candidate of an item (value: its 1-7 score; interval). With exactly two annotators the
+headline is Cohen's kappa (quadratic weights for ratings), otherwise Krippendorff's alpha, which
+allows any number of raters and missing values.
 """
 
 from __future__ import annotations

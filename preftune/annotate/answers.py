@@ -6,9 +6,12 @@ stored in the canonical candidate order, with the displayed order kept beside th
 * pairwise: ``{"winner": index or None (tie), "strength": 1-3 or None}``
 * ranking:  ``{"ranking": [indices, best first]}``
 * rating:   ``{"scores": [1-7 per candidate]}``
+* binary:   ``{"thumb": "up" or "down"}`` (one candidate: is it a good response?)
 
 Every kind reduces to comparisons ``(i, j, outcome, magnitude)`` with ``i < j`` and outcome +1 (i better),
--1 (j better) or 0 (tie); aggregation, agreement and position bias all work on those.
+-1 (j better) or 0 (tie); aggregation, agreement and position bias all work on those. A binary answer
+compares nothing: it is one vote on its single candidate (``thumbs``, which every kind also gives for
+exports to unpaired KTO rows).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 STRENGTHS = {1: "slightly", 2: "clearly", 3: "much"}
 RATING_MIN, RATING_MAX = 1, 7
 MAX_CANDIDATES = len(LETTERS)
+THUMBS = {"up": "up", "+": "up", "u": "up", "down": "down", "-": "down", "d": "down"}
 
 
 class AnswerError(ValueError):
@@ -80,6 +84,13 @@ def parse_answer(kind: str, fields: Mapping, display_order: list[int]) -> dict:
         for p, value in enumerate(shown):
             scores[display_order[p]] = _int(value, f"score of {LETTERS[p]}", RATING_MIN, RATING_MAX)
         return {"scores": scores}
+    if kind == "binary":
+        value = fields.get("thumb")
+        if isinstance(value, bool):
+            return {"thumb": "up" if value else "down"}
+        if not isinstance(value, str) or value.strip().lower() not in THUMBS:
+            raise AnswerError(f"thumb: choose up or down, got {value!r}")
+        return {"thumb": THUMBS[value.strip().lower()]}
     raise AnswerError(f"unknown question kind {kind!r}")
 
 
@@ -93,6 +104,8 @@ def form_values(kind: str, answer: dict, display_order: list[int]) -> dict[str, 
         return values
     if kind == "ranking":
         return {f"rank_{shown[index]}": str(rank) for rank, index in enumerate(answer["ranking"], start=1)}
+    if kind == "binary":
+        return {"thumb": answer["thumb"]}
     return {f"score_{shown[index]}": str(score) for index, score in enumerate(answer["scores"])}
 
 
@@ -107,6 +120,8 @@ def comparisons(kind: str, answer: dict, n: int) -> list[tuple[int, int, int, fl
         rank = {index: r for r, index in enumerate(answer["ranking"])}
         return [(i, j, 1 if rank[i] < rank[j] else -1, float(abs(rank[i] - rank[j])))
                 for i, j in combinations(range(n), 2)]
+    if kind == "binary":
+        return []
     scores = answer["scores"]
     out = []
     for i, j in combinations(range(n), 2):
@@ -126,4 +141,22 @@ def summary(kind: str, answer: dict, display_order: list[int]) -> str:
         return f"{shown[answer['winner']]} > {shown[loser]}" + (f" ({strength})" if strength else "")
     if kind == "ranking":
         return " > ".join(shown[index] for index in answer["ranking"])
+    if kind == "binary":
+        return f"thumbs {answer['thumb']}"
     return ", ".join(f"{shown[index]}: {answer['scores'][index]}" for index in display_order)
+
+
+def thumbs(kind: str, answer: dict, threshold: float) -> list[tuple[int, bool]]:
+    """Desirable / undesirable votes ``(candidate, good)`` an answer gives, for unpaired (KTO) rows.
+
+    binary: its thumb; pairwise: winner good, loser bad (a tie gives none); ranking: best good, worst
+    bad; rating: a score above ``threshold`` good, below bad (equal: no vote).
+    """
+    if kind == "binary":
+        return [(0, answer["thumb"] == "up")]
+    if kind == "pairwise":
+        winner = answer["winner"]
+        return [] if winner is None else [(winner, True), (1 - winner, False)]
+    if kind == "ranking":
+        return [(answer["ranking"][0], True), (answer["ranking"][-1], False)]
+    return [(index, score > threshold) for index, score in enumerate(answer["scores"]) if score != threshold]

@@ -1,9 +1,10 @@
 """Projects and their items: prompts with 2..N candidate responses, from a file or sampled from a model.
 
 Input rows (any file ``preftune.data.load_records`` reads: JSONL, JSON, CSV, Parquet):
-``prompt`` (a string, or a conversation: a list of chat messages) plus the candidates as ``responses`` (a list),
-``response_1``, ``response_2``, ... columns, or ``chosen`` / ``rejected``; optional ``id``. A bad row stops the import
-with the same row-numbered message as bad training data. Items already in the project (same id) are left alone.
+``prompt`` (a string, or a conversation: a list of chat messages) plus the candidates as ``responses``
+(a list), ``response_1``, ``response_2``, ... columns (binary projects also: one ``completion``),
+or ``chosen`` / ``rejected``; optional ``id``. A bad row stops the import with the same row-numbered
+message as bad training data. Items already in the project (same id) are left alone.
 
 A conversation prompt is shown to annotators as "role: content" lines and kept in the item's
 ``meta["prompt_messages"]``: candidates sampled from a model, and the reward model ordering the
@@ -33,7 +34,7 @@ from .models import KINDS, Item, Label, Project
 
 MAX_TEXT = 100_000
 RESPONSE_COLUMN = re.compile(r"^response_(\d+)$")
-RESERVED = {"id", "prompt", "responses", "chosen", "rejected"}
+RESERVED = {"id", "prompt", "responses", "chosen", "rejected", "completion"}
 
 
 class ProjectError(PreftuneError):
@@ -159,6 +160,8 @@ def _candidates(source: str, row: dict, number: int, required: int) -> list[str]
     elif numbered:
         present = [(n, key) for n, key in numbered if row[key] not in (None, "")]
         texts = [_text(source, number, key, row[key]) for _, key in present]
+    elif required == 1 and row.get("completion") is not None:
+        texts = [_text(source, number, "completion", row["completion"])]
     elif "chosen" in row or "rejected" in row:
         texts = [_text(source, number, key, row.get(key)) for key in ("chosen", "rejected")]
     elif required == 0:
@@ -197,13 +200,15 @@ def _meta(row: dict) -> dict:
             if k not in RESERVED and not RESPONSE_COLUMN.match(k) and isinstance(v, plain)}
 
 
-def read_items(source: str, generating: bool = False) -> list[ItemSpec]:
-    """Validate every row of an import file; with ``generating`` the candidates may be absent."""
+def read_items(source: str, generating: bool = False, minimum: int = 2) -> list[ItemSpec]:
+    """Validate every row of an import file; with ``generating`` the candidates may be absent.
+
+    ``minimum``: candidates a row needs (1 for binary projects, which also read a ``completion`` column)."""
     records = load_records(source)
     specs, seen = [], {}
     for row, number in zip(records.rows, records.row_numbers):
         prompt, messages = _prompt(records.name, row, number)
-        candidates = _candidates(records.name, row, number, 0 if generating else 2)
+        candidates = _candidates(records.name, row, number, 0 if generating else minimum)
         external_id = _row_id(records.name, row, number, messages or prompt, candidates)
         if external_id in seen:
             raise DataError(records.name, f"duplicate id {external_id!r} (first used on row {seen[external_id]})",
@@ -215,8 +220,10 @@ def read_items(source: str, generating: bool = False) -> list[ItemSpec]:
 
 
 def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling: dict | None = None,
-                        batch_size: int = 16, seed: int | None = None, chat: bool = False) -> None:
-    """Add ``n`` responses sampled from the model at ``model_path`` to every item (empty and repeated ones dropped)."""
+                        batch_size: int = 16, seed: int | None = None, chat: bool = False, minimum: int = 2) -> None:
+    """Add ``n`` responses sampled from the model at ``model_path`` to every item (empty and repeated ones dropped).
+
+    ``minimum``: different responses an item needs (1 for binary projects)."""
     from preftune.generate import SamplingSettings, generate_texts
     from preftune.models import load_causal_lm, load_tokenizer
 
@@ -237,9 +244,10 @@ def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling
         for sample in texts:
             if sample.strip() and sample not in spec.candidates and len(spec.candidates) < MAX_CANDIDATES:
                 spec.candidates.append(sample)
-        if len(spec.candidates) < 2:
+        if len(spec.candidates) < minimum:
             raise DataError(str(model_path), f"item {spec.external_id!r} (row {spec.row}): the model gave fewer than "
-                                             "2 different responses; sample with a higher temperature or larger n")
+                                             f"{minimum} different responses; sample with a higher temperature or "
+                                             "larger n")
 
 
 def split_pairs(spec: ItemSpec) -> list[ItemSpec]:
@@ -250,10 +258,24 @@ def split_pairs(spec: ItemSpec) -> list[ItemSpec]:
                      dict(spec.meta), spec.row) for i, j in combinations(range(len(spec.candidates)), 2)]
 
 
+def split_single(spec: ItemSpec) -> list[ItemSpec]:
+    """For binary projects: an item with N > 1 candidates becomes one item per candidate."""
+    if len(spec.candidates) == 1:
+        return [spec]
+    return [ItemSpec(f"{spec.external_id}:{i + 1}", spec.prompt, [text], dict(spec.meta), spec.row)
+            for i, text in enumerate(spec.candidates)]
+
+
 def add_items(session, project: Project, specs: list[ItemSpec], seed: int | None = None) -> tuple[int, int]:
     """Insert new items (random serving order); returns (added, already present)."""
     if project.kind == "pairwise":
         specs = [part for spec in specs for part in split_pairs(spec)]
+    elif project.kind == "binary":
+        specs = [part for spec in specs for part in split_single(spec)]
+    for spec in specs:
+        if len(spec.candidates) < 2 and project.kind != "binary":
+            raise ProjectError(f"item {spec.external_id!r} (row {spec.row}) has one response: only binary projects "
+                               "take one response per prompt")
     existing = set(session.scalars(select(Item.external_id).where(Item.project_id == project.id)))
     rng = random.Random(seed)
     now = time.time()

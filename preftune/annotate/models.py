@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-KINDS = ("pairwise", "ranking", "rating")
+KINDS = ("pairwise", "ranking", "rating", "binary")
 
 
 class Base(DeclarativeBase):

@@ -25,7 +25,9 @@ console = Console(stderr=True)
 
 
 def least_separated(scores: list[float]) -> float:
-    """The smallest gap between any two candidates' scores."""
+    """The smallest gap between any two candidates' scores (one candidate: its distance from 0)."""
+    if len(scores) == 1:
+        return abs(scores[0])
     return min(abs(a - b) for a, b in combinations(scores, 2))
 
 

@@ -20,11 +20,13 @@ from .tokens import find_annotator
 
 router = APIRouter()
 _markdown = MarkdownIt("commonmark", {"html": False})  # raw HTML in guidelines is shown as text
-KIND_TEXT = {"pairwise": "pick the better of two", "ranking": "rank the responses", "rating": "score each response 1-7"}
+KIND_TEXT = {"pairwise": "pick the better of two", "ranking": "rank the responses", "rating": "score each response 1-7",
+             "binary": "thumbs up or down"}
 KEYS_HELP = {
     "pairwise": "Keys: a / ← A is better · b / → B is better · t tie · 1 2 3 how much · n note · Enter submit · s skip",
     "ranking": "Keys: press the letters best first (a, b, ...) · Backspace clears · n note · Enter submit · s skip",
     "rating": "Keys: 1-7 scores the outlined response and moves on · ← → move · n note · Enter submit · s skip",
+    "binary": "Keys: u / + thumbs up · d / - thumbs down · n note · Enter submit · s skip",
 }
 
 

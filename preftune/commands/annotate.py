@@ -50,8 +50,9 @@ def import_arguments(imp) -> None:
     imp.add_argument("file", help="JSONL, JSON, CSV or Parquet file.")
     _db(imp)
     add_flag(imp, "project", required=True, help="Project name.")
-    add_flag(imp, "kind", choices=["pairwise", "ranking", "rating"], default=None,
-             help="Question: pairwise (A / B / tie, optional strength), ranking (order N), rating (1-7 each). "
+    add_flag(imp, "kind", choices=["pairwise", "ranking", "rating", "binary"], default=None,
+             help="Question: pairwise (A / B / tie, optional strength), ranking (order N), rating (1-7 each), "
+                  "binary (thumbs up / down on one response; a row's several responses become one item each). "
                   "New projects default to pairwise.")
     _project_settings(imp, "Annotators per item (new projects: 1).", "(new projects: yes)")
     add_flag(imp, "model", default=None, metavar="PATH", help="Generate the candidates with this model.")
@@ -120,6 +121,13 @@ def export_arguments(export) -> None:
     add_flag(export, "margin_scale", type=float, default=0.0,
              help="Add a 'margin' column: this times the mean vote strength toward chosen (0: no column).")
     add_flag(export, "raw", action="store_true", help="Write every label as stored instead of aggregated pairs.")
+    add_flag(export, "format", choices=["pairs", "kto"], default="pairs",
+             help="pairs: prompt/chosen/rejected rows; kto: unpaired prompt/completion/label rows with label_prob "
+                  "(binary thumbs; pairwise winner/loser; ranking best/worst; ratings above/below a threshold).")
+    add_flag(export, "min_agreement", type=float, default=0.0,
+             help="--format kto: leave out candidates whose label_prob (share of agreeing votes) is below this.")
+    add_flag(export, "rating_threshold", type=float, default=None,
+             help="--format kto, rating projects: scores above are desirable, below undesirable (default: midpoint).")
 
 
 def stats_arguments(stats) -> None:
@@ -180,20 +188,30 @@ def _watcher(db, path: str, interval: float):
     return watcher
 
 
+def _existing_kind(db, name: str) -> str | None:
+    from sqlalchemy import select
+
+    from preftune.annotate.models import Project
+
+    with db.read() as session:
+        return session.scalar(select(Project.kind).where(Project.name == name))
+
+
 def run_import(args) -> int:
     from preftune.annotate.importer import add_items, ensure_project, generate_candidates, read_guidelines, read_items
 
     if args.num_candidates < 1:
         raise ConfigError("--num_candidates must be at least 1")
     guidelines = read_guidelines(args.guidelines)
-    specs = read_items(args.file, generating=bool(args.model))
+    db = open_db(args.db)
+    minimum = 1 if (args.kind or _existing_kind(db, args.project)) == "binary" else 2
+    specs = read_items(args.file, generating=bool(args.model), minimum=minimum)
     if args.model:
         sampling = {key: value for key, value in (("max_new_tokens", args.max_new_tokens),
                                                   ("temperature", args.temperature), ("top_p", args.top_p),
                                                   ("top_k", args.top_k)) if value is not None}
         generate_candidates(specs, args.model, args.num_candidates, sampling, batch_size=args.batch_size,
-                            seed=args.seed, chat=args.chat)
-    db = open_db(args.db)
+                            seed=args.seed, chat=args.chat, minimum=minimum)
     with db.write() as session:
         project, created = ensure_project(session, args.project, args.kind, guidelines, args.overlap, args.allow_notes)
         added, present = add_items(session, project, specs, seed=args.seed)
@@ -290,19 +308,25 @@ def run_rank(args) -> int:
 def run_export(args) -> int:
     from preftune.annotate.aggregate import export_pairs, export_raw, write_jsonl
     from preftune.annotate.importer import get_project
+    from preftune.annotate.unpaired import export_kto
 
     if args.min_votes < 1:
         raise ConfigError("--min_votes must be at least 1")
+    if args.raw and args.format != "pairs":
+        raise ConfigError("--raw writes every label as stored; leave out --format")
     db = open_db(args.db)
     with db.read() as session:
         project = get_project(session, args.project)
         if args.raw:
             rows = export_raw(session, project)
+        elif args.format == "kto":
+            rows = export_kto(session, project, min_agreement=args.min_agreement, min_votes=args.min_votes,
+                              rating_threshold=args.rating_threshold)
         else:
             rows = export_pairs(session, project, ties=args.ties, min_votes=args.min_votes,
                                 margin_scale=args.margin_scale)
     path = write_jsonl(rows, args.output)
-    what = "labels" if args.raw else "pairs"
+    what = "labels" if args.raw else "KTO rows" if args.format == "kto" else "pairs"
     out.print(f"wrote {len(rows)} {what} to {path}")
     if not rows:
         err.print("[yellow]nothing to export yet: no labels (or no pair with a majority)")

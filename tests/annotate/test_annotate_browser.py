@@ -1,4 +1,4 @@
-"""End to end in a real browser: an annotator labels with mouse and keyboard, an admin exports, DPO trains.
+"""End to end in a real browser: an annotator labels with mouse and keyboard, an admin exports, DPO (or KTO) trains.
 
 Chromium (Debian's package) is driven by Playwright against the server running in a subprocess.
 With PREFTUNE_SCREENSHOTS=1 the SQLite run saves the README's screenshots under docs/images/.
@@ -181,3 +181,64 @@ def test_ranking_and_rating_keys_in_the_browser(tmp_path, make_project, start_se
     answer, order = stored[2]
     assert answer["scores"][order[0]] == 7 and answer["scores"][order[1]] == 2
     database.dispose()
+
+
+def test_binary_thumbs_with_mouse_and_keyboard_export_kto_and_train(tmp_path, make_project, start_server, chromium,
+                                                                   tiny_model_dir):
+    import subprocess
+    import sys
+
+    from preftune.annotate.db import Database
+    from preftune.annotate.members import add_member
+    from preftune.cli import main
+
+    source = tmp_path / "items.jsonl"  # each pair becomes two binary items: the calm and the loud response
+    source.write_text("".join(json.dumps(r) + "\n" for r in make_toy_preferences(3, seed=5)))
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    assert main(["annotate", "import", str(source), "--project", "thumbs", "--kind", "binary", "--db", url]) == 0
+    database = Database(url)
+    tokens = make_project(database, items=0, project="other", annotators=("ana",), admins=())
+    with database.write() as session:
+        add_member(session, "thumbs", "ana")
+    database.dispose()
+    server = start_server(url, "--log-level", "warning")
+    page = chromium.new_context().new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    log_in(page, server.url, tokens["ana"], "/")
+    page.goto(server.url + "/p/1")
+    keys = [None, ("u", "d"), ("+", "-"), None, ("u", "d"), ("+", "-")]  # None: the mouse
+    for step, pair in enumerate(keys):
+        calm = any(word in page.inner_text("#candidate-A pre").split() for word in CALM_WORDS)
+        thumb = "up" if calm else "down"
+        if pair is None:
+            page.click(f"#thumb-{thumb}")
+            if step == 0:
+                page.fill("#note", "calm and kind")
+            with page.expect_navigation():
+                page.click("#submit")
+        else:
+            page.keyboard.press(pair[0] if calm else pair[1])
+            assert page.is_checked(f"input[name=thumb][value={thumb}]")
+            with page.expect_navigation():
+                page.keyboard.press("Enter")
+    assert page.locator("h1", has_text="All done").count() == 1 and not errors
+
+    export = tmp_path / "kto.jsonl"
+    assert main(["annotate", "export", "--project", "thumbs", "--format", "kto", "--output", str(export),
+                 "--db", url]) == 0
+    rows = [json.loads(line) for line in export.read_text().splitlines()]
+    assert len(rows) == 6 and sum(r["label"] for r in rows) == 3
+    assert all(r["label"] == any(w in r["completion"].split() for w in CALM_WORDS) for r in rows)
+    assert all(r["label_prob"] == 1.0 for r in rows)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "preftune.cli", "kto", "--model_name_or_path", str(tiny_model_dir),
+                           "--dataset", str(export), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+                           "--per_device_batch_size", "6", "--learning_rate", "1e-4", "--max_length", "64",
+                           "--logging_steps", "1"], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("loss" in m for m in losses) == 2
+    model = tmp_path / "run" / "model"
+    assert (model / "config.json").is_file() and any(model.glob("*.safetensors"))

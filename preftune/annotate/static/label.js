@@ -71,6 +71,10 @@
       pickRadio("choice", "tie");
     } else if (kind === "pairwise" && /^[1-3]$/.test(key)) {
       pickRadio("strength", key);
+    } else if (kind === "binary" && (upper === "U" || key === "+")) {
+      pickRadio("thumb", "up");
+    } else if (kind === "binary" && (upper === "D" || key === "-")) {
+      pickRadio("thumb", "down");
     } else if (kind === "ranking" && upper && letters.indexOf(upper) >= 0) {
       rank(upper);
     } else if (kind === "ranking" && (key === "Backspace" || key === "Delete")) {
