@@ -86,7 +86,8 @@ def test_sft_step_on_messages_learns(smollm2_dir, tmp_path, one_thread):
 
 def test_reward_model_step_learns_and_scores(smollm2_dir, two_pairs, tmp_path, one_thread):
     from preftune.config import RewardConfig
-    from preftune.train.reward import load_reward_model, score_texts, train_reward
+    from preftune.scoring.reward_model import load_reward_model, score_texts
+    from preftune.train.reward import train_reward
 
     cfg = RewardConfig(model_name_or_path=str(smollm2_dir), dataset=str(two_pairs), output_dir=str(tmp_path / "rm"),
                        **small_run())
