@@ -96,22 +96,23 @@ async def export(request: Request, project_id: RowId, ties: str = "drop",
     if not math.isfinite(margin_scale) or margin_scale > MAX_MARGIN_SCALE:
         return JSONResponse({"detail": f"margin_scale must be a number from 0 to {MAX_MARGIN_SCALE:g}"}, 422)
 
-    def rows():
-        project = load_project(request, project_id)
-        with request.app.state.db.read() as session:
-            found = export_pairs(session, project, ties=ties, min_votes=min_votes, margin_scale=margin_scale)
-        return _jsonl(found, _filename(project, "pairs"))
-
-    return await _admin_work(request, rows)
+    return await _export(request, project_id, "pairs",
+                         lambda session, project: export_pairs(session, project, ties=ties, min_votes=min_votes,
+                                                               margin_scale=margin_scale))
 
 
 @router.get("/p/{project_id}/labels.jsonl")
 async def labels(request: Request, project_id: RowId, user: User = Depends(admin)):
+    return await _export(request, project_id, "labels", export_raw)
+
+
+async def _export(request: Request, project_id: int, suffix: str, rows_of) -> Response:
+    """A project's rows, ``rows_of(session, project)``, as a JSONL download (on the admin threads)."""
     def rows():
         project = load_project(request, project_id)
         with request.app.state.db.read() as session:
-            found = export_raw(session, project)
-        return _jsonl(found, _filename(project, "labels"))
+            found = rows_of(session, project)
+        return _jsonl(found, _filename(project, suffix))
 
     return await _admin_work(request, rows)
 
