@@ -20,15 +20,15 @@ class OnlineRLSettings(ModelSettings, DataSource, TrainSettings):
                                             "final model/.")
     dataset: str | None = option(None, "Prompts: JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name with "
                                        "a 'prompt' column (strings or lists of messages) (required).")
-    max_prompt_length: int = option(512, "Longer prompts keep their last this many tokens.")
-    temperature: float = option(1.0, "Sampling temperature; log-probs are computed at the same temperature.")
-    top_k: int = option(0, "Sample from the top k tokens only (0: all). Makes samples slightly off-policy.")
-    top_p: float = option(1.0, "Nucleus sampling threshold (1: off). Makes samples slightly off-policy.")
     logging_steps: int = option(1, "Write averaged metrics every this many iterations.")
     save_steps: int = option(0, "Checkpoint every this many iterations (0: no intermediate checkpoints).")
     log_samples_steps: int = option(10, "Write example generations to samples.jsonl every this many iterations (0: "
                                         "never).")
     log_samples: int = option(4, "Example generations written each time.")
+    max_prompt_length: int = option(512, "Longer prompts keep their last this many tokens.")
+    temperature: float = option(1.0, "Sampling temperature; log-probs are computed at the same temperature.")
+    top_k: int = option(0, "Sample from the top k tokens only (0: all). Makes samples slightly off-policy.")
+    top_p: float = option(1.0, "Nucleus sampling threshold (1: off). Makes samples slightly off-policy.")
 
     def check_prompts(self, require_model: bool, policy: str) -> None:
         """The policy (described by ``policy`` in the error) and the prompt dataset are given."""

@@ -42,10 +42,10 @@ class PPOConfig(OnlineRLSettings):
     vf_coef: float = option(0.1, "Weight of the value loss.")
     gamma: float = option(1.0, "Discount factor γ.")
     lam: float = option(0.95, "GAE λ.")
-    kl_coef: float = option(0.05, "Coefficient β of the per-token KL penalty (initial value when adaptive_kl).")
     kl_estimator: str = option("k1", "Per-token KL estimator: k1 (log π - log π_ref) or k3 ((ρ-1) - log ρ, ρ = "
                                      "π_ref/π).",
                                choices=["k1", "k3"])
+    kl_coef: float = option(0.05, "Coefficient β of the per-token KL penalty (initial value when adaptive_kl).")
     adaptive_kl: bool = option(False, "Adapt β to keep the KL near target_kl (Ziegler et al. 2019 proportional "
                                       "controller).")
     target_kl: float = option(6.0, "KL (nats per response) the adaptive controller aims for.")
