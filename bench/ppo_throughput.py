@@ -20,20 +20,16 @@ installed (without dependencies) into a cache directory and put on the TRL worke
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dpo_throughput import PeakRSS  # noqa: E402
-from harness import add_model_arguments, add_worker_arguments, results_table, run_worker  # noqa: E402
+import harness  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -81,32 +77,19 @@ def run_ours(args, assets, out_dir: Path, lora: bool = False) -> dict:
     import torch
 
     from preftune.config import PPOConfig
-    from preftune.train import loop
     from preftune.train.ppo import read_metrics, train_ppo
 
     torch.manual_seed(0)
-    stamps: list[tuple[float, float]] = []
-    original_log = loop.Trainer.log
-
-    def timed_log(self, metrics):  # logging_steps=1: called once at the end of every iteration
-        stamps.append((time.perf_counter(), time.process_time()))
-        original_log(self, metrics)
-
-    loop.Trainer.log = timed_log
-    meter = PeakRSS()
-    meter.start()
+    measure = harness.Measure(harness.preftune_stamps())
     cfg = PPOConfig(model_name_or_path=assets["model"], dataset=assets["data"], output_dir=str(out_dir),
                     reward_model_path=assets["reward"], per_device_batch_size=args.micro,
                     gradient_accumulation_steps=args.batch // args.micro, num_mini_batches=1,
                     num_ppo_epochs=args.epochs, max_new_tokens=args.response, generation_batch_size=args.batch,
                     learning_rate=args.lr, max_steps=args.iterations, logging_steps=1, seed=0, precision="fp32",
                     kl_coef=0.05, log_samples_steps=0, lora=lora, lora_r=16, lora_alpha=32, overwrite_output_dir=True)
-    started = (time.perf_counter(), time.process_time())
-    train_ppo(cfg)
-    total = time.perf_counter() - started[0]
-    peak = meter.stop()
+    figures = measure.train(lambda: train_ppo(cfg))
     records = read_metrics(out_dir)
-    return {**_intervals(started, stamps), "peak_mib": peak, "total_s": total,
+    return {**figures,
             "response_length": statistics.mean(r["response/length"] for r in records),
             "entropy_first": records[0]["objective/entropy"], "kl_first": records[0]["objective/kl"]}
 
@@ -114,18 +97,12 @@ def run_ours(args, assets, out_dir: Path, lora: bool = False) -> dict:
 def run_trl(args, assets, out_dir: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     torch.manual_seed(0)
     stamps: list[tuple[float, float]] = []
-
-    class IterationTimer(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            stamps.append((time.perf_counter(), time.process_time()))
-
-    meter = PeakRSS()
-    meter.start()
+    measure = harness.Measure(stamps)
     tokenizer = AutoTokenizer.from_pretrained(assets["model"], padding_side="left")
     prompts = [json.loads(line)["prompt"] for line in Path(assets["data"]).read_text().splitlines()]
     dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
@@ -143,21 +120,12 @@ def run_trl(args, assets, out_dir: Path) -> dict:
                        save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, optim="adamw_torch")
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=dataset, eval_dataset=dataset.select(range(args.batch)),
-                         callbacks=[IterationTimer()])
-    started = (time.perf_counter(), time.process_time())
-    trainer.train()
-    total = time.perf_counter() - started[0]
-    peak = meter.stop()
+                         callbacks=[harness.trl_timer(stamps)])
+    figures = measure.train(trainer.train)
     logs = [h for h in trainer.state.log_history if "objective/entropy" in h]
-    return {**_intervals(started, stamps), "peak_mib": peak, "total_s": total,
+    return {**figures,
             "response_length": float(args.response), "entropy_first": logs[0]["objective/entropy"],
             "kl_first": logs[0]["objective/kl"]}
-
-
-def _intervals(started: tuple[float, float], stamps: list[tuple[float, float]]) -> dict[str, list[float]]:
-    points = [started] + stamps
-    return {"iteration_times": [b[0] - a[0] for a, b in zip(points, points[1:])],
-            "iteration_cpu": [b[1] - a[1] for a, b in zip(points, points[1:])]}
 
 
 WORKERS = {
@@ -166,42 +134,14 @@ WORKERS = {
     "trl": run_trl,
 }
 
+SPAWN_KEYS = ["iterations", "batch", "micro", "epochs", "response", "lr", "threads"]
+
 
 # ---------------------------------------------------------------------- parent
 
 
-def trl_path() -> str | None:
-    """A directory to put first on the TRL worker's path, or None if the installed TRL has PPO."""
-    probe = subprocess.run([sys.executable, "-c", "import trl.experimental.ppo"], capture_output=True)
-    if probe.returncode == 0:
-        return None
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    target = cache / "preftune" / "bench" / f"trl-{TRL_WITH_PPO}"
-    if not (target / "trl" / "experimental" / "ppo").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                        f"trl=={TRL_WITH_PPO}"], check=True)
-    return str(target)
-
-
-def spawn(name: str, args, assets_file: Path, root: Path) -> dict:
-    out = root / f"out-{name}"
-    cmd = [sys.executable, __file__, "--worker", name, "--assets", str(assets_file), "--out", str(out)]
-    for key in ("iterations", "batch", "micro", "epochs", "response", "lr", "threads"):
-        cmd += [f"--{key}", str(getattr(args, key))]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    if name.startswith("trl") and args.trl_path:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.trl_path, env.get("PYTHONPATH")]))
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
-        raise SystemExit(f"worker {name} failed")
-    return json.loads((out / "bench.json").read_text())
-
-
 def summarise(result: dict, batch: int) -> dict:
-    timed = result["iteration_times"][1:] or result["iteration_times"]  # the first iteration warms up
-    iteration = statistics.median(timed)
-    cpu = statistics.median(result["iteration_cpu"][1:] or result["iteration_cpu"])
+    iteration, cpu = harness.iteration_medians(result)
     return {"iterations/s": 1 / iteration, "samples/s": batch / iteration, "peak MiB": result["peak_mib"],
             "iteration s": iteration, "CPU s / iteration": cpu, "total s": result["total_s"],
             "response length": result["response_length"],
@@ -209,55 +149,31 @@ def summarise(result: dict, batch: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=16, help="prompts per rollout (both trainers)")
-    parser.add_argument("--micro", type=int, default=8, help="sequences per forward/backward pass")
-    parser.add_argument("--epochs", type=int, default=4, help="PPO epochs per rollout")
-    parser.add_argument("--response", type=int, default=64, help="response length (max new tokens)")
-    parser.add_argument("--prompt-length", type=int, default=64)
-    add_model_arguments(parser, lr=3e-6)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
-    parser.add_argument("--runs", nargs="*", default=["preftune", "trl", "preftune-lora"])
-    add_worker_arguments(parser)
-    args = parser.parse_args()
+    shape = {"--batch": (16, "prompts per rollout (both trainers)"), "--epochs": (4, "PPO epochs per rollout"),
+             "--response": (64, "response length (max new tokens)")}
+    args = harness.online_parser(__doc__, lr=3e-6, runs=["preftune", "trl", "preftune-lora"], shape=shape).parse_args()
 
-    if run_worker(args, WORKERS, threads=args.threads):
+    if harness.run_worker(args, WORKERS, threads=args.threads):
         return
 
-    from rich.console import Console
-
-    console = Console()
-    args.trl_path = trl_path() if any(r.startswith("trl") for r in args.runs) else None
+    console = harness.console()
+    wanted = any(r.startswith("trl") for r in args.runs)
+    args.trl_path = harness.trl_in_cache(TRL_WITH_PPO, "import trl.experimental.ppo",
+                                         "trl/experimental/ppo") if wanted else None
     root = Path(tempfile.mkdtemp(prefix="preftune-ppo-bench-"))
     assets = build_assets(root, args.vocab, args.hidden, args.layers, prompts=args.batch * args.iterations,
                           prompt_length=args.prompt_length)
-    assets_file = root / "assets.json"
-    assets_file.write_text(json.dumps(assets))
     console.print(f"policy, critic, reward model: Llama vocab={args.vocab} hidden={args.hidden} layers={args.layers}; "
                   f"rollout {args.batch} prompts of {args.prompt_length} tokens, {args.response} new tokens, "
                   f"micro-batch {args.micro}, {args.epochs} PPO epochs; fp32; {args.threads} thread(s) per process, "
                   f"{os.cpu_count()} CPUs")
-    results = {}
-    for name in args.runs:
-        console.print(f"running {name} ...")
-        results[name] = summarise(spawn(name, args, assets_file, root), args.batch)
+    runs = harness.spawn_all(__file__, args, SPAWN_KEYS, assets, root, console)
+    results = {name: summarise(result, args.batch) for name, result in runs.items()}
     columns = ["iterations/s", "samples/s", "peak MiB", "iteration s", "CPU s / iteration", "total s",
                "response length",
                "entropy (iter 1)"]
-    console.print(results_table("PPO iteration: rollout + updates (median of iterations 2..N)", results, columns,
-                                lambda column, value: f"{value:.3f}" if column == "iterations/s" else f"{value:.1f}"))
-    report = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "assets", "out")},
-              "results": results}
-    if "preftune" in results and "trl" in results:
-        ours, theirs = results["preftune"], results["trl"]
-        ratio = {"speed": ours["samples/s"] / theirs["samples/s"], "memory": ours["peak MiB"] / theirs["peak MiB"],
-                 "cpu": ours["CPU s / iteration"] / theirs["CPU s / iteration"]}
-        report["preftune vs trl"] = ratio
-        console.print(f"preftune vs TRL: {ratio['speed']:.2f}x samples/s, {ratio['cpu']:.2f}x CPU time per iteration, "
-                      f"{ratio['memory']:.2f}x peak memory")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    harness.report_against_trl(console, args, results, "PPO iteration: rollout + updates (median of iterations 2..N)",
+                               columns, lambda column, value: f"{value:.{3 if column == 'iterations/s' else 1}f}")
 
 
 if __name__ == "__main__":

@@ -24,53 +24,27 @@ from .config import (  # noqa: E402
 from .errors import ConfigError, DataError, PreftuneError  # noqa: E402
 
 
-def train_dpo(cfg, **objects):
-    """DPO or a relative (see :func:`preftune.train.dpo.train_dpo`)."""
-    from .train.dpo import train_dpo as run
+def _lazy(name: str, summary: str):
+    """``preftune.<name>``: calls ``preftune.train.<module>.<name>``, importing torch and the trainer on first use."""
+    module = name.removeprefix("train_")
 
-    return run(cfg, **objects)
+    def run(cfg, **objects):
+        from importlib import import_module
 
+        return getattr(import_module(f".train.{module}", __name__), name)(cfg, **objects)
 
-def train_kto(cfg, **objects):
-    """KTO on desirable / undesirable examples (see :func:`preftune.train.kto.train_kto`)."""
-    from .train.kto import train_kto as run
-
-    return run(cfg, **objects)
-
-
-def train_pretrain(cfg, **objects):
-    """Next-token pretraining on raw text (see :func:`preftune.train.pretrain.train_pretrain`)."""
-    from .train.pretrain import train_pretrain as run
-
-    return run(cfg, **objects)
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = f"{summary} (see :func:`preftune.train.{module}.{name}`)."
+    return run
 
 
-def train_sft(cfg, **objects):
-    """Supervised fine-tuning (see :func:`preftune.train.sft.train_sft`)."""
-    from .train.sft import train_sft as run
-
-    return run(cfg, **objects)
-
-
-def train_reward(cfg, **objects):
-    """A scalar reward model on preference pairs (see :func:`preftune.train.reward.train_reward`)."""
-    from .train.reward import train_reward as run
-
-    return run(cfg, **objects)
-
-
-def train_ppo(cfg, **objects):
-    """PPO against a reward model or function (see :func:`preftune.train.ppo.train_ppo`)."""
-    from .train.ppo import train_ppo as run
-
-    return run(cfg, **objects)
-
-
-def train_grpo(cfg, **objects):
-    """GRPO, or RLOO with an ``RLOOConfig`` (see :func:`preftune.train.grpo.train_grpo`)."""
-    from .train.grpo import train_grpo as run
-
-    return run(cfg, **objects)
+train_dpo = _lazy("train_dpo", "DPO or a relative")
+train_kto = _lazy("train_kto", "KTO on desirable / undesirable examples")
+train_pretrain = _lazy("train_pretrain", "Next-token pretraining on raw text")
+train_sft = _lazy("train_sft", "Supervised fine-tuning")
+train_reward = _lazy("train_reward", "A scalar reward model on preference pairs")
+train_ppo = _lazy("train_ppo", "PPO against a reward model or function")
+train_grpo = _lazy("train_grpo", "GRPO, or RLOO with an ``RLOOConfig``")
 
 
 __all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "PPOConfig", "PretrainConfig", "RLOOConfig", "RewardConfig",

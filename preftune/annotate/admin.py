@@ -97,37 +97,35 @@ async def export(request: Request, project_id: RowId, ties: str = "drop",
     if not math.isfinite(margin_scale) or margin_scale > MAX_MARGIN_SCALE:
         return JSONResponse({"detail": f"margin_scale must be a number from 0 to {MAX_MARGIN_SCALE:g}"}, 422)
 
-    def rows():
-        project = load_project(request, project_id)
+    def pairs(session, project):
         if project.kind == "binary":
             return JSONResponse({"detail": "a binary project has no pairs: export KTO rows (kto.jsonl)"}, 422)
-        with request.app.state.db.read() as session:
-            found = export_pairs(session, project, ties=ties, min_votes=min_votes, margin_scale=margin_scale)
-        return _jsonl(found, _filename(project, "pairs"))
+        return export_pairs(session, project, ties=ties, min_votes=min_votes, margin_scale=margin_scale)
 
-    return await _admin_work(request, rows)
+    return await _export(request, project_id, "pairs", pairs)
 
 
 @router.get("/p/{project_id}/kto.jsonl")
 async def export_unpaired(request: Request, project_id: RowId, min_agreement: float = Query(0.0, ge=0.0, le=1.0),
                           min_votes: int = Query(1, ge=1, le=1_000_000), user: User = Depends(admin)):
     """Unpaired KTO rows (any question kind): prompt, completion, label, label_prob."""
-    def rows():
-        project = load_project(request, project_id)
-        with request.app.state.db.read() as session:
-            found = export_kto(session, project, min_agreement=min_agreement, min_votes=min_votes)
-        return _jsonl(found, _filename(project, "kto"))
-
-    return await _admin_work(request, rows)
+    return await _export(request, project_id, "kto", lambda session, project: export_kto(
+        session, project, min_agreement=min_agreement, min_votes=min_votes))
 
 
 @router.get("/p/{project_id}/labels.jsonl")
 async def labels(request: Request, project_id: RowId, user: User = Depends(admin)):
+    return await _export(request, project_id, "labels", export_raw)
+
+
+async def _export(request: Request, project_id: int, suffix: str, rows_of) -> Response:
+    """A project's rows, ``rows_of(session, project)``, as a JSONL download (on the admin threads); ``rows_of``
+    may answer with a response of its own instead (a refusal)."""
     def rows():
         project = load_project(request, project_id)
         with request.app.state.db.read() as session:
-            found = export_raw(session, project)
-        return _jsonl(found, _filename(project, "labels"))
+            found = rows_of(session, project)
+        return found if isinstance(found, Response) else _jsonl(found, _filename(project, suffix))
 
     return await _admin_work(request, rows)
 

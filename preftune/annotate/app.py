@@ -56,6 +56,20 @@ def _error(request: Request, status: int, message: str, heading: str = "Somethin
     return response
 
 
+# errors answered with a fixed status and heading; the message is the exception's own text unless given here
+PLAIN_ERRORS = ((Forbidden, 403, "Not allowed", None),
+                (NotAssigned, 404, "Not found", "That item is not in your queue."),
+                (RequestConflict, 409, "Conflict", None),
+                (AnswerError, 422, "Invalid answer", None))
+
+
+def _plain_handler(status: int, heading: str, message: str | None):
+    async def handler(request: Request, exc: Exception):
+        return _error(request, status, message or str(exc), heading)
+
+    return handler
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired):
@@ -65,21 +79,8 @@ def _install_error_handlers(app: FastAPI) -> None:
             return RedirectResponse("/login", status_code=303)
         return _error(request, 401, "Please log in again.", "Not logged in")
 
-    @app.exception_handler(Forbidden)
-    async def forbidden(request: Request, exc: Forbidden):
-        return _error(request, 403, str(exc), "Not allowed")
-
-    @app.exception_handler(NotAssigned)
-    async def not_assigned(request: Request, exc: NotAssigned):
-        return _error(request, 404, "That item is not in your queue.", "Not found")
-
-    @app.exception_handler(RequestConflict)
-    async def conflict(request: Request, exc: RequestConflict):
-        return _error(request, 409, str(exc), "Conflict")
-
-    @app.exception_handler(AnswerError)
-    async def bad_answer(request: Request, exc: AnswerError):
-        return _error(request, 422, str(exc), "Invalid answer")
+    for error, status, heading, message in PLAIN_ERRORS:
+        app.add_exception_handler(error, _plain_handler(status, heading, message))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

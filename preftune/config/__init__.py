@@ -3,7 +3,7 @@
 - :mod:`.base`: the machinery (:func:`option` fields with help text, :func:`with_default`, :func:`load_config`,
   flags);
 - :mod:`.shared`: the settings commands share (model, data source, held-out data, training loop),
-  each field declared once;
+  each field declared once; :mod:`.online`: those the online RL commands (``ppo``, ``grpo``, ``rloo``) share;
 - :mod:`.preference` (``dpo``, ``kto``, ``reward``), :mod:`.lm` (``pretrain``, ``sft``), :mod:`.ppo`, :mod:`.grpo`
   (``grpo``, ``rloo``): the commands' configs. Values are validated before any model is loaded.
 """

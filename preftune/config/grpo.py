@@ -13,19 +13,15 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..losses.grpo import AGGREGATIONS, LOSS_TYPE_ALIASES, SCALE_REWARDS
-from .base import check_ranges, option
-from .shared import DataSource, ModelSettings, TrainSettings, validate_training
+from .base import check_ranges, option, with_default
+from .online import OnlineRLSettings
 
 
 @dataclass
-class GRPOConfig(ModelSettings, DataSource, TrainSettings):
+class GRPOConfig(OnlineRLSettings):
     """``preftune grpo``: critic-free online RL with a group baseline (GRPO, DAPO, Dr. GRPO; RLOO by ``advantage``)."""
 
-    output_dir: str = option("runs/grpo", "Run directory: metrics.jsonl, samples.jsonl, checkpoints/ and the final "
-                                          "model/.")
-    dataset: str | None = option(None, "Prompts: JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name with "
-                                       "a 'prompt' column (strings or lists of messages) (required).")
-    max_prompt_length: int = option(512, "Longer prompts keep their last this many tokens.")
+    output_dir: str = with_default(OnlineRLSettings, "output_dir", "runs/grpo")
     reward_funcs: list[str] = option([], "Reward functions, each 'module:function' or 'path/file.py:function' "
                                          "called as fn(prompts, completions) -> one number per completion, or a "
                                          "reward model directory (trained by `preftune reward`) (at least one).")
@@ -37,9 +33,6 @@ class GRPOConfig(ModelSettings, DataSource, TrainSettings):
                             choices=["grpo", "rloo"])
     num_generations: int = option(8, "Completions sampled per prompt (the group size G).")
     max_completion_length: int = option(256, "Longest completion sampled.")
-    temperature: float = option(1.0, "Sampling temperature; log-probs are computed at the same temperature.")
-    top_k: int = option(0, "Sample from the top k tokens only (0: all). Makes samples slightly off-policy.")
-    top_p: float = option(1.0, "Nucleus sampling threshold (1: off). Makes samples slightly off-policy.")
     generation_batch_size: int = option(32, "Sequences per generation and no-grad forward pass.")
     per_device_batch_size: int = option(8, "Completions per device per forward pass.")
     steps_per_generation: int = option(1, "Optimiser steps per pass over a rollout batch (its minibatches).")
@@ -67,11 +60,6 @@ class GRPOConfig(ModelSettings, DataSource, TrainSettings):
                                 "num_epochs when > 0).")
     learning_rate: float = option(1e-6, "Peak learning rate (AdamW).")
     warmup_ratio: float = option(0.0, "Fraction of optimiser steps spent warming up linearly from 0.")
-    logging_steps: int = option(1, "Write averaged metrics every this many iterations.")
-    save_steps: int = option(0, "Checkpoint every this many iterations (0: no intermediate checkpoints).")
-    log_samples_steps: int = option(10, "Write example generations to samples.jsonl every this many iterations (0: "
-                                        "never).")
-    log_samples: int = option(4, "Example generations written each time.")
 
     @property
     def aggregation(self) -> str:
@@ -79,19 +67,13 @@ class GRPOConfig(ModelSettings, DataSource, TrainSettings):
         return LOSS_TYPE_ALIASES.get(self.loss_type, self.loss_type)
 
     def validate(self, require_model: bool = True, require_reward: bool = True) -> None:
-        if require_model and not self.model_name_or_path:
-            raise ConfigError("model_name_or_path is required (the policy to start from)")
-        if not self.dataset:
-            raise ConfigError("dataset is required (a file or dataset of prompts with a 'prompt' column)")
+        self.check_prompts(require_model, "the policy to start from")
         if require_reward and not self.reward_funcs:
             raise ConfigError("reward_funcs is required: one or more 'module:function' names or reward model "
                               "directories")
         if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
-        if not self.disable_dropout:
-            raise ConfigError("GRPO needs dropout off (sampling and update log-probs must come from the same "
-                              "function); remove --no-disable_dropout")
-        validate_training(self)
+        self.check_training("GRPO", "sampling")
         check_ranges(self, positive=["max_prompt_length", "max_completion_length", "generation_batch_size",
                                       "steps_per_generation", "num_iterations"],
                       positive_numbers=["temperature", "epsilon"], non_negative=["beta", "overlong_cache",
@@ -111,26 +93,20 @@ class GRPOConfig(ModelSettings, DataSource, TrainSettings):
         if self.overlong_cache > self.max_completion_length:
             raise ConfigError(f"overlong_cache ({self.overlong_cache}) must not exceed max_completion_length "
                               f"({self.max_completion_length})")
-        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
-        if self.log_samples_steps < 0 or self.log_samples < 0:
-            raise ConfigError("log_samples_steps and log_samples must be >= 0")
+        self.check_sampling()
 
     def sanity_warnings(self) -> list[str]:
         notes = []
         if self.advantage == "rloo" and self.scale_rewards != "group":
             notes.append("scale_rewards is ignored with advantage=rloo (the leave-one-out baseline is not scaled).")
-        if self.lora and self.lora_dropout > 0:
-            notes.append("GRPO turns LoRA dropout off as well (lora_dropout is ignored).")
-        return notes
+        return notes + self.lora_dropout_note("GRPO")
 
 
 @dataclass
 class RLOOConfig(GRPOConfig):
     """``preftune rloo``: REINFORCE Leave-One-Out (Ahmadian et al. 2024), the KL to the reference in the reward."""
 
-    output_dir: str = option("runs/rloo", "Run directory: metrics.jsonl, samples.jsonl, checkpoints/ and the final "
-                                          "model/.")
+    output_dir: str = with_default(OnlineRLSettings, "output_dir", "runs/rloo")
     advantage: str = option("rloo", "grpo: reward minus the group mean, scaled by scale_rewards; rloo: reward (minus "
                                      "beta x KL) minus the mean of the other completions of the prompt.",
                             choices=["grpo", "rloo"])

@@ -31,7 +31,7 @@ from preftune.data.preference import (
     fit_to_length,
     tokenize_preferences,
 )
-from preftune.data.rows import InvalidRow, RowProblem, SkipReport, settle_problems, type_name
+from preftune.data.rows import InvalidRow, RowProblem, SkipReport, read_rows, settle_problems, type_name
 from preftune.errors import ConfigError
 
 
@@ -87,16 +87,8 @@ def _tokenize_unpaired(records: Records, tokenizer,
     messages = _uses_messages(records)
     if messages:
         require_chat_template(tokenizer)
-    texts, problems = [], []
-    for row, number in zip(records.rows, records.row_numbers):
-        try:
-            prompt, completion = _row_texts(row, messages, tokenizer)
-            texts.append((prompt, completion, _label(row), number))
-        except InvalidRow as invalid:
-            problem = invalid.problem(records.name, number)
-            if invalid.fatal:
-                raise problem.error from None
-            problems.append(problem)
+    read, problems = read_rows(records, lambda row: (*_row_texts(row, messages, tokenizer), _label(row)))
+    texts = [(prompt, completion, label, number) for (prompt, completion, label), number in read]
     # A chat template writes BOS itself; a plain prompt gets it from the tokenizer.
     prompts = _token_ids(tokenizer, [t[0] for t in texts], add_special_tokens=not messages)
     completions = _token_ids(tokenizer, [t[1] for t in texts], add_special_tokens=False)

@@ -45,6 +45,24 @@ class InvalidRow(Exception):
         return RowProblem(self.kind, DataError(source, self.reason, row=row, field=self.field))
 
 
+def read_rows(records, read, skip_invalid: bool = True) -> tuple[list[tuple], list[RowProblem]]:
+    """``(read(row), row number)`` for each valid row of ``records``, and the problems of the invalid ones.
+
+    ``read`` raises :class:`InvalidRow` for a bad row; a fatal one, or any when not ``skip_invalid``, raises
+    its :class:`DataError` (naming the file, row and field) at once.
+    """
+    results, problems = [], []
+    for row, number in zip(records.rows, records.row_numbers):
+        try:
+            results.append((read(row), number))
+        except InvalidRow as invalid:
+            problem = invalid.problem(records.name, number)
+            if invalid.fatal or not skip_invalid:
+                raise problem.error from None
+            problems.append(problem)
+    return results, problems
+
+
 def type_name(value) -> str:
     """How a JSON value's type reads in an error message ("a string", "a list", "null", ...)."""
     if value is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..data.load import load_records
 from ..data.messages import check_contents, render_pair, require_chat_template, required_field
-from ..data.rows import InvalidRow
+from ..data.rows import InvalidRow, read_rows
 from ..errors import ConfigError
 from ..models import load_tokenizer
 from .reward_model import RewardModelScorer, load_weights, prepare_tokenizer
@@ -50,14 +50,9 @@ def score_file(model_path, input_path, output_path, batch_size: int = 16, max_le
     messages = 2 * sum(isinstance(r.get("prompt"), list) for r in records.rows) > len(records.rows)
     if messages:
         require_chat_template(tokenizer)
-    prompts, responses = [], []
-    for row, number in zip(records.rows, records.row_numbers):
-        try:
-            prompt, response = _scoring_texts(row, messages, tokenizer)
-        except InvalidRow as invalid:
-            raise invalid.problem(records.name, number).error from None
-        prompts.append(prompt)
-        responses.append(response)
+    pairs, _ = read_rows(records, lambda row: _scoring_texts(row, messages, tokenizer), skip_invalid=False)
+    prompts = [prompt for (prompt, _), _ in pairs]
+    responses = [response for (_, response), _ in pairs]
     model = load_weights(model_path, tokenizer.pad_token_id, device)  # after the rows proved valid
     scorer = RewardModelScorer(model_path, model=model, tokenizer=tokenizer, batch_size=batch_size,
                                max_length=max_length, prompt_special_tokens=not messages)

@@ -25,12 +25,12 @@ from ..data.collate import collate_completions
 from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.grpo import grpo_loss
-from ..models import load_causal_lm, load_tokenizer, prepare_policy
+from ..models import load_causal_lm, prepare_policy
 from .groups import Completion, GroupSampler, reward_scorers
 from .loop import StepOutput, Trainer, window_mean
 from .reference import make_reference
-from .rollout import load_prompts, mean_over_processes, minibatch_updates, no_dropout, pad_rows
-from .run import RunResult, finish_run, save_final_model, start_run
+from .rollout import mean_over_processes, minibatch_updates, no_dropout, pad_rows, start_online_run
+from .run import RunResult, finish_run, save_final_model
 
 
 class PolicyTokens(nn.Module):
@@ -95,12 +95,8 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
     may be objects; ``reward_funcs`` a list of callables ``(prompts, completions) -> scores`` (or scorers) used
     instead of ``cfg.reward_funcs``."""
     cfg.validate(require_model=model is None, require_reward=not reward_funcs)
-    ctx = start_run(cfg, cfg.sanity_warnings())
+    ctx, tokenizer, prompts = start_online_run(cfg, tokenizer, "completions")
     acc = ctx.accelerator
-    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("the tokenizer has no EOS token; completions end at EOS")
-    prompts = load_prompts(cfg.dataset, cfg.split, tokenizer, cfg.max_prompt_length, cfg.skip_invalid)
     scorers = reward_scorers(cfg, acc.device, reward_funcs)
 
     policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)

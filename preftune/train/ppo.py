@@ -30,21 +30,21 @@ from ..data.collate import collate_completions
 from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
-from ..models import base_model, load_causal_lm, load_tokenizer, prepare_policy
+from ..models import base_model, load_causal_lm, prepare_policy
 from .loop import StepOutput, Trainer, window_mean
 from .reference import make_reference
 from .rollout import (
     RolloutWorker,
     RunningMoments,
     Sample,
-    load_prompts,
     mean_over_processes,
     minibatch_updates,
     no_dropout,
     pad_rows,
     reward_scorer,
+    start_online_run,
 )
-from .run import RunResult, finish_run, save_final_model, start_run
+from .run import RunResult, finish_run, save_final_model
 
 
 class PolicyValue(nn.Module):
@@ -105,12 +105,8 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, ref_model=None, rew
     """Fine-tune a policy with PPO. ``model``/``tokenizer``/``ref_model`` may be objects; ``reward`` a
     callable ``(prompts, responses) -> scores`` used instead of ``cfg.reward_model_path``/``reward_function``."""
     cfg.validate(require_model=model is None, require_reward=reward is None)
-    ctx = start_run(cfg, cfg.sanity_warnings())
+    ctx, tokenizer, prompts = start_online_run(cfg, tokenizer, "PPO responses")
     acc = ctx.accelerator
-    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("the tokenizer has no EOS token; PPO responses end at EOS")
-    prompts = load_prompts(cfg.dataset, cfg.split, tokenizer, cfg.max_prompt_length, cfg.skip_invalid)
     reward = reward_scorer(cfg, acc.device, reward)
 
     policy = model if model is not None else load_causal_lm(cfg.model_name_or_path)

@@ -22,10 +22,13 @@ from ..data import load_records
 from ..data.collate import collate_completions
 from ..data.messages import prompt_text
 from ..data.rows import InvalidRow, settle_problems
+from ..errors import ConfigError
 from ..generate import SamplingSettings, generate_ids
 from ..losses.ppo import explained_variance, gae_advantages, kl_penalty, masked_whiten, token_rewards
+from ..models import load_tokenizer
 from ..scoring import CheckedScorer, FunctionScorer, as_scorer
 from ..scoring.reward_model import RewardModelScorer
+from .run import start_run
 
 console = Console(stderr=True)
 
@@ -40,6 +43,19 @@ class PromptExample:
     ids: list[int]
     row: int
     columns: dict = field(default_factory=dict)   # the row's other fields (a reference answer for a reward function)
+
+
+def start_online_run(cfg, tokenizer, outputs: str):
+    """Start the run of a validated ``cfg``; load the tokenizer (unless given) and the prompts.
+
+    The tokenizer must have an EOS token: ``outputs`` (named in the error) end there.
+    """
+    ctx = start_run(cfg, cfg.sanity_warnings())
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer has no EOS token; {outputs} end at EOS")
+    prompts = load_prompts(cfg.dataset, cfg.split, tokenizer, cfg.max_prompt_length, cfg.skip_invalid)
+    return ctx, tokenizer, prompts
 
 
 def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int,

@@ -1,0 +1,58 @@
+"""Settings the online RL commands share (``ppo``, ``grpo``, ``rloo``): prompts, sampling, sample logs.
+
+Each field is declared once here; a command changes only a default (:func:`~.base.with_default`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .base import option
+from .shared import DataSource, ModelSettings, TrainSettings, validate_training
+
+
+@dataclass
+class OnlineRLSettings(ModelSettings, DataSource, TrainSettings):
+    """A policy sampling completions for prompts, scored and updated online."""
+
+    output_dir: str = option("runs/online", "Run directory: metrics.jsonl, samples.jsonl, checkpoints/ and the "
+                                            "final model/.")
+    dataset: str | None = option(None, "Prompts: JSONL/JSON/Parquet/CSV file, save_to_disk directory or hub name with "
+                                       "a 'prompt' column (strings or lists of messages) (required).")
+    logging_steps: int = option(1, "Write averaged metrics every this many iterations.")
+    save_steps: int = option(0, "Checkpoint every this many iterations (0: no intermediate checkpoints).")
+    log_samples_steps: int = option(10, "Write example generations to samples.jsonl every this many iterations (0: "
+                                        "never).")
+    log_samples: int = option(4, "Example generations written each time.")
+    max_prompt_length: int = option(512, "Longer prompts keep their last this many tokens.")
+    temperature: float = option(1.0, "Sampling temperature; log-probs are computed at the same temperature.")
+    top_k: int = option(0, "Sample from the top k tokens only (0: all). Makes samples slightly off-policy.")
+    top_p: float = option(1.0, "Nucleus sampling threshold (1: off). Makes samples slightly off-policy.")
+
+    def check_prompts(self, require_model: bool, policy: str) -> None:
+        """The policy (described by ``policy`` in the error) and the prompt dataset are given."""
+        if require_model and not self.model_name_or_path:
+            raise ConfigError(f"model_name_or_path is required ({policy})")
+        if not self.dataset:
+            raise ConfigError("dataset is required (a file or dataset of prompts with a 'prompt' column)")
+
+    def check_training(self, algorithm: str, samples: str) -> None:
+        """Dropout is off (``samples`` names what is sampled in the error) and the loop settings are valid."""
+        if not self.disable_dropout:
+            raise ConfigError(f"{algorithm} needs dropout off ({samples} and update log-probs must come from the same "
+                              "function); remove --no-disable_dropout")
+        validate_training(self)
+
+    def check_sampling(self) -> None:
+        """top_k / top_p and the sample-logging counts are in range."""
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
+        if self.log_samples_steps < 0 or self.log_samples < 0:
+            raise ConfigError("log_samples_steps and log_samples must be >= 0")
+
+    def lora_dropout_note(self, algorithm: str) -> list[str]:
+        """The warning that LoRA dropout is turned off with the rest of dropout."""
+        if self.lora and self.lora_dropout > 0:
+            return [f"{algorithm} turns LoRA dropout off as well (lora_dropout is ignored)."]
+        return []
