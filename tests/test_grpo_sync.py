@@ -1,6 +1,9 @@
 """GRPO's synced reference (``sync_ref_model``): after a sync the reference holds the policy's weights
 (alpha 1) or the mix alpha x policy + (1 - alpha) x reference; its weights travel in checkpoints, so a
-resumed run with syncs reproduces the uninterrupted one exactly. Same toy task as tests/test_grpo.py."""
+resumed run with syncs reproduces the uninterrupted one exactly. And two processes train as one.
+Same toy task as tests/test_grpo.py."""
+
+import json
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from preftune.errors import ConfigError
 from preftune.train.grpo import train_grpo
 from preftune.train.ppo import read_metrics
 from test_grpo import config, setup  # noqa: F401  (setup is the shared module-scoped fixture)
+from test_train_dpo import one_and_two_processes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,3 +77,27 @@ def test_sync_needs_a_separate_frozen_reference(setup, tmp_path):  # noqa: F811
         config(setup, tmp_path, sync_ref_model=True)
     with pytest.raises(ConfigError, match="ref_model_mixup_alpha in"):
         config(setup, tmp_path, beta=0.1, sync_ref_model=True, ref_model_mixup_alpha=0.0)
+
+
+@pytest.mark.slow
+def test_two_processes_sample_score_and_train_as_one(setup, tmp_path):  # noqa: F811
+    """4 prompts x 4 completions a step, on one process or split over two: each group's completions are
+    seeded by its prompt's place in the step, the batch-wide std (scale_rewards batch) and the logged
+    statistics cover both processes, so samples, rewards, losses and weights agree (to float rounding:
+    the batches are padded differently; weights within 1e-5)."""
+    options = ["--reward_funcs", setup["reward"], "--num_generations", "4", "--max_completion_length", "8",
+               "--beta", "0.1", "--num_iterations", "2", "--scale_rewards", "batch", "--log_samples_steps", "1",
+               "--log_samples", "8"]
+    one, two = one_and_two_processes("grpo", setup["model"], setup["prompts"], tmp_path, options, batch=16)
+    for a, b in zip(one, two):
+        for key in ("reward", "reward_std", "rewards/calm_fraction/std", "frac_reward_zero_std", "loss",
+                    "completions/min_length", "completions/max_length", "completions/mean_length"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+        # per-token metrics are token means of each process's micro-batches, then averaged over processes
+        # (as TRL logs them): they agree only up to the processes' different token counts
+        for key in ("kl", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=0.05), key
+    assert one[-1]["kl"] > 0 and len({r["completions/mean_length"] for r in one}) > 1
+    samples = [[json.loads(line)["completion"] for line in (tmp_path / run / "samples.jsonl").read_text().splitlines()]
+               for run in ("one", "two")]
+    assert samples[0] == samples[1]

@@ -10,7 +10,7 @@ in :mod:`preftune.losses.grpo`; this module only moves data.
 Forwards are skipped when they cannot matter: the sampling policy's log-probs only when the updates
 go off-policy (``num_iterations > 1``, several minibatches, or RLOO's KL), the reference only when
 ``beta > 0`` (otherwise no reference is even loaded). Exact resume: generation seeds, resampling
-prompts and minibatch orders are functions of (seed, iteration, attempt, process).
+prompts and minibatch orders are functions of (seed, iteration, attempt, prompt or process).
 """
 
 from __future__ import annotations
