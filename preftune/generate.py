@@ -8,6 +8,8 @@ tokens...) silently changes the distribution that PPO assumes it sampled from.
 Prompts are left-padded; position ids are counted from each row's first real token, so a padded row
 sees exactly the positions it would see alone. Sampling draws from a private ``torch.Generator``: the
 same seed, prompts and ``batch_size`` give the same samples, and the global RNG is left untouched.
+With ``row_seeds`` every row draws from its own generator instead, so its sample does not depend on
+which other prompts share its batch (GRPO: the same groups whatever the number of processes).
 A response ends at its first EOS (kept); rows that never emit one stop at ``max_new_tokens``.
 """
 
@@ -58,7 +60,8 @@ class Generation:
 
 
 def generate_ids(model, prompt_ids: list[list[int]], settings: SamplingSettings, *, pad_token_id: int,
-                 eos_token_id: int | None, batch_size: int = 16, seed: int | None = None) -> Generation:
+                 eos_token_id: int | None, batch_size: int = 16, seed: int | None = None,
+                 row_seeds: list[int] | None = None) -> Generation:
     """Sample one response per prompt (token ids in, token ids out).
 
     The model is run in eval mode (restored afterwards) without gradients. ``seed=None`` draws a seed
@@ -72,7 +75,10 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: SamplingSettings,
     device = next(model.parameters()).device
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
+    if row_seeds is not None and len(row_seeds) != len(prompt_ids):
+        raise ValueError(f"{len(row_seeds)} row_seeds for {len(prompt_ids)} prompts")
     generator = torch.Generator(device=device).manual_seed(seed)
+    rows = [torch.Generator(device=device).manual_seed(s) for s in row_seeds] if row_seeds is not None else None
     was_training = model.training
     model.eval()
     responses, ended = [], []
@@ -80,7 +86,8 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: SamplingSettings,
         with torch.no_grad():
             for start in range(0, len(prompt_ids), batch_size):
                 chunk = [list(p) for p in prompt_ids[start:start + batch_size]]
-                r, e = _sample_batch(model, chunk, settings, pad_token_id, eos_token_id, generator, device)
+                chosen = rows[start:start + batch_size] if rows is not None else generator
+                r, e = _sample_batch(model, chunk, settings, pad_token_id, eos_token_id, chosen, device)
                 responses += r
                 ended += e
     finally:
@@ -126,7 +133,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def _sample_batch(model, prompts: list[list[int]], settings: SamplingSettings, pad_token_id: int,
-                  eos_token_id: int | None, generator: torch.Generator, device) -> tuple[list[list[int]], list[bool]]:
+                  eos_token_id: int | None, generator, device) -> tuple[list[list[int]], list[bool]]:
     batch, width = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
@@ -166,8 +173,9 @@ def _sample_batch(model, prompts: list[list[int]], settings: SamplingSettings, p
     return responses, ended
 
 
-def _next_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> torch.Tensor:
-    """One token per row: argmax, or a draw from the temperature / top-k / top-p filtered distribution."""
+def _next_token(logits: torch.Tensor, settings: SamplingSettings, generator) -> torch.Tensor:
+    """One token per row: argmax, or a draw from the temperature / top-k / top-p filtered distribution
+    (``generator``: one for the batch, or a list of one per row)."""
     logits = logits.float()
     if not settings.do_sample:
         return logits.argmax(-1)
@@ -183,6 +191,8 @@ def _next_token(logits: torch.Tensor, settings: SamplingSettings, generator: tor
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -76,18 +76,19 @@ def killed_and_resumed(command: str, model_dir, data, tmp_path) -> tuple[dict, d
                  (dropout_dir, tmp_path / "full" / "model", tmp_path / "resumed" / "model"))
 
 
-def one_and_two_processes(command: str, model_dir, data, tmp_path) -> tuple[list[dict], list[dict]]:
-    """4 steps on one process (8 examples a step), and on two (4 each) with accelerate's launcher; the same
-    final weights. Returns both runs' step records."""
+def one_and_two_processes(command: str, model_dir, data, tmp_path, options=("--max_length", "64"),
+                          batch: int = 8) -> tuple[list[dict], list[dict]]:
+    """4 steps on one process (``batch`` examples a step), and on two (half each) with accelerate's launcher;
+    the same final weights. ``options``: the command's own. Returns both runs' step records."""
     common = ["--model_name_or_path", str(model_dir), "--dataset", str(data), "--max_steps", "4",
-              "--learning_rate", "1e-3", "--max_length", "64", "--logging_steps", "1", "--warmup_ratio", "0"]
-    single = cli(command, *common, "--per_device_batch_size", "8", "--output_dir", str(tmp_path / "one"))
+              "--learning_rate", "1e-3", "--logging_steps", "1", "--warmup_ratio", "0", *options]
+    single = cli(command, *common, "--per_device_batch_size", str(batch), "--output_dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # on a machine without CUDA, accelerate's torchrun-based launcher gives gloo data parallelism
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "preftune.cli",
-              command, *common, "--per_device_batch_size", "4", "--output_dir", str(tmp_path / "two")]
+              command, *common, "--per_device_batch_size", str(batch // 2), "--output_dir", str(tmp_path / "two")]
     double = subprocess.run(launch, capture_output=True, text=True, env=env)
     assert double.returncode == 0, double.stderr[-3000:]
     w1 = load_file(tmp_path / "one" / "model" / "model.safetensors")

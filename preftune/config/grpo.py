@@ -39,6 +39,12 @@ class GRPOConfig(OnlineRLSettings):
     num_iterations: int = option(1, "Passes (μ) over each rollout batch.")
     beta: float = option(0.0, "KL coefficient. grpo: weight of the k3 KL to the reference in the loss; rloo: weight of "
                               "the sequence KL subtracted from the reward. 0: no reference is loaded.")
+    sync_ref_model: bool = option(False, "With beta > 0, move the frozen reference towards the policy every "
+                                         "ref_model_sync_steps optimiser steps (TR-DPO style); not with a LoRA "
+                                         "adapter-disabled reference.")
+    ref_model_sync_steps: int = option(512, "Optimiser steps between reference syncs (sync_ref_model).")
+    ref_model_mixup_alpha: float = option(0.6, "A sync sets the reference to alpha x policy + (1 - alpha) x "
+                                               "reference (1: a copy of the policy).")
     epsilon: float = option(0.2, "Lower clip range ε_low of the importance ratio.")
     epsilon_high: float | None = option(None, "Upper clip range ε_high (DAPO clip-higher, e.g. 0.28); default: "
                                               "epsilon.")
@@ -79,6 +85,7 @@ class GRPOConfig(OnlineRLSettings):
                       positive_numbers=["temperature", "epsilon"], non_negative=["beta", "overlong_cache",
                                                                                   "max_resample_attempts"])
         self._validate_groups()
+        self._validate_sync()
 
     def _validate_groups(self) -> None:
         if self.num_generations < 2:
@@ -94,6 +101,19 @@ class GRPOConfig(OnlineRLSettings):
             raise ConfigError(f"overlong_cache ({self.overlong_cache}) must not exceed max_completion_length "
                               f"({self.max_completion_length})")
         self.check_sampling()
+
+    def _validate_sync(self) -> None:
+        if not self.sync_ref_model:
+            return
+        if self.beta <= 0:
+            raise ConfigError("sync_ref_model needs beta > 0 (with beta 0 there is no reference to sync)")
+        if self.lora and not self.ref_model_name_or_path:
+            raise ConfigError("sync_ref_model cannot sync a LoRA policy's adapter-disabled reference (its base "
+                              "weights are the policy's own); set ref_model_name_or_path for a separate frozen copy "
+                              "or turn sync_ref_model off")
+        if self.ref_model_sync_steps < 1 or not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise ConfigError(f"ref_model_sync_steps must be >= 1 and ref_model_mixup_alpha in (0, 1], got "
+                              f"{self.ref_model_sync_steps} and {self.ref_model_mixup_alpha}")
 
     def sanity_warnings(self) -> list[str]:
         notes = []

@@ -3,7 +3,8 @@
 A checkpoint is the directory ``<run_dir>/checkpoints/step-<N>``, written to ``step-<N>.partial``
 and renamed, so a crash never leaves a half-written one. ``state.json`` holds the step, the settings
 that must match on resume (global batch, seed) and ``extra``: the JSON state of an online step
-(PPO's KL coefficient, say) that the loop hands back on resume.
+(PPO's KL coefficient, say) that the loop hands back on resume, and ``step.safetensors``: the tensors
+of a step function that has ``tensors()`` / ``load_tensors()`` (GRPO's synced reference weights).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def trainable_parameters(model) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(acc, final: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write ``final`` atomically (every process calls this); keep the newest ``keep`` checkpoints (0: all)."""
+def save_checkpoint(acc, final: Path, model, optimizer, scheduler, state: dict, keep: int, step=None) -> Path:
+    """Write ``final`` atomically (every process calls this); keep the newest ``keep`` checkpoints (0: all).
+    ``step``: the loop's step function, whose ``tensors()`` (if it has them, the same on every process) are saved."""
     staging = final.with_name(final.name + ".partial")
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -52,6 +54,9 @@ def save_checkpoint(acc, final: Path, model, optimizer, scheduler, state: dict, 
         save_file(weights, staging / "trainable.safetensors")
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        tensors = getattr(step, "tensors", dict)()
+        if tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / "step.safetensors")
     acc.wait_for_everyone()
     torch.save(rng_state(), staging / f"rng-{acc.process_index}.pt")
     acc.wait_for_everyone()
@@ -65,7 +70,7 @@ def save_checkpoint(acc, final: Path, model, optimizer, scheduler, state: dict, 
     return final
 
 
-def load_checkpoint(acc, path: Path, model, optimizer, scheduler, expected: dict) -> dict:
+def load_checkpoint(acc, path: Path, model, optimizer, scheduler, expected: dict, step=None) -> dict:
     """Restore what :func:`save_checkpoint` wrote; ``expected`` settings (global batch, seed) must match."""
     state = json.loads((path / "state.json").read_text())
     if any(state[key] != value for key, value in expected.items()):
@@ -81,6 +86,8 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, expected: dict
             params[name].copy_(tensor.to(params[name].device))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if (path / "step.safetensors").is_file() and hasattr(step, "load_tensors"):
+        step.load_tensors(load_file(path / "step.safetensors"))
     rng_file = path / f"rng-{acc.process_index}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

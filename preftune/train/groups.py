@@ -6,6 +6,11 @@ the ``G`` completions of a prompt are contiguous), scores them with every reward
 equal and samples more prompts (DAPO dynamic sampling), runs the no-grad forwards the updates need
 (the sampling policy's log-probs when updates go off-policy, the reference's when ``beta > 0``) and
 turns the weighted total reward into advantages (:mod:`preftune.losses.grpo`).
+
+Completion ``j`` of the step's ``g``-th prompt (counted over all processes) is sampled with its own seed,
+a function of (seed, step, g, j), and the batch-wide numbers (``scale_rewards: batch``, the logged
+reward and length statistics) are taken over every process's groups: the samples, advantages and
+metrics do not depend on the number of processes (dynamic sampling's extra prompts excepted).
 """
 
 from __future__ import annotations
@@ -113,12 +118,13 @@ class GroupSampler:
         weights = cfg.reward_weights or [1.0] * len(scorers)
         self.weights = torch.tensor(weights, dtype=torch.float32)
 
-    def sample(self, prompts: list[PromptExample], seed: int) -> Groups:
-        """``G`` completions of each prompt, scored."""
+    def sample(self, prompts: list[PromptExample], seed: int, first: int) -> Groups:
+        """``G`` completions of each prompt, scored; prompt ``i`` is group ``first + i`` of the step."""
         cfg, size = self.cfg, self.cfg.num_generations
         repeated = [p for p in prompts for _ in range(size)]
+        seeds = [_seed(seed, first + i, j) for i in range(len(prompts)) for j in range(size)]
         with self.acc.autocast():
-            generation = generate_ids(self.module.policy, [p.ids for p in repeated], self.settings, seed=seed,
+            generation = generate_ids(self.module.policy, [p.ids for p in repeated], self.settings, row_seeds=seeds,
                                       pad_token_id=self.tokenizer.pad_token_id,
                                       eos_token_id=self.tokenizer.eos_token_id, batch_size=cfg.generation_batch_size)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
@@ -135,7 +141,8 @@ class GroupSampler:
     def collect(self, trainer, step: int, local_prompts: int) -> Batch:
         """The step's groups (with dynamic sampling: groups with a reward spread, resampled), then advantages."""
         cfg, size = self.cfg, self.cfg.num_generations
-        first = self.sample(trainer.step_examples(step, local_prompts), _seed(cfg.seed, step, trainer.rank, 0))
+        first = self.sample(trainer.step_examples(step, local_prompts), _seed(cfg.seed, step, 0),
+                            trainer.rank * local_prompts)
         zero = zero_std_groups(first.total, size)
         stats = {"frac_reward_zero_std": float(zero.float().mean())}
         groups = first
@@ -157,10 +164,10 @@ class GroupSampler:
             if missing <= 0 or attempt == cfg.max_resample_attempts:
                 break
             attempt += 1
-            seed = _seed(cfg.seed, step, trainer.rank, attempt)
-            generator = torch.Generator().manual_seed(seed)
+            seed = _seed(cfg.seed, step, attempt)
+            generator = torch.Generator().manual_seed(_seed(seed, trainer.rank))
             picks = torch.randint(len(trainer.train_examples), (missing,), generator=generator)
-            current = self.sample([trainer.train_examples[i] for i in picks.tolist()], seed)
+            current = self.sample([trainer.train_examples[i] for i in picks.tolist()], seed, trainer.rank * wanted)
         groups = Groups.join(kept + dropped)
         return groups.select(list(range(wanted)), size), attempt + 1
 
@@ -176,8 +183,10 @@ class GroupSampler:
                 (old_pad, mask), ref_pad = pad_rows(old), pad_rows(ref)[0]
                 kl = sequence_kl(old_pad, ref_pad, mask).cpu()
             advantages = rloo_advantages(groups.total, kl, cfg.beta, size)
-        else:
-            advantages = group_advantages(groups.total, size, cfg.scale_rewards)
+        else:   # over every process's groups (the batch std), this process's part
+            n = len(groups.total)
+            advantages = group_advantages(self.everywhere(groups.total), size, cfg.scale_rewards)
+            advantages = advantages[self.acc.process_index * n:(self.acc.process_index + 1) * n]
         completions = [Completion(p, r, float(a), not e, old[i] if old else None, ref[i] if ref else None)
                        for i, (p, r, a, e) in enumerate(zip(prompt_ids, groups.response_ids, advantages.tolist(),
                                                             groups.ended))]
@@ -187,15 +196,23 @@ class GroupSampler:
                                        groups.reward.tolist())]
         return Batch(completions, stats, examples)
 
+    def everywhere(self, values: Tensor) -> Tensor:
+        """``values`` of every process, concatenated in process order (each process has as many)."""
+        if self.acc.num_processes == 1:
+            return values
+        return self.acc.gather(values.to(self.acc.device)).cpu()
+
     def reward_stats(self, groups: Groups) -> dict[str, float]:
-        lengths = torch.tensor([len(r) for r in groups.response_ids], dtype=torch.float32)
-        stats = {"reward": float(groups.reward.mean()),
-                 "reward_std": float(group_std(groups.reward, self.cfg.num_generations).mean()),
+        """The logged statistics, over every process's groups."""
+        lengths = self.everywhere(torch.tensor([len(r) for r in groups.response_ids], dtype=torch.float32))
+        reward, per_function = self.everywhere(groups.reward), self.everywhere(groups.per_function)
+        ended = self.everywhere(torch.tensor(groups.ended, dtype=torch.float32))
+        stats = {"reward": float(reward.mean()),
+                 "reward_std": float(group_std(reward, self.cfg.num_generations).mean()),
                  "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
-                 "completions/max_length": float(lengths.max()),
-                 "completions/clipped_ratio": 1.0 - sum(groups.ended) / len(groups.ended)}
+                 "completions/max_length": float(lengths.max()), "completions/clipped_ratio": 1.0 - float(ended.mean())}
         for k, (name, _) in enumerate(self.scorers):
-            column = groups.per_function[:, k]
+            column = per_function[:, k]
             stats[f"rewards/{name}/mean"] = float(column.mean())
             stats[f"rewards/{name}/std"] = float(column.std()) if column.numel() > 1 else 0.0
         return stats
@@ -250,5 +267,9 @@ def _parameters(fn) -> dict | None:
         return None
 
 
-def _seed(seed: int, step: int, rank: int, attempt: int) -> int:
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + attempt * 15_485_863) % 2**62
+def _seed(*parts: int) -> int:
+    """A seed from a tuple of integers (the run's seed, the step, ...)."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part + 7_919) % 2**62
+    return value

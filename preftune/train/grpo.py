@@ -10,7 +10,7 @@ in :mod:`preftune.losses.grpo`; this module only moves data.
 Forwards are skipped when they cannot matter: the sampling policy's log-probs only when the updates
 go off-policy (``num_iterations > 1``, several minibatches, or RLOO's KL), the reference only when
 ``beta > 0`` (otherwise no reference is even loaded). Exact resume: generation seeds, resampling
-prompts and minibatch orders are functions of (seed, iteration, attempt, process).
+prompts and minibatch orders are functions of (seed, iteration, attempt, prompt or process).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ..losses.grpo import grpo_loss
 from ..models import load_causal_lm, prepare_policy
 from .groups import Completion, GroupSampler, reward_scorers
 from .loop import StepOutput, Trainer, window_mean
-from .reference import make_reference
+from .reference import make_reference, sync_reference
 from .rollout import mean_over_processes, minibatch_updates, no_dropout, pad_rows, start_online_run
 from .run import RunResult, finish_run, save_final_model
 
@@ -124,7 +124,8 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
 class GRPOStep:
     """One GRPO/RLOO iteration, as the loop's step function: sample and score the groups, then
     ``num_iterations`` passes of ``steps_per_generation`` optimiser updates over the completions.
-    It holds no state of its own: the RNG, the weights and the prompt order are the loop's."""
+    Its only state is a synced reference's weights (``sync_ref_model``: :meth:`tensors`); the RNG, the
+    trainable weights and the prompt order are the loop's."""
 
     gauges: tuple[str, ...] = ()
 
@@ -140,6 +141,23 @@ class GRPOStep:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def tensors(self) -> dict[str, Tensor]:
+        if not self.cfg.sync_ref_model:
+            return {}
+        return dict(self.sampler.reference.model.named_parameters())
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        for name, weight in self.tensors().items():
+            weight.copy_(tensors[name])
+
+    def sync(self, trainer: Trainer, step: int) -> None:
+        """``sync_ref_model``: one reference update for every ``ref_model_sync_steps``-th optimiser update of
+        this iteration, made at its end (the reference is next used by the next iteration's rollout)."""
+        every, done = self.cfg.ref_model_sync_steps, trainer.updates_per_step
+        for _ in range((step + 1) * done // every - step * done // every):
+            sync_reference(self.sampler.reference, trainer.unwrapped().policy, self.cfg.ref_model_mixup_alpha)
+
     def run(self, trainer: Trainer, step: int) -> StepOutput:
         cfg = self.cfg
         started = time.perf_counter()
@@ -149,6 +167,8 @@ class GRPOStep:
                                             per_update=cfg.per_device_batch_size * cfg.gradient_accumulation_steps,
                                             micro=cfg.per_device_batch_size, seed=cfg.seed, step=step,
                                             before_update=lambda chosen: self.count_tokens(trainer, chosen))
+        if cfg.sync_ref_model:
+            self.sync(trainer, step)
         metrics = {**mean_over_processes(trainer.acc, batch.stats), **{k: window_mean(v) for k, v in updates.items()},
                    "learning_rate": updates["learning_rate"][-1], "time/rollout": rollout_time,
                    "time/update": time.perf_counter() - started - rollout_time}

@@ -24,8 +24,9 @@ pass a :class:`StepFunction` as ``step`` and the loop calls ``step.run(trainer, 
 
 Its ``state_dict()`` (JSON) is saved in every checkpoint and handed to ``load_state_dict`` on resume;
 put there what the step owns that is not a trainable weight or an RNG state (both of which the loop
-saves): an adaptive KL coefficient, running score statistics. Make generation seeds and minibatch
-orders functions of (seed, step, process), and resume reproduces an uninterrupted run exactly.
+saves): an adaptive KL coefficient, running score statistics; tensors go in optional ``tensors()`` /
+``load_tensors(tensors)`` (a synced reference's weights), saved beside the trainable weights. Make
+generation seeds and minibatch orders functions of (seed, step, process): resume is then exact.
 Metrics named in ``gauges`` are logged as their last value rather than the mean over the logging window.
 """
 
@@ -362,10 +363,11 @@ class Trainer:
         state = {"global_step": self.global_step, "total_steps": self.total_steps, "world_size": self.world,
                  **self._must_match(), "extra": self.step.state_dict()}
         return save_checkpoint(self.acc, self.checkpoint_dir() / f"{PREFIX}{self.global_step}", self.unwrapped(),
-                               self.optimizer, self.scheduler, state, self.s.save_total_limit)
+                               self.optimizer, self.scheduler, state, self.s.save_total_limit, self.step)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = load_checkpoint(self.acc, path, self.unwrapped(), self.optimizer, self.scheduler, self._must_match())
+        state = load_checkpoint(self.acc, path, self.unwrapped(), self.optimizer, self.scheduler, self._must_match(),
+                                self.step)
         self.global_step = state["global_step"]
         self.step.load_state_dict(state.get("extra", {}))
         if self.acc.is_main_process:

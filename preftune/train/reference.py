@@ -125,6 +125,19 @@ class PrecomputedReference(Reference):
         return torch.tensor(values, dtype=torch.float32, device=batch["input_ids"].device)
 
 
+@torch.no_grad()
+def sync_reference(reference: Reference, policy: torch.nn.Module, alpha: float) -> None:
+    """Move a frozen reference towards the policy (TR-DPO, Gorbatovski et al. 2024, as GRPO's ``sync_ref_model``):
+    every weight becomes ``alpha x policy + (1 - alpha) x reference``; ``alpha = 1`` copies the policy."""
+    if not isinstance(reference, ModelReference):
+        raise RuntimeError(f"a {reference.kind} reference cannot be synced (it needs a separate frozen model)")
+    source = dict(policy.named_parameters())
+    for name, weight in reference.model.named_parameters():
+        if name not in source:
+            raise RuntimeError(f"cannot sync the reference: the policy has no parameter {name!r}")
+        weight.copy_(torch.lerp(weight.float(), source[name].detach().float(), alpha))
+
+
 def sequence_key(prompt_ids: list[int], completion_ids: list[int]) -> tuple:
     return tuple(prompt_ids) + tuple(completion_ids), len(completion_ids)
 
