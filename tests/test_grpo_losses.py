@@ -294,3 +294,11 @@ def test_gradcheck(aggregation):
                          aggregation=aggregation, max_completion_length=8).loss
 
     assert torch.autograd.gradcheck(loss, (t(NEW).requires_grad_(),), eps=1e-6, atol=1e-8)
+
+
+def test_the_config_offers_exactly_the_names_the_losses_accept():
+    from preftune.config import grpo as settings
+    from preftune.losses import grpo as losses
+
+    assert settings.SCALE_REWARDS == losses.SCALE_REWARDS and settings.AGGREGATIONS == losses.AGGREGATIONS
+    assert settings.LOSS_TYPE_ALIASES == losses.LOSS_TYPE_ALIASES

@@ -38,5 +38,13 @@ def test_components_do_not_import_upper_layers(path):
     assert not upward, f"{path.relative_to(PACKAGE)} imports {upward}"
 
 
+@pytest.mark.parametrize("path", sorted((PACKAGE / "config").glob("*.py")), ids=lambda p: p.name)
+def test_settings_import_nothing_but_errors(path):
+    """Configs are checked before any model (or torch) is loaded: they depend on nothing else of preftune."""
+    own = sorted(name for name in imported_modules(path) if name.startswith("preftune.")
+                 and not name.startswith(("preftune.config", "preftune.errors")))
+    assert not own, f"config/{path.name} imports {own}"
+
+
 def test_the_check_sees_relative_imports(tmp_path):
     assert "preftune.train.loop" in imported_modules(PACKAGE / "train" / "ppo.py")

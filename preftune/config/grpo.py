@@ -12,9 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..losses.grpo import AGGREGATIONS, LOSS_TYPE_ALIASES, SCALE_REWARDS
 from .base import check_ranges, option, with_default
 from .online import OnlineRLSettings
+
+# the names preftune.losses.grpo accepts (a test keeps them equal); settings import no torch
+SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
+LOSS_TYPE_ALIASES = {"grpo": "sequence_mean", "dapo": "token_mean", "bnpo": "token_mean", "dr_grpo": "constant"}
 
 
 @dataclass
