@@ -7,7 +7,6 @@ function, the fraction of calm words in the completion: about 0.4 before trainin
 
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from preftune.config import GRPOConfig, RLOOConfig, config_from_args, load_confi
 from preftune.errors import ConfigError
 from preftune.train.grpo import Completion, GRPOTask, PolicyTokens, train_grpo
 from preftune.train.ppo import read_metrics
-from test_ppo import REWARD_MODULE, toy_sft_model
+from test_ppo import online_setup
 from toydata import TOPICS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,17 +30,7 @@ KEYS = {"reward", "reward_std", "rewards/calm_fraction/mean", "rewards/calm_frac
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer, one_thread):
-    root = tmp_path_factory.mktemp("grpo")
-    model_dir = root / "sft"
-    toy_sft_model(tiny_tokenizer).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    rng = random.Random(0)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Describe {rng.choice(TOPICS)} in a few words:"}) + "\n"
-                               for _ in range(64)))
-    (root / "toy_rewards.py").write_text(REWARD_MODULE)
-    return {"root": root, "model": model_dir, "prompts": prompts, "reward": f"{root / 'toy_rewards.py'}:calm_fraction",
-            "half": f"{root / 'toy_rewards.py'}:half"}
+    return online_setup(tmp_path_factory, tiny_tokenizer, "grpo")
 
 
 def config(setup, out, cls=GRPOConfig, **overrides):

@@ -62,9 +62,9 @@ def toy_sft_model(tokenizer, steps: int = 80, seed: int = 0):
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_tokenizer, one_thread):
-    root = tmp_path_factory.mktemp("ppo")
+def online_setup(tmp_path_factory, tiny_tokenizer, name: str) -> dict:
+    """A small SFT model, 64 prompts and a file of toy reward functions, for the online trainers' tests."""
+    root = tmp_path_factory.mktemp(name)
     model_dir = root / "sft"
     toy_sft_model(tiny_tokenizer).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
@@ -75,6 +75,11 @@ def setup(tmp_path_factory, tiny_tokenizer, one_thread):
     (root / "toy_rewards.py").write_text(REWARD_MODULE)
     return {"root": root, "model": model_dir, "prompts": prompts, "reward": f"{root / 'toy_rewards.py'}:calm_fraction",
             "half": f"{root / 'toy_rewards.py'}:half"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer, one_thread):
+    return online_setup(tmp_path_factory, tiny_tokenizer, "ppo")
 
 
 def config(setup, out, **overrides) -> PPOConfig:
