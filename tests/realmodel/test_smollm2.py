@@ -162,3 +162,32 @@ def test_export_gguf_round_trips_smollm2(smollm2_dir, smollm2_tokenizer, tmp_pat
         expected = load_causal_lm(str(smollm2_dir))(torch.tensor([ids])).logits
         got = back(torch.tensor([ids])).logits
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-2     # f16 weights: 1e-2 relative
+
+
+def test_kto_on_pairs_split_in_two_starts_at_one_half_and_learns(smollm2_dir, two_pairs, tmp_path, one_thread):
+    from preftune import KTOConfig, train_kto
+
+    cfg = KTOConfig(model_name_or_path=str(smollm2_dir), dataset=str(two_pairs), output_dir=str(tmp_path / "kto"),
+                    cache_dir=str(tmp_path / "ref-cache"), **small_run(per_device_batch_size=4))
+    cfg.validate()
+    train_kto(cfg)
+    losses = [r["loss"] for r in records(tmp_path / "kto")]
+    assert losses[0] == pytest.approx(0.5, abs=1e-5)     # r = 0 and z0 = 0 at the start: 1 - σ(0) per example
+    assert losses[-1] < losses[0] - 1e-3
+
+
+def test_grpo_step_on_chat_prompts_with_a_python_reward(smollm2_dir, tmp_path, one_thread):
+    from preftune import GRPOConfig, train_grpo
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": QUESTION}] * 4)
+    (tmp_path / "short.py").write_text("def short(prompts, completions, **kw):\n"
+                                       "    return [1.0 / (1 + len(c.split())) for c in completions]\n")
+    cfg = GRPOConfig(model_name_or_path=str(smollm2_dir), dataset=str(prompts), output_dir=str(tmp_path / "grpo"),
+                     reward_funcs=[f"{tmp_path / 'short.py'}:short"], num_generations=2, max_completion_length=8,
+                     per_device_batch_size=4, max_steps=2, logging_steps=1, lora=True, lora_r=8, lora_alpha=16,
+                     learning_rate=1e-3, seed=0)
+    cfg.validate()
+    train_grpo(cfg)
+    rows = records(tmp_path / "grpo")
+    assert len(rows) == 2 and all(math.isfinite(r["reward"]) and 0 < r["reward"] <= 1 for r in rows)
+    assert (tmp_path / "grpo" / "model" / "adapter_config.json").exists()
