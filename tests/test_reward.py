@@ -87,24 +87,46 @@ def padded(sequences, pad_id, left: bool):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_reward_is_read_at_the_last_real_token_for_any_padding(tiny_tokenizer, kind):
+def test_reward_is_read_where_transformers_reads_it_for_any_padding(tiny_tokenizer, kind):
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    assert pad != eos
     sequences = [[1, 40, 41, 42, 43, 44, eos], [1, 50, 51, eos], [1, 60, eos]]  # all end in EOS
-    for pad_id in (pad, eos):  # pad == eos is the case the pad-id lookup gets wrong
+    for pad_id in (pad, eos):  # pad == eos: transformers reads the token before EOS, and so must we
         model = classifier(kind, tiny_tokenizer, pad_id)
+
+        def alone(rows):
+            return torch.cat([sequence_rewards(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                              for s in rows])
+
         with torch.no_grad():
-            alone = torch.cat([sequence_rewards(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
-                               for s in sequences])
-            assert alone.abs().min() > 0  # non-trivial values
+            single = alone(sequences)
+            assert single.abs().min() > 0  # non-trivial values
             for left in (False, True):
                 ids, mask = padded(sequences, pad_id, left)
-                torch.testing.assert_close(sequence_rewards(model, ids, mask), alone, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(sequence_rewards(model, ids, mask), single, atol=1e-5, rtol=1e-5)
             ids, mask = padded(sequences, pad_id, left=False)
             library = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-        if pad_id != eos:
-            torch.testing.assert_close(library, alone, atol=1e-5, rtol=1e-5)  # same head, same place as the library
+            torch.testing.assert_close(library, single, atol=1e-5, rtol=1e-5)  # same head, same place as the library
+            without_eos = alone([s[:-1] for s in sequences])   # a causal model: the states before EOS do not change
+        if pad_id == eos:
+            torch.testing.assert_close(single, without_eos, atol=1e-5, rtol=1e-5)
         else:
-            assert not torch.allclose(library[1:], alone[1:], atol=1e-4)  # the library reads the token before EOS
+            assert (single - without_eos).abs().min() > 1e-4   # read at the EOS itself
+
+
+def test_training_gives_the_tokenizer_a_pad_token_other_than_eos(tiny_tokenizer):
+    import copy
+
+    from preftune.scoring.reward_model import distinct_pad_token
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    assert distinct_pad_token(tokenizer) is False and tokenizer.pad_token == "<s>"   # no unknown token: BOS
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.unk_token = tokenizer.bos_token = tokenizer.eos_token   # GPT-2 style: one token for everything
+    size = len(tokenizer)
+    assert distinct_pad_token(tokenizer) is True
+    assert tokenizer.pad_token == "<|pad|>" and len(tokenizer) == size + 1
 
 
 def test_expected_calibration_error_on_a_fixed_example():

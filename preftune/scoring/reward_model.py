@@ -3,9 +3,12 @@
 The model is ``AutoModelForSequenceClassification`` with one output, on any backbone:
 
 * decoder backbones (Llama, GPT-2, ...; a ``score`` head): the backbone's hidden states are computed
-  here and the head is applied at the last non-padding token, found from the attention mask. (The
-  library's own lookup searches for the pad id and so misreads sequences that end in EOS when
-  pad == eos.) Position ids come from the mask too, so left and right padding give the same reward;
+  here and the head is applied where transformers' own ``forward`` applies it: at the rightmost token
+  that is not the config's pad id, searched within the attention mask (the last masked-in token when the
+  config has no pad id). Position ids come from the mask, so left and right padding give the same reward,
+  and a checkpoint scores the same here as through ``AutoModelForSequenceClassification(ids).logits``.
+  Training gives the tokenizer and config a pad token distinct from EOS (:func:`distinct_pad_token`), so
+  the reward of a model trained here is read at the EOS that ends every response;
 * encoder backbones (BERT-style; a ``classifier`` head): the model's own pooling ([CLS]) is used. Prompt
   and response are concatenated as BERT's sentence pair: ``[CLS] prompt [SEP] response [SEP]`` with
   token type 1 on the response (a tokenizer without EOS gets its SEP token as EOS).
@@ -50,13 +53,41 @@ def reads_last_token(model) -> bool:
     return isinstance(getattr(model, "score", None), nn.Module) and hasattr(model, model.base_model_prefix)
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last position with attention mask 1 in each row (any padding side)."""
+def pooled_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Where the head reads each row: the rightmost masked-in token whose id is not ``pad_token_id``.
+
+    This is transformers' rule for decoder sequence classifiers (the rightmost token that is not the
+    config's pad id), restricted to the attention mask so that left padding reads the same place. A row
+    made only of pad ids reads its last masked-in token.
+    """
     positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    index = torch.where(attention_mask.bool(), positions, -1).amax(-1)
-    if bool((index < 0).any()):
+    inside = attention_mask.bool()
+    last = torch.where(inside, positions, -1).amax(-1)
+    if bool((last < 0).any()):
         raise ValueError("a sequence has no tokens (its attention mask is all zeros)")
-    return index
+    if pad_token_id is None:
+        return last
+    content = torch.where(inside & (input_ids != pad_token_id), positions, -1).amax(-1)
+    return torch.where(content >= 0, content, last)
+
+
+def distinct_pad_token(tokenizer) -> bool:
+    """Give the tokenizer a pad token other than EOS; True when a new token had to be added.
+
+    transformers' sequence classifiers read the rightmost token that is not padding, so with pad == EOS
+    (SmolLM2, and every tokenizer given EOS as pad) a saved reward model would be read before its EOS by
+    transformers and at it here. A distinct pad (the unknown or BOS token, else a new ``<|pad|>``), saved
+    with the tokenizer and the config, makes both read the EOS that ends every response.
+    """
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return False
+    for token in (tokenizer.unk_token, tokenizer.bos_token):
+        if token is not None and tokenizer.convert_tokens_to_ids(token) != eos:
+            tokenizer.pad_token = token
+            return False
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return True
 
 
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -71,7 +102,8 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
             extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_token_index(attention_mask).to(hidden.device)]
+        index = pooled_index(input_ids, attention_mask, hf.config.get_text_config().pad_token_id)
+        last = hidden[rows, index.to(hidden.device)]
         return hf.score(last).squeeze(-1).float()
     extra = {}
     if token_type_ids is not None and getattr(hf.config, "type_vocab_size", 0) >= 2:
@@ -128,9 +160,9 @@ def load_weights(path, pad_token_id: int, device=None):
         if not base_name:
             raise ConfigError(f"{adapter}: no base_model_name_or_path to load the adapter onto")
         model = PeftModel.from_pretrained(load_classifier(base_name), path_text).merge_and_unload()
+        model.config.pad_token_id = pad_token_id   # the base's config; training used the adapter's tokenizer
     else:
-        model = load_classifier(path_text)
-    model.config.pad_token_id = pad_token_id
+        model = load_classifier(path_text)   # its saved config's pad id decides where it is read, as in transformers
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
 

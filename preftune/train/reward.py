@@ -16,7 +16,7 @@ from ..config import RewardConfig
 from ..data import collate_pairs
 from ..losses import reward_loss
 from ..models import load_tokenizer, prepare_policy
-from ..scoring.reward_model import check_reward_model, head_name, load_classifier, prepare_tokenizer, sequence_rewards
+from ..scoring import reward_model as rm
 from .dpo import load_pairs
 from .loop import Trainer
 from .run import RunResult, finish_run, save_final_model, start_run
@@ -32,12 +32,12 @@ class RewardScorer(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        return sequence_rewards(self.model, input_ids, attention_mask, token_type_ids)
+        return rm.sequence_rewards(self.model, input_ids, attention_mask, token_type_ids)
 
 
 def prepare_reward_model(model, cfg):
     """Dropout, gradient checkpointing and LoRA (the head is trained in full: ``modules_to_save``)."""
-    return prepare_policy(model, cfg, task_type="SEQ_CLS", modules_to_save=[head_name(model)])
+    return prepare_policy(model, cfg, task_type="SEQ_CLS", modules_to_save=[rm.head_name(model)])
 
 
 # ---------------------------------------------------------------------- training
@@ -108,7 +108,7 @@ def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RunResult:
     """Train a reward model on preference pairs. ``model``/``tokenizer`` may be passed as objects."""
     cfg.validate(require_model=model is None)
     ctx = start_run(cfg, cfg.sanity_warnings())
-    tokenizer = prepare_tokenizer(tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path))
+    tokenizer = rm.prepare_tokenizer(tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path))
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
     if cfg.loss_type != "soft_label" and any(p.preference_prob < 1 for p in train_pairs) and ctx.is_main_process:
         console.print(f"[yellow]warning:[/] the data has preference_prob values below 1, which "
@@ -116,8 +116,10 @@ def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RunResult:
                       "soft_label to use them")
     if model is None:
         torch.manual_seed(cfg.seed)  # the new head's initial weights
-        model = load_classifier(cfg.model_name_or_path, new_head=True)
-    check_reward_model(model)
+        model = rm.load_classifier(cfg.model_name_or_path, new_head=True)
+    rm.check_reward_model(model)
+    if rm.distinct_pad_token(tokenizer):   # saved with the model: transformers then reads the reward where we do
+        model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model = prepare_reward_model(model, cfg)
     trainer = Trainer.from_run(ctx, model=RewardScorer(model), task=RewardTask(cfg, tokenizer.pad_token_id),

@@ -84,20 +84,45 @@ def test_sft_step_on_messages_learns(smollm2_dir, tmp_path, one_thread):
     assert 0 < losses[0] < 8 and losses[-1] < losses[0] - 1e-2     # a pretrained model: far below ln(49152) = 10.8
 
 
-def test_reward_model_step_learns_and_scores(smollm2_dir, two_pairs, tmp_path, one_thread):
+def test_reward_model_learns_and_scores_the_same_through_transformers(smollm2_dir, two_pairs, tmp_path, one_thread):
+    """SmolLM2 has pad == EOS: the saved model must still be read at the same token by transformers."""
+    from transformers import AutoModelForSequenceClassification
+
     from preftune.config import RewardConfig
-    from preftune.scoring.reward_model import load_reward_model, score_texts
+    from preftune.data.messages import render_pair
+    from preftune.models import load_tokenizer
+    from preftune.scoring.files import score_file
+    from preftune.scoring.reward_model import tokenize_for_scoring
     from preftune.train.reward import train_reward
 
     cfg = RewardConfig(model_name_or_path=str(smollm2_dir), dataset=str(two_pairs), output_dir=str(tmp_path / "rm"),
-                       **small_run())
+                       merge_lora=True, **small_run())
     cfg.validate()
-    result = train_reward(cfg)
+    saved = train_reward(cfg).model_dir
     losses = [r["loss"] for r in records(tmp_path / "rm")]
     assert losses[-1] < losses[0] - 1e-3
-    model, tokenizer = load_reward_model(result.model_dir)
-    scores = score_texts(model, tokenizer, ["hello"], ["a calm reply"])
-    assert len(scores) == 1 and math.isfinite(float(scores[0]))
+    rows = [{"prompt": QUESTION, "response": "Blue."}, {"prompt": QUESTION, "response": "It is green, with stripes."},
+            {"prompt": [{"role": "user", "content": "Name a fruit."}], "response": "A pear."}]
+    scored = score_file(saved, write_jsonl(tmp_path / "score.jsonl", rows), tmp_path / "scored.jsonl", batch_size=3,
+                        device="cpu").output
+    ours = [json.loads(line)["reward"] for line in scored.read_text().splitlines()]
+    tokenizer = load_tokenizer(str(saved))
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    texts = [render_pair(tokenizer, r["prompt"], [{"role": "assistant", "content": r["response"]}], "response")
+             for r in rows]
+    sequences = [p + r for p, r in tokenize_for_scoring(tokenizer, *zip(*texts), prompt_special_tokens=False)]
+    assert all(s[-1] == tokenizer.eos_token_id for s in sequences)
+    library = AutoModelForSequenceClassification.from_pretrained(saved).eval()
+    assert library.config.pad_token_id == tokenizer.pad_token_id
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    with torch.no_grad():
+        alone = [library(torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long)).logits.item()
+                 for s in sequences]
+        batch = library(ids, attention_mask=mask).logits.squeeze(-1).tolist()
+    assert ours == pytest.approx(alone, abs=1e-4) and ours == pytest.approx(batch, abs=1e-4)
+    assert max(ours) - min(ours) > 1e-3    # three different scores, not one constant
 
 
 def test_generation_with_the_chat_template_stops_at_end_of_turn(smollm2_dir, smollm2_tokenizer, one_thread):
