@@ -142,7 +142,8 @@ def _sample_batch(model, prompts: list[list[int]], settings: SamplingSettings, p
         attention_mask[i, width - len(prompt):] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    extra[_cache_argument(model)] = _new_cache(model)   # filled in place by every forward below
 
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra)
     next_position = position_ids[:, -1:] + 1
@@ -158,7 +159,7 @@ def _sample_batch(model, prompts: list[list[int]], settings: SamplingSettings, p
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=out.past_key_values, use_cache=True, **extra)
+                    use_cache=True, **extra)
         next_position = next_position + 1
     generated = torch.stack(tokens, dim=1).tolist()
     responses, ended = [], []
@@ -196,9 +197,21 @@ def _next_token(logits: torch.Tensor, settings: SamplingSettings, generator) -> 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def _accepts(model, argument: str) -> bool:
     base = base_model(model)
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return argument in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _cache_argument(model) -> str:
+    """transformers 5 names the KV cache argument ``cache``; ``past_key_values`` goes in 5.40."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
+def _new_cache(model):
+    """An empty ``DynamicCache`` laid out for the model (sliding-window layers included)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=base_model(model).config)

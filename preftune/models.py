@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,13 +57,28 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
         raise ConfigError(f"cannot load model '{name_or_path}': {exc}") from None
 
 
+@contextmanager
+def peft_wrapping():
+    """Around peft's model wrapping: silence the one FutureWarning it triggers on every LoRA model.
+
+    peft 0.21 (the newest) reads ``model.is_gradient_checkpointing`` in every ``PeftModel`` constructor,
+    a property transformers 5 deprecates with a FutureWarning in favour of ``is_activation_checkpointing``;
+    no call of ours avoids the constructor and the user can do nothing about it. Only that message is
+    silenced, only here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def load_any_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
     """A full checkpoint, or a peft adapter directory loaded onto its base model (for evaluation, sampling)."""
     if (Path(name_or_path) / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
 
         try:
-            return AutoPeftModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+            with peft_wrapping():
+                return AutoPeftModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load adapter '{name_or_path}': {exc}") from None
     return load_causal_lm(name_or_path, dtype)
@@ -84,7 +101,8 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[s
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type,
                         modules_to_save=modules_to_save)
     try:
-        return get_peft_model(model, config)
+        with peft_wrapping():
+            return get_peft_model(model, config)
     except ValueError as exc:
         raise ConfigError(f"LoRA: {exc}") from None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .base import option
+from .base import option, with_default
 from .shared import DataSource, ModelSettings, TrainSettings, validate_training
 
 
@@ -29,6 +29,8 @@ class OnlineRLSettings(ModelSettings, DataSource, TrainSettings):
     temperature: float = option(1.0, "Sampling temperature; log-probs are computed at the same temperature.")
     top_k: int = option(0, "Sample from the top k tokens only (0: all). Makes samples slightly off-policy.")
     top_p: float = option(1.0, "Nucleus sampling threshold (1: off). Makes samples slightly off-policy.")
+    # all dropout is off while sampling and updating, LoRA's too: a non-zero value is the user's, and is warned about
+    lora_dropout: float = with_default(ModelSettings, "lora_dropout", 0.0)
 
     def check_prompts(self, require_model: bool, policy: str) -> None:
         """The policy (described by ``policy`` in the error) and the prompt dataset are given."""

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..data.messages import render, strip_trailing_eos
 from ..errors import ConfigError
-from ..models import is_peft_model, load_tokenizer
+from ..models import is_peft_model, load_tokenizer, peft_wrapping
 from .base import CheckedScorer, check_batch_size
 
 HEAD_NAMES = ("score", "classifier")
@@ -159,7 +159,8 @@ def load_weights(path, pad_token_id: int, device=None):
         base_name = json.loads(adapter.read_text()).get("base_model_name_or_path")
         if not base_name:
             raise ConfigError(f"{adapter}: no base_model_name_or_path to load the adapter onto")
-        model = PeftModel.from_pretrained(load_classifier(base_name), path_text).merge_and_unload()
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(load_classifier(base_name), path_text).merge_and_unload()
         model.config.pad_token_id = pad_token_id   # the base's config; training used the adapter's tokenizer
     else:
         model = load_classifier(path_text)   # its saved config's pad id decides where it is read, as in transformers
