@@ -126,10 +126,9 @@ def test_nonexistent_dataset(cli_runs):
     assert not (run.cwd / "out" / "model").exists()
 
 
-def test_data_check_reports_invalid_rows_and_exits_0(cli_runs):
+def test_data_check_reports_invalid_rows_and_exits_2(cli_runs):
     run = cli_runs["check_bad"]
-    assert "Traceback" not in run.stderr, run.stderr
-    assert run.returncode == 0, run.stderr
+    assert_user_error(run, "bad.jsonl: 1 of 2 rows are invalid (pass --skip_invalid")   # it gates a pipeline
     assert "bad.jsonl: row 2: field 'rejected': missing field" in run.stdout
     assert "missing field" in run.stdout and "Invalid rows" in run.stdout
     assert "1 of 2 rows are invalid" in run.stdout

@@ -1,15 +1,19 @@
-"""The dataset report behind ``preftune data check FILE``: problems, lengths, duplicates, biases.
+"""The dataset report behind ``preftune data check FILE``: problems, columns, lengths, duplicates, biases.
 
-Every row is validated (invalid rows are counted, not fatal). Length statistics use the untruncated
-token lengths of every row whose content is valid, including rows too long to keep.
+Every row is validated (invalid rows are counted, not fatal); without a tokenizer the check stops at
+structure and validity (fields, types, message roles, columns, duplicates), with one it also renders
+conversations and measures token lengths: the untruncated lengths of every row whose content is valid,
+including rows too long to keep.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 
+from preftune.data.columns import unknown_columns
 from preftune.data.load import Records, load_records
 from preftune.data.preference import (
     TokenizedPair,
@@ -18,6 +22,7 @@ from preftune.data.preference import (
     detect_format,
     fit_pairs,
     tokenize_untruncated,
+    validate_rows,
 )
 from preftune.data.rows import summarise_problems
 
@@ -65,6 +70,8 @@ class DatasetReport:
     max_length: int
     max_prompt_length: int | None
     truncation_mode: str
+    tokenized: bool = True       # False: checked without a tokenizer (no rendering, no token statistics)
+    unknown_columns: list[str] = field(default_factory=list)
     lengths: dict[str, LengthStats] = field(default_factory=dict)
     over_max_length: int = 0
     over_max_prompt_length: int = 0
@@ -79,22 +86,42 @@ class DatasetReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_dataset(source: str, tokenizer, settings: TokenizeSettings, split: str = "train") -> DatasetReport:
-    """Load, validate and measure a dataset; file-level problems still raise DataError."""
+def check_dataset(source: str, tokenizer=None, settings: TokenizeSettings | None = None,
+                  split: str = "train") -> DatasetReport:
+    """Load and validate a dataset; with a tokenizer, also measure it in tokens. File-level problems raise DataError."""
+    settings = settings or TokenizeSettings()
     check_settings(settings)
     records = load_records(source, split)
-    pairs, problems = tokenize_untruncated(records, tokenizer)
-    fitted, too_long = fit_pairs(pairs, settings, records.name)
-    skips = summarise_problems(len(records.rows), len(fitted), problems + too_long)
+    if tokenizer is None:
+        kept, problems = validate_rows(records)
+        analysed, keys = kept, [_text_key(t) for t in kept]
+    else:
+        analysed, problems = tokenize_untruncated(records, tokenizer)
+        kept, too_long = fit_pairs(analysed, settings, records.name)
+        problems, keys = problems + too_long, [_ids_key(p) for p in analysed]
+    skips = summarise_problems(len(records.rows), len(kept), problems)
     report = DatasetReport(source=records.name, format=detect_format(records), rows=skips.total, kept=skips.kept,
                            skipped=skips.skipped, examples=skips.examples, max_length=settings.max_length,
-                           max_prompt_length=settings.max_prompt_length, truncation_mode=settings.truncation_mode)
-    _add_length_stats(report, pairs, fitted, settings)
-    _add_duplicates(report, pairs)
-    _add_length_bias(report, pairs)
-    _add_value_stats(report, records, pairs)
-    report.warnings = _warnings(report, len(pairs))
+                           max_prompt_length=settings.max_prompt_length, truncation_mode=settings.truncation_mode,
+                           tokenized=tokenizer is not None, unknown_columns=unknown_columns(records))
+    if tokenizer is not None:
+        _add_length_stats(report, analysed, kept, settings)
+        _add_length_bias(report, analysed)
+    _add_duplicates(report, keys)
+    _add_value_stats(report, records, analysed)
+    report.warnings = _warnings(report, len(analysed))
     return report
+
+
+def _ids_key(pair: TokenizedPair) -> tuple:
+    """(prompt key, row key) for duplicate counting."""
+    prompt = tuple(pair.prompt_ids)
+    return prompt, (prompt, tuple(pair.chosen_ids), tuple(pair.rejected_ids))
+
+
+def _text_key(texts) -> tuple:
+    prompt = json.dumps(texts.prompt)
+    return prompt, (prompt, json.dumps(texts.chosen), json.dumps(texts.rejected))
 
 
 def _percentile(ordered: list[int], q: float) -> float:
@@ -133,14 +160,12 @@ def _add_length_stats(report: DatasetReport, pairs: list[TokenizedPair], fitted:
     report.truncated = sum(f != original[f.row] for f in fitted)
 
 
-def _add_duplicates(report: DatasetReport, pairs: list[TokenizedPair]) -> None:
+def _add_duplicates(report: DatasetReport, keys: list[tuple]) -> None:
     seen_rows, seen_prompts = set(), set()
-    for pair in pairs:
-        prompt = tuple(pair.prompt_ids)
-        key = (prompt, tuple(pair.chosen_ids), tuple(pair.rejected_ids))
-        report.duplicate_rows += key in seen_rows
+    for prompt, row in keys:
+        report.duplicate_rows += row in seen_rows
         report.duplicate_prompts += prompt in seen_prompts
-        seen_rows.add(key)
+        seen_rows.add(row)
         seen_prompts.add(prompt)
 
 
@@ -157,7 +182,8 @@ def _value_stats(values: list[float]) -> ValueStats:
     return ValueStats(count=len(values), min=min(values), mean=sum(values) / len(values), max=max(values))
 
 
-def _add_value_stats(report: DatasetReport, records: Records, pairs: list[TokenizedPair]) -> None:
+def _add_value_stats(report: DatasetReport, records: Records, pairs: list) -> None:
+    """``pairs``: tokenised pairs or validated rows (both carry ``preference_prob`` and ``margin``)."""
     if not pairs:
         return
     if any(row.get("preference_prob") is not None for row in records.rows):
@@ -173,6 +199,9 @@ def _warnings(report: DatasetReport, analysed: int) -> list[str]:
     if invalid:
         warnings.append(f"{invalid} of {report.rows} rows are invalid: training stops at the first one "
                         "unless invalid rows are skipped")
+    if report.unknown_columns:
+        names = ", ".join(f"'{name}'" for name in report.unknown_columns)
+        warnings.append(f"columns preftune does not read (training ignores them): {names}")
     for side, other, fraction in (("chosen", "rejected", report.chosen_longer_fraction),
                                   ("rejected", "chosen", report.rejected_longer_fraction)):
         if fraction is not None and fraction > LENGTH_BIAS_THRESHOLD:
@@ -221,15 +250,11 @@ def _summary_table(report: DatasetReport):
     table = Table(title=f"Dataset {_escape(report.source)}", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
-    limits = f"{report.max_length} ({report.truncation_mode})"
-    if report.max_prompt_length is not None:
-        limits += f", prompt {report.max_prompt_length}"
     rows = [("format", report.format), ("rows", report.rows), ("valid rows kept", report.kept),
-            ("length limits", limits), ("over max_length", report.over_max_length),
-            ("would be truncated", report.truncated), ("duplicate rows", report.duplicate_rows),
-            ("duplicate prompts", report.duplicate_prompts)]
-    if report.max_prompt_length is not None:
-        rows.append(("over max_prompt_length", report.over_max_prompt_length))
+            ("duplicate rows", report.duplicate_rows), ("duplicate prompts", report.duplicate_prompts)]
+    if report.unknown_columns:
+        rows.append(("columns not read", ", ".join(report.unknown_columns)))
+    rows += _token_rows(report) if report.tokenized else [("token statistics", "need --tokenizer")]
     if report.chosen_longer_fraction is not None:
         rows.append(("chosen longer than rejected", f"{report.chosen_longer_fraction:.1%}"))
         rows.append(("mean chosen − rejected tokens", f"{report.mean_length_difference:+.1f}"))
@@ -239,6 +264,17 @@ def _summary_table(report: DatasetReport):
     for name, value in rows:
         table.add_row(name, _escape(str(value)))
     return table
+
+
+def _token_rows(report: DatasetReport) -> list[tuple[str, object]]:
+    limits = f"{report.max_length} ({report.truncation_mode})"
+    if report.max_prompt_length is not None:
+        limits += f", prompt {report.max_prompt_length}"
+    rows = [("length limits", limits), ("over max_length", report.over_max_length),
+            ("would be truncated", report.truncated)]
+    if report.max_prompt_length is not None:
+        rows.append(("over max_prompt_length", report.over_max_prompt_length))
+    return rows
 
 
 def _lengths_table(report: DatasetReport):

@@ -62,13 +62,21 @@ def _read_file(source: str, path: Path) -> Records:
     return reader(source, path)
 
 
-def _read_text(source: str, path: Path) -> str:
+def read_utf8(source: str, path: Path, header_lines: int | None = 0) -> str:
+    """The file as text; a byte that is not UTF-8 is reported with its line and, in a file of one row per
+    line, its row: ``header_lines`` lines come before the first row (1 for CSV; None: lines are not rows)."""
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(source, f"cannot read file: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        data = path.read_bytes()
     except OSError as exc:
         raise DataError(source, f"cannot read file: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        row = line - header_lines if header_lines is not None and line > header_lines else None
+        raise DataError(source, f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, column {column} "
+                                f"(byte offset {exc.start}; {exc.reason}); save the file as UTF-8", row=row) from None
 
 
 def _require_object(source: str, value, row: int) -> dict:
@@ -83,7 +91,7 @@ def _json_type(value) -> str:
 
 
 def _read_jsonl(source: str, path: Path) -> Records:
-    return _parse_json_lines(source, _read_text(source, path))
+    return _parse_json_lines(source, read_utf8(source, path))
 
 
 def _parse_json_lines(source: str, text: str) -> Records:
@@ -101,7 +109,7 @@ def _parse_json_lines(source: str, text: str) -> Records:
 
 
 def _read_json(source: str, path: Path) -> Records:
-    text = _read_text(source, path)
+    text = read_utf8(source, path, header_lines=None)   # an array: lines are not rows
     if not text.strip():
         return Records(source, [], [])
     try:
@@ -147,10 +155,13 @@ def _read_parquet(source: str, path: Path) -> Records:
 
 def _read_csv(source: str, path: Path) -> Records:
     """Text columns stay strings; other columns get pandas' type inference; empty cells become None."""
+    import io
+
     import pandas as pd
 
+    text = read_utf8(source, path, header_lines=1)
     try:
-        frame = pd.read_csv(path, dtype={name: str for name in TEXT_COLUMNS},
+        frame = pd.read_csv(io.StringIO(text), dtype={name: str for name in TEXT_COLUMNS},
                             keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError:
         raise DataError(source, "the dataset is empty: the CSV file has no header or rows") from None

@@ -19,6 +19,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, replace
 
+from preftune.data.columns import check_implicit_prompt_columns
 from preftune.data.load import Records
 from preftune.data.messages import (
     check_contents,
@@ -70,10 +71,12 @@ class _Style:
 
 
 @dataclass
-class _RowTexts:
-    prompt: str
-    chosen: str
-    rejected: str
+class RowTexts:
+    """One valid row: texts (or, validated without a tokenizer, the messages) and its optional values."""
+
+    prompt: str | list
+    chosen: str | list
+    rejected: str | list
     preference_prob: float
     margin: float
     row: int
@@ -92,7 +95,10 @@ def _detect_style(records: Records) -> _Style:
         raise DataError(records.name, "the dataset is empty: no rows found")
     with_prompt = sum("prompt" in row for row in records.rows)
     kinds = Counter(kind for kind in map(_row_uses_messages, records.rows) if kind is not None)
-    return _Style(explicit_prompt=2 * with_prompt >= len(records.rows), messages=kinds[True] > kinds[False])
+    style = _Style(explicit_prompt=2 * with_prompt >= len(records.rows), messages=kinds[True] > kinds[False])
+    if not style.explicit_prompt:
+        check_implicit_prompt_columns(records)
+    return style
 
 
 def _row_uses_messages(row: dict) -> bool | None:
@@ -176,6 +182,8 @@ def _row_texts(row: dict, style: _Style, tokenizer) -> tuple[str, str, str]:
         return prompt, chosen, rejected
     check_contents("chosen", chosen)
     check_contents("rejected", rejected)
+    if tokenizer is None:   # structure only (``preftune data check`` without a tokenizer): the messages as they are
+        return prompt, chosen, rejected
     return _render_conversation(prompt, chosen, rejected, tokenizer)
 
 
@@ -213,12 +221,17 @@ def _render_conversation(prompt: list, chosen: list, rejected: list, tokenizer) 
     return prompt_text, chosen_text, reply_text(tokenizer, prompt, prompt_text, rejected, "rejected")
 
 
-def _validate_rows(records: Records, style: _Style, tokenizer) -> tuple[list[_RowTexts], list[RowProblem]]:
+def validate_rows(records: Records, tokenizer=None,
+                  style: _Style | None = None) -> tuple[list[RowTexts], list[RowProblem]]:
+    """Every row checked, not tokenised; conversations are rendered only when a tokenizer is given."""
+    style = style or _detect_style(records)
+    if style.messages and tokenizer is not None:
+        require_chat_template(tokenizer)
     texts, problems = [], []
     for row, number in zip(records.rows, records.row_numbers):
         try:
             prompt, chosen, rejected = _row_texts(row, style, tokenizer)
-            texts.append(_RowTexts(prompt, chosen, rejected, _preference_prob(row), _margin(row), number))
+            texts.append(RowTexts(prompt, chosen, rejected, _preference_prob(row), _margin(row), number))
         except InvalidRow as invalid:
             problem = invalid.problem(records.name, number)
             if invalid.fatal:
@@ -252,9 +265,7 @@ def tokenize_untruncated(records: Records, tokenizer) -> tuple[list[TokenizedPai
     """Validate every row and tokenise the valid ones in full; no length limit is applied."""
     eos = eos_id(tokenizer)
     style = _detect_style(records)
-    if style.messages:
-        require_chat_template(tokenizer)
-    texts, problems = _validate_rows(records, style, tokenizer)
+    texts, problems = validate_rows(records, tokenizer, style)
     # A chat template writes BOS itself; a plain prompt gets it from the tokenizer.
     prompts = _token_ids(tokenizer, [t.prompt for t in texts], add_special_tokens=not style.messages)
     chosen = _token_ids(tokenizer, [t.chosen for t in texts], add_special_tokens=False)

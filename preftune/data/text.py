@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from preftune.data.load import Records, load_records
+from preftune.data.load import Records, load_records, read_utf8
 from preftune.data.messages import check_contents, check_messages, end_turn, eos_id, render, require_prefix
 from preftune.data.packing import LMExample
 from preftune.data.preference import TRUNCATION_MODES
@@ -50,12 +50,7 @@ def load_text_records(source: str, split: str = "train") -> list[Records]:
 
 def _read_txt(source: str, path: Path) -> Records:
     """One row per block of non-blank lines; the row number is the block's first line."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(source, f"cannot read file: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise DataError(source, f"cannot read file: {exc.strerror or exc}") from None
+    text = read_utf8(source, path, header_lines=None)   # a document spans lines: the error names the line
     rows, numbers, block, start = [], [], [], 0
     for number, line in enumerate(text.splitlines() + [""], start=1):
         if line.strip():
