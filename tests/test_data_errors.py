@@ -115,8 +115,9 @@ def test_invalid_json_array_names_the_line(tmp_path):
 
 
 def test_chat_template_that_is_not_prefix_stable(tmp_path, tiny_tokenizer):
+    # not a thinking template either (tests/test_thinking_template.py): the reply's content is not in the rendering
     tokenizer = copy.deepcopy(tiny_tokenizer)
-    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | upper }}{% endfor %}"
                                "{% if add_generation_prompt %}<|assistant|> {% endif %}")
     path = tmp_path / "chat.jsonl"
     path.write_text(jsonl(good_chat()))

@@ -7,8 +7,12 @@ same data and tokenise it the same way:
 
 * a prompt is rendered with ``add_generation_prompt=True`` (the template opens the assistant's turn)
   and tokenised without special tokens: the template writes BOS itself;
-* a reply is the text the full conversation adds after the rendered prompt; the template must be
-  prefix-stable (the prompt rendered alone is a prefix of prompt + reply);
+* a reply is the text the full conversation adds after the rendered prompt. Templates whose
+  generation prompt is not a prefix of the rendered conversation (thinking templates such as Qwen3's
+  or DeepSeek-R1's open the turn with ``<think>`` that the finished conversation drops) train on the
+  prompt as rendered for generation and a reply of one assistant message: its content followed by
+  the template's end-of-turn text (what the template writes after the content). A notice says so
+  once. Other templates must be prefix-stable;
 * every trained reply ends with EOS: we append the EOS id ourselves, so an EOS text the template
   writes at the end of a reply is dropped first (never twice).
 
@@ -103,9 +107,41 @@ def require_prefix(prefix: str, text: str, field: str) -> None:
 
 def reply_text(tokenizer, prompt: list, prompt_text: str, reply: list, field: str) -> str:
     """The text ``reply`` adds after the rendered prompt, without a trailing EOS text."""
+    return strip_trailing_eos(reply_segment(tokenizer, prompt, prompt_text, reply, field), tokenizer.eos_token)
+
+
+def reply_segment(tokenizer, prompt: list, prompt_text: str, reply: list, field: str) -> str:
+    """The text the model learns to write after ``prompt_text`` (the template's end of turn included).
+
+    What the rendered conversation adds after the prompt; for a template whose generation prompt is not
+    a prefix of the conversation, the assistant's content and the template's end-of-turn text.
+    """
     full = render(tokenizer, prompt + reply, field)
-    require_prefix(prompt_text, full, field)
-    return strip_trailing_eos(full[len(prompt_text):], tokenizer.eos_token)
+    if full.startswith(prompt_text):
+        return full[len(prompt_text):]
+    content = reply[-1]["content"] if len(reply) == 1 and reply[0]["role"] == "assistant" else None
+    found = [c for c in (content, (content or "").strip()) if c and c in full]
+    if not found:
+        require_prefix(prompt_text, full, field)   # not a thinking template either: refused, with the reason
+    _notice_generation_prompt(tokenizer)
+    end = full.rindex(found[0]) + len(found[0])
+    return found[0] + full[end:]
+
+
+_NOTICED: set[str] = set()
+
+
+def _notice_generation_prompt(tokenizer) -> None:
+    """Say once per template that its conversations are split at the generation prompt."""
+    if tokenizer.chat_template in _NOTICED:
+        return
+    _NOTICED.add(tokenizer.chat_template)
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        "[yellow]note:[/] the chat template's generation prompt is not a prefix of the rendered conversation "
+        "(a thinking template): replies are trained after the prompt rendered with add_generation_prompt=True, "
+        "as the assistant's content followed by the template's end-of-turn text", highlight=False, soft_wrap=True)
 
 
 def render_pair(tokenizer, prompt: list, reply: list, field: str) -> tuple[str, str]:

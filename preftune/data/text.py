@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from preftune.data.load import Records, load_records, read_utf8
-from preftune.data.messages import check_contents, check_messages, end_turn, eos_id, render, require_prefix
+from preftune.data.messages import (
+    check_contents,
+    check_messages,
+    end_turn,
+    eos_id,
+    render,
+    reply_segment,
+    require_prefix,
+)
 from preftune.data.packing import LMExample
 from preftune.data.preference import TRUNCATION_MODES
 from preftune.data.rows import InvalidRow, RowProblem, SkipReport, settle_problems, summarise_problems, type_name
@@ -168,11 +176,10 @@ def _conversation_segments(messages: list[dict], tokenizer) -> list[_Segment]:
     segments, done = [], ""
     for i in turns:
         before = render(tokenizer, messages[:i], "messages", add_generation_prompt=True)
-        after = render(tokenizer, messages[:i + 1], "messages")
         require_prefix(done, before, "messages")
-        require_prefix(before, after, "messages")
-        segments += [_Segment(before[len(done):], False), _Segment(after[len(before):], True)]
-        done = after
+        reply = reply_segment(tokenizer, messages[:i], before, [messages[i]], "messages")
+        segments += [_Segment(before[len(done):], False), _Segment(reply, True)]
+        done = render(tokenizer, messages[:i + 1], "messages")   # the history later turns see
     return segments
 
 
@@ -188,9 +195,8 @@ def _prompt_completion_segments(row: dict, tokenizer) -> list[_Segment]:
         prompt, completion = _messages(row, "prompt"), _messages(row, "completion")
         check_contents("completion", completion, "empty completion")
         prompt_text = render(tokenizer, prompt, "prompt", add_generation_prompt=completion[0]["role"] == "assistant")
-        full = render(tokenizer, prompt + completion, "completion")
-        require_prefix(prompt_text, full, "completion")  # the template's own end of turn is kept (see end_turn)
-        return [_Segment(prompt_text, False), _Segment(full[len(prompt_text):], True)]
+        completion_text = reply_segment(tokenizer, prompt, prompt_text, completion, "completion")
+        return [_Segment(prompt_text, False), _Segment(completion_text, True)]  # the template's end of turn kept
     prompt = _string(row, "prompt", None)
     completion = _string(row, "completion", "empty completion")
     return [_Segment(prompt, False, special=True), _Segment(completion, True)]
