@@ -79,6 +79,51 @@ def test_report_cli_on_eval_output(tiny_model_dir, prompts_file, tmp_path):
     assert "reward vs KL frontier" in page
 
 
+CHAT_PAIR = {"prompt": [{"role": "user", "content": "Describe it:"}],
+             "chosen": [{"role": "assistant", "content": "calm kind"}],
+             "rejected": [{"role": "assistant", "content": "loud"}]}
+
+
+def test_conversational_pairs_with_a_reward_model_judge(tiny_model_dir, prompts_file, tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    from preftune.scoring.reward_model import RewardModelScorer
+
+    rm_dir = tmp_path / "rm"
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm.config.pad_token_id = tiny_tokenizer.pad_token_id
+    rm.save_pretrained(rm_dir)
+    tiny_tokenizer.save_pretrained(rm_dir)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(CHAT_PAIR) + "\n")
+    metrics, _ = run_eval(tmp_path, tiny_model_dir, prompts_file, "--judge", f"reward_model:{rm_dir}",
+                          "--pairs", str(pairs))
+    judge = RewardModelScorer(rm_dir)    # the pair scored as a chat prompt and the assistant's text
+    chosen, rejected = judge.score([CHAT_PAIR["prompt"]] * 2, ["calm kind", "loud"])
+    assert metrics["mean_margin"] == pytest.approx(chosen - rejected, abs=1e-5) and chosen != rejected
+    assert metrics["pair_accuracy"] == (1.0 if chosen > rejected else 0.0)
+
+
+def test_a_function_judge_gets_chat_prompts_as_messages_and_responses_as_text(tiny_model_dir, tmp_path):
+    seen = tmp_path / "seen.jsonl"
+    (tmp_path / "judge.py").write_text(
+        "import json\n"
+        "def judge(prompts, responses):\n"
+        f"    with open({str(seen)!r}, 'a') as f:\n"
+        "        f.write(json.dumps([prompts, responses]) + '\\n')\n"
+        "    return [float(len(r)) for r in responses]\n")
+    prompts = tmp_path / "chat-prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": CHAT_PAIR["prompt"]}) + "\n" for _ in range(2)))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(CHAT_PAIR) + "\n")
+    metrics, samples = run_eval(tmp_path, tiny_model_dir, prompts, "--judge", f"function:{tmp_path / 'judge.py'}:judge",
+                                "--pairs", str(pairs))
+    calls = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert calls[0] == [[CHAT_PAIR["prompt"]] * 2, [s["response"] for s in samples]]    # the samples
+    assert calls[1:] == [[[CHAT_PAIR["prompt"]], ["calm kind"]], [[CHAT_PAIR["prompt"]], ["loud"]]]
+    assert metrics["pair_accuracy"] == 1.0 and metrics["mean_margin"] == 5.0   # len("calm kind") - len("loud")
+
+
 def test_bad_prompt_file_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": ""}) + "\n")

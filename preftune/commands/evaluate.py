@@ -16,11 +16,14 @@ out = Console()
 def eval_arguments(ev) -> None:
     ev.add_argument("--model", required=True, help="Model (directory or hub name; a peft adapter directory works).")
     ev.add_argument("--prompts", required=True, help="File with a 'prompt' column (JSONL, JSON, CSV, Parquet, ...).")
-    ev.add_argument("--judge", help="reward_model:PATH, function:module:function or llm:BASE_URL (OpenAI-compatible).")
+    ev.add_argument("--judge", help="reward_model:PATH, function:module:function or llm:BASE_URL (OpenAI-compatible). "
+                                    "A function gets (prompts, responses): each prompt as in the file (a string or a "
+                                    "list of messages), each response as text.")
     ev.add_argument("--judge_model", default="judge", help="Model name sent to an LLM judge.")
     ev.add_argument("--ref_model", help="Reference model for KL(policy || reference).")
     ev.add_argument("--baseline_model", help="Baseline model whose samples the win rate is measured against.")
-    ev.add_argument("--pairs", help="Held-out preference pairs: with a scoring judge, report its pair accuracy.")
+    ev.add_argument("--pairs", help="Held-out preference pairs (any format training reads, conversational too): with "
+                                    "a scoring judge, report its pair accuracy.")
     ev.add_argument("--max_new_tokens", type=int, default=48)
     ev.add_argument("--temperature", type=float, default=1.0)
     ev.add_argument("--top_k", type=int, default=0)
@@ -51,6 +54,19 @@ def _prompts(path: str, tokenizer) -> list:
     return [row["prompt"] for row in records.rows]
 
 
+def _pairs(path: str) -> tuple[list, list[str], list[str]]:
+    """Held-out pairs validated as training reads them: prompts as given, responses as plain text."""
+    from ..data import load_records
+    from ..data.messages import reply_plain_text
+    from ..data.preference import validate_rows
+
+    rows, problems = validate_rows(load_records(path))
+    if problems:
+        raise problems[0].error
+    return ([r.prompt for r in rows], [reply_plain_text(r.chosen) for r in rows],
+            [reply_plain_text(r.rejected) for r in rows])
+
+
 def run_eval(args) -> int:
     from ..evaluate.judges import is_scoring, make_judge
     from ..evaluate.sampling import evaluate_policy, pair_accuracy, sample_responses
@@ -76,11 +92,7 @@ def run_eval(args) -> int:
     if args.pairs:
         if judge is None or not is_scoring(judge):
             raise DataError(args.pairs, "pair accuracy needs a scoring judge (reward_model: or function:)")
-        from ..data import load_records
-
-        records = load_records(args.pairs)
-        metrics.update(pair_accuracy(judge, [r["prompt"] for r in records.rows], [r["chosen"] for r in records.rows],
-                                     [r["rejected"] for r in records.rows]))
+        metrics.update(pair_accuracy(judge, *_pairs(args.pairs)))
     if args.temperature != 1.0 and "kl" in metrics:
         metrics["kl_note"] = "samples drawn at temperature != 1: KL is approximate"
     output = Path(args.output_dir)

@@ -202,3 +202,10 @@ def plain_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def reply_plain_text(reply) -> str:
+    """A response for a scorer, which reads text: a string as it is, one message's content, else "role: content"."""
+    if isinstance(reply, str):
+        return reply
+    return reply[0]["content"] if len(reply) == 1 else plain_text(reply)

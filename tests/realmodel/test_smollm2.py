@@ -216,3 +216,32 @@ def test_grpo_step_on_chat_prompts_with_a_python_reward(smollm2_dir, tmp_path, o
     rows = records(tmp_path / "grpo")
     assert len(rows) == 2 and all(math.isfinite(r["reward"]) and 0 < r["reward"] <= 1 for r in rows)
     assert (tmp_path / "grpo" / "model" / "adapter_config.json").exists()
+
+
+def test_eval_on_chat_prompts_with_a_function_judge_and_conversational_pairs(smollm2_dir, tmp_path, one_thread):
+    from preftune.cli import main
+
+    france = [{"role": "user", "content": "What is the capital of France?"}]
+
+    seen = tmp_path / "seen.jsonl"
+    (tmp_path / "judge.py").write_text(
+        "import json\n"
+        "def judge(prompts, responses):\n"
+        f"    with open({str(seen)!r}, 'a') as f:\n"
+        "        f.write(json.dumps([prompts, responses]) + '\\n')\n"
+        "    return [float('paris' in r.lower()) for r in responses]\n")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": france}])
+    pair = {"prompt": france, "chosen": [{"role": "assistant", "content": "Paris."}],
+            "rejected": [{"role": "assistant", "content": "Lyon."}]}
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [pair])
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(smollm2_dir), "--prompts", str(prompts), "--max_new_tokens", "12",
+                 "--temperature", "0.01", "--judge", f"function:{tmp_path / 'judge.py'}:judge", "--pairs", str(pairs),
+                 "--output_dir", str(out)]) == 0
+    metrics = json.loads((out / "eval.json").read_text())
+    sample = json.loads((out / "samples.jsonl").read_text())
+    assert sample["prompt"] == france and END_OF_TURN not in sample["response"]
+    assert "paris" in sample["response"].lower() and metrics["reward"] == 1.0   # the chat template was applied
+    calls = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert calls == [[[france], [sample["response"]]], [[france], ["Paris."]], [[france], ["Lyon."]]]
+    assert metrics["pair_accuracy"] == 1.0
