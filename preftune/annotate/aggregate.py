@@ -19,6 +19,7 @@ from sqlalchemy import select
 from preftune.errors import ConfigError
 
 from .answers import comparisons
+from .importer import training_prompt, training_response
 from .models import Annotator, Assignment, Item, Label, Project
 
 TIE_MODES = ("drop", "keep")
@@ -109,7 +110,8 @@ def export_pairs(session, project: Project, ties: str = "drop", min_votes: int =
         side, share, counted = decided
         item = items[item_id]
         chosen, rejected = (i, j) if side > 0 else (j, i)
-        row = {"prompt": item.prompt, "chosen": item.candidates[chosen], "rejected": item.candidates[rejected],
+        row = {"prompt": training_prompt(item), "chosen": training_response(item, item.candidates[chosen]),
+               "rejected": training_response(item, item.candidates[rejected]),
                "preference_prob": round(share, 6), "annotators": counted, "item": item.external_id}
         if margin_scale > 0:
             signed = [magnitude * outcome * side for _, outcome, magnitude in votes]

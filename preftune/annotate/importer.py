@@ -8,7 +8,10 @@ message as bad training data. Items already in the project (same id) are left al
 
 A conversation prompt is shown to annotators as "role: content" lines and kept in the item's
 ``meta["prompt_messages"]``: candidates sampled from a model, and the reward model ordering the
-queue, read it through their own chat templates.
+queue, read it through their own chat templates. Candidates sampled from a model that has a chat
+template are sampled under it (``--no-chat``: from the raw text), a text prompt becoming one user
+message. Such items are exported in the conversational format (:func:`training_prompt`,
+:func:`training_response`), so that ``preftune dpo`` trains on the context the samples came from.
 """
 
 from __future__ import annotations
@@ -53,6 +56,16 @@ class ItemSpec:
     def model_prompt(self) -> str | list:
         """What a model reads: the conversation when the prompt is one, else the text."""
         return self.meta.get("prompt_messages") or self.prompt
+
+
+def training_prompt(item) -> str | list:
+    """An item's prompt as exported for training: its conversation when it has one, else the text."""
+    return (item.meta or {}).get("prompt_messages") or item.prompt
+
+
+def training_response(item, text: str) -> str | list:
+    """A candidate as exported for training: the assistant's message when the prompt is a conversation."""
+    return [{"role": "assistant", "content": text}] if (item.meta or {}).get("prompt_messages") else text
 
 
 def get_project(session, name: str) -> Project:
@@ -220,10 +233,13 @@ def read_items(source: str, generating: bool = False, minimum: int = 2) -> list[
 
 
 def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling: dict | None = None,
-                        batch_size: int = 16, seed: int | None = None, chat: bool = False, minimum: int = 2) -> None:
+                        batch_size: int = 16, seed: int | None = None, chat: bool | None = None,
+                        minimum: int = 2) -> None:
     """Add ``n`` responses sampled from the model at ``model_path`` to every item (empty and repeated ones dropped).
 
-    ``minimum``: different responses an item needs (1 for binary projects)."""
+    ``chat``: sample under the model's chat template, a text prompt becoming one user message (None: when the
+    model has a template; conversations are always rendered). ``minimum``: different responses an item needs
+    (1 for binary projects)."""
     from preftune.generate import SamplingSettings, generate_texts
     from preftune.models import load_causal_lm, load_tokenizer
 
@@ -237,8 +253,11 @@ def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
     model.eval()
+    if chat or (chat is None and getattr(tokenizer, "chat_template", None)):
+        for spec in specs:   # the conversation the samples answer, kept for the export
+            spec.meta.setdefault("prompt_messages", [{"role": "user", "content": spec.prompt}])
     outputs = generate_texts(model, tokenizer, [s.model_prompt for s in specs], settings, n=n, batch_size=batch_size,
-                             seed=seed, chat=chat)
+                             seed=seed)
     for spec, texts in zip(specs, outputs):
         spec.meta["generated_by"] = str(model_path)
         for sample in texts:

@@ -16,6 +16,7 @@ from preftune.errors import ConfigError
 
 from .aggregate import label_records, labelled_items
 from .answers import RATING_MAX, RATING_MIN, thumbs
+from .importer import training_prompt, training_response
 from .models import Project
 
 
@@ -52,6 +53,7 @@ def export_kto(session, project: Project, min_agreement: float = 0.0, min_votes:
         if share < min_agreement:
             continue
         item = items[item_id]
-        rows.append({"prompt": item.prompt, "completion": item.candidates[index], "label": good > bad,
+        rows.append({"prompt": training_prompt(item), "completion": training_response(item, item.candidates[index]),
+                     "label": good > bad,
                      "label_prob": round(share, 6), "annotators": len(votes), "item": item.external_id})
     return rows

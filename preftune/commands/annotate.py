@@ -63,7 +63,10 @@ def import_arguments(imp) -> None:
     add_flag(imp, "top_k", type=int, default=None, help="Sampling top-k.")
     add_flag(imp, "batch_size", type=int, default=16, help="Prompts per generation batch.")
     add_flag(imp, "seed", type=int, default=None, help="Seed for sampling and for the serving order.")
-    add_flag(imp, "chat", action="store_true", help="Render prompts with the tokenizer's chat template.")
+    add_flag(imp, "chat", action=argparse.BooleanOptionalAction, default=None,
+             help="Sample under the model's chat template, a text prompt becoming one user message; on by default "
+                  "when the model has a template (--no-chat: sample from the raw text). Such items export as "
+                  "conversations.")
 
 
 def project_arguments(project) -> None:
