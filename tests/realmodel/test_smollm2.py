@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from preftune.models import load_causal_lm
 from toydata import make_toy_preferences
 
 END_OF_TURN = "<|im_end|>"
+NOISY = (FutureWarning, DeprecationWarning, PendingDeprecationWarning, UserWarning)
 QUESTION = [{"role": "user", "content": "Answer in one word: what colour is a clear daytime sky?"}]
 
 
@@ -64,7 +66,10 @@ def test_lora_dpo_on_conversational_pairs_starts_at_ln2_and_learns(smollm2_dir, 
     cfg = DPOConfig(model_name_or_path=str(smollm2_dir), dataset=str(two_pairs), output_dir=str(tmp_path / "dpo"),
                     cache_dir=str(tmp_path / "ref-cache"), **small_run())
     cfg.validate()
-    train_dpo(cfg)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train_dpo(cfg)
+    assert [str(w.message) for w in seen if issubclass(w.category, NOISY)] == []   # none a user cannot act on
     losses = [r["loss"] for r in records(tmp_path / "dpo")]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5)     # LoRA starts as the reference
     assert losses[-1] < losses[0] - 1e-3
@@ -133,8 +138,11 @@ def test_generation_with_the_chat_template_stops_at_end_of_turn(smollm2_dir, smo
     prompt = encode_prompts(tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]])
     assert tokenizer.decode(prompt[0]).endswith("<|im_start|>assistant\n")
     greedy = SamplingSettings(max_new_tokens=40, do_sample=False)
-    generation = generate_ids(load_causal_lm(str(smollm2_dir)), prompt, greedy, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        generation = generate_ids(load_causal_lm(str(smollm2_dir)), prompt, greedy,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    assert [str(w.message) for w in seen if issubclass(w.category, NOISY)] == []   # the current KV-cache API
     response = generation.response_ids[0]
     assert generation.ended[0] and response[-1] == tokenizer.convert_tokens_to_ids(END_OF_TURN)
     assert END_OF_TURN not in tokenizer.decode(response[:-1])
@@ -245,3 +253,19 @@ def test_eval_on_chat_prompts_with_a_function_judge_and_conversational_pairs(smo
     calls = [json.loads(line) for line in seen.read_text().splitlines()]
     assert calls == [[[france], [sample["response"]]], [[france], ["Paris."]], [[france], ["Lyon."]]]
     assert metrics["pair_accuracy"] == 1.0
+
+
+def test_data_check_on_conversational_pairs_with_and_without_the_tokenizer(smollm2_dir, two_pairs, tmp_path, capsys):
+    from preftune.cli import main
+
+    assert main(["data", "check", str(two_pairs), "--tokenizer", str(smollm2_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["format"], report["kept"], report["tokenized"]) == ("conversational", 2, True)
+    assert report["lengths"]["prompt"]["min"] > 20     # SmolLM2's template adds its default system prompt
+    typo = json.loads(two_pairs.read_text().splitlines()[0])
+    typo["chosen"][0]["role"] = "asistant"
+    bad = write_jsonl(tmp_path / "typo.jsonl", [typo, json.loads(two_pairs.read_text().splitlines()[1])])
+    assert main(["data", "check", str(bad), "--json"]) == 2       # no tokenizer: the roles are still checked
+    captured = capsys.readouterr()
+    assert "unknown role 'asistant'; did you mean 'assistant'?" in captured.out
+    assert "1 of 2 rows are invalid" in captured.err
