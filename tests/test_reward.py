@@ -121,12 +121,20 @@ def test_training_gives_the_tokenizer_a_pad_token_other_than_eos(tiny_tokenizer)
 
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.pad_token = tokenizer.eos_token
-    assert distinct_pad_token(tokenizer) is False and tokenizer.pad_token == "<s>"   # no unknown token: BOS
-    tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.unk_token = tokenizer.bos_token = tokenizer.eos_token   # GPT-2 style: one token for everything
-    size = len(tokenizer)
-    assert distinct_pad_token(tokenizer) is True
-    assert tokenizer.pad_token == "<|pad|>" and len(tokenizer) == size + 1
+    distinct_pad_token(tokenizer)
+    assert tokenizer.pad_token == "<s>"   # no unknown token: BOS
+    tokenizer.pad_token = tokenizer.unk_token = tokenizer.eos_token
+    tokenizer.bos_token = "<|user|>"
+    distinct_pad_token(tokenizer)
+    assert tokenizer.pad_token == "<|user|>"
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    end = "<|endoftext|>"     # GPT-2 style: one special token for everything
+    gpt2_like = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({end: 0, "a": 1}, unk_token=end)),
+                                        eos_token=end, bos_token=end, unk_token=end, pad_token=end)
+    distinct_pad_token(gpt2_like)
+    assert gpt2_like.pad_token == end and len(gpt2_like) == 2    # kept: the vocabulary is not changed
 
 
 def test_expected_calibration_error_on_a_fixed_example():

@@ -71,23 +71,22 @@ def pooled_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_toke
     return torch.where(content >= 0, content, last)
 
 
-def distinct_pad_token(tokenizer) -> bool:
-    """Give the tokenizer a pad token other than EOS; True when a new token had to be added.
+def distinct_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token other than EOS when it has one to spare (unknown, BOS or another special).
 
-    transformers' sequence classifiers read the rightmost token that is not padding, so with pad == EOS
-    (SmolLM2, and every tokenizer given EOS as pad) a saved reward model would be read before its EOS by
-    transformers and at it here. A distinct pad (the unknown or BOS token, else a new ``<|pad|>``), saved
-    with the tokenizer and the config, makes both read the EOS that ends every response.
+    transformers' sequence classifiers read the rightmost token that is not padding, and so does
+    :func:`pooled_index`: with pad == EOS (SmolLM2, and every tokenizer given EOS as pad) both would read
+    the token before the EOS that ends every response. With a distinct pad, saved with the tokenizer and
+    the config, both read the EOS itself. A tokenizer whose only special token is EOS (GPT-2) keeps it
+    as pad (adding a token would change the vocabulary): both then read the last token before EOS.
     """
     eos = tokenizer.eos_token_id
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
-        return False
-    for token in (tokenizer.unk_token, tokenizer.bos_token):
-        if token is not None and tokenizer.convert_tokens_to_ids(token) != eos:
-            tokenizer.pad_token = token
-            return False
-    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    return True
+        return
+    candidates = [tokenizer.unk_token, tokenizer.bos_token, *tokenizer.all_special_tokens]
+    spare = next((t for t in candidates if t is not None and tokenizer.convert_tokens_to_ids(t) != eos), None)
+    if spare is not None:
+        tokenizer.pad_token = spare
 
 
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -118,8 +118,7 @@ def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RunResult:
         torch.manual_seed(cfg.seed)  # the new head's initial weights
         model = rm.load_classifier(cfg.model_name_or_path, new_head=True)
     rm.check_reward_model(model)
-    if rm.distinct_pad_token(tokenizer):   # saved with the model: transformers then reads the reward where we do
-        model.resize_token_embeddings(len(tokenizer))
+    rm.distinct_pad_token(tokenizer)   # saved with the model: the reward is read at EOS, here and by transformers
     model.config.pad_token_id = tokenizer.pad_token_id
     model = prepare_reward_model(model, cfg)
     trainer = Trainer.from_run(ctx, model=RewardScorer(model), task=RewardTask(cfg, tokenizer.pad_token_id),
