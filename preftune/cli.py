@@ -44,7 +44,9 @@ def _group(groups: dict, path: tuple[str, ...]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv   # the command line as typed: a training command prints it back to resume an interrupted run
     _quiet_library_progress()
     try:
         return args.handler(args)
