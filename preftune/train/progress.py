@@ -41,8 +41,8 @@ def run_summary(trainer, unit: str) -> list[str]:
     tokens = sum(example_tokens(e) for e in trainer.train_examples)
     if tokens:
         lines[0] += f"; {tokens:,} tokens in the training {unit}"
-    epochs = trainer.total_steps / trainer.steps_per_epoch
-    lines.append(f"steps: {trainer.total_steps} ({epochs:.3g} epochs of {trainer.steps_per_epoch} steps), "
+    epochs = _count(trainer.total_steps / trainer.steps_per_epoch, "epoch")
+    lines.append(f"steps: {trainer.total_steps} ({epochs} of {_count(trainer.steps_per_epoch, 'step')}), "
                  f"per device batch {s.per_device_batch_size} x {trainer.world} processes x "
                  f"{s.gradient_accumulation_steps} accumulation; learning rate {s.learning_rate:g} ({s.lr_scheduler})")
     lines.append(f"precision: {precision_words(trainer)}")
@@ -52,6 +52,10 @@ def run_summary(trainer, unit: str) -> list[str]:
     if trainer.resumed_from is not None:
         lines.append(f"resumed from step {trainer.global_step} of {trainer.total_steps} ({trainer.resumed_from})")
     return lines
+
+
+def _count(number: float, noun: str) -> str:
+    return f"{number:.3g} {noun}" + ("" if number == 1 else "s")
 
 
 def precision_words(trainer) -> str:
