@@ -52,7 +52,9 @@ def interrupted(tmp_path_factory, tiny_model_dir, pairs):
     """A 500-step run stopped with Ctrl-C after its step-2 checkpoint, then continued by the printed command
     (run from the same directory, with --max_steps lowered to two steps past the checkpoint)."""
     cwd = tmp_path_factory.mktemp("interrupted")
-    args = dpo_args(tiny_model_dir, pairs, "out", "--max_steps", "500", "--save_steps", "2")
+    with_a_bad_row = write_jsonl(cwd / "pairs.jsonl", make_toy_preferences(32) + [{"prompt": "Hi", "chosen": " x"}])
+    args = dpo_args(tiny_model_dir, with_a_bad_row.name, "out", "--max_steps", "500", "--save_steps", "2",
+                    "--skip_invalid")
     process = start(args, cwd)
     stdout, stderr = interrupt_after_checkpoint(process, cwd / "out" / "checkpoints" / "step-2")
     words = shlex.split(stderr.split("resume with:")[1].strip().splitlines()[0]) if "resume with:" in stderr else []
@@ -105,11 +107,13 @@ def test_resume_refuses_a_changed_seed_or_learning_rate(interrupted, capsys, mon
 
 def test_each_run_starts_with_a_summary_and_logs_a_plain_line_per_step(interrupted):
     lines = interrupted["stdout"].splitlines()
-    assert lines[0] == "data: 32 training pairs; 689 tokens in the training pairs"
-    assert lines[1].startswith("steps: 500 (62.5 epochs of 8 steps), per device batch 4 x 1 processes x 1 "
+    assert lines[0] == "data: pairs.jsonl: 33 rows (standard preference pairs); 32 kept, 1 skipped (1 missing field)"
+    assert lines[1] == "examples: 32 training pairs; 689 tokens in the training pairs"
+    assert lines[2].startswith("steps: 500 (62.5 epochs of 8 steps), per device batch 4 x 1 processes x 1 "
                                "accumulation; learning rate 0.0001 (linear)")
-    assert lines[2].startswith("precision: trainable weights in float32, no autocast, on cpu")
-    assert lines[3] == "reference: a frozen copy of the starting model"
+    assert lines[3] == ("precision: trainable weights in float32, no autocast, on cpu; 46,240 of 46,240 parameters "
+                        "trained (100%)")
+    assert lines[4] == "reference: a frozen copy of the starting model"
     steps = [line for line in lines if line.startswith("step ")]
     assert len(steps) >= interrupted["step"]
     for number, line in enumerate(steps, start=1):   # one complete line per logged step, never cut

@@ -33,11 +33,31 @@ def example_tokens(example) -> int:
     return sum(len(v) for v in values if isinstance(v, (list, tuple)))
 
 
+def data_line(records, report) -> str:
+    """What was read from one data source: rows, format, kept and skipped (with why)."""
+    from ..data import detect_format
+    from ..errors import PreftuneError
+
+    rows = records.rows
+    if rows and "chosen" in rows[0]:
+        try:
+            form = detect_format(records).replace("_", " ") + " preference pairs"
+        except PreftuneError:
+            form = "mixed"
+    else:
+        messages = any(isinstance(v, list) and v and isinstance(v[0], dict) for v in (rows[0] if rows else {}).values())
+        form = "conversational" if messages else "standard"
+    skipped = report.total - report.kept
+    reasons = ", ".join(f"{n} {kind}" for kind, n in sorted(report.skipped.items()))
+    return (f"data: {records.name}: {report.total} rows ({form}); {report.kept} kept, {skipped} skipped"
+            + (f" ({reasons})" if reasons else ""))
+
+
 def run_summary(trainer, unit: str) -> list[str]:
     """The lines a run starts with: examples, steps, tokens, precision, reference (where there is one)."""
     s = trainer.s
     train, held = len(trainer.train_examples), len(trainer.eval_examples)
-    lines = [f"data: {train} training {unit}" + (f", {held} held out" if held else "")]
+    lines = [f"examples: {train} training {unit}" + (f", {held} held out" if held else "")]
     tokens = sum(example_tokens(e) for e in trainer.train_examples)
     if tokens:
         lines[0] += f"; {tokens:,} tokens in the training {unit}"

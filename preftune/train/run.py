@@ -94,8 +94,11 @@ def train_and_eval(cfg, read: Callable[[str, str], list]) -> tuple[list, list]:
 def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str], list]:
     """``read(source, split)`` for :func:`train_and_eval`: load the rows, ``tokenize(records, tokenizer, settings,
     skip_invalid=...)`` them within the config's length limits, and report the rows skipped."""
+    from accelerate import PartialState
+
     from ..data import TokenizeSettings, load_records
     from ..data.split import report_skipped
+    from .progress import data_line
 
     settings = TokenizeSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                                 truncation_mode=cfg.truncation_mode)
@@ -104,6 +107,8 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
         records = load_records(source, split=split)
         items, report = tokenize(records, tokenizer, settings, skip_invalid=cfg.skip_invalid)
         report_skipped(records.name, report)
+        if PartialState().is_main_process:
+            print(data_line(records, report), flush=True)   # the first line of the run's summary
         return items
 
     return read

@@ -31,10 +31,11 @@ def test_lora_dpo_from_the_gguf_summary_step_checkpoint_and_exact_resume(lora_ru
     root, common = lora_run
     assert main([*common, "--output_dir", str(root / "full")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("data: 2 training pairs;") and " tokens in the training pairs" in lines[0]
-    assert lines[1].startswith("steps: 2 (2 epochs of 1 step), per device batch 2")
-    assert lines[2].startswith("precision: trainable weights in float32") and "parameters trained" in lines[2]
-    assert lines[3] == "reference: the policy with its LoRA adapters disabled"
+    assert lines[0] == f"data: {root / 'pairs.jsonl'}: 2 rows (conversational preference pairs); 2 kept, 0 skipped"
+    assert lines[1].startswith("examples: 2 training pairs;") and " tokens in the training pairs" in lines[1]
+    assert lines[2].startswith("steps: 2 (2 epochs of 1 step), per device batch 2")
+    assert lines[3].startswith("precision: trainable weights in float32") and "parameters trained" in lines[3]
+    assert lines[4] == "reference: the policy with its LoRA adapters disabled"
     assert [line.split("  ")[0] for line in lines if line.startswith("step ")] == ["step 1/2", "step 2/2"]
 
     step1 = root / "full" / "checkpoints" / "step-1"
