@@ -34,7 +34,7 @@ def eval_arguments(ev) -> None:
 def report_arguments(rep) -> None:
     rep.add_argument("runs", nargs="+", help="Run directories (metrics.jsonl, summary.json and/or eval.json).")
     rep.add_argument("--output", default="report.html", help="HTML file to write.")
-    rep.add_argument("--title", default="preftune report")
+    rep.add_argument("--title", default="preftune report", help="Title of the page.")
 
 
 def _prompts(path: str, tokenizer) -> list:

@@ -49,7 +49,8 @@ def find_checkpoint(checkpoint_dir: Path, resume: str) -> Path:
 
 def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The complete checkpoint of the highest step in ``checkpoint_dir``, if there is one."""
-    found = [p for p in sorted(checkpoint_dir.glob(f"{PREFIX}*"), key=step_of) if (p / "state.json").is_file()]
+    found = [p for p in sorted(checkpoint_dir.glob(f"{PREFIX}*"), key=step_of)
+             if (p / "state.json").is_file() and not p.name.endswith(".partial")]
     return found[-1] if found else None
 
 
