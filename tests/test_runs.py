@@ -38,13 +38,13 @@ def start(args, cwd) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def interrupt_after_checkpoint(process, checkpoint, timeout=240) -> tuple[str, str]:
+def interrupt_after_checkpoint(process, checkpoint, timeout=900) -> tuple[str, str]:
     deadline = time.time() + timeout
     while not (checkpoint / "state.json").is_file():
         assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    return process.communicate(timeout=120)
+    return process.communicate(timeout=600)
 
 
 @pytest.fixture(scope="module")
