@@ -6,6 +6,7 @@ The commands, their arguments and their handlers are listed in :mod:`preftune.co
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 from rich.console import Console
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = _group(groups, tuple(group)).add_parser(name, help=command.help, formatter_class=HelpFormatter,
                                                       description=command.description or command.help)
         command.arguments(sub)
-        sub.set_defaults(handler=command.run)
+        sub.set_defaults(handler=command.run, parser=sub)
     return parser
 
 
@@ -44,7 +45,11 @@ def _group(groups: dict, path: tuple[str, ...]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(unknown_message(unknown, args.parser))   # exit 2, with the usage
+    args.argv = argv   # the command line as typed: a training command prints it back to resume an interrupted run
     _quiet_library_progress()
     try:
         return args.handler(args)
@@ -54,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+
+
+def unknown_message(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    """'unknown option --x (did you mean --y?)' for the first unrecognised option, else the stray words."""
+    options = [o for o in unknown if o.startswith("-")]
+    if not options:
+        return f"unrecognized arguments: {' '.join(unknown)}"
+    word = options[0].split("=", 1)[0]
+    hint = difflib.get_close_matches(word, [o for o in parser._option_string_actions if o.startswith("--")], n=1)
+    return f"unknown option '{word}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
 
 
 def _quiet_library_progress() -> None:

@@ -181,13 +181,7 @@ def _chunk_logprobs(lm_head: nn.Module, hidden: Tensor, targets: Tensor, scale: 
 def _chunk_stats(lm_head: nn.Module, hidden: Tensor, targets: Tensor, scale: float | None, softcap: float | None,
                  inverse_temperature: float | None = None, with_entropy: bool = False) -> tuple[Tensor, ...]:
     """``(log p[target],)`` or ``(log p[target], entropy)`` for one chunk of rows, in float32 (or float64)."""
-    logits = lm_head(hidden)
-    if logits.dtype != torch.float64:  # half-precision models: softmax in float32
-        logits = logits.float()
-    if scale is not None:
-        logits = logits * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = _chunk_logits(lm_head, hidden, scale, softcap)
     if inverse_temperature is not None:
         logits = logits * inverse_temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -277,3 +271,48 @@ def _logit_postprocessing(config) -> tuple[float | None, float | None]:
     softcap = getattr(config, "final_logit_softcapping", None)
     softcap = float(softcap) if softcap else None
     return scale, softcap
+
+
+def _chunk_logits(lm_head: nn.Module, hidden: Tensor, scale: float | None, softcap: float | None) -> Tensor:
+    """The logits of one chunk of rows as the model's softmax sees them, in float32 (or float64)."""
+    logits = lm_head(hidden)
+    if logits.dtype != torch.float64:  # half-precision models: softmax in float32
+        logits = logits.float()
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+@torch.no_grad()
+def token_kl(model, ref_model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
+             chunk_size: int = 1024) -> Tensor:
+    """Exact KL(π ‖ π_ref) between the two models' next-token distributions at each completion token.
+
+    ``KL_t = Σ_v π(v | y_<t) (log π(v | y_<t) - log π_ref(v | y_<t))`` over the whole vocabulary, for
+    the distribution that predicts ``input_ids[b, t]``. Summed over a response ``y`` sampled from π,
+    ``Σ_t KL_t`` is an unbiased estimate of the sequence-level KL(π ‖ π_ref) (the chain rule of KL) that,
+    unlike the sampled log-ratio ``log π(y) - log π_ref(y)``, can never be negative, and has lower
+    variance (Schulman, "Approximating KL divergence", 2020). Both models see the same ids and must
+    share the vocabulary.
+
+    Returns ``[B, L]`` float32, 0 off the completion. Computed ``chunk_size`` rows at a time from the
+    two models' final hidden states: the largest tensors are two ``[chunk_size, vocab]`` blocks, never
+    ``[B, L, vocab]``.
+    """
+    _check_inputs(input_ids, completion_mask, chunk_size)
+    target_mask = completion_mask[:, 1:].to(device=input_ids.device, dtype=torch.bool)
+    rows, heads = [], []
+    for m in (model, ref_model):
+        causal_lm, _, lm_head = _split_model(m)
+        rows.append(final_hidden_states(m, input_ids, attention_mask)[:, :-1][target_mask])
+        heads.append((lm_head, *_logit_postprocessing(causal_lm.config)))
+    values = [torch.zeros(0, dtype=torch.float32, device=input_ids.device)]
+    for start in range(0, rows[0].shape[0], chunk_size):
+        logp, logq = (torch.log_softmax(_chunk_logits(head, r[start:start + chunk_size], scale, softcap), -1)
+                      for r, (head, scale, softcap) in zip(rows, heads))
+        if logp.shape[-1] != logq.shape[-1]:
+            raise ValueError(f"the models' vocabularies differ ({logp.shape[-1]} and {logq.shape[-1]} tokens)")
+        values.append((logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0).float())  # clamp: rounding only
+    return _to_token_layout(torch.cat(values), completion_mask)

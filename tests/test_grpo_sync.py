@@ -19,9 +19,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def checkpoint(run_dir, step):
-    """(policy weights named as the reference's, reference weights) of checkpoint ``step``."""
+    """(policy weights named as the reference's, reference weights) of checkpoint ``step`` (the policy is
+    saved in the transformers layout, ``model.safetensors``)."""
     path = run_dir / "checkpoints" / f"step-{step}"
-    policy = {k.removeprefix("policy."): v for k, v in load_file(path / "trainable.safetensors").items()}
+    policy = load_file(path / "model.safetensors")
     return policy, load_file(path / "step.safetensors")
 
 

@@ -24,19 +24,20 @@ def eval_arguments(ev) -> None:
     ev.add_argument("--baseline_model", help="Baseline model whose samples the win rate is measured against.")
     ev.add_argument("--pairs", help="Held-out preference pairs (any format training reads, conversational too): with "
                                     "a scoring judge, report its pair accuracy.")
-    ev.add_argument("--max_new_tokens", type=int, default=48)
-    ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--top_k", type=int, default=0)
-    ev.add_argument("--top_p", type=float, default=1.0)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--batch_size", type=int, default=16)
+    ev.add_argument("--max_new_tokens", type=int, default=48, help="Longest response sampled per prompt.")
+    ev.add_argument("--temperature", type=float, default=1.0,
+                    help="Sampling temperature (KL is exact only at 1: the samples must come from the policy).")
+    ev.add_argument("--top_k", type=int, default=0, help="Sample from the top k tokens only (0: all).")
+    ev.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling threshold (1: off).")
+    ev.add_argument("--seed", type=int, default=0, help="Sampling seed (the baseline samples with seed + 1).")
+    ev.add_argument("--batch_size", type=int, default=16, help="Prompts per generation and scoring batch.")
     ev.add_argument("--output_dir", required=True, help="Writes eval.json and samples.jsonl here.")
 
 
 def report_arguments(rep) -> None:
     rep.add_argument("runs", nargs="+", help="Run directories (metrics.jsonl, summary.json and/or eval.json).")
     rep.add_argument("--output", default="report.html", help="HTML file to write.")
-    rep.add_argument("--title", default="preftune report")
+    rep.add_argument("--title", default="preftune report", help="Title of the page.")
 
 
 def _prompts(path: str, tokenizer) -> list:

@@ -18,8 +18,18 @@ def training_command(name: str, config_cls, train: Callable, help: str, descript
 
 
 def run_training(config_cls, train: Callable, args) -> int:
+    from ..train.resume import TrainingInterrupted, interruption_message
+
     cfg = config_from_args(config_cls, args)  # report config mistakes before the heavy imports
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except TrainingInterrupted as stop:
+        import os
+        import sys
+
+        if os.environ.get("RANK", "0") == "0":   # every process stops; the main one says how to go on
+            print(interruption_message(stop, getattr(args, "argv", [])), file=sys.stderr, flush=True)
+        return stop.exit_code
     if result.is_main_process:
         from rich.console import Console
 

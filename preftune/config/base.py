@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from . import aliases
 
 
 def option(default, help: str, **extra):
@@ -97,7 +98,8 @@ def _coerce(cls, name: str, value: Any, source: str):
 
 
 def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None):
-    """Build ``cls`` from a YAML file and overrides (flags win), validating names and types."""
+    """Build ``cls`` from a YAML file and overrides (flags win), validating names and types. TRL's option
+    names are accepted as aliases (:mod:`.aliases`)."""
     values: dict[str, Any] = {}
     names = [f.name for f in dataclasses.fields(cls)]
     if path is not None:
@@ -110,41 +112,71 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of option names to values")
-        for key, value in loaded.items():
-            if key not in names:
-                hint = difflib.get_close_matches(str(key), names, n=1)
-                raise ConfigError(f"{path}: unknown option '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-            values[key] = _coerce(cls, key, value, str(path))
-    for key, value in (overrides or {}).items():
-        if key not in names:
-            raise ConfigError(f"unknown option '{key}'")
-        values[key] = _coerce(cls, key, value, "command line")
+        values.update(_known(cls, names, loaded, str(path)))
+    values.update(_known(cls, names, overrides or {}, "command line"))
     cfg = cls(**values)
     cfg.validate()
     return cfg
 
 
+def _known(cls, names: list[str], given: dict, source: str) -> dict[str, Any]:
+    """``given`` with TRL aliases resolved and values coerced to each field's type; unknown names refused."""
+    accepted = set(names) | set(aliases.alias_names(set(names))) | aliases.refused_names(set(names))
+    for key in given:
+        if key not in accepted:
+            hint = difflib.get_close_matches(str(key), sorted(accepted), n=1)
+            raise ConfigError(f"{source}: unknown option '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    resolved = aliases.resolve(dict(given), set(names), source)
+    return {key: _coerce(cls, key, value, source) for key, value in resolved.items()}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per field, documented by its help text; unset flags do not override the YAML."""
+    """One flag per field, documented by its help text; unset flags do not override the YAML. TRL's names
+    of the options are accepted too (not listed in ``--help``)."""
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it).")
-    for f in dataclasses.fields(cls):
-        base, is_list = _base_type(f.type)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata.get('help', '')} (default: "
-                                                                        f"{default})"}
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif is_list:
-            kwargs.update(nargs="*", type=base, metavar=f.name.upper())
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for f in fields.values():
+        parser.add_argument(f"--{f.name}", **_flag(f))
+    for alias, target in aliases.alias_names(set(fields)).items():
+        if alias in aliases.CONVERTED or _base_type(fields[target].type)[0] is bool:
+            kwargs = {"nargs": "?", "const": True, "type": _bool_or_text}
         else:
-            # "none" stays a string where it is one of the choices (scale_rewards: none)
-            kwargs["type"] = base if "none" in f.metadata.get("choices", ()) else _optional(base)
-            kwargs["metavar"] = base.__name__.upper()
-            if "nargs" in f.metadata:
-                kwargs.update(nargs=f.metadata["nargs"], const=f.metadata["const"])
-        parser.add_argument(f"--{f.name}", **kwargs)
+            kwargs = {k: v for k, v in _flag(fields[target]).items() if k not in ("choices", "help")}
+        parser.add_argument(f"--{alias}", dest=alias, **{**kwargs, "default": argparse.SUPPRESS,
+                                                         "help": argparse.SUPPRESS})
+    for refused in aliases.refused_names(set(fields)):
+        parser.add_argument(f"--{refused}", dest=refused, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _flag(f) -> dict[str, Any]:
+    """argparse keyword arguments of the field ``f``'s flag."""
+    base, is_list = _base_type(f.type)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    choices = f.metadata.get("choices")
+    listed = f" One of: {', '.join(choices)}." if choices else ""
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS,
+                              "help": f"{f.metadata.get('help', '')}{listed} (default: {default})"}
+    if choices:
+        kwargs["choices"] = choices
+    if base is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif is_list:
+        kwargs.update(nargs="*", type=base, metavar=f.name.upper())
+    else:
+        # "none" stays a string where it is one of the choices (scale_rewards: none)
+        kwargs["type"] = base if "none" in (choices or ()) else _optional(base)
+        kwargs["metavar"] = base.__name__.upper() if not choices else "{" + ",".join(choices) + "}"
+        if "nargs" in f.metadata:
+            kwargs.update(nargs=f.metadata["nargs"], const=f.metadata["const"])
+    return kwargs
+
+
+def _bool_or_text(text: str):
+    """A TRL-style flag value: true/false words become booleans, anything else stays text (a path)."""
+    lowered = text.lower()
+    if lowered in aliases.TRUE_WORDS + aliases.FALSE_WORDS:
+        return lowered in aliases.TRUE_WORDS
+    return text
 
 
 def _optional(base):
@@ -158,7 +190,9 @@ def _optional(base):
 
 
 def config_from_args(cls, args: argparse.Namespace):
-    overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(cls)}}
+    names = {f.name for f in dataclasses.fields(cls)}
+    known = names | set(aliases.alias_names(names)) | aliases.refused_names(names)
+    overrides = {k: v for k, v in vars(args).items() if k in known}
     return load_config(cls, getattr(args, "config", None), overrides)
 
 

@@ -77,7 +77,8 @@ class TrainSettings:
     seed: int = option(42, "Seed for weights of new heads, data order and dropout.")
     num_epochs: float = option(1.0, "Passes over the training data.")
     max_steps: int = option(-1, "Stop after this many optimiser steps (overrides num_epochs when > 0).")
-    per_device_batch_size: int = option(8, "Pairs per device per forward pass.")
+    per_device_batch_size: int = option(8, "Training examples per device per forward pass (preference pairs for dpo "
+                                           "and reward, prompts for ppo).")
     gradient_accumulation_steps: int = option(1, "Forward passes per optimiser step.")
     learning_rate: float = option(1e-6, "Peak learning rate (AdamW).")
     weight_decay: float = option(0.0, "AdamW weight decay.")

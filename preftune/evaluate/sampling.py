@@ -4,9 +4,11 @@ For each prompt the policy samples a response; then
 
 * ``reward``: the mean judge score (reward model or Python function judges);
 * ``win_rate``: how often the judge prefers the policy's response to a baseline's for the same prompt;
-* ``kl``: sequence-level KL(π ‖ π_ref) estimated as the mean of log π(y|x) − log π_ref(y|x) over
-  the samples y ~ π (unbiased at temperature 1; at other temperatures it measures the sampled
-  distribution's divergence only approximately, and the report says so);
+* ``kl``: sequence-level KL(π ‖ π_ref), the mean over the samples y ~ π of Σ_t KL(π(·|x, y<t) ‖
+  π_ref(·|x, y<t)), each term computed exactly from both next-token distributions
+  (:func:`~preftune.logprobs.token_kl`): never negative, unlike the sampled log-ratio
+  log π(y|x) − log π_ref(y|x), and unbiased at temperature 1 (at other temperatures the samples come
+  from another distribution, and the report says so);
 * ``entropy``: mean next-token entropy of π along its own response tokens;
 * distinct-1/2 and self-BLEU of the responses.
 """
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.collate import collate_completions
-from ..logprobs import sequence_logprobs, token_logprobs_and_entropy
+from ..logprobs import token_kl, token_logprobs_and_entropy
 from .diversity import diversity_metrics
 from .judges import is_scoring, win_rate
 
@@ -62,9 +64,9 @@ def sample_responses(model, tokenizer, prompts: list, settings, *, seed: int = 0
 @torch.no_grad()
 def response_statistics(model, samples: Samples, pad_token_id: int, *, ref_model=None, batch_size: int = 16,
                         chunk_size: int = 1024) -> dict[str, list[float]]:
-    """Per sample: log π(y|x), mean token entropy under π, and log π_ref(y|x) when a reference is given."""
+    """Per sample: log π(y|x), mean token entropy under π, and the KL to the reference when one is given."""
     device = next(model.parameters()).device
-    out: dict[str, list[float]] = {"logp": [], "entropy": [], "ref_logp": []}
+    out: dict[str, list[float]] = {"logp": [], "entropy": [], "kl": []}
     for start in range(0, len(samples.prompts), batch_size):
         batch = collate_completions(samples.prompt_ids[start:start + batch_size],
                                     samples.response_ids[start:start + batch_size], pad_token_id)
@@ -76,9 +78,9 @@ def response_statistics(model, samples: Samples, pad_token_id: int, *, ref_model
         out["logp"] += logps.sum(-1).tolist()
         out["entropy"] += ((entropy * mask).sum(-1) / counts).tolist()
         if ref_model is not None:
-            ref, _ = sequence_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                       chunk_size=chunk_size)
-            out["ref_logp"] += ref.tolist()
+            kl = token_kl(model, ref_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                          chunk_size=chunk_size)
+            out["kl"] += kl.sum(-1).tolist()
     return out
 
 
@@ -98,7 +100,7 @@ def evaluate_policy(model, tokenizer, prompts: list, settings, *, judge=None, re
         **diversity_metrics(samples.responses),
     }
     if ref_model is not None:
-        kls = [lp - rp for lp, rp in zip(stats["logp"], stats["ref_logp"])]
+        kls = stats["kl"]
         metrics["kl"] = statistics.mean(kls)
         metrics["kl_std_error"] = statistics.pstdev(kls) / max(len(kls), 1) ** 0.5
     scores: list[float] = []

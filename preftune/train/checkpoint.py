@@ -1,10 +1,18 @@
 """Checkpoints on disk: trainable weights, optimiser, scheduler, RNG states and the loop's state.
 
 A checkpoint is the directory ``<run_dir>/checkpoints/step-<N>``, written to ``step-<N>.partial``
-and renamed, so a crash never leaves a half-written one. ``state.json`` holds the step, the settings
-that must match on resume (global batch, seed) and ``extra``: the JSON state of an online step
-(PPO's KL coefficient, say) that the loop hands back on resume, and ``step.safetensors``: the tensors
-of a step function that has ``tensors()`` / ``load_tensors()`` (GRPO's synced reference weights).
+and renamed, so a crash never leaves a half-written one. It is also a model anyone can load: the
+policy inside the loop's module (itself, or its ``policy`` / ``model`` attribute: see
+:func:`saved_model`) is written with ``save_pretrained`` (``adapter_config.json`` +
+``adapter_model.safetensors`` for a peft adapter, ``config.json`` + ``model.safetensors`` for a whole
+model), so ``AutoModelForCausalLM`` / ``PeftModel.from_pretrained`` open ``step-<N>/`` directly.
+``trainable.safetensors`` holds the trainable weights those files do not (a value head, a separate
+critic; every adapter weight, which is small); resume reads each weight from where it was written, in
+full precision, so it is exact. ``optimizer.pt``, ``scheduler.pt`` and ``rng-<process>.pt`` sit beside
+them. ``state.json`` holds the step, the settings that must match on resume (global batch, seed) and
+``extra``: the JSON state of an online step (PPO's KL coefficient, say) that the loop hands back on
+resume, and ``step.safetensors``: the tensors of a step function that has ``tensors()`` /
+``load_tensors()`` (GRPO's synced reference weights).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, PreftuneError
@@ -28,14 +37,21 @@ PREFIX = "step-"
 def find_checkpoint(checkpoint_dir: Path, resume: str) -> Path:
     """``resume`` is ``latest`` (the newest complete checkpoint in ``checkpoint_dir``) or a checkpoint's path."""
     if resume == "latest":
-        found = [p for p in sorted(checkpoint_dir.glob(f"{PREFIX}*"), key=step_of) if (p / "state.json").is_file()]
-        if not found:
-            raise ConfigError(f"--resume: no checkpoint found in {checkpoint_dir}")
-        return found[-1]
+        found = newest_checkpoint(checkpoint_dir)
+        if found is None:
+            raise ConfigError(f"--resume: nothing to resume, no checkpoint found in {checkpoint_dir}")
+        return found
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise ConfigError(f"--resume: {path} is not a checkpoint (no state.json)")
     return path
+
+
+def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The complete checkpoint of the highest step in ``checkpoint_dir``, if there is one."""
+    found = [p for p in sorted(checkpoint_dir.glob(f"{PREFIX}*"), key=step_of)
+             if (p / "state.json").is_file() and not p.name.endswith(".partial")]
+    return found[-1] if found else None
 
 
 def trainable_parameters(model) -> dict[str, torch.Tensor]:
@@ -50,7 +66,9 @@ def save_checkpoint(acc, final: Path, model, optimizer, scheduler, state: dict, 
     if acc.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()}
+        in_model_files = save_policy(model, staging)
+        weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()
+                   if name not in in_model_files}
         save_file(weights, staging / "trainable.safetensors")
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
@@ -77,8 +95,8 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, expected: dict
         written = ", ".join(f"{k} {state[k]}" for k in expected)
         wanted = ", ".join(f"{k} {v}" for k, v in expected.items())
         raise ConfigError(f"{path}: checkpoint was written with {written}; this run has {wanted}")
-    weights = load_file(path / "trainable.safetensors")
     params = trainable_parameters(model)
+    weights = saved_weights(path, model, set(params))
     if set(weights) != set(params):
         raise PreftuneError(f"{path}: checkpoint weights do not match this model's trainable parameters")
     with torch.no_grad():
@@ -92,6 +110,58 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, expected: dict
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+def saved_model(module):
+    """The Hugging Face (or peft) model inside the loop's module: itself, or its ``policy`` or ``model``."""
+    for candidate in (module, getattr(module, "policy", None), getattr(module, "model", None)):
+        if callable(getattr(candidate, "save_pretrained", None)):
+            return candidate
+    return None
+
+
+def save_policy(module, directory: Path) -> set[str]:
+    """``save_pretrained`` the model inside ``module`` into ``directory``; the names (in ``module``) of the
+    trainable weights its ``model.safetensors`` holds, so that they are not written twice. An adapter's
+    weights are renamed by peft: they are kept in ``trainable.safetensors`` as well (they are small)."""
+    policy = saved_model(module)
+    if policy is None:
+        return set()
+    policy.save_pretrained(directory)
+    if hasattr(policy, "peft_config"):
+        return set()
+    in_files = set(tensor_files(directory))
+    names = {id(p): name for name, p in policy.named_parameters()}
+    return {name for name, p in trainable_parameters(module).items() if names.get(id(p)) in in_files}
+
+
+def saved_weights(path: Path, module, wanted: set[str]) -> dict[str, torch.Tensor]:
+    """The trainable weights of a checkpoint, by their names in ``module``: from ``trainable.safetensors``,
+    and the rest from the model files ``save_pretrained`` wrote."""
+    weights = load_file(path / "trainable.safetensors")
+    policy = saved_model(module)
+    missing = wanted - set(weights)
+    if not missing or policy is None:
+        return weights
+    files = tensor_files(path)
+    own = {id(p): name for name, p in policy.named_parameters()}
+    keys = {name: own.get(id(p)) for name, p in module.named_parameters() if name in missing}
+    for file in {files[key] for key in keys.values() if key in files}:
+        with safe_open(file, framework="pt") as handle:
+            weights.update({name: handle.get_tensor(key) for name, key in keys.items() if files.get(key) == file})
+    return weights
+
+
+def tensor_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> the ``model*.safetensors`` file of ``directory`` that holds it (sharded or not)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        return {}
+    with safe_open(single, framework="pt") as handle:
+        return {key: single for key in handle.keys()}
 
 
 def prune(checkpoint_dir: Path, keep: int) -> None:

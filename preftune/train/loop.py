@@ -45,7 +45,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .checkpoint import PREFIX, find_checkpoint, kill_point, load_checkpoint, save_checkpoint, truncate_records
+from . import checkpoint as ckpt
+from .progress import Display, run_summary
+from .resume import TrainingInterrupted, record_config
 
 RECORD_FILES = ("metrics.jsonl", "samples.jsonl")
 
@@ -161,6 +163,7 @@ class Trainer:
         self.scheduler = self._make_scheduler(optimizer)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.global_step = 0
+        self.resumed_from: Path | None = None
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -213,53 +216,61 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> TrainResult:
+        """Run the remaining steps; Ctrl-C raises :class:`~.resume.TrainingInterrupted` (the last checkpoint)."""
         self._begin()
-        window: dict[str, list[float]] = defaultdict(list)
-        window_examples, window_tokens, window_time = 0, 0, 0.0
-        last: dict[str, float] = {}
-        eval_results: dict[str, float] = {}
-        if self.s.eval_on_start and self.eval_examples and self.global_step == 0:
-            eval_results = self.evaluate()
-        progress = _progress(self.acc.is_main_process)
-        with progress:
-            bar = progress.add_task("training", total=self.total_steps, completed=self.global_step, status="")
-            while self.global_step < self.total_steps:
-                started = time.perf_counter()
-                out = self.step.run(self, self.global_step)
-                window_time += time.perf_counter() - started
-                self.global_step += 1
-                for key, value in out.metrics.items():
-                    window[key].append(value)
-                window_examples += out.examples
-                window_tokens += out.tokens
-                kill_point(self.global_step)
-                if self.global_step % self.s.logging_steps == 0 or self.global_step == self.total_steps:
-                    last = {k: v[-1] if k in self.step.gauges else window_mean(v) for k, v in window.items()}
-                    last.update({f"{self.unit}/s": window_examples / window_time,
-                                 "tokens/s": window_tokens / window_time})
-                    self.log(last)
-                    progress.update(bar, status=_status_line(last))
-                    window.clear()
-                    window_examples, window_tokens, window_time = 0, 0, 0.0
-                self.log_samples(out.samples)
-                if (self.s.eval_steps and self.global_step % self.s.eval_steps == 0
-                        and self.global_step < self.total_steps):
-                    eval_results = self.evaluate()
-                if self.s.save_steps and self.global_step % self.s.save_steps == 0:
-                    self.save_checkpoint()
-                progress.update(bar, advance=1)
+        display = Display(self.acc.is_main_process, self.total_steps, self.global_step)
+        display.say(run_summary(self, self.unit))
+        try:
+            with display:
+                last, eval_results = self._steps(display)
+        except KeyboardInterrupt:
+            last_saved = ckpt.newest_checkpoint(self.checkpoint_dir())
+            raise TrainingInterrupted(self.global_step, self.total_steps, last_saved) from None
         if self.eval_examples:
             eval_results = self.evaluate()
         if self.s.report_to:
             self.acc.end_training()
         return TrainResult(self.run_dir, self.global_step, last, eval_results)
 
+    def _steps(self, display: Display) -> tuple[dict[str, float], dict[str, float]]:
+        window: dict[str, list[float]] = defaultdict(list)
+        window_examples, window_tokens, window_time = 0, 0, 0.0
+        last: dict[str, float] = {}
+        eval_results: dict[str, float] = {}
+        if self.s.eval_on_start and self.eval_examples and self.global_step == 0:
+            eval_results = self.evaluate()
+        while self.global_step < self.total_steps:
+            started = time.perf_counter()
+            out = self.step.run(self, self.global_step)
+            window_time += time.perf_counter() - started
+            self.global_step += 1
+            for key, value in out.metrics.items():
+                window[key].append(value)
+            window_examples += out.examples
+            window_tokens += out.tokens
+            ckpt.kill_point(self.global_step)
+            if self.global_step % self.s.logging_steps == 0 or self.global_step == self.total_steps:
+                last = {k: v[-1] if k in self.step.gauges else window_mean(v) for k, v in window.items()}
+                last.update({f"{self.unit}/s": window_examples / window_time, "tokens/s": window_tokens / window_time})
+                self.log(last)
+                display.logged(self.global_step, last)
+                window.clear()
+                window_examples, window_tokens, window_time = 0, 0, 0.0
+            self.log_samples(out.samples)
+            if self.s.eval_steps and self.global_step % self.s.eval_steps == 0 and self.global_step < self.total_steps:
+                eval_results = self.evaluate()
+            if self.s.save_steps and self.global_step % self.s.save_steps == 0:
+                self.save_checkpoint()
+            display.advance()
+        return last, eval_results
+
     def _begin(self) -> None:
-        """Resume if asked, write ``config.json``, start trackers."""
+        """Resume if asked, write (or on resume add to) ``config.json``, start trackers."""
         if self.s.resume:
-            self.load_checkpoint(find_checkpoint(self.checkpoint_dir(), self.s.resume))
+            self.resumed_from = ckpt.find_checkpoint(self.checkpoint_dir(), self.s.resume)
+            self.load_checkpoint(self.resumed_from)
         if self.acc.is_main_process:
-            (self.run_dir / "config.json").write_text(json.dumps(self.config_dict, indent=2, default=str))
+            record_config(self.run_dir, self.config_dict, self.resumed_from)
         if self.s.report_to:
             self.acc.init_trackers(self.run_dir.name, config=_flat_for_trackers(self.config_dict))
 
@@ -362,17 +373,18 @@ class Trainer:
         """Trainable weights, optimiser, scheduler, RNG states, data position and the step function's state."""
         state = {"global_step": self.global_step, "total_steps": self.total_steps, "world_size": self.world,
                  **self._must_match(), "extra": self.step.state_dict()}
-        return save_checkpoint(self.acc, self.checkpoint_dir() / f"{PREFIX}{self.global_step}", self.unwrapped(),
-                               self.optimizer, self.scheduler, state, self.s.save_total_limit, self.step)
+        path = self.checkpoint_dir() / f"{ckpt.PREFIX}{self.global_step}"
+        return ckpt.save_checkpoint(self.acc, path, self.unwrapped(), self.optimizer, self.scheduler, state,
+                                    self.s.save_total_limit, self.step)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = load_checkpoint(self.acc, path, self.unwrapped(), self.optimizer, self.scheduler, self._must_match(),
-                                self.step)
+        state = ckpt.load_checkpoint(self.acc, path, self.unwrapped(), self.optimizer, self.scheduler,
+                                     self._must_match(), self.step)
         self.global_step = state["global_step"]
         self.step.load_state_dict(state.get("extra", {}))
         if self.acc.is_main_process:
             for name in RECORD_FILES:
-                truncate_records(self.run_dir / name, self.global_step)
+                ckpt.truncate_records(self.run_dir / name, self.global_step)
 
     def _must_match(self) -> dict:
         return {"global_batch": self.global_batch, "seed": self.s.seed}
@@ -383,18 +395,3 @@ class Trainer:
 
 def _flat_for_trackers(config: dict) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
-
-
-def _status_line(metrics: dict[str, float]) -> str:
-    shown = ["loss", "rewards/accuracies", "rewards/margins", "accuracy", "objective/scores", "objective/kl",
-             "pairs/s", "samples/s"]
-    return "  ".join(f"{k.split('/')[-1] if k.startswith('objective/') else k}={metrics[k]:.4g}"
-                     for k in shown if k in metrics)
-
-
-def _progress(enabled: bool):
-    from rich import progress as rp
-
-    return rp.Progress(rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                       rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), rp.TextColumn("{task.fields[status]}"),
-                       disable=not enabled)

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ConfigError
 from .loop import TrainResult
+from .resume import change_warnings, check_resume
 
 
 @dataclass
@@ -47,12 +48,17 @@ class RunResult:
 
 
 def start_run(cfg, warnings: list[str] = ()) -> RunContext:
-    """Accelerator, precision and a clean (or resumable) run directory; prints sanity warnings once."""
+    """Accelerator, precision and a clean (or resumable) run directory; prints sanity warnings once.
+    ``--resume`` is checked here, before any model loads (:func:`~.resume.check_resume`)."""
     from rich.console import Console
+    from rich.markup import escape
 
     from ..models import resolve_precision
 
     run_dir = Path(cfg.output_dir)
+    if cfg.resume:
+        _, changes = check_resume(run_dir, dataclasses.asdict(cfg), cfg.resume)
+        warnings = [*warnings, *change_warnings(changes)]
     precision = resolve_precision(cfg.precision)
     accelerator = make_accelerator(precision, cfg.report_to, run_dir)
     prepare_run_dir(run_dir, cfg.resume, cfg.overwrite_output_dir, accelerator.is_main_process)
@@ -60,7 +66,7 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
     if accelerator.is_main_process:
         console = Console(stderr=True)
         for note in warnings:
-            console.print(f"[yellow]warning:[/] {note}")
+            console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
     set_seed(cfg.seed)
     return RunContext(accelerator, run_dir, precision, cfg, dataclasses.asdict(cfg))
 
@@ -88,8 +94,11 @@ def train_and_eval(cfg, read: Callable[[str, str], list]) -> tuple[list, list]:
 def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str], list]:
     """``read(source, split)`` for :func:`train_and_eval`: load the rows, ``tokenize(records, tokenizer, settings,
     skip_invalid=...)`` them within the config's length limits, and report the rows skipped."""
+    from accelerate import PartialState
+
     from ..data import TokenizeSettings, load_records
     from ..data.split import report_skipped
+    from .progress import data_line
 
     settings = TokenizeSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                                 truncation_mode=cfg.truncation_mode)
@@ -98,6 +107,8 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
         records = load_records(source, split=split)
         items, report = tokenize(records, tokenizer, settings, skip_invalid=cfg.skip_invalid)
         report_skipped(records.name, report)
+        if PartialState().is_main_process:
+            print(data_line(records, report), flush=True)   # the first line of the run's summary
         return items
 
     return read
