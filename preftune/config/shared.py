@@ -36,6 +36,23 @@ class ModelSettings:
 
 
 @dataclass
+class PaddingFree:
+    """How the sequences of a batch are laid out (exact either way; see "Speed and memory" in the README)."""
+
+    padding_free: bool = option(True, "Concatenate a batch's sequences into one row without padding, each with its "
+                                      "own position ids and attending to itself only (exact; false: padded rows).")
+
+
+@dataclass
+class PairLayout(PaddingFree):
+    """Batch layout of the commands that read pairs."""
+
+    prefix_sharing: bool = option(True, "Encode each pair's prompt once: one block prompt | chosen | rejected in which "
+                                        "each response sees the prompt and itself (exact; needs SDPA or eager "
+                                        "attention, else falls back to padding_free).")
+
+
+@dataclass
 class DataSource:
     """The training rows: where they come from and what to do with invalid ones."""
 

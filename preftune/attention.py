@@ -1,0 +1,121 @@
+"""Attention over packed rows (:mod:`preftune.data.packed`) without a ``[T, T]`` mask over the whole row.
+
+A packed row of T tokens holds many blocks, and attention never crosses a block. A dense
+``[T, T]`` mask would be exact, but PyTorch's SDPA kernels (the CPU flash kernel included) compute
+every query-key product the mask allows *or forbids*: one row of four pairs would cost several times
+the attention work of four padded rows. So for SDPA models the attention runs block by block
+instead, through an attention function registered with transformers (``preftune_sdpa``):
+
+* a block with one completion (padding-free) is a plain causal block: SDPA with ``is_causal``, which
+  skips the upper triangle;
+* a prefix-shared block (``prompt | chosen | rejected``) gets its own small ``[n, n]`` mask in
+  which each completion sees the prompt and itself only.
+
+Grouped-query attention runs with ``enable_gqa`` (keys and values are not repeated per head, which
+transformers does whenever a mask is given). The block layout reaches the attention function as a
+keyword argument of the model's forward, which transformers hands down to every attention layer
+(and to activation-checkpointed recomputation alike). Without a layout the function is
+transformers' own SDPA attention, unchanged.
+
+Other attention implementations: ``eager`` gets the dense block mask (exact, memory-hungry);
+flash-attention (GPU) gets no mask and derives variable-length sequences from the position ids, which
+is exact for padding-free blocks (prefix sharing needs SDPA or eager, see :func:`supports_prefix_sharing`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from .data.packed import PackedLayout, block_mask, packed_mask
+
+IMPLEMENTATION = "preftune_sdpa"
+LAYOUT_KEY = "preftune_blocks"
+
+
+@dataclass
+class BlockAttention:
+    """Block spans of a packed row and each block's mask (None: plain causal)."""
+
+    spans: list[tuple[int, int]]
+    masks: list[torch.Tensor | None]
+
+
+def blockwise_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                   **kwargs):
+    """A transformers attention function: SDPA block by block when a layout is given, else transformers' SDPA."""
+    blocks = kwargs.pop(LAYOUT_KEY, None)
+    if blocks is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    grouped = query.shape[1] != key.shape[1]
+    outputs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=mask,
+                                              is_causal=mask is None, dropout_p=dropout, scale=scaling,
+                                              enable_gqa=grouped)
+               for (s, e), mask in zip(blocks.spans, blocks.masks)]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, blockwise_sdpa)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def attention_implementation(model) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "eager")
+
+
+def supports_packing(model) -> bool:
+    """Padding-free rows need attention that keeps blocks apart: SDPA, eager or flash attention."""
+    kind = attention_implementation(model)
+    return kind in ("sdpa", IMPLEMENTATION, "eager") or kind.startswith("flash_attention")
+
+
+def supports_prefix_sharing(model) -> bool:
+    """Prefix-shared blocks need a mask inside a block: SDPA (block by block) or eager (dense mask)."""
+    return attention_implementation(model) in ("sdpa", IMPLEMENTATION, "eager")
+
+
+def use_blockwise_sdpa(model) -> bool:
+    """Switch an SDPA model to :func:`blockwise_sdpa` (the same computation without a layout); True if it runs it."""
+    kind = attention_implementation(model)
+    if kind == "sdpa":
+        _register()
+        model.config._attn_implementation = IMPLEMENTATION
+        for sub in model.modules():  # nested configs (a backbone's own) follow
+            config = getattr(sub, "config", None)
+            if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+                config._attn_implementation = IMPLEMENTATION
+        return True
+    return kind == IMPLEMENTATION
+
+
+def packed_model_inputs(model, batch: dict) -> dict:
+    """Keyword arguments (besides ``input_ids``) that run ``model`` on a packed batch exactly."""
+    layout = PackedLayout.of(batch)
+    device = batch["input_ids"].device
+    inputs = {"position_ids": batch["position_ids"]}
+    if use_blockwise_sdpa(model):
+        masks = [None if len(c) == 1 else block_mask(p, c, device)
+                 for p, c in zip(layout.prompt_lengths, layout.completion_lengths)]
+        inputs["attention_mask"] = batch["attention_mask"]     # all ones: transformers builds no mask
+        inputs[LAYOUT_KEY] = BlockAttention(layout.spans(), masks)
+    elif attention_implementation(model).startswith("flash_attention"):
+        if any(len(c) > 1 for c in layout.completion_lengths):
+            raise ValueError("prefix-shared blocks need SDPA or eager attention, not flash attention")
+        inputs["attention_mask"] = None    # variable-length flash attention from the position ids
+    else:
+        mask = packed_mask(layout, device)
+        if attention_implementation(model) == "eager":
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        inputs["attention_mask"] = mask
+    return inputs
