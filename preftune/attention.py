@@ -30,6 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from .data.packed import PackedLayout, block_mask, packed_mask
+from .data.packing import block_causal_mask
 
 IMPLEMENTATION = "preftune_sdpa"
 LAYOUT_KEY = "preftune_blocks"
@@ -37,9 +38,10 @@ LAYOUT_KEY = "preftune_blocks"
 
 @dataclass
 class BlockAttention:
-    """Block spans of a packed row and each block's mask (None: plain causal)."""
+    """``(row, start, end)`` of every block, covering each row of the batch in order, and each block's mask
+    (None: plain causal)."""
 
-    spans: list[tuple[int, int]]
+    spans: list[tuple[int, int, int]]
     masks: list[torch.Tensor | None]
 
 
@@ -53,11 +55,13 @@ def blockwise_sdpa(module, query, key, value, attention_mask, dropout: float = 0
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     grouped = query.shape[1] != key.shape[1]
-    outputs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=mask,
-                                              is_causal=mask is None, dropout_p=dropout, scale=scaling,
-                                              enable_gqa=grouped)
-               for (s, e), mask in zip(blocks.spans, blocks.masks)]
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
+    for (r, s, e), mask in zip(blocks.spans, blocks.masks):
+        q, k, v = (t[r:r + 1, :, s:e] for t in (query, key, value))
+        rows[r].append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                      dropout_p=dropout, scale=scaling, enable_gqa=grouped))
+    output = torch.cat([torch.cat(row, dim=2) for row in rows])
+    return output.transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:
@@ -107,7 +111,7 @@ def packed_model_inputs(model, batch: dict) -> dict:
         masks = [None if len(c) == 1 else block_mask(p, c, device)
                  for p, c in zip(layout.prompt_lengths, layout.completion_lengths)]
         inputs["attention_mask"] = batch["attention_mask"]     # all ones: transformers builds no mask
-        inputs[LAYOUT_KEY] = BlockAttention(layout.spans(), masks)
+        inputs[LAYOUT_KEY] = BlockAttention([(0, s, e) for s, e in layout.spans()], masks)
     elif attention_implementation(model).startswith("flash_attention"):
         if any(len(c) > 1 for c in layout.completion_lengths):
             raise ValueError("prefix-shared blocks need SDPA or eager attention, not flash attention")
@@ -118,4 +122,24 @@ def packed_model_inputs(model, batch: dict) -> dict:
             dtype = next(model.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
         inputs["attention_mask"] = mask
+    return inputs
+
+
+def packed_lm_inputs(model, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """Keyword arguments that run ``model`` on packed language-modelling rows (:mod:`preftune.data.packing`:
+    examples side by side, each starting at position 0, padding a block of its own at the end).
+
+    SDPA runs block by block; eager attention gets the dense block-diagonal causal mask; other kernels
+    (flash, flex) get no mask and derive the packed layout from ``position_ids`` themselves."""
+    inputs = {"position_ids": position_ids}
+    if use_blockwise_sdpa(model):
+        starts = [(row == 0).nonzero().flatten().tolist() for row in position_ids.cpu()]
+        length = position_ids.shape[1]
+        spans = [(r, s, e) for r, row in enumerate(starts) for s, e in zip(row, row[1:] + [length])]
+        inputs["attention_mask"] = torch.ones_like(attention_mask)   # the blocks say it all: no mask is built
+        inputs[LAYOUT_KEY] = BlockAttention(spans, [None] * len(spans))
+    elif attention_implementation(model) == "eager":
+        inputs["attention_mask"] = block_causal_mask(position_ids, dtype=next(model.parameters()).dtype)
+    else:
+        inputs["attention_mask"] = None
     return inputs

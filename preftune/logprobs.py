@@ -57,7 +57,8 @@ from .models import base_model
 
 
 def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
-                   chunk_size: int = 1024, position_ids: Tensor | None = None) -> Tensor:
+                   chunk_size: int = 1024, position_ids: Tensor | None = None,
+                   model_kwargs: dict[str, Any] | None = None) -> Tensor:
     """Log-probability of each completion token given everything before it.
 
     Args:
@@ -68,6 +69,7 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, comp
             predecessor and is never scored.
         chunk_size: rows projected onto the vocabulary at a time.
         position_ids: optional ``[B, L]`` position ids passed to the model (padding-free batches).
+        model_kwargs: further keyword arguments of the model's forward (a packed row's block layout).
 
     Returns:
         float32 ``[B, L]``: entry ``[b, t]`` is ``log p(input_ids[b, t] | input_ids[b, :t])`` where
@@ -75,7 +77,7 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, comp
         model's parameters.
     """
     _check_inputs(input_ids, completion_mask, chunk_size)
-    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids, **(model_kwargs or {}))
     values, _ = completion_logprobs(model, hidden, input_ids, completion_mask, chunk_size=chunk_size)
     return _to_token_layout(values, completion_mask)
 

@@ -74,3 +74,81 @@ def test_packed_pairs_equal_padded(attention, share, tiny_tokenizer):
     packed = packed_sequence_logprobs(model, collate_blocks(pair_blocks(pairs, share)), chunk_size=5)
     torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
     assert_same_grads(grads(model, packed), grads(model, padded))
+
+
+def gqa_llama(vocab: int, attention: str = "sdpa", classifier: bool = False):
+    """A tiny Llama with grouped-query attention (4 query heads over 2 key/value heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         attn_implementation=attention, num_labels=1, pad_token_id=0)
+    return (LlamaForSequenceClassification if classifier else LlamaForCausalLM)(config)
+
+
+def tiny_gpt2(vocab: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("arch", ["gqa-llama", "gpt2"])
+def test_blockwise_sdpa_runs_and_equals_padded(arch, tiny_tokenizer, monkeypatch):
+    import preftune.attention as attention
+
+    vocab = len(tiny_tokenizer)
+    model = gqa_llama(vocab) if arch == "gqa-llama" else tiny_gpt2(vocab)
+    calls = []
+    real = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    pairs = toy_pairs(vocab)
+    padded = padded_sums(model, pairs, tiny_tokenizer.pad_token_id)
+    calls.clear()
+    packed = packed_sequence_logprobs(model, collate_blocks(pair_blocks(pairs, True)), chunk_size=5)
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    assert_same_grads(grads(model, packed), grads(model, padded))
+    # block by block: 4 pair blocks in each of 2 layers, each with its own small mask
+    assert len(calls) == 8 and all(k["attn_mask"] is not None and k["attn_mask"].shape[0] < 30 for k in calls)
+    assert all(k["enable_gqa"] == (arch == "gqa-llama") for k in calls)
+
+
+def test_lora_and_gradient_checkpointing(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base = gqa_llama(len(tiny_tokenizer))
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                            target_modules=["q_proj", "v_proj", "lm_head"]))
+    model.train()
+    pairs = toy_pairs(len(tiny_tokenizer), seed=1)
+    padded = padded_sums(model, pairs, tiny_tokenizer.pad_token_id)
+    packed = packed_sequence_logprobs(model, collate_blocks(pair_blocks(pairs, True)), chunk_size=3)
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    assert_same_grads(grads(model, packed), grads(model, padded))   # LoRA weights only
+    with model.disable_adapter(), torch.no_grad():
+        base_packed = packed_sequence_logprobs(model, collate_blocks(pair_blocks(pairs, True)))
+        base_padded = padded_sums(model, pairs, tiny_tokenizer.pad_token_id)
+    torch.testing.assert_close(base_packed, base_padded, rtol=0, atol=1e-5)
+    assert (base_packed - packed).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_reward_model_packed_equals_padded(share, tiny_tokenizer):
+    from preftune.config import RewardConfig
+    from preftune.train.reward import RewardScorer, RewardTask
+
+    model = gqa_llama(len(tiny_tokenizer), classifier=True)
+    scorer = RewardScorer(model)
+    pairs = toy_pairs(len(tiny_tokenizer), seed=2)
+    padded_task = RewardTask(RewardConfig(), tiny_tokenizer.pad_token_id)
+    packed_task = RewardTask(RewardConfig(prefix_sharing=share), tiny_tokenizer.pad_token_id, model)
+    packed_batch = packed_task.collate(pairs)
+    assert "completion_lengths" in packed_batch and packed_batch["completion_lengths"].shape[1] == (2 if share else 1)
+    padded = torch.cat(padded_task.rewards(scorer, padded_task.collate(pairs)))
+    packed = torch.cat(packed_task.rewards(scorer, packed_batch))
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    assert_same_grads(grads(model, packed), grads(model, padded))
