@@ -152,3 +152,107 @@ def test_reward_model_packed_equals_padded(share, tiny_tokenizer):
     packed = torch.cat(packed_task.rewards(scorer, packed_batch))
     torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
     assert_same_grads(grads(model, packed), grads(model, padded))
+
+
+def test_precomputed_reference_packed_equals_padded(tiny_tokenizer, tmp_path):
+    from preftune.train.policy import PairCollator
+    from preftune.train.reference import ModelReference, PrecomputedReference, precompute_logps, sequence_key
+
+    model = gqa_llama(len(tiny_tokenizer)).eval()
+    reference = ModelReference(model, chunk_size=4)
+    pairs = toy_pairs(len(tiny_tokenizer), seed=3)
+    sequences = [(p.prompt_ids, c) for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
+    pad = tiny_tokenizer.pad_token_id
+    padded = precompute_logps(reference, sequences, pad, 4, tmp_path / "a.safetensors")
+    for layout in (PairCollator(pad, packed=True, share_prefix=True), PairCollator(pad, packed=True)):
+        packed = precompute_logps(reference, sequences, pad, 4, tmp_path / f"{layout.share_prefix}.safetensors",
+                                  layout=layout)
+        torch.testing.assert_close(packed.logps, padded.logps, rtol=0, atol=1e-5)
+    # a training batch, packed, finds its sequences in the table
+    table = PrecomputedReference(dict(zip((sequence_key(*s) for s in sequences), padded.logps.tolist())))
+    batch = PairCollator(pad, packed=True, share_prefix=True)(pairs)
+    live = reference.sequence_logps(batch)
+    torch.testing.assert_close(table.sequence_logps(batch), live, rtol=0, atol=1e-5)
+
+
+def test_dpo_loss_and_gradients_equal_in_every_layout(tiny_tokenizer):
+    from preftune.config import DPOConfig
+    from preftune.train.dpo import DPOTask
+    from preftune.train.policy import PolicyLogprobs
+    from preftune.train.reference import ModelReference
+
+    policy = gqa_llama(len(tiny_tokenizer))
+    reference = ModelReference(gqa_llama(len(tiny_tokenizer)).eval(), chunk_size=4)
+    with torch.no_grad():  # a policy that differs from its reference
+        for p in policy.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    pairs = toy_pairs(len(tiny_tokenizer), seed=4)
+    lm = PolicyLogprobs(policy, chunk_size=5)
+    results = []
+    for share, free in ((False, False), (False, True), (True, True)):
+        cfg = DPOConfig(beta=1.0, prefix_sharing=share, padding_free=free)
+        task = DPOTask(cfg, tiny_tokenizer.pad_token_id, reference, policy)
+        batch = task.collate(pairs)
+        assert ("completion_lengths" in batch) == free
+        loss, metrics = task.loss(lm, batch)
+        results.append((loss, metrics, torch.autograd.grad(loss, list(policy.parameters()))))
+    base_loss, base_metrics, base_grads = results[0]
+    assert float(base_loss.detach()) != pytest.approx(0.6931, abs=1e-3)   # not the trivial loss at policy == reference
+    for loss, metrics, g in results[1:]:
+        torch.testing.assert_close(loss, base_loss, rtol=1e-5, atol=1e-5)
+        for key in base_metrics:
+            torch.testing.assert_close(metrics[key], base_metrics[key], rtol=1e-5, atol=1e-5)
+        assert_same_grads(g, base_grads)
+
+
+@pytest.mark.parametrize("kto_kl", [True, False])
+def test_kto_loss_equal_packed_and_padded(kto_kl, tiny_tokenizer):
+    from accelerate import Accelerator
+
+    from preftune.config import KTOConfig
+    from preftune.train.kto import KTOItem, KTOTask
+    from preftune.train.policy import PolicyLogprobs
+    from preftune.train.reference import ModelReference
+
+    policy = gqa_llama(len(tiny_tokenizer))
+    reference = ModelReference(gqa_llama(len(tiny_tokenizer)).eval(), chunk_size=4)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    items = [KTOItem(pair, i % 2 == 0) for i, pair in enumerate(toy_pairs(len(tiny_tokenizer), seed=5))]
+    lm = PolicyLogprobs(policy, chunk_size=5)
+    out = []
+    for free in (False, True):
+        cfg = KTOConfig(kto_kl=kto_kl, padding_free=free, prefix_sharing=free)
+        task = KTOTask(cfg, tiny_tokenizer.pad_token_id, reference, Accelerator(cpu=True), policy)
+        batch = task.collate(items)
+        assert ("completion_lengths" in batch) == free
+        loss, metrics = task.loss(lm, batch)
+        out.append((loss, metrics["kl"], torch.autograd.grad(loss, list(policy.parameters()))))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=0, atol=1e-5)
+    assert_same_grads(out[1][2], out[0][2])
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_padding_free_equals_padded(packing, tiny_tokenizer):
+    from preftune.data.packing import LMExample, pack_examples, single_row
+    from preftune.train.sft import LMLogprobs, LMTask
+
+    generator = torch.Generator().manual_seed(6)
+    examples = []
+    for i, n in enumerate((7, 3, 12, 5, 9, 4)):
+        ids = torch.randint(3, len(tiny_tokenizer), (n,), generator=generator).tolist()
+        examples.append(LMExample(ids, [t >= n // 3 for t in range(n)], i))
+    rows = pack_examples(examples, 16) if packing else [single_row(e) for e in examples]
+    model = gqa_llama(len(tiny_tokenizer))
+    lm = LMLogprobs(model, chunk_size=5)
+    losses = []
+    for free in (False, True):
+        task = LMTask(tiny_tokenizer.pad_token_id, packing, padding_free=free)
+        batch = task.collate(rows)
+        assert batch["input_ids"].shape[0] == (1 if free else len(rows))
+        loss, _ = task.loss(lm, batch)
+        losses.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-5, atol=1e-5)
+    assert_same_grads(losses[1][1], losses[0][1])

@@ -45,7 +45,7 @@ class LMLogprobs(nn.Module):
             return token_logprobs(self.model, input_ids, attention_mask, loss_mask, chunk_size=self.chunk_size)
         inputs = packed_lm_inputs(self.model, attention_mask, position_ids)   # packed rows
         return token_logprobs(self.model, input_ids, inputs.pop("attention_mask"), loss_mask,
-                              chunk_size=self.chunk_size, model_kwargs=inputs)
+                              chunk_size=self.chunk_size, position_ids=inputs.pop("position_ids"), model_kwargs=inputs)
 
 
 @torch.no_grad()
