@@ -6,10 +6,11 @@ every query-key product the mask allows *or forbids*: one row of four pairs woul
 the attention work of four padded rows. So for SDPA models the attention runs block by block
 instead, through an attention function registered with transformers (``preftune_sdpa``):
 
-* a block with one completion (padding-free) is a plain causal block: SDPA with ``is_causal``, which
-  skips the upper triangle;
-* a prefix-shared block (``prompt | chosen | rejected``) gets its own small ``[n, n]`` mask in
-  which each completion sees the prompt and itself only.
+* the prompt and the block's first completion are a plain causal span: SDPA with ``is_causal``,
+  which skips the upper triangle (a padding-free block is only this);
+* every further completion of a prefix-shared block (``prompt | chosen | rejected``) attends to the
+  prompt's keys followed by its own, with a causal mask aligned to the lower right (each token
+  sees the whole prompt and its own earlier tokens): no mask is materialised at all.
 
 Grouped-query attention runs with ``enable_gqa`` (keys and values are not repeated per head, which
 transformers does whenever a mask is given). The block layout reaches the attention function as a
@@ -28,8 +29,9 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+from torch.nn.attention.bias import causal_lower_right
 
-from .data.packed import PackedLayout, block_mask, packed_mask
+from .data.packed import PackedLayout, packed_mask
 from .data.packing import block_causal_mask
 
 IMPLEMENTATION = "preftune_sdpa"
@@ -38,11 +40,10 @@ LAYOUT_KEY = "preftune_blocks"
 
 @dataclass
 class BlockAttention:
-    """``(row, start, end)`` of every block, covering each row of the batch in order, and each block's mask
-    (None: plain causal)."""
+    """``(row, start, prompt length, completion lengths)`` of every block; the blocks cover each row of the
+    batch in order."""
 
-    spans: list[tuple[int, int, int]]
-    masks: list[torch.Tensor | None]
+    blocks: list[tuple[int, int, int, list[int]]]
 
 
 def blockwise_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -54,12 +55,20 @@ def blockwise_sdpa(module, query, key, value, attention_mask, dropout: float = 0
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    grouped = query.shape[1] != key.shape[1]
+    options = {"dropout_p": dropout, "scale": scaling, "enable_gqa": query.shape[1] != key.shape[1]}
     rows: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
-    for (r, s, e), mask in zip(blocks.spans, blocks.masks):
-        q, k, v = (t[r:r + 1, :, s:e] for t in (query, key, value))
-        rows[r].append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                      dropout_p=dropout, scale=scaling, enable_gqa=grouped))
+    for r, start, prompt, completions in blocks.blocks:
+        q, k, v = (t[r:r + 1] for t in (query, key, value))
+        offset = start + prompt + completions[0]
+        rows[r].append(F.scaled_dot_product_attention(q[:, :, start:offset], k[:, :, start:offset],
+                                                      v[:, :, start:offset], is_causal=True, **options))
+        for length in completions[1:]:
+            end = offset + length
+            keys, values = (torch.cat([t[:, :, start:start + prompt], t[:, :, offset:end]], dim=2) for t in (k, v))
+            rows[r].append(F.scaled_dot_product_attention(q[:, :, offset:end], keys, values,
+                                                          attn_mask=causal_lower_right(length, prompt + length),
+                                                          **options))
+            offset = end
     output = torch.cat([torch.cat(row, dim=2) for row in rows])
     return output.transpose(1, 2).contiguous(), None
 
@@ -108,10 +117,10 @@ def packed_model_inputs(model, batch: dict) -> dict:
     device = batch["input_ids"].device
     inputs = {"position_ids": batch["position_ids"]}
     if use_blockwise_sdpa(model):
-        masks = [None if len(c) == 1 else block_mask(p, c, device)
-                 for p, c in zip(layout.prompt_lengths, layout.completion_lengths)]
+        blocks = [(0, start, prompt, completions) for (start, _), prompt, completions
+                  in zip(layout.spans(), layout.prompt_lengths, layout.completion_lengths)]
         inputs["attention_mask"] = batch["attention_mask"]     # all ones: transformers builds no mask
-        inputs[LAYOUT_KEY] = BlockAttention([(0, s, e) for s, e in layout.spans()], masks)
+        inputs[LAYOUT_KEY] = BlockAttention(blocks)
     elif attention_implementation(model).startswith("flash_attention"):
         if any(len(c) > 1 for c in layout.completion_lengths):
             raise ValueError("prefix-shared blocks need SDPA or eager attention, not flash attention")
@@ -135,9 +144,9 @@ def packed_lm_inputs(model, attention_mask: torch.Tensor, position_ids: torch.Te
     if use_blockwise_sdpa(model):
         starts = [(row == 0).nonzero().flatten().tolist() for row in position_ids.cpu()]
         length = position_ids.shape[1]
-        spans = [(r, s, e) for r, row in enumerate(starts) for s, e in zip(row, row[1:] + [length])]
+        blocks = [(r, s, 0, [e - s]) for r, row in enumerate(starts) for s, e in zip(row, row[1:] + [length])]
         inputs["attention_mask"] = torch.ones_like(attention_mask)   # the blocks say it all: no mask is built
-        inputs[LAYOUT_KEY] = BlockAttention(spans, [None] * len(spans))
+        inputs[LAYOUT_KEY] = BlockAttention(blocks)
     elif attention_implementation(model) == "eager":
         inputs["attention_mask"] = block_causal_mask(position_ids, dtype=next(model.parameters()).dtype)
     else:

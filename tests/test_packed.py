@@ -1,5 +1,7 @@
 """Padding-free and prefix-shared batches give the padded batch's log-probs and gradients (1e-5)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -104,16 +106,18 @@ def test_blockwise_sdpa_runs_and_equals_padded(arch, tiny_tokenizer, monkeypatch
     model = gqa_llama(vocab) if arch == "gqa-llama" else tiny_gpt2(vocab)
     calls = []
     real = attention.F.scaled_dot_product_attention
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    spy = SimpleNamespace(scaled_dot_product_attention=lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(attention, "F", spy)
     pairs = toy_pairs(vocab)
     padded = padded_sums(model, pairs, tiny_tokenizer.pad_token_id)
     calls.clear()
     packed = packed_sequence_logprobs(model, collate_blocks(pair_blocks(pairs, True)), chunk_size=5)
     torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
     assert_same_grads(grads(model, packed), grads(model, padded))
-    # block by block: 4 pair blocks in each of 2 layers, each with its own small mask
-    assert len(calls) == 8 and all(k["attn_mask"] is not None and k["attn_mask"].shape[0] < 30 for k in calls)
-    assert all(k["enable_gqa"] == (arch == "gqa-llama") for k in calls)
+    # block by block: in each of 2 layers, 4 pair blocks of two calls each, no dense mask anywhere
+    assert len(calls) == 16 and all(k["enable_gqa"] == (arch == "gqa-llama") for k in calls)
+    assert sum(k.get("is_causal", False) for k in calls) == 8   # prompt + chosen: plain causal
+    assert all(type(k.get("attn_mask")).__name__ in ("NoneType", "CausalBias") for k in calls)
 
 
 def test_lora_and_gradient_checkpointing(tiny_tokenizer):

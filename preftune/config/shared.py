@@ -29,7 +29,9 @@ class ModelSettings:
     lora: bool = option(False, "Train LoRA adapters instead of all weights.")
     lora_r: int = option(8, "LoRA rank.")
     lora_alpha: int = option(16, "LoRA scaling alpha.")
-    lora_dropout: float = option(0.05, "Dropout on the LoRA branch.")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch. Default 0: above 0, peft keeps a dropped copy of "
+                                      "each adapted layer's input for the backward pass, so LoRA would need more "
+                                      "activation memory than full fine-tuning (TRL's default is 0.05).")
     lora_target_modules: list[str] = option(["all-linear"], "Modules to adapt; 'all-linear' means every linear layer "
                                                             "but the output head.")
     merge_lora: bool = option(False, "Save the final model with the adapter merged into the base weights.")
