@@ -87,14 +87,17 @@ def attention_implementation(model) -> str:
 
 
 def supports_packing(model) -> bool:
-    """Padding-free rows need attention that keeps blocks apart: SDPA, eager or flash attention."""
+    """Padding-free rows need attention that keeps blocks apart (SDPA, eager or flash attention) and
+    inputs taken as they are (not a prompt-learning adapter, which prepends virtual tokens)."""
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return False
     kind = attention_implementation(model)
     return kind in ("sdpa", IMPLEMENTATION, "eager") or kind.startswith("flash_attention")
 
 
 def supports_prefix_sharing(model) -> bool:
     """Prefix-shared blocks need a mask inside a block: SDPA (block by block) or eager (dense mask)."""
-    return attention_implementation(model) in ("sdpa", IMPLEMENTATION, "eager")
+    return supports_packing(model) and attention_implementation(model) in ("sdpa", IMPLEMENTATION, "eager")
 
 
 def use_blockwise_sdpa(model) -> bool:
