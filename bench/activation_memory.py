@@ -10,7 +10,8 @@ a fresh process loads the model and runs the policy's forward and backward once,
 * ``MB/token``: saved MB over the tokens the pairs really hold (each prompt once, no padding), so
   the layouts compare on the same work;
 * ``peak RSS MB``: the process's peak resident memory minus that after loading the model;
-* ``s``: wall seconds of the forward + backward.
+* ``s`` / ``cpu s``: wall and process CPU seconds of the forward + backward (on a shared machine the
+  CPU figure is the steadier one).
 
 Usage: python bench/activation_memory.py [--only NAME ...] [--json out.json]
 """
@@ -93,14 +94,14 @@ def measure(name: str) -> dict:
     real_tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     base_rss = peak_rss_mb()
     counter = SavedBytes(policy.parameters())
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
         sums, _ = sequence_sums(lm, batch)
     sums.sum().backward()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"setting": name, "tokens": int(batch["input_ids"].numel()), "real_tokens": real_tokens,
             "saved_mb": round(counter.megabytes, 1), "mb_per_token": round(counter.megabytes / real_tokens, 3),
-            "peak_rss_mb": round(peak_rss_mb() - base_rss), "seconds": round(seconds, 1)}
+            "peak_rss_mb": round(peak_rss_mb() - base_rss), "seconds": round(seconds, 1), "cpu_s": round(cpu, 1)}
 
 
 def main() -> None:
@@ -113,13 +114,13 @@ def main() -> None:
         print(json.dumps(measure(args.one)))
         return
     rows = []
-    print(f"{'setting':40} {'tokens':>6} {'saved MB':>9} {'MB/token':>9} {'peak RSS MB':>12} {'s':>6}")
+    print(f"{'setting':40} {'tokens':>6} {'saved MB':>9} {'MB/token':>9} {'peak RSS MB':>12} {'s':>6} {'cpu s':>6}")
     for name in args.only:
         out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"{name:40} {row['tokens']:>6} {row['saved_mb']:>9} {row['mb_per_token']:>9} "
-              f"{row['peak_rss_mb']:>12} {row['seconds']:>6}", flush=True)
+              f"{row['peak_rss_mb']:>12} {row['seconds']:>6} {row['cpu_s']:>6}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
