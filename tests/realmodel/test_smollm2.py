@@ -269,3 +269,26 @@ def test_data_check_on_conversational_pairs_with_and_without_the_tokenizer(smoll
     captured = capsys.readouterr()
     assert "unknown role 'asistant'; did you mean 'assistant'?" in captured.out
     assert "1 of 2 rows are invalid" in captured.err
+
+
+def test_prefix_shared_padding_free_log_probs_equal_padded_rows(smollm2_dir, smollm2_tokenizer, one_thread):
+    """SmolLM2 (grouped-query attention, SDPA): the default packed layout gives the padded rows' log-probs."""
+    from preftune.data.collate import collate_pairs, collate_pairs_packed
+    from preftune.data.preference import TokenizedPair
+    from preftune.logprobs import packed_sequence_logprobs, sequence_logprobs
+
+    tok = smollm2_tokenizer
+    prompt = chat_ids(tok)
+    answers = [" Blue.", " The sky is blue on a clear day.", " Green, mostly.", " Blue"]
+    ids = [tok(a, add_special_tokens=False).input_ids + [tok.eos_token_id] for a in answers]
+    pairs = [TokenizedPair(prompt, ids[0], ids[2], 1.0, 0.0, 0), TokenizedPair(prompt[3:], ids[1], ids[3], 1.0, 0.0, 1)]
+    model = load_causal_lm(str(smollm2_dir)).eval()
+    with torch.no_grad():
+        padded_batch = collate_pairs(pairs, tok.pad_token_id)
+        padded, _ = sequence_logprobs(model, padded_batch["input_ids"], padded_batch["attention_mask"],
+                                      padded_batch["completion_mask"])
+        shared = packed_sequence_logprobs(model, collate_pairs_packed(pairs, share_prefix=True))
+        free = packed_sequence_logprobs(model, collate_pairs_packed(pairs, share_prefix=False))
+    assert padded.shape == (4,) and float(padded.max()) < -0.1
+    torch.testing.assert_close(shared, padded, rtol=0, atol=1e-4)
+    torch.testing.assert_close(free, padded, rtol=0, atol=1e-4)
