@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .distributed import configure_deepspeed, full_state_dict, is_sharded, make_accelerator
+from .distributed import configure_deepspeed, engine_name, full_state_dict, is_sharded, make_accelerator
 from .loop import TrainResult
 
 
@@ -66,6 +66,8 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         console = Console(stderr=True)
         for note in warnings:
             console.print(f"[yellow]warning:[/] {note}")
+        if accelerator.num_processes > 1:
+            console.print(f"distributed: {engine_name(accelerator)} over {accelerator.num_processes} processes")
     set_seed(cfg.seed)
     return RunContext(accelerator, run_dir, precision, cfg, dataclasses.asdict(cfg))
 
@@ -74,7 +76,9 @@ def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dic
     """Write ``summary.json`` and return where everything went."""
     if ctx.is_main_process:
         summary = {"model_dir": str(model_dir), "steps": result.global_step, "train": result.last_metrics,
-                   "eval": result.eval_metrics, **(extra or {})}
+                   "eval": result.eval_metrics, "distributed": {"engine": engine_name(ctx.accelerator),
+                                                                "processes": ctx.accelerator.num_processes},
+                   **(extra or {})}
         (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(ctx.run_dir, model_dir, ctx.run_dir / "metrics.jsonl", result, ctx.is_main_process)
 
