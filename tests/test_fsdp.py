@@ -70,8 +70,9 @@ def weights(run_dir, name="model.safetensors") -> dict[str, torch.Tensor]:
     return load_file(Path(run_dir) / "model" / name)
 
 
-def assert_same_run(one: Path, two: Path, keys=("loss",), name="model.safetensors") -> None:
-    """Equal step losses and final weights (within the tolerance), and the second run really was FSDP2."""
+def assert_same_run(one: Path, two: Path, keys=("loss",), name="model.safetensors", engine="fsdp") -> None:
+    """Equal step losses and final weights (within the tolerance), and the second run really used ``engine``
+    over two processes."""
     a, b = step_records(one), step_records(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 3
     for ra, rb in zip(a, b):
@@ -82,7 +83,7 @@ def assert_same_run(one: Path, two: Path, keys=("loss",), name="model.safetensor
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], atol=ATOL, rtol=RTOL, msg=key)
     summary = json.loads((two / "summary.json").read_text())
-    assert summary["distributed"] == {"engine": "fsdp", "processes": 2}
+    assert summary["distributed"] == {"engine": engine, "processes": 2}
 
 
 def dpo_values(tiny_model_dir, data, out: Path, **changes) -> dict:
