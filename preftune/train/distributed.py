@@ -117,11 +117,21 @@ def configure_deepspeed(accelerator, settings) -> None:
     config["train_batch_size"] = (settings.per_device_batch_size * settings.gradient_accumulation_steps
                                   * accelerator.num_processes)
     config["gradient_clipping"] = settings.max_grad_norm
+    zero = config.get("zero_optimization", {})
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if zero.get(key) == "auto":  # accelerate sizes these from model.config, which the loop's module lacks
+            del zero[key]            # DeepSpeed's defaults
 
 
 def loss_divisor(accelerator, micro_batches: int) -> int:
     """What the loop divides each micro-batch loss by before ``backward``: DeepSpeed divides it itself."""
     return 1 if engine_name(accelerator) == "deepspeed" else micro_batches
+
+
+def mark_boundary(accelerator, last: bool) -> None:
+    """Tell DeepSpeed whether this micro-batch ends the optimiser step (it updates the weights only then)."""
+    if engine_name(accelerator) == "deepspeed":
+        accelerator.sync_gradients = last
 
 
 def eval_chunks(examples: list, batch_size: int, world: int, accelerator) -> list[list]:

@@ -46,7 +46,7 @@ import torch
 
 from ..errors import ConfigError
 from .checkpoint import PREFIX, find_checkpoint, kill_point, load_checkpoint, save_checkpoint, truncate_records
-from .distributed import eval_chunks, full_tensor, loss_divisor
+from .distributed import eval_chunks, full_tensor, loss_divisor, mark_boundary
 
 RECORD_FILES = ("metrics.jsonl", "samples.jsonl")
 
@@ -274,6 +274,7 @@ class Trainer:
             batch = self.to_device(self.task.collate(examples))
             local_tokens += self.count_tokens(batch)
             sync = k == steps - 1
+            mark_boundary(self.acc, sync)
             with self.acc.no_sync(self.model) if not sync else contextlib.nullcontext():
                 with self.acc.autocast():
                     loss, metrics = self.task.loss(self.model, batch)
