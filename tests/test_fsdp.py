@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from preftune.config import DPOConfig, GRPOConfig, SFTConfig
+from preftune.train.distributed import eval_chunks
 from preftune.train.dpo import train_dpo
 from preftune.train.grpo import train_grpo
 from preftune.train.sft import train_sft
@@ -40,6 +41,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp-data")
     pairs = make_toy_preferences(64, seed=1)
     return {"pairs": write_jsonl(root / "pairs.jsonl", pairs), "root": root,
+            "eval": write_jsonl(root / "eval.jsonl", make_toy_preferences(13, seed=2)),
             "sft": write_jsonl(root / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs])}
 
 
@@ -92,8 +94,21 @@ def dpo_values(tiny_model_dir, data, out: Path, **changes) -> dict:
             "per_device_batch_size": 8, "cache_dir": data["root"] / "ref-cache", **changes}
 
 
+def test_sharded_evaluation_gives_every_process_as_many_batches():
+    """Each forward of a sharded model is a collective: a process with one batch more would wait forever."""
+    examples = list(range(37))
+    for world, size in [(2, 8), (3, 4), (2, 1), (4, 16)]:
+        chunks = eval_chunks(examples, size, world, sharded=True)
+        assert len(chunks) % world == 0 and sorted(x for c in chunks for x in c) == examples
+        assert all(0 < len(c) <= 2 * size for c in chunks)
+    assert eval_chunks(examples, 8, 2, sharded=False) == [examples[i:i + 8] for i in range(0, 37, 8)]
+    assert eval_chunks([], 8, 2, sharded=True) == []
+
+
 def test_dpo_with_a_live_reference_model_under_fsdp_trains_as_one_process(tiny_model_dir, data, tmp_path):
-    values = dpo_values(tiny_model_dir, data, tmp_path / "one")
+    """With a held-out set of 13 pairs evaluated every 2 steps (7 and 6 pairs on the two processes)."""
+    values = dpo_values(tiny_model_dir, data, tmp_path / "one", eval_dataset=data["eval"], eval_split="train",
+                        eval_steps=2)
     train_dpo(DPOConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in values.items()}))
     config = write_config(values, tmp_path / "dpo.yaml", output_dir=tmp_path / "two", per_device_batch_size=4)
     run = torchrun("dpo", config, "--fsdp", "full_shard auto_wrap")
@@ -101,6 +116,11 @@ def test_dpo_with_a_live_reference_model_under_fsdp_trains_as_one_process(tiny_m
     assert "distributed: fsdp over 2 processes" in run.stderr
     assert_same_run(tmp_path / "one", tmp_path / "two", keys=("loss", "rewards/margins", "grad_norm"))
     assert step_records(tmp_path / "two")[-1]["loss"] < step_records(tmp_path / "two")[0]["loss"]
+    evals = [[r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/loss" in r]
+             for run in (tmp_path / "one", tmp_path / "two")]
+    assert [r["step"] for r in evals[1]] == [2, 4]
+    for a, b in zip(*evals):
+        assert b["eval/loss"] == pytest.approx(a["eval/loss"], abs=LOSS_TOL)
 
 
 def test_dpo_with_precomputed_reference_under_fsdp_resumes_exactly_after_a_kill(tiny_model_dir, data, tmp_path):

@@ -134,11 +134,11 @@ def mark_boundary(accelerator, last: bool) -> None:
         accelerator.sync_gradients = last
 
 
-def eval_chunks(examples: list, batch_size: int, world: int, accelerator) -> list[list]:
+def eval_chunks(examples: list, batch_size: int, world: int, sharded: bool) -> list[list]:
     """Evaluation batches of ``batch_size``, process ``r`` taking every ``world``-th from ``r``. Under a
     sharded engine every forward is a collective, so every process gets as many batches, of nearly equal
-    sizes (below ``2 x batch_size``; the per-example metrics are the same however examples are grouped)."""
-    if not is_sharded(accelerator):
+    sizes (at most ``2 x batch_size``; the per-example metrics are the same however examples are grouped)."""
+    if not sharded:
         return [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
     if examples and len(examples) < world:
         raise ConfigError(f"the held-out set has {len(examples)} examples, fewer than the {world} processes")
@@ -176,10 +176,10 @@ def gathered(module: torch.nn.Module):
         for m in sharded:
             m.reshard()
         for child in children:
-            child.set_reshard_after_forward(_reshard_after_forward(child), recurse=False)
+            child.set_reshard_after_forward(_reshard_after_forward(), recurse=False)
 
 
-def _reshard_after_forward(module) -> bool:
+def _reshard_after_forward() -> bool:
     from accelerate.state import AcceleratorState
 
     value = AcceleratorState().fsdp_plugin.reshard_after_forward

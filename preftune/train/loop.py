@@ -46,7 +46,7 @@ import torch
 
 from ..errors import ConfigError
 from .checkpoint import PREFIX, find_checkpoint, kill_point, load_checkpoint, save_checkpoint, truncate_records
-from .distributed import eval_chunks, full_tensor, loss_divisor, mark_boundary
+from .distributed import eval_chunks, full_tensor, is_sharded, loss_divisor, mark_boundary
 
 RECORD_FILES = ("metrics.jsonl", "samples.jsonl")
 
@@ -304,7 +304,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        chunks = eval_chunks(self.eval_examples, self.s.per_device_batch_size, self.world, self.acc)
+        chunks = eval_chunks(self.eval_examples, self.s.per_device_batch_size, self.world, is_sharded(self.acc))
         totals: dict[str, torch.Tensor] = {}
         count = 0
         summarise = getattr(self.task, "eval_summary", None)
