@@ -202,7 +202,7 @@ def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tens
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=options)
+        return _without_tied_copies(model, get_model_state_dict(model, options=options))
     if name == "deepspeed" and zero_stage(accelerator) == 3:
         import deepspeed
 
@@ -211,6 +211,13 @@ def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tens
                 return {}
             return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return None
+
+
+def _without_tied_copies(model: torch.nn.Module, state: dict) -> dict:
+    """Drop the gathered copy of a tied weight (an output projection tied to the input embedding) that
+    the state dict lists under both names: ``save_pretrained`` then writes it once, as unsharded."""
+    kept = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: value for name, value in state.items() if name in kept}
 
 
 # ---------------------------------------------------------------------- checkpoints
