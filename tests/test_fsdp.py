@@ -105,6 +105,19 @@ def test_sharded_evaluation_gives_every_process_as_many_batches():
     assert eval_chunks([], 8, 2, sharded=True) == []
 
 
+def test_the_fsdp_option_takes_transformers_words_and_refuses_others(tiny_model_dir, data, tmp_path):
+    from preftune.errors import ConfigError
+    from preftune.train.distributed import fsdp_plugin
+
+    plugin = fsdp_plugin("full_shard auto_wrap")
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert fsdp_plugin("shard_grad_op").reshard_after_forward is False
+    for bad in ("full", "full_shard shard_grad_op", "offload"):
+        with pytest.raises(ConfigError, match="fsdp: '.*' is not a sharding setting"):
+            DPOConfig(**{k: str(v) for k, v in dpo_values(tiny_model_dir, data, tmp_path).items()
+                         if k in ("model_name_or_path", "dataset")}, fsdp=bad).validate()
+
+
 def test_dpo_with_a_live_reference_model_under_fsdp_trains_as_one_process(tiny_model_dir, data, tmp_path):
     """With a held-out set of 13 pairs evaluated every 2 steps (7 and 6 pairs on the two processes)."""
     values = dpo_values(tiny_model_dir, data, tmp_path / "one", eval_dataset=data["eval"], eval_split="train",
