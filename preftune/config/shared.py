@@ -117,6 +117,9 @@ class TrainSettings:
                                 nargs="?", const="latest")
     report_to: list[str] = option([], "Also send metrics to: tensorboard, wandb.")
     logprob_chunk_size: int = option(1024, "Tokens per chunk when projecting hidden states onto the vocabulary.")
+    fsdp: str = option("", "Shard with FSDP2 across the launched processes: 'full_shard' or 'shard_grad_op', "
+                           "optionally with 'offload' (as transformers' --fsdp); empty: the launcher decides "
+                           "(accelerate launch --config_file configs/fsdp2.yaml, configs/zero3.yaml, ...).")
 
 
 def validate_data(cfg, require_model: bool = True) -> None:
@@ -142,6 +145,7 @@ def validate_training(cfg) -> None:
                   unit_interval=["warmup_ratio"])
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    fsdp_words(cfg.fsdp)
     for tracker in cfg.report_to:
         if tracker not in ("tensorboard", "wandb"):
             raise ConfigError(f"report_to: unknown tracker '{tracker}' (choose tensorboard or wandb)")
@@ -151,6 +155,19 @@ def validate_training(cfg) -> None:
             raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got '{getattr(cfg, f.name)}'")
 
 
+
+
+FSDP_WORDS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
+
+
+def fsdp_words(spec: str) -> set[str]:
+    """The words of the ``fsdp`` option (empty: off); ConfigError unless they name one sharding mode."""
+    words = set(spec.replace(",", " ").split())
+    modes = words & {"full_shard", "shard_grad_op"}
+    if words and (words - set(FSDP_WORDS) or len(modes) != 1):
+        raise ConfigError(f"fsdp: '{spec}' is not a sharding setting; use 'full_shard' or 'shard_grad_op', "
+                          "optionally with 'offload' and 'auto_wrap' (e.g. --fsdp 'full_shard auto_wrap')")
+    return words
 
 
 def validate_lm(cfg) -> None:

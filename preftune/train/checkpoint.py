@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError, PreftuneError
+from .distributed import is_sharded, load_sharded_state, save_sharded_state
 
 PREFIX = "step-"
 
@@ -66,16 +67,15 @@ def save_checkpoint(acc, final: Path, model, optimizer, scheduler, state: dict, 
     if acc.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        in_model_files = save_policy(model, staging)
-        weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()
-                   if name not in in_model_files}
-        save_file(weights, staging / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        if not is_sharded(acc):
+            save_weights_and_optimizer(staging, model, optimizer)
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         tensors = getattr(step, "tensors", dict)()
         if tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / "step.safetensors")
     acc.wait_for_everyone()
+    if is_sharded(acc):  # every process writes its shards
+        save_sharded_state(acc, staging, model, optimizer)
     torch.save(rng_state(), staging / f"rng-{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -95,6 +95,33 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, expected: dict
         written = ", ".join(f"{k} {state[k]}" for k in expected)
         wanted = ", ".join(f"{k} {v}" for k, v in expected.items())
         raise ConfigError(f"{path}: checkpoint was written with {written}; this run has {wanted}")
+    if is_sharded(acc):
+        load_sharded_state(acc, path, model, optimizer)
+    else:
+        load_weights_and_optimizer(acc, path, model, optimizer)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if (path / "step.safetensors").is_file() and hasattr(step, "load_tensors"):
+        step.load_tensors(load_file(path / "step.safetensors"))
+    rng_file = path / f"rng-{acc.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+def save_weights_and_optimizer(directory: Path, model, optimizer) -> None:
+    """One process's copy of the trainable weights and the optimiser state (unsharded runs): the model in
+    transformers / peft layout (loadable as it is) plus the trainable weights it does not hold."""
+    in_model_files = save_policy(model, directory)
+    weights = {name: p.detach().cpu().contiguous() for name, p in trainable_parameters(model).items()
+               if name not in in_model_files}
+    save_file(weights, directory / "trainable.safetensors")
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+
+
+def load_weights_and_optimizer(acc, path: Path, model, optimizer) -> None:
+    if not (path / "trainable.safetensors").is_file():
+        raise ConfigError(f"{path}: this checkpoint holds sharded state (FSDP2 or DeepSpeed); resume it with the "
+                          "engine and number of processes that wrote it")
     params = trainable_parameters(model)
     weights = saved_weights(path, model, set(params))
     if set(weights) != set(params):
@@ -103,13 +130,6 @@ def load_checkpoint(acc, path: Path, model, optimizer, scheduler, expected: dict
         for name, tensor in weights.items():
             params[name].copy_(tensor.to(params[name].device))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    if (path / "step.safetensors").is_file() and hasattr(step, "load_tensors"):
-        step.load_tensors(load_file(path / "step.safetensors"))
-    rng_file = path / f"rng-{acc.process_index}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return state
 
 
 def saved_model(module):

@@ -35,6 +35,7 @@ from ..losses.grpo import (
     zero_std_groups,
 )
 from ..scoring import FunctionScorer, as_scorer, check_scores
+from .distributed import gathered
 from .rollout import PromptExample, device_batches, evaluating, pad_rows
 
 
@@ -123,7 +124,7 @@ class GroupSampler:
         cfg, size = self.cfg, self.cfg.num_generations
         repeated = [p for p in prompts for _ in range(size)]
         seeds = [_seed(seed, first + i, j) for i in range(len(prompts)) for j in range(size)]
-        with self.acc.autocast():
+        with self.acc.autocast(), gathered(self.module):  # FSDP2: the whole policy, no collective per token
             generation = generate_ids(self.module.policy, [p.ids for p in repeated], self.settings, row_seeds=seeds,
                                       pad_token_id=self.tokenizer.pad_token_id,
                                       eos_token_id=self.tokenizer.eos_token_id, batch_size=cfg.generation_batch_size)

@@ -46,6 +46,7 @@ import torch
 
 from ..errors import ConfigError
 from . import checkpoint as ckpt
+from .distributed import eval_chunks, full_tensor, is_sharded, loss_divisor, mark_boundary
 from .progress import Display, run_summary
 from .resume import TrainingInterrupted, record_config
 
@@ -284,15 +285,15 @@ class Trainer:
             batch = self.to_device(self.task.collate(examples))
             local_tokens += self.count_tokens(batch)
             sync = k == steps - 1
+            mark_boundary(self.acc, sync)
             with self.acc.no_sync(self.model) if not sync else contextlib.nullcontext():
                 with self.acc.autocast():
                     loss, metrics = self.task.loss(self.model, batch)
-                self.acc.backward(loss / steps)
+                self.acc.backward(loss / loss_divisor(self.acc, steps))
             for key, value in metrics.items():
                 values_of[key].append(value.detach().float())
-        grad_norm = None
-        if self.s.max_grad_norm > 0:
-            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
+        clip = self.s.max_grad_norm > 0
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm) if clip else None
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -304,7 +305,7 @@ class Trainer:
         values = {k: float(v) for k, v in zip(keys, stacked[:-1].tolist())}
         tokens = int(round(float(stacked[-1]) * self.world))
         if grad_norm is not None:
-            values["grad_norm"] = float(grad_norm)
+            values["grad_norm"] = float(full_tensor(grad_norm))
         values["learning_rate"] = lr
         examples = sum(len(m) for m in micro_batches) * self.world
         return StepOutput(values, examples, tokens)
@@ -314,13 +315,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        b = self.s.per_device_batch_size
-        chunks = [self.eval_examples[i:i + b] for i in range(0, len(self.eval_examples), b)]
+        chunks = eval_chunks(self.eval_examples, self.s.per_device_batch_size, self.world, is_sharded(self.acc))
         totals: dict[str, torch.Tensor] = {}
         count = 0
         summarise = getattr(self.task, "eval_summary", None)
         outputs: list[dict[str, torch.Tensor]] = []
-        for examples in chunks[self.rank::self.world]:
+        for examples in chunks[self.rank::self.world]:  # under sharding: as many on every process
             batch = self.to_device(self.task.collate(examples))
             with self.acc.autocast():
                 metrics = self.task.eval_metrics(self.model, batch)

@@ -40,6 +40,7 @@ from ..models import (
     load_causal_lm,
     model_fingerprint,
 )
+from .distributed import full_tensor
 from .policy import PairCollator
 
 CACHE_FORMAT = "preftune-ref-logps-v2"
@@ -150,7 +151,7 @@ def sync_reference(reference: Reference, policy: torch.nn.Module, alpha: float) 
     for name, weight in reference.model.named_parameters():
         if name not in source:
             raise RuntimeError(f"cannot sync the reference: the policy has no parameter {name!r}")
-        weight.copy_(torch.lerp(weight.float(), source[name].detach().float(), alpha))
+        weight.copy_(torch.lerp(weight.float(), full_tensor(source[name].detach()).float(), alpha))  # FSDP2: gathered
 
 
 def sequence_key(prompt_ids: list[int], completion_ids: list[int]) -> tuple:

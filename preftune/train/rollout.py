@@ -28,6 +28,7 @@ from ..losses.ppo import explained_variance, gae_advantages, kl_penalty, masked_
 from ..models import load_tokenizer
 from ..scoring import CheckedScorer, FunctionScorer, as_scorer
 from ..scoring.reward_model import RewardModelScorer
+from .distributed import gathered
 from .run import start_run
 
 console = Console(stderr=True)
@@ -185,7 +186,7 @@ class RolloutWorker:
                 moments: RunningMoments | None) -> Rollout:
         cfg, device = self.cfg, self.acc.device
         policy = self.policy_value.policy
-        with self.acc.autocast():
+        with self.acc.autocast(), gathered(self.policy_value):  # FSDP2: the whole policy, no per-token collective
             generation = generate_ids(policy, [p.ids for p in prompts], self.settings,
                                       pad_token_id=self.tokenizer.pad_token_id,
                                       eos_token_id=self.tokenizer.eos_token_id,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .distributed import configure_deepspeed, engine_name, full_state_dict, is_sharded, make_accelerator
 from .loop import TrainResult
 from .resume import change_warnings, check_resume
 
@@ -60,13 +61,19 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         _, changes = check_resume(run_dir, dataclasses.asdict(cfg), cfg.resume)
         warnings = [*warnings, *change_warnings(changes)]
     precision = resolve_precision(cfg.precision)
-    accelerator = make_accelerator(precision, cfg.report_to, run_dir)
+    accelerator = make_accelerator(precision, cfg.report_to, run_dir, getattr(cfg, "fsdp", ""))
+    if is_sharded(accelerator) and getattr(cfg, "merge_lora", False):
+        raise ConfigError("merge_lora is not supported with sharded training (FSDP2, DeepSpeed): the adapter is "
+                          "saved; merge it afterwards on one process")
+    configure_deepspeed(accelerator, cfg)
     prepare_run_dir(run_dir, cfg.resume, cfg.overwrite_output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         console = Console(stderr=True)
         for note in warnings:
             console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
+        if accelerator.num_processes > 1:
+            console.print(f"distributed: {engine_name(accelerator)} over {accelerator.num_processes} processes")
     set_seed(cfg.seed)
     return RunContext(accelerator, run_dir, precision, cfg, dataclasses.asdict(cfg))
 
@@ -75,7 +82,9 @@ def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dic
     """Write ``summary.json`` and return where everything went."""
     if ctx.is_main_process:
         summary = {"model_dir": str(model_dir), "steps": result.global_step, "train": result.last_metrics,
-                   "eval": result.eval_metrics, **(extra or {})}
+                   "eval": result.eval_metrics, "distributed": {"engine": engine_name(ctx.accelerator),
+                                                                "processes": ctx.accelerator.num_processes},
+                   **(extra or {})}
         (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(ctx.run_dir, model_dir, ctx.run_dir / "metrics.jsonl", result, ctx.is_main_process)
 
@@ -114,16 +123,6 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
     return read
 
 
-def make_accelerator(precision: str, report_to: list[str], run_dir: Path):
-    from accelerate import Accelerator
-
-    mixed = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")
-    # cpu=True on a machine without CUDA lets torchrun-style launchers (`accelerate launch --multi_gpu`,
-    # `torchrun`) start gloo data parallelism across CPU processes.
-    return Accelerator(mixed_precision=mixed, log_with=report_to or None, project_dir=str(run_dir),
-                       step_scheduler_with_optimizer=False, cpu=not torch.cuda.is_available())
-
-
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -154,13 +153,14 @@ def save_final_model(accelerator, model, tokenizer, path: Path, merge_lora: bool
     Written to a staging directory first and renamed, so a crash never leaves a half-written model.
     """
     accelerator.wait_for_everyone()
+    state = full_state_dict(accelerator, model)  # sharded weights gathered (every process takes part)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model)
         if merge_lora and hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         staging = path.with_name(path.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, **({"state_dict": state} if state is not None else {}))
         tokenizer.save_pretrained(staging)
         if path.exists():
             shutil.rmtree(path)
