@@ -220,10 +220,13 @@ def read_items(source: str, generating: bool = False, minimum: int = 2) -> list[
 
 
 def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling: dict | None = None,
-                        batch_size: int = 16, seed: int | None = None, chat: bool = False, minimum: int = 2) -> None:
+                        batch_size: int = 16, seed: int | None = None, chat: bool = False, minimum: int = 2,
+                        engine: str = "transformers") -> None:
     """Add ``n`` responses sampled from the model at ``model_path`` to every item (empty and repeated ones dropped).
 
-    ``minimum``: different responses an item needs (1 for binary projects)."""
+    ``minimum``: different responses an item needs (1 for binary projects); ``engine``: the generation
+    engine that samples them (:mod:`preftune.engines`: transformers or vllm)."""
+    from preftune.engines import make_engine
     from preftune.generate import SamplingSettings, generate_texts
     from preftune.models import load_causal_lm, load_tokenizer
 
@@ -237,8 +240,10 @@ def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
     model.eval()
+    sampler = make_engine(engine, model, tokenizer, batch_size=batch_size, model_path=model_path, seed=seed,
+                          gpu_memory_utilization=0.9)
     outputs = generate_texts(model, tokenizer, [s.model_prompt for s in specs], settings, n=n, batch_size=batch_size,
-                             seed=seed, chat=chat)
+                             seed=seed, chat=chat, engine=sampler)
     for spec, texts in zip(specs, outputs):
         spec.meta["generated_by"] = str(model_path)
         for sample in texts:
