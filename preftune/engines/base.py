@@ -62,7 +62,7 @@ ENGINES: dict[str, Callable] = {"transformers": _transformers, "vllm": _vllm}
 def make_engine(name: str, policy, tokenizer, **options) -> GenerationEngine:
     """The engine ``name`` for ``policy``. ``options``: ``batch_size`` (sequences per forward of the
     transformers engine); ``gpu_memory_utilization``, ``server_url``, ``sleep_mode``, ``model_path``,
-    ``seed``, ``sync_dir`` (vLLM)."""
+    ``seed``, ``sync_dir``, ``dtype`` (vLLM)."""
     if name not in ENGINES:
         from ..errors import ConfigError
 

@@ -69,7 +69,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         llm = vllm.LLM(model=str(options["model_path"]), gpu_memory_utilization=options["gpu_memory_utilization"],
                        enable_sleep_mode=bool(options.get("sleep_mode")), seed=int(options.get("seed") or 0),
-                       generation_config="vllm")
+                       dtype=options.get("dtype", "auto"), generation_config="vllm")
         return cls(eos_token_id=eos, llm=llm, sleep_mode=bool(options.get("sleep_mode")))
 
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings, *, seed: int | None = None,
