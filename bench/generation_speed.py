@@ -3,12 +3,15 @@
 Same model (fp32), same chat prompts (left-padded batches), same settings: greedy and sampling at
 temperature 1 (no top-k / top-p filter, so neither side filters; the checkpoint's generation_config is
 replaced by an explicit one for ``model.generate``), ``max_new_tokens``, batch size, one CPU thread.
-Tokens are the generated tokens kept (each row up to and including its EOS). Each setting runs
+Tokens are the generated tokens kept (each row up to and including its EOS); row-steps count the
+decoding work (per batch, its rows x the steps until its last row ended), which differs between the
+two sides when sampling draws different lengths. Each setting runs
 ``--repeats`` times per side, alternating sides; the table gives the median wall time and the median
 process CPU time (on a shared machine the CPU figure is the one that does not include waiting).
 Greedy outputs of both sides are checked to be identical, so both do exactly the same work there.
 
 Usage: python bench/generation_speed.py [--batch 8] [--prompts 16] [--max_new_tokens 48] [--repeats 3]
+       [--settings greedy sampling] [--json FILE]
 """
 
 from __future__ import annotations
@@ -65,6 +68,12 @@ def plain(model, tokenizer, prompts, settings, batch: int, seed: int) -> list[li
     return responses
 
 
+def row_steps(responses: list[list[int]], batch: int) -> int:
+    """Decoding work done: per batch, its rows x the steps until its last row ended (both sides stop there)."""
+    chunks = [responses[k:k + batch] for k in range(0, len(responses), batch)]
+    return sum(len(c) * max(len(r) for r in c) for c in chunks)
+
+
 def timed(fn, *args) -> tuple[float, float, list[list[int]]]:
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn(*args)
@@ -72,20 +81,22 @@ def timed(fn, *args) -> tuple[float, float, list[list[int]]]:
 
 
 def measure(model, tokenizer, prompts, settings, batch: int, repeats: int) -> dict:
-    runs: dict[str, list[tuple[float, float, int]]] = {"preftune": [], "model.generate": []}
+    runs: dict[str, list[tuple[float, float, int, int]]] = {"preftune": [], "model.generate": []}
     outputs = {}
     for r in range(repeats):
         for name, fn in (("preftune", ours), ("model.generate", plain)):
             wall, cpu, out = timed(fn, model, tokenizer, prompts, settings, batch, r)
-            runs[name].append((wall, cpu, sum(len(o) for o in out)))
+            runs[name].append((wall, cpu, sum(len(o) for o in out), row_steps(out, batch)))
             outputs[name] = out
     row = {}
     for name, values in runs.items():
-        tokens = statistics.median(v[2] for v in values)
-        row[name] = {"tokens": tokens, "wall_s": statistics.median(v[0] for v in values),
-                     "cpu_s": statistics.median(v[1] for v in values)}
-        row[name]["tokens_per_s"] = statistics.median(v[2] / v[0] for v in values)
-        row[name]["tokens_per_cpu_s"] = statistics.median(v[2] / v[1] for v in values)
+        row[name] = {"tokens": statistics.median(v[2] for v in values),
+                     "row_steps": statistics.median(v[3] for v in values),
+                     "wall_s": statistics.median(v[0] for v in values),
+                     "cpu_s": statistics.median(v[1] for v in values),
+                     "tokens_per_s": statistics.median(v[2] / v[0] for v in values),
+                     "tokens_per_cpu_s": statistics.median(v[2] / v[1] for v in values),
+                     "row_steps_per_cpu_s": statistics.median(v[3] / v[1] for v in values)}
     if not settings.do_sample:
         row["identical_outputs"] = outputs["preftune"] == outputs["model.generate"]
     return row
@@ -97,6 +108,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--settings", nargs="+", default=["greedy", "sampling"], choices=["greedy", "sampling"])
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -111,6 +123,8 @@ def main() -> None:
                "threads": 1, "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
     for name, settings in (("greedy", SamplingSettings(max_new_tokens=args.max_new_tokens, do_sample=False)),
                            ("sampling", SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=1.0))):
+        if name not in args.settings:
+            continue
         results[name] = measure(model, tokenizer, prompts, settings, args.batch, args.repeats)
         print(json.dumps({name: results[name]}), flush=True)
     results["load_average_after"] = os.getloadavg()[0]

@@ -7,9 +7,6 @@ function, the fraction of calm words: about 0.4 before training.
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ from preftune.config import OnlineDPOConfig
 from preftune.errors import ConfigError
 from preftune.train.online_dpo import train_online_dpo
 from preftune.train.ppo import read_metrics
+from test_grpo import cli
 from test_ppo import online_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,14 +111,6 @@ def test_config_errors(setup, tmp_path):
         train_online_dpo(config(setup, tmp_path / "big", per_device_batch_size=128))
     with pytest.raises(ConfigError, match="unknown kind 'func'"):
         train_online_dpo(config(setup, tmp_path / "kind", judge="func:x"))
-
-
-def cli(*args, env_extra=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("PREFTUNE_KILL_AT_STEP", None)
-    env.update(env_extra or {})
-    return subprocess.Popen([sys.executable, "-m", "preftune.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_cli_killed_online_dpo_run_resumes_exactly(setup, tmp_path):
