@@ -2,7 +2,7 @@
 
 The Python API mirrors the CLI: build a config object and call the function the command calls
 (``train_pretrain``, ``train_sft``, ``train_reward``, ``train_ppo``, ``train_grpo``, ``train_dpo``,
-``train_kto``)::
+``train_kto``, ``train_online_dpo``)::
 
     from preftune import DPOConfig, train_dpo
     result = train_dpo(DPOConfig(model_name_or_path="my-sft-model", dataset="pairs.jsonl", output_dir="runs/dpo"))
@@ -14,6 +14,7 @@ from .config import (  # noqa: E402
     DPOConfig,
     GRPOConfig,
     KTOConfig,
+    OnlineDPOConfig,
     PPOConfig,
     PretrainConfig,
     RewardConfig,
@@ -45,8 +46,10 @@ train_sft = _lazy("train_sft", "Supervised fine-tuning")
 train_reward = _lazy("train_reward", "A scalar reward model on preference pairs")
 train_ppo = _lazy("train_ppo", "PPO against a reward model or function")
 train_grpo = _lazy("train_grpo", "GRPO, or RLOO with an ``RLOOConfig``")
+train_online_dpo = _lazy("train_online_dpo", "Online DPO: pairs sampled from the policy, judged each step")
 
 
-__all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "PPOConfig", "PretrainConfig", "RLOOConfig", "RewardConfig",
-           "SFTConfig", "load_config", "train_dpo", "train_kto", "train_pretrain", "train_sft", "train_reward",
-           "train_ppo", "train_grpo", "PreftuneError", "DataError", "ConfigError", "__version__"]
+__all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "OnlineDPOConfig", "PPOConfig", "PretrainConfig", "RLOOConfig",
+           "RewardConfig", "SFTConfig", "load_config", "train_dpo", "train_kto", "train_pretrain", "train_sft",
+           "train_reward", "train_ppo", "train_grpo", "train_online_dpo", "PreftuneError", "DataError", "ConfigError",
+           "__version__"]

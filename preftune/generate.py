@@ -96,18 +96,22 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: SamplingSettings,
 
 
 def generate_texts(model, tokenizer, prompts: list, settings: SamplingSettings, *, n: int = 1, batch_size: int = 16,
-                   seed: int | None = None, chat: bool = False) -> list[list[str]]:
+                   seed: int | None = None, chat: bool = False, engine=None) -> list[list[str]]:
     """``n`` completions per prompt, decoded without special tokens.
 
     A prompt is a string, or a list of ``{"role", "content"}`` messages; with ``chat=True`` a string
-    becomes one user message. Messages are rendered with the tokenizer's chat template.
+    becomes one user message. Messages are rendered with the tokenizer's chat template. ``engine``: a
+    :mod:`preftune.engines` engine to sample with (default: this module's sampler on ``model``).
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     ids = encode_prompts(tokenizer, prompts, chat=chat)
     repeated = [p for p in ids for _ in range(n)]
-    generation = generate_ids(model, repeated, settings, pad_token_id=_pad_id(tokenizer),
-                              eos_token_id=tokenizer.eos_token_id, batch_size=batch_size, seed=seed)
+    if engine is not None:
+        generation = engine.generate(repeated, settings, seed=seed)
+    else:
+        generation = generate_ids(model, repeated, settings, pad_token_id=_pad_id(tokenizer),
+                                  eos_token_id=tokenizer.eos_token_id, batch_size=batch_size, seed=seed)
     texts = tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 

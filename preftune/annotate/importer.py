@@ -234,12 +234,14 @@ def read_items(source: str, generating: bool = False, minimum: int = 2) -> list[
 
 def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling: dict | None = None,
                         batch_size: int = 16, seed: int | None = None, chat: bool | None = None,
-                        minimum: int = 2) -> None:
+                        minimum: int = 2, engine: str = "transformers") -> None:
     """Add ``n`` responses sampled from the model at ``model_path`` to every item (empty and repeated ones dropped).
 
     ``chat``: sample under the model's chat template, a text prompt becoming one user message (None: when the
     model has a template; conversations are always rendered). ``minimum``: different responses an item needs
-    (1 for binary projects)."""
+    (1 for binary projects); ``engine``: the generation engine that samples them (:mod:`preftune.engines`:
+    transformers or vllm)."""
+    from preftune.engines import make_engine
     from preftune.generate import SamplingSettings, generate_texts
     from preftune.models import load_causal_lm, load_tokenizer
 
@@ -256,8 +258,10 @@ def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling
     if chat or (chat is None and getattr(tokenizer, "chat_template", None)):
         for spec in specs:   # the conversation the samples answer, kept for the export
             spec.meta.setdefault("prompt_messages", [{"role": "user", "content": spec.prompt}])
+    sampler = make_engine(engine, model, tokenizer, batch_size=batch_size, model_path=model_path, seed=seed,
+                          gpu_memory_utilization=0.9)
     outputs = generate_texts(model, tokenizer, [s.model_prompt for s in specs], settings, n=n, batch_size=batch_size,
-                             seed=seed)
+                             seed=seed, engine=sampler)
     for spec, texts in zip(specs, outputs):
         spec.meta["generated_by"] = str(model_path)
         for sample in texts:

@@ -8,8 +8,18 @@ command, write its ``*_arguments(parser)`` and ``run_*(args) -> int`` in a modul
 
 from __future__ import annotations
 
-from .. import train_dpo, train_grpo, train_kto, train_ppo, train_pretrain, train_reward, train_sft
-from ..config import DPOConfig, GRPOConfig, KTOConfig, PPOConfig, PretrainConfig, RewardConfig, RLOOConfig, SFTConfig
+from .. import train_dpo, train_grpo, train_kto, train_online_dpo, train_ppo, train_pretrain, train_reward, train_sft
+from ..config import (
+    DPOConfig,
+    GRPOConfig,
+    KTOConfig,
+    OnlineDPOConfig,
+    PPOConfig,
+    PretrainConfig,
+    RewardConfig,
+    RLOOConfig,
+    SFTConfig,
+)
 from . import Command, annotate, data, demo, evaluate, export, reward
 from .training import training_command
 
@@ -59,6 +69,13 @@ COMMANDS: tuple[Command, ...] = (
         description="REINFORCE Leave-One-Out: sample num_generations completions per prompt; each completion's "
                     "baseline is the mean reward of the others, and beta x its KL to the reference is subtracted from "
                     "its reward. The GRPO trainer with advantage=rloo."),
+    training_command(
+        "online-dpo", OnlineDPOConfig, train_online_dpo,
+        help="Online DPO: two completions per prompt from the current policy, a judge picks one, a DPO-family loss.",
+        description="Online DPO (Guo et al. 2024): every step samples two completions per prompt from the current "
+                    "policy (generation_engine), the judge (a reward model, a Python function or an LLM judge) "
+                    "picks the preferred one, and the loss_type (sigmoid, ipo, hinge, robust, simpo) is applied to "
+                    "the fresh pairs against the frozen starting policy."),
     training_command(
         "dpo", DPOConfig, train_dpo,
         help="Train a policy on preference pairs (DPO, IPO, SLiC, rDPO, SimPO, soft labels).",

@@ -1,4 +1,5 @@
-"""Settings the online RL commands share (``ppo``, ``grpo``, ``rloo``): prompts, sampling, sample logs.
+"""Settings the online commands share (``ppo``, ``grpo``, ``rloo``, ``online-dpo``): prompts, sampling and its
+engine, sample logs.
 
 Each field is declared once here; a command changes only a default (:func:`~.base.with_default`).
 """
@@ -31,6 +32,15 @@ class OnlineRLSettings(ModelSettings, DataSource, TrainSettings):
     top_p: float = option(1.0, "Nucleus sampling threshold (1: off). Makes samples slightly off-policy.")
     # all dropout is off while sampling and updating, LoRA's too: a non-zero value is the user's, and is warned about
     lora_dropout: float = with_default(ModelSettings, "lora_dropout", 0.0)
+    generation_engine: str = option("transformers", "What samples the completions: transformers (preftune's sampler "
+                                                    "on the live policy) or vllm (the vllm extra, CUDA GPU).",
+                                    choices=["transformers", "vllm"])
+    vllm_gpu_memory_utilization: float = option(0.3, "vllm: share of the GPU's memory vLLM may take in the training "
+                                                     "process (weights and KV cache).")
+    vllm_enable_sleep_mode: bool = option(True, "vllm: offload vLLM's weights and free its KV cache while the policy "
+                                                "is updated.")
+    vllm_server_url: str | None = option(None, "vllm: sample from a running `vllm serve` (started with "
+                                               "--enable-lora) at this URL instead of in-process; needs --lora.")
 
     def check_prompts(self, require_model: bool, policy: str) -> None:
         """The policy (described by ``policy`` in the error) and the prompt dataset are given."""
@@ -52,6 +62,13 @@ class OnlineRLSettings(ModelSettings, DataSource, TrainSettings):
             raise ConfigError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
         if self.log_samples_steps < 0 or self.log_samples < 0:
             raise ConfigError("log_samples_steps and log_samples must be >= 0")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_server_url and self.generation_engine != "vllm":
+            raise ConfigError("vllm_server_url is an option of generation_engine: vllm; add --generation_engine vllm")
+        if self.vllm_server_url and not self.lora:
+            raise ConfigError("vllm_server_url: a vLLM server receives the policy's updates as LoRA adapters; train "
+                              "with --lora, or leave vllm_server_url empty for the in-process engine")
 
     def lora_dropout_note(self, algorithm: str) -> list[str]:
         """The warning that LoRA dropout is turned off with the rest of dropout."""

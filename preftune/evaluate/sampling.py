@@ -51,12 +51,15 @@ class Evaluation:
         return rows
 
 
-def sample_responses(model, tokenizer, prompts: list, settings, *, seed: int = 0, batch_size: int = 16) -> Samples:
-    from ..generate import encode_prompts, generate_ids
+def sample_responses(model, tokenizer, prompts: list, settings, *, seed: int = 0, batch_size: int = 16,
+                     engine=None) -> Samples:
+    """One response per prompt from ``engine`` (a :mod:`preftune.engines` engine; default: ``model`` itself)."""
+    from ..engines import make_engine
+    from ..generate import encode_prompts
 
     prompt_ids = encode_prompts(tokenizer, prompts)
-    generation = generate_ids(model, prompt_ids, settings, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id, batch_size=batch_size, seed=seed)
+    engine = engine or make_engine("transformers", model, tokenizer, batch_size=batch_size)
+    generation = engine.generate(prompt_ids, settings, seed=seed)
     responses = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generation.response_ids]
     return Samples(prompts, responses, prompt_ids, [list(r) for r in generation.response_ids], list(generation.ended))
 

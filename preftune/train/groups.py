@@ -1,11 +1,11 @@
 """GRPO and RLOO sampling: groups of completions per prompt, scored, with their advantages.
 
-For each prompt :class:`GroupSampler` samples ``num_generations`` completions (:mod:`preftune.generate`;
-the ``G`` completions of a prompt are contiguous), scores them with every reward function
-(:mod:`preftune.scoring`, each logged on its own), optionally drops groups whose rewards are all
-equal and samples more prompts (DAPO dynamic sampling), runs the no-grad forwards the updates need
-(the sampling policy's log-probs when updates go off-policy, the reference's when ``beta > 0``) and
-turns the weighted total reward into advantages (:mod:`preftune.losses.grpo`).
+For each prompt :class:`GroupSampler` samples ``num_generations`` completions (through the run's
+generation engine, :mod:`preftune.engines`; the ``G`` completions of a prompt are contiguous), scores
+them with every reward function (:mod:`preftune.scoring`, each logged on its own), optionally drops
+groups whose rewards are all equal and samples more prompts (DAPO dynamic sampling), runs the no-grad
+forwards the updates need (the sampling policy's log-probs when updates go off-policy, the reference's
+when ``beta > 0``) and turns the weighted total reward into advantages (:mod:`preftune.losses.grpo`).
 
 Completion ``j`` of the step's ``g``-th prompt (counted over all processes) is sampled with its own seed,
 a function of (seed, step, g, j), and the batch-wide numbers (``scale_rewards: batch``, the logged
@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from ..config import GRPOConfig
+from ..engines import sample_with
 from ..errors import ConfigError
-from ..generate import SamplingSettings, generate_ids
+from ..generate import SamplingSettings
 from ..losses.grpo import (
     combined_rewards,
     group_advantages,
@@ -107,13 +108,14 @@ class Batch:
 class GroupSampler:
     """Prompts in, scored groups of completions with their advantages out."""
 
-    def __init__(self, cfg: GRPOConfig, accelerator, module, scorers: list, tokenizer, reference):
+    def __init__(self, cfg: GRPOConfig, accelerator, module, scorers: list, tokenizer, reference, engine):
         self.cfg = cfg
         self.acc = accelerator
         self.module = module              # the unwrapped PolicyTokens the loop trains
         self.scorers = scorers            # [(name, scorer)]
         self.tokenizer = tokenizer
         self.reference = reference
+        self.engine = engine              # what samples the completions (preftune.engines)
         self.settings = SamplingSettings(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                          top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
         weights = cfg.reward_weights or [1.0] * len(scorers)
@@ -125,9 +127,8 @@ class GroupSampler:
         repeated = [p for p in prompts for _ in range(size)]
         seeds = [_seed(seed, first + i, j) for i in range(len(prompts)) for j in range(size)]
         with self.acc.autocast(), gathered(self.module):  # FSDP2: the whole policy, no collective per token
-            generation = generate_ids(self.module.policy, [p.ids for p in repeated], self.settings, row_seeds=seeds,
-                                      pad_token_id=self.tokenizer.pad_token_id,
-                                      eos_token_id=self.tokenizer.eos_token_id, batch_size=cfg.generation_batch_size)
+            generation = sample_with(self.engine, self.module.policy, [p.ids for p in repeated], self.settings,
+                                     row_seeds=seeds)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         columns = [score(scorer, repeated, texts) for _, scorer in self.scorers]
         per_function = torch.tensor(columns, dtype=torch.float32).T.reshape(len(texts), len(columns))

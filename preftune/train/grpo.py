@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..config import GRPOConfig
 from ..data.collate import collate_completions
+from ..engines import online_engine
 from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.grpo import grpo_loss
@@ -111,7 +112,8 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
                           f"{local_prompts * acc.num_processes} (per_device_batch_size x processes x "
                           "gradient_accumulation_steps x steps_per_generation / num_generations)")
     task = GRPOTask(cfg, tokenizer.pad_token_id)
-    sampler = GroupSampler(cfg, acc, module, scorers, tokenizer, reference)
+    sampler = GroupSampler(cfg, acc, module, scorers, tokenizer, reference,
+                           online_engine(cfg, policy, tokenizer, ctx.run_dir))
     trainer = Trainer.from_run(ctx, model=module, task=task, train_examples=prompts, unit="samples",
                                step=GRPOStep(cfg, sampler, task, local_prompts),
                                examples_per_step=local_prompts * acc.num_processes,

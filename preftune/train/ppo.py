@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import PPOConfig
 from ..data.collate import collate_completions
+from ..engines import online_engine
 from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
@@ -126,7 +127,7 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, ref_model=None, rew
         raise ConfigError(f"{len(prompts)} prompts are fewer than one rollout batch of {global_batch} "
                           "(per_device_batch_size x processes x gradient_accumulation_steps x num_mini_batches)")
     worker = RolloutWorker(cfg=cfg, accelerator=acc, policy_value=module, reward=reward, tokenizer=tokenizer,
-                           reference=reference)
+                           reference=reference, engine=online_engine(cfg, policy, tokenizer, ctx.run_dir))
     trainer = Trainer.from_run(ctx, model=module, task=PPOTask(cfg, tokenizer.pad_token_id), train_examples=prompts,
                                unit="samples", step=PPOStep(cfg, worker, local_batch), examples_per_step=global_batch,
                                updates_per_step=cfg.num_ppo_epochs * cfg.num_mini_batches)

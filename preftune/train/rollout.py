@@ -1,10 +1,10 @@
 """PPO rollouts: prompts in, scored samples with per-token advantages and returns out.
 
-One rollout samples a response per prompt (:mod:`preftune.generate`), scores each with the reward
-scorer (:mod:`preftune.scoring`: a function or a reward model), recomputes every log-prob and value
-with the same forward the updates use (no grad, dropout off, same temperature), builds the
-KL-penalised per-token reward with the score on the last response token, and runs GAE and advantage
-whitening (:mod:`preftune.losses.ppo`).
+One rollout samples a response per prompt (through the run's generation engine,
+:mod:`preftune.engines`), scores each with the reward scorer (:mod:`preftune.scoring`: a function or a
+reward model), recomputes every log-prob and value with the same forward the updates use (no grad,
+dropout off, same temperature), builds the KL-penalised per-token reward with the score on the last
+response token, and runs GAE and advantage whitening (:mod:`preftune.losses.ppo`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from ..data import load_records
 from ..data.collate import collate_completions
 from ..data.messages import prompt_text
 from ..data.rows import InvalidRow, settle_problems
+from ..engines import sample_with
 from ..errors import ConfigError
-from ..generate import SamplingSettings, generate_ids
+from ..generate import SamplingSettings
 from ..losses.ppo import explained_variance, gae_advantages, kl_penalty, masked_whiten, token_rewards
 from ..models import load_tokenizer
 from ..scoring import CheckedScorer, FunctionScorer, as_scorer
@@ -172,13 +173,14 @@ def adjusted_scores(raw: torch.Tensor, ended: torch.Tensor, missing_eos_penalty:
 class RolloutWorker:
     """Everything a rollout needs that stays fixed over the run."""
 
-    def __init__(self, *, cfg, accelerator, policy_value, reward, tokenizer, reference):
+    def __init__(self, *, cfg, accelerator, policy_value, reward, tokenizer, reference, engine):
         self.cfg = cfg
         self.acc = accelerator
         self.policy_value = policy_value          # unwrapped PolicyValue
         self.reward = reward                      # a preftune.scoring scorer
         self.tokenizer = tokenizer
         self.reference = reference                # a live reference (train/reference.py)
+        self.engine = engine                      # what samples the responses (preftune.engines)
         self.settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                          top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
 
@@ -187,10 +189,7 @@ class RolloutWorker:
         cfg, device = self.cfg, self.acc.device
         policy = self.policy_value.policy
         with self.acc.autocast(), gathered(self.policy_value):  # FSDP2: the whole policy, no per-token collective
-            generation = generate_ids(policy, [p.ids for p in prompts], self.settings,
-                                      pad_token_id=self.tokenizer.pad_token_id,
-                                      eos_token_id=self.tokenizer.eos_token_id,
-                                      batch_size=cfg.generation_batch_size, seed=seed)
+            generation = sample_with(self.engine, policy, [p.ids for p in prompts], self.settings, seed=seed)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         raw = torch.tensor(self.reward.score([p.prompt for p in prompts], texts), dtype=torch.float32, device=device)
         ended = torch.tensor(generation.ended, device=device)

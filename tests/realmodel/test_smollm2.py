@@ -292,3 +292,27 @@ def test_prefix_shared_padding_free_log_probs_equal_padded_rows(smollm2_dir, smo
     assert padded.shape == (4,) and float(padded.max()) < -0.1
     torch.testing.assert_close(shared, padded, rtol=0, atol=1e-4)
     torch.testing.assert_close(free, padded, rtol=0, atol=1e-4)
+
+
+def test_online_dpo_step_on_chat_prompts_with_a_function_judge(smollm2_dir, tmp_path, one_thread):
+    from preftune import OnlineDPOConfig, train_online_dpo
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": QUESTION}] * 2)
+    (tmp_path / "short.py").write_text("def short(prompts, completions):\n"
+                                       "    return [1.0 / (1 + len(c.split())) for c in completions]\n")
+    cfg = OnlineDPOConfig(model_name_or_path=str(smollm2_dir), dataset=str(prompts),
+                          output_dir=str(tmp_path / "online"), judge=f"function:{tmp_path / 'short.py'}:short",
+                          max_new_tokens=8, per_device_batch_size=2, max_steps=2, logging_steps=1, lora=True, lora_r=8,
+                          lora_alpha=16, learning_rate=1e-3, seed=0, log_samples_steps=1)
+    cfg.validate()
+    train_online_dpo(cfg)
+    rows = records(tmp_path / "online")
+    assert len(rows) == 2
+    first = rows[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-3)         # the policy starts as its reference
+    assert first["objective/kl"] == pytest.approx(0.0, abs=1e-3)
+    assert first["objective/scores_margin"] >= 0 and 0 < first["objective/scores"] <= 1
+    samples = [json.loads(line) for line in (tmp_path / "online" / "samples.jsonl").read_text().splitlines()]
+    assert all(s["chosen_score"] >= s["rejected_score"] for s in samples)
+    assert "<|im_start|>assistant" in samples[0]["prompt"]                # the chat template was applied
+    assert (tmp_path / "online" / "model" / "adapter_config.json").exists()

@@ -1,0 +1,62 @@
+"""Config of ``preftune online-dpo``: DPO on pairs sampled from the current policy and judged on the fly.
+
+Option names follow TRL's ``OnlineDPOConfig`` where it has them (``max_new_tokens``, ``beta``,
+``loss_type``, ``missing_eos_penalty``, ``judge``); the preference-loss options are DPO's own fields,
+the sampling options PPO's and GRPO's (each declared once, only the default changes here).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .base import check_ranges, option, with_default
+from .grpo import GRPOConfig
+from .online import OnlineRLSettings
+from .ppo import PPOConfig
+from .preference import DPOConfig, parse_constraint_spec
+from .shared import validate_training
+
+
+@dataclass
+class OnlineDPOConfig(OnlineRLSettings):
+    """``preftune online-dpo``: online DPO (Guo et al. 2024) with any DPO-family loss."""
+
+    output_dir: str = with_default(OnlineRLSettings, "output_dir", "runs/online-dpo")
+    judge: str | None = option(None, "Who picks the preferred of the two completions: reward_model:PATH, "
+                                     "function:module:function (fn(prompts, completions) -> scores) or llm:BASE_URL "
+                                     "(a pairwise LLM judge) (required).")
+    loss_type: str = with_default(DPOConfig, "loss_type", "sigmoid")
+    beta: float = with_default(DPOConfig, "beta", 0.1)
+    label_smoothing: float = with_default(DPOConfig, "label_smoothing", 0.0)
+    simpo_gamma: float = with_default(DPOConfig, "simpo_gamma", 0.5)
+    nll_weight: float = with_default(DPOConfig, "nll_weight", 0.0)
+    constraints: list[str] = with_default(DPOConfig, "constraints", [])
+    max_new_tokens: int = with_default(PPOConfig, "max_new_tokens", 64)
+    missing_eos_penalty: float = with_default(PPOConfig, "missing_eos_penalty", 0.0)
+    generation_batch_size: int = with_default(GRPOConfig, "generation_batch_size", 32)
+    max_steps: int = option(-1, "Stop after this many steps (one batch of prompts, two completions each, one "
+                                "optimiser update; overrides num_epochs when > 0).")
+    learning_rate: float = with_default(DPOConfig, "learning_rate", 5e-7)
+
+    def validate(self, require_model: bool = True, require_judge: bool = True) -> None:
+        self.check_prompts(require_model, "the policy to start from")
+        if require_judge and not self.judge:
+            raise ConfigError("judge is required: reward_model:PATH, function:module:function or llm:BASE_URL")
+        validate_training(self)
+        check_ranges(self, positive=["max_prompt_length", "max_new_tokens", "generation_batch_size"],
+                     positive_numbers=["temperature", "beta"])
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not math.isfinite(self.missing_eos_penalty):
+            raise ConfigError(f"missing_eos_penalty must be a finite number, got {self.missing_eos_penalty}")
+        for spec in self.constraints:
+            parse_constraint_spec(spec)
+        self.check_sampling()
+
+    def sanity_warnings(self) -> list[str]:
+        notes = []
+        if self.loss_type != "simpo" and not 0.01 <= self.beta <= 1.0:
+            notes.append(f"beta={self.beta} is far outside the usual range (0.01-1.0; 0.1 is typical for DPO).")
+        return notes

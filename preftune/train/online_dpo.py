@@ -1,0 +1,151 @@
+"""Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback") on the shared loop.
+
+Each step (:class:`OnlineDPOStep`, the loop's step function) takes a batch of prompts, samples two
+completions of each from the current policy through the run's generation engine
+(:mod:`preftune.engines`), lets the judge pick the preferred one (a scorer's higher score, missing EOS
+penalised, or a pairwise judge's verdict), and takes one optimiser update of the configured
+DPO-family loss on these fresh pairs: :class:`~.dpo.DPOTask` (one concatenated forward, the loss by
+name from :data:`preftune.losses.LOSSES`). The reference is live (a frozen copy, or the LoRA policy
+with adapters disabled): pairs are new every step, so nothing can be precomputed.
+
+Exact resume: sampling seeds are functions of (seed, step, prompt, completion); the prompts of a step
+and the RNG are the loop's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config.online_dpo import OnlineDPOConfig
+from ..data.preference import TokenizedPair
+from ..engines import online_engine, sample_with
+from ..errors import ConfigError
+from ..evaluate.judges import compare, is_scoring
+from ..generate import SamplingSettings
+from ..losses import REFERENCE_FREE
+from ..models import load_causal_lm, prepare_policy
+from ..scoring import as_scorer, make_scorer
+from .dpo import DPOTask
+from .groups import _seed
+from .loop import StepOutput, Trainer
+from .policy import PolicyLogprobs
+from .reference import make_reference
+from .rollout import mean_over_processes, start_online_run
+from .run import RunResult, finish_run, save_final_model
+
+
+def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_model=None, judge=None) -> RunResult:
+    """Fine-tune a policy with online DPO. ``model``/``tokenizer``/``ref_model`` may be objects; ``judge`` a
+    scorer, a callable ``(prompts, completions) -> scores`` or a pairwise judge, used instead of ``cfg.judge``."""
+    cfg.validate(require_model=model is None, require_judge=judge is None)
+    ctx, tokenizer, prompts = start_online_run(cfg, tokenizer, "completions")
+    acc = ctx.accelerator
+    judge = _judge(judge, cfg, acc.device)
+    policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)
+    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.loss_type not in REFERENCE_FREE)
+    local_prompts = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
+    if len(prompts) < local_prompts * acc.num_processes:
+        raise ConfigError(f"{len(prompts)} prompts are fewer than one batch of {local_prompts * acc.num_processes} "
+                          "(per_device_batch_size x processes x gradient_accumulation_steps)")
+    step = OnlineDPOStep(cfg, online_engine(cfg, policy, tokenizer, ctx.run_dir), judge, tokenizer, policy,
+                         local_prompts)
+    trainer = Trainer.from_run(ctx, model=PolicyLogprobs(policy, cfg.logprob_chunk_size),
+                               task=DPOTask(cfg, tokenizer.pad_token_id, reference), train_examples=prompts,
+                               unit="pairs", step=step, examples_per_step=local_prompts * acc.num_processes)
+    result = trainer.train()
+    model_dir = save_final_model(acc, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model", cfg.merge_lora)
+    return finish_run(ctx, model_dir, result)
+
+
+def _judge(given, cfg: OnlineDPOConfig, device):
+    if given is None:
+        return make_scorer(cfg.judge, option="judge", device=device, batch_size=cfg.generation_batch_size)
+    return given if hasattr(given, "compare") else as_scorer(given, "judge")
+
+
+class OnlineDPOStep:
+    """One online DPO step: sample two completions per prompt, judge them, one update on the pairs."""
+
+    gauges = ("beta",)
+
+    def __init__(self, cfg: OnlineDPOConfig, engine, judge, tokenizer, policy, local_prompts: int):
+        self.cfg = cfg
+        self.engine = engine
+        self.judge = judge
+        self.tokenizer = tokenizer
+        self.policy = policy                  # the module the engine samples (its weights pushed each step)
+        self.local_prompts = local_prompts
+        self.settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                         top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def run(self, trainer: Trainer, step: int) -> StepOutput:
+        cfg = self.cfg
+        started = time.perf_counter()
+        prompts = trainer.step_examples(step, self.local_prompts)
+        pairs, stats, examples = self.pairs(prompts, step, trainer.rank * self.local_prompts)
+        sampled = time.perf_counter()
+        micro = cfg.per_device_batch_size
+        out = trainer.optimizer_step([pairs[k:k + micro] for k in range(0, len(pairs), micro)])
+        metrics = {**mean_over_processes(trainer.acc, stats), **out.metrics, "beta": cfg.beta,
+                   "time/rollout": sampled - started, "time/update": time.perf_counter() - sampled}
+        metrics.update(kl_metrics(metrics, cfg))
+        logged = cfg.log_samples_steps and ((step + 1) % cfg.log_samples_steps == 0 or step == 0)
+        return StepOutput(metrics, out.examples, out.tokens, examples[:cfg.log_samples] if logged else [])
+
+    def pairs(self, prompts: list, step: int, first: int) -> tuple[list[TokenizedPair], dict, list[dict]]:
+        """The step's pairs: completions ``2i`` and ``2i + 1`` are prompt ``i``'s, ordered chosen first."""
+        repeated = [p for p in prompts for _ in range(2)]
+        seeds = [_seed(self.cfg.seed, step, first + i, j) for i in range(len(prompts)) for j in range(2)]
+        generation = sample_with(self.engine, self.policy, [p.ids for p in repeated], self.settings, row_seeds=seeds)
+        texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
+        first_wins, scores = self.verdicts([p.prompt for p in prompts], texts, generation.ended)
+        pairs, examples = [], []
+        for i, prompt in enumerate(prompts):
+            win, lose = (2 * i, 2 * i + 1) if first_wins[i] >= 0.5 else (2 * i + 1, 2 * i)
+            responses = generation.response_ids
+            pairs.append(TokenizedPair(prompt.ids, responses[win], responses[lose], float("nan"), 0.0, prompt.row))
+            row = {"prompt": prompt.text, "chosen": texts[win], "rejected": texts[lose]}
+            if scores is not None:
+                row.update(chosen_score=scores[win], rejected_score=scores[lose])
+            examples.append(row)
+        lengths = torch.tensor([len(r) for r in generation.response_ids], dtype=torch.float32)
+        stats = {"val/contain_eos_token": sum(generation.ended) / len(texts),
+                 "completions/mean_length": float(lengths.mean()),
+                 "objective/ties": sum(v == 0.5 for v in first_wins) / len(prompts)}
+        if scores is not None:
+            chosen = [r["chosen_score"] for r in examples]
+            rejected = [r["rejected_score"] for r in examples]
+            stats["objective/scores"] = sum(scores) / len(scores)
+            stats["objective/scores_margin"] = sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)
+        return pairs, stats, examples
+
+    def verdicts(self, prompts: list, texts: list[str], ended: list[bool]) -> tuple[list[float], list[float] | None]:
+        """Per prompt, the probability that its first completion is preferred (ties 1/2), and the scores
+        (missing EOS penalised) when the judge gives scores."""
+        first, second = texts[0::2], texts[1::2]
+        if not is_scoring(self.judge) and hasattr(self.judge, "compare"):
+            return compare(self.judge, prompts, first, second), None
+        raw = self.judge.score([p for p in prompts for _ in range(2)], texts)
+        scores = [s - self.cfg.missing_eos_penalty * (not e) for s, e in zip(raw, ended)]
+        wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores[0::2], scores[1::2])]
+        return wins, scores
+
+
+def kl_metrics(metrics: dict[str, float], cfg: OnlineDPOConfig) -> dict[str, float]:
+    """TRL's ``objective/kl`` (mean log π/π_ref of the sampled completions, from the implicit rewards
+    β·log-ratio the loss already computed), ``non_score_reward`` (-β·KL) and ``rlhf_reward``."""
+    if cfg.loss_type in REFERENCE_FREE or "rewards/chosen" not in metrics:
+        return {}
+    kl = (metrics["rewards/chosen"] + metrics["rewards/rejected"]) / (2 * cfg.beta)
+    out = {"objective/kl": kl, "objective/non_score_reward": -cfg.beta * kl}
+    if "objective/scores" in metrics:
+        out["objective/rlhf_reward"] = metrics["objective/scores"] - cfg.beta * kl
+    return out
