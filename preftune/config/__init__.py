@@ -5,17 +5,18 @@
 - :mod:`.shared`: the settings commands share (model, data source, held-out data, training loop),
   each field declared once; :mod:`.online`: those the online RL commands (``ppo``, ``grpo``, ``rloo``) share;
 - :mod:`.preference` (``dpo``, ``kto``, ``reward``), :mod:`.lm` (``pretrain``, ``sft``), :mod:`.ppo`, :mod:`.grpo`
-  (``grpo``, ``rloo``): the commands' configs. Values are validated before any model is loaded.
+  (``grpo``, ``rloo``), :mod:`.iterate`: the commands' configs. Values are validated before any model is loaded.
 """
 
 from .base import add_config_arguments, config_from_args, config_to_dict, load_config, option, with_default
 from .grpo import GRPOConfig, RLOOConfig
+from .iterate import IterateConfig
 from .lm import PretrainConfig, SFTConfig
 from .ppo import PPOConfig
 from .preference import DPOConfig, KTOConfig, RewardConfig, parse_constraint_spec
 from .shared import DataSettings, DataSource, HeldOutData, ModelSettings, TrainSettings
 
-__all__ = ["DPOConfig", "DataSettings", "DataSource", "GRPOConfig", "HeldOutData", "KTOConfig", "ModelSettings",
-           "PPOConfig", "PretrainConfig", "RLOOConfig", "RewardConfig", "SFTConfig", "TrainSettings",
+__all__ = ["DPOConfig", "DataSettings", "DataSource", "GRPOConfig", "HeldOutData", "IterateConfig", "KTOConfig",
+           "ModelSettings", "PPOConfig", "PretrainConfig", "RLOOConfig", "RewardConfig", "SFTConfig", "TrainSettings",
            "add_config_arguments", "config_from_args", "config_to_dict", "load_config", "option",
            "parse_constraint_spec", "with_default"]
