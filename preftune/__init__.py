@@ -2,7 +2,7 @@
 
 The Python API mirrors the CLI: build a config object and call the function the command calls
 (``train_pretrain``, ``train_sft``, ``train_reward``, ``train_ppo``, ``train_grpo``, ``train_dpo``,
-``train_kto``)::
+``train_kto``, ``train_iterate``)::
 
     from preftune import DPOConfig, train_dpo
     result = train_dpo(DPOConfig(model_name_or_path="my-sft-model", dataset="pairs.jsonl", output_dir="runs/dpo"))
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from .config import (  # noqa: E402
     DPOConfig,
     GRPOConfig,
+    IterateConfig,
     KTOConfig,
     PPOConfig,
     PretrainConfig,
@@ -45,8 +46,10 @@ train_sft = _lazy("train_sft", "Supervised fine-tuning")
 train_reward = _lazy("train_reward", "A scalar reward model on preference pairs")
 train_ppo = _lazy("train_ppo", "PPO against a reward model or function")
 train_grpo = _lazy("train_grpo", "GRPO, or RLOO with an ``RLOOConfig``")
+train_iterate = _lazy("train_iterate", "Iterative DPO (or KTO) with rejection sampling, judged by a scorer or people")
 
 
-__all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "PPOConfig", "PretrainConfig", "RLOOConfig", "RewardConfig",
-           "SFTConfig", "load_config", "train_dpo", "train_kto", "train_pretrain", "train_sft", "train_reward",
-           "train_ppo", "train_grpo", "PreftuneError", "DataError", "ConfigError", "__version__"]
+__all__ = ["DPOConfig", "GRPOConfig", "IterateConfig", "KTOConfig", "PPOConfig", "PretrainConfig", "RLOOConfig",
+           "RewardConfig", "SFTConfig", "load_config", "train_dpo", "train_kto", "train_pretrain", "train_sft",
+           "train_reward", "train_ppo", "train_grpo", "train_iterate", "PreftuneError", "DataError", "ConfigError",
+           "__version__"]
