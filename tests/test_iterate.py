@@ -127,6 +127,21 @@ def test_iterate_raises_the_oracle_reward_round_over_round(toy_run, one_thread):
     assert again.rounds == result.rounds
 
 
+def test_kto_rounds_against_the_initial_reference(toy_run, one_thread):
+    result = train_iterate(toy_config(toy_run, "kto", rounds=2, loss_type="kto", ref="initial", max_steps=6),
+                           judge=calm_count, oracle=calm_minus_loud)
+    for round_ in (1, 2):
+        round_dir = result.run_dir / "rounds" / str(round_)
+        rows = [json.loads(line) for line in (round_dir / "pairs.jsonl").read_text().splitlines()]
+        assert [r["label"] for r in rows[:4]] == [True, False, True, False]   # best desirable, worst undesirable
+        assert all(a["score"] > b["score"] for a, b in zip(rows[::2], rows[1::2]))
+        trained = json.loads((round_dir / "train" / "config.json").read_text())
+        assert trained["loss_type"] == "kto" and trained["ref_model_name_or_path"] == str(toy_run / "init")
+        assert trained["model_name_or_path"] == str(result.rounds[round_ - 1]["policy"])
+    assert result.rounds[2]["eval"]["kl"] > 0.05
+    assert result.rounds[2]["eval"]["oracle_reward"] > result.rounds[0]["eval"]["oracle_reward"]
+
+
 def run_outputs(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor], list[str]]:
     """What must be equal between two runs: per-round records (paths made relative), weights, eval samples."""
     records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
@@ -239,3 +254,22 @@ def test_mistakes_are_reported_before_any_model_loads(toy_run, capsys):
 def test_resuming_with_other_settings_is_refused(toy_run, uninterrupted):
     with pytest.raises(ConfigError, match=r"other settings \(beta\)"):
         train_iterate(toy_config(toy_run, "whole", rounds=2, beta=0.5, resume="latest"), judge=calm_count)
+
+
+def test_the_chat_demo_oracle_penalises_degenerate_reviews():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    from preftune.demo.chat import review_prompt, review_reward
+
+    vader = SentimentIntensityAnalyzer().polarity_scores
+    prompt = review_prompt("wireless headphones")
+    good = "These headphones sound wonderful and I love them."
+    off_topic = "It sounds wonderful and I love it."
+    looping = "great headphones great headphones great headphones great headphones"
+    scores = review_reward([prompt] * 4, [good, off_topic, looping, "  "])
+    assert scores[0] == pytest.approx(vader(good)["compound"]) and scores[0] > 0.7
+    assert scores[1] == pytest.approx(vader(off_topic)["compound"] - 1.0)   # the product is never named
+    # 6 trigrams, 2 distinct: 4 of 6 repeat an earlier one
+    assert scores[2] == pytest.approx(vader(looping)["compound"] - 2.0 * 4 / 6)
+    assert scores[3] == -2.0
+    assert review_reward([review_prompt("hiking boots")], ["My new boot fits well."])[0] > 0  # singular counts
