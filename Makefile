@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: test demo bench install clean
+.PHONY: test demo demo-chat bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/preftune demo --output_dir $(DEMO_DIR)
+
+# SmolLM2-135M-Instruct (from PyPI) aligned by two rounds of iterative DPO; report in runs/demo-chat/report.html
+demo-chat: $(STAMP)
+	$(VENV)/bin/preftune demo --model smollm2 --output_dir runs/demo-chat
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -2,7 +2,7 @@
 
 The Python API mirrors the CLI: build a config object and call the function the command calls
 (``train_pretrain``, ``train_sft``, ``train_reward``, ``train_ppo``, ``train_grpo``, ``train_dpo``,
-``train_kto``, ``train_online_dpo``)::
+``train_kto``, ``train_online_dpo``, ``train_iterate``)::
 
     from preftune import DPOConfig, train_dpo
     result = train_dpo(DPOConfig(model_name_or_path="my-sft-model", dataset="pairs.jsonl", output_dir="runs/dpo"))
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from .config import (  # noqa: E402
     DPOConfig,
     GRPOConfig,
+    IterateConfig,
     KTOConfig,
     OnlineDPOConfig,
     PPOConfig,
@@ -46,10 +47,13 @@ train_sft = _lazy("train_sft", "Supervised fine-tuning")
 train_reward = _lazy("train_reward", "A scalar reward model on preference pairs")
 train_ppo = _lazy("train_ppo", "PPO against a reward model or function")
 train_grpo = _lazy("train_grpo", "GRPO, or RLOO with an ``RLOOConfig``")
+train_iterate = _lazy("train_iterate", "Iterative DPO (or KTO) with rejection sampling, judged by a scorer or people")
 train_online_dpo = _lazy("train_online_dpo", "Online DPO: pairs sampled from the policy, judged each step")
 
 
-__all__ = ["DPOConfig", "GRPOConfig", "KTOConfig", "OnlineDPOConfig", "PPOConfig", "PretrainConfig", "RLOOConfig",
+__all__ = ["DPOConfig", "GRPOConfig", "IterateConfig", "KTOConfig", "OnlineDPOConfig", "PPOConfig", "PretrainConfig",
+           "RLOOConfig",
            "RewardConfig", "SFTConfig", "load_config", "train_dpo", "train_kto", "train_pretrain", "train_sft",
-           "train_reward", "train_ppo", "train_grpo", "train_online_dpo", "PreftuneError", "DataError", "ConfigError",
+           "train_reward", "train_ppo", "train_grpo", "train_online_dpo",
+           "train_iterate", "PreftuneError", "DataError", "ConfigError",
            "__version__"]

@@ -41,3 +41,27 @@ def make_toy_preferences(n: int, seed: int = 0, words: int = 4, conversational: 
         else:
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
+
+
+def toy_prompt_rows(n: int, seed: int = 0, conversational: bool = False) -> list[dict]:
+    """``n`` rows with a ``prompt`` only (the toy topics), for online methods that sample their own responses."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = f"Describe {rng.choice(TOPICS)} in a few words:"
+        rows.append({"prompt": [{"role": "user", "content": prompt}] if conversational else prompt})
+    return rows
+
+
+def _count(words: list[str], text: str) -> int:
+    return sum(text.count(word) for word in words)
+
+
+def calm_count(prompts: list, responses: list[str]) -> list[float]:
+    """A toy judge: how many calm words a response holds."""
+    return [float(_count(CALM_WORDS, r)) for r in responses]
+
+
+def calm_minus_loud(prompts: list, responses: list[str]) -> list[float]:
+    """A toy oracle that training never sees: calm words minus loud words."""
+    return [float(_count(CALM_WORDS, r) - _count(LOUD_WORDS, r)) for r in responses]

@@ -1,16 +1,27 @@
-"""``preftune demo``: the built-in controlled-sentiment experiment (:mod:`preftune.demo`)."""
+"""``preftune demo``: the built-in controlled-sentiment experiment (:mod:`preftune.demo`), or with ``--model smollm2``
+iterative DPO on a real chat model (:mod:`preftune.demo.chat`)."""
 
 from __future__ import annotations
 
 
 def demo_arguments(parser) -> None:
-    parser.add_argument("--output_dir", default="runs/demo", help="Where the demo writes its runs, report.html and "
-                                                                  "summary.json.")
+    parser.add_argument("--output_dir", default=None, help="Where the demo writes its runs, report.html and "
+                                                           "summary.json (default: runs/demo, or runs/demo-chat "
+                                                           "with --model smollm2).")
     parser.add_argument("--quick", action="store_true", help="A smaller, faster version (for smoke tests).")
+    parser.add_argument("--model", choices=["toy", "smollm2"], default="toy",
+                        help="toy: a small model pretrained here on generated reviews, every method compared; "
+                             "smollm2: SmolLM2-135M-Instruct aligned by iterative DPO to write positive, on-topic "
+                             "product reviews.")
 
 
 def run_demo(args) -> int:
+    if args.model == "smollm2":
+        from ..demo.chat import ChatDemoScale, run_chat_demo
+
+        run_chat_demo(args.output_dir or "runs/demo-chat", ChatDemoScale.quick() if args.quick else ChatDemoScale())
+        return 0
     from ..demo import run_demo as demo
 
-    demo(args.output_dir, quick=args.quick)
+    demo(args.output_dir or "runs/demo", quick=args.quick)
     return 0

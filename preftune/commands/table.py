@@ -20,7 +20,7 @@ from ..config import (
     RLOOConfig,
     SFTConfig,
 )
-from . import Command, annotate, data, demo, evaluate, export, reward
+from . import Command, annotate, data, demo, evaluate, export, iterate, reward
 from .training import training_command
 
 # name -> (help, description) of the commands that only group sub-commands
@@ -85,6 +85,8 @@ COMMANDS: tuple[Command, ...] = (
         help="Train a policy on thumbs-up / thumbs-down examples (KTO); preference pairs work too.",
         description="Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on prompt/completion/label rows; "
                     "pairs (prompt/chosen/rejected) give one desirable and one undesirable example each."),
+    Command("iterate", iterate.run_iterate, iterate.iterate_arguments, help=iterate.HELP,
+            description=iterate.DESCRIPTION),
     Command("score", reward.run_score, reward.score_arguments,
             help="Score prompt/response rows with a reward model; writes each row plus 'reward' (JSONL).",
             description="Reads rows with 'prompt' and 'response' (strings, or lists of messages rendered with the "
