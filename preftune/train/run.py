@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .allocator import reuse_freed_memory
 from .loop import TrainResult
 
 
@@ -47,7 +48,8 @@ class RunResult:
 
 
 def start_run(cfg, warnings: list[str] = ()) -> RunContext:
-    """Accelerator, precision and a clean (or resumable) run directory; prints sanity warnings once."""
+    """Accelerator, precision and a clean (or resumable) run directory; prints sanity warnings once. On CPU,
+    freed memory is kept for reuse (:mod:`preftune.train.allocator`)."""
     from rich.console import Console
 
     from ..models import resolve_precision
@@ -55,6 +57,8 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
     run_dir = Path(cfg.output_dir)
     precision = resolve_precision(cfg.precision)
     accelerator = make_accelerator(precision, cfg.report_to, run_dir)
+    if accelerator.device.type == "cpu":
+        reuse_freed_memory()
     prepare_run_dir(run_dir, cfg.resume, cfg.overwrite_output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
