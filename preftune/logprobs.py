@@ -52,11 +52,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .data.packed import PackedLayout, scored_positions
 from .models import base_model
 
 
 def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
-                   chunk_size: int = 1024, position_ids: Tensor | None = None) -> Tensor:
+                   chunk_size: int = 1024, position_ids: Tensor | None = None,
+                   model_kwargs: dict[str, Any] | None = None) -> Tensor:
     """Log-probability of each completion token given everything before it.
 
     Args:
@@ -67,6 +69,7 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, comp
             predecessor and is never scored.
         chunk_size: rows projected onto the vocabulary at a time.
         position_ids: optional ``[B, L]`` position ids passed to the model (padding-free batches).
+        model_kwargs: further keyword arguments of the model's forward (a packed row's block layout).
 
     Returns:
         float32 ``[B, L]``: entry ``[b, t]`` is ``log p(input_ids[b, t] | input_ids[b, :t])`` where
@@ -74,7 +77,7 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, comp
         model's parameters.
     """
     _check_inputs(input_ids, completion_mask, chunk_size)
-    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids, **(model_kwargs or {}))
     values, _ = completion_logprobs(model, hidden, input_ids, completion_mask, chunk_size=chunk_size)
     return _to_token_layout(values, completion_mask)
 
@@ -96,10 +99,12 @@ def token_logprobs_and_entropy(model, input_ids: Tensor, attention_mask: Tensor 
 
 
 def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None,
-                        position_ids: Tensor | None = None) -> Tensor:
-    """``[B, L, H]``: what the model's output projection would receive (peft unwrapped as above)."""
+                        position_ids: Tensor | None = None, **extra: Any) -> Tensor:
+    """``[B, L, H]``: what the model's output projection would receive (peft unwrapped as above).
+
+    ``extra`` keyword arguments go to the backbone's forward (a packed row's block layout)."""
     causal_lm, backbone, _ = _split_model(model)
-    return _final_hidden_states(model, causal_lm, backbone, input_ids, attention_mask, position_ids)
+    return _final_hidden_states(model, causal_lm, backbone, input_ids, attention_mask, position_ids, extra)
 
 
 def completion_logprobs(model, hidden: Tensor, input_ids: Tensor, completion_mask: Tensor, chunk_size: int = 1024,
@@ -110,12 +115,18 @@ def completion_logprobs(model, hidden: Tensor, input_ids: Tensor, completion_mas
     ``hidden[:, :-1][completion_mask[:, 1:]]`` are the rows used, in the same order. With
     ``with_entropy`` the second value is the ``[N]`` entropy of those distributions, else None.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    causal_lm, _, lm_head = _split_model(model)
     target_mask = completion_mask[:, 1:].to(device=input_ids.device, dtype=torch.bool)
     selected = hidden[:, :-1][target_mask]          # [N, H]: only states that predict completion tokens
     targets = input_ids[:, 1:][target_mask]         # [N]
+    return projected_logprobs(model, selected, targets, chunk_size, temperature, with_entropy)
+
+
+def projected_logprobs(model, selected: Tensor, targets: Tensor, chunk_size: int = 1024, temperature: float = 1.0,
+                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``log p(targets[i] | selected[i])`` (and the entropies) for ``[N, H]`` hidden states, chunk by chunk."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    causal_lm, _, lm_head = _split_model(model)
     scale, softcap = _logit_postprocessing(causal_lm.config)
     inverse_temperature = None if temperature == 1.0 else 1.0 / temperature
 
@@ -139,6 +150,24 @@ def completion_logprobs(model, hidden: Tensor, input_ids: Tensor, completion_mas
         values = selected.sum(-1).float() * 0.0
         entropy = values.detach().clone() if with_entropy else None
     return values, entropy
+
+
+def packed_sequence_logprobs(model, batch: dict[str, Tensor], chunk_size: int = 1024) -> Tensor:
+    """Summed completion log-probability of every sequence of a packed batch, ``[S]`` float32.
+
+    ``batch`` is a padding-free or prefix-shared row (:mod:`preftune.data.packed`); sequences come in its
+    order (completion-major, as the rows of the padded batch). Each value equals
+    :func:`sequence_logprobs` of the same sequence in a padded row: only the states that predict
+    completion tokens are projected onto the vocabulary, in chunks, as there.
+    """
+    from .attention import packed_model_inputs
+
+    layout = PackedLayout.of(batch)
+    targets, predictors, sequences = (t.to(batch["input_ids"].device) for t in scored_positions(layout))
+    hidden = final_hidden_states(model, batch["input_ids"], **packed_model_inputs(model, batch))[0]
+    values, _ = projected_logprobs(model, hidden[predictors], batch["input_ids"][0, targets], chunk_size)
+    total = torch.zeros(layout.lengths().shape[0], dtype=torch.float32, device=values.device)
+    return total.index_add(0, sequences, values)
 
 
 def _check_inputs(input_ids: Tensor, completion_mask: Tensor, chunk_size: int) -> None:
@@ -221,9 +250,10 @@ def _is_peft_model(model) -> bool:
 
 
 def _final_hidden_states(model, causal_lm, backbone: nn.Module, input_ids: Tensor,
-                         attention_mask: Tensor | None, position_ids: Tensor | None) -> Tensor:
+                         attention_mask: Tensor | None, position_ids: Tensor | None,
+                         extra: dict[str, Any] | None = None) -> Tensor:
     """Final hidden states ``[B, L, H]``, i.e. exactly what the model's ``lm_head`` would receive."""
-    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False, **(extra or {})}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if _is_peft_model(model) and _uses_prompt_learning(model):

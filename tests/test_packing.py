@@ -157,6 +157,8 @@ def test_position_ids_alone_give_the_same_packed_result(tiny_model):
 
 def test_a_model_that_ignores_the_packed_mask_is_refused(tiny_model, monkeypatch):
     check_packed_attention(LMLogprobs(tiny_model))  # honours it: no error
-    monkeypatch.setattr(sft_module, "packed_attention_mask", lambda model, position_ids: torch.ones_like(position_ids))
+    monkeypatch.setattr(sft_module, "packed_lm_inputs",
+                        lambda model, attention_mask, position_ids: {"attention_mask": torch.ones_like(position_ids),
+                                                                     "position_ids": position_ids})
     with pytest.raises(ConfigError, match="packing is not supported"):
         check_packed_attention(LMLogprobs(tiny_model))

@@ -13,9 +13,10 @@ from .grpo import GRPOConfig, RLOOConfig
 from .lm import PretrainConfig, SFTConfig
 from .ppo import PPOConfig
 from .preference import DPOConfig, KTOConfig, RewardConfig, parse_constraint_spec
-from .shared import DataSettings, DataSource, HeldOutData, ModelSettings, TrainSettings
+from .shared import DataSettings, DataSource, HeldOutData, ModelSettings, PaddingFree, PairLayout, TrainSettings
 
 __all__ = ["DPOConfig", "DataSettings", "DataSource", "GRPOConfig", "HeldOutData", "KTOConfig", "ModelSettings",
-           "PPOConfig", "PretrainConfig", "RLOOConfig", "RewardConfig", "SFTConfig", "TrainSettings",
+           "PPOConfig", "PaddingFree", "PairLayout", "PretrainConfig", "RLOOConfig", "RewardConfig", "SFTConfig",
+           "TrainSettings",
            "add_config_arguments", "config_from_args", "config_to_dict", "load_config", "option",
            "parse_constraint_spec", "with_default"]

@@ -6,7 +6,16 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import option, with_default
-from .shared import DataSettings, DataSource, HeldOutData, ModelSettings, TrainSettings, validate_data, validate_lm
+from .shared import (
+    DataSettings,
+    DataSource,
+    HeldOutData,
+    ModelSettings,
+    PaddingFree,
+    TrainSettings,
+    validate_data,
+    validate_lm,
+)
 
 
 @dataclass
@@ -41,7 +50,7 @@ class PretrainConfig(ModelSettings, HeldOutData, DataSource, TrainSettings):
 
 
 @dataclass
-class SFTConfig(ModelSettings, DataSettings, TrainSettings):
+class SFTConfig(ModelSettings, DataSettings, TrainSettings, PaddingFree):
     """``preftune sft``: supervised fine-tuning on prompt/completion rows or conversations."""
 
     completion_only_loss: bool = option(True, "Train on completion (assistant) tokens only; false trains on every "

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import check_ranges, option, with_default
-from .shared import DataSettings, ModelSettings, TrainSettings, validate_data
+from .shared import DataSettings, ModelSettings, PairLayout, TrainSettings, validate_data
 
 
 @dataclass
-class DPOConfig(ModelSettings, DataSettings, TrainSettings):
+class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout):
     """``preftune dpo``: Direct Preference Optimization and its family."""
 
     loss_type: str = option("sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), simpo "
@@ -99,7 +99,7 @@ class KTOConfig(DPOConfig):
 
 
 @dataclass
-class RewardConfig(ModelSettings, DataSettings, TrainSettings):
+class RewardConfig(ModelSettings, DataSettings, TrainSettings, PairLayout):
     """``preftune reward``: a scalar reward model trained on preference pairs."""
 
     learning_rate: float = with_default(TrainSettings, "learning_rate", 1e-5)

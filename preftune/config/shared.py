@@ -29,10 +29,29 @@ class ModelSettings:
     lora: bool = option(False, "Train LoRA adapters instead of all weights.")
     lora_r: int = option(8, "LoRA rank.")
     lora_alpha: int = option(16, "LoRA scaling alpha.")
-    lora_dropout: float = option(0.05, "Dropout on the LoRA branch.")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch. Default 0: above 0, peft keeps a dropped copy of "
+                                      "each adapted layer's input for the backward pass, so LoRA would need more "
+                                      "activation memory than full fine-tuning (TRL's default is 0.05).")
     lora_target_modules: list[str] = option(["all-linear"], "Modules to adapt; 'all-linear' means every linear layer "
                                                             "but the output head.")
     merge_lora: bool = option(False, "Save the final model with the adapter merged into the base weights.")
+
+
+@dataclass
+class PaddingFree:
+    """How the sequences of a batch are laid out (exact either way; see "Speed and memory" in the README)."""
+
+    padding_free: bool = option(True, "Concatenate a batch's sequences into one row without padding, each with its "
+                                      "own position ids and attending to itself only (exact; false: padded rows).")
+
+
+@dataclass
+class PairLayout(PaddingFree):
+    """Batch layout of the commands that read pairs."""
+
+    prefix_sharing: bool = option(True, "Encode each pair's prompt once: one block prompt | chosen | rejected in which "
+                                        "each response sees the prompt and itself (exact; needs SDPA or eager "
+                                        "attention, else falls back to padding_free).")
 
 
 @dataclass

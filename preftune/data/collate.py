@@ -1,5 +1,7 @@
 """Batching: prompt + completion sequences right-padded with a completion mask; preference pairs as
-chosen and rejected stacked into one such batch (one forward serves both)."""
+chosen and rejected stacked into one such batch (one forward serves both). The same sequences packed
+into one row without padding, each pair's prompt encoded once, are :func:`collate_pairs_packed` and
+:func:`collate_completions_packed` (layout: :mod:`preftune.data.packed`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import functools
 
 import torch
 
+from preftune.data.packed import blocks_of_sequences, collate_blocks
 from preftune.data.preference import TokenizedPair
 from preftune.errors import ConfigError
 
@@ -19,10 +22,33 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int,
     """
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
-    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    prompts = [p.prompt_ids for p in pairs] * 2
+    prompts, responses = pair_sequences_in_rows(pairs)
+    return {**collate_completions(prompts, responses, pad_token_id, pad_to_multiple_of), **pair_columns(pairs)}
+
+
+def collate_pairs_packed(pairs: list[TokenizedPair], share_prefix: bool = True) -> dict[str, torch.Tensor]:
+    """The sequences of :func:`collate_pairs`, in the same order, as one packed row without padding.
+
+    With ``share_prefix`` each pair is one block ``prompt | chosen | rejected``; otherwise every
+    sequence is a block of its own (padding-free)."""
+    if not pairs:
+        raise ValueError("collate_pairs_packed needs at least one pair")
+    prompts, responses = pair_sequences_in_rows(pairs)
+    return {**collate_blocks(blocks_of_sequences(prompts, responses, share_prefix)), **pair_columns(pairs)}
+
+
+def collate_completions_packed(prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
+    """The sequences of :func:`collate_completions` as one padding-free row (a block each)."""
+    return collate_blocks(blocks_of_sequences(prompts, completions, share_prefix=False))
+
+
+def pair_sequences_in_rows(pairs: list[TokenizedPair]) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompts and completions of a pair batch's sequences: every chosen, then every rejected."""
+    return [p.prompt_ids for p in pairs] * 2, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+
+
+def pair_columns(pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
     return {
-        **collate_completions(prompts, responses, pad_token_id, pad_to_multiple_of),
         "preference_prob": torch.tensor([p.preference_prob for p in pairs], dtype=torch.float),
         "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float),
         "row": torch.tensor([p.row for p in pairs], dtype=torch.long),

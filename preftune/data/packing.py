@@ -77,6 +77,12 @@ def pack_examples(examples: list[LMExample], max_length: int) -> list[LMRow]:
     return rows
 
 
+def join_rows(rows: list[LMRow]) -> LMRow:
+    """Rows side by side in one row (a padding-free batch): each keeps its position ids, so its examples stay apart."""
+    return LMRow([t for r in rows for t in r.input_ids], [m for r in rows for m in r.loss_mask],
+                 [p for r in rows for p in r.position_ids])
+
+
 def pack_stream(documents: list[list[int]], max_length: int) -> list[LMRow]:
     """Pretraining packing: documents concatenated in order and cut into rows of ``max_length`` tokens.
 

@@ -7,14 +7,12 @@ disabled, or log-probs precomputed once and cached (``precompute_ref``).
 
 from __future__ import annotations
 
-import torch
-
 from ..config import DPOConfig, parse_constraint_spec
-from ..data import TokenizedPair, collate_pairs, tokenize_preferences
+from ..data import TokenizedPair, tokenize_preferences
 from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from .loop import Trainer
-from .policy import PolicyLogprobs
+from .policy import PairCollator, PolicyLogprobs, sequence_sums
 from .reference import Reference, make_reference
 from .run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
 
@@ -22,20 +20,16 @@ from .run import RunResult, finish_run, save_final_model, start_run, tokenized_r
 class DPOTask:
     """Turns a batch of pairs into the configured preference loss and its metrics."""
 
-    def __init__(self, cfg: DPOConfig, pad_token_id: int, reference: Reference):
+    def __init__(self, cfg: DPOConfig, pad_token_id: int, reference: Reference, policy=None):
         self.cfg = cfg
         self.pad_token_id = pad_token_id
         self.reference = reference
+        self.collate = PairCollator.for_model(cfg, pad_token_id, policy)   # padded without a policy
         self.constraints = [(load_constraint(target), weight)
                             for target, weight in map(parse_constraint_spec, cfg.constraints)]
 
-    def collate(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
-        return collate_pairs(pairs, self.pad_token_id)
-
     def logps(self, model, batch) -> PreferenceLogps:
-        token_logps = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        sums = token_logps.sum(-1)
-        lengths = batch["completion_mask"].sum(-1).float()
+        sums, lengths = sequence_sums(model, batch)
         half = sums.shape[0] // 2
         ref_chosen = ref_rejected = None
         if self.reference.kind != "none":
@@ -75,7 +69,7 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.loss_type not in REFERENCE_FREE,
                                precompute=splits, pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer.from_run(ctx, model=PolicyLogprobs(policy, cfg.logprob_chunk_size),
-                               task=DPOTask(cfg, tokenizer.pad_token_id, reference), train_examples=train_pairs,
+                               task=DPOTask(cfg, tokenizer.pad_token_id, reference, policy), train_examples=train_pairs,
                                eval_examples=eval_pairs)
     result = trainer.train()
     model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model",

@@ -20,12 +20,13 @@ import torch
 from rich.console import Console
 
 from ..config import KTOConfig
-from ..data import TokenizedPair, collate_completions, collate_pairs
+from ..data import TokenizedPair, collate_completions
+from ..data.collate import collate_completions_packed
 from ..data.kto import KTOExample, label_counts, mismatched_completions, tokenize_kto
 from ..losses import kto_loss, kto_metrics
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from .loop import Trainer
-from .policy import PolicyLogprobs
+from .policy import PairCollator, PolicyLogprobs, sequence_sums
 from .reference import Reference, Sequence, make_reference
 from .run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
 
@@ -48,34 +49,39 @@ def make_items(examples: list[KTOExample], seed: int, max_length: int) -> list[K
 
 
 def item_sequences(items: list[KTOItem], kto_kl: bool) -> list[Sequence]:
-    """The (prompt, completion) sequences a run scores: each own completion, and with ``kto_kl`` each mismatched one."""
-    own = [(item.pair.prompt_ids, item.pair.chosen_ids) for item in items]
-    return own + [(item.pair.prompt_ids, item.pair.rejected_ids) for item in items] if kto_kl else own
+    """The (prompt, completion) sequences a run scores: each own completion, and with ``kto_kl`` right after it
+    the mismatched one (same prompt: the two share a block when precomputed with prefix sharing)."""
+    if not kto_kl:
+        return [(item.pair.prompt_ids, item.pair.chosen_ids) for item in items]
+    return [(item.pair.prompt_ids, ids) for item in items for ids in (item.pair.chosen_ids, item.pair.rejected_ids)]
 
 
 class KTOTask:
     """Turns a batch of labelled completions into the KTO loss and TRL's KTO metrics."""
 
-    def __init__(self, cfg: KTOConfig, pad_token_id: int, reference: Reference, accelerator):
+    def __init__(self, cfg: KTOConfig, pad_token_id: int, reference: Reference, accelerator, policy=None):
         self.cfg = cfg
         self.pad_token_id = pad_token_id
         self.reference = reference
         self.accelerator = accelerator
+        self.layout = PairCollator.for_model(cfg, pad_token_id, policy)   # padded without a policy
 
     def collate(self, items: list[KTOItem]) -> dict[str, torch.Tensor]:
         """Rows 0..B-1: prompt + own completion; with ``kto_kl``, rows B..2B-1: prompt + mismatched completion."""
         pairs = [item.pair for item in items]
         if self.cfg.kto_kl:
-            batch = collate_pairs(pairs, self.pad_token_id)
+            batch = self.layout(pairs)
         else:
-            batch = collate_completions([p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], self.pad_token_id)
+            prompts, completions = [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs]
+            batch = (collate_completions_packed(prompts, completions) if self.layout.packed
+                     else collate_completions(prompts, completions, self.pad_token_id))
             batch["row"] = torch.tensor([p.row for p in pairs], dtype=torch.long)
         batch["desirable"] = torch.tensor([item.desirable for item in items], dtype=torch.bool)
         return batch
 
     def logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(policy, reference) log-probs of the own completions, and log-ratios of the mismatched ones."""
-        sums = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).sum(-1)
+        sums, _ = sequence_sums(model, batch)
         ref = self.reference.sequence_logps(batch)
         n = batch["desirable"].shape[0]
         kl = (sums[n:] - ref[n:]).detach() if self.cfg.kto_kl else None
@@ -169,7 +175,7 @@ def train_kto(cfg: KTOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, precompute=splits if cfg.precompute_ref else None,
                                pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer.from_run(ctx, model=PolicyLogprobs(policy, cfg.logprob_chunk_size),
-                               task=KTOTask(cfg, tokenizer.pad_token_id, reference, ctx.accelerator),
+                               task=KTOTask(cfg, tokenizer.pad_token_id, reference, ctx.accelerator, policy),
                                train_examples=train_items, eval_examples=eval_items, unit="examples")
     result = trainer.train()
     model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model",

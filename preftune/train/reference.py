@@ -29,7 +29,8 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from ..data.collate import collate_completions
-from ..logprobs import completion_logprobs, final_hidden_states, sequence_logprobs
+from ..data.packed import adjacent_blocks, collate_blocks, is_packed, packed_sequences
+from ..logprobs import completion_logprobs, final_hidden_states, packed_sequence_logprobs, sequence_logprobs
 from ..models import (
     base_model,
     compute_dtype,
@@ -39,6 +40,7 @@ from ..models import (
     load_causal_lm,
     model_fingerprint,
 )
+from .policy import PairCollator
 
 CACHE_FORMAT = "preftune-ref-logps-v2"
 Sequence = tuple[list[int], list[int]]   # (prompt ids, completion ids)
@@ -70,6 +72,8 @@ class LiveReference(Reference):
     @torch.no_grad()
     def sequence_logps(self, batch):
         with self._evaluating():
+            if is_packed(batch):
+                return packed_sequence_logprobs(self.model, batch, self.chunk_size)
             sums, _ = sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"],
                                         batch["completion_mask"], chunk_size=self.chunk_size)
         return sums.float()
@@ -125,6 +129,17 @@ class PrecomputedReference(Reference):
         return torch.tensor(values, dtype=torch.float32, device=batch["input_ids"].device)
 
 
+def _batch_logps(reference: Reference, sequences: list[Sequence], pad_token_id: int, layout: PairCollator | None,
+                 device) -> torch.Tensor:
+    prompts, completions = (list(part) for part in zip(*sequences))
+    if layout is None or not layout.packed:
+        batch = collate_completions(prompts, completions, pad_token_id)
+        return reference.sequence_logps({k: v.to(device) for k, v in batch.items()}).cpu()
+    blocks = adjacent_blocks(prompts, completions, layout.share_prefix)
+    logps = reference.sequence_logps({k: v.to(device) for k, v in collate_blocks(blocks).items()}).cpu()
+    return logps.view(len(blocks[0][1]), -1).t().reshape(-1)   # back to the given order
+
+
 @torch.no_grad()
 def sync_reference(reference: Reference, policy: torch.nn.Module, alpha: float) -> None:
     """Move a frozen reference towards the policy (TR-DPO, Gorbatovski et al. 2024, as GRPO's ``sync_ref_model``):
@@ -143,7 +158,10 @@ def sequence_key(prompt_ids: list[int], completion_ids: list[int]) -> tuple:
 
 
 def row_keys(batch: dict[str, torch.Tensor]) -> list[tuple]:
-    """:func:`sequence_key` of every row of a padded batch (any padding side)."""
+    """:func:`sequence_key` of every sequence of a batch: the rows of a padded one (any padding side), or
+    the sequences of a packed one."""
+    if is_packed(batch):
+        return [sequence_key(prompt, completion) for prompt, completion in packed_sequences(batch)]
     ids, attended = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
     completion = batch["completion_mask"].cpu().bool().sum(-1).tolist()
     return [(tuple(ids[i][attended[i]].tolist()), completion[i]) for i in range(ids.shape[0])]
@@ -181,7 +199,8 @@ def _precomputed(cfg, ctx, live: LiveReference, splits: dict[str, list[Sequence]
         if not sequences:
             continue
         path = cache_root / f"{cache_key(fingerprint, sequences, ctx.precision)}.safetensors"
-        cached = precompute_logps(live, sequences, pad_token_id, 2 * cfg.per_device_batch_size, path, ctx.accelerator)
+        cached = precompute_logps(live, sequences, pad_token_id, 2 * cfg.per_device_batch_size, path, ctx.accelerator,
+                                  layout=PairCollator.for_model(cfg, pad_token_id, live.model))
         table.update(zip((sequence_key(*s) for s in sequences), cached.logps.tolist()))
         described[split] = {"path": str(cached.path), "reused": cached.hit, "sequences": len(sequences)}
         if ctx.is_main_process:
@@ -220,19 +239,19 @@ class CachedLogps:
 
 
 def precompute_logps(reference: Reference, sequences: list[Sequence], pad_token_id: int, batch_size: int,
-                     cache_path: Path, accelerator=None) -> CachedLogps:
-    """Reference log-probs of every sequence, loaded from ``cache_path`` or computed and written there."""
+                     cache_path: Path, accelerator=None, layout: PairCollator | None = None) -> CachedLogps:
+    """Reference log-probs of every sequence, loaded from ``cache_path`` or computed and written there.
+
+    ``layout`` (default: padded rows) may pack each batch; with prefix sharing, sequences ``2i`` and
+    ``2i + 1`` that share a prompt (a pair's chosen and rejected) share one block."""
     device = accelerator.device if accelerator is not None else "cpu"
     with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
         if cache_path.is_file():
             logps = load_file(cache_path)["logps"]
             if logps.numel() == len(sequences):
                 return CachedLogps(logps, cache_path, hit=True)
-        parts = []
-        for start in range(0, len(sequences), batch_size):
-            prompts, completions = zip(*sequences[start:start + batch_size])
-            batch = collate_completions(list(prompts), list(completions), pad_token_id)
-            parts.append(reference.sequence_logps({k: v.to(device) for k, v in batch.items()}).cpu())
+        parts = [_batch_logps(reference, sequences[start:start + batch_size], pad_token_id, layout, device)
+                 for start in range(0, len(sequences), batch_size)]
         logps = torch.cat(parts).contiguous()
         if accelerator is None or accelerator.is_main_process:
             cache_path.parent.mkdir(parents=True, exist_ok=True)

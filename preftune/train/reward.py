@@ -12,13 +12,22 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from ..attention import packed_model_inputs
 from ..config import RewardConfig
-from ..data import collate_pairs
+from ..data.packed import PackedLayout, is_packed
 from ..losses import reward_loss
-from ..models import load_tokenizer, prepare_policy
-from ..scoring.reward_model import check_reward_model, head_name, load_classifier, prepare_tokenizer, sequence_rewards
+from ..models import base_model, load_tokenizer, prepare_policy
+from ..scoring.reward_model import (
+    check_reward_model,
+    head_name,
+    load_classifier,
+    prepare_tokenizer,
+    reads_last_token,
+    sequence_rewards,
+)
 from .dpo import load_pairs
 from .loop import Trainer
+from .policy import PairCollator
 from .run import RunResult, finish_run, save_final_model, start_run
 
 console = Console(stderr=True)
@@ -31,8 +40,23 @@ class RewardScorer(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, token_type_ids=None, position_ids=None, prompt_lengths=None,
+                completion_lengths=None) -> torch.Tensor:
+        if completion_lengths is not None:
+            return packed_rewards(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                               "position_ids": position_ids, "prompt_lengths": prompt_lengths,
+                                               "completion_lengths": completion_lengths})
         return sequence_rewards(self.model, input_ids, attention_mask, token_type_ids)
+
+
+def packed_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One float32 reward per sequence of a packed batch (a decoder classifier: its head on each sequence's
+    last token), in the batch's sequence order; equal to :func:`sequence_rewards` on padded rows."""
+    hf = base_model(model)
+    backbone = getattr(hf, hf.base_model_prefix)
+    hidden = backbone(input_ids=batch["input_ids"], use_cache=False, **packed_model_inputs(hf, batch))
+    last = PackedLayout.of(batch).last_positions().to(batch["input_ids"].device)
+    return hf.score(hidden.last_hidden_state[0, last]).squeeze(-1).float()
 
 
 def prepare_reward_model(model, cfg):
@@ -69,15 +93,18 @@ def expected_calibration_error(probs: torch.Tensor, outcomes: torch.Tensor, bins
 class RewardTask:
     """Chosen and rejected in one forward; the configured reward loss and its metrics."""
 
-    def __init__(self, cfg: RewardConfig, pad_token_id: int):
+    def __init__(self, cfg: RewardConfig, pad_token_id: int, model=None):
         self.cfg = cfg
         self.pad_token_id = pad_token_id
-
-    def collate(self, pairs) -> dict[str, torch.Tensor]:
-        return collate_pairs(pairs, self.pad_token_id)
+        decoder = model is not None and reads_last_token(model)   # encoders read [CLS]: padded rows
+        self.collate = PairCollator.for_model(cfg, pad_token_id, model if decoder else None)
 
     def rewards(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        rewards = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"].long())
+        if is_packed(batch):
+            rewards = model(batch["input_ids"], batch["attention_mask"], None,
+                            *(batch[key] for key in ("position_ids", "prompt_lengths", "completion_lengths")))
+        else:
+            rewards = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"].long())
         half = rewards.shape[0] // 2
         return rewards[:half], rewards[half:]
 
@@ -120,7 +147,7 @@ def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RunResult:
     check_reward_model(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = prepare_reward_model(model, cfg)
-    trainer = Trainer.from_run(ctx, model=RewardScorer(model), task=RewardTask(cfg, tokenizer.pad_token_id),
+    trainer = Trainer.from_run(ctx, model=RewardScorer(model), task=RewardTask(cfg, tokenizer.pad_token_id, model),
                                train_examples=train_pairs, eval_examples=eval_pairs)
     result = trainer.train()
     model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model",

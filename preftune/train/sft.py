@@ -3,8 +3,10 @@
 The loss is the mean negative log-likelihood of the labelled tokens of a batch (completion tokens, or
 all of them), computed with :func:`preftune.logprobs.token_logprobs`: only labelled positions reach
 the vocabulary projection, chunk by chunk. Packed rows get position ids restarting at 0 for every
-example and a block-diagonal causal attention mask, so examples never see each other; a short
-probe checks that the model honours it before training starts.
+example and attention that stays inside each example (:func:`preftune.attention.packed_lm_inputs`:
+SDPA block by block, else a block-diagonal causal mask), so examples never see each other; a short
+probe checks that the model honours it before training starts. With ``padding_free`` (the default)
+a batch's rows are joined into one row the same way, so no padding is computed either.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from ..attention import attention_implementation, packed_lm_inputs
 from ..config import SFTConfig
 from ..data.load import load_records
-from ..data.packing import LMRow, block_causal_mask, collate_rows, pack_examples, single_row
+from ..data.packing import LMRow, collate_rows, join_rows, pack_examples, single_row
 from ..data.split import report_skipped
 from ..data.text import SFTSettings, tokenize_sft
 from ..errors import ConfigError
@@ -29,26 +32,6 @@ from .run import RunContext, RunResult, finish_run, save_final_model, start_run,
 console = Console(stderr=True)
 
 
-def attention_implementation(model) -> str:
-    config = getattr(model, "config", None)
-    return str(getattr(config, "_attn_implementation", None) or "eager")
-
-
-def packed_attention_mask(model, position_ids: torch.Tensor) -> torch.Tensor | None:
-    """The attention mask to pass with packed rows.
-
-    Eager and SDPA attention get an explicit block-diagonal causal 4D mask (transformers passes a 4D
-    mask through untouched). Other kernels (flash, flex) get None: transformers then derives the
-    packed layout from ``position_ids`` itself (variable-length flash attention, a packed block mask).
-    """
-    kind = attention_implementation(model)
-    if kind == "sdpa":
-        return block_causal_mask(position_ids)
-    if kind == "eager":
-        return block_causal_mask(position_ids, dtype=next(model.parameters()).dtype)
-    return None
-
-
 class LMLogprobs(nn.Module):
     """A causal LM as the log-probs of its labelled tokens (what the loop prepares and wraps)."""
 
@@ -58,10 +41,11 @@ class LMLogprobs(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(self, input_ids, attention_mask, loss_mask, position_ids=None) -> torch.Tensor:
-        if position_ids is not None:  # packed rows
-            attention_mask = packed_attention_mask(self.model, position_ids)
-        return token_logprobs(self.model, input_ids, attention_mask, loss_mask, chunk_size=self.chunk_size,
-                              position_ids=position_ids)
+        if position_ids is None:
+            return token_logprobs(self.model, input_ids, attention_mask, loss_mask, chunk_size=self.chunk_size)
+        inputs = packed_lm_inputs(self.model, attention_mask, position_ids)   # packed rows
+        return token_logprobs(self.model, input_ids, inputs.pop("attention_mask"), loss_mask,
+                              chunk_size=self.chunk_size, position_ids=inputs.pop("position_ids"), model_kwargs=inputs)
 
 
 @torch.no_grad()
@@ -94,11 +78,15 @@ def check_packed_attention(lm: LMLogprobs) -> None:
 class LMTask:
     """Next-token NLL over a batch's labelled tokens (SFT and pretraining)."""
 
-    def __init__(self, pad_token_id: int, packed: bool):
+    def __init__(self, pad_token_id: int, packed: bool, padding_free: bool = False):
         self.pad_token_id = pad_token_id
         self.packed = packed
+        self.padding_free = padding_free
 
     def collate(self, rows: list[LMRow]) -> dict[str, torch.Tensor]:
+        """Padded rows (one example each, or packed ones), or with ``padding_free`` all of them in one row."""
+        if self.padding_free:
+            return collate_rows([join_rows(rows)], self.pad_token_id)
         batch = collate_rows(rows, self.pad_token_id)
         if not self.packed:
             del batch["position_ids"]  # one example per row: the ordinary padding mask is enough
@@ -142,9 +130,11 @@ def train_lm(cfg, ctx: RunContext, model, tokenizer, train_rows: list[LMRow], ev
         tokens = sum(len(r.input_ids) for r in train_rows)
         console.print(f"training on {len(train_rows)} rows ({tokens} tokens), evaluating on {len(eval_rows)} rows")
     lm = LMLogprobs(prepare_policy(model, cfg), cfg.logprob_chunk_size).to(ctx.accelerator.device)
-    if packed:
+    padding_free = getattr(cfg, "padding_free", False)
+    if packed or padding_free:
         check_packed_attention(lm)
-    trainer = Trainer.from_run(ctx, model=lm, task=LMTask(tokenizer.pad_token_id, packed), train_examples=train_rows,
+    task = LMTask(tokenizer.pad_token_id, packed, padding_free)
+    trainer = Trainer.from_run(ctx, model=lm, task=task, train_examples=train_rows,
                                eval_examples=eval_rows, unit="samples")
     result = trainer.train()
     model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model",
