@@ -177,7 +177,7 @@ def run_preftune(args, assets, out_dir: Path, lora: bool) -> dict:
                     per_device_batch_size=args.batch, max_steps=args.steps, learning_rate=_lr(args, lora),
                     warmup_ratio=0.0, lr_scheduler="linear", logging_steps=1, max_length=1024, precompute_ref=True,
                     cache_dir=str(out_dir / "cache"), beta=args.beta, seed=0, precision="fp32",
-                    gradient_checkpointing=False, lora=lora, lora_r=16, lora_alpha=32, lora_dropout=0.05)
+                    gradient_checkpointing=False, lora=lora, lora_r=16, lora_alpha=32, lora_dropout=0.0)
     train_dpo(cfg)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r and "pairs/s" in r]
@@ -212,7 +212,7 @@ def run_trl(args, assets, out_dir: Path, lora: bool) -> dict:
     if lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
     model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(assets["model"])
@@ -311,10 +311,16 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
     parser.add_argument("--runs", nargs="*", default=RUNS)
+    parser.add_argument("--collect", nargs="+", metavar="DIR",
+                        help="no new runs: report the runs found in these earlier run directories (the last one "
+                             "of each name wins; all on the same pairs)")
     harness.add_worker_arguments(parser)
     args = parser.parse_args()
     if harness.run_worker(args, WORKERS, threads=args.threads):
         return
+    if args.collect:
+        assets, runs = collected(args.collect)
+        return report(args, assets, runs)
 
     from preftune.models import load_tokenizer
     from preftune.realmodel import obtain_checkpoint
@@ -336,7 +342,24 @@ def main() -> None:
     console.print(f"SmolLM2-135M-Instruct ({params / 1e6:.1f}M non-embedding parameters); batch {args.batch} pairs; "
                   f"per pair {tokens['prompt_tokens']:.0f} prompt + {tokens['completion_tokens']:.0f} completion "
                   f"tokens; fp32; {args.threads} thread(s) per process; load average {os.getloadavg()[0]:.2f}")
-    runs = harness.spawn_all(__file__, args, SPAWN_KEYS, assets, root, console)
+    console.print(f"runs in {root}")
+    report(args, assets, harness.spawn_all(__file__, args, SPAWN_KEYS, assets, root, console))
+
+
+def collected(roots: list[str]) -> tuple[dict, dict]:
+    """The assets and the worker results kept in earlier run directories."""
+    runs, assets = {}, None
+    for root in map(Path, roots):
+        assets = json.loads((root / "assets.json").read_text())
+        for name in RUNS:
+            if (root / f"out-{name}" / "bench.json").is_file():
+                runs[name] = json.loads((root / f"out-{name}" / "bench.json").read_text())
+    return assets, runs
+
+
+def report(args, assets: dict, runs: dict) -> None:
+    """The results table and the ratios to TRL, printed and written to ``args.json``."""
+    console = harness.console()
     results = {name: summarise(result, assets, args.batch) for name, result in runs.items()}
     digits = {"step s": 2, "step CPU s": 2, "pairs/s": 3, "pairs per CPU s": 3, "tokens/s": 0, "peak RSS MiB": 0,
               "peak above imports MiB": 0, "GFLOP/s": 0, "GFLOP per CPU s": 0, "limit fraction": 2,
