@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .allocator import reuse_freed_memory
 from .distributed import configure_deepspeed, engine_name, full_state_dict, is_sharded, make_accelerator
 from .loop import TrainResult
 from .resume import change_warnings, check_resume
@@ -50,7 +51,8 @@ class RunResult:
 
 def start_run(cfg, warnings: list[str] = ()) -> RunContext:
     """Accelerator, precision and a clean (or resumable) run directory; prints sanity warnings once.
-    ``--resume`` is checked here, before any model loads (:func:`~.resume.check_resume`)."""
+    ``--resume`` is checked here, before any model loads (:func:`~.resume.check_resume`). On CPU,
+    freed memory is kept for reuse (:mod:`preftune.train.allocator`)."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -66,6 +68,8 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         raise ConfigError("merge_lora is not supported with sharded training (FSDP2, DeepSpeed): the adapter is "
                           "saved; merge it afterwards on one process")
     configure_deepspeed(accelerator, cfg)
+    if accelerator.device.type == "cpu":
+        reuse_freed_memory()
     prepare_run_dir(run_dir, cfg.resume, cfg.overwrite_output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
