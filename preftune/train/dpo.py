@@ -11,6 +11,7 @@ import torch
 
 from ..config import DPOConfig, parse_constraint_spec
 from ..data import TokenizedPair, collate_pairs, tokenize_preferences
+from ..data.images import uses_images
 from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from .loop import Trainer
@@ -32,8 +33,12 @@ class DPOTask:
     def collate(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
         return collate_pairs(pairs, self.pad_token_id)
 
+    def token_logps(self, model, batch) -> torch.Tensor:
+        """``[rows, L]`` policy log-probs of the completion tokens (a vision task passes the whole batch)."""
+        return model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+
     def logps(self, model, batch) -> PreferenceLogps:
-        token_logps = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        token_logps = self.token_logps(model, batch)
         sums = token_logps.sum(-1)
         lengths = batch["completion_mask"].sum(-1).float()
         half = sums.shape[0] // 2
@@ -66,6 +71,10 @@ def load_pairs(cfg: DPOConfig, tokenizer) -> tuple[list[TokenizedPair], list[Tok
 def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
     """Train a policy on preference pairs. ``model``/``tokenizer``/``ref_model`` may be passed as objects."""
     cfg.validate(require_model=model is None)
+    if uses_images(cfg):   # pass a vision-language model's processor as ``tokenizer``
+        from .vision import train_vision_dpo
+
+        return train_vision_dpo(cfg, model=model, processor=tokenizer, ref_model=ref_model)
     ctx = start_run(cfg, cfg.sanity_warnings())
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import RewardConfig
 from ..data import collate_pairs
+from ..data.images import uses_images
 from ..losses import reward_loss
 from ..models import load_tokenizer, prepare_policy
 from ..scoring.reward_model import check_reward_model, head_name, load_classifier, prepare_tokenizer, sequence_rewards
@@ -107,6 +108,10 @@ class RewardTask:
 def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RunResult:
     """Train a reward model on preference pairs. ``model``/``tokenizer`` may be passed as objects."""
     cfg.validate(require_model=model is None)
+    if uses_images(cfg):   # pass a vision-language model's processor as ``tokenizer``
+        from .vision import train_vision_reward
+
+        return train_vision_reward(cfg, model=model, processor=tokenizer)
     ctx = start_run(cfg, cfg.sanity_warnings())
     tokenizer = prepare_tokenizer(tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path))
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
