@@ -154,5 +154,5 @@ def place_images(prompt: list[dict], count: int, column: str = "images") -> list
 
 def text_only(messages: list[dict]) -> list[dict]:
     """Messages with list contents flattened to their text (for replies, which never hold images)."""
-    return [{**m, "content": "".join(p.get("text", "") for p in m["content"] if isinstance(p, dict))}
+    return [{**m, "content": "".join(p.get("text") or "" for p in m["content"] if isinstance(p, dict))}
             if isinstance(m, dict) and isinstance(m.get("content"), list) else m for m in messages]
