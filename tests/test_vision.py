@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from toyvision import FAMILIES, build_tiny_vlm, build_vision_processor, make_colour_pairs, write_jsonl
 
 from preftune import DPOConfig, RewardConfig, SFTConfig
 from preftune.data import TokenizeSettings, load_records
@@ -19,6 +18,7 @@ from preftune.multimodal.models import TOWERS, named_part
 from preftune.train.dpo import train_dpo
 from preftune.train.reward import train_reward
 from preftune.train.sft import train_sft
+from toyvision import FAMILIES, build_tiny_vlm, build_vision_processor, make_colour_pairs, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

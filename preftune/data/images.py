@@ -63,13 +63,13 @@ def read_row_images(row: dict, base_dir: Path | None) -> RowImages:
     digest = hashlib.sha256()
     images = []
     for number, value in enumerate(values, start=1):
-        data = _image_bytes(value, base_dir, column, number)
+        data = image_bytes(value, base_dir, column, number)
         digest.update(len(data).to_bytes(8, "little") + data)
-        images.append(_decode(data, column, number))
+        images.append(decode_image(data, column, number))
     return RowImages(images, digest.hexdigest())
 
 
-def _image_bytes(value, base_dir: Path | None, column: str, number: int) -> bytes:
+def image_bytes(value, base_dir: Path | None, column: str, number: int) -> bytes:
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
@@ -95,7 +95,7 @@ def _read_file(value: str, base_dir: Path | None, column: str, number: int) -> b
     return path.read_bytes()
 
 
-def _decode(data: bytes, column: str, number: int):
+def decode_image(data: bytes, column: str, number: int):
     from PIL import Image, UnidentifiedImageError
 
     try:
