@@ -136,3 +136,14 @@ def test_the_command_line_trains_and_refuses_bad_images(tmp_path, processor):
                             capture_output=True, text=True, env=env)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert "row 4" in failed.stderr and "images" in failed.stderr and "unsupported mode 'F'" in failed.stderr
+
+
+def test_kto_refuses_rows_with_images(tmp_path):
+    from preftune import KTOConfig
+    from preftune.errors import ConfigError
+    from preftune.train.kto import train_kto
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", good_rows(tmp_path))
+    cfg = KTOConfig(model_name_or_path="unused", dataset=str(data), output_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="images are not supported by KTO"):
+        train_kto(cfg)

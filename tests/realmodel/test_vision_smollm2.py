@@ -8,9 +8,9 @@ model's weights carried into the vision-language model, LoRA on its 30 layers, a
 import json
 
 import torch
-from toyvision import make_colour_pairs, write_jsonl
 
 from preftune.models import load_causal_lm
+from toyvision import make_colour_pairs, write_jsonl
 
 CHATML_PARTS = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
