@@ -120,6 +120,20 @@ def test_lora_adapts_the_language_model_only(colour_data, tmp_path):
     assert adapter["modules_to_save"] == ["model.connector"]                          # --adapt_projector
 
 
+def test_a_resumed_run_ends_with_the_same_weights(colour_data, tmp_path):
+    processor = build_vision_processor("llava")
+    full = build_tiny_vlm(processor, "llava")
+    train_dpo(config(DPOConfig, colour_data, tmp_path / "full", max_steps=4, save_steps=2), model=full,
+              tokenizer=processor)
+    resumed = build_tiny_vlm(processor, "llava")
+    train_dpo(config(DPOConfig, colour_data, tmp_path / "resumed", max_steps=4,
+                     resume=str(tmp_path / "full" / "checkpoints" / "step-2")), model=resumed, tokenizer=processor)
+    start = build_tiny_vlm(processor, "llava").state_dict()
+    ends = full.state_dict(), resumed.state_dict()
+    assert any(not torch.equal(start[k], ends[0][k]) for k in start)          # it trained
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in start)
+
+
 def test_precomputed_reference_is_cached_with_the_images(colour_data, tmp_path):
     processor = build_vision_processor("qwen2_vl")
     cache = tmp_path / "cache"

@@ -55,6 +55,21 @@ def test_image_parts_and_an_images_column_give_the_same_tokens(tmp_path, process
     assert results[0][0].prompt.image_inputs["pixel_values"].shape == (1, 3, 28, 28)
 
 
+def test_sft_rows_as_messages_and_replies_as_text_parts(tmp_path, processor):
+    from preftune.multimodal.data import tokenize_vision_examples
+
+    rows = good_rows(tmp_path)
+    plain = [{"prompt": r["prompt"], "completion": r["chosen"], "images": r["images"]} for r in rows]
+    parts = [{"messages": r["prompt"] + [{"role": "assistant", "content": [{"type": "text", "text": c["content"]}]}
+                                          for c in r["chosen"]], "images": r["images"]} for r in rows]
+    read_rows = [tokenize_vision_examples(load_records(str(write_jsonl(tmp_path / f"{i}.jsonl", data))), processor,
+                                          SETTINGS)[0] for i, data in enumerate((plain, parts))]
+    assert [e.completion_ids for e in read_rows[0]] == [e.completion_ids for e in read_rows[1]]
+    assert [e.prompt.ids for e in read_rows[0]] == [e.prompt.ids for e in read_rows[1]]
+    text = processor.tokenizer.decode(read_rows[0][0].completion_ids[:-1])
+    assert text == rows[0]["chosen"][0]["content"]
+
+
 def test_a_saved_dataset_with_an_image_feature(tmp_path, processor):
     import datasets
 

@@ -231,6 +231,9 @@ def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling
     from preftune.generate import SamplingSettings, generate_texts
     from preftune.models import load_causal_lm, load_tokenizer
 
+    if any(spec.meta.get("image_data") for spec in specs):
+        raise ConfigError("sampling candidates for prompts with images is not supported; give the responses in "
+                          "the file")
     settings = SamplingSettings(**(sampling or {}))
     try:
         settings.validate()

@@ -43,7 +43,7 @@ def image_column(row: dict) -> str | None:
 
 def has_images(rows: list[dict]) -> bool:
     """True when any row has an image column or an image part in its messages."""
-    return any(image_column(row) or any(_count_parts(row.get(k)) for k in ("prompt", "messages", "chosen"))
+    return any(image_column(row) or any(count_parts(row.get(k)) for k in ("prompt", "messages", "chosen"))
                for row in rows)
 
 
@@ -113,7 +113,7 @@ def decode_image(data: bytes, column: str, number: int):
 # ---------------------------------------------------------------- image parts in messages
 
 
-def _count_parts(messages) -> int:
+def count_parts(messages) -> int:
     if not isinstance(messages, list):
         return 0
     return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
@@ -138,7 +138,7 @@ def check_parts(field: str, messages: list[dict]) -> None:
 def place_images(prompt: list[dict], count: int, column: str = "images") -> list[dict]:
     """The prompt messages with exactly ``count`` image parts: as given, or added to the first user message."""
     check_parts("prompt", prompt)
-    found = _count_parts(prompt)
+    found = count_parts(prompt)
     if found == 0 and count:
         first = next((i for i, m in enumerate(prompt) if m.get("role") == "user"), 0)
         message = prompt[first]

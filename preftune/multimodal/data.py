@@ -13,14 +13,13 @@ A pair's images are stored once. :func:`collate_vision_pairs` lays a batch out a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from preftune.data.collate import collate_completions
-from preftune.data.images import image_column, place_images, read_row_images, text_only
+from preftune.data.images import check_parts, count_parts, image_column, place_images, read_row_images, text_only
 from preftune.data.load import Records
 from preftune.data.messages import check_messages, eos_id, render, require_prefix, strip_trailing_eos
 from preftune.data.preference import TokenizeSettings, _margin, _preference_prob, check_settings
@@ -72,7 +71,7 @@ def tokenizer_of(processor):
 # ---------------------------------------------------------------- prompts
 
 
-def vision_prompt(row: dict, processor, base: Path | None, assistant_reply: bool = True) -> tuple[VisionPrompt, list]:
+def vision_prompt(row: dict, processor, base: Path | None) -> tuple[VisionPrompt, list | None]:
     """The row's prompt with its images, and the prompt messages (None for a plain-text prompt)."""
     loaded = read_row_images(row, base)
     prompt = row.get("prompt")
@@ -82,9 +81,9 @@ def vision_prompt(row: dict, processor, base: Path | None, assistant_reply: bool
     if isinstance(prompt, list):
         check_messages("prompt", text_only(prompt))
         prompt = place_images(prompt, len(loaded), column)
-        text, chat = render(processor, prompt, "prompt", add_generation_prompt=assistant_reply), True
+        text, chat = render(processor, prompt, "prompt", add_generation_prompt=True), True
     elif isinstance(prompt, str):
-        text, chat = _placeholders_in_text(prompt, tokenizer_of(processor), processor, len(loaded), column), False
+        text, chat = _placeholders_in_text(prompt, processor, len(loaded), column), False
     else:
         raise InvalidRow("wrong type", "prompt", f"wrong type: expected a string or a list of messages, found "
                                                  f"{type_name(prompt)}")
@@ -100,7 +99,7 @@ def vision_prompt(row: dict, processor, base: Path | None, assistant_reply: bool
     return VisionPrompt(ids, image_inputs, None if types is None else types[0].tolist(), key), prompt
 
 
-def _placeholders_in_text(prompt: str, tokenizer, processor, count: int, column: str) -> str:
+def _placeholders_in_text(prompt: str, processor, count: int, column: str) -> str:
     token = getattr(processor, "image_token", None) or "<image>"
     found = prompt.count(token)
     if found == 0 and count:
@@ -111,14 +110,20 @@ def _placeholders_in_text(prompt: str, tokenizer, processor, count: int, column:
     return prompt
 
 
-def reply_ids(processor, prompt_messages, prompt_ids_text: str | None, reply, field: str) -> list[int]:
+def reply_ids(processor, prompt_messages, reply, field: str) -> list[int]:
     """Token ids of one reply (messages or a string), ending with EOS."""
     tokenizer = tokenizer_of(processor)
     if isinstance(reply, str) and reply.strip():
         text = reply
     elif isinstance(reply, list) and reply and isinstance(prompt_messages, list):
-        check_messages(field, reply)
-        prefix = render(processor, prompt_messages, "prompt", add_generation_prompt=reply[0]["role"] == "assistant")
+        check_parts(field, reply)
+        if count_parts(reply):
+            raise InvalidRow("bad message", field, "a reply cannot hold images; put them in the prompt")
+        reply = check_messages(field, text_only(reply))     # text parts become plain contents
+        if reply[0]["role"] != "assistant":
+            raise InvalidRow("bad message", field, "a reply to a prompt with images must begin with an assistant "
+                                                   f"message, not '{reply[0]['role']}'")
+        prefix = render(processor, prompt_messages, "prompt", add_generation_prompt=True)
         full = render(processor, prompt_messages + reply, field)
         require_prefix(prefix, full, field)
         text = strip_trailing_eos(full[len(prefix):], tokenizer.eos_token)
@@ -140,8 +145,8 @@ def tokenize_vision_pairs(records: Records, processor, settings: TokenizeSetting
 
     def read(row: dict) -> VisionPair:
         prompt, messages = vision_prompt(row, processor, base)
-        chosen = reply_ids(processor, messages, None, row.get("chosen"), "chosen")
-        rejected = reply_ids(processor, messages, None, row.get("rejected"), "rejected")
+        chosen = reply_ids(processor, messages, row.get("chosen"), "chosen")
+        rejected = reply_ids(processor, messages, row.get("rejected"), "rejected")
         if chosen == rejected:
             raise InvalidRow("identical responses", "rejected", "chosen and rejected are identical")
         return fit_pair(VisionPair(prompt, chosen, rejected, _preference_prob(row), _margin(row)), settings)
@@ -153,13 +158,15 @@ def tokenize_vision_pairs(records: Records, processor, settings: TokenizeSetting
 
 def tokenize_vision_examples(records: Records, processor, settings: TokenizeSettings,
                              skip_invalid: bool = False) -> tuple[list[VisionExample], SkipReport]:
-    """SFT rows with images: ``prompt`` + ``completion`` (strings or messages)."""
+    """SFT rows with images: ``prompt`` + ``completion`` (strings or messages), or ``messages`` (the last one is
+    the completion)."""
     check_settings(settings)
     base = base_dir(records.name)
 
     def read(row: dict) -> VisionExample:
+        row = _split_messages(row)
         prompt, messages = vision_prompt(row, processor, base)
-        completion = reply_ids(processor, messages, None, row.get("completion"), "completion")
+        completion = reply_ids(processor, messages, row.get("completion"), "completion")
         room = settings.max_length - len(prompt.ids)
         if room < 1 or (len(completion) > room and settings.truncation_mode == "error"):
             raise InvalidRow("too long", "completion", f"too long: {len(prompt.ids)} prompt tokens (images "
@@ -172,8 +179,21 @@ def tokenize_vision_examples(records: Records, processor, settings: TokenizeSett
     return examples, settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
 
 
+def _split_messages(row: dict) -> dict:
+    """A ``messages`` row (TRL's conversational SFT format) as prompt = all but the last, completion = the last."""
+    messages = row.get("messages")
+    if "prompt" in row or not isinstance(messages, list) or len(messages) < 2:
+        return row
+    return {**row, "prompt": messages[:-1], "completion": messages[-1:]}
+
+
 def fit_pair(pair: VisionPair, settings: TokenizeSettings) -> VisionPair:
     """Cut responses to ``max_length``; a prompt is never cut (its image tokens must stay whole)."""
+    limit = settings.max_prompt_length
+    if limit is not None and len(pair.prompt.ids) > limit:
+        raise InvalidRow("too long", "prompt", f"too long: the prompt has {len(pair.prompt.ids)} tokens (images "
+                                               f"included) but max_prompt_length is {limit}; a prompt with images "
+                                               "is never truncated")
     room = settings.max_length - len(pair.prompt.ids)
     longest = max(len(pair.chosen_ids), len(pair.rejected_ids))
     if longest <= room:
@@ -237,7 +257,3 @@ def collate_vision_examples(examples: list[VisionExample], pad_token_id: int) ->
     batch = collate_prompts([e.prompt for e in examples], [e.completion_ids for e in examples], pad_token_id, 1)
     batch["loss_mask"] = batch["completion_mask"]
     return batch
-
-
-def nan_free(value: float) -> float:
-    return 1.0 if math.isnan(value) else value
