@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "preftune"
-COMPONENTS = ["data", "losses", "scoring", "evaluate", "annotate", "logprobs.py", "generate.py", "loading.py"]
+COMPONENTS = ["data", "multimodal", "losses", "scoring", "evaluate", "annotate", "logprobs.py", "generate.py",
+              "loading.py"]
 UPPER = ("preftune.train", "preftune.commands", "preftune.demo", "preftune.cli")
 
 

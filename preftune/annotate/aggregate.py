@@ -19,6 +19,7 @@ from sqlalchemy import select
 from preftune.errors import ConfigError
 
 from .answers import comparisons
+from .images import export_images
 from .importer import training_prompt, training_response
 from .models import Annotator, Assignment, Item, Label, Project
 
@@ -112,7 +113,8 @@ def export_pairs(session, project: Project, ties: str = "drop", min_votes: int =
         chosen, rejected = (i, j) if side > 0 else (j, i)
         row = {"prompt": training_prompt(item), "chosen": training_response(item, item.candidates[chosen]),
                "rejected": training_response(item, item.candidates[rejected]),
-               "preference_prob": round(share, 6), "annotators": counted, "item": item.external_id}
+               "preference_prob": round(share, 6), "annotators": counted, "item": item.external_id,
+               **export_images(item)}
         if margin_scale > 0:
             signed = [magnitude * outcome * side for _, outcome, magnitude in votes]
             row["margin"] = round(max(0.0, margin_scale * sum(signed) / len(signed)), 6)
@@ -127,7 +129,8 @@ def export_raw(session, project: Project) -> list[dict]:
     return [{"item": items[r.item_id].external_id, "prompt": items[r.item_id].prompt,
              "candidates": items[r.item_id].candidates, "kind": project.kind, "annotator": r.annotator,
              "answer": r.answer, "display_order": r.display_order, "note": r.note,
-             "seconds": round(r.seconds, 3), "created_at": r.created_at} for r in labels]
+             "seconds": round(r.seconds, 3), "created_at": r.created_at, **export_images(items[r.item_id])}
+            for r in labels]
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:

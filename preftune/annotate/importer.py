@@ -27,17 +27,19 @@ from pathlib import Path
 
 from sqlalchemy import func, insert, select, text, update
 
+from preftune.data.images import check_parts, text_only
 from preftune.data.load import load_records
 from preftune.data.messages import check_messages, plain_text
 from preftune.data.rows import InvalidRow
 from preftune.errors import ConfigError, DataError, PreftuneError
 
 from .answers import MAX_CANDIDATES
+from .images import row_images
 from .models import KINDS, Item, Label, Project
 
 MAX_TEXT = 100_000
 RESPONSE_COLUMN = re.compile(r"^response_(\d+)$")
-RESERVED = {"id", "prompt", "responses", "chosen", "rejected", "completion"}
+RESERVED = {"id", "prompt", "responses", "chosen", "rejected", "completion", "images", "image"}
 
 
 class ProjectError(PreftuneError):
@@ -154,12 +156,13 @@ def _prompt(source: str, row: dict, number: int) -> tuple[str, list | None]:
     if not isinstance(value, list):
         return _text(source, number, "prompt", value), None
     try:
-        messages = check_messages("prompt", value)
+        check_parts("prompt", value)   # image parts: the images themselves come from the images column
+        shown = check_messages("prompt", text_only(value))
     except InvalidRow as invalid:
         raise invalid.problem(source, number).error from None
-    if not any(m["content"].strip() for m in messages):
+    if not any(m["content"].strip() for m in shown):
         raise DataError(source, "is empty (no message has content)", row=number, field="prompt")
-    return _text(source, number, "prompt", plain_text(messages)), messages
+    return _text(source, number, "prompt", plain_text(shown)), value
 
 
 def _candidates(source: str, row: dict, number: int, required: int) -> list[str]:
@@ -228,6 +231,7 @@ def read_items(source: str, generating: bool = False, minimum: int = 2) -> list[
                             row=number, field="id")
         seen[external_id] = number
         meta = {**_meta(row), "prompt_messages": messages} if messages else _meta(row)
+        meta.update(row_images(records.name, row, number))
         specs.append(ItemSpec(external_id, prompt, candidates, meta, number))
     return specs
 
@@ -245,6 +249,9 @@ def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling
     from preftune.generate import SamplingSettings, generate_texts
     from preftune.models import load_causal_lm, load_tokenizer
 
+    if any(spec.meta.get("image_data") for spec in specs):
+        raise ConfigError("sampling candidates for prompts with images is not supported; give the responses in "
+                          "the file")
     settings = SamplingSettings(**(sampling or {}))
     try:
         settings.validate()

@@ -6,15 +6,16 @@ import secrets
 import uuid
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, Response
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
 
 from . import queue, sessions
 from .answers import LETTERS, STRENGTHS, AnswerError, form_values, summary
+from .images import image_count, stored_image
 from .members import is_member, visible_projects
-from .models import Project
+from .models import Item, Project
 from .security import RowId, User, check_csrf, client_address, current_user, login_cookie, same_origin, session_cookie
 from .tokens import find_annotator
 
@@ -127,6 +128,7 @@ def _label_page(request: Request, user: User, project: Project, served: queue.Se
                 error=None, return_to="next", status=200):
     with request.app.state.db.read() as session:
         progress = queue.annotator_progress(session, project, user.id, request.app.state.settings.lease)
+        images = image_count(session.get(Item, served.item.id).meta)
     label = served.label
     if values is None:
         values = form_values(project.kind, label.answer, served.assignment.display_order) if label else {}
@@ -137,7 +139,7 @@ def _label_page(request: Request, user: User, project: Project, served: queue.Se
         "values": values, "note": note if note is not None else (label.note if label else ""),
         "editing": label is not None, "error": error, "request_id": uuid.uuid4().hex, "return_to": return_to,
         "guidelines_html": guidelines_html(project.guidelines), "strengths": list(STRENGTHS.items()),
-        "keys_help": KEYS_HELP[project.kind],
+        "keys_help": KEYS_HELP[project.kind], "images": range(1, images + 1),
     }
     return render(request, "label.html", context, status)
 
@@ -197,3 +199,19 @@ def mine_page(request: Request, project_id: RowId, user: User = Depends(current_
                  "answer": summary(project.kind, label.answer, assignment.display_order)}
                 for label, item, assignment in queue.own_labels(session, project, user.id)]
     return render(request, "mine.html", {"title": "My labels", "user": user, "project": project, "rows": rows})
+
+
+@router.get("/p/{project_id}/items/{item_id}/images/{number}")
+def item_image(request: Request, project_id: RowId, item_id: RowId, number: int, user: User = Depends(current_user)):
+    """An image of an item's prompt, for a member who was served the item (or an admin); else 404."""
+    project = load_project(request, project_id, user)
+    with request.app.state.db.read() as session:
+        if user.is_admin:
+            item = session.get(Item, item_id)
+            item = item if item is not None and item.project_id == project.id else None
+        else:
+            item = session.get(Item, queue.own_item(session, project, user.id, item_id).item.id)
+        data = stored_image(item, number)
+    if data is None:
+        raise HTTPException(404, "no such image")
+    return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=3600"})

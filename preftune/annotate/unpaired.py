@@ -16,6 +16,7 @@ from preftune.errors import ConfigError
 
 from .aggregate import label_records, labelled_items
 from .answers import RATING_MAX, RATING_MIN, thumbs
+from .images import export_images
 from .importer import training_prompt, training_response
 from .models import Project
 
@@ -55,5 +56,6 @@ def export_kto(session, project: Project, min_agreement: float = 0.0, min_votes:
         item = items[item_id]
         rows.append({"prompt": training_prompt(item), "completion": training_response(item, item.candidates[index]),
                      "label": good > bad,
-                     "label_prob": round(share, 6), "annotators": len(votes), "item": item.external_id})
+                     "label_prob": round(share, 6), "annotators": len(votes), "item": item.external_id,
+                     **export_images(item)})
     return rows

@@ -35,6 +35,10 @@ class ModelSettings:
     lora_target_modules: list[str] = option(["all-linear"], "Modules to adapt; 'all-linear' means every linear layer "
                                                             "but the output head.")
     merge_lora: bool = option(False, "Save the final model with the adapter merged into the base weights.")
+    freeze_vision_tower: bool = option(True, "Vision-language models: keep the vision (or audio) tower's weights "
+                                             "fixed.")
+    adapt_projector: bool = option(False, "Vision-language models: train the projector between the vision tower and "
+                                          "the language model too (saved in full beside LoRA adapters).")
 
 
 @dataclass

@@ -7,8 +7,11 @@ disabled, or log-probs precomputed once and cached (``precompute_ref``).
 
 from __future__ import annotations
 
+import torch
+
 from ..config import DPOConfig, parse_constraint_spec
 from ..data import TokenizedPair, tokenize_preferences
+from ..data.images import uses_images
 from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from .loop import Trainer
@@ -24,12 +27,19 @@ class DPOTask:
         self.cfg = cfg
         self.pad_token_id = pad_token_id
         self.reference = reference
-        self.collate = PairCollator.for_model(cfg, pad_token_id, policy)   # padded without a policy
+        self.collator = PairCollator.for_model(cfg, pad_token_id, policy)   # padded without a policy
         self.constraints = [(load_constraint(target), weight)
                             for target, weight in map(parse_constraint_spec, cfg.constraints)]
 
+    def collate(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+        return self.collator(pairs)
+
+    def sequence_sums(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(summed log-probs, completion lengths)`` per sequence (a vision task runs its own batch)."""
+        return sequence_sums(model, batch)
+
     def logps(self, model, batch) -> PreferenceLogps:
-        sums, lengths = sequence_sums(model, batch)
+        sums, lengths = self.sequence_sums(model, batch)
         half = sums.shape[0] // 2
         ref_chosen = ref_rejected = None
         if self.reference.kind != "none":
@@ -60,6 +70,10 @@ def load_pairs(cfg: DPOConfig, tokenizer) -> tuple[list[TokenizedPair], list[Tok
 def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
     """Train a policy on preference pairs. ``model``/``tokenizer``/``ref_model`` may be passed as objects."""
     cfg.validate(require_model=model is None)
+    if uses_images(cfg):   # pass a vision-language model's processor as ``tokenizer``
+        from .vision import train_vision_dpo
+
+        return train_vision_dpo(cfg, model=model, processor=tokenizer, ref_model=ref_model)
     ctx = start_run(cfg, cfg.sanity_warnings())
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)

@@ -22,7 +22,9 @@ from rich.console import Console
 from ..config import KTOConfig
 from ..data import TokenizedPair, collate_completions
 from ..data.collate import collate_completions_packed
+from ..data.images import uses_images
 from ..data.kto import KTOExample, label_counts, mismatched_completions, tokenize_kto
+from ..errors import ConfigError
 from ..losses import kto_loss, kto_metrics
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from .loop import Trainer
@@ -161,6 +163,9 @@ def load_examples(cfg: KTOConfig, tokenizer) -> tuple[list[KTOExample], list[KTO
 def train_kto(cfg: KTOConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
     """Train a policy with KTO. ``model``/``tokenizer``/``ref_model`` may be passed as objects."""
     cfg.validate(require_model=model is None)
+    if uses_images(cfg):
+        raise ConfigError(f"{cfg.dataset}: rows with images are not supported by KTO yet; train on image pairs with "
+                          "preftune dpo")
     ctx = start_run(cfg, cfg.sanity_warnings())
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     train_examples, eval_examples = load_examples(cfg, tokenizer)

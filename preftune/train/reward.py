@@ -14,6 +14,7 @@ from torch import nn
 
 from ..attention import packed_model_inputs
 from ..config import RewardConfig
+from ..data.images import uses_images
 from ..data.packed import PackedLayout, is_packed
 from ..losses import reward_loss
 from ..models import base_model, load_tokenizer, prepare_policy
@@ -90,7 +91,10 @@ class RewardTask:
         self.cfg = cfg
         self.pad_token_id = pad_token_id
         decoder = model is not None and rm.reads_last_token(model)   # encoders read [CLS]: padded rows
-        self.collate = PairCollator.for_model(cfg, pad_token_id, model if decoder else None)
+        self.collator = PairCollator.for_model(cfg, pad_token_id, model if decoder else None)
+
+    def collate(self, pairs) -> dict[str, torch.Tensor]:
+        return self.collator(pairs)
 
     def rewards(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         if is_packed(batch):
@@ -127,6 +131,10 @@ class RewardTask:
 def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RunResult:
     """Train a reward model on preference pairs. ``model``/``tokenizer`` may be passed as objects."""
     cfg.validate(require_model=model is None)
+    if uses_images(cfg):   # pass a vision-language model's processor as ``tokenizer``
+        from .vision import train_vision_reward
+
+        return train_vision_reward(cfg, model=model, processor=tokenizer)
     ctx = start_run(cfg, cfg.sanity_warnings())
     tokenizer = rm.prepare_tokenizer(tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path))
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)

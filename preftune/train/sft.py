@@ -19,6 +19,7 @@ from torch import nn
 
 from ..attention import attention_implementation, packed_lm_inputs
 from ..config import SFTConfig
+from ..data.images import uses_images
 from ..data.load import load_records
 from ..data.packing import LMRow, collate_rows, join_rows, pack_examples, single_row
 from ..data.split import report_skipped
@@ -164,6 +165,10 @@ def sft_rows(cfg: SFTConfig, tokenizer) -> tuple[list[LMRow], list[LMRow], dict]
 def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None) -> RunResult:
     """Supervised fine-tuning; ``model``/``tokenizer`` may be passed as objects."""
     cfg.validate(require_model=model is None)
+    if uses_images(cfg):   # pass a vision-language model's processor as ``tokenizer``
+        from .vision import train_vision_sft
+
+        return train_vision_sft(cfg, model=model, processor=tokenizer)
     ctx = start_run(cfg, cfg.sanity_warnings())
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
     train_rows, eval_rows, counts = sft_rows(cfg, tokenizer)
