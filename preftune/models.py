@@ -124,7 +124,7 @@ def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: li
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type,
@@ -132,6 +132,15 @@ def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: li
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, by the name transformers 5 keeps (the old one warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def freeze(model):

@@ -22,12 +22,12 @@ def caught(action) -> list[str]:
             if issubclass(w.category, NOISY)]
 
 
-def test_a_lora_dpo_run_warns_nothing(tiny_model_dir, tmp_path, one_thread):
+def test_a_lora_dpo_run_with_gradient_checkpointing_warns_nothing(tiny_model_dir, tmp_path, one_thread):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make_toy_preferences(8)))
     cfg = DPOConfig(model_name_or_path=str(tiny_model_dir), dataset=str(data), output_dir=str(tmp_path / "run"),
                     per_device_batch_size=4, max_steps=2, max_length=64, lora=True, lora_r=4, lora_alpha=8,
-                    logging_steps=1, cache_dir=str(tmp_path / "ref-cache"))
+                    gradient_checkpointing=True, logging_steps=1, cache_dir=str(tmp_path / "ref-cache"))
     cfg.validate()
     assert caught(lambda: train_dpo(cfg)) == []
     assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()   # the run did train and save an adapter

@@ -31,7 +31,7 @@ from ..engines import online_engine
 from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
-from ..models import base_model, load_causal_lm, prepare_policy
+from ..models import base_model, enable_checkpointing, load_causal_lm, prepare_policy
 from .loop import StepOutput, Trainer, window_mean
 from .reference import make_reference
 from .rollout import (
@@ -188,7 +188,7 @@ def _critic_backbone(policy, cfg) -> nn.Module:
     base = base_model(policy)
     backbone = copy.deepcopy(getattr(base, base.base_model_prefix))
     if cfg.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(backbone)
     no_dropout(backbone)
     return backbone.requires_grad_(True)
 
