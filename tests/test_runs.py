@@ -50,7 +50,8 @@ def interrupt_after_checkpoint(process, checkpoint, timeout=900) -> tuple[str, s
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, tiny_model_dir, pairs):
     """A 500-step run stopped with Ctrl-C after its step-2 checkpoint, then continued by the printed command
-    (run from the same directory, with --max_steps lowered to two steps past the checkpoint)."""
+    (run from the same directory, with --max_steps lowered to two steps past the checkpoint, and a learning rate
+    the checkpoint's optimiser state overrides)."""
     cwd = tmp_path_factory.mktemp("interrupted")
     with_a_bad_row = write_jsonl(cwd / "pairs.jsonl", make_toy_preferences(32) + [{"prompt": "Hi", "chosen": " x"}])
     args = dpo_args(tiny_model_dir, with_a_bad_row.name, "out", "--max_steps", "500", "--save_steps", "2",
@@ -59,8 +60,8 @@ def interrupted(tmp_path_factory, tiny_model_dir, pairs):
     stdout, stderr = interrupt_after_checkpoint(process, cwd / "out" / "checkpoints" / "step-2")
     words = shlex.split(stderr.split("resume with:")[1].strip().splitlines()[0]) if "resume with:" in stderr else []
     checkpoint_step = int(words[-1].rsplit("step-", 1)[1]) if words else -1
-    resumed = subprocess.run([sys.executable, "-m", "preftune.cli", *words[1:], "--max_steps",
-                              str(checkpoint_step + 2)], cwd=cwd, env=subprocess_env(), capture_output=True, text=True)
+    resumed = subprocess.run([sys.executable, "-m", "preftune.cli", *words[1:], "--max_steps", str(checkpoint_step + 2),
+                              "--learning_rate", "1e-3"], cwd=cwd, env=subprocess_env(), capture_output=True, text=True)
     return dict(cwd=cwd, args=args, code=process.returncode, stdout=stdout, stderr=stderr, words=words,
                 step=checkpoint_step, resumed=resumed)
 
@@ -83,8 +84,12 @@ def test_the_printed_command_resumes_and_says_from_which_step(interrupted):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {step} of {step + 2} (out/checkpoints/step-{step})" in resumed.stdout
     assert f"resuming with max_steps changed: 500 -> {step + 2}" in resumed.stderr
+    assert ("resuming with learning_rate changed: 0.0001 -> 0.001 (no effect: the optimiser state in the checkpoint "
+            "keeps the old value)") in resumed.stderr
     out = interrupted["cwd"] / "out"
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, step + 3))
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, step + 3))
+    assert max(r["learning_rate"] for r in records) <= 1e-4 * (1 + 1e-9)     # indeed no effect
 
 
 def test_config_json_keeps_the_original_settings_and_records_the_resume(interrupted):
@@ -93,16 +98,15 @@ def test_config_json_keeps_the_original_settings_and_records_the_resume(interrup
     assert config["max_steps"] == 500 and config["resume"] is None          # as the run started
     [entry] = config["resumes"]
     assert entry["from_step"] == step and entry["checkpoint"] == f"out/checkpoints/step-{step}"
-    assert entry["changed"] == {"max_steps": [500, step + 2]}
+    assert entry["changed"] == {"max_steps": [500, step + 2], "learning_rate": [1e-4, 1e-3]}
 
 
-def test_resume_refuses_a_changed_seed_or_learning_rate(interrupted, capsys, monkeypatch):
+def test_resume_refuses_a_changed_seed_or_batch(interrupted, capsys, monkeypatch):
     monkeypatch.chdir(interrupted["cwd"])
-    code = main([*interrupted["args"], "--resume", "--seed", "7", "--learning_rate", "1e-3"])
+    code = main([*interrupted["args"], "--resume", "--seed", "7", "--per_device_batch_size", "8"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "learning_rate (0.0001 -> 0.001)" in err and "seed (42 -> 7)" in err
-    assert "another --output_dir" in err
+    assert "seed (42 -> 7), per_device_batch_size (4 -> 8); start a new run in another --output_dir" in err
 
 
 def test_each_run_starts_with_a_summary_and_logs_a_plain_line_per_step(interrupted):

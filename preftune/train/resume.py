@@ -2,10 +2,11 @@
 reports, how ``config.json`` records each resume, and what Ctrl-C prints.
 
 ``--resume`` is checked before any model is loaded (:func:`check_resume`): with nothing to resume from,
-or with a changed setting that would make the continuation a different run or that the checkpoint
-overrides (:data:`REFUSED_ON_RESUME`: the model, tokenizer, reference, data, LoRA shape, seed, batch
-shape, and the optimiser and schedule settings), it fails with exit code 2. Any other changed setting
-(``max_steps``, ``save_steps``, ``logging_steps``, ``beta``...) is allowed and listed as a warning.
+or with a changed setting that would make the continuation a different run (:data:`REFUSED_ON_RESUME`:
+the model, tokenizer, reference, data, LoRA shape, seed, batch shape), it fails with exit code 2. Any
+other changed setting (``max_steps``, ``save_steps``, ``logging_steps``, ``beta``, the schedule...) is
+allowed and listed as a warning; the warning says when the checkpoint's optimiser state overrides it
+(:data:`KEPT_BY_CHECKPOINT`: the learning rate, weight decay and Adam betas).
 ``config.json`` keeps the settings the run started with; each resume appends an entry to its ``resumes``
 list: the step it resumed from, the checkpoint and the changed fields as ``[old, new]``.
 """
@@ -21,13 +22,13 @@ from ..errors import ConfigError, PreftuneError
 from .checkpoint import find_checkpoint, step_of
 
 # Refused on resume: a changed model, data, adapter shape, seed or batch makes the continuation a different
-# experiment; the optimiser's settings and the schedule's shape come back from the checkpoint, so a new value
-# would be silently ignored.
+# experiment.
 REFUSED_ON_RESUME = ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path", "model_config",
                      "reward_model_path", "dataset", "split", "text_column", "lora", "lora_r", "lora_alpha",
                      "lora_target_modules", "seed", "per_device_batch_size", "gradient_accumulation_steps",
-                     "num_generations", "precompute_ref", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
-                     "lr_scheduler", "warmup_ratio", "warmup_steps")
+                     "num_generations", "precompute_ref")
+# Allowed, but the optimiser state in the checkpoint keeps the old value: the warning says so.
+KEPT_BY_CHECKPOINT = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2")
 # Settings of the invocation, not of the run.
 NOT_COMPARED = ("resume", "overwrite_output_dir", "resumes")
 
@@ -62,15 +63,14 @@ def check_resume(run_dir: Path, config: dict, resume: str) -> tuple[Path, dict[s
     refused = [f"{k} ({_show(old)} -> {_show(new)})" for k, (old, new) in changes.items() if k in REFUSED_ON_RESUME]
     if refused:
         raise ConfigError(f"--resume: {run_dir} was started with other settings that a resumed run cannot change: "
-                          f"{', '.join(refused)} (the model, data order, optimiser and schedule continue from the "
-                          f"checkpoint); "
-                          f"start a new run in another --output_dir instead")
+                          f"{', '.join(refused)}; start a new run in another --output_dir instead")
     return checkpoint, changes
 
 
 def change_warnings(changes: dict[str, list]) -> list[str]:
     """One warning per changed setting of a resumed run."""
-    return [f"resuming with {name} changed: {_show(old)} -> {_show(new)} (recorded in config.json)"
+    kept = " (no effect: the optimiser state in the checkpoint keeps the old value)"
+    return [f"resuming with {name} changed: {_show(old)} -> {_show(new)}{kept if name in KEPT_BY_CHECKPOINT else ''}"
             for name, (old, new) in changes.items()]
 
 
