@@ -89,7 +89,7 @@ def _json_lines(path: Path) -> list[dict]:
     return rows
 
 
-def _figure_to_base64(fig) -> str:
+def figure_to_base64(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -114,7 +114,7 @@ def _pyplot():
 
 def curve_plots(runs: list[RunData], colour: dict[str, str]) -> list[tuple[str, str]]:
     """(title, base64 PNG) for each metric that at least one run logged."""
-    return [(title, _figure_to_base64(fig)) for title, fig in curve_figures(runs, colour)]
+    return [(title, figure_to_base64(fig)) for title, fig in curve_figures(runs, colour)]
 
 
 def curve_figures(runs: list[RunData], colour: dict[str, str]) -> list[tuple[str, object]]:
@@ -168,7 +168,7 @@ def frontier_plot(runs: list[RunData], colour: dict[str, str]) -> str | None:
     ax.set_title("reward vs KL frontier")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _figure_to_base64(fig)
+    return figure_to_base64(fig)
 
 
 def settings_rows(runs: list[RunData]) -> list[list]:
@@ -205,7 +205,7 @@ def _cell(value) -> str:
     return html.escape(str(value))
 
 
-def _table(headers: list[str], rows: list[list], css_class: str = "") -> str:
+def html_table(headers: list[str], rows: list[list], css_class: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table class='{css_class}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -225,12 +225,12 @@ def render_html(runs: list[RunData], title: str = "preftune report", notes: list
     settings = settings_rows(runs)
     if settings:
         parts.append("<h2>Settings</h2>")
-        parts.append(_table(["run"] + [label for label, _ in SETTINGS] + ["steps"], settings))
+        parts.append(html_table(["run"] + [label for label, _ in SETTINGS] + ["steps"], settings))
     evaluated = [run for run in runs if run.evaluation]
     if evaluated:
         columns = [c for c in EVAL_COLUMNS if any(c in run.evaluation for run in evaluated)]
         parts.append("<h2>Evaluation</h2>")
-        parts.append(_table(["run"] + columns,
+        parts.append(html_table(["run"] + columns,
                             [[run.name] + [run.evaluation.get(c, "") for c in columns] for run in evaluated]))
         frontier = frontier_plot(runs, colour)
         if frontier:
@@ -247,7 +247,8 @@ def render_html(runs: list[RunData], title: str = "preftune report", notes: list
             rows.append([run.name] + [last.get(k, "") for k in keys])
         used = [i for i, _ in enumerate(keys) if any(row[i + 1] != "" for row in rows)]
         parts.append("<h2>Training</h2>")
-        parts.append(_table(["run"] + [keys[i] for i in used], [[row[0]] + [row[i + 1] for i in used] for row in rows]))
+        parts.append(html_table(["run"] + [keys[i] for i in used],
+                                [[row[0]] + [row[i + 1] for i in used] for row in rows]))
         parts.append("<div class='plots'>")
         for plot_title, image in curve_plots(trained, colour):
             parts.append(f"<figure><img alt='{html.escape(plot_title)}' src='data:image/png;base64,{image}'>"
@@ -256,7 +257,7 @@ def render_html(runs: list[RunData], title: str = "preftune report", notes: list
     samples = [row for run in runs for row in sample_rows(run)]
     if samples:
         parts.append("<h2>Sample generations</h2>")
-        parts.append(_table(["run", "step", "prompt", "response", "score"], samples, "samples"))
+        parts.append(html_table(["run", "step", "prompt", "response", "score"], samples, "samples"))
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4f4}"
              "td:first-child{text-align:left}.plots{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0}"

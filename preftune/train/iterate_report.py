@@ -10,7 +10,7 @@ import html
 import json
 from pathlib import Path
 
-from ..evaluate.report import _figure_to_base64, _table
+from ..evaluate.report import figure_to_base64, html_table
 
 COLUMNS = [("reward", "judge score"), ("reward_std", "sd"), ("oracle_reward", "oracle score"),
            ("oracle_reward_std", "sd"), ("win_rate", "win rate vs initial (judge)"),
@@ -27,7 +27,7 @@ def round_table(records: list[dict]) -> str:
     headers = ["round", "pairs kept", "pairs dropped"] + [title for _, title in used]
     rows = [[r["round"], r.get("pairs_kept", ""), r.get("pairs_dropped", "")] + [r["eval"].get(k, "") for k, _ in used]
             for r in records]
-    return _table(headers, rows)
+    return html_table(headers, rows)
 
 
 def round_curves(records: list[dict]) -> list[tuple[str, str]]:
@@ -54,7 +54,7 @@ def round_curves(records: list[dict]) -> list[tuple[str, str]]:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        plots.append((title, _figure_to_base64(fig)))
+        plots.append((title, figure_to_base64(fig)))
     return plots
 
 
@@ -73,7 +73,7 @@ def sample_section(run_dir: Path, records: list[dict]) -> str:
         prompt = rows[0][1]["prompt"]
         shown = prompt if isinstance(prompt, str) else " / ".join(m["content"] for m in prompt)
         parts.append(f"<h3>{html.escape(shown)}</h3>")
-        parts.append(_table(["round", "score", "oracle", "response"],
+        parts.append(html_table(["round", "score", "oracle", "response"],
                             [[r, s.get("score", ""), s.get("oracle_score", ""), s["response"]] for r, s in rows]))
     return "".join(parts)
 
