@@ -155,3 +155,35 @@ def packed_lm_inputs(model, attention_mask: torch.Tensor, position_ids: torch.Te
     else:
         inputs["attention_mask"] = None
     return inputs
+
+
+@torch.no_grad()
+def check_block_attention(model) -> bool:
+    """True when ``model`` keeps the blocks of a packed row apart (a probe of under 20 tokens).
+
+    A model whose attention layers do not hand the layout down (custom code without ``**kwargs``)
+    would let blocks see each other; then a prompt-shared response's hidden states differ from
+    those of the same sequence run alone, and this returns False.
+    """
+    from .data.packed import collate_blocks
+    from .models import base_model
+
+    hf = base_model(model)
+    backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+    if not isinstance(backbone, torch.nn.Module):
+        return False
+    param = next(hf.parameters())
+    vocab = hf.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(vocab, (13,), generator=torch.Generator().manual_seed(0)).tolist()
+    last = [ids[8:10], ids[10:13]] if supports_prefix_sharing(model) else [ids[10:13]]
+    batch = {k: v.to(param.device) for k, v in collate_blocks([(ids[:4], [ids[4:8]] * len(last)),
+                                                                (ids[:4], last)]).items()}
+    was_training = hf.training
+    hf.eval()
+    try:
+        packed = backbone(input_ids=batch["input_ids"], use_cache=False, **packed_model_inputs(hf, batch))[0][0]
+        alone = backbone(input_ids=torch.tensor([ids[:4] + ids[10:13]], device=param.device), use_cache=False)[0][0]
+    finally:
+        hf.train(was_training)
+    tolerance = 1e-4 if param.dtype == torch.float32 else 5e-2
+    return bool((packed[-3:] - alone[4:7]).abs().max() <= tolerance * max(1.0, float(alone.abs().max())))

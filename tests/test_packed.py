@@ -260,3 +260,31 @@ def test_sft_padding_free_equals_padded(packing, tiny_tokenizer):
         losses.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
     torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-5, atol=1e-5)
     assert_same_grads(losses[1][1], losses[0][1])
+
+
+def test_a_model_whose_attention_ignores_the_layout_stays_padded(tiny_tokenizer):
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from preftune import attention
+    from preftune.config import DPOConfig
+    from preftune.train.policy import PairCollator
+
+    cfg = DPOConfig()
+    for kind in ("sdpa", "eager"):
+        model = gqa_llama(len(tiny_tokenizer), attention=kind)
+        assert attention.check_block_attention(model)
+        assert PairCollator.for_model(cfg, 0, model).share_prefix
+    model = gqa_llama(len(tiny_tokenizer))
+    attention.use_blockwise_sdpa(model)
+
+    def leaky(module, query, key, value, attention_mask, **kwargs):   # drops the layout: blocks see each other
+        kwargs.pop(attention.LAYOUT_KEY, None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(attention.IMPLEMENTATION, leaky)
+    try:
+        assert not attention.check_block_attention(model)
+        assert not PairCollator.for_model(cfg, 0, model).packed
+    finally:
+        AttentionInterface.register(attention.IMPLEMENTATION, attention.blockwise_sdpa)

@@ -1,6 +1,7 @@
 """DPO and its family on the shared loop: a batch of pairs becomes one concatenated forward and a loss.
 
-Chosen and rejected sequences go through the policy together; the loss function is picked by name
+Chosen and rejected sequences go through the policy together (by default as one packed row of blocks
+``prompt | chosen | rejected``: each prompt encoded once, no padding); the loss function is picked by name
 from :mod:`preftune.losses`; the reference is a frozen model, the LoRA policy with its adapters
 disabled, or log-probs precomputed once and cached (``precompute_ref``).
 """

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import supports_packing, supports_prefix_sharing
+from ..attention import check_block_attention, supports_packing, supports_prefix_sharing
 from ..data.collate import collate_pairs, collate_pairs_packed
 from ..data.packed import PackedLayout, is_packed
 from ..logprobs import packed_sequence_logprobs, token_logprobs
@@ -60,8 +60,10 @@ class PairCollator:
         if model is None:
             return cls(pad_token_id)
         share = getattr(cfg, "prefix_sharing", False) and supports_prefix_sharing(model)
-        packed = share or getattr(cfg, "padding_free", False)
-        return cls(pad_token_id, packed and supports_packing(model), share)
+        packed = (share or getattr(cfg, "padding_free", False)) and supports_packing(model)
+        if packed and not check_block_attention(model):   # attention that ignores the layout: stay padded
+            return cls(pad_token_id)
+        return cls(pad_token_id, packed, share)
 
     def __call__(self, pairs) -> dict[str, torch.Tensor]:
         if self.packed:
