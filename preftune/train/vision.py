@@ -14,8 +14,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..data import TokenizeSettings, load_records
-from ..data.split import report_skipped
 from ..losses import REFERENCE_FREE
 from ..multimodal.data import (
     collate_vision_examples,
@@ -29,7 +27,7 @@ from .dpo import DPOTask
 from .loop import Trainer
 from .reference import make_reference
 from .reward import RewardTask
-from .run import RunResult, finish_run, save_final_model, start_run, train_and_eval
+from .run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
 from .sft import LMTask
 from .vision_reference import VisionLiveReference, precompute_vision_reference
 
@@ -58,23 +56,10 @@ class VisionLMTask(LMTask):
         return -model(batch).sum(-1), batch["loss_mask"][:, 1:].sum(-1).float()
 
 
-def vision_reader(cfg, processor, tokenize):
-    settings = TokenizeSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                                truncation_mode=cfg.truncation_mode)
-
-    def read(source: str, split: str) -> list:
-        records = load_records(source, split=split)
-        items, report = tokenize(records, processor, settings, skip_invalid=cfg.skip_invalid)
-        report_skipped(records.name, report)
-        return items
-
-    return read
-
-
 def _setup(cfg, model, processor, tokenize):
     ctx = start_run(cfg, cfg.sanity_warnings())
     processor = processor or load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    train, held = train_and_eval(cfg, vision_reader(cfg, processor, tokenize))
+    train, held = train_and_eval(cfg, tokenized_reader(cfg, processor, tokenize))
     model = model if model is not None else load_vision_model(cfg.model_name_or_path)
     return ctx, processor, train, held, model
 
