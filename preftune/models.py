@@ -129,6 +129,10 @@ def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: li
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type,
                            modules_to_save)
+        if getattr(cfg, "fused_layers", True):
+            from .fused_lora import fuse_lora_layers
+
+            fuse_lora_layers(model)
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     return model
