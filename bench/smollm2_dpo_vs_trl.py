@@ -18,6 +18,10 @@ output head over its completion tokens) on the same threads, just before and aft
 
     python bench/smollm2_dpo_vs_trl.py --json bench/smollm2_results.json      # ~15 min on one core each
     python bench/smollm2_dpo_vs_trl.py --runs preftune preftune-lora --steps 4
+    bash bench/gpu/smollm2_bf16.sh       # on a GPU: bf16, TRL with and without Liger kernels (trl-liger runs)
+
+On a GPU (``--device cuda``) peak memory is the CUDA allocator's peak (``torch.cuda.max_memory_allocated``)
+and the matmul rate is measured on the GPU in the chosen precision.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 TRL_VERSION = "1.16.0"
 RUNS = ["preftune", "trl", "preftune-lora", "trl-lora"]
+LIGER_RUNS = ["trl-liger", "trl-lora-liger"]   # GPU only: TRL with use_liger_kernel
 
 # ---------------------------------------------------------------------- the pairs
 
@@ -136,29 +141,35 @@ def minimum_work(shape: dict, params: int, tokens: dict, batch: int) -> dict:
             "head": 6.0 * shape["hidden"] * shape["vocab"] * tokens["completion_tokens"] * batch}
 
 
-def _linear_seconds(rows: int, n_in: int, n_out: int, repeats: int) -> tuple[float, float]:
+def _linear_seconds(rows: int, n_in: int, n_out: int, repeats: int, device: str = "cpu",
+                    dtype: str = "fp32") -> tuple[float, float]:
     """Median wall and CPU seconds of a linear layer's three products (forward, input and weight gradient)."""
     import torch
 
-    x, w, g = torch.randn(rows, n_in), torch.randn(n_out, n_in), torch.randn(rows, n_out)
+    kind = {"device": device, "dtype": torch.bfloat16 if dtype == "bf16" else torch.float32}
+    x, w, g = torch.randn(rows, n_in, **kind), torch.randn(n_out, n_in, **kind), torch.randn(rows, n_out, **kind)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     for _ in range(repeats + 1):
+        sync()
         start = harness._now()
         x @ w.T
         g @ w
         g.T @ x
+        sync()
         end = harness._now()
         times.append((end[0] - start[0], end[1] - start[1]))
     return statistics.median(t[0] for t in times[1:]), statistics.median(t[1] for t in times[1:])
 
 
-def matmul_rates(shape: dict, tokens: dict, batch: int, repeats: int = 5) -> dict:
-    """fp32 GFLOP/s on this process's threads, per wall and per CPU second: a decoder layer's linears over a
-    step's necessary tokens (``body``), and the output head over its completion tokens (``head``)."""
+def matmul_rates(shape: dict, tokens: dict, batch: int, repeats: int = 5, device: str = "cpu",
+                 dtype: str = "fp32") -> dict:
+    """GFLOP/s (fp32 on CPU threads, or ``dtype`` on a GPU), per wall and per CPU second: a decoder layer's
+    linears over a step's necessary tokens (``body``), and the output head over its completion tokens (``head``)."""
     rows, head_rows = round(tokens["necessary_tokens"] * batch), round(tokens["completion_tokens"] * batch)
-    body = [_linear_seconds(rows, i, o, repeats) for i, o in shape["linears"]]
+    body = [_linear_seconds(rows, i, o, repeats, device, dtype) for i, o in shape["linears"]]
     body_flops = sum(6.0 * rows * i * o for i, o in shape["linears"])
-    head = _linear_seconds(head_rows, shape["hidden"], shape["vocab"], repeats)
+    head = _linear_seconds(head_rows, shape["hidden"], shape["vocab"], repeats, device, dtype)
     head_flops = 6.0 * head_rows * shape["hidden"] * shape["vocab"]
     return {f"{part}{clock}": flops / seconds / 1e9
             for part, flops, times in (("body", body_flops, [sum(t) for t in zip(*body)]), ("head", head_flops, head))
@@ -176,7 +187,7 @@ def run_preftune(args, assets, out_dir: Path, lora: bool) -> dict:
     cfg = DPOConfig(model_name_or_path=assets["model"], dataset=assets["data"], output_dir=str(out_dir),
                     per_device_batch_size=args.batch, max_steps=args.steps, learning_rate=_lr(args, lora),
                     warmup_ratio=0.0, lr_scheduler="linear", logging_steps=1, max_length=1024, precompute_ref=True,
-                    cache_dir=str(out_dir / "cache"), beta=args.beta, seed=0, precision="fp32",
+                    cache_dir=str(out_dir / "cache"), beta=args.beta, seed=0, precision=args.precision,
                     gradient_checkpointing=False, lora=lora, lora_r=16, lora_alpha=32, lora_dropout=0.0)
     train_dpo(cfg)
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -190,7 +201,7 @@ def _differences(stamps: list[tuple[float, float]]) -> list[float]:
     return [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
 
 
-def run_trl(args, assets, out_dir: Path, lora: bool) -> dict:
+def run_trl(args, assets, out_dir: Path, lora: bool, liger: bool = False) -> dict:
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -214,12 +225,14 @@ def run_trl(args, assets, out_dir: Path, lora: bool) -> dict:
 
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
-    model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
+    bf16 = args.precision == "bf16"
+    model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(assets["model"])
     dataset = load_dataset("json", data_files=assets["data"], split="train")
     config = DPOConfig(output_dir=str(out_dir), per_device_train_batch_size=args.batch, max_steps=args.steps,
                        learning_rate=_lr(args, lora), warmup_steps=0, lr_scheduler_type="linear", logging_steps=1,
-                       beta=args.beta, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+                       beta=args.beta, bf16=bf16, fp16=False, gradient_checkpointing=False,
+                       use_cpu=args.device == "cpu", use_liger_kernel=liger,
                        report_to="none", save_strategy="no", max_length=1024, seed=0, precompute_ref_log_probs=True,
                        dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch")
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
@@ -238,22 +251,23 @@ def measured(train):
     """A worker: ``train(args, assets, out)``'s result with the matmul rates before and after, the load
     average, and the peak resident set size (absolute, and above the size after imports)."""
     def worker(args, assets, out):
-        import torch  # noqa: F401  (imported before the baseline)
+        import torch  # (imported before the baseline)
 
         meter = PeakRSS()
         meter.start()
         shape, tokens = assets["shape"], assets["tokens"]
-        before = matmul_rates(shape, tokens, args.batch)
+        before = matmul_rates(shape, tokens, args.batch, device=args.device, dtype=args.precision)
         load = os.getloadavg()[0]
         started = time.perf_counter()
         result = train(args, assets, out)
         total = time.perf_counter() - started
         load = (load + os.getloadavg()[0]) / 2
-        rates = [before, matmul_rates(shape, tokens, args.batch)]
+        rates = [before, matmul_rates(shape, tokens, args.batch, device=args.device, dtype=args.precision)]
         above = meter.stop()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
         return {**result, "rates": rates, "load": load, "peak_rss_mib": peak, "peak_above_imports_mib": above,
-                "total_s": total}
+                "peak_gpu_mib": gpu, "total_s": total}
     return worker
 
 
@@ -262,8 +276,10 @@ WORKERS = {
     "preftune-lora": measured(lambda a, s, o: run_preftune(a, s, o, lora=True)),
     "trl": measured(lambda a, s, o: run_trl(a, s, o, lora=False)),
     "trl-lora": measured(lambda a, s, o: run_trl(a, s, o, lora=True)),
+    "trl-liger": measured(lambda a, s, o: run_trl(a, s, o, lora=False, liger=True)),
+    "trl-lora-liger": measured(lambda a, s, o: run_trl(a, s, o, lora=True, liger=True)),
 }
-SPAWN_KEYS = ["steps", "batch", "lr", "lora_lr", "beta", "threads"]
+SPAWN_KEYS = ["steps", "batch", "lr", "lora_lr", "beta", "threads", "device", "precision"]
 
 
 # ---------------------------------------------------------------------- parent
@@ -281,6 +297,7 @@ def summarise(result: dict, assets: dict, batch: int) -> dict:
     return {"step s": step, "step CPU s": cpu, "pairs/s": batch / step, "pairs per CPU s": batch / cpu,
             "tokens/s": batch * assets["tokens"]["necessary_tokens"] / step,
             "peak RSS MiB": result["peak_rss_mib"], "peak above imports MiB": result["peak_above_imports_mib"],
+            "peak GPU MiB": result.get("peak_gpu_mib") or 0.0,
             "GFLOP/s": (work["body"] + work["head"]) / floor("") / 1e9,
             "GFLOP per CPU s": (work["body"] + work["head"]) / floor(" cpu") / 1e9,
             "limit fraction": floor("") / step, "limit fraction CPU": floor(" cpu") / cpu,
@@ -291,12 +308,14 @@ def summarise(result: dict, assets: dict, batch: int) -> dict:
 def compare(results: dict) -> dict:
     """preftune's speed and memory relative to TRL's, per mode."""
     ratios = {}
-    for ours, theirs in (("preftune", "trl"), ("preftune-lora", "trl-lora")):
+    for ours, theirs in (("preftune", "trl"), ("preftune-lora", "trl-lora"), ("preftune", "trl-liger"),
+                         ("preftune-lora", "trl-lora-liger")):
         if ours in results and theirs in results:
             a, b = results[ours], results[theirs]
+            memory = "peak GPU MiB" if b["peak GPU MiB"] else "peak RSS MiB"
             ratios[f"{ours} vs {theirs}"] = {"speed": a["pairs/s"] / b["pairs/s"],
                                              "CPU speed": a["pairs per CPU s"] / b["pairs per CPU s"],
-                                             "memory": a["peak RSS MiB"] / b["peak RSS MiB"],
+                                             "memory": a[memory] / b[memory],
                                              "loss diff step 1": abs(a["loss step 1"] - b["loss step 1"])}
     return ratios
 
@@ -310,7 +329,10 @@ def main() -> None:
                         help="learning rate with LoRA")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
-    parser.add_argument("--runs", nargs="*", default=RUNS)
+    parser.add_argument("--runs", nargs="*", default=RUNS, choices=RUNS + LIGER_RUNS)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where both trainers run (cuda: peak memory is the GPU allocator's)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="both trainers' precision")
     parser.add_argument("--collect", nargs="+", metavar="DIR",
                         help="no new runs: report the runs found in these earlier run directories (the last one "
                              "of each name wins; all on the same pairs)")
@@ -341,7 +363,8 @@ def main() -> None:
               "work": minimum_work(shape, params, tokens, args.batch)}
     console.print(f"SmolLM2-135M-Instruct ({params / 1e6:.1f}M non-embedding parameters); batch {args.batch} pairs; "
                   f"per pair {tokens['prompt_tokens']:.0f} prompt + {tokens['completion_tokens']:.0f} completion "
-                  f"tokens; fp32; {args.threads} thread(s) per process; load average {os.getloadavg()[0]:.2f}")
+                  f"tokens; {args.precision} on {args.device}; {args.threads} thread(s) per process; load average "
+                  f"{os.getloadavg()[0]:.2f}")
     console.print(f"runs in {root}")
     report(args, assets, harness.spawn_all(__file__, args, SPAWN_KEYS, assets, root, console))
 
@@ -351,7 +374,7 @@ def collected(roots: list[str]) -> tuple[dict, dict]:
     runs, assets = {}, None
     for root in map(Path, roots):
         assets = json.loads((root / "assets.json").read_text())
-        for name in RUNS:
+        for name in RUNS + LIGER_RUNS:
             if (root / f"out-{name}" / "bench.json").is_file():
                 runs[name] = json.loads((root / f"out-{name}" / "bench.json").read_text())
     return assets, runs
@@ -362,6 +385,7 @@ def report(args, assets: dict, runs: dict) -> None:
     console = harness.console()
     results = {name: summarise(result, assets, args.batch) for name, result in runs.items()}
     digits = {"step s": 2, "step CPU s": 2, "pairs/s": 3, "pairs per CPU s": 3, "tokens/s": 0, "peak RSS MiB": 0,
+              "peak GPU MiB": 0,
               "peak above imports MiB": 0, "GFLOP/s": 0, "GFLOP per CPU s": 0, "limit fraction": 2,
               "limit fraction CPU": 2, "loss step 1": 6, "logps/chosen step 1": 3, "load": 2}
     console.print(harness.results_table("DPO step on SmolLM2-135M-Instruct (median of steps 2..N)", results,
