@@ -124,7 +124,7 @@ def _backward(ctx, hidden, weight, bias, targets, grad_logp, grad_entropy, entro
     """Gradients w.r.t. hidden, weight and bias, one recomputed chunk at a time."""
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
-    grad_weight = torch.zeros_like(weight) if need_weight else None
+    grad_weight = None
     grad_bias = torch.zeros_like(bias) if need_bias else None
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
@@ -139,7 +139,7 @@ def _backward(ctx, hidden, weight, bias, targets, grad_logp, grad_entropy, entro
             if need_hidden:
                 grad_hidden[piece] = projected @ weight.to(ctx.dtype)
             if need_weight:
-                _accumulate(grad_weight, projected.T, rows)
+                grad_weight = _accumulate(grad_weight, projected.T, rows, weight.dtype)
             if need_bias:
                 grad_bias += g.sum(0).to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
@@ -163,9 +163,10 @@ def _cast(tensor: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return tensor.to(dtype) if tensor is not None else None
 
 
-def _accumulate(total: Tensor, left: Tensor, right: Tensor) -> None:
-    """``total += left @ right``, in place when the dtypes allow it."""
+def _accumulate(total: Tensor | None, left: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
+    """``total + left @ right`` in ``dtype``, into ``total``'s memory (the first product starts it)."""
+    if total is None:
+        return (left @ right).to(dtype)
     if left.dtype == total.dtype:
-        total.addmm_(left, right)
-    else:
-        total += (left @ right).to(total.dtype)
+        return total.addmm_(left, right)
+    return total.add_((left @ right).to(dtype))
