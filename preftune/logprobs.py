@@ -14,15 +14,17 @@ thing in preference training by far.
   ``t``). Prompt and padding positions never reach the vocabulary projection, which skips roughly
   half of the ``lm_head`` compute on typical preference data.
 * It projects those rows onto the vocabulary ``chunk_size`` rows at a time, in float32, and turns
-  each chunk into ``logit[target] - logsumexp(logits)`` at once: ``[chunk_size, vocab]`` is the
-  largest tensor it ever creates, never ``[N, vocab]`` or ``[batch, seq, vocab]``.
-* With gradients enabled each chunk runs under activation checkpointing, so the autograd graph
-  stores only the chunk's input hidden states; the backward pass recomputes one chunk's logits at a
-  time. Under ``torch.no_grad`` / ``inference_mode`` (the reference model) no checkpointing is done.
+  each chunk into ``log_softmax(logits)[target]`` at once: ``[chunk_size, vocab]`` is the largest
+  tensor it ever creates, never ``[N, vocab]`` or ``[batch, seq, vocab]``.
+* A plain ``nn.Linear`` head (tied or not) goes through :mod:`preftune.head`, whose hand-written
+  backward recomputes each chunk's projection once, or not at all when the head is frozen (LoRA).
+  Any other head (LoRA-wrapped, softcapped, hooked) is called as a module, so its adapter or hook
+  applies, with each chunk under activation checkpointing when gradients are needed: the graph
+  stores only the chunk's input hidden states. Under ``torch.no_grad`` / ``inference_mode`` (the
+  reference model) nothing is kept for a backward pass.
 
-The output projection is called as a module (never through its weight), so a LoRA-wrapped
-``lm_head`` still applies its adapter. Model-specific logit post-processing is honoured: Cohere's
-``logit_scale``, Granite's ``logits_scaling`` and Gemma's ``final_logit_softcapping``.
+Model-specific logit post-processing is honoured: Cohere's ``logit_scale``, Granite's
+``logits_scaling`` and Gemma's ``final_logit_softcapping``.
 
 For PPO and evaluation, :func:`token_logprobs_and_entropy` also returns each predicted distribution's
 entropy (computed in the same chunks, optionally at a sampling temperature), and
@@ -53,6 +55,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .data.packed import PackedLayout, scored_positions
+from .head import linear_head_logprobs, log_softmax_stats, plain_linear
 from .models import base_model
 
 
@@ -128,28 +131,35 @@ def projected_logprobs(model, selected: Tensor, targets: Tensor, chunk_size: int
         raise ValueError(f"temperature must be positive, got {temperature}")
     causal_lm, _, lm_head = _split_model(model)
     scale, softcap = _logit_postprocessing(causal_lm.config)
-    inverse_temperature = None if temperature == 1.0 else 1.0 / temperature
+    if selected.shape[0] == 0:  # no completion token at all: keep the result attached to the graph
+        values = selected.sum(-1).float() * 0.0
+        return values, values.detach().clone() if with_entropy else None
+    head = plain_linear(lm_head) if softcap is None else None
+    if head is not None:
+        values, entropy = linear_head_logprobs(head, selected, targets, chunk_size, (scale or 1.0) / temperature,
+                                               with_entropy)
+    else:
+        values, entropy = _module_head_logprobs(lm_head, selected, targets, chunk_size, scale, softcap,
+                                                None if temperature == 1.0 else 1.0 / temperature, with_entropy)
+    return values.to(torch.float32), entropy.to(torch.float32) if with_entropy else None
 
+
+def _module_head_logprobs(lm_head: nn.Module, selected: Tensor, targets: Tensor, chunk_size: int,
+                          scale: float | None, softcap: float | None, inverse_temperature: float | None,
+                          with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """Any other head (LoRA-wrapped, softcapped, hooked), called as a module: each chunk under activation
+    checkpointing when gradients are needed, so the backward recomputes it one chunk at a time."""
     use_checkpoint = torch.is_grad_enabled() and (
         selected.requires_grad or any(p.requires_grad for p in lm_head.parameters()))
     logps, entropies = [], []
     for start in range(0, selected.shape[0], chunk_size):
         args = (lm_head, selected[start:start + chunk_size], targets[start:start + chunk_size], scale, softcap,
                 inverse_temperature, with_entropy)
-        if use_checkpoint:
-            out = checkpoint(_chunk_stats, *args, use_reentrant=False)
-        else:
-            out = _chunk_stats(*args)
+        out = checkpoint(_chunk_stats, *args, use_reentrant=False) if use_checkpoint else _chunk_stats(*args)
         logps.append(out[0])
         if with_entropy:
             entropies.append(out[1])
-    if logps:
-        values = torch.cat(logps).to(torch.float32)
-        entropy = torch.cat(entropies).to(torch.float32) if with_entropy else None
-    else:  # no completion token at all: keep the result attached to the graph
-        values = selected.sum(-1).float() * 0.0
-        entropy = values.detach().clone() if with_entropy else None
-    return values, entropy
+    return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
 
 def packed_sequence_logprobs(model, batch: dict[str, Tensor], chunk_size: int = 1024) -> Tensor:
@@ -213,12 +223,8 @@ def _chunk_stats(lm_head: nn.Module, hidden: Tensor, targets: Tensor, scale: flo
     logits = _chunk_logits(lm_head, hidden, scale, softcap)
     if inverse_temperature is not None:
         logits = logits * inverse_temperature
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    normaliser = torch.logsumexp(logits, dim=-1)
-    if not with_entropy:
-        return (picked - normaliser,)
-    probs = torch.softmax(logits, dim=-1)
-    return picked - normaliser, normaliser - (probs * logits).sum(-1)
+    picked, entropy = log_softmax_stats(logits, targets, with_entropy)
+    return (picked, entropy) if with_entropy else (picked,)
 
 
 def _split_model(model) -> tuple[Any, nn.Module, nn.Module]:
