@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .fused_layers import fuse_layers
 from .gguf_import import resolve_model_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -117,12 +118,14 @@ def base_model(model):
 
 
 def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
-    """Dropout, gradient checkpointing and LoRA on a loaded model, per the model settings.
+    """Dropout, fused layers, gradient checkpointing and LoRA on a loaded model, per the model settings.
 
     ``task_type``/``modules_to_save`` are peft's: a reward model passes ``SEQ_CLS`` and its head, which is
     then trained in full next to the adapters."""
     if cfg.disable_dropout:
         disable_dropout(model)
+    if cfg.fused_layers:
+        fuse_layers(model)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
         model.config.use_cache = False
