@@ -8,9 +8,11 @@ inputs of its linear layers:
   (the reciprocal root) and recomputes the normalised tensor in the backward;
 * gated MLP ``down(silu(gate(x)) * up(x))``: ``gate(x)``, ``silu(gate(x))``, ``up(x)`` and the product
   (four intermediate-size vectors). :class:`GatedMLPFunction` keeps ``gate(x)`` and ``up(x)`` only and
-  recomputes silu and the product (elementwise) in the backward; when the projections are not plain
-  linear layers (peft LoRA, quantised layers) :class:`SiluMulFunction` does the same for the product
-  alone (keeps ``gate(x)`` and ``up(x)``, not ``silu(gate(x))``).
+  recomputes silu and the product (elementwise) in the backward. With peft LoRA projections,
+  :class:`LoraDownFunction` runs the product and the adapted down projection keeping ``gate(x)``,
+  ``up(x)`` and the rank-sized ``A h``; with other layers (quantised, LoRA with dropout or DoRA, under
+  autocast) :class:`SiluMulFunction` fuses the product alone (keeps ``gate(x)`` and ``up(x)``, not
+  ``silu(gate(x))``).
 
 The forward passes run the same operations as transformers' modules, so outputs are bitwise equal;
 gradients differ by float rounding only. :func:`fuse_layers` patches module *instances* (their
@@ -65,6 +67,16 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+def weight_grad(grad: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """The gradient of a linear layer's weight: ``grad^T inputs`` over all tokens."""
+    return rows(grad).t().mm(rows(inputs))
+
+
+def product_grads(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: torch.Tensor):
+    """Gradients of ``silu(gate) * up`` (``act = silu(gate)``): ``(grad * up * silu'(gate), grad * act)``."""
+    return torch.ops.aten.silu_backward(grad * up, gate), grad * act
+
+
 class SiluMulFunction(torch.autograd.Function):
     """The SwiGLU product (Shazeer 2020, "GLU Variants Improve Transformer"): ``h = silu(a) * b``.
 
@@ -80,12 +92,7 @@ class SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        grad_gate = grad_up = None
-        if ctx.needs_input_grad[1]:
-            grad_up = grad * F.silu(gate)
-        if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        return grad_gate, grad_up
+        return product_grads(grad, gate, up, F.silu(gate))
 
 
 class GatedMLPFunction(torch.autograd.Function):
@@ -111,21 +118,57 @@ class GatedMLPFunction(torch.autograd.Function):
         act = F.silu(gate)
         grads = [None] * 7
         if need[5]:
-            grads[5] = rows(grad).t().mm(rows(act * up))
+            grads[5] = weight_grad(grad, act * up)
         if need[6]:
             grads[6] = rows(grad).sum(0)
-        grad_h = grad.matmul(w_down)
-        grad_up = grad_h * act
+        grad_gate, grad_up = product_grads(grad.matmul(w_down), gate, up, act)
         del act
-        grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
-        del grad_h
         if need[0]:
             grads[0] = grad_gate.matmul(w_gate) + grad_up.matmul(w_up)
         for index, g in ((1, grad_gate), (3, grad_up)):
             if need[index]:
-                grads[index] = rows(g).t().mm(rows(x))
+                grads[index] = weight_grad(g, x)
             if need[index + 1]:
                 grads[index + 1] = rows(g).sum(0)
+        return tuple(grads)
+
+
+class LoraDownFunction(torch.autograd.Function):
+    """A LoRA down projection (Hu et al. 2021, "LoRA") of the SwiGLU product:
+    ``y = W h + b + s * B (A h)`` with ``h = silu(a) * u``.
+
+    Keeps ``a``, ``u`` and ``z = A h`` (rank-sized), not ``h``, which is recomputed in the backward. With
+    ``g`` the gradient of ``y``: ``dB = s g^T z``, ``dz = s g B``, ``dA = dz^T h``, ``dh = g W + dz A``,
+    ``dW = g^T h``, ``db = sum(g)``, then ``da``, ``du`` as in :class:`SiluMulFunction`.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling: float):
+        product = F.silu(gate) * up
+        z = F.linear(product, lora_a)
+        ctx.save_for_backward(gate, up, z, weight, lora_a, lora_b)
+        ctx.scaling = scaling
+        return F.linear(product, weight, bias) + F.linear(z, lora_b) * scaling
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up, z, weight, lora_a, lora_b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        act = F.silu(gate)
+        product = act * up
+        grads = [None] * 7
+        scaled = grad * ctx.scaling
+        grad_z = scaled.matmul(lora_b)
+        if need[5]:
+            grads[5] = weight_grad(scaled, z)
+        if need[4]:
+            grads[4] = weight_grad(grad_z, product)
+        if need[2]:
+            grads[2] = weight_grad(grad, product)
+        if need[3]:
+            grads[3] = rows(grad).sum(0)
+        del product
+        grads[0], grads[1] = product_grads(grad.matmul(weight) + grad_z.matmul(lora_a), gate, up, act)
         return tuple(grads)
 
 
@@ -147,11 +190,35 @@ def plain_linear(module: nn.Module) -> bool:
             and "forward" not in module.__dict__)
 
 
+def plain_lora(layer: nn.Module, dtype: torch.dtype) -> tuple | None:
+    """``(W, b, A, B, scaling)`` of a peft LoRA linear layer that runs one plain adapter (no dropout, no DoRA
+    or other variant, not merged, adapters on, no cast of the input); None for anything else."""
+    lora_a, lora_b, base = (getattr(layer, name, None) for name in ("lora_A", "lora_B", "base_layer"))
+    if not isinstance(lora_a, nn.ModuleDict) or base is None or layer.disable_adapters or layer.merged:
+        return None
+    if layer._forward_hooks or layer._forward_pre_hooks or "forward" in layer.__dict__:
+        return None
+    active = [name for name in layer.active_adapters if name in lora_a]
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
+        return None
+    a, b, dropout = lora_a[active[0]], lora_b[active[0]], layer.lora_dropout[active[0]]
+    if not (plain_linear(base) and plain_linear(a) and plain_linear(b) and b.bias is None and a.bias is None
+            and type(dropout) is nn.Identity and a.weight.dtype == dtype):
+        return None
+    return base.weight, base.bias, a.weight, b.weight, layer.scaling[active[0]]
+
+
 def fused_mlp_forward(self, x):
     projections = (self.gate_proj, self.up_proj, self.down_proj)
-    if all(plain_linear(p) for p in projections) and not torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type):
+        return self.down_proj(SiluMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+    if all(plain_linear(p) for p in projections):
         return GatedMLPFunction.apply(x, *(t for p in projections for t in (p.weight, p.bias)))
-    return self.down_proj(SiluMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    lora = plain_lora(self.down_proj, gate.dtype)
+    if lora is not None:
+        return LoraDownFunction.apply(gate, up, *lora)
+    return self.down_proj(SiluMulFunction.apply(gate, up))
 
 
 def is_rmsnorm_candidate(module: nn.Module) -> bool:

@@ -20,6 +20,7 @@ from preftune.config import DPOConfig
 from preftune.data.preference import TokenizedPair
 from preftune.fused_layers import (
     GatedMLPFunction,
+    LoraDownFunction,
     RMSNormFunction,
     SiluMulFunction,
     fuse_layers,
@@ -122,6 +123,8 @@ def test_functions_pass_gradcheck_in_float64():
                                                              leaf(4, 7), leaf(4)))
     assert torch.autograd.gradcheck(GatedMLPFunction.apply, (leaf(3, 4), leaf(7, 4), None, leaf(7, 4), None,
                                                              leaf(4, 7), None))
+    assert torch.autograd.gradcheck(LoraDownFunction.apply, (leaf(2, 3, 7), leaf(2, 3, 7), leaf(4, 7), leaf(4),
+                                                             leaf(2, 7), leaf(4, 2), 0.7))
 
 
 def test_only_standard_formulas_are_patched():
@@ -201,10 +204,10 @@ def saved_bytes_per_token(kind: str, fused: bool, lora: bool) -> float:
 def test_fewer_bytes_kept_for_the_backward(lora):
     """Per token, fp32. Full: each norm (two per layer and the final one) no longer keeps its normalised
     tensor (HIDDEN floats) and each MLP keeps gate and up only (2 x INTERMEDIATE fewer: not silu(gate) nor
-    the product). LoRA (frozen norm weights, so autograd keeps no normalised tensor anyway; the product is
-    the adapters' input): silu(gate) is not kept."""
+    the product). LoRA (frozen norm weights, so autograd keeps no normalised tensor anyway): silu(gate) and
+    the product (the down projection's adapter input) are not kept."""
     reduction = saved_bytes_per_token("llama", False, lora) - saved_bytes_per_token("llama", True, lora)
-    floats = LAYERS * INTERMEDIATE if lora else LAYERS * (2 * INTERMEDIATE + 2 * HIDDEN) + HIDDEN
+    floats = LAYERS * 2 * INTERMEDIATE if lora else LAYERS * (2 * INTERMEDIATE + 2 * HIDDEN) + HIDDEN
     assert reduction == pytest.approx(4 * floats, rel=0.1)
 
 
@@ -242,6 +245,33 @@ def test_copies_run_their_own_weights_under_inference_mode():
         twin.model.norm.weight.div_(4.0)
     with torch.inference_mode():
         assert torch.equal(twin(ids).logits, ours)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["lora-down-fused", "product-only"])
+def test_lora_mlp_equals_peft_outputs_and_gradients(dropout):
+    """Dropout 0: the LoRA down projection runs fused; with a dropout layer (here in eval mode) only the product."""
+    from preftune.models import apply_lora
+
+    model = apply_lora(build("llama"), 4, 8, dropout, ["all-linear"])
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    model.eval()
+    mlp = model.get_base_model().model.layers[0].mlp
+    x = torch.randn(2, 5, HIDDEN, requires_grad=True)
+    results = []
+    for forward in (lambda t: LlamaMLP.forward(mlp, t), lambda t: fused_mlp_forward(mlp, t)):
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        out = forward(x)
+        out.square().sum().backward()
+        results.append((out.detach(), {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in mlp.named_parameters()
+                                                               if p.requires_grad}}))
+    assert len(results[0][1]) == 7                       # x and the A and B of three adapters
+    assert torch.equal(results[1][0], results[0][0])
+    assert_close_grads(results[0][1], results[1][1], tol=1e-6)
 
 
 def test_autocast_runs_the_product_only_and_matches():
