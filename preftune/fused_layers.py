@@ -10,8 +10,8 @@ inputs of its linear layers:
   (four intermediate-size vectors). :class:`GatedMLPFunction` keeps ``gate(x)`` and ``up(x)`` only and
   recomputes silu and the product (elementwise) in the backward. With peft LoRA projections,
   :class:`LoraDownFunction` runs the product and the adapted down projection keeping ``gate(x)``,
-  ``up(x)`` and the rank-sized ``A h``; with other layers (quantised, LoRA with dropout or DoRA, under
-  autocast) :class:`SiluMulFunction` fuses the product alone (keeps ``gate(x)`` and ``up(x)``, not
+  ``up(x)`` and the rank-sized ``A h``; with other layers (quantised, LoRA with dropout or DoRA, LoRA
+  under autocast) :class:`SiluMulFunction` fuses the product alone (keeps ``gate(x)`` and ``up(x)``, not
   ``silu(gate(x))``).
 
 The forward passes run the same operations as transformers' modules, so outputs are bitwise equal;
@@ -208,13 +208,26 @@ def plain_lora(layer: nn.Module, dtype: torch.dtype) -> tuple | None:
     return base.weight, base.bias, a.weight, b.weight, layer.scaling[active[0]]
 
 
+def autocast_mlp(x, projections):
+    """The fused MLP under autocast: inputs, weights and biases cast to the autocast dtype as autocast casts
+    them for a linear layer, the function run with autocast off (its backward then sees the same dtypes)."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device)
+    tensors = [t if t is None else t.to(dtype) for p in projections for t in (p.weight, p.bias)]
+    with torch.autocast(device, enabled=False):
+        return GatedMLPFunction.apply(x.to(dtype), *tensors)
+
+
 def fused_mlp_forward(self, x):
     projections = (self.gate_proj, self.up_proj, self.down_proj)
-    if torch.is_autocast_enabled(x.device.type):
-        return self.down_proj(SiluMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+    autocast = torch.is_autocast_enabled(x.device.type)
     if all(plain_linear(p) for p in projections):
+        if autocast:
+            return autocast_mlp(x, projections)
         return GatedMLPFunction.apply(x, *(t for p in projections for t in (p.weight, p.bias)))
     gate, up = self.gate_proj(x), self.up_proj(x)
+    if autocast:
+        return self.down_proj(SiluMulFunction.apply(gate, up))
     lora = plain_lora(self.down_proj, gate.dtype)
     if lora is not None:
         return LoraDownFunction.apply(gate, up, *lora)
