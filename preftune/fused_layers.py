@@ -12,18 +12,18 @@ inputs of its linear layers:
   :class:`LoraDownFunction` runs the product and the adapted down projection keeping ``gate(x)``,
   ``up(x)`` and the rank-sized ``A h``; with other layers (quantised, LoRA with dropout or DoRA, LoRA
   under autocast) :class:`SiluMulFunction` fuses the product alone (keeps ``gate(x)`` and ``up(x)``, not
-  ``silu(gate(x))``).
+  ``silu(gate(x))``). Under autocast the full MLP function gets its inputs cast as autocast casts a
+  linear layer's.
 
-The forward passes run the same operations as transformers' modules, so outputs are bitwise equal;
-gradients differ by float rounding only. :func:`fuse_layers` patches module *instances* (their
+The forward passes run the same operations as transformers' modules, so outputs are bitwise equal
+(a float64 norm stays in float64 where transformers' rounds to float32); gradients differ by float
+rounding only. :func:`fuse_layers` patches module *instances* (their
 ``forward``), found by formula: each candidate is probed against its own forward before it is patched,
 so Gemma-style ``(1 + weight)`` norms and other variants are left as they are. Weights, state dicts
 and configs are untouched: a saved model is an ordinary checkpoint.
 """
 
 from __future__ import annotations
-
-import types
 
 import torch
 from torch import nn
@@ -199,7 +199,8 @@ def plain_lora(layer: nn.Module, dtype: torch.dtype) -> tuple | None:
     if layer._forward_hooks or layer._forward_pre_hooks or "forward" in layer.__dict__:
         return None
     active = [name for name in layer.active_adapters if name in lora_a]
-    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}) or \
+            getattr(layer, "use_dora", {}).get(active[0], False):
         return None
     a, b, dropout = lora_a[active[0]], lora_b[active[0]], layer.lora_dropout[active[0]]
     if not (plain_linear(base) and plain_linear(a) and plain_linear(b) and b.bias is None and a.bias is None
@@ -266,16 +267,28 @@ def same_formula(module: nn.Module, fused_forward, width: int) -> bool:
     return expected.shape == got.shape and float((expected - got).abs().max()) <= tolerance * scale
 
 
+class FusedForward:
+    """A module instance's patched ``forward``: ``function(module, ...)``. Unlike a bound method it survives
+    pickling (``torch.save(model)``), and ``copy.deepcopy`` binds the copy to the copied module."""
+
+    def __init__(self, module: nn.Module, function):
+        self.module = module
+        self.function = function
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module, *args, **kwargs)
+
+
 def patched(module: nn.Module) -> bool:
-    return getattr(module.__dict__.get("forward"), "__func__", None) in (fused_norm_forward, fused_mlp_forward)
+    return isinstance(module.__dict__.get("forward"), FusedForward)
 
 
 def fuse_layers(model: nn.Module) -> int:
     """Patch the RMSNorms and SiLU-gated MLPs of ``model`` with the fused functions above; returns how many.
 
-    Only module instances change (their ``forward``, a method bound to the module, so ``copy.deepcopy``
-    carries it over to the copy); LoRA wrapping later, saving, gradient checkpointing and sharding see
-    the same modules and weights. Layers whose forward does not compute the standard formula are left alone.
+    Only module instances change (their ``forward``, a :class:`FusedForward`, which ``copy.deepcopy`` carries
+    over to the copy); LoRA wrapping later, saving, gradient checkpointing and sharding see the same modules
+    and weights. Layers whose forward does not compute the standard formula are left alone.
     """
     count = 0
     for module in model.modules():
@@ -288,6 +301,6 @@ def fuse_layers(model: nn.Module) -> int:
         else:
             continue
         if width and same_formula(module, fused, width):
-            module.forward = types.MethodType(fused, module)
+            module.forward = FusedForward(module, fused)
             count += 1
     return count

@@ -228,6 +228,18 @@ def test_saved_model_is_an_ordinary_checkpoint(tmp_path):
         assert torch.equal(model(ids).logits, expected)
 
 
+def test_a_pickled_model_keeps_its_fused_layers(tmp_path):
+    model = build("llama")
+    fuse_layers(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert [patched(m) for m in loaded.modules()] == [patched(m) for m in model.modules()]
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loaded.model.norm.weight.mul_(2.0)          # the loaded model's forward reads its own weights
+        assert not torch.allclose(loaded(ids).logits, model(ids).logits)
+
+
 def test_copies_run_their_own_weights_under_inference_mode():
     model = build("llama")
     fuse_layers(model)
