@@ -1,5 +1,6 @@
 """Activation memory and time of one DPO forward + backward on SmolLM2-135M-Instruct, per batch layout.
 
+Every setting runs with ``fused_layers`` (on by default) unless it says "fused_layers off".
 The batch is the real-model issue's shape: 4 pairs, prompts of 100 tokens, responses of 100-200
 (random token ids: memory and time do not depend on the values), fp32, one thread. For each setting
 a fresh process loads the model and runs the policy's forward and backward once, reporting:
@@ -34,6 +35,9 @@ SETTINGS = {
     "prefix-shared, LoRA r16 dropout 0.05": dict(padding_free=True, prefix_sharing=True, lora=True,
                                                  lora_dropout=0.05),
     "prefix-shared, LoRA r16 dropout 0": dict(padding_free=True, prefix_sharing=True, lora=True, lora_dropout=0.0),
+    "prefix-shared, fused_layers off": dict(padding_free=True, prefix_sharing=True, fused_layers=False),
+    "prefix-shared, LoRA r16 dropout 0, fused_layers off": dict(padding_free=True, prefix_sharing=True, lora=True,
+                                                                lora_dropout=0.0, fused_layers=False),
     "prefix-shared, gradient checkpointing": dict(padding_free=True, prefix_sharing=True,
                                                   gradient_checkpointing=True),
 }

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .fused_layers import fuse_layers
+from .fused_lora import fuse_lora_layers
 from .gguf_import import resolve_model_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -117,21 +119,21 @@ def base_model(model):
 
 
 def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
-    """Dropout, gradient checkpointing and LoRA on a loaded model, per the model settings.
+    """Dropout, fused layers, gradient checkpointing and LoRA on a loaded model, per the model settings.
 
     ``task_type``/``modules_to_save`` are peft's: a reward model passes ``SEQ_CLS`` and its head, which is
     then trained in full next to the adapters."""
     if cfg.disable_dropout:
         disable_dropout(model)
+    if cfg.fused_layers:
+        fuse_layers(model)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type,
                            modules_to_save)
-        if getattr(cfg, "fused_layers", True):
-            from .fused_lora import fuse_lora_layers
-
+        if cfg.fused_layers:
             fuse_lora_layers(model)
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()

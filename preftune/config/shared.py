@@ -25,6 +25,9 @@ class ModelSettings:
     precision: str = option("auto", "auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16.",
                             choices=["auto", "fp32", "bf16", "fp16"])
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    fused_layers: bool = option(True, "Run RMSNorms (Llama, Mistral, Qwen2/3, SmolLM, Phi3 ...) and SiLU-gated MLPs "
+                                      "(gate/up/down projections) as fused functions that keep fewer activations for "
+                                      "the backward pass (exact to float rounding; false: transformers' own modules).")
     disable_dropout: bool = option(True, "Turn off dropout in the policy and reference (LoRA dropout is kept).")
     lora: bool = option(False, "Train LoRA adapters instead of all weights.")
     lora_r: int = option(8, "LoRA rank.")
