@@ -173,7 +173,8 @@ def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True,
     """The run's reference for ``policy`` (already prepared: LoRA applied), on ``ctx``'s device.
 
     ``precompute`` (split name -> sequences) asks for :class:`PrecomputedReference`: the log-probs of
-    those sequences are loaded from the cache or computed now, and no reference model is kept.
+    those sequences are loaded from the cache or computed now, and no reference model is kept (nor copied:
+    the policy, still at its starting weights, computes them when it already runs in the compute dtype).
     """
     if not needed:
         return Reference()
@@ -182,6 +183,8 @@ def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True,
         ref_model = load_causal_lm(cfg.ref_model_name_or_path, compute_dtype(ctx.precision))
     if ref_model is None and is_peft_model(policy):
         live: LiveReference = AdapterReference(policy.to(device), chunk)
+    elif ref_model is None and precompute is not None and _in_dtype(policy, compute_dtype(ctx.precision)):
+        live = ModelReference(policy.to(device), chunk)   # before training the policy is the reference: no copy
     else:
         if ref_model is None:
             ref_model = copy.deepcopy(policy).to(compute_dtype(ctx.precision))
@@ -190,6 +193,10 @@ def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True,
     if precompute is None:
         return live
     return _precomputed(cfg, ctx, live, precompute, pad_token_id)
+
+
+def _in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    return all(p.dtype == dtype for p in model.parameters() if p.is_floating_point())
 
 
 def _precomputed(cfg, ctx, live: LiveReference, splits: dict[str, list[Sequence]], pad_token_id: int) -> Reference:
