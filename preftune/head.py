@@ -94,7 +94,7 @@ def _softmax_input(projected: Tensor, multiplier: float) -> Tensor:
 def _forward(hidden, weight, bias, targets, chunk_size, multiplier, with_entropy, keep_slopes=False):
     """``(logp, entropy or None, slopes or None, projection dtype)``; ``slopes`` (``keep_slopes``: frozen head)
     is ``[N, H]`` ``d log p[target] / d hidden``."""
-    logps, entropies, slopes, dtype = [], [], [], None
+    logps, entropies, slopes, dtype = [], [], [], weight.dtype
     for start in range(0, hidden.shape[0], chunk_size):
         rows, picked_ids = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         projected = F.linear(rows, weight, bias)     # the head's own call (autocast applies as there)
@@ -126,18 +126,19 @@ def _backward(ctx, hidden, weight, bias, targets, grad_logp, grad_entropy, entro
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = None
     grad_bias = torch.zeros_like(bias) if need_bias else None
+    projection, shift = weight.to(ctx.dtype), _cast(bias, ctx.dtype)   # as autocast cast them in the forward
     with torch.autocast(hidden.device.type, enabled=False):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             piece = slice(start, start + ctx.chunk_size)
             rows = hidden[piece].to(ctx.dtype)
-            logits = _softmax_input(F.linear(rows, weight.to(ctx.dtype), _cast(bias, ctx.dtype)), ctx.multiplier)
+            logits = _softmax_input(F.linear(rows, projection, shift), ctx.multiplier)
             g = _logit_grads(logits, targets[piece], grad_logp[piece] * ctx.multiplier,
                              None if grad_entropy is None else grad_entropy[piece] * ctx.multiplier,
                              None if entropy is None else entropy[piece])
             del logits
             projected = g.to(ctx.dtype)
             if need_hidden:
-                grad_hidden[piece] = projected @ weight.to(ctx.dtype)
+                grad_hidden[piece] = projected @ projection
             if need_weight:
                 grad_weight = _accumulate(grad_weight, projected.T, rows, weight.dtype)
             if need_bias:
@@ -147,7 +148,8 @@ def _backward(ctx, hidden, weight, bias, targets, grad_logp, grad_entropy, entro
 
 def _logit_grads(logits: Tensor, targets: Tensor, grad_logp: Tensor, grad_entropy: Tensor | None,
                  entropy: Tensor | None) -> Tensor:
-    """``grad_logp (onehot - p) - grad_entropy p (log p + H)`` for one chunk, overwriting ``logits``' memory."""
+    """``grad_logp (onehot - p) - grad_entropy p (log p + H)`` for one chunk (``grad_*`` already times the
+    multiplier): a new ``[rows, vocab]`` block, built in place from its softmax."""
     grad_logp = grad_logp.to(logits.dtype).unsqueeze(-1)
     if grad_entropy is None:
         g = torch.softmax(logits, dim=-1).mul_(-grad_logp)

@@ -122,6 +122,15 @@ def test_no_rows_and_no_grad():
     assert not logp.requires_grad
     torch.testing.assert_close(logp, plain(h, head.weight, head.bias, t, 1.0)[0].detach(), rtol=0, atol=1e-5)
 
+    for frozen in (False, True):   # no rows straight into the function: nothing to add to any gradient
+        head.weight.requires_grad_(not frozen)
+        rows = torch.zeros(0, 16, requires_grad=True)
+        logp, _ = linear_head_logprobs(head, rows, t[:0], 7, 1.0, False)
+        assert logp.shape == (0,)
+        logp.sum().backward()
+        assert rows.grad.shape == (0, 16) and head.weight.grad is None
+    head.weight.requires_grad_(True)
+
     class Model(torch.nn.Module):   # the smallest thing projected_logprobs accepts
         base_model_prefix = "body"
 
