@@ -124,7 +124,8 @@ def test_iterate_raises_the_oracle_reward_round_over_round(toy_run, one_thread):
     assert "Rounds (held-out prompts" in page and page.count("data:image/png;base64") >= 4
     assert "Generations per round" in page
     # a finished run is not redone: resuming it reads every round back
-    again = train_iterate(toy_config(toy_run, "learns", seed=1, resume="latest"), judge=calm_count, oracle=calm_minus_loud)
+    again = train_iterate(toy_config(toy_run, "learns", seed=1, resume="latest"), judge=calm_count,
+                          oracle=calm_minus_loud)
     assert again.rounds == result.rounds
 
 
