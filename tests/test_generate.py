@@ -156,19 +156,21 @@ def test_categorical_draws_from_the_softmax():
     assert [int(categorical(rows[1:], [alone])) for _ in range(50)] == picks[:50, 1].tolist()
 
 
-def test_categorical_on_a_large_vocabulary_with_filtered_tokens():
-    """32k tokens, most of the mass on a few hundred, a filtered (-inf) block never drawn; the frequency
-    of the 50 most likely tokens and of the rest match their probabilities (chi-square, 50 degrees of
-    freedom: 99.99th percentile 96.0)."""
+@pytest.mark.parametrize("vocab", [32_000, 1_000])
+def test_categorical_on_a_large_vocabulary_with_filtered_tokens(vocab):
+    """Most of the mass on a few hundred tokens, a filtered (-inf) range never drawn, blocks of the two-level
+    search full (32,000 = 125 x 256) or not (1,000); the frequency of the 50 most likely tokens and of the
+    rest match their probabilities (chi-square, 50 degrees of freedom: 99.99th percentile 96.0)."""
     from preftune.generate import categorical
 
-    logits = torch.randn(32_000, generator=torch.Generator().manual_seed(0)) * 3
-    logits[1000:2000] = float("-inf")
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 3
+    logits[300:600] = float("-inf")
+    logits[-5:] += 4.0          # some mass in the last, partial block
     probs = torch.softmax(logits, -1)
     draws = categorical(logits.repeat(20_000, 1), torch.Generator().manual_seed(1))
-    assert not ((draws >= 1000) & (draws < 2000)).any()
+    assert not ((draws >= 300) & (draws < 600)).any() and (draws >= vocab - 5).any()
     top = probs.topk(50).indices
-    counts = torch.bincount(draws, minlength=32_000)
+    counts = torch.bincount(draws, minlength=vocab)
     binned = torch.cat([counts[top], (counts.sum() - counts[top].sum())[None]])
     expected = torch.cat([probs[top], (1 - probs[top].sum())[None]])
     assert chi_square(binned, expected) < 96.0
