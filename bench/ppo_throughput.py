@@ -9,7 +9,9 @@ process with the same number of threads (``--threads``, default 1: on a shared m
 per process is far less disturbed by other load than two); an iteration (rollout + updates) is timed
 from one iteration's end to the next, in wall time and in process CPU time, and the median of
 iterations 2..N is reported. Peak memory is the peak resident set size above the size after imports,
-sampled every 2 ms.
+sampled every 2 ms. Each worker also times, after training, the minimum work of one iteration
+(:func:`minimum_work`) on its own thread: the **limit fraction** is that floor over the measured CPU seconds
+of an iteration.
 
 TRL removed ``trl.experimental.ppo`` after 1.12.0. If the installed TRL lacks it, TRL 1.12.0 is
 installed (without dependencies) into a cache directory and put on the TRL worker's path only.
@@ -26,6 +28,7 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,7 +70,62 @@ def build_assets(root: Path, vocab: int, hidden: int, layers: int, prompts: int,
     data = root / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": " ".join(rng.choice(words) for _ in range(prompt_length))}) + "\n"
                             for _ in range(prompts)))
-    return {"model": str(paths["model"]), "reward": str(paths["reward"]), "data": str(data)}
+    shape = {"vocab": vocab, "hidden": hidden, "inner": config.intermediate_size, "layers": layers,
+             "prompt": prompt_length}
+    return {"model": str(paths["model"]), "reward": str(paths["reward"]), "data": str(data), "shape": shape}
+
+
+# ---------------------------------------------------------------------- the floor: minimum work at the measured rate
+
+
+def minimum_work(shape: dict, args) -> list[tuple[int, int, int, int, bool]]:
+    """The matrix products one PPO iteration cannot avoid, as ``(count, rows, n_in, n_out, backward)``.
+
+    Issue 13's rule: every token through each linear layer once per pass (2 FLOPs per weight forward, 4
+    more backward), only the positions that predict response tokens through the vocabulary head, attention
+    scores ignored. Sampling: the prompts, then one step of ``batch`` rows per new token. Rollout forwards:
+    reference (log-probs), critic (values) and reward model; the policy's own log-probs are taken from
+    sampling, as TRL does (preftune recomputes them, one more policy forward). Updates: ``epochs`` passes,
+    micro-batch by micro-batch, policy and critic forward and backward. The last token is not needed by policy
+    or critic, so their passes cover ``prompt + response - 1`` tokens per sequence."""
+    h, inner, vocab, layers, prompt = (shape[k] for k in ("hidden", "inner", "vocab", "layers", "prompt"))
+    b, r, micro = args.batch, args.response, args.micro
+    body = [(h, h)] * 4 + [(h, inner)] * 2 + [(inner, h)]       # q, k, v, o; gate, up; down
+
+    def layer(count, rows, backward=False):
+        return [(count * layers, rows, n_in, n_out, backward) for n_in, n_out in body]
+
+    seen = prompt + r - 1
+    sampling = layer(1, b * prompt) + layer(r - 1, b) + [(r, b, h, vocab, False)]
+    rollout = layer(2, b * seen) + [(1, b * r, h, vocab, False)] + layer(1, b * (prompt + r))
+    updates = layer(2 * args.epochs * b // micro, micro * seen, True) + [
+        (args.epochs * b // micro, micro * r, h, vocab, True)]
+    return sampling + rollout + updates
+
+
+def floor_seconds(products: list[tuple[int, int, int, int, bool]], repeats: int = 3) -> tuple[float, float]:
+    """``(GFLOP, CPU seconds)`` of ``products`` (:func:`minimum_work`), each timed in fp32 on this process's threads
+    (median of ``repeats`` after a warm-up; a backward product adds the input- and weight-gradient products)."""
+    import torch
+
+    timed: dict[tuple, float] = {}
+    flops = seconds = 0.0
+    for count, rows, n_in, n_out, backward in products:
+        key = (rows, n_in, n_out, backward)
+        if key not in timed:
+            x, w, g = torch.randn(rows, n_in), torch.randn(n_out, n_in), torch.randn(rows, n_out)
+            times = []
+            for _ in range(repeats + 1):
+                start = time.process_time()
+                x @ w.T
+                if backward:
+                    g @ w
+                    g.T @ x
+                times.append(time.process_time() - start)
+            timed[key] = statistics.median(times[1:])
+        flops += count * (6 if backward else 2) * rows * n_in * n_out
+        seconds += count * timed[key]
+    return flops / 1e9, seconds
 
 
 # ---------------------------------------------------------------------- workers (one fresh process each)
@@ -89,7 +147,7 @@ def run_ours(args, assets, out_dir: Path, lora: bool = False) -> dict:
                     kl_coef=0.05, log_samples_steps=0, lora=lora, lora_r=16, lora_alpha=32, overwrite_output_dir=True)
     figures = measure.train(lambda: train_ppo(cfg))
     records = read_metrics(out_dir)
-    return {**figures,
+    return {**figures, "floor": floor_seconds(minimum_work(assets["shape"], args)),
             "response_length": statistics.mean(r["response/length"] for r in records),
             "entropy_first": records[0]["objective/entropy"], "kl_first": records[0]["objective/kl"]}
 
@@ -123,7 +181,7 @@ def run_trl(args, assets, out_dir: Path) -> dict:
                          callbacks=[harness.trl_timer(stamps)])
     figures = measure.train(trainer.train)
     logs = [h for h in trainer.state.log_history if "objective/entropy" in h]
-    return {**figures,
+    return {**figures, "floor": floor_seconds(minimum_work(assets["shape"], args)),
             "response_length": float(args.response), "entropy_first": logs[0]["objective/entropy"],
             "kl_first": logs[0]["objective/kl"]}
 
@@ -134,6 +192,7 @@ WORKERS = {
     "trl": run_trl,
 }
 
+PRECISE = ("iterations/s", "limit fraction (CPU)")
 SPAWN_KEYS = ["iterations", "batch", "micro", "epochs", "response", "lr", "threads"]
 
 
@@ -142,8 +201,10 @@ SPAWN_KEYS = ["iterations", "batch", "micro", "epochs", "response", "lr", "threa
 
 def summarise(result: dict, batch: int) -> dict:
     iteration, cpu = harness.iteration_medians(result)
+    gflop, floor = result["floor"]
     return {"iterations/s": 1 / iteration, "samples/s": batch / iteration, "peak MiB": result["peak_mib"],
             "iteration s": iteration, "CPU s / iteration": cpu, "total s": result["total_s"],
+            "floor GFLOP": gflop, "floor CPU s": floor, "limit fraction (CPU)": floor / cpu,
             "response length": result["response_length"],
             "entropy (iter 1)": result["entropy_first"], "kl (iter 1)": result["kl_first"]}
 
@@ -170,10 +231,9 @@ def main() -> None:
     runs = harness.spawn_all(__file__, args, SPAWN_KEYS, assets, root, console)
     results = {name: summarise(result, args.batch) for name, result in runs.items()}
     columns = ["iterations/s", "samples/s", "peak MiB", "iteration s", "CPU s / iteration", "total s",
-               "response length",
-               "entropy (iter 1)"]
+               "floor CPU s", "limit fraction (CPU)", "response length", "entropy (iter 1)"]
     harness.report_against_trl(console, args, results, "PPO iteration: rollout + updates (median of iterations 2..N)",
-                               columns, lambda column, value: f"{value:.{3 if column == 'iterations/s' else 1}f}")
+                               columns, lambda column, value: f"{value:.{3 if column in PRECISE else 1}f}")
 
 
 if __name__ == "__main__":

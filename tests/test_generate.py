@@ -124,3 +124,60 @@ def test_bad_settings_are_rejected(model, tiny_tokenizer):
             generate(model, tiny_tokenizer, [[1, 2]], bad)
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, tiny_tokenizer, [[]], SamplingSettings())
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs.double() * counts.sum()
+    return float(((counts.double() - expected) ** 2 / expected).sum())
+
+
+def test_categorical_draws_from_the_softmax():
+    """Pearson's chi-square of 100,000 draws against softmax(logits): with 7 degrees of freedom it exceeds
+    29.9 with probability 1e-4 when the sampler is right; a sampler that moved 1% of probability between
+    the two likeliest tokens would score ~120."""
+    from preftune.generate import categorical
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -2.0, -4.0, 1.5])
+    probs = torch.softmax(logits, -1)
+    draws = categorical(logits.repeat(100_000, 1), torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=8)
+    assert chi_square(counts, probs) < 29.9
+    skewed = probs.clone()
+    skewed[0] += 0.01
+    skewed[1] -= 0.01
+    assert chi_square(counts, skewed) > 29.9   # the test has the power to see a 1% error
+    # one generator per row: each row's draws follow its own distribution, whatever the batch holds
+    rows = torch.stack([logits, logits.flip(0)])
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    picks = torch.stack([categorical(rows, generators) for _ in range(20_000)])
+    for row in range(2):
+        assert chi_square(torch.bincount(picks[:, row], minlength=8), torch.softmax(rows[row], -1)) < 29.9
+    alone = torch.Generator().manual_seed(2)
+    assert [int(categorical(rows[1:], [alone])) for _ in range(50)] == picks[:50, 1].tolist()
+
+
+@pytest.mark.parametrize("vocab", [32_000, 1_000])
+def test_categorical_on_a_large_vocabulary_with_filtered_tokens(vocab):
+    """Most of the mass on a few hundred tokens, a filtered (-inf) range never drawn, blocks of the two-level
+    search full (32,000 = 125 x 256) or not (1,000); the frequency of the 50 most likely tokens and of the
+    rest match their probabilities (chi-square, 50 degrees of freedom: 99.99th percentile 96.0)."""
+    from preftune.generate import categorical
+
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 3
+    logits[300:600] = float("-inf")
+    logits[-5:] += 4.0          # some mass in the last, partial block
+    probs = torch.softmax(logits, -1)
+    draws = categorical(logits.repeat(20_000, 1), torch.Generator().manual_seed(1))
+    assert not ((draws >= 300) & (draws < 600)).any() and (draws >= vocab - 5).any()
+    top = probs.topk(50).indices
+    counts = torch.bincount(draws, minlength=vocab)
+    binned = torch.cat([counts[top], (counts.sum() - counts[top].sum())[None]])
+    expected = torch.cat([probs[top], (1 - probs[top].sum())[None]])
+    assert chi_square(binned, expected) < 96.0
+
+
+def test_categorical_rejects_non_finite_logits():
+    from preftune.generate import categorical
+
+    with pytest.raises(ValueError, match="NaN"):
+        categorical(torch.tensor([[0.0, float("nan")]]), torch.Generator().manual_seed(0))
