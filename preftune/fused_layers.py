@@ -196,7 +196,7 @@ def plain_lora(layer: nn.Module, dtype: torch.dtype) -> tuple | None:
     lora_a, lora_b, base = (getattr(layer, name, None) for name in ("lora_A", "lora_B", "base_layer"))
     if not isinstance(lora_a, nn.ModuleDict) or base is None or layer.disable_adapters or layer.merged:
         return None
-    if layer._forward_hooks or layer._forward_pre_hooks or "forward" in layer.__dict__:
+    if layer._forward_hooks or layer._forward_pre_hooks or ("forward" in layer.__dict__ and not patched(layer)):
         return None
     active = [name for name in layer.active_adapters if name in lora_a]
     if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}) or \
@@ -206,6 +206,8 @@ def plain_lora(layer: nn.Module, dtype: torch.dtype) -> tuple | None:
     if not (plain_linear(base) and plain_linear(a) and plain_linear(b) and b.bias is None and a.bias is None
             and type(dropout) is nn.Identity and a.weight.dtype == dtype):
         return None
+    if any(hasattr(w, "ds_id") for w in (base.weight, a.weight, b.weight)):
+        return None     # DeepSpeed ZeRO-3 gathers a weight only when its own module is called
     return base.weight, base.bias, a.weight, b.weight, layer.scaling[active[0]]
 
 
@@ -222,7 +224,7 @@ def autocast_mlp(x, projections):
 def fused_mlp_forward(self, x):
     projections = (self.gate_proj, self.up_proj, self.down_proj)
     autocast = torch.is_autocast_enabled(x.device.type)
-    if all(plain_linear(p) for p in projections):
+    if all(plain_linear(p) and not hasattr(p.weight, "ds_id") for p in projections):
         if autocast:
             return autocast_mlp(x, projections)
         return GatedMLPFunction.apply(x, *(t for p in projections for t in (p.weight, p.bias)))

@@ -173,7 +173,8 @@ def dpo_loss_and_grads(kind: str, fused: bool, lora: bool, checkpointing: bool):
 def test_dpo_loss_and_gradients_equal_with_and_without(kind, lora, checkpointing):
     loss, grads, none = dpo_loss_and_grads(kind, False, lora, checkpointing)
     fused_loss, fused_grads, patches = dpo_loss_and_grads(kind, True, lora, checkpointing)
-    assert none == 0 and patches == LAYERS * 3 + 1        # two norms and an MLP per layer, the final norm
+    lora_layers = 7 * LAYERS if lora else 0               # (LoRA: each adapted linear adds in place, fused_lora)
+    assert none == 0 and patches == LAYERS * 3 + 1 + lora_layers   # two norms and an MLP per layer, the final norm
     assert abs(float(loss) - 0.6931) > 1e-3               # the policy differs from its reference
     torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-6)
     assert_close_grads(grads, fused_grads)

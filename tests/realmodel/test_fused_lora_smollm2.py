@@ -22,7 +22,7 @@ def test_in_place_lora_equals_peft_on_smollm2(smollm2_dir, smollm2_tokenizer):
         if "forward" in vars(module):
             del module.forward
             unpatched += 1
-    assert unpatched == 7 * fused.config.num_hidden_layers
+    assert unpatched >= 7 * fused.config.num_hidden_layers    # LoRA layers, and the fused norms and MLPs
     text = "The village library decided to open on Sundays, so that more families could visit."
     ids = torch.tensor([smollm2_tokenizer(text)["input_ids"]])
     completion = torch.zeros_like(ids)
