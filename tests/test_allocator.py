@@ -38,3 +38,38 @@ def test_a_freed_64_mib_tensor_is_reused_without_page_faults_unless_switched_off
     assert applied and faults < pages // 20            # reused: a few faults at most
     applied, faults = page_faults("0")
     assert not applied and faults >= pages * 0.9        # glibc's default: every page faulted in every time
+
+
+def test_trimming_during_the_forward_pass_is_opt_in_and_changes_no_number(monkeypatch, tiny_tokenizer):
+    import torch
+
+    from preftune.toy import build_tiny_llama
+    from preftune.train import allocator
+
+    torch.manual_seed(0)
+    model = build_tiny_llama(tiny_tokenizer)
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 12))
+    before = model(ids).logits.detach()
+    monkeypatch.delenv(allocator.TRIM_SWITCH, raising=False)
+    assert allocator.trim_during_forward(model, torch.device("cpu")) == 0            # off by default
+    monkeypatch.setenv(allocator.TRIM_SWITCH, "1")
+    assert allocator.trim_during_forward(model, torch.device("cuda")) == 0           # CPU runs only
+    trims = []
+    monkeypatch.setattr(allocator, "_glibc", lambda: type("C", (), {"malloc_trim": staticmethod(trims.append)}))
+    assert allocator.trim_during_forward(model, torch.device("cpu")) == layers
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+    assert trims == []                                                               # no trimming without gradients
+    model(ids).logits.sum().backward()
+    assert trims == [0] * layers                                                     # malloc_trim(0) after each layer
+    monkeypatch.setenv(allocator.TRIM_SWITCH, "ten")
+    with pytest.raises(ValueError, match="whole number"):
+        allocator.trim_interval()
+
+
+def test_reuse_is_not_set_while_trimming():
+    env = dict(os.environ, PREFTUNE_REUSE_FREED_MEMORY="1", PREFTUNE_TRIM_FREED_MEMORY="5")
+    probe = "from preftune.train.allocator import reuse_freed_memory; print(reuse_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["False"]

@@ -20,18 +20,63 @@ import ctypes
 import os
 import platform
 
+import torch
+from torch import nn
+
+from ..models import base_model
+
 M_TRIM_THRESHOLD = -1      # <malloc.h>
 M_MMAP_MAX = -4
 KEEP_FREED_BYTES = 2**31 - 1
 SWITCH = "PREFTUNE_REUSE_FREED_MEMORY"
 
 
+TRIM_SWITCH = "PREFTUNE_TRIM_FREED_MEMORY"
+
+
 def reuse_freed_memory() -> bool:
     """Set glibc's allocator to serve large blocks from its heap and keep freed memory; True if it was set."""
-    if os.environ.get(SWITCH, "1") == "0" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if os.environ.get(SWITCH, "1") == "0" or libc is None or trim_interval() > 0:
         return False
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+
+
+def trim_interval() -> int:
+    """Decoder layers between two returns of freed memory (``PREFTUNE_TRIM_FREED_MEMORY``; 0: never)."""
+    value = os.environ.get(TRIM_SWITCH, "0").strip() or "0"
+    if not value.isdigit():
+        raise ValueError(f"{TRIM_SWITCH} must be a whole number of decoder layers, got {value!r}")
+    return int(value)
+
+
+def trim_during_forward(model: nn.Module, device: torch.device) -> int:
+    """Opt-in, CPU training: return the heap's free pages to the system every ``trim_interval()`` decoder layers
+    of a forward pass with gradients; returns how many layers got the hook.
+
+    The holes that freed temporaries leave between the activations kept for the backward pass stay resident
+    otherwise: on SmolLM2 DPO (full fine-tuning, fused layers, 1,684 tokens a step) the heap held ~1 GB of
+    them at the end of the forward pass. Trimming every 10 layers took the run's peak resident set from
+    4,973 to 4,362 MiB, at ~7% more CPU time (the returned pages are faulted in again when reused)."""
+    every, libc = trim_interval(), _glibc()
+    if every <= 0 or libc is None or torch.device(device).type != "cpu":
+        return 0
+    names = set(getattr(base_model(model), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+
+    def trim(_module, _inputs, _output):
+        if torch.is_grad_enabled():
+            libc.malloc_trim(0)
+
+    for layer in layers[every - 1::every]:
+        layer.register_forward_hook(trim)
+    return len(layers[every - 1::every])
+
+
+def _glibc():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None

@@ -1,9 +1,8 @@
 """The one training loop every algorithm runs on.
 
 An algorithm supplies a :class:`Task`: how a batch of examples becomes a loss and metrics. The loop
-owns the rest: devices and data parallelism (``accelerate``), AdamW and the schedule, gradient
-accumulation and clipping, metrics (progress bar, ``metrics.jsonl``, trackers), evaluation,
-checkpoints (:mod:`.checkpoint`) and exact resume.
+owns the rest: devices and data parallelism (``accelerate``), AdamW and the schedule, gradient accumulation
+and clipping, metrics (progress bar, ``metrics.jsonl``, trackers), evaluation, checkpoints and exact resume.
 
 Data order is a pure function of (seed, epoch): step ``s`` of a run always sees the same examples,
 whatever the number of processes, so a resumed run and a data-parallel run reproduce a single
@@ -46,6 +45,7 @@ import torch
 
 from ..errors import ConfigError
 from . import checkpoint as ckpt
+from .allocator import trim_during_forward
 from .distributed import eval_chunks, full_tensor, is_sharded, loss_divisor, mark_boundary
 from .progress import Display, run_summary
 from .resume import TrainingInterrupted, record_config
@@ -159,6 +159,7 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the model has no trainable parameters")
+        trim_during_forward(model, accelerator.device)   # opt-in: PREFTUNE_TRIM_FREED_MEMORY (CPU, glibc)
         devices = {t.device.type for t in params} | {accelerator.device.type}  # fused AdamW: ~6x PyTorch's CPU default
         fused = devices <= {"cpu", "cuda"} and all(t.is_floating_point() for t in params)
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
