@@ -32,6 +32,7 @@ from preftune.models import freeze, prepare_policy
 from preftune.train.dpo import DPOTask
 from preftune.train.policy import PairCollator, PolicyLogprobs, sequence_sums
 from preftune.train.reference import AdapterReference, ModelReference
+from saved_bytes import SavedBytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 32, 80, 2, 96
@@ -186,19 +187,10 @@ def saved_bytes_per_token(kind: str, fused: bool, lora: bool) -> float:
     policy = prepare_policy(model, cfg)
     policy.train()
     batch = PairCollator.for_model(cfg, 0, policy)(toy_pairs())
-    skip = {p.untyped_storage().data_ptr() for p in policy.parameters()}
-    seen = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(policy).counting() as saved:
         sums, _ = sequence_sums(PolicyLogprobs(policy), batch)
     sums.sum().backward()
-    return sum(seen.values()) / batch["input_ids"].numel()
+    return saved.total / batch["input_ids"].numel()
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

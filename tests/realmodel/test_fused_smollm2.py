@@ -8,6 +8,7 @@ from preftune.data.preference import TokenizedPair
 from preftune.fused_layers import fuse_layers
 from preftune.models import load_causal_lm
 from preftune.train.policy import PairCollator, PolicyLogprobs, sequence_sums
+from saved_bytes import SavedBytes
 
 
 def chat_pairs(tokenizer) -> list[TokenizedPair]:
@@ -22,23 +23,14 @@ def chat_pairs(tokenizer) -> list[TokenizedPair]:
 def forward_backward(model, batch):
     """Summed log-probs per sequence, a few gradients, and the bytes autograd keeps (once per storage)."""
     model.zero_grad(set_to_none=True)
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(model).counting() as saved:
         sums, _ = sequence_sums(PolicyLogprobs(model), batch)
     (sums * torch.tensor([1.0, -1.0, 0.5, -0.5])).sum().backward()
     layer = model.model.layers[3]
     grads = {"embed": model.model.embed_tokens.weight.grad, "gate": layer.mlp.gate_proj.weight.grad,
              "down": layer.mlp.down_proj.weight.grad, "norm": layer.post_attention_layernorm.weight.grad,
              "q": layer.self_attn.q_proj.weight.grad, "final_norm": model.model.norm.weight.grad}
-    return sums.detach(), {k: v.clone() for k, v in grads.items()}, sum(seen.values())
+    return sums.detach(), {k: v.clone() for k, v in grads.items()}, saved.total
 
 
 def test_fused_layers_equal_log_probs_and_gradients_with_fewer_saved_bytes(smollm2_dir, smollm2_tokenizer,
