@@ -57,7 +57,8 @@ def test_trimming_during_the_forward_pass_is_opt_in_and_changes_no_number(monkey
     assert allocator.trim_during_forward(model, torch.device("cuda")) == 0           # CPU runs only
     trims = []
     monkeypatch.setattr(allocator, "_glibc", lambda: type("C", (), {"malloc_trim": staticmethod(trims.append)}))
-    assert allocator.trim_during_forward(model, torch.device("cpu")) == layers
+    wrapped = torch.nn.ModuleDict({"policy": model})                                 # as the loop gets it
+    assert allocator.trim_during_forward(wrapped, torch.device("cpu")) == layers
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
     assert trims == []                                                               # no trimming without gradients
