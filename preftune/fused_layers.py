@@ -185,9 +185,12 @@ def fused_norm_forward(self, hidden_states):
 
 
 def plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` itself (not a subclass: quantised layers subclass it) with no hooks or patched forward."""
+    """Calling ``module`` is exactly ``F.linear(x, weight, bias)``: an ``nn.Linear`` itself (quantised layers
+    subclass it) with no hooks, patched forward or accelerate offload hook, and no weight that DeepSpeed ZeRO-3
+    partitions (it is gathered only when its own module is called)."""
     return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
-            and "forward" not in module.__dict__)
+            and "forward" not in module.__dict__ and not hasattr(module, "_hf_hook")
+            and not hasattr(module.weight, "ds_id"))
 
 
 def plain_lora(layer: nn.Module, dtype: torch.dtype) -> tuple | None:
@@ -206,8 +209,6 @@ def plain_lora(layer: nn.Module, dtype: torch.dtype) -> tuple | None:
     if not (plain_linear(base) and plain_linear(a) and plain_linear(b) and b.bias is None and a.bias is None
             and type(dropout) is nn.Identity and a.weight.dtype == dtype):
         return None
-    if any(hasattr(w, "ds_id") for w in (base.weight, a.weight, b.weight)):
-        return None     # DeepSpeed ZeRO-3 gathers a weight only when its own module is called
     return base.weight, base.bias, a.weight, b.weight, layer.scaling[active[0]]
 
 
@@ -224,7 +225,7 @@ def autocast_mlp(x, projections):
 def fused_mlp_forward(self, x):
     projections = (self.gate_proj, self.up_proj, self.down_proj)
     autocast = torch.is_autocast_enabled(x.device.type)
-    if all(plain_linear(p) and not hasattr(p.weight, "ds_id") for p in projections):
+    if all(plain_linear(p) for p in projections):
         if autocast:
             return autocast_mlp(x, projections)
         return GatedMLPFunction.apply(x, *(t for p in projections for t in (p.weight, p.bias)))

@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .fused_layers import plain_linear as calls_linear
+
 
 def plain_linear(lm_head: nn.Module) -> nn.Linear | None:
     """``lm_head`` if calling it is exactly ``F.linear(x, weight, bias)`` (no subclass, wrapper or hook), else None."""
-    if type(lm_head) is not nn.Linear or "forward" in vars(lm_head) or hasattr(lm_head, "_hf_hook"):
-        return None
-    if lm_head._forward_hooks or lm_head._forward_pre_hooks:
+    if not calls_linear(lm_head):
         return None
     if any(p is not None and type(p) is not nn.Parameter for p in (lm_head.weight, lm_head.bias)):
         return None   # sharded (DTensor) or quantised parameters: the module knows how to call them
