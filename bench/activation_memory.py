@@ -84,9 +84,9 @@ def measure(name: str) -> dict:
     import torch
 
     from preftune.config import DPOConfig
+    from preftune.modality.text import PairCollator, PolicyLogprobs, sequence_sums
     from preftune.models import load_causal_lm, prepare_policy
     from preftune.realmodel import obtain_checkpoint
-    from preftune.train.policy import PairCollator, PolicyLogprobs, sequence_sums
 
     torch.set_num_threads(1)
     cfg = DPOConfig(lora_r=16, lora_alpha=32, **SETTINGS[name])

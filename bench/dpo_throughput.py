@@ -108,7 +108,7 @@ def run_ours(args, assets, out_dir: Path, precompute: bool = True) -> dict:
     import torch  # noqa: F401  (imported before the baseline, like TRL's worker)
 
     from preftune import DPOConfig
-    from preftune.train.dpo import train_dpo
+    from preftune.recipes.dpo import train_dpo
 
     meter = PeakRSS()
     meter.start()

@@ -49,8 +49,8 @@ def run_ours(args, assets, out_dir: Path) -> dict:
     import torch
 
     from preftune.config import GRPOConfig
-    from preftune.train.grpo import train_grpo
-    from preftune.train.ppo import read_metrics
+    from preftune.recipes.grpo import train_grpo
+    from preftune.recipes.ppo import read_metrics
 
     torch.manual_seed(0)
     measure = harness.Measure(harness.preftune_stamps())

@@ -1,5 +1,5 @@
 """Forward + backward of the output head's log-probs: before (module call under activation checkpointing,
-``logit[target] - logsumexp``) against ``preftune.head`` (hand-written backward, fused log-softmax).
+``logit[target] - logsumexp``) against ``preftune.speed.head`` (hand-written backward, fused log-softmax).
 
     python bench/head_chunk.py            # one thread; medians of process CPU time over --repeats runs
 
@@ -17,13 +17,13 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from preftune.head import linear_head_logprobs
+from preftune.speed.head import linear_head_logprobs
 
 CHUNK = 1024
 
 
 def before_chunk(head, hidden, targets):
-    """The chunk as computed before preftune.head: module call, gather, logsumexp."""
+    """The chunk as computed before preftune.speed.head: module call, gather, logsumexp."""
     logits = head(hidden).float()
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 

@@ -135,7 +135,7 @@ def run_ours(args, assets, out_dir: Path, lora: bool = False) -> dict:
     import torch
 
     from preftune.config import PPOConfig
-    from preftune.train.ppo import read_metrics, train_ppo
+    from preftune.recipes.ppo import read_metrics, train_ppo
 
     torch.manual_seed(0)
     measure = harness.Measure(harness.preftune_stamps())

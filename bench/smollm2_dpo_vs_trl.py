@@ -181,7 +181,7 @@ def matmul_rates(shape: dict, tokens: dict, batch: int, repeats: int = 5, device
 
 def run_preftune(args, assets, out_dir: Path, lora: bool) -> dict:
     from preftune import DPOConfig
-    from preftune.train.dpo import train_dpo
+    from preftune.recipes.dpo import train_dpo
 
     stamps = harness.preftune_stamps()
     cfg = DPOConfig(model_name_or_path=assets["model"], dataset=assets["data"], output_dir=str(out_dir),

@@ -19,7 +19,7 @@ import torch
 
 from preftune import DPOConfig
 from preftune.realmodel import obtain_checkpoint
-from preftune.train.dpo import train_dpo
+from preftune.recipes.dpo import train_dpo
 
 WORDS = "the quiet river carried small boats past old stone houses while children watched from the bridge".split()
 

@@ -27,16 +27,16 @@ from .errors import ConfigError, DataError, PreftuneError  # noqa: E402
 
 
 def _lazy(name: str, summary: str):
-    """``preftune.<name>``: calls ``preftune.train.<module>.<name>``, importing torch and the trainer on first use."""
-    module = name.removeprefix("train_")
+    """``preftune.<name>``: calls ``preftune.<module>.<name>``, importing torch and the trainer on first use."""
+    module = "iterate.rounds" if name == "train_iterate" else "recipes." + name.removeprefix("train_")
 
     def run(cfg, **objects):
         from importlib import import_module
 
-        return getattr(import_module(f".train.{module}", __name__), name)(cfg, **objects)
+        return getattr(import_module(f".{module}", __name__), name)(cfg, **objects)
 
     run.__name__ = run.__qualname__ = name
-    run.__doc__ = f"{summary} (see :func:`preftune.train.{module}.{name}`)."
+    run.__doc__ = f"{summary} (see :func:`preftune.{module}.{name}`)."
     return run
 
 

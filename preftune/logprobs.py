@@ -16,7 +16,7 @@ thing in preference training by far.
 * It projects those rows onto the vocabulary ``chunk_size`` rows at a time, in float32, and turns
   each chunk into ``log_softmax(logits)[target]`` at once: ``[chunk_size, vocab]`` is the largest
   tensor it ever creates, never ``[N, vocab]`` or ``[batch, seq, vocab]``.
-* A plain ``nn.Linear`` head (tied or not) goes through :mod:`preftune.head`, whose hand-written
+* A plain ``nn.Linear`` head (tied or not) goes through :mod:`preftune.speed.head`, whose hand-written
   backward recomputes each chunk's projection once, or not at all when the head is frozen (LoRA).
   Any other head (LoRA-wrapped, softcapped, hooked) is called as a module, so its adapter or hook
   applies, with each chunk under activation checkpointing when gradients are needed: the graph
@@ -32,7 +32,7 @@ entropy (computed in the same chunks, optionally at a sampling temperature), and
 head on the same backbone).
 
 Under data parallelism, call this inside the forward of the module the distributed wrapper wraps
-(``preftune.train.policy.PolicyLogprobs``): calling the inner model's submodules from outside the
+(``preftune.modality.text.PolicyLogprobs``): calling the inner model's submodules from outside the
 wrapper's forward would skip its gradient synchronisation. Likewise ``model.forward`` itself is
 never called, so an autocast patched into it (accelerate's mixed precision) does not apply: run
 under ``accelerator.autocast()`` / ``torch.autocast`` or load the weights in the target dtype.
@@ -55,8 +55,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .data.packed import PackedLayout, scored_positions
-from .head import linear_head_logprobs, log_softmax_stats, plain_linear
 from .models import base_model
+from .speed.head import linear_head_logprobs, log_softmax_stats, plain_linear
 
 
 def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
@@ -170,7 +170,7 @@ def packed_sequence_logprobs(model, batch: dict[str, Tensor], chunk_size: int = 
     :func:`sequence_logprobs` of the same sequence in a padded row: only the states that predict
     completion tokens are projected onto the vocabulary, in chunks, as there.
     """
-    from .attention import packed_model_inputs
+    from .speed.attention import packed_model_inputs
 
     layout = PackedLayout.of(batch)
     targets, predictors, sequences = (t.to(batch["input_ids"].device) for t in scored_positions(layout))

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .fused_layers import fuse_layers
-from .fused_lora import fuse_lora_layers
 from .gguf_import import resolve_model_path
+from .speed.fused_layers import fuse_layers
+from .speed.fused_lora import fuse_lora_layers
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

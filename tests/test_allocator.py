@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 
 PROBE = """
 import resource, torch
-from preftune.train.allocator import reuse_freed_memory
+from preftune.speed.allocator import reuse_freed_memory
 print(reuse_freed_memory())
 faults = []
 for _ in range(6):
@@ -43,8 +43,8 @@ def test_a_freed_64_mib_tensor_is_reused_without_page_faults_unless_switched_off
 def test_trimming_during_the_forward_pass_is_opt_in_and_changes_no_number(monkeypatch, tiny_tokenizer):
     import torch
 
+    from preftune.speed import allocator
     from preftune.toy import build_tiny_llama
-    from preftune.train import allocator
 
     torch.manual_seed(0)
     model = build_tiny_llama(tiny_tokenizer)
@@ -71,6 +71,6 @@ def test_trimming_during_the_forward_pass_is_opt_in_and_changes_no_number(monkey
 
 def test_reuse_is_not_set_while_trimming():
     env = dict(os.environ, PREFTUNE_REUSE_FREED_MEMORY="1", PREFTUNE_TRIM_FREED_MEMORY="5")
-    probe = "from preftune.train.allocator import reuse_freed_memory; print(reuse_freed_memory())"
+    probe = "from preftune.speed.allocator import reuse_freed_memory; print(reuse_freed_memory())"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == ["False"]

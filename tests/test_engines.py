@@ -12,7 +12,7 @@ import torch
 
 from preftune.engines import ENGINES, TransformersEngine, make_engine, merged_weights, sample_with
 from preftune.generate import SamplingSettings, encode_prompts, generate_ids
-from preftune.train.ppo import read_metrics
+from preftune.recipes.ppo import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["Describe the river in a few words:", "Tell me", "Describe a small cat in a few words: calm and quiet"]
@@ -164,7 +164,7 @@ def setup(tmp_path_factory, tiny_tokenizer, one_thread):
 
 def grpo_rewards(setup, out, **overrides):
     from preftune.config import GRPOConfig
-    from preftune.train.grpo import train_grpo
+    from preftune.recipes.grpo import train_grpo
 
     cfg = GRPOConfig(model_name_or_path=str(setup["model"]), dataset=str(setup["prompts"]), output_dir=str(out),
                      reward_funcs=[setup["reward"]], per_device_batch_size=16, num_generations=4,

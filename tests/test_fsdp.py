@@ -19,10 +19,10 @@ import yaml
 from safetensors.torch import load_file
 
 from preftune.config import DPOConfig, GRPOConfig, SFTConfig
-from preftune.train.distributed import eval_chunks
-from preftune.train.dpo import train_dpo
-from preftune.train.grpo import train_grpo
-from preftune.train.sft import train_sft
+from preftune.recipes.dpo import train_dpo
+from preftune.recipes.grpo import train_grpo
+from preftune.recipes.sft import train_sft
+from preftune.runtime.distributed import eval_chunks
 from test_ppo import online_setup
 from toydata import make_toy_preferences
 
@@ -107,7 +107,7 @@ def test_sharded_evaluation_gives_every_process_as_many_batches():
 
 def test_the_fsdp_option_takes_transformers_words_and_refuses_others(tiny_model_dir, data, tmp_path):
     from preftune.errors import ConfigError
-    from preftune.train.distributed import fsdp_plugin
+    from preftune.runtime.distributed import fsdp_plugin
 
     plugin = fsdp_plugin("full_shard auto_wrap")
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from preftune.train.loop import Trainer
-from preftune.train.run import RunContext, make_accelerator
+from preftune.runtime.loop import Trainer
+from preftune.runtime.run import RunContext, make_accelerator
 
 TARGET = torch.tensor([[1.0, -2.0, 0.5]])
 

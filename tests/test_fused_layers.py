@@ -18,7 +18,11 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from preftune.config import DPOConfig
 from preftune.data.preference import TokenizedPair
-from preftune.fused_layers import (
+from preftune.modality.text import PairCollator, PolicyLogprobs, sequence_sums
+from preftune.models import freeze, prepare_policy
+from preftune.recipes.dpo import DPOTask
+from preftune.runtime.reference import AdapterReference, ModelReference
+from preftune.speed.fused_layers import (
     GatedMLPFunction,
     LoraDownFunction,
     RMSNormFunction,
@@ -28,10 +32,6 @@ from preftune.fused_layers import (
     fused_norm_forward,
     patched,
 )
-from preftune.models import freeze, prepare_policy
-from preftune.train.dpo import DPOTask
-from preftune.train.policy import PairCollator, PolicyLogprobs, sequence_sums
-from preftune.train.reference import AdapterReference, ModelReference
 from saved_bytes import SavedBytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from preftune.fused_lora import fuse_lora_layers
+from preftune.speed.fused_lora import fuse_lora_layers
 
 
 def lora_stack(dropout: float = 0.0, bias: bool = True, seed: int = 0):

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from preftune.config import GRPOConfig, RLOOConfig, config_from_args, load_config
 from preftune.errors import ConfigError
-from preftune.train.grpo import Completion, GRPOTask, PolicyTokens, train_grpo
-from preftune.train.ppo import read_metrics
+from preftune.recipes.grpo import Completion, GRPOTask, PolicyTokens, train_grpo
+from preftune.recipes.ppo import read_metrics
 from test_ppo import online_setup
 from toydata import TOPICS
 

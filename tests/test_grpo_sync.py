@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from preftune.errors import ConfigError
-from preftune.train.grpo import train_grpo
-from preftune.train.ppo import read_metrics
+from preftune.recipes.grpo import train_grpo
+from preftune.recipes.ppo import read_metrics
 from test_grpo import config, setup  # noqa: F401  (setup is the shared module-scoped fixture)
 from test_train_dpo import one_and_two_processes
 

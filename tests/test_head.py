@@ -1,4 +1,4 @@
-"""preftune.head: the hand-written projection + log-softmax of a plain linear head, against the plain
+"""preftune.speed.head: the hand-written projection + log-softmax of a plain linear head, against the plain
 ``[N, vocab]`` computation (values and gradients), gradcheck in float64, the frozen-head path, and the
 model-level paths (tied embeddings, temperature, logit scale, LoRA) against the module-called path."""
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from preftune.head import _LinearHeadLogprobs, linear_head_logprobs, plain_linear
 from preftune.logprobs import projected_logprobs, token_logprobs, token_logprobs_and_entropy
+from preftune.speed.head import _LinearHeadLogprobs, linear_head_logprobs, plain_linear
 from test_logprobs import make_batch, naive_token_logprobs, tiny_gpt2
 
 

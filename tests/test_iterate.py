@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from preftune.cli import main
 from preftune.config import IterateConfig
 from preftune.errors import ConfigError
-from preftune.train import iterate as iterate_module
-from preftune.train.iterate import train_iterate
-from preftune.train.iterate_select import round_robin, select_rows
+from preftune.iterate import rounds as iterate_module
+from preftune.iterate.rounds import train_iterate
+from preftune.iterate.select import round_robin, select_rows
 from toydata import calm_count, calm_minus_loud, toy_prompt_rows
 
 TESTS = Path(__file__).resolve().parent

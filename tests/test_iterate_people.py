@@ -20,8 +20,8 @@ from preftune.annotate.app import create_app  # noqa: E402
 from preftune.annotate.db import Database  # noqa: E402
 from preftune.annotate.tokens import add_annotator  # noqa: E402
 from preftune.config import IterateConfig  # noqa: E402
-from preftune.train import iterate_people  # noqa: E402
-from preftune.train.iterate import train_iterate  # noqa: E402
+from preftune.iterate import people as iterate_people  # noqa: E402
+from preftune.iterate.rounds import train_iterate  # noqa: E402
 from toydata import calm_count, calm_minus_loud, toy_prompt_rows  # noqa: E402
 
 

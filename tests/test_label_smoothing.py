@@ -8,7 +8,7 @@ import torch
 from preftune.config import DPOConfig
 from preftune.data import Records, TokenizeSettings, tokenize_preferences
 from preftune.losses.preference import sigmoid_loss
-from preftune.train.dpo import DPOTask
+from preftune.recipes.dpo import DPOTask
 
 BETA, EPS = 0.5, 0.1
 

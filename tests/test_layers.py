@@ -48,4 +48,4 @@ def test_settings_import_nothing_but_errors(path):
 
 
 def test_the_check_sees_relative_imports(tmp_path):
-    assert "preftune.train.loop" in imported_modules(PACKAGE / "train" / "ppo.py")
+    assert "preftune.runtime.loop" in imported_modules(PACKAGE / "recipes" / "ppo.py")

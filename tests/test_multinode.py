@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from preftune.config import DPOConfig
-from preftune.train.dpo import train_dpo
+from preftune.recipes.dpo import train_dpo
 from test_fsdp import ROOT, assert_same_run, data, dpo_values, free_port, launch_env, write_config  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

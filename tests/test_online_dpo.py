@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from preftune.config import OnlineDPOConfig
 from preftune.errors import ConfigError
-from preftune.train.online_dpo import train_online_dpo
-from preftune.train.ppo import read_metrics
+from preftune.recipes.online_dpo import train_online_dpo
+from preftune.recipes.ppo import read_metrics
 from test_grpo import cli
 from test_ppo import online_setup
 

@@ -100,7 +100,7 @@ def tiny_gpt2(vocab: int):
 
 @pytest.mark.parametrize("arch", ["gqa-llama", "gpt2"])
 def test_blockwise_sdpa_runs_and_equals_padded(arch, tiny_tokenizer, monkeypatch):
-    import preftune.attention as attention
+    import preftune.speed.attention as attention
 
     vocab = len(tiny_tokenizer)
     model = gqa_llama(vocab) if arch == "gqa-llama" else tiny_gpt2(vocab)
@@ -143,7 +143,7 @@ def test_lora_and_gradient_checkpointing(tiny_tokenizer):
 @pytest.mark.parametrize("share", [True, False])
 def test_reward_model_packed_equals_padded(share, tiny_tokenizer):
     from preftune.config import RewardConfig
-    from preftune.train.reward import RewardScorer, RewardTask
+    from preftune.recipes.reward import RewardScorer, RewardTask
 
     model = gqa_llama(len(tiny_tokenizer), classifier=True)
     scorer = RewardScorer(model)
@@ -159,8 +159,8 @@ def test_reward_model_packed_equals_padded(share, tiny_tokenizer):
 
 
 def test_precomputed_reference_packed_equals_padded(tiny_tokenizer, tmp_path):
-    from preftune.train.policy import PairCollator
-    from preftune.train.reference import ModelReference, PrecomputedReference, precompute_logps, sequence_key
+    from preftune.modality.text import PairCollator
+    from preftune.runtime.reference import ModelReference, PrecomputedReference, precompute_logps, sequence_key
 
     model = gqa_llama(len(tiny_tokenizer)).eval()
     reference = ModelReference(model, chunk_size=4)
@@ -181,9 +181,9 @@ def test_precomputed_reference_packed_equals_padded(tiny_tokenizer, tmp_path):
 
 def test_dpo_loss_and_gradients_equal_in_every_layout(tiny_tokenizer):
     from preftune.config import DPOConfig
-    from preftune.train.dpo import DPOTask
-    from preftune.train.policy import PolicyLogprobs
-    from preftune.train.reference import ModelReference
+    from preftune.modality.text import PolicyLogprobs
+    from preftune.recipes.dpo import DPOTask
+    from preftune.runtime.reference import ModelReference
 
     policy = gqa_llama(len(tiny_tokenizer))
     reference = ModelReference(gqa_llama(len(tiny_tokenizer)).eval(), chunk_size=4)
@@ -214,9 +214,9 @@ def test_kto_loss_equal_packed_and_padded(kto_kl, tiny_tokenizer):
     from accelerate import Accelerator
 
     from preftune.config import KTOConfig
-    from preftune.train.kto import KTOItem, KTOTask
-    from preftune.train.policy import PolicyLogprobs
-    from preftune.train.reference import ModelReference
+    from preftune.modality.text import PolicyLogprobs
+    from preftune.recipes.kto import KTOItem, KTOTask
+    from preftune.runtime.reference import ModelReference
 
     policy = gqa_llama(len(tiny_tokenizer))
     reference = ModelReference(gqa_llama(len(tiny_tokenizer)).eval(), chunk_size=4)
@@ -241,7 +241,7 @@ def test_kto_loss_equal_packed_and_padded(kto_kl, tiny_tokenizer):
 @pytest.mark.parametrize("packing", [False, True])
 def test_sft_padding_free_equals_padded(packing, tiny_tokenizer):
     from preftune.data.packing import LMExample, pack_examples, single_row
-    from preftune.train.sft import LMLogprobs, LMTask
+    from preftune.recipes.sft import LMLogprobs, LMTask
 
     generator = torch.Generator().manual_seed(6)
     examples = []
@@ -268,7 +268,7 @@ def test_a_model_whose_attention_ignores_the_layout_stays_padded(tiny_tokenizer)
 
     from preftune import attention
     from preftune.config import DPOConfig
-    from preftune.train.policy import PairCollator
+    from preftune.modality.text import PairCollator
 
     cfg = DPOConfig()
     for kind in ("sdpa", "eager"):

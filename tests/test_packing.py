@@ -13,8 +13,8 @@ from preftune.data.packing import (
     single_row,
 )
 from preftune.errors import ConfigError
-from preftune.train import sft as sft_module
-from preftune.train.sft import LMLogprobs, LMTask, check_packed_attention
+from preftune.recipes import sft as sft_module
+from preftune.recipes.sft import LMLogprobs, LMTask, check_packed_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

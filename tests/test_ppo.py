@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from preftune.config import PPOConfig
 from preftune.errors import ConfigError, DataError
-from preftune.train.ppo import read_metrics, train_ppo
+from preftune.recipes.ppo import read_metrics, train_ppo
 from toydata import CALM_WORDS, LOUD_WORDS, TOPICS
 
 REWARD_MODULE = f"""
@@ -162,7 +162,7 @@ def test_adaptive_kl_coefficient_moves_towards_the_target(setup, tmp_path):
 
 
 def test_missing_eos_gets_the_penalty(setup, tmp_path):
-    from preftune.train.rollout import adjusted_scores
+    from preftune.recipes.online import adjusted_scores
 
     scores = adjusted_scores(torch.tensor([1.0, 1.0, 0.2]), torch.tensor([True, False, False]), 0.5, None, None, 0.0)
     torch.testing.assert_close(scores, torch.tensor([1.0, 0.5, -0.3]))
@@ -179,8 +179,8 @@ def test_padding_after_eos_is_masked(setup, tiny_tokenizer):
     """A sample's log-probs, values and loss are the same alone and in a padded micro-batch."""
     from transformers import AutoModelForCausalLM
 
-    from preftune.train.ppo import PolicyValue, PPOTask
-    from preftune.train.rollout import Sample
+    from preftune.recipes.online import Sample
+    from preftune.recipes.ppo import PolicyValue, PPOTask
 
     policy = AutoModelForCausalLM.from_pretrained(setup["model"])
     head = torch.nn.Linear(policy.config.hidden_size, 1)

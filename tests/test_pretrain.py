@@ -10,8 +10,8 @@ from preftune.cli import main
 from preftune.config import PretrainConfig, SFTConfig
 from preftune.data.text import read_documents, tokenize_documents
 from preftune.errors import ConfigError, DataError
-from preftune.train.pretrain import fresh_model, train_pretrain
-from preftune.train.sft import train_sft
+from preftune.recipes.pretrain import fresh_model, train_pretrain
+from preftune.recipes.sft import train_sft
 from toydata import CALM_WORDS, TOPICS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

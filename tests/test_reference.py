@@ -7,8 +7,8 @@ import torch
 
 from preftune.data.collate import collate_completions
 from preftune.models import apply_lora
-from preftune.train.reference import make_reference, row_keys, sequence_key
-from preftune.train.run import RunContext, make_accelerator
+from preftune.runtime.reference import make_reference, row_keys, sequence_key
+from preftune.runtime.run import RunContext, make_accelerator
 
 SEQUENCES = [([1, 40, 41], [50, 51, 2]), ([1, 42], [52, 2]), ([1, 43, 44, 45], [53, 54, 55, 2]), ([1, 40, 41], [56, 2])]
 
@@ -104,7 +104,7 @@ def test_precomputed_equals_live_is_cached_and_keyed_by_tokens(tiny_model, tmp_p
     assert row_keys(batch) == [sequence_key(*s) for s in shuffled]
     torch.testing.assert_close(reference.sequence_logps(batch), plain_logps(tiny_model, shuffled), atol=1e-5, rtol=0)
 
-    from preftune.train import reference as reference_module
+    from preftune.runtime import reference as reference_module
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the reference model ran although its log-probs were cached")

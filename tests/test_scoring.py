@@ -70,7 +70,7 @@ def make_judge_spec(spec):
 
 
 def test_ppo_rollout_refuses_non_finite_rewards(tmp_path, tiny_model, tiny_tokenizer, bad_module):
-    from preftune.train.ppo import train_ppo
+    from preftune.recipes.ppo import train_ppo
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Describe the river {i}"} for i in range(8)])
 

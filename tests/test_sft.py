@@ -17,7 +17,7 @@ from preftune.config import SFTConfig
 from preftune.data import Records
 from preftune.data.text import SFTSettings, tokenize_sft
 from preftune.errors import DataError
-from preftune.train.sft import train_sft
+from preftune.recipes.sft import train_sft
 from toydata import make_toy_preferences
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from preftune import DPOConfig
-from preftune.train.dpo import train_dpo
+from preftune.recipes.dpo import train_dpo
 from toydata import make_toy_preferences
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def test_precomputed_reference_is_cached_reused_and_matches_live(tiny_model_dir,
     first = train_dpo(config(tiny_model_dir, toy_data["train"], tmp_path / "pre1", precompute_ref=True))
     assert json.loads((tmp_path / "pre1" / "reference_cache.json").read_text())["train"]["reused"] is False
 
-    from preftune.train import reference as reference_module
+    from preftune.runtime import reference as reference_module
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the reference model ran although its log-probs were cached")

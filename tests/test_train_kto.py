@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import test_train_dpo
 from preftune import KTOConfig
-from preftune.train.kto import train_kto, weight_advice
+from preftune.recipes.kto import train_kto, weight_advice
 from test_train_dpo import cli, killed_and_resumed, one_and_two_processes, step_records, write_jsonl
 from toydata import make_toy_preferences
 
@@ -75,7 +75,7 @@ def test_lora_with_precomputed_reference_reuses_its_cache(tiny_model_dir, toy_da
     stored = load_file(cache["path"])["logps"]  # each example's own completion, then its mismatched completion
     assert stored.shape == (512,) and not torch.allclose(stored[:256], stored[256:])
 
-    from preftune.train import reference as reference_module
+    from preftune.runtime import reference as reference_module
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the reference model ran although its log-probs were cached")
@@ -149,7 +149,7 @@ def test_config_refuses_pairwise_options_and_bad_weights():
 
 
 def test_a_micro_batch_without_desirable_examples_leaves_the_logged_means_finite(tiny_model_dir, tmp_path, one_thread):
-    from preftune.train.loop import epoch_order
+    from preftune.runtime.loop import epoch_order
 
     pairs = make_toy_preferences(32, seed=5)
     good = [i % 4 == 0 for i in range(32)]  # 8 desirable examples among 32: many micro-batches have none

@@ -15,9 +15,9 @@ from preftune.data import TokenizeSettings, load_records
 from preftune.multimodal.data import collate_vision_pairs, tokenize_vision_pairs
 from preftune.multimodal.logprobs import IMAGE_PREFIX, vision_token_logprobs
 from preftune.multimodal.models import TOWERS, named_part
-from preftune.train.dpo import train_dpo
-from preftune.train.reward import train_reward
-from preftune.train.sft import train_sft
+from preftune.recipes.dpo import train_dpo
+from preftune.recipes.reward import train_reward
+from preftune.recipes.sft import train_sft
 from toyvision import FAMILIES, build_tiny_vlm, build_vision_processor, make_colour_pairs, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -156,7 +156,7 @@ def test_the_command_line_trains_and_refuses_bad_images(tmp_path, processor):
 def test_kto_refuses_rows_with_images(tmp_path):
     from preftune import KTOConfig
     from preftune.errors import ConfigError
-    from preftune.train.kto import train_kto
+    from preftune.recipes.kto import train_kto
 
     data = write_jsonl(tmp_path / "pairs.jsonl", good_rows(tmp_path))
     cfg = KTOConfig(model_name_or_path="unused", dataset=str(data), output_dir=str(tmp_path / "run"))

@@ -7,7 +7,7 @@ import pytest
 
 from preftune import DPOConfig, GRPOConfig, PPOConfig
 from preftune.generate import SamplingSettings, encode_prompts, generate_ids
-from preftune.train.dpo import train_dpo
+from preftune.recipes.dpo import train_dpo
 from toydata import make_toy_preferences
 
 NOISY = (FutureWarning, DeprecationWarning, PendingDeprecationWarning, UserWarning)

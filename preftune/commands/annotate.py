@@ -184,8 +184,8 @@ def _watcher(db, path: str, interval: float):
 
     if not Path(path).exists():
         raise ConfigError(f"reward model {path} not found")
-    if importlib.util.find_spec("preftune.train.reward") is None:
-        raise ConfigError("--reward-model needs preftune.train.reward, which this installation lacks")
+    if importlib.util.find_spec("preftune.recipes.reward") is None:
+        raise ConfigError("--reward-model needs preftune.recipes.reward, which this installation lacks")
     watcher = RewardModelWatcher(db, path, interval=interval)
     watcher.check_once()  # rank before the first annotator arrives; later changes re-rank in the background
     return watcher

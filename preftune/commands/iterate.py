@@ -22,7 +22,7 @@ def run_iterate(args) -> int:
     from rich.console import Console
 
     cfg = config_from_args(IterateConfig, args)  # report config mistakes before the heavy imports
-    from ..train.iterate import train_iterate
+    from ..iterate.rounds import train_iterate
 
     result = train_iterate(cfg)
     out = Console()

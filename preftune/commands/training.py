@@ -18,7 +18,7 @@ def training_command(name: str, config_cls, train: Callable, help: str, descript
 
 
 def run_training(config_cls, train: Callable, args) -> int:
-    from ..train.resume import TrainingInterrupted, interruption_message
+    from ..runtime.resume import TrainingInterrupted, interruption_message
 
     cfg = config_from_args(config_cls, args)  # report config mistakes before the heavy imports
     try:

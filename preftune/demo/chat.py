@@ -10,7 +10,7 @@ for the ways a policy can game a sentiment score, so that reward hacking shows a
     and -2 for an empty response.
 
 ``preftune demo --model smollm2`` (``make demo-chat``) runs two rounds of iterative DPO with
-rejection sampling (:mod:`preftune.train.iterate`; LoRA, best vs worst of 4 samples judged by this
+rejection sampling (:mod:`preftune.iterate.rounds`; LoRA, best vs worst of 4 samples judged by this
 oracle) on training products, evaluates held-out products (never trained on) each round and writes
 ``report.html`` and ``summary.json``.
 """
@@ -125,8 +125,8 @@ def run_chat_demo(output_dir: str | Path = "runs/demo-chat", scale: ChatDemoScal
     import torch
     from rich.console import Console
 
+    from ..iterate.rounds import train_iterate
     from ..realmodel import obtain_checkpoint
-    from ..train.iterate import train_iterate
 
     console, scale, root = Console(), scale or ChatDemoScale(), Path(output_dir)
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))

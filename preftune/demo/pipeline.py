@@ -87,7 +87,7 @@ def _stage(title: str):
 
 def base_model(scale: DemoScale, cache_root: Path) -> Path:
     """Pretrain a small Llama on the review corpus once; later demos reuse it from the cache."""
-    from ..train.pretrain import train_pretrain
+    from ..recipes.pretrain import train_pretrain
 
     key = hashlib.sha256(json.dumps([asdict(scale)[k] for k in ("corpus_reviews", "hidden_size", "layers", "vocab_size",
                                                                  "pretrain_epochs", "seed")]).encode()).hexdigest()[:12]
@@ -112,7 +112,7 @@ def base_model(scale: DemoScale, cache_root: Path) -> Path:
 
 
 def supervised_model(scale: DemoScale, base: Path, root: Path) -> Path:
-    from ..train.sft import train_sft
+    from ..recipes.sft import train_sft
 
     task = SentimentTask(seed=scale.seed)
     data = _write_jsonl(task.sft_rows(scale.sft_rows), root / "data" / "sft.jsonl")
@@ -150,7 +150,7 @@ def preference_pairs(scale: DemoScale, sft: Path, root: Path) -> tuple[Path, dic
 
 
 def reward_model(scale: DemoScale, sft: Path, pairs: Path, root: Path) -> tuple[Path, dict]:
-    from ..train.reward import train_reward
+    from ..recipes.reward import train_reward
 
     cfg = RewardConfig(model_name_or_path=str(sft), dataset=str(pairs), output_dir=str(root / "reward"), max_length=96,
                        per_device_batch_size=32, num_epochs=scale.reward_epochs, learning_rate=3e-4, logging_steps=10,
@@ -160,7 +160,7 @@ def reward_model(scale: DemoScale, sft: Path, pairs: Path, root: Path) -> tuple[
 
 
 def dpo_runs(scale: DemoScale, sft: Path, pairs: Path, root: Path) -> list[Path]:
-    from ..train.dpo import train_dpo
+    from ..recipes.dpo import train_dpo
 
     dirs = []
     for beta in scale.dpo_betas:
@@ -174,7 +174,7 @@ def dpo_runs(scale: DemoScale, sft: Path, pairs: Path, root: Path) -> list[Path]
 
 
 def ppo_runs(scale: DemoScale, sft: Path, reward: Path, root: Path) -> list[Path]:
-    from ..train.ppo import train_ppo
+    from ..recipes.ppo import train_ppo
 
     prompts = _write_jsonl([{"prompt": p} for p in SentimentTask(train_prompts=scale.train_prompts,
                                                                   seed=scale.seed).train_prefixes()],

@@ -189,7 +189,7 @@ def test_active_learning_serves_the_least_separated_items_first_and_reranks(db, 
 
 
 def test_reward_model_scorer_ranks_with_a_real_reward_model(tmp_path, tiny_model_dir, make_project):
-    pytest.importorskip("preftune.train.reward")
+    pytest.importorskip("preftune.recipes.reward")
     from preftune.annotate.ordering import reward_model_scorer
     from preftune.scoring.reward_model import load_classifier, load_reward_model, score_texts
 

@@ -5,9 +5,9 @@ import torch
 
 from preftune.config import DPOConfig
 from preftune.data.preference import TokenizedPair
-from preftune.fused_layers import fuse_layers
+from preftune.modality.text import PairCollator, PolicyLogprobs, sequence_sums
 from preftune.models import load_causal_lm
-from preftune.train.policy import PairCollator, PolicyLogprobs, sequence_sums
+from preftune.speed.fused_layers import fuse_layers
 from saved_bytes import SavedBytes
 
 

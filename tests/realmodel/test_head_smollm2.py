@@ -1,4 +1,4 @@
-"""preftune.head on SmolLM2-135M-Instruct (tied 49,152 x 576 head): the summed completion log-probs and their
+"""preftune.speed.head on SmolLM2-135M-Instruct (tied 49,152 x 576 head): the summed completion log-probs and their
 gradients equal those of the module-called, checkpointed path, with the head trainable and frozen."""
 
 import pytest

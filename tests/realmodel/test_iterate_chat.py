@@ -3,7 +3,7 @@
 import json
 
 from preftune.demo.chat import ChatDemoScale, demo_config, review_reward
-from preftune.train.iterate import train_iterate
+from preftune.iterate.rounds import train_iterate
 
 
 def test_two_rounds_of_iterative_dpo_on_chat_prompts(smollm2_dir, tmp_path, one_thread):

@@ -61,7 +61,7 @@ def test_loading_the_gguf_equals_loading_its_converted_checkpoint(smollm2_gguf, 
 
 def test_lora_dpo_on_conversational_pairs_starts_at_ln2_and_learns(smollm2_dir, two_pairs, tmp_path, one_thread):
     from preftune import DPOConfig
-    from preftune.train.dpo import train_dpo
+    from preftune.recipes.dpo import train_dpo
 
     cfg = DPOConfig(model_name_or_path=str(smollm2_dir), dataset=str(two_pairs), output_dir=str(tmp_path / "dpo"),
                     cache_dir=str(tmp_path / "ref-cache"), **small_run())
@@ -77,7 +77,7 @@ def test_lora_dpo_on_conversational_pairs_starts_at_ln2_and_learns(smollm2_dir, 
 
 def test_sft_step_on_messages_learns(smollm2_dir, tmp_path, one_thread):
     from preftune.config import SFTConfig
-    from preftune.train.sft import train_sft
+    from preftune.recipes.sft import train_sft
 
     rows = [{"messages": QUESTION + [{"role": "assistant", "content": "Blue, like a calm sea."}]},
             {"messages": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "A pear."}]}]
@@ -96,9 +96,9 @@ def test_reward_model_learns_and_scores_the_same_through_transformers(smollm2_di
     from preftune.config import RewardConfig
     from preftune.data.messages import render_pair
     from preftune.models import load_tokenizer
+    from preftune.recipes.reward import train_reward
     from preftune.scoring.files import score_file
     from preftune.scoring.reward_model import tokenize_for_scoring
-    from preftune.train.reward import train_reward
 
     cfg = RewardConfig(model_name_or_path=str(smollm2_dir), dataset=str(two_pairs), output_dir=str(tmp_path / "rm"),
                        merge_lora=True, **small_run())

@@ -47,7 +47,7 @@ def smollm2_llava(smollm2_dir, smollm2_tokenizer):
 def test_dpo_on_image_prompts_with_smollm2_as_the_language_model(smollm2_dir, smollm2_tokenizer, one_thread,
                                                                    tmp_path):
     from preftune import DPOConfig
-    from preftune.train.dpo import train_dpo
+    from preftune.recipes.dpo import train_dpo
 
     model, processor, language = smollm2_llava(smollm2_dir, smollm2_tokenizer)
     rows = make_colour_pairs(4, tmp_path / "images", seed=3)

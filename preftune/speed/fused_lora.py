@@ -12,7 +12,7 @@ then adds ``scaling * lora_A(x) @ lora_B^T`` into it with one in-place ``addmm_`
 out_features]`` temporary, and the adapter's two products as before (the gradient of the in-place sum is the
 same sum of gradients). Only the plain case takes this path: one active, unmerged adapter without dropout,
 bias, DoRA or another variant, plain ``nn.Linear`` layers, contiguous inputs in the adapter's dtype outside
-autocast, weights not partitioned by DeepSpeed ZeRO-3 (:func:`preftune.fused_layers.plain_lora`); any other
+autocast, weights not partitioned by DeepSpeed ZeRO-3 (:func:`preftune.speed.fused_layers.plain_lora`); any other
 call (adapters disabled, merged, mixed-adapter batches, dropout) runs peft's own forward. The patch is on
 instances (nothing is saved with the model) and works under ``torch.no_grad`` and activation checkpointing.
 """

@@ -25,15 +25,15 @@ from ..errors import ConfigError
 from ..evaluate.judges import compare, is_scoring
 from ..generate import SamplingSettings
 from ..losses import REFERENCE_FREE
+from ..modality.text import PolicyLogprobs
 from ..models import load_causal_lm, prepare_policy
+from ..runtime.loop import StepOutput, Trainer
+from ..runtime.reference import make_reference
+from ..runtime.run import RunResult, finish_run, save_final_model
 from ..scoring import as_scorer, make_scorer
 from .dpo import DPOTask
 from .groups import _seed
-from .loop import StepOutput, Trainer
-from .policy import PolicyLogprobs
-from .reference import make_reference
-from .rollout import mean_over_processes, start_online_run
-from .run import RunResult, finish_run, save_final_model
+from .online import mean_over_processes, start_online_run
 
 
 def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_model=None, judge=None) -> RunResult:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .allocator import reuse_freed_memory
+from ..speed.allocator import reuse_freed_memory
 from .distributed import configure_deepspeed, engine_name, full_state_dict, is_sharded, make_accelerator
 from .loop import TrainResult
 from .resume import change_warnings, check_resume
@@ -25,7 +25,7 @@ from .resume import change_warnings, check_resume
 class RunContext:
     """What every command sets up before training: the accelerator, the run directory, the precision, and
     the settings the loop reads (``settings``, a config with the training fields; ``config_dict``, saved
-    as ``config.json``). :meth:`Trainer.from_run <preftune.train.loop.Trainer.from_run>` builds on it."""
+    as ``config.json``). :meth:`Trainer.from_run <preftune.runtime.loop.Trainer.from_run>` builds on it."""
 
     accelerator: Any
     run_dir: Path
@@ -52,7 +52,7 @@ class RunResult:
 def start_run(cfg, warnings: list[str] = ()) -> RunContext:
     """Accelerator, precision and a clean (or resumable) run directory; prints sanity warnings once.
     ``--resume`` is checked here, before any model loads (:func:`~.resume.check_resume`). On CPU,
-    freed memory is kept for reuse (:mod:`preftune.train.allocator`)."""
+    freed memory is kept for reuse (:mod:`preftune.speed.allocator`)."""
     from rich.console import Console
     from rich.markup import escape
 

@@ -1,7 +1,7 @@
 """The reference of a vision-language policy: live (frozen copy, or the LoRA policy with adapters off)
 or precomputed once and cached on disk.
 
-:func:`preftune.train.reference.make_reference` chooses the live model exactly as for text; here it is
+:func:`preftune.runtime.reference.make_reference` chooses the live model exactly as for text; here it is
 run on vision batches (images encoded once per pair). With ``precompute_ref`` every pair's two
 sequence log-probs are computed before training and stored under a key of (reference model, exact
 token ids, image bytes, precision), so a second run over the same data and images loads them, and
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..models import base_model, model_fingerprint
 from ..multimodal.data import VisionPair, collate_vision_pairs
 from ..multimodal.logprobs import vision_token_logprobs
-from .reference import CACHE_FORMAT, LiveReference, Reference, default_cache_dir, row_keys, token_fingerprint
+from ..runtime.reference import CACHE_FORMAT, LiveReference, Reference, default_cache_dir, row_keys, token_fingerprint
 
 console = Console(stderr=True)
 

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..speed.allocator import trim_during_forward
 from . import checkpoint as ckpt
-from .allocator import trim_during_forward
 from .distributed import eval_chunks, full_tensor, is_sharded, loss_divisor, mark_boundary
 from .progress import Display, run_summary
 from .resume import TrainingInterrupted, record_config
@@ -174,7 +174,7 @@ class Trainer:
     @classmethod
     def from_run(cls, ctx, *, model, task: Task, train_examples: list, eval_examples: list = (),
                  **options) -> "Trainer":
-        """A trainer for the run set up by :func:`~preftune.train.run.start_run`; ``options`` as for the constructor."""
+        """A trainer for the run set up by :func:`~preftune.runtime.run.start_run`; ``options`` as for __init__."""
         return cls(accelerator=ctx.accelerator, model=model, task=task, train_examples=train_examples,
                    eval_examples=list(eval_examples), settings=ctx.settings, run_dir=ctx.run_dir,
                    config_dict=ctx.config_dict, **options)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import check_block_attention, supports_packing, supports_prefix_sharing
 from ..data.collate import collate_pairs, collate_pairs_packed
 from ..data.packed import PackedLayout, is_packed
 from ..logprobs import packed_sequence_logprobs, token_logprobs
+from ..speed.attention import check_block_attention, supports_packing, supports_prefix_sharing
 
 PACKED_KEYS = ("input_ids", "attention_mask", "position_ids", "prompt_lengths", "completion_lengths")
 

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from ..data.collate import collate_completions
 from ..data.packed import adjacent_blocks, collate_blocks, is_packed, packed_sequences
 from ..logprobs import completion_logprobs, final_hidden_states, packed_sequence_logprobs, sequence_logprobs
+from ..modality.text import PairCollator
 from ..models import (
     base_model,
     compute_dtype,
@@ -41,7 +42,6 @@ from ..models import (
     model_fingerprint,
 )
 from .distributed import full_tensor
-from .policy import PairCollator
 
 CACHE_FORMAT = "preftune-ref-logps-v2"
 Sequence = tuple[list[int], list[int]]   # (prompt ids, completion ids)

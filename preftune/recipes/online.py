@@ -27,10 +27,10 @@ from ..errors import ConfigError
 from ..generate import SamplingSettings
 from ..losses.ppo import explained_variance, gae_advantages, kl_penalty, masked_whiten, token_rewards
 from ..models import load_tokenizer
+from ..runtime.distributed import gathered
+from ..runtime.run import start_run
 from ..scoring import CheckedScorer, FunctionScorer, as_scorer
 from ..scoring.reward_model import RewardModelScorer
-from .distributed import gathered
-from .run import start_run
 
 console = Console(stderr=True)
 

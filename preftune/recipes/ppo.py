@@ -32,9 +32,10 @@ from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
 from ..models import base_model, enable_checkpointing, load_causal_lm, prepare_policy
-from .loop import StepOutput, Trainer, window_mean
-from .reference import make_reference
-from .rollout import (
+from ..runtime.loop import StepOutput, Trainer, window_mean
+from ..runtime.reference import make_reference
+from ..runtime.run import RunResult, finish_run, save_final_model
+from .online import (
     RolloutWorker,
     RunningMoments,
     Sample,
@@ -45,7 +46,6 @@ from .rollout import (
     reward_scorer,
     start_online_run,
 )
-from .run import RunResult, finish_run, save_final_model
 
 
 class PolicyValue(nn.Module):

@@ -27,11 +27,11 @@ from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.grpo import grpo_loss
 from ..models import load_causal_lm, prepare_policy
+from ..runtime.loop import StepOutput, Trainer, window_mean
+from ..runtime.reference import make_reference, sync_reference
+from ..runtime.run import RunResult, finish_run, save_final_model
 from .groups import Completion, GroupSampler, reward_scorers
-from .loop import StepOutput, Trainer, window_mean
-from .reference import make_reference, sync_reference
-from .rollout import mean_over_processes, minibatch_updates, no_dropout, pad_rows, start_online_run
-from .run import RunResult, finish_run, save_final_model
+from .online import mean_over_processes, minibatch_updates, no_dropout, pad_rows, start_online_run
 
 
 class PolicyTokens(nn.Module):

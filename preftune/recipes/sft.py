@@ -3,7 +3,7 @@
 The loss is the mean negative log-likelihood of the labelled tokens of a batch (completion tokens, or
 all of them), computed with :func:`preftune.logprobs.token_logprobs`: only labelled positions reach
 the vocabulary projection, chunk by chunk. Packed rows get position ids restarting at 0 for every
-example and attention that stays inside each example (:func:`preftune.attention.packed_lm_inputs`:
+example and attention that stays inside each example (:func:`preftune.speed.attention.packed_lm_inputs`:
 SDPA block by block, else a block-diagonal causal mask), so examples never see each other; a short
 probe checks that the model honours it before training starts. With ``padding_free`` (the default)
 a batch's rows are joined into one row the same way, so no padding is computed either.
@@ -17,7 +17,6 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from ..attention import attention_implementation, packed_lm_inputs
 from ..config import SFTConfig
 from ..data.images import uses_images
 from ..data.load import load_records
@@ -27,8 +26,9 @@ from ..data.text import SFTSettings, tokenize_sft
 from ..errors import ConfigError
 from ..logprobs import token_logprobs
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
-from .loop import Trainer
-from .run import RunContext, RunResult, finish_run, save_final_model, start_run, train_and_eval
+from ..runtime.loop import Trainer
+from ..runtime.run import RunContext, RunResult, finish_run, save_final_model, start_run, train_and_eval
+from ..speed.attention import attention_implementation, packed_lm_inputs
 
 console = Console(stderr=True)
 
@@ -166,7 +166,7 @@ def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None) -> RunResult:
     """Supervised fine-tuning; ``model``/``tokenizer`` may be passed as objects."""
     cfg.validate(require_model=model is None)
     if uses_images(cfg):   # pass a vision-language model's processor as ``tokenizer``
-        from .vision import train_vision_sft
+        from ..modality.vision import train_vision_sft
 
         return train_vision_sft(cfg, model=model, processor=tokenizer)
     ctx = start_run(cfg, cfg.sanity_warnings())

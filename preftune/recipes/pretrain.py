@@ -17,7 +17,7 @@ from ..data.split import report_skipped
 from ..data.text import read_documents, tokenize_documents
 from ..errors import ConfigError
 from ..models import load_causal_lm, load_tokenizer
-from .run import RunResult, start_run, train_and_eval
+from ..runtime.run import RunResult, start_run, train_and_eval
 from .sft import train_lm
 
 

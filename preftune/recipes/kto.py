@@ -26,11 +26,11 @@ from ..data.images import uses_images
 from ..data.kto import KTOExample, label_counts, mismatched_completions, tokenize_kto
 from ..errors import ConfigError
 from ..losses import kto_loss, kto_metrics
+from ..modality.text import PairCollator, PolicyLogprobs, sequence_sums
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
-from .loop import Trainer
-from .policy import PairCollator, PolicyLogprobs, sequence_sums
-from .reference import Reference, Sequence, make_reference
-from .run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
+from ..runtime.loop import Trainer
+from ..runtime.reference import Reference, Sequence, make_reference
+from ..runtime.run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
 
 console = Console(stderr=True)
 

@@ -136,7 +136,7 @@ def make_judges(cfg: IterateConfig, judge, oracle):
 
 def split_prompts(cfg: IterateConfig, tokenizer):
     from ..data.split import hold_out
-    from .rollout import load_prompts
+    from ..recipes.online import load_prompts
 
     def read(source, split):
         return load_prompts(source, split, tokenizer, cfg.prompt_limit(), cfg.skip_invalid)
@@ -191,15 +191,15 @@ class Rounds:
     def judge_round(self, round_dir: Path, round_: int, rows: list[dict]) -> dict:
         prompts, samples = [r["prompt"] for r in rows], [r["samples"] for r in rows]
         if self.judge is None:
-            from .iterate_people import judge_by_people
+            from .people import judge_by_people
 
             return judge_by_people(self.cfg, round_dir, round_, prompts, samples)
-        from .iterate_select import judge_samples
+        from .select import judge_samples
 
         return {"texts": samples, "scores": judge_samples(self.judge, prompts, samples), "stats": {}}
 
     def select(self, round_dir: Path, rows: list[dict], judged: dict) -> dict:
-        from .iterate_select import select_rows
+        from .select import select_rows
 
         pairs, stats = select_rows(self.cfg, [r["prompt"] for r in rows], judged["texts"], judged["scores"])
         write_rows(round_dir / "pairs.jsonl", pairs)
@@ -215,8 +215,8 @@ class Rounds:
         if selected["pairs_kept"] == 0:
             console.print(f"[yellow]round {round_}: no pair was kept; the policy is not trained this round")
             return Path(policy_dir)
-        from .dpo import train_dpo
-        from .kto import train_kto
+        from ..recipes.dpo import train_dpo
+        from ..recipes.kto import train_kto
 
         cfg = round_config(self.cfg, policy_dir, round_dir / "pairs.jsonl", round_dir / "train", round_,
                            self.run_dir / "cache")
@@ -297,7 +297,7 @@ def run_round(rounds: Rounds, round_: int, policy_dir, reference, timings: dict)
 def train_iterate(cfg: IterateConfig, *, judge=None, oracle=None) -> IterateResult:
     """Run (or resume) ``cfg.rounds`` rounds. ``judge``/``oracle`` may be given as scorers or functions."""
     from ..models import load_tokenizer
-    from .iterate_report import write_iterate_report
+    from .report import write_iterate_report
 
     cfg.validate()
     judge, oracle = make_judges(cfg, judge, oracle)

@@ -14,11 +14,11 @@ from ..config import DPOConfig, parse_constraint_spec
 from ..data import TokenizedPair, tokenize_preferences
 from ..data.images import uses_images
 from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
+from ..modality.text import PairCollator, PolicyLogprobs, sequence_sums
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
-from .loop import Trainer
-from .policy import PairCollator, PolicyLogprobs, sequence_sums
-from .reference import Reference, make_reference
-from .run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
+from ..runtime.loop import Trainer
+from ..runtime.reference import Reference, make_reference
+from ..runtime.run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
 
 
 class DPOTask:
@@ -72,7 +72,7 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
     """Train a policy on preference pairs. ``model``/``tokenizer``/``ref_model`` may be passed as objects."""
     cfg.validate(require_model=model is None)
     if uses_images(cfg):   # pass a vision-language model's processor as ``tokenizer``
-        from .vision import train_vision_dpo
+        from ..modality.vision import train_vision_dpo
 
         return train_vision_dpo(cfg, model=model, processor=tokenizer, ref_model=ref_model)
     ctx = start_run(cfg, cfg.sanity_warnings())

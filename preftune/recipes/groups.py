@@ -35,9 +35,9 @@ from ..losses.grpo import (
     sequence_kl,
     zero_std_groups,
 )
+from ..runtime.distributed import gathered
 from ..scoring import FunctionScorer, as_scorer, check_scores
-from .distributed import gathered
-from .rollout import PromptExample, device_batches, evaluating, pad_rows
+from .online import PromptExample, device_batches, evaluating, pad_rows
 
 
 @dataclass

@@ -23,12 +23,12 @@ from ..multimodal.data import (
 )
 from ..multimodal.logprobs import VisionLogprobs, VisionRewardScorer
 from ..multimodal.models import load_processor, load_vision_model, prepare_vision_policy
-from .dpo import DPOTask
-from .loop import Trainer
-from .reference import make_reference
-from .reward import RewardTask
-from .run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
-from .sft import LMTask
+from ..recipes.dpo import DPOTask
+from ..recipes.reward import RewardTask
+from ..recipes.sft import LMTask
+from ..runtime.loop import Trainer
+from ..runtime.reference import make_reference
+from ..runtime.run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
 from .vision_reference import VisionLiveReference, precompute_vision_reference
 
 

@@ -12,17 +12,17 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from ..attention import packed_model_inputs
 from ..config import RewardConfig
 from ..data.images import uses_images
 from ..data.packed import PackedLayout, is_packed
 from ..losses import reward_loss
+from ..modality.text import PairCollator
 from ..models import base_model, load_tokenizer, prepare_policy
+from ..runtime.loop import Trainer
+from ..runtime.run import RunResult, finish_run, save_final_model, start_run
 from ..scoring import reward_model as rm
+from ..speed.attention import packed_model_inputs
 from .dpo import load_pairs
-from .loop import Trainer
-from .policy import PairCollator
-from .run import RunResult, finish_run, save_final_model, start_run
 
 console = Console(stderr=True)
 
@@ -132,7 +132,7 @@ def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RunResult:
     """Train a reward model on preference pairs. ``model``/``tokenizer`` may be passed as objects."""
     cfg.validate(require_model=model is None)
     if uses_images(cfg):   # pass a vision-language model's processor as ``tokenizer``
-        from .vision import train_vision_reward
+        from ..modality.vision import train_vision_reward
 
         return train_vision_reward(cfg, model=model, processor=tokenizer)
     ctx = start_run(cfg, cfg.sanity_warnings())

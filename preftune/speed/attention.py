@@ -31,8 +31,8 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from .data.packed import PackedLayout, packed_mask
-from .data.packing import block_causal_mask
+from ..data.packed import PackedLayout, packed_mask
+from ..data.packing import block_causal_mask
 
 IMPLEMENTATION = "preftune_sdpa"
 LAYOUT_KEY = "preftune_blocks"
@@ -165,8 +165,8 @@ def check_block_attention(model) -> bool:
     would let blocks see each other; then a prompt-shared response's hidden states differ from
     those of the same sequence run alone, and this returns False.
     """
-    from .data.packed import collate_blocks
-    from .models import base_model
+    from ..data.packed import collate_blocks
+    from ..models import base_model
 
     hf = base_model(model)
     backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)

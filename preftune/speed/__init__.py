@@ -1,0 +1,1 @@
+"""Mechanisms that make training faster or lighter without changing what it computes."""
