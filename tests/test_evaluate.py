@@ -10,9 +10,9 @@ import pytest
 
 from preftune.errors import PreftuneError
 from preftune.evaluate.diversity import bleu, distinct_n, self_bleu
-from preftune.evaluate.judges import make_judge, win_rate
 from preftune.evaluate.report import write_report
 from preftune.scoring import FunctionScorer
+from preftune.scoring.judges import make_judge, win_rate
 from preftune.scoring.llm import LLMJudge
 
 

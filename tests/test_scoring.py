@@ -64,7 +64,7 @@ def test_load_callable_errors_name_the_option(bad_module):
 
 
 def make_judge_spec(spec):
-    from preftune.evaluate.judges import make_judge
+    from preftune.scoring.judges import make_judge
 
     return make_judge(spec)
 
@@ -90,9 +90,9 @@ def test_ppo_rollout_refuses_non_finite_rewards(tmp_path, tiny_model, tiny_token
 
 
 def test_eval_judge_refuses_non_finite_scores(tiny_model, tiny_tokenizer, bad_module):
-    from preftune.evaluate.judges import make_judge, win_rate
     from preftune.evaluate.sampling import evaluate_policy
     from preftune.generate import SamplingSettings
+    from preftune.scoring.judges import make_judge, win_rate
 
     judge = make_judge(f"function:{bad_module}:inf_all")
     settings = SamplingSettings(max_new_tokens=3)

@@ -69,10 +69,10 @@ def _pairs(path: str) -> tuple[list, list[str], list[str]]:
 
 
 def run_eval(args) -> int:
-    from ..evaluate.judges import is_scoring, make_judge
     from ..evaluate.sampling import evaluate_policy, pair_accuracy, sample_responses
     from ..generate import SamplingSettings
     from ..models import load_any_causal_lm, load_tokenizer
+    from ..scoring.judges import is_pointwise, make_judge
 
     tokenizer = load_tokenizer(args.model)
     prompts = _prompts(args.prompts, tokenizer)
@@ -91,7 +91,7 @@ def run_eval(args) -> int:
                              seed=args.seed, batch_size=args.batch_size)
     metrics = dict(result.metrics)
     if args.pairs:
-        if judge is None or not is_scoring(judge):
+        if judge is None or not is_pointwise(judge):
             raise DataError(args.pairs, "pair accuracy needs a scoring judge (reward_model: or function:)")
         metrics.update(pair_accuracy(judge, *_pairs(args.pairs)))
     if args.temperature != 1.0 and "kl" in metrics:

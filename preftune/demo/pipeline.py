@@ -230,8 +230,8 @@ def best_of_n(scale, sft_model, tokenizer, reward: Path, prompts, settings, root
 
     Its KL to SFT is the known closed form log N - (N - 1) / N (Stiennon et al. 2020, appendix)."""
     from ..evaluate.diversity import diversity_metrics
-    from ..evaluate.judges import win_rate
     from ..generate import generate_texts
+    from ..scoring.judges import win_rate
     from ..scoring.reward_model import RewardModelScorer
 
     n = scale.best_of_n

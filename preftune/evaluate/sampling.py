@@ -22,8 +22,8 @@ import torch
 
 from ..data.collate import collate_completions
 from ..logprobs import token_kl, token_logprobs_and_entropy
+from ..scoring.judges import is_pointwise, win_rate
 from .diversity import diversity_metrics
-from .judges import is_scoring, win_rate
 
 
 @dataclass
@@ -107,7 +107,7 @@ def evaluate_policy(model, tokenizer, prompts: list, settings, *, judge=None, re
         metrics["kl"] = statistics.mean(kls)
         metrics["kl_std_error"] = statistics.pstdev(kls) / max(len(kls), 1) ** 0.5
     scores: list[float] = []
-    if judge is not None and is_scoring(judge):
+    if judge is not None and is_pointwise(judge):
         scores = judge.score(prompts, samples.responses)
         metrics["reward"] = statistics.mean(scores)
         metrics["reward_std"] = statistics.pstdev(scores)

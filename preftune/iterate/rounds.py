@@ -119,11 +119,12 @@ def round_config(cfg: IterateConfig, policy_dir, data: Path, out_dir: Path, roun
 
 
 def make_judges(cfg: IterateConfig, judge, oracle):
-    from ..scoring import as_scorer, make_scorer
+    from ..scoring import make_scorer
+    from ..scoring.judges import as_judge
 
     def build(given, spec, option):
         if given is not None:
-            return given if hasattr(given, "compare") else as_scorer(given, option)
+            return as_judge(given, option)
         return make_scorer(spec, option=option, judge_model=cfg.judge_model,
                            batch_size=cfg.generation_batch_size) if spec else None
 
@@ -229,8 +230,8 @@ class Rounds:
         return train(cfg).model_dir
 
     def evaluate(self, policy_dir, reference) -> tuple[dict, list[dict]]:
-        from ..evaluate.judges import win_rate
         from ..evaluate.sampling import evaluate_policy
+        from ..scoring.judges import win_rate
 
         prompts = [p.prompt for p in self.eval_prompts] * self.cfg.eval_samples_per_prompt
         model = self.load(policy_dir)

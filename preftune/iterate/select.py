@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 from itertools import combinations
 
-from ..evaluate.judges import compare, is_scoring
+from ..scoring.judges import compare, is_pointwise
 
 
 def judge_samples(judge, prompts: list, samples: list[list[str]]) -> list[list[float]]:
     """One score per sample: the judge's own score, or for a pairwise judge the sample's share of wins."""
-    if is_scoring(judge):
+    if is_pointwise(judge):
         flat_prompts = [p for p, texts in zip(prompts, samples) for _ in texts]
         flat = judge.score(flat_prompts, [t for texts in samples for t in texts])
         out, start = [], 0

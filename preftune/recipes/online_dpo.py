@@ -22,7 +22,6 @@ from ..config.online_dpo import OnlineDPOConfig
 from ..data.preference import TokenizedPair
 from ..engines import online_engine, sample_with
 from ..errors import ConfigError
-from ..evaluate.judges import compare, is_scoring
 from ..generate import SamplingSettings
 from ..losses import REFERENCE_FREE
 from ..modality.text import PolicyLogprobs
@@ -30,7 +29,8 @@ from ..models import load_causal_lm, prepare_policy
 from ..runtime.loop import StepOutput, Trainer
 from ..runtime.reference import make_reference
 from ..runtime.run import RunResult, finish_run, save_final_model
-from ..scoring import as_scorer, make_scorer
+from ..scoring import make_scorer
+from ..scoring.judges import as_judge, compare, is_pointwise
 from .dpo import DPOTask
 from .groups import _seed
 from .online import mean_over_processes, start_online_run
@@ -62,7 +62,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_mo
 def _judge(given, cfg: OnlineDPOConfig, device):
     if given is None:
         return make_scorer(cfg.judge, option="judge", device=device, batch_size=cfg.generation_batch_size)
-    return given if hasattr(given, "compare") else as_scorer(given, "judge")
+    return as_judge(given, "judge")
 
 
 class OnlineDPOStep:
@@ -131,7 +131,7 @@ class OnlineDPOStep:
         """Per prompt, the probability that its first completion is preferred (ties 1/2), and the scores
         (missing EOS penalised) when the judge gives scores."""
         first, second = texts[0::2], texts[1::2]
-        if not is_scoring(self.judge) and hasattr(self.judge, "compare"):
+        if not is_pointwise(self.judge):
             return compare(self.judge, prompts, first, second), None
         raw = self.judge.score([p for p in prompts for _ in range(2)], texts)
         scores = [s - self.cfg.missing_eos_penalty * (not e) for s, e in zip(raw, ended)]
