@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .models import base_model
+from .wrappers import evaluating
 
 SAMPLING_BLOCK = 256   # tokens per block of the two-level search in categorical()
 
@@ -81,10 +82,8 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: SamplingSettings,
         raise ValueError(f"{len(row_seeds)} row_seeds for {len(prompt_ids)} prompts")
     generator = torch.Generator(device=device).manual_seed(seed)
     rows = [torch.Generator(device=device).manual_seed(s) for s in row_seeds] if row_seeds is not None else None
-    was_training = model.training
-    model.eval()
     responses, ended = [], []
-    try:
+    with evaluating(model):
         with torch.no_grad():
             for start in range(0, len(prompt_ids), batch_size):
                 chunk = [list(p) for p in prompt_ids[start:start + batch_size]]
@@ -92,8 +91,6 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: SamplingSettings,
                 r, e = _sample_batch(model, chunk, settings, pad_token_id, eos_token_id, chosen, device)
                 responses += r
                 ended += e
-    finally:
-        model.train(was_training)
     return Generation([list(p) for p in prompt_ids], responses, ended)
 
 

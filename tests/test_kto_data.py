@@ -8,6 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
+from helpers import write_jsonl
 from preftune.data import TokenizeSettings, load_records, tokenize_preferences
 from preftune.data.kto import KTOExample, label_counts, mismatched_completions, tokenize_kto
 from preftune.errors import DataError
@@ -23,11 +24,6 @@ SETTINGS = TokenizeSettings(max_length=64)
 
 def message(role, content):
     return {"role": role, "content": content}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def tokenize(path, tokenizer, **kwargs):

@@ -104,6 +104,7 @@ def test_blockwise_sdpa_runs_and_equals_padded(arch, tiny_tokenizer, monkeypatch
 
     vocab = len(tiny_tokenizer)
     model = gqa_llama(vocab) if arch == "gqa-llama" else tiny_gpt2(vocab)
+    assert attention.use_blockwise_sdpa(model)          # the blockwise_attention setting, applied explicitly
     calls = []
     real = attention.F.scaled_dot_product_attention
     spy = SimpleNamespace(scaled_dot_product_attention=lambda *a, **k: calls.append(k) or real(*a, **k))
@@ -266,9 +267,9 @@ def test_a_model_whose_attention_ignores_the_layout_stays_padded(tiny_tokenizer)
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from preftune import attention
     from preftune.config import DPOConfig
     from preftune.modality.text import PairCollator
+    from preftune.speed import attention
 
     cfg = DPOConfig()
     for kind in ("sdpa", "eager"):

@@ -14,7 +14,28 @@ from .base import check_ranges, option
 
 
 @dataclass
-class ModelSettings:
+class SpeedSettings:
+    """The speed mechanisms (:mod:`preftune.speed`): each exact to float rounding, each with its own switch, all
+    recorded in the run's config.json."""
+
+    fused_layers: bool = option(True, "Run RMSNorms (Llama, Mistral, Qwen2/3, SmolLM, Phi3 ...) and SiLU-gated MLPs "
+                                      "(gate/up/down projections) as fused functions that keep fewer activations for "
+                                      "the backward pass (exact to float rounding; false: transformers' own modules).")
+    fused_lora: bool = option(True, "Add a plain LoRA layer's update to the base projection in place instead of "
+                                    "through peft's two extra [tokens, out] temporaries.")
+    fused_head: bool = option(True, "Project a plain linear output head and take its log-softmax in one function "
+                                    "with a written-out backward (false: the head is called as a module per chunk).")
+    blockwise_attention: bool = option(True, "SDPA models: attention of a packed row block by block (no [T, T] mask; "
+                                             "false: a dense block mask).")
+    reuse_freed_memory: bool = option(True, "CPU runs on glibc: for the duration of the run, serve large blocks from "
+                                            "the heap and keep freed memory for reuse (restored at the end).")
+    trim_freed_memory: int = option(0, "CPU runs on glibc: return freed heap memory to the system every this many "
+                                       "decoder layers of a training forward (lower peak memory, ~8% slower; "
+                                       "0: never). Implies reuse_freed_memory false.")
+
+
+@dataclass
+class ModelSettings(SpeedSettings):
     """How the policy (and its reference) are loaded."""
 
     model_name_or_path: str | None = option(None, "Policy model: a local directory or a hub name (required).")
@@ -25,9 +46,6 @@ class ModelSettings:
     precision: str = option("auto", "auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16.",
                             choices=["auto", "fp32", "bf16", "fp16"])
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
-    fused_layers: bool = option(True, "Run RMSNorms (Llama, Mistral, Qwen2/3, SmolLM, Phi3 ...) and SiLU-gated MLPs "
-                                      "(gate/up/down projections) as fused functions that keep fewer activations for "
-                                      "the backward pass (exact to float rounding; false: transformers' own modules).")
     disable_dropout: bool = option(True, "Turn off dropout in the policy and reference (LoRA dropout is kept).")
     lora: bool = option(False, "Train LoRA adapters instead of all weights.")
     lora_r: int = option(8, "LoRA rank.")
@@ -148,7 +166,8 @@ def validate_training(cfg) -> None:
     """Checks of the ``ModelSettings`` and ``TrainSettings`` every training command shares."""
     check_ranges(cfg, positive=["per_device_batch_size", "gradient_accumulation_steps", "logging_steps",
                                  "logprob_chunk_size", "lora_r", "lora_alpha"],
-                  positive_numbers=["learning_rate", "num_epochs"], non_negative=["max_grad_norm", "weight_decay"],
+                  positive_numbers=["learning_rate", "num_epochs"],
+                  non_negative=["max_grad_norm", "weight_decay", "trim_freed_memory"],
                   unit_interval=["warmup_ratio"])
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")

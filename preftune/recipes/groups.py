@@ -36,8 +36,10 @@ from ..losses.grpo import (
     zero_std_groups,
 )
 from ..runtime.distributed import gathered
+from ..runtime.seeds import mix_seed
 from ..scoring import FunctionScorer, as_scorer, check_scores
-from .online import PromptExample, device_batches, evaluating, pad_rows
+from ..wrappers import evaluating
+from .online import PromptExample, device_batches, pad_rows
 
 
 @dataclass
@@ -125,7 +127,7 @@ class GroupSampler:
         """``G`` completions of each prompt, scored; prompt ``i`` is group ``first + i`` of the step."""
         cfg, size = self.cfg, self.cfg.num_generations
         repeated = [p for p in prompts for _ in range(size)]
-        seeds = [_seed(seed, first + i, j) for i in range(len(prompts)) for j in range(size)]
+        seeds = [mix_seed(seed, first + i, j) for i in range(len(prompts)) for j in range(size)]
         with self.acc.autocast(), gathered(self.module):  # FSDP2: the whole policy, no collective per token
             generation = sample_with(self.engine, self.module.policy, [p.ids for p in repeated], self.settings,
                                      row_seeds=seeds)
@@ -143,7 +145,7 @@ class GroupSampler:
     def collect(self, trainer, step: int, local_prompts: int) -> Batch:
         """The step's groups (with dynamic sampling: groups with a reward spread, resampled), then advantages."""
         cfg, size = self.cfg, self.cfg.num_generations
-        first = self.sample(trainer.step_examples(step, local_prompts), _seed(cfg.seed, step, 0),
+        first = self.sample(trainer.step_examples(step, local_prompts), mix_seed(cfg.seed, step, 0),
                             trainer.rank * local_prompts)
         zero = zero_std_groups(first.total, size)
         stats = {"frac_reward_zero_std": float(zero.float().mean())}
@@ -166,8 +168,8 @@ class GroupSampler:
             if missing <= 0 or attempt == cfg.max_resample_attempts:
                 break
             attempt += 1
-            seed = _seed(cfg.seed, step, attempt)
-            generator = torch.Generator().manual_seed(_seed(seed, trainer.rank))
+            seed = mix_seed(cfg.seed, step, attempt)
+            generator = torch.Generator().manual_seed(mix_seed(seed, trainer.rank))
             picks = torch.randint(len(trainer.train_examples), (missing,), generator=generator)
             current = self.sample([trainer.train_examples[i] for i in picks.tolist()], seed, trainer.rank * wanted)
         groups = Groups.join(kept + dropped)
@@ -267,11 +269,3 @@ def _parameters(fn) -> dict | None:
         return dict(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return None
-
-
-def _seed(*parts: int) -> int:
-    """A seed from a tuple of integers (the run's seed, the step, ...)."""
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + part + 7_919) % 2**62
-    return value

@@ -14,8 +14,6 @@ and the RNG are the loop's.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..config.online_dpo import OnlineDPOConfig
@@ -26,14 +24,14 @@ from ..generate import SamplingSettings
 from ..losses import REFERENCE_FREE
 from ..modality.text import PolicyLogprobs
 from ..models import load_causal_lm, prepare_policy
-from ..runtime.loop import StepOutput, Trainer
+from ..runtime.loop import Trainer
 from ..runtime.reference import make_reference
 from ..runtime.run import RunResult, finish_run, save_final_model
+from ..runtime.seeds import mix_seed
 from ..scoring import make_scorer
 from ..scoring.judges import as_judge, compare, is_pointwise
 from .dpo import DPOTask
-from .groups import _seed
-from .online import mean_over_processes, start_online_run
+from .online import OnlineStep, Sampled, start_online_run
 
 
 def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_model=None, judge=None) -> RunResult:
@@ -65,13 +63,14 @@ def _judge(given, cfg: OnlineDPOConfig, device):
     return as_judge(given, "judge")
 
 
-class OnlineDPOStep:
-    """One online DPO step: sample two completions per prompt, judge them, one update on the pairs."""
+class OnlineDPOStep(OnlineStep):
+    """One online DPO step (:class:`~.online.OnlineStep`): sample two completions per prompt, judge them, one
+    update on the pairs."""
 
     gauges = ("beta",)
 
     def __init__(self, cfg: OnlineDPOConfig, engine, judge, tokenizer, policy, local_prompts: int):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.engine = engine
         self.judge = judge
         self.tokenizer = tokenizer
@@ -80,30 +79,24 @@ class OnlineDPOStep:
         self.settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                          top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def run(self, trainer: Trainer, step: int) -> StepOutput:
-        cfg = self.cfg
-        started = time.perf_counter()
+    def sample(self, trainer: Trainer, step: int) -> Sampled:
         prompts = trainer.step_examples(step, self.local_prompts)
         pairs, stats, examples = self.pairs(prompts, step, trainer.rank * self.local_prompts)
-        sampled = time.perf_counter()
-        micro = cfg.per_device_batch_size
-        out = trainer.optimizer_step([pairs[k:k + micro] for k in range(0, len(pairs), micro)])
-        metrics = {**mean_over_processes(trainer.acc, stats), **out.metrics, "beta": cfg.beta,
-                   "time/rollout": sampled - started, "time/update": time.perf_counter() - sampled}
-        metrics.update(kl_metrics(metrics, cfg))
-        logged = cfg.log_samples_steps and ((step + 1) % cfg.log_samples_steps == 0 or step == 0)
-        return StepOutput(metrics, out.examples, out.tokens, examples[:cfg.log_samples] if logged else [])
+        return Sampled(pairs, stats, examples, len(pairs) * trainer.world)
+
+    def update(self, trainer: Trainer, items: list[TokenizedPair], step: int) -> tuple[dict[str, list], int]:
+        """One optimiser update over the step's pairs, in their order."""
+        micro = self.cfg.per_device_batch_size
+        out = trainer.optimizer_step([items[k:k + micro] for k in range(0, len(items), micro)])
+        return {k: [v] for k, v in out.metrics.items()}, out.tokens
+
+    def after_update(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        return {"beta": self.cfg.beta, **kl_metrics(metrics, self.cfg)}
 
     def pairs(self, prompts: list, step: int, first: int) -> tuple[list[TokenizedPair], dict, list[dict]]:
         """The step's pairs: completions ``2i`` and ``2i + 1`` are prompt ``i``'s, ordered chosen first."""
         repeated = [p for p in prompts for _ in range(2)]
-        seeds = [_seed(self.cfg.seed, step, first + i, j) for i in range(len(prompts)) for j in range(2)]
+        seeds = [mix_seed(self.cfg.seed, step, first + i, j) for i in range(len(prompts)) for j in range(2)]
         generation = sample_with(self.engine, self.policy, [p.ids for p in repeated], self.settings, row_seeds=seeds)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         first_wins, scores = self.verdicts([p.prompt for p in prompts], texts, generation.ended)

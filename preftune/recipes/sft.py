@@ -29,6 +29,7 @@ from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from ..runtime.loop import Trainer
 from ..runtime.run import RunContext, RunResult, finish_run, save_final_model, start_run, train_and_eval
 from ..speed.attention import attention_implementation, packed_lm_inputs
+from ..wrappers import evaluating
 
 console = Console(stderr=True)
 
@@ -58,14 +59,10 @@ def check_packed_attention(lm: LMLogprobs) -> None:
     first, other, second = (torch.randint(vocab, (n,), generator=generator) for n in (5, 5, 6))
     positions = torch.cat([torch.arange(5), torch.arange(6)])[None].to(param.device)
     mask = torch.ones(1, 11, dtype=torch.bool, device=param.device)
-    was_training = lm.training
-    lm.eval()
-    try:
+    with evaluating(lm):
         alone = lm(second[None].to(param.device), mask[:, :6].long(), mask[:, :6])[0]
         packed = [lm(torch.cat([a, second])[None].to(param.device), mask.long(), mask, positions)[0, 5:]
                   for a in (first, other)]
-    finally:
-        lm.train(was_training)
     alone[0] = packed[0][0] = packed[1][0] = 0.0  # first tokens are not scored in a packed row
     tolerance = 1e-4 if param.dtype == torch.float32 else 5e-2
     worst = max(float((p - alone).abs().max()) for p in packed)

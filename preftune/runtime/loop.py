@@ -44,11 +44,11 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..speed.allocator import trim_during_forward
 from . import checkpoint as ckpt
 from .distributed import eval_chunks, full_tensor, is_sharded, loss_divisor, mark_boundary
 from .progress import Display, run_summary
 from .resume import TrainingInterrupted, record_config
+from .seeds import mix_seed
 
 RECORD_FILES = ("metrics.jsonl", "samples.jsonl")
 
@@ -113,7 +113,7 @@ class TrainResult:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
     return torch.randperm(n, generator=generator).tolist()
 
 
@@ -159,7 +159,6 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the model has no trainable parameters")
-        trim_during_forward(model, accelerator.device)   # opt-in: PREFTUNE_TRIM_FREED_MEMORY (CPU, glibc)
         devices = {t.device.type for t in params} | {accelerator.device.type}  # fused AdamW: ~6x PyTorch's CPU default
         fused = devices <= {"cpu", "cuda"} and all(t.is_floating_point() for t in params)
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
@@ -252,7 +251,6 @@ class Trainer:
                 window[key].append(value)
             window_examples += out.examples
             window_tokens += out.tokens
-            ckpt.kill_point(self.global_step)
             if self.global_step % self.s.logging_steps == 0 or self.global_step == self.total_steps:
                 last = {k: v[-1] if k in self.step.gauges else window_mean(v) for k, v in window.items()}
                 last.update({f"{self.unit}/s": window_examples / window_time, "tokens/s": window_tokens / window_time})

@@ -41,6 +41,8 @@ from ..models import (
     load_causal_lm,
     model_fingerprint,
 )
+from ..speed import apply as apply_speed
+from ..wrappers import evaluating
 from .distributed import full_tensor
 
 CACHE_FORMAT = "preftune-ref-logps-v2"
@@ -89,13 +91,8 @@ class LiveReference(Reference):
 
     @contextlib.contextmanager
     def _evaluating(self):
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.running():
-                yield
-        finally:
-            self.model.train(was_training)
+        with evaluating(self.model), self.running():
+            yield
 
 
 class ModelReference(LiveReference):
@@ -189,6 +186,7 @@ def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True,
         if ref_model is None:
             ref_model = copy.deepcopy(policy).to(compute_dtype(ctx.precision))
         disable_dropout(ref_model)
+        apply_speed(ref_model, cfg)   # the policy's own computation (attention, fused layers, head function)
         live = ModelReference(freeze(ref_model).to(device), chunk)
     if precompute is None:
         return live

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
-
 from ..errors import ConfigError
-from ..speed.allocator import reuse_freed_memory
+from ..speed.allocator import restore_defaults, reuse_freed_memory
 from .distributed import configure_deepspeed, engine_name, full_state_dict, is_sharded, make_accelerator
 from .loop import TrainResult
 from .resume import change_warnings, check_resume
+from .seeds import set_seed
 
 
 @dataclass
@@ -32,6 +29,7 @@ class RunContext:
     precision: str
     settings: Any = None
     config_dict: dict = field(default_factory=dict)
+    reuses_freed_memory: bool = False     # glibc's heap set up for this run (restored by finish_run)
 
     @property
     def is_main_process(self) -> bool:
@@ -52,7 +50,7 @@ class RunResult:
 def start_run(cfg, warnings: list[str] = ()) -> RunContext:
     """Accelerator, precision and a clean (or resumable) run directory; prints sanity warnings once.
     ``--resume`` is checked here, before any model loads (:func:`~.resume.check_resume`). On CPU,
-    freed memory is kept for reuse (:mod:`preftune.speed.allocator`)."""
+    freed memory is kept for reuse during the run (``reuse_freed_memory``, :mod:`preftune.speed.allocator`)."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -68,8 +66,7 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         raise ConfigError("merge_lora is not supported with sharded training (FSDP2, DeepSpeed): the adapter is "
                           "saved; merge it afterwards on one process")
     configure_deepspeed(accelerator, cfg)
-    if accelerator.device.type == "cpu":
-        reuse_freed_memory()
+    reuses_freed_memory = reuse_freed_memory(cfg, accelerator.device)   # for this run only: see finish_run
     prepare_run_dir(run_dir, cfg.resume, cfg.overwrite_output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -79,11 +76,13 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         if accelerator.num_processes > 1:
             console.print(f"distributed: {engine_name(accelerator)} over {accelerator.num_processes} processes")
     set_seed(cfg.seed)
-    return RunContext(accelerator, run_dir, precision, cfg, dataclasses.asdict(cfg))
+    return RunContext(accelerator, run_dir, precision, cfg, dataclasses.asdict(cfg), reuses_freed_memory)
 
 
 def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dict | None = None) -> RunResult:
-    """Write ``summary.json`` and return where everything went."""
+    """Write ``summary.json``, put the allocator back as it was before the run, and return where everything went."""
+    if ctx.reuses_freed_memory:
+        restore_defaults()
     if ctx.is_main_process:
         summary = {"model_dir": str(model_dir), "steps": result.global_step, "train": result.last_metrics,
                    "eval": result.eval_metrics, "distributed": {"engine": engine_name(ctx.accelerator),
@@ -125,12 +124,6 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
         return items
 
     return read
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 RUN_OUTPUTS = ("metrics.jsonl", "config.json", "summary.json", "reference_cache.json", "checkpoints", "model",

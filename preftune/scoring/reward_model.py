@@ -29,6 +29,7 @@ from torch import nn
 from ..data.messages import render, strip_trailing_eos
 from ..errors import ConfigError
 from ..models import is_peft_model, load_tokenizer, peft_wrapping
+from ..wrappers import evaluating
 from .base import CheckedScorer, check_batch_size
 
 HEAD_NAMES = ("score", "classifier")
@@ -216,9 +217,7 @@ def score_token_ids(model, sequences: list[tuple[list[int], list[int]]], pad_tok
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: -sum(map(len, sequences[i])))
     rewards = [0.0] * len(sequences)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             width = max(sum(map(len, sequences[i])) for i in chunk)
@@ -233,8 +232,6 @@ def score_token_ids(model, sequences: list[tuple[list[int], list[int]]], pad_tok
             values = sequence_rewards(model, ids.to(device), mask.to(device), types.to(device))
             for i, value in zip(chunk, values.tolist()):
                 rewards[i] = value
-    finally:
-        model.train(was_training)
     return rewards
 
 
