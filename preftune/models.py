@@ -118,21 +118,26 @@ def base_model(model):
     return model.get_base_model() if is_peft_model(model) else model
 
 
-def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
-    """Dropout, fused layers, gradient checkpointing and LoRA on a loaded model, per the model settings.
+def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
+                   target_modules: list[str] | None = None, frozen: tuple = ()):
+    """Dropout, frozen parts, fused layers, gradient checkpointing and LoRA on a loaded model, per the model settings.
 
     ``task_type``/``modules_to_save`` are peft's: a reward model passes ``SEQ_CLS`` and its head, which is
-    then trained in full next to the adapters."""
+    then trained in full next to the adapters. ``target_modules`` (default: the config's) and ``frozen``
+    (modules or weights that never train) let a modality say which parts learn: a vision-language model
+    freezes its vision tower and puts adapters on its language model only."""
     if cfg.disable_dropout:
         disable_dropout(model)
+    for part in frozen:
+        part.requires_grad_(False)
     if cfg.fused_layers:
         fuse_layers(model)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora:
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type,
-                           modules_to_save)
+        targets = cfg.lora_target_modules if target_modules is None else target_modules
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, task_type, modules_to_save)
         if cfg.fused_layers:
             fuse_lora_layers(model)
         if cfg.gradient_checkpointing:
