@@ -106,3 +106,28 @@ def test_score_reads_image_rows_with_a_trained_vision_reward_model(colour_data, 
             last = model.model(input_ids=ids, pixel_values=inputs["pixel_values"]).last_hidden_state[0, -1]
         expected = float(last @ head["weight"][0] + head["bias"][0])
         assert abs(scored[number]["reward"] - expected) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_the_vision_policy_takes_the_speed_switches(family, colour_data, tmp_path):
+    """One prepare_policy for text and images: fused layers reach the language model, with the same log-probs."""
+    from preftune import DPOConfig
+    from preftune.multimodal.data import collate_vision_pairs, tokenize_vision_pairs
+    from preftune.multimodal.models import LANGUAGE_MODELS, named_part
+    from preftune.speed.fused_layers import patched
+
+    processor = build_vision_processor(family)
+    records = load_records(str(colour_data["train"]))
+    pairs, _ = tokenize_vision_pairs(records, processor, TokenizeSettings(max_length=128))
+    batch = collate_vision_pairs(pairs[:4], processor.tokenizer.pad_token_id)
+    logps = []
+    for fused in (False, True):
+        cfg = config(DPOConfig, colour_data, tmp_path, fused_layers=fused, lora=True, lora_r=4)
+        policy = VISION.prepare_policy(build_tiny_vlm(processor, family), cfg)
+        language = named_part(policy, LANGUAGE_MODELS)[0][1]
+        # 2 decoder layers of 2 norms, a gated MLP and 7 LoRA linears, and the final norm: fused layers and fused LoRA
+        assert sum(patched(m) for m in language.modules()) == (2 * (3 + 7) + 1 if fused else 0)
+        trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n and any(f".{lm}." in n for lm in LANGUAGE_MODELS) for n in trainable)
+        logps.append(VISION.logprob_module(policy, 8)(batch))
+    torch.testing.assert_close(logps[1], logps[0], rtol=0, atol=1e-5)
