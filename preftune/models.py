@@ -101,19 +101,25 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[s
         raise ConfigError(f"LoRA: {exc}") from None
 
 
-def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
-    """Dropout, gradient checkpointing, LoRA and the speed mechanisms on a loaded model, per the settings.
+def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
+                   target_modules: list[str] | None = None, frozen: tuple = ()):
+    """Dropout, frozen parts, gradient checkpointing, LoRA and the speed mechanisms on a loaded model, per the
+    settings.
 
     ``task_type``/``modules_to_save`` are peft's: a reward model passes ``SEQ_CLS`` and its head, which is
-    then trained in full next to the adapters."""
+    then trained in full next to the adapters. ``target_modules`` (default: the config's) and ``frozen``
+    (modules or weights that never train) let a modality say which parts learn: a vision-language model
+    freezes its vision tower and puts adapters on its language model only."""
     if cfg.disable_dropout:
         disable_dropout(model)
+    for part in frozen:
+        part.requires_grad_(False)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora:
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type,
-                           modules_to_save)
+        targets = cfg.lora_target_modules if target_modules is None else target_modules
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, task_type, modules_to_save)
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     apply_speed(model, cfg)

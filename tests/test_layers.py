@@ -13,15 +13,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "preftune"
 LAYERS = {
     "settings": (["errors", "config"], []),
     "components": (["data", "losses", "loading", "wrappers", "gguf_import", "realmodel", "toy", "speed", "models",
-                    "logprobs", "generate", "engines", "multimodal", "modality", "export_gguf"], ["settings"]),
+                    "logprobs", "generate", "engines", "multimodal", "export_gguf"], ["settings"]),
     "scoring": (["scoring"], ["settings", "components"]),
-    "runtime": (["runtime"], ["settings", "components", "scoring"]),
-    "recipes": (["recipes"], ["settings", "components", "scoring", "runtime"]),
+    "modality": (["modality"], ["settings", "components", "scoring"]),
+    "runtime": (["runtime"], ["settings", "components", "scoring", "modality"]),
+    "recipes": (["recipes"], ["settings", "components", "scoring", "modality", "runtime"]),
     "evaluation and annotation": (["evaluate", "annotate"], ["settings", "components", "scoring"]),
-    "pipelines": (["iterate"], ["settings", "components", "scoring", "runtime", "recipes",
+    "pipelines": (["iterate"], ["settings", "components", "scoring", "modality", "runtime", "recipes",
                                 "evaluation and annotation"]),
-    "front ends": (["cli", "commands", "demo", "__init__"], ["settings", "components", "scoring", "runtime",
-                                                            "recipes", "evaluation and annotation", "pipelines"]),
+    "front ends": (["cli", "commands", "demo", "__init__"], ["settings", "components", "scoring", "modality",
+                                                            "runtime", "recipes", "evaluation and annotation",
+                                                            "pipelines"]),
 }
 
 

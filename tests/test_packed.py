@@ -144,7 +144,8 @@ def test_lora_and_gradient_checkpointing(tiny_tokenizer):
 @pytest.mark.parametrize("share", [True, False])
 def test_reward_model_packed_equals_padded(share, tiny_tokenizer):
     from preftune.config import RewardConfig
-    from preftune.recipes.reward import RewardScorer, RewardTask
+    from preftune.modality.text import RewardScorer
+    from preftune.recipes.reward import RewardTask
 
     model = gqa_llama(len(tiny_tokenizer), classifier=True)
     scorer = RewardScorer(model)
@@ -160,8 +161,8 @@ def test_reward_model_packed_equals_padded(share, tiny_tokenizer):
 
 
 def test_precomputed_reference_packed_equals_padded(tiny_tokenizer, tmp_path):
-    from preftune.modality.text import PairCollator
-    from preftune.runtime.reference import ModelReference, PrecomputedReference, precompute_logps, sequence_key
+    from preftune.modality.text import PairCollator, sequence_key
+    from preftune.runtime.reference import ModelReference, PrecomputedReference, precompute_logps
 
     model = gqa_llama(len(tiny_tokenizer)).eval()
     reference = ModelReference(model, chunk_size=4)
@@ -242,7 +243,8 @@ def test_kto_loss_equal_packed_and_padded(kto_kl, tiny_tokenizer):
 @pytest.mark.parametrize("packing", [False, True])
 def test_sft_padding_free_equals_padded(packing, tiny_tokenizer):
     from preftune.data.packing import LMExample, pack_examples, single_row
-    from preftune.recipes.sft import LMLogprobs, LMTask
+    from preftune.modality.text import LMLogprobs
+    from preftune.recipes.sft import LMTask
 
     generator = torch.Generator().manual_seed(6)
     examples = []

@@ -8,8 +8,9 @@ import torch
 
 from preftune.config.shared import SpeedSettings
 from preftune.data.collate import collate_completions
+from preftune.modality.text import row_keys, sequence_key
 from preftune.models import apply_lora
-from preftune.runtime.reference import make_reference, row_keys, sequence_key
+from preftune.runtime.reference import make_reference
 from preftune.runtime.run import RunContext, make_accelerator
 
 SEQUENCES = [([1, 40, 41], [50, 51, 2]), ([1, 42], [52, 2]), ([1, 43, 44, 45], [53, 54, 55, 2]), ([1, 40, 41], [56, 2])]

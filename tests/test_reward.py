@@ -15,7 +15,8 @@ from helpers import write_jsonl
 from preftune.cli import main
 from preftune.config import RewardConfig
 from preftune.data import TokenizeSettings, collate_pairs, load_records, tokenize_preferences
-from preftune.recipes.reward import RewardScorer, expected_calibration_error, train_reward
+from preftune.modality.text import RewardScorer
+from preftune.recipes.reward import expected_calibration_error, train_reward
 from preftune.scoring.reward_model import load_reward_model, score_texts, sequence_rewards
 from toydata import CALM_WORDS, LOUD_WORDS, TOPICS, make_toy_preferences
 
