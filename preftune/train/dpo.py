@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..config import DPOConfig, parse_constraint_spec
+from ..config.losses import loss_options, needs_reference
 from ..data import TokenizedPair, tokenize_preferences
 from ..data.images import uses_images
-from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
+from ..losses import PreferenceLogps, load_constraint, preference_loss
 from ..models import load_causal_lm, load_tokenizer, prepare_policy
 from .loop import Trainer
 from .policy import PairCollator, PolicyLogprobs, sequence_sums
@@ -56,9 +57,8 @@ class DPOTask:
 
     def loss(self, model, batch):
         lp = self.logps(model, batch)
-        return preference_loss(self.cfg.loss_type, lp, self.cfg.beta, label_smoothing=self.cfg.label_smoothing,
-                               simpo_gamma=self.cfg.simpo_gamma, nll_weight=self.cfg.nll_weight,
-                               constraints=self.constraints)
+        return preference_loss(self.cfg.loss_type, lp, self.cfg.beta, loss_weights=self.cfg.loss_weights,
+                               nll_weight=self.cfg.nll_weight, constraints=self.constraints, **loss_options(self.cfg))
 
     def eval_metrics(self, model, batch):
         return self.loss(model, batch)[1]
@@ -81,7 +81,7 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
 
     policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)
     splits = {"train": pair_sequences(train_pairs), "eval": pair_sequences(eval_pairs)} if cfg.precompute_ref else None
-    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.loss_type not in REFERENCE_FREE,
+    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type),
                                precompute=splits, pad_token_id=tokenizer.pad_token_id)
     trainer = Trainer.from_run(ctx, model=PolicyLogprobs(policy, cfg.logprob_chunk_size),
                                task=DPOTask(cfg, tokenizer.pad_token_id, reference, policy), train_examples=train_pairs,

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..losses import REFERENCE_FREE
+from ..config.losses import needs_reference
 from ..multimodal.data import (
     collate_vision_examples,
     collate_vision_pairs,
@@ -75,7 +75,7 @@ def train_vision_dpo(cfg, *, model=None, processor=None, ref_model=None) -> RunR
     ctx, processor, train, held, model = _setup(cfg, model, processor, tokenize_vision_pairs)
     policy = prepare_vision_policy(model, cfg)
     pad = processor.tokenizer.pad_token_id
-    live = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.loss_type not in REFERENCE_FREE)
+    live = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type))
     if live.kind == "none":
         reference = live
     elif cfg.precompute_ref:
