@@ -10,7 +10,6 @@ from preftune.losses.dpo_variants import (
     discopop_loss,
     exo_pair_loss,
     ipo_norm_loss,
-    nca_pair_loss,
     sigmoid_norm_loss,
     sppo_hard_loss,
 )
@@ -100,7 +99,6 @@ __all__ = [
     "exo_pair_loss",
     "f_scores",
     "ipo_norm_loss",
-    "nca_pair_loss",
     "orpo_loss",
     "pair_loss_function",
     "sft_loss",
