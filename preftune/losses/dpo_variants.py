@@ -206,6 +206,10 @@ def discopop_loss(lp: PreferenceLogps, beta: float, discopop_tau: float = 0.05,
     exponential loss, weighted by a sigmoid of the logit with temperature τ = ``discopop_tau``::
 
         z = β·Δ_s;  w = σ(z / τ);  loss = (1 - w)·(-log σ(z)) + w·exp(-z)
+
+    The loss is not convex: its slope at z = 0 is ``(1 - log 2)/(4τ) - 3/4``, positive for τ < 0.307
+    (0.78 at the paper's τ = 0.05), so a policy equal to its reference first moves the margin down,
+    towards a local minimum below 0.
     """
     _check_beta(beta)
     if not discopop_tau > 0:
