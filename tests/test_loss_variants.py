@@ -78,6 +78,11 @@ def hand_exo(row, beta, eps):
     return q_w * math.log(q_w / (1 - eps)) + q_l * math.log(q_l / eps)
 
 
+def hand_nca(row, beta):
+    uc, ur = ratios(row)   # NCA, K = 2: the winner's reward against the noise, both rewards pushed below it
+    return -math.log(sig(beta * uc)) - 0.5 * math.log(sig(-beta * uc)) - 0.5 * math.log(sig(-beta * ur))
+
+
 def hand_bco(row, beta):
     uc, ur = ratios(row)
     return -ls(beta * uc) - ls(-beta * ur)
@@ -150,6 +155,7 @@ def close(actual, expected):
     ("ipo_norm", lambda r: hand_ipo_norm(r, BETA, 0.8), {"label_smoothing": 0.2}),
     ("exo_pair", lambda r: hand_exo(r, BETA, 0.1), {"label_smoothing": 0.1}),
     ("exo_pair", lambda r: hand_exo(r, BETA, 1e-3), {}),   # hard labels: the paper's ε = 1e-3
+    ("nca_pair", lambda r: hand_nca(r, BETA), {}),
     ("bco_pair", lambda r: hand_bco(r, BETA), {}),
     ("sppo_hard", lambda r: hand_sppo(r, BETA), {}),
     ("apo_zero", lambda r: hand_apo_zero(r, BETA), {}),

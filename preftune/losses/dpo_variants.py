@@ -93,6 +93,26 @@ def exo_pair_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0
     return LossOutput(losses, *_rewards(beta, chosen, rejected))
 
 
+@pair_loss(name="nca_pair", hyper=("f_divergence_type", "f_alpha_divergence_coef"), needs_reference=True,
+           paper="Chen et al. 2024 (NCA)", trl="nca_pair", beta_range=(0.01, 1.0),
+           formula="−log σ(βs_c) − ½·log σ(−βs_c) − ½·log σ(−βs_r)")
+def nca_pair_loss(lp: PreferenceLogps, beta: float, f_divergence_type: str = "reverse_kl",
+                  f_alpha_divergence_coef: float = 0.5) -> LossOutput:
+    """NCA for pairs (Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit
+    Rewards", eq. 11 with K = 2 and the winner's reward taken as the optimum): with r = β·s(u),
+
+        loss = -log σ(r_c) - ½·log σ(-r_c) - ½·log σ(-r_r).
+
+    Unlike DPO it scores each response against the reference on its own, so the chosen response's
+    likelihood does not fall.
+    """
+    _check_beta(beta)
+    chosen, rejected, s_c, s_r = _scored_ratios(lp, "nca_pair", f_divergence_type, f_alpha_divergence_coef)
+    r_c, r_r = beta * s_c, beta * s_r
+    losses = -F.logsigmoid(r_c) - 0.5 * F.logsigmoid(-r_c) - 0.5 * F.logsigmoid(-r_r)
+    return LossOutput(losses, *_rewards(beta, chosen, rejected))
+
+
 @pair_loss(name="bco_pair", hyper=("f_divergence_type", "f_alpha_divergence_coef"), needs_reference=True,
            paper="Jung et al. 2024 (BCO)", trl="bco_pair", beta_range=(0.01, 1.0),
            formula="−log σ(βs_c) − log σ(−βs_r)")
