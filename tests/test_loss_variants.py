@@ -52,10 +52,10 @@ def ratios(row):
 
 
 def score(u, kind="reverse_kl", a=0.5):
-    """f'(π/π_ref) at log-ratio u, constants dropped (f-DPO, Wang et al. 2023, Table 1)."""
+    """f'(π/π_ref) at log-ratio u, f normalised to f'(1) = 0 (f-DPO, Wang et al. 2023, Table 1)."""
     t = math.exp(u)
-    return {"reverse_kl": math.log(t), "forward_kl": -1 / t, "js_divergence": math.log(t / (1 + t)),
-            "alpha_divergence": t ** (a - 1) / (a - 1)}[kind]
+    return {"reverse_kl": math.log(t), "forward_kl": 1 - 1 / t, "js_divergence": math.log(2 * t / (1 + t)),
+            "alpha_divergence": (t ** (a - 1) - 1) / (a - 1)}[kind]
 
 
 # ---- the papers' formulas, per pair ----

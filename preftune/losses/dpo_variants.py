@@ -93,13 +93,12 @@ def exo_pair_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0
     return LossOutput(losses, *_rewards(beta, chosen, rejected))
 
 
-@pair_loss(name="nca_pair", hyper=("f_divergence_type", "f_alpha_divergence_coef"), needs_reference=True,
+@pair_loss(name="nca_pair", hyper=(), needs_reference=True,
            paper="Chen et al. 2024 (NCA)", trl="nca_pair", beta_range=(0.01, 1.0),
-           formula="−log σ(βs_c) − ½·log σ(−βs_c) − ½·log σ(−βs_r)")
-def nca_pair_loss(lp: PreferenceLogps, beta: float, f_divergence_type: str = "reverse_kl",
-                  f_alpha_divergence_coef: float = 0.5) -> LossOutput:
+           formula="−log σ(βu_c) − ½·log σ(−βu_c) − ½·log σ(−βu_r)")
+def nca_pair_loss(lp: PreferenceLogps, beta: float) -> LossOutput:
     """NCA for pairs (Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit
-    Rewards", eq. 11 with K = 2 and the winner's reward taken as the optimum): with r = β·s(u),
+    Rewards", eq. 11 with K = 2 and the winner's reward taken as the optimum): with r = β·u,
 
         loss = -log σ(r_c) - ½·log σ(-r_c) - ½·log σ(-r_r).
 
@@ -107,43 +106,41 @@ def nca_pair_loss(lp: PreferenceLogps, beta: float, f_divergence_type: str = "re
     likelihood does not fall.
     """
     _check_beta(beta)
-    chosen, rejected, s_c, s_r = _scored_ratios(lp, "nca_pair", f_divergence_type, f_alpha_divergence_coef)
-    r_c, r_r = beta * s_c, beta * s_r
+    chosen, rejected = _log_ratios(lp, "nca_pair")
+    r_c, r_r = beta * chosen, beta * rejected
     losses = -F.logsigmoid(r_c) - 0.5 * F.logsigmoid(-r_c) - 0.5 * F.logsigmoid(-r_r)
     return LossOutput(losses, *_rewards(beta, chosen, rejected))
 
 
-@pair_loss(name="bco_pair", hyper=("f_divergence_type", "f_alpha_divergence_coef"), needs_reference=True,
+@pair_loss(name="bco_pair", hyper=(), needs_reference=True,
            paper="Jung et al. 2024 (BCO)", trl="bco_pair", beta_range=(0.01, 1.0),
-           formula="−log σ(βs_c) − log σ(−βs_r)")
-def bco_pair_loss(lp: PreferenceLogps, beta: float, f_divergence_type: str = "reverse_kl",
-                  f_alpha_divergence_coef: float = 0.5) -> LossOutput:
+           formula="−log σ(βu_c) − log σ(−βu_r)")
+def bco_pair_loss(lp: PreferenceLogps, beta: float) -> LossOutput:
     """BCO on pairs (Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment"):
-    a binary classifier with logit r = β·s(u), chosen as class 1 and rejected as class 0, with no reward
+    a binary classifier with logit r = β·u, chosen as class 1 and rejected as class 0, with no reward
     shift δ:
 
         loss = -log σ(r_c) - log σ(-r_r).
     """
     _check_beta(beta)
-    chosen, rejected, s_c, s_r = _scored_ratios(lp, "bco_pair", f_divergence_type, f_alpha_divergence_coef)
-    losses = -F.logsigmoid(beta * s_c) - F.logsigmoid(-beta * s_r)
+    chosen, rejected = _log_ratios(lp, "bco_pair")
+    losses = -F.logsigmoid(beta * chosen) - F.logsigmoid(-beta * rejected)
     return LossOutput(losses, *_rewards(beta, chosen, rejected))
 
 
-@pair_loss(name="sppo_hard", hyper=("f_divergence_type", "f_alpha_divergence_coef"), needs_reference=True,
+@pair_loss(name="sppo_hard", hyper=(), needs_reference=True,
            paper="Wu et al. 2024 (SPPO), hard labels", trl="sppo_hard", beta_range=(0.001, 1.0),
-           formula="(s_c − 1/(2β))² + (s_r + 1/(2β))²")
-def sppo_hard_loss(lp: PreferenceLogps, beta: float, f_divergence_type: str = "reverse_kl",
-                   f_alpha_divergence_coef: float = 0.5) -> LossOutput:
+           formula="(u_c − 1/(2β))² + (u_r + 1/(2β))²")
+def sppo_hard_loss(lp: PreferenceLogps, beta: float) -> LossOutput:
     """SPPO with hard win probabilities (Wu et al. 2024, "Self-Play Preference Optimization for Language
     Model Alignment", eq. 4.7 with P(y_c ≻ π) = 1 and P(y_r ≻ π) = 0): each log-ratio regresses to
     ``±1/(2β)`` (the paper's η = 1/β):
 
-        loss = (s(u_c) - 1/(2β))² + (s(u_r) + 1/(2β))².
+        loss = (u_c - 1/(2β))² + (u_r + 1/(2β))².
     """
     _check_beta(beta)
-    chosen, rejected, s_c, s_r = _scored_ratios(lp, "sppo_hard", f_divergence_type, f_alpha_divergence_coef)
-    losses = (s_c - 0.5 / beta) ** 2 + (s_r + 0.5 / beta) ** 2
+    chosen, rejected = _log_ratios(lp, "sppo_hard")
+    losses = (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
     return LossOutput(losses, *_rewards(beta, chosen, rejected))
 
 

@@ -14,9 +14,9 @@ Notation used in the docstrings, per pair::
 
     Δ  = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))     (sums over completion tokens)
     s(y) = the score of y's log-ratio u = log π(y) - log π_ref(y) under ``f_divergence_type``
-         (f-DPO, Wang et al. 2023): u for reverse KL (the default, plain DPO), -exp(-u) for forward KL,
-         log σ(u) for Jensen-Shannon, exp((a - 1)·u)/(a - 1) for the α-divergence with
-         a = ``f_alpha_divergence_coef`` (TRL's parameterisation; a = 1 is reverse KL); Δ_s = s(y_c) - s(y_r)
+         (f-DPO, Wang et al. 2023; :func:`f_scores`): u for reverse KL (the default, plain DPO),
+         1 - exp(-u) for forward KL, log 2 + log σ(u) for Jensen-Shannon, (exp((a - 1)·u) - 1)/(a - 1)
+         for the α-divergence with a = ``f_alpha_divergence_coef``; Δ_s = s(y_c) - s(y_r)
     β  = inverse temperature of the KL penalty
     m  = per-pair margin in reward units (``PreferenceLogps.margin``, default 0)
     p  = probability that the chosen response really is better: ``preference_prob`` per pair when
@@ -30,6 +30,7 @@ as "chosen wins" with probability p and "rejected wins" with probability 1 - p.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -91,25 +92,26 @@ def _log_ratios(lp: PreferenceLogps, loss_name: str) -> tuple[Tensor, Tensor]:
 
 
 def f_scores(log_ratio: Tensor, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> Tensor:
-    """``s(u)``: f'(π/π_ref) of the f-divergence regulariser at ``u = log π - log π_ref``, constants dropped.
+    """``s(u)``: f'(t) of the f-divergence regulariser at ``t = π/π_ref = exp(u)``, with f normalised so that
+    f'(1) = 0 (a policy equal to its reference scores 0).
 
     f-DPO (Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
-    Divergence Constraints", Table 1): the implicit reward is β·f'(π/π_ref). reverse KL: f'(t) = log t + 1
-    -> u; forward KL: f'(t) = -1/t -> -exp(-u); Jensen-Shannon: f'(t) = log(2t / (1 + t)) -> log σ(u);
-    α-divergence with a = ``f_alpha_divergence_coef``: t^(a-1)/(a-1) -> exp((a-1)·u)/(a-1), which tends
-    to u (plus a constant) as a -> 1, where reverse KL is used.
+    Divergence Constraints", Table 1): the implicit reward is β·f'(π/π_ref). reverse KL: s = u (plain
+    DPO); forward KL: s = 1 - exp(-u); Jensen-Shannon: s = log(2t / (1 + t)) = log 2 + log σ(u);
+    α-divergence with a = ``f_alpha_divergence_coef``: s = (t^(a-1) - 1)/(a - 1), which tends to u as
+    a -> 1 (reverse KL is used within 1e-6 of it).
     """
     if f_divergence_type == "reverse_kl":
         return log_ratio
     if f_divergence_type == "forward_kl":
-        return -torch.exp(-log_ratio)
+        return -torch.expm1(-log_ratio)
     if f_divergence_type == "js_divergence":
-        return F.logsigmoid(log_ratio)
+        return math.log(2.0) + F.logsigmoid(log_ratio)
     if f_divergence_type == "alpha_divergence":
         a = float(f_alpha_divergence_coef)
         if abs(a - 1.0) < 1e-6:
             return log_ratio
-        return torch.exp((a - 1.0) * log_ratio) / (a - 1.0)
+        return torch.expm1((a - 1.0) * log_ratio) / (a - 1.0)
     raise ValueError(f"unknown f_divergence_type '{f_divergence_type}' (choose {', '.join(F_DIVERGENCES)})")
 
 
