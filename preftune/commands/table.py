@@ -74,11 +74,11 @@ COMMANDS: tuple[Command, ...] = (
         help="Online DPO: two completions per prompt from the current policy, a judge picks one, a DPO-family loss.",
         description="Online DPO (Guo et al. 2024): every step samples two completions per prompt from the current "
                     "policy (generation_engine), the judge (a reward model, a Python function or an LLM judge) "
-                    "picks the preferred one, and the loss_type (sigmoid, ipo, hinge, robust, simpo) is applied to "
+                    "picks the preferred one, and the loss_type (any preference loss of preftune dpo) is applied to "
                     "the fresh pairs against the frozen starting policy."),
     training_command(
         "dpo", DPOConfig, train_dpo,
-        help="Train a policy on preference pairs (DPO, IPO, SLiC, rDPO, SimPO, soft labels).",
+        help="Train a policy on preference pairs (DPO and its family: IPO, SLiC, rDPO, SimPO, ORPO, CPO, ...).",
         description="Direct Preference Optimization and its family."),
     training_command(
         "kto", KTOConfig, train_kto,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from ..config import DPOConfig, parse_constraint_spec
+from ..config.losses import loss_options, needs_reference
 from ..data import TokenizedPair
-from ..losses import REFERENCE_FREE, PreferenceLogps, load_constraint, preference_loss
+from ..losses import PreferenceLogps, load_constraint, preference_loss
 from ..modality import TEXT, Modality, modality_for
 from ..runtime.loop import Trainer
 from ..runtime.reference import Reference, make_reference
@@ -53,9 +54,8 @@ class DPOTask:
 
     def loss(self, model, batch):
         lp = self.logps(model, batch)
-        return preference_loss(self.cfg.loss_type, lp, self.cfg.beta, label_smoothing=self.cfg.label_smoothing,
-                               simpo_gamma=self.cfg.simpo_gamma, nll_weight=self.cfg.nll_weight,
-                               constraints=self.constraints)
+        return preference_loss(self.cfg.loss_type, lp, self.cfg.beta, loss_weights=self.cfg.loss_weights,
+                               nll_weight=self.cfg.nll_weight, constraints=self.constraints, **loss_options(self.cfg))
 
     def eval_metrics(self, model, batch):
         return self.loss(model, batch)[1]
@@ -78,7 +78,7 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
     policy = modality.prepare_policy(model if model is not None else modality.load_model(cfg.model_name_or_path), cfg)
     splits = ({"train": pair_sequences(train_pairs, modality), "eval": pair_sequences(eval_pairs, modality)}
               if cfg.precompute_ref else None)
-    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.loss_type not in REFERENCE_FREE,
+    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type),
                                precompute=splits, pad_token_id=pad, modality=modality)
     trainer = Trainer.from_run(ctx, model=modality.logprob_module(policy, cfg.logprob_chunk_size),
                                task=DPOTask(cfg, pad, reference, policy, modality), train_examples=train_pairs,

@@ -77,13 +77,15 @@ class GRPOTask:
                                     with_entropy=True)
         mask = batch["response_mask"]
         logps = torch.zeros(mask.shape, dtype=logps_flat.dtype, device=mask.device).masked_scatter(mask, logps_flat)
+        entropies = torch.zeros_like(logps).masked_scatter(mask, entropy.to(logps.dtype))
         out = grpo_loss(logps, batch["advantages"], mask, old_logps=batch.get("old_logps"),
                         ref_logps=batch.get("ref_logps"), beta=cfg.beta if cfg.advantage == "grpo" else 0.0,
                         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, aggregation=cfg.aggregation,
                         max_completion_length=cfg.max_completion_length,
                         truncated=batch["truncated"] if cfg.mask_truncated_completions else None,
                         num_tokens=float(batch["loss_tokens"]) if "loss_tokens" in batch and
-                        cfg.aggregation == "token_mean" else None)
+                        cfg.aggregation == "token_mean" else None,
+                        entropy=entropies, **cfg.policy_options())
         return out.loss, {"loss": out.loss.detach(), "entropy": entropy.detach().mean(), **out.metrics()}
 
     def eval_metrics(self, model, batch):

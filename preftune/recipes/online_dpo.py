@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import torch
 
+from ..config.losses import needs_reference
 from ..config.online_dpo import OnlineDPOConfig
 from ..data.preference import TokenizedPair
 from ..engines import online_engine, sample_with
 from ..errors import ConfigError
 from ..generate import SamplingSettings
-from ..losses import REFERENCE_FREE
 from ..modality.text import PolicyLogprobs
 from ..models import load_causal_lm, prepare_policy
 from ..runtime.loop import Trainer
@@ -42,7 +42,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_mo
     acc = ctx.accelerator
     judge = _judge(judge, cfg, acc.device)
     policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)
-    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.loss_type not in REFERENCE_FREE)
+    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type))
     local_prompts = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     if len(prompts) < local_prompts * acc.num_processes:
         raise ConfigError(f"{len(prompts)} prompts are fewer than one batch of {local_prompts * acc.num_processes} "
@@ -135,7 +135,7 @@ class OnlineDPOStep(OnlineStep):
 def kl_metrics(metrics: dict[str, float], cfg: OnlineDPOConfig) -> dict[str, float]:
     """TRL's ``objective/kl`` (mean log π/π_ref of the sampled completions, from the implicit rewards
     β·log-ratio the loss already computed), ``non_score_reward`` (-β·KL) and ``rlhf_reward``."""
-    if cfg.loss_type in REFERENCE_FREE or "rewards/chosen" not in metrics:
+    if not needs_reference(cfg.loss_type) or "rewards/chosen" not in metrics:
         return {}
     kl = (metrics["rewards/chosen"] + metrics["rewards/rejected"]) / (2 * cfg.beta)
     out = {"objective/kl": kl, "objective/non_score_reward": -cfg.beta * kl}
