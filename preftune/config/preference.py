@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import check_ranges, option, with_default
-from .shared import DataSettings, ModelSettings, PairLayout, TrainSettings, validate_data
+from .shared import DataSettings, ModelSettings, PairLayout, PairScores, TrainSettings, validate_data
 
 
 @dataclass
-class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout):
+class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout, PairScores):
     """``preftune dpo``: Direct Preference Optimization and its family."""
 
     loss_type: str = option("sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), simpo "
@@ -87,7 +87,8 @@ class KTOConfig(DPOConfig):
     def validate(self, require_model: bool = True) -> None:
         super().validate(require_model)
         check_ranges(self, positive_numbers=["desirable_weight", "undesirable_weight"])
-        unused = {"label_smoothing": 0.0, "nll_weight": 0.0, "constraints": []}
+        unused = {"label_smoothing": 0.0, "nll_weight": 0.0, "constraints": [], "simpo_gamma": 0.5,
+                  "margin_from_scores": False}
         for name, default in unused.items():
             if getattr(self, name) != default:
                 raise ConfigError(f"{name} is an option of the pairwise DPO losses; KTO does not use it")
@@ -99,7 +100,7 @@ class KTOConfig(DPOConfig):
 
 
 @dataclass
-class RewardConfig(ModelSettings, DataSettings, TrainSettings, PairLayout):
+class RewardConfig(ModelSettings, DataSettings, TrainSettings, PairLayout, PairScores):
     """``preftune reward``: a scalar reward model trained on preference pairs."""
 
     learning_rate: float = with_default(TrainSettings, "learning_rate", 1e-5)

@@ -62,6 +62,14 @@ class PairLayout(PaddingFree):
 
 
 @dataclass
+class PairScores:
+    """Per-pair scores in the data (TRL's ultrafeedback_binarized has score_chosen and score_rejected)."""
+
+    margin_from_scores: bool = option(False, "Use score_chosen - score_rejected of each row as its margin (a row's "
+                                             "own margin column wins); off: the score columns are not read.")
+
+
+@dataclass
 class DataSource:
     """The training rows: where they come from and what to do with invalid ones."""
 

@@ -110,6 +110,7 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
     from accelerate import PartialState
 
     from ..data import TokenizeSettings, load_records
+    from ..data.columns import scores_as_margins
     from ..data.split import report_skipped
     from .progress import data_line
 
@@ -118,6 +119,8 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
 
     def read(source: str, split: str) -> list:
         records = load_records(source, split=split)
+        if getattr(cfg, "margin_from_scores", False):
+            records = scores_as_margins(records)
         items, report = tokenize(records, tokenizer, settings, skip_invalid=cfg.skip_invalid)
         report_skipped(records.name, report)
         if PartialState().is_main_process:
