@@ -85,3 +85,49 @@ def test_prompt_columns_named_like_reward_arguments_are_not_passed(tmp_path, tin
     examples = load_prompts(write(tmp_path / "p.jsonl", PROMPT_ROWS), "train", tiny_tokenizer, 64)
     assert [e.columns for e in examples] == [{"answer": "calm"}, {"answer": "warm"}]
     assert "column 'completions' not used in training (named like a reward function's" in capsys.readouterr().err
+
+
+def test_report_to_all_none_and_a_missing_tracker(tmp_path):
+    import importlib.util
+
+    from preftune.config import DPOConfig
+    from preftune.config.base import load_config
+    from preftune.errors import ConfigError
+
+    def parse(*flags):
+        cfg = load_config(DPOConfig, None, {"model_name_or_path": "m", "dataset": "d.jsonl", "report_to": list(flags)})
+        cfg.validate()
+        return cfg
+
+    installed = [name for name in ("tensorboard", "wandb") if importlib.util.find_spec(name)]
+    assert parse("all").report_to == installed
+    assert parse("none").report_to == []
+    if "wandb" not in installed:
+        with pytest.raises(ConfigError, match="wandb is not installed"):
+            parse("wandb")
+
+
+def test_abbreviated_options_are_refused(capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["dpo", "--learning_rat", "1e-5", "--model_name_or_path", "m", "--dataset", "d.jsonl"])
+    assert raised.value.code == 2 and "--learning_rate" in capsys.readouterr().err
+
+
+def test_metrics_jsonl_holds_null_not_nan(tmp_path):
+    from preftune.train.loop import finite_or_none
+
+    line = json.dumps({k: finite_or_none(v) for k, v in {"rewards/rejected": float("nan"), "loss": 0.5}.items()})
+    assert json.loads(line) == {"rewards/rejected": None, "loss": 0.5} and "NaN" not in line
+
+
+def test_sft_token_count_is_not_doubled():
+    from preftune.data.packing import LMRow
+    from preftune.train.progress import example_tokens
+
+    assert example_tokens(LMRow([5, 6, 7], [False, True, True], [0, 1, 2])) == 3
+
+
+def test_score_reads_trl_completion_column(tiny_tokenizer):
+    from preftune.scoring.files import _scoring_texts
+
+    assert _scoring_texts({"prompt": "p", "completion": " c"}, False, tiny_tokenizer) == ("p", " c")

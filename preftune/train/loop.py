@@ -352,12 +352,14 @@ class Trainer:
         return ["loss"]
 
     # ------------------------------------------------------------------ metrics
+    # (a metric with no value this step, such as KTO's rewards/rejected on a batch of desirable examples only, is
+    # NaN in memory and null in metrics.jsonl)
 
     def log(self, metrics: dict[str, float]) -> None:
         record = {"step": self.global_step, "epoch": round(self.global_step / self.steps_per_epoch, 4), **metrics}
         if self.acc.is_main_process:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}) + "\n")   # valid JSON
         if self.s.report_to:
             self.acc.log(metrics, step=self.global_step)
 
@@ -398,3 +400,8 @@ class Trainer:
 
 def _flat_for_trackers(config: dict) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
+
+
+def finite_or_none(value):
+    """``value``, or None for a float NaN or infinity (which JSON cannot hold)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
