@@ -73,9 +73,9 @@ def test_flags_override_yaml_and_unset_flags_do_not(tmp_path):
     path = write_yaml(tmp_path, "model_name_or_path: tiny\ndataset: a.jsonl\nbeta: 0.2\nlearning_rate: 5.0e-6\n"
                                 "lora: true\nmax_prompt_length: 32\n")
     cfg = parse_flags("--config", str(path), "--beta", "0.4", "--no-lora", "--max_prompt_length", "none",
-                      "--report_to", "tensorboard", "wandb")
+                      "--report_to", "tensorboard", "tensorboard")
     assert cfg.beta == 0.4 and cfg.lora is False and cfg.max_prompt_length is None
-    assert cfg.report_to == ["tensorboard", "wandb"]
+    assert cfg.report_to == ["tensorboard"]
     assert cfg.learning_rate == 5e-6      # from the YAML: an unset flag must not reset it to the default
     assert cfg.model_name_or_path == "tiny"
 
@@ -87,7 +87,7 @@ def test_flags_alone():
 
 
 def test_config_round_trips_through_yaml(tmp_path):
-    original = make(beta=0.25, lora=True, report_to=["wandb"], constraints=["a.b:c=2"], max_prompt_length=16)
+    original = make(beta=0.25, lora=True, report_to=["tensorboard"], constraints=["a.b:c=2"], max_prompt_length=16)
     path = write_yaml(tmp_path, yaml.safe_dump(config_to_dict(original)))
     assert load_config(DPOConfig, path) == original
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from preftune.losses.grpo import grpo_loss, high_entropy_mask, reinforce_pp_advantages
-from preftune.train.ppo import read_metrics
+from preftune.recipes.ppo import read_metrics
 from test_grpo import assert_learns, config, setup  # noqa: F401  (the module's fixture)
 
 LOGPS = [[-1.2, -0.4, -2.0, -0.9], [-0.3, -1.7, -0.8, 0.0], [-2.2, -0.6, -1.1, -0.5]]
@@ -145,6 +145,6 @@ def test_objectives_pass_gradcheck(objective, options):
     {"top_entropy_quantile": 0.5, "entropy_coef": 0.01, "max_steps": 25},   # half the tokens: more steps
 ], ids=["gspo", "luspo", "cispo", "sapo", "vespo", "delta+off_policy", "entropy"])
 def test_each_objective_raises_the_toy_reward(setup, tmp_path, options):  # noqa: F811
-    run = __import__("preftune.train.grpo", fromlist=["train_grpo"]).train_grpo(config(setup, tmp_path / "run",
+    run = __import__("preftune.recipes.grpo", fromlist=["train_grpo"]).train_grpo(config(setup, tmp_path / "run",
                                                                                        **options))
     assert_learns(read_metrics(run.run_dir))

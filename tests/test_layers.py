@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "preftune"
 # layer -> (its modules, as dotted prefixes under preftune), the layers it may import besides itself
 LAYERS = {
     "settings": (["errors", "config"], []),
-    "components": (["data", "losses", "loading", "wrappers", "gguf_import", "realmodel", "toy", "speed", "models",
-                    "logprobs", "generate", "engines", "multimodal", "export_gguf"], ["settings"]),
+    "components": (["data", "losses", "loading", "wrappers", "gguf_import", "gguf_metadata", "realmodel", "toy",
+                    "speed", "models", "logprobs", "generate", "engines", "multimodal", "export_gguf"], ["settings"]),
     "scoring": (["scoring"], ["settings", "components"]),
     "modality": (["modality"], ["settings", "components", "scoring"]),
     "runtime": (["runtime"], ["settings", "components", "scoring", "modality"]),

@@ -7,8 +7,8 @@ import pytest
 
 from preftune import DPOConfig
 from preftune.config.losses import PAIR_LOSSES
-from preftune.train import dpo as dpo_module
-from preftune.train.dpo import train_dpo
+from preftune.recipes import dpo as dpo_module
+from preftune.recipes.dpo import train_dpo
 from toydata import make_toy_preferences
 
 

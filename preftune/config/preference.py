@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import check_ranges, option, with_default
-from .losses import F_DIVERGENCES, beta_range, check_loss_settings, loss_help, parse_loss_types
-from .shared import DataSettings, ModelSettings, PairLayout, TrainSettings, validate_data
+from .losses import F_DIVERGENCES, LOSS_HYPERPARAMETERS, beta_range, check_loss_settings, loss_help, parse_loss_types
+from .shared import DataSettings, ModelSettings, PairLayout, PairScores, TrainSettings, validate_data
 
 
 @dataclass
-class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout):
+class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout, PairScores):
     """``preftune dpo``: Direct Preference Optimization and its family."""
 
     loss_type: str = option("sigmoid", loss_help())
@@ -114,8 +114,10 @@ class KTOConfig(DPOConfig):
     def validate(self, require_model: bool = True) -> None:
         super().validate(require_model)
         check_ranges(self, positive_numbers=["desirable_weight", "undesirable_weight"])
+        defaults = {f.name: f.default for f in dataclasses.fields(DPOConfig)}
         unused = {"label_smoothing": 0.0, "nll_weight": 0.0, "constraints": [], "loss_weights": [],
-                  "f_divergence_type": "reverse_kl"}
+                  "f_divergence_type": "reverse_kl", "margin_from_scores": False,
+                  **{name: defaults[name] for name in LOSS_HYPERPARAMETERS}}    # simpo_gamma, cpo_alpha, ...
         for name, default in unused.items():
             if getattr(self, name) != default:
                 raise ConfigError(f"{name} is an option of the pairwise DPO losses; KTO does not use it")
@@ -127,7 +129,7 @@ class KTOConfig(DPOConfig):
 
 
 @dataclass
-class RewardConfig(ModelSettings, DataSettings, TrainSettings, PairLayout):
+class RewardConfig(ModelSettings, DataSettings, TrainSettings, PairLayout, PairScores):
     """``preftune reward``: a scalar reward model trained on preference pairs."""
 
     learning_rate: float = with_default(TrainSettings, "learning_rate", 1e-5)

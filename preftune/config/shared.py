@@ -80,6 +80,14 @@ class PairLayout(PaddingFree):
 
 
 @dataclass
+class PairScores:
+    """Per-pair scores in the data (TRL's ultrafeedback_binarized has score_chosen and score_rejected)."""
+
+    margin_from_scores: bool = option(False, "Use score_chosen - score_rejected of each row as its margin (a row's "
+                                             "own margin column wins); off: the score columns are not read.")
+
+
+@dataclass
 class DataSource:
     """The training rows: where they come from and what to do with invalid ones."""
 
@@ -140,7 +148,7 @@ class TrainSettings:
     save_total_limit: int = option(2, "Keep only the newest this many checkpoints.")
     resume: str | None = option(None, "Resume from a checkpoint directory, or 'latest' for the newest in output_dir.",
                                 nargs="?", const="latest")
-    report_to: list[str] = option([], "Also send metrics to: tensorboard, wandb.")
+    report_to: list[str] = option([], "Also send metrics to: tensorboard, wandb; all: every one installed; none.")
     logprob_chunk_size: int = option(1024, "Tokens per chunk when projecting hidden states onto the vocabulary.")
     fsdp: str = option("", "Shard with FSDP2 across the launched processes: 'full_shard' or 'shard_grad_op', "
                            "optionally with 'offload' (as transformers' --fsdp); empty: the launcher decides "
@@ -172,15 +180,35 @@ def validate_training(cfg) -> None:
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     fsdp_words(cfg.fsdp)
-    for tracker in cfg.report_to:
-        if tracker not in ("tensorboard", "wandb"):
-            raise ConfigError(f"report_to: unknown tracker '{tracker}' (choose tensorboard or wandb)")
+    cfg.report_to = trackers(cfg.report_to)
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got '{getattr(cfg, f.name)}'")
 
 
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}     # tracker -> the package it needs
+
+
+def trackers(names: list[str]) -> list[str]:
+    """``report_to`` as TRL reads it: ``all`` is every tracker whose package is installed, ``none`` none; a tracker
+    named outright whose package is missing is a ConfigError (rather than a run that silently logs nowhere)."""
+    import importlib.util
+
+    installed = [name for name, package in TRACKERS.items() if importlib.util.find_spec(package) is not None]
+    if "none" in names:
+        return []
+    if "all" in names:
+        return installed
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"report_to: unknown tracker '{name}' (choose tensorboard, wandb, all or none)")
+        if name not in installed:
+            raise ConfigError(f"report_to: {name} is not installed (pip install {TRACKERS[name]}, or "
+                              f"pip install 'preftune[{name}]')")
+    return list(dict.fromkeys(names))
 
 
 FSDP_WORDS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")

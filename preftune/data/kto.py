@@ -22,6 +22,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, replace
 
+from preftune.data.columns import KTO_COLUMNS, note_unused_columns
 from preftune.data.load import Records
 from preftune.data.messages import check_contents, eos_id, render_pair, require_chat_template, required_field
 from preftune.data.preference import (
@@ -60,6 +61,7 @@ def tokenize_kto(records: Records, tokenizer, settings: TokenizeSettings,
         return split_pairs(pairs), report
     check_settings(settings)
     examples, problems = _tokenize_unpaired(records, tokenizer, settings)
+    note_unused_columns(records, KTO_COLUMNS)
     return examples, settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
 
 

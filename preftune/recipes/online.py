@@ -19,6 +19,7 @@ from rich.console import Console
 
 from ..data import load_records
 from ..data.collate import collate_completions
+from ..data.columns import REWARD_ARGUMENTS, note_unused_columns
 from ..data.messages import prompt_text
 from ..data.rows import InvalidRow, settle_problems
 from ..errors import ConfigError
@@ -63,11 +64,12 @@ def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int,
     for row, number in zip(records.rows, records.row_numbers):
         try:
             example = _prompt_example(row.get("prompt"), number, tokenizer, max_prompt_length)
-            example.columns = {k: v for k, v in row.items() if k != "prompt"}
+            example.columns = {k: v for k, v in row.items() if k != "prompt" and k not in REWARD_ARGUMENTS}
             examples.append(example)
         except InvalidRow as invalid:
             problems.append(invalid.problem(records.name, number))
     report = settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
+    note_unused_columns(records, None, reserved=REWARD_ARGUMENTS)
     if report.skipped:
         reasons = ", ".join(f"{n} x {kind}" for kind, n in sorted(report.skipped.items()))
         skipped = report.total - report.kept

@@ -18,7 +18,6 @@ the KL coefficient and score statistics travel in the checkpoint.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
 from ..models import base_model, enable_checkpointing, load_causal_lm, prepare_policy
 from ..runtime.loop import Trainer
+from ..runtime.records import METRICS, read_records
 from ..runtime.reference import make_reference
 from ..runtime.run import RunResult, finish_run, save_final_model
 from ..runtime.seeds import mix_seed
@@ -188,5 +188,4 @@ def _hidden_size(policy) -> int:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The per-iteration records of a run's ``metrics.jsonl``."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return read_records(Path(run_dir) / METRICS)

@@ -32,7 +32,6 @@ Metrics named in ``gauges`` are logged as their last value rather than the mean 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections import defaultdict
@@ -47,10 +46,9 @@ from ..errors import ConfigError
 from . import checkpoint as ckpt
 from .distributed import eval_chunks, full_tensor, is_sharded, loss_divisor, mark_boundary
 from .progress import Display, run_summary
+from .records import METRICS, RECORD_FILES, SAMPLES, append_records
 from .resume import TrainingInterrupted, record_config
 from .seeds import mix_seed
-
-RECORD_FILES = ("metrics.jsonl", "samples.jsonl")
 
 
 class Task(Protocol):
@@ -350,20 +348,20 @@ class Trainer:
         return ["loss"]
 
     # ------------------------------------------------------------------ metrics
+    # (a metric with no value this step, such as KTO's rewards/rejected on a batch of desirable examples only, is
+    # NaN in memory and null in metrics.jsonl)
 
     def log(self, metrics: dict[str, float]) -> None:
         record = {"step": self.global_step, "epoch": round(self.global_step / self.steps_per_epoch, 4), **metrics}
         if self.acc.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_records(self.run_dir / METRICS, [record])
         if self.s.report_to:
             self.acc.log(metrics, step=self.global_step)
 
     def log_samples(self, rows: list[dict]) -> None:
         """Append example generations to ``samples.jsonl``, tagged with the current step."""
         if rows and self.acc.is_main_process:
-            with open(self.run_dir / "samples.jsonl", "a") as handle:
-                handle.writelines(json.dumps({"step": self.global_step, **row}) + "\n" for row in rows)
+            append_records(self.run_dir / SAMPLES, [{"step": self.global_step, **row} for row in rows])
 
     # ------------------------------------------------------------------ checkpoints
 

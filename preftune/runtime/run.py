@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..speed.allocator import restore_defaults, reuse_freed_memory
 from .distributed import configure_deepspeed, engine_name, full_state_dict, is_sharded, make_accelerator
 from .loop import TrainResult
+from .records import METRICS, RUN_OUTPUTS, SUMMARY
 from .resume import change_warnings, check_resume
 from .seeds import set_seed
 
@@ -88,8 +89,8 @@ def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dic
                    "eval": result.eval_metrics, "distributed": {"engine": engine_name(ctx.accelerator),
                                                                 "processes": ctx.accelerator.num_processes},
                    **(extra or {})}
-        (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return RunResult(ctx.run_dir, model_dir, ctx.run_dir / "metrics.jsonl", result, ctx.is_main_process)
+        (ctx.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    return RunResult(ctx.run_dir, model_dir, ctx.run_dir / METRICS, result, ctx.is_main_process)
 
 
 def train_and_eval(cfg, read: Callable[[str, str], list]) -> tuple[list, list]:
@@ -109,6 +110,7 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
     from accelerate import PartialState
 
     from ..data import TokenizeSettings, load_records
+    from ..data.columns import scores_as_margins
     from ..data.split import report_skipped
     from .progress import data_line
 
@@ -117,6 +119,8 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
 
     def read(source: str, split: str) -> list:
         records = load_records(source, split=split)
+        if getattr(cfg, "margin_from_scores", False):
+            records = scores_as_margins(records)
         items, report = tokenize(records, tokenizer, settings, skip_invalid=cfg.skip_invalid)
         report_skipped(records.name, report)
         if PartialState().is_main_process:
@@ -126,8 +130,6 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
     return read
 
 
-RUN_OUTPUTS = ("metrics.jsonl", "config.json", "summary.json", "reference_cache.json", "checkpoints", "model",
-               "samples.jsonl")
 
 
 def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> None:

@@ -17,7 +17,10 @@ from .reward_model import RewardModelScorer, load_weights, prepare_tokenizer
 
 
 def _scoring_texts(row: dict, messages: bool, tokenizer) -> tuple[str, str]:
-    """Validate one scoring row and return (prompt text, response text)."""
+    """Validate one scoring row and return (prompt text, response text). TRL's ``completion`` column is read as
+    the response when there is no ``response``."""
+    if "response" not in row and "completion" in row:
+        row = {**row, "response": row["completion"]}
     if messages and isinstance(row.get("response"), str):  # a generated reply to a conversation
         row = {**row, "response": [{"role": "assistant", "content": row["response"]}]}
     prompt, response = required_field(row, "prompt", messages), required_field(row, "response", messages)

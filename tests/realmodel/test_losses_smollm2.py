@@ -19,7 +19,7 @@ def pairs(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(PAIR_LOSSES))
 def test_one_step_of_each_loss(name, smollm2_dir, pairs, tmp_path, one_thread):
     from preftune import DPOConfig
-    from preftune.train.dpo import train_dpo
+    from preftune.recipes.dpo import train_dpo
 
     cfg = DPOConfig(model_name_or_path=str(smollm2_dir), dataset=str(pairs), output_dir=str(tmp_path / "run"),
                     loss_type=name, beta=2.0 if name in ("simpo", "sigmoid_norm") else 0.1, per_device_batch_size=2,
