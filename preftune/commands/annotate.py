@@ -123,6 +123,10 @@ def export_arguments(export) -> None:
     add_flag(export, "min_votes", type=int, default=1, help="Leave out pairs with fewer counted votes.")
     add_flag(export, "margin_scale", type=float, default=0.0,
              help="Add a 'margin' column: this times the mean vote strength toward chosen (0: no column).")
+    add_flag(export, "weighting", choices=["competence", "votes"], default="competence",
+             help="competence: preference_prob / label_prob is the posterior that weighs each annotator by their "
+                  "estimated competence (Dawid-Skene, anchored by gold items and adjudications); votes: the plain "
+                  "majority and its vote share.")
     add_flag(export, "raw", action="store_true", help="Write every label as stored instead of aggregated pairs.")
     add_flag(export, "format", choices=["pairs", "kto"], default="pairs",
              help="pairs: prompt/chosen/rejected rows; kto: unpaired prompt/completion/label rows with label_prob "
@@ -324,10 +328,10 @@ def run_export(args) -> int:
             rows = export_raw(session, project)
         elif args.format == "kto":
             rows = export_kto(session, project, min_agreement=args.min_agreement, min_votes=args.min_votes,
-                              rating_threshold=args.rating_threshold)
+                              rating_threshold=args.rating_threshold, weighting=args.weighting)
         else:
             rows = export_pairs(session, project, ties=args.ties, min_votes=args.min_votes,
-                                margin_scale=args.margin_scale)
+                                margin_scale=args.margin_scale, weighting=args.weighting)
     path = write_jsonl(rows, args.output)
     what = "labels" if args.raw else "KTO rows" if args.format == "kto" else "pairs"
     out.print(f"wrote {len(rows)} {what} to {path}")
