@@ -42,6 +42,10 @@ def serve_arguments(serve) -> None:
              help="How long a served but unlabelled item stays reserved for its annotator.")
     add_flag(serve, "secure_cookies", action="store_true", help="Mark cookies Secure (when served over HTTPS).")
     add_flag(serve, "threads", type=int, default=8, help="Worker threads for database calls.")
+    add_flag(serve, "trusted_proxies", default="", metavar="ADDRESSES",
+             help="Comma-separated addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto headers "
+                  "name the client (e.g. 127.0.0.1 behind a local nginx). Default: none; every header is ignored and "
+                  "the login rate limit counts the connection's own address.")
     add_flag(serve, "log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
              help="Server log level.")
 
@@ -170,7 +174,11 @@ def run_serve(args) -> int:
                               secure_cookies=args.secure_cookies, threads=args.threads)
     app = create_app(db, settings, watcher=watcher)
     err.print(f"serving on http://{args.host}:{args.port} (database: {_safe(db.url)})")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False)
+    trusted = ",".join(part.strip() for part in args.trusted_proxies.split(",") if part.strip())
+    # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: anyone connecting through loopback would choose
+    # their own address (and escape the login limit); headers count only from proxies named here
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
+                proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None)
     return 0
 
 
