@@ -214,4 +214,5 @@ def item_image(request: Request, project_id: RowId, item_id: RowId, number: int,
         data = stored_image(item, number)
     if data is None:
         raise HTTPException(404, "no such image")
-    return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=3600"})
+    # never kept by the browser: on a shared machine the next person must not find the images in its cache
+    return Response(data, media_type="image/png", headers={"cache-control": "no-store"})

@@ -159,6 +159,11 @@ class LoginLimiter:
             self.failures.popitem(last=False)
 
 
+def client_address(request: Request) -> str:
+    """The connection's peer; behind ``--trusted_proxies``, uvicorn has already put the forwarded client here."""
+    return request.client.host if request.client else "unknown"
+
+
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int):
         super().__init__(413, f"request body too large (limit {limit} bytes)")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from preftune.errors import ConfigError
@@ -15,6 +17,13 @@ from . import add_flag
 
 out = Console()
 err = Console(stderr=True)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(value) -> str:
+    """User-given text (project and annotator names) for the terminal: control characters written as escapes
+    (no terminal sequences get through) and rich markup escaped (a name like ``[/oops]`` prints as itself)."""
+    return escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)))
 
 
 def _db(parser) -> None:
@@ -81,6 +90,10 @@ def project_arguments(project) -> None:
 
 def _project_settings(parser, overlap_help: str, notes_default: str) -> None:
     add_flag(parser, "guidelines", default=None, metavar="FILE", help="Markdown file shown to annotators.")
+    add_flag(parser, "gold_rate", type=float, default=None,
+             help="Share of the items served that are gold items (rows with a 'gold' answer: pairwise, the index "
+                  "of the better response; binary, true/false; ranking, indices best first; rating, the scores), "
+                  "mixed into each annotator's queue, never marked as gold on the page (new projects: 0).")
     add_flag(parser, "overlap", type=int, default=None, help=overlap_help)
     parser.add_argument("--notes", dest="allow_notes", action=argparse.BooleanOptionalAction, default=None,
                         help=f"Offer a free-text note per item {notes_default}".rstrip() + ".")
@@ -228,11 +241,12 @@ def run_import(args) -> int:
         generate_candidates(specs, args.model, args.num_candidates, sampling, batch_size=args.batch_size,
                             seed=args.seed, chat=args.chat, minimum=minimum)
     with db.write() as session:
-        project, created = ensure_project(session, args.project, args.kind, guidelines, args.overlap, args.allow_notes)
+        project, created = ensure_project(session, args.project, args.kind, guidelines, args.overlap, args.allow_notes,
+                                          args.gold_rate)
         added, present = add_items(session, project, specs, seed=args.seed)
         kind = project.kind
     what = "created" if created else "updated"
-    out.print(f"project {args.project!r} ({kind}) {what}: {added} items added"
+    out.print(f"project {shown(repr(args.project))} ({kind}) {what}: {added} items added"
               + (f", {present} already present" if present else ""))
     return 0
 
@@ -251,11 +265,12 @@ def run_project(args) -> int:
         else:
             get_project(session, args.name)
             guidelines = read_guidelines(args.guidelines)
-            projects = [ensure_project(session, args.name, None, guidelines, args.overlap, args.allow_notes)[0]]
+            projects = [ensure_project(session, args.name, None, guidelines, args.overlap, args.allow_notes,
+                                       args.gold_rate)[0]]
         table = Table("project", "kind", "overlap", "notes", "items", "labels", "complete items")
         for p in projects:
             progress = project_progress(session, p)
-            table.add_row(p.name, p.kind, str(p.overlap), "yes" if p.allow_notes else "no", str(progress["items"]),
+            table.add_row(shown(p.name), p.kind, str(p.overlap), "yes" if p.allow_notes else "no", str(progress["items"]),
                           f"{progress['labels']} / {progress['wanted']}", str(progress["complete_items"]))
     out.print(table)
     return 0
@@ -272,12 +287,12 @@ def run_token(args) -> int:
             token = tokens.rotate_token(session, args.name)
         elif args.token_command == "revoke":
             tokens.revoke(session, args.name)
-            out.print(f"revoked {args.name}")
+            out.print(f"revoked {shown(args.name)}")
             return 0
         else:
             table = Table("name", "role", "status")
             for annotator in tokens.list_annotators(session):
-                table.add_row(annotator.name, "admin" if annotator.is_admin else "annotator",
+                table.add_row(shown(annotator.name), "admin" if annotator.is_admin else "annotator",
                               "active" if annotator.active else "revoked")
             out.print(table)
             return 0
@@ -293,13 +308,13 @@ def run_member(args) -> int:
     with db.write() as session:
         if args.member_command == "list":
             names = members.list_members(session, args.project)
-            out.print("\n".join(names) if names else f"project {args.project!r} has no members yet")
+            out.print("\n".join(map(shown, names)) if names else f"project {shown(repr(args.project))} has no members yet")
         elif args.member_command == "add":
             added = members.add_member(session, args.project, args.name)
-            out.print(f"{args.name} {'added to' if added else 'is already a member of'} {args.project}")
+            out.print(f"{shown(args.name)} {'added to' if added else 'is already a member of'} {shown(args.project)}")
         else:
             removed = members.remove_member(session, args.project, args.name)
-            out.print(f"{args.name} {'removed from' if removed else 'was not a member of'} {args.project}")
+            out.print(f"{shown(args.name)} {'removed from' if removed else 'was not a member of'} {shown(args.project)}")
     return 0
 
 
@@ -342,7 +357,7 @@ def run_export(args) -> int:
                                 margin_scale=args.margin_scale, weighting=args.weighting)
     path = write_jsonl(rows, args.output)
     what = "labels" if args.raw else "KTO rows" if args.format == "kto" else "pairs"
-    out.print(f"wrote {len(rows)} {what} to {path}")
+    out.print(f"wrote {len(rows)} {what} to {shown(path)}")
     if not rows:
         err.print("[yellow]nothing to export yet: no labels (or no pair with a majority)")
     return 0
@@ -364,18 +379,25 @@ def run_stats(args) -> int:
         print()
         return 0
     progress, agreement = report["progress"], report["agreement"]
-    out.print(f"[bold]{report['name']}[/] ({report['kind']}, {report['overlap']} per item): "
+    out.print(f"[bold]{shown(report['name'])}[/] ({report['kind']}, {report['overlap']} per item): "
               f"{progress['labels']} of {progress['wanted']} labels, "
               f"{progress['complete_items']} of {progress['items']} items complete")
     out.print(f"{agreement['headline']['name']}: {_fmt(agreement['headline']['value'])}   "
               f"Krippendorff's alpha ({agreement['metric']}): {_fmt(agreement['krippendorff_alpha'])}   "
               f"mean pairwise kappa: {_fmt(agreement['mean_pairwise_kappa'])}   "
               f"({agreement['raters']} annotators, {agreement['shared_units']} shared units)")
-    table = Table("annotator", "labels", "skips", "agreement with majority", "median seconds", "first shown wins")
+    out.print(f"gold items: {progress['gold_items']} (served at rate {report['gold_rate']:.2f})   "
+              f"disputed items: {report['disputed_items']}   competence: {report['competence']['model']}")
+    table = Table("annotator", "labels", "skips", "agreement with majority", "median seconds", "first shown wins",
+                  "gold accuracy", "competence (90% interval)", "flag")
     for s in report["stats"]:
-        table.add_row(s["annotator"], str(s["labels"]), str(s["skips"]),
+        c = s["competence"]
+        table.add_row(shown(s["annotator"]), str(s["labels"]), str(s["skips"]),
                       f"{_fmt(s['agreement_with_majority'])} ({s['compared']})", _fmt(s["median_seconds"], 1),
-                      f"{_fmt(s['first_shown_wins'])} ({s['decided']})")
+                      f"{_fmt(s['first_shown_wins'])} ({s['decided']})",
+                      f"{_fmt(s['gold_accuracy'])} ({s['gold_compared']})",
+                      f"{_fmt(c['competence'])} ({_fmt(c['low'])}-{_fmt(c['high'])})" if c else "n/a",
+                      (c or {}).get("flag") or "")
     out.print(table)
     return 0
 
