@@ -21,9 +21,9 @@ from sqlalchemy import select
 from .adjudication import DISPUTE_THRESHOLD, adjudicate, disputed_items, item_labels
 from .aggregate import TIE_MODES, WEIGHTINGS, export_pairs, export_raw, gold_results, label_records, project_competence
 from .agreement import annotator_stats, project_agreement
-from .members import visible_projects
 from .answers import LETTERS, summary
 from .api import _json_body as api_body
+from .members import visible_projects
 from .models import Adjudication, Item, Project
 from .pages import load_project, render
 from .queue import project_progress
@@ -34,6 +34,7 @@ from .unpaired import export_kto
 router = APIRouter(prefix="/admin")
 MAX_MARGIN_SCALE = 1e6
 MAX_DISPUTES_SHOWN = 200
+THRESHOLD = Query(DISPUTE_THRESHOLD, gt=0.0, le=1.0)
 
 
 def project_report(session, project: Project) -> dict:
@@ -168,7 +169,7 @@ async def stats(request: Request, project_id: RowId, user: User = Depends(admin)
 
 
 @router.get("/p/{project_id}/disputes.json")
-async def disputes_json(request: Request, project_id: RowId, threshold: float = Query(DISPUTE_THRESHOLD, gt=0.0, le=1.0),
+async def disputes_json(request: Request, project_id: RowId, threshold: float = THRESHOLD,
                         user: User = Depends(admin)):
     """The disputed items (see :mod:`.adjudication`), least agreement first, resolved ones last."""
     def report():
@@ -180,7 +181,7 @@ async def disputes_json(request: Request, project_id: RowId, threshold: float = 
 
 
 @router.get("/p/{project_id}/disputes")
-async def disputes_page(request: Request, project_id: RowId, threshold: float = Query(DISPUTE_THRESHOLD, gt=0.0, le=1.0),
+async def disputes_page(request: Request, project_id: RowId, threshold: float = THRESHOLD,
                         user: User = Depends(admin)):
     """The adjudication queue: each disputed item with its labels and a form to resolve it."""
     def report():

@@ -18,8 +18,9 @@ which also picks the right one of the model's two mirror-image solutions). Units
 (gold items, adjudicated items) keep it: they anchor the competences. Only *informative* votes estimate
 a competence: votes on units that another annotator also judged, or whose answer is known (a unit
 judged by one person says nothing about how often they are right). An annotator without such votes
-keeps the prior mean, 0.8: with overlap 1 and no gold items every label weighs the same. An annotator at 0.5 is at chance and their
-votes weigh nothing; one below 0.5 is informative the other way round (their votes count inverted).
+keeps the prior mean, 0.8: with overlap 1 and no gold items every label weighs the same. An annotator
+at 0.5 is at chance and their votes weigh nothing; one below 0.5 is informative the other way round
+(their votes count inverted).
 
 The prior of a unit's answer is 0.5 for comparisons (a pair has no natural direction: display orders
 are randomised) and is estimated for binary thumbs (``estimate_prior=True``).

@@ -356,8 +356,8 @@ def add_items(session, project: Project, specs: list[ItemSpec], seed: int | None
         if spec.external_id in existing:
             continue
         existing.add(spec.external_id)
-        gold = (None if spec.gold is None else
-                gold_answer(project.kind, spec.gold, len(spec.candidates), f"item {spec.external_id!r} (row {spec.row})"))
+        where = f"item {spec.external_id!r} (row {spec.row})"
+        gold = None if spec.gold is None else gold_answer(project.kind, spec.gold, len(spec.candidates), where)
         rows.append({"project_id": project.id, "external_id": spec.external_id, "prompt": spec.prompt,
                      "candidates": list(spec.candidates), "meta": spec.meta, "random_key": rng.random(),
                      "priority": 0.0, "complete": gold is not None, "created_at": now, "is_gold": gold is not None,

@@ -270,7 +270,8 @@ def run_project(args) -> int:
         table = Table("project", "kind", "overlap", "notes", "items", "labels", "complete items")
         for p in projects:
             progress = project_progress(session, p)
-            table.add_row(shown(p.name), p.kind, str(p.overlap), "yes" if p.allow_notes else "no", str(progress["items"]),
+            table.add_row(shown(p.name), p.kind, str(p.overlap), "yes" if p.allow_notes else "no",
+                          str(progress["items"]),
                           f"{progress['labels']} / {progress['wanted']}", str(progress["complete_items"]))
     out.print(table)
     return 0
@@ -308,13 +309,15 @@ def run_member(args) -> int:
     with db.write() as session:
         if args.member_command == "list":
             names = members.list_members(session, args.project)
-            out.print("\n".join(map(shown, names)) if names else f"project {shown(repr(args.project))} has no members yet")
+            out.print("\n".join(map(shown, names)) if names
+                      else f"project {shown(repr(args.project))} has no members yet")
         elif args.member_command == "add":
             added = members.add_member(session, args.project, args.name)
             out.print(f"{shown(args.name)} {'added to' if added else 'is already a member of'} {shown(args.project)}")
         else:
             removed = members.remove_member(session, args.project, args.name)
-            out.print(f"{shown(args.name)} {'removed from' if removed else 'was not a member of'} {shown(args.project)}")
+            what = "removed from" if removed else "was not a member of"
+            out.print(f"{shown(args.name)} {what} {shown(args.project)}")
     return 0
 
 

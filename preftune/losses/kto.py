@@ -13,7 +13,8 @@ With log-probs summed over the completion's tokens::
 z₀ is the reference point: an estimate of KL(π ‖ π_ref) from each prompt paired with another
 example's completion y'. It carries no gradient. An optional per-example ``weights`` multiplies each
 loss (the annotation export's ``weight`` = 2·label_prob − 1: with λ_D = λ_U the expected loss under a
-label that is right with probability p has exactly the hard label's gradient times 2p − 1). The paper's variant without it sets z₀ = 0.
+label that is right with probability p has exactly the hard label's gradient times 2p − 1). The
+paper's variant without it sets z₀ = 0.
 Nothing here runs a model: trainers compute the log-probs (``preftune.logprobs``), and decide over
 which examples z₀ is estimated (the KTO trainer uses the global batch of every process).
 """

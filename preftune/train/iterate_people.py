@@ -96,7 +96,8 @@ def complete_count(db, project_name: str, ids: list[str]) -> int:
             Item.project_id == project.id, Item.external_id.in_(ids), Item.complete.is_(True)))
 
 
-def wait_for_labels(cfg, db, ids: list[str], deadline: float | None, sleep=time.sleep, project: str | None = None) -> int:
+def wait_for_labels(cfg, db, ids: list[str], deadline: float | None, sleep=time.sleep,
+                    project: str | None = None) -> int:
     """Poll until every item is complete or the (wall-clock) deadline passes; returns the complete count."""
     last = -1
     project = project or cfg.project

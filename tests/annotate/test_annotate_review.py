@@ -207,7 +207,8 @@ def test_gold_items_are_served_at_the_rate_unmarked_and_scored(db, make_project)
     served = []
     item = alice.get("/api/projects/1/next").json()["item"]
     while item is not None:
-        assert set(item) == {"project_id", "item_id", "kind", "prompt", "candidates", "allow_notes"}  # nothing says gold
+        # nothing says gold
+        assert set(item) == {"project_id", "item_id", "kind", "prompt", "candidates", "allow_notes"}
         served.append(item["prompt"])
         right = "AB"[[c["text"] for c in item["candidates"]].index("good")] if item["prompt"].startswith("Gold") \
             else "A"
