@@ -322,7 +322,7 @@ def test_margin_scale_and_min_votes_must_be_sensible(site, tmp_path, capsys):
 
 
 def test_failed_logins_are_limited_per_address(db, make_project):
-    tokens = make_project(db, items=1)
+    make_project(db, items=1)
     app = create_app(db, ServerSettings(login_attempts=3, login_window=60))
     client = TestClient(app)
     for _ in range(3):
