@@ -39,11 +39,13 @@ class KTOItem:
 
     pair: TokenizedPair   # or its modality's pair (a prompt with images)
     desirable: bool
+    weight: float = 1.0
 
 
 def make_items(examples: list[KTOExample], seed: int, max_length: int, modality: Modality = TEXT) -> list[KTOItem]:
     mismatched = mismatched_completions(examples, seed, max_length)
-    return [KTOItem(modality.pair(modality.prompt(e), e.completion_ids, other, e.row), e.desirable)
+    return [KTOItem(modality.pair(modality.prompt(e), e.completion_ids, other, e.row), e.desirable,
+                    getattr(e, "weight", 1.0))
             for e, other in zip(examples, mismatched)]
 
 
@@ -76,6 +78,8 @@ class KTOTask:
             batch = self.modality.collate_completions(prompts, completions, self.pad_token_id, self.layout.packed)
             batch["row"] = torch.tensor([p.row for p in pairs], dtype=torch.long)
         batch["desirable"] = torch.tensor([item.desirable for item in items], dtype=torch.bool)
+        if any(item.weight != 1.0 for item in items):
+            batch["weight"] = torch.tensor([item.weight for item in items], dtype=torch.float32)
         return batch
 
     def logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -89,7 +93,8 @@ class KTOTask:
     def _loss(self, model, batch, gather):
         policy, ref, kl = self.logps(model, batch)
         out = kto_loss(policy, ref, batch["desirable"], self.cfg.beta, kl_logratios=None if kl is None else gather(kl),
-                       desirable_weight=self.cfg.desirable_weight, undesirable_weight=self.cfg.undesirable_weight)
+                       desirable_weight=self.cfg.desirable_weight, undesirable_weight=self.cfg.undesirable_weight,
+                       weights=batch.get("weight"))
         return out.losses.mean(), out, policy.detach()
 
     def loss(self, model, batch):
