@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from helpers import write_jsonl
 from preftune import KTOConfig, RewardConfig
 from preftune.cli import main
 from preftune.data import TokenizeSettings, load_records
@@ -20,7 +21,7 @@ from preftune.multimodal.data import collate_prompts, tokenize_vision_labelled
 from preftune.multimodal.logprobs import image_inputs
 from preftune.recipes.kto import train_kto
 from preftune.recipes.reward import train_reward
-from toyvision import build_tiny_vlm, build_vision_processor, make_colour_pairs, write_jsonl
+from toyvision import build_tiny_vlm, build_vision_processor, make_colour_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

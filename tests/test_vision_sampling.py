@@ -4,11 +4,12 @@ runs from the KV cache (:func:`preftune.generate.generate_ids`, the transformers
 import pytest
 import torch
 
+from helpers import write_jsonl
 from preftune.data import TokenizeSettings, load_records
 from preftune.engines import TransformersEngine, sample_with
 from preftune.generate import SamplingSettings
 from preftune.multimodal.data import tokenize_vision_pairs
-from toyvision import build_tiny_vlm, build_vision_processor, make_colour_pairs, write_jsonl
+from toyvision import build_tiny_vlm, build_vision_processor, make_colour_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
