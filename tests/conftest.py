@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# precision "auto" resolves by the CPU (bf16 where it has AMX-BF16 or AVX512-BF16): pin it to fp32 so that the
+# tests compute the same on every machine; the bf16 tests (test_bf16.py) ask for bf16 explicitly.
+os.environ["PREFTUNE_CPU_BF16"] = "0"
 
 
 @pytest.fixture(scope="module")

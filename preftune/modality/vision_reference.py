@@ -4,7 +4,7 @@ or precomputed once and cached on disk.
 :func:`preftune.runtime.reference.make_reference` chooses the live model exactly as for text; here it is
 run on vision batches (images encoded once per pair). With ``precompute_ref`` every pair's two
 sequence log-probs are computed before training and stored under a key of (reference model, exact
-token ids, image bytes, precision), so a second run over the same data and images loads them, and
+token ids, image bytes, precision and compute dtype), so a second run over the same data and images loads them, and
 changing one pixel of one image computes them afresh.
 """
 
@@ -21,7 +21,17 @@ from safetensors.torch import load_file, save_file
 from ..models import base_model, model_fingerprint
 from ..multimodal.data import VisionPair, collate_vision_pairs
 from ..multimodal.logprobs import vision_token_logprobs
-from ..runtime.reference import CACHE_FORMAT, LiveReference, Reference, default_cache_dir, row_keys, token_fingerprint
+from ..runtime.reference import (
+    CACHE_FORMAT,
+    LiveReference,
+    Reference,
+    cache_metadata,
+    check_cache_file,
+    compute_words,
+    default_cache_dir,
+    row_keys,
+    token_fingerprint,
+)
 
 console = Console(stderr=True)
 
@@ -65,7 +75,8 @@ def pair_keys(pair: VisionPair) -> list[tuple]:
 def vision_cache_key(fingerprint: str, pairs: list[VisionPair], precision: str) -> str:
     images = hashlib.sha256(b"".join(p.prompt.image_key.to_bytes(8, "little") for p in pairs)).hexdigest()
     sequences = [(p.prompt.ids, ids) for p in pairs for ids in (p.chosen_ids, p.rejected_ids)]
-    parts = [CACHE_FORMAT, "vision", fingerprint, token_fingerprint(sequences), images, precision]
+    parts = [CACHE_FORMAT, "vision", fingerprint, token_fingerprint(sequences), images, precision,
+             compute_words(precision)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
@@ -80,6 +91,8 @@ def precompute_vision_reference(cfg, ctx, live: LiveReference, splits: dict[str,
         if not pairs:
             continue
         path = cache_root / f"{vision_cache_key(fingerprint, pairs, ctx.precision)}.safetensors"
+        if path.is_file():
+            check_cache_file(path, ctx.precision)
         hit = path.is_file() and load_file(path)["logps"].numel() == 2 * len(pairs)
         logps = load_file(path)["logps"] if hit else _compute(reference, pairs, pad_token_id,
                                                                cfg.per_device_batch_size, ctx, path)
@@ -108,6 +121,6 @@ def _compute(reference: VisionLiveReference, pairs: list[VisionPair], pad_token_
     if ctx.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_suffix(".partial")
-        save_file({"logps": logps}, staging, metadata={"format": CACHE_FORMAT, "sequences": str(logps.numel())})
+        save_file({"logps": logps}, staging, metadata=cache_metadata(ctx.precision, logps.numel()))
         staging.replace(path)
     return logps

@@ -10,8 +10,15 @@ completion, ``[B]``) and, when run live, ``token_logps`` (per completion token, 
 Reference log-probs never change during training, so with ``precompute`` they are computed in one
 pass before training, for any list of (prompt ids, completion ids) sequences (DPO's chosen and
 rejected, KTO's mismatched completions, ...), and stored under a fingerprint of (reference model,
-exact token ids, precision). Any later run with the same fingerprint loads them instead of running
-the reference: the token ids capture the data, the tokenizer and every truncation setting at once.
+exact token ids, precision and compute dtype). Any later run with the same fingerprint loads them instead of
+running the reference: the token ids capture the data, the tokenizer and every truncation setting at once. The
+cache file records its precision and computation too, and a file of another one is refused, never mixed in.
+
+The reference computes as the policy does (:func:`compute_words`): under the run's autocast (bf16 or fp16
+matrix products, fp32 master weights, log-softmax and sums in fp32), whether it is the policy itself (LoRA with
+adapters off; the policy before its first step, for precomputing) or a frozen copy, whose linear layers are
+stored in the compute dtype (:func:`preftune.models.computing_copy`: bitwise the products autocast computes).
+So the first DPO loss is exactly ln 2 and the first KTO loss exactly 0.5 in bf16 as in fp32.
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ from safetensors.torch import load_file, save_file
 
 from ..data.collate import collate_completions
 from ..data.packed import adjacent_blocks, collate_blocks, is_packed, packed_sequences
+from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states, packed_sequence_logprobs, sequence_logprobs
 from ..modality.text import PairCollator
 from ..models import (
     base_model,
     compute_dtype,
+    computing_copy,
     disable_dropout,
     freeze,
     is_peft_model,
@@ -43,7 +52,7 @@ from ..models import (
 )
 from .distributed import full_tensor
 
-CACHE_FORMAT = "preftune-ref-logps-v2"
+CACHE_FORMAT = "preftune-ref-logps-v3"   # v3: computed under the run's autocast; precision in the file
 Sequence = tuple[list[int], list[int]]   # (prompt ids, completion ids)
 console = Console(stderr=True)
 
@@ -63,9 +72,10 @@ class Reference:
 class LiveReference(Reference):
     """A model run on every batch, in eval mode and without gradients."""
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int):
+    def __init__(self, model: torch.nn.Module, chunk_size: int, autocast=None):
         self.model = model
         self.chunk_size = chunk_size
+        self.autocast = autocast or contextlib.nullcontext   # the run's autocast: the policy's computation
 
     def running(self):
         return contextlib.nullcontext()
@@ -92,7 +102,7 @@ class LiveReference(Reference):
         was_training = self.model.training
         self.model.eval()
         try:
-            with self.running():
+            with self.autocast(), self.running():
                 yield
         finally:
             self.model.train(was_training)
@@ -178,25 +188,47 @@ def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True,
     """
     if not needed:
         return Reference()
-    device, chunk = ctx.accelerator.device, cfg.logprob_chunk_size
+    device, chunk, autocast = ctx.accelerator.device, cfg.logprob_chunk_size, ctx.accelerator.autocast
     if ref_model is None and cfg.ref_model_name_or_path:
-        ref_model = load_causal_lm(cfg.ref_model_name_or_path, compute_dtype(ctx.precision))
+        ref_model = computing_copy(load_causal_lm(cfg.ref_model_name_or_path), ctx.precision)
     if ref_model is None and is_peft_model(policy):
-        live: LiveReference = AdapterReference(policy.to(device), chunk)
-    elif ref_model is None and precompute is not None and _in_dtype(policy, compute_dtype(ctx.precision)):
-        live = ModelReference(policy.to(device), chunk)   # before training the policy is the reference: no copy
+        live: LiveReference = AdapterReference(policy.to(device), chunk, autocast)
+    elif ref_model is None and precompute is not None:
+        live = ModelReference(policy.to(device), chunk, autocast)   # before training the policy is the reference
     else:
         if ref_model is None:
-            ref_model = copy.deepcopy(policy).to(compute_dtype(ctx.precision))
+            ref_model = computing_copy(copy.deepcopy(policy), ctx.precision)
         disable_dropout(ref_model)
-        live = ModelReference(freeze(ref_model).to(device), chunk)
+        live = ModelReference(freeze(ref_model).to(device), chunk, autocast)
     if precompute is None:
         return live
     return _precomputed(cfg, ctx, live, precompute, pad_token_id)
 
 
-def _in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> bool:
-    return all(p.dtype == dtype for p in model.parameters() if p.is_floating_point())
+def compute_words(precision: str) -> str:
+    """How a run's log-probs are computed, as the cache key and the cache file record it."""
+    dtype = str(compute_dtype(precision)).removeprefix("torch.")
+    return "float32" if precision == "fp32" else f"{dtype} autocast, float32 weights and log-softmax"
+
+
+def check_cache_file(path: Path, precision: str) -> None:
+    """Refuse a cached file written in another precision or computation (or by another cache format)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata() or {}
+    expected = {"format": CACHE_FORMAT, "precision": precision, "compute": compute_words(precision)}
+    wrong = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        found = ", ".join(f"{k} {v!r}" for k, v in wrong.items())
+        raise ConfigError(f"{path}: cached reference log-probs of another computation ({found}; this run: precision "
+                          f"{precision!r}, compute {compute_words(precision)!r}); refusing to use them. Delete the "
+                          f"file or choose another --cache_dir")
+
+
+def cache_metadata(precision: str, sequences: int) -> dict[str, str]:
+    return {"format": CACHE_FORMAT, "sequences": str(sequences), "precision": precision,
+            "compute": compute_words(precision)}
 
 
 def _precomputed(cfg, ctx, live: LiveReference, splits: dict[str, list[Sequence]], pad_token_id: int) -> Reference:
@@ -207,8 +239,10 @@ def _precomputed(cfg, ctx, live: LiveReference, splits: dict[str, list[Sequence]
         if not sequences:
             continue
         path = cache_root / f"{cache_key(fingerprint, sequences, ctx.precision)}.safetensors"
+        with live.autocast():   # the layout probe runs the model as training will
+            layout = PairCollator.for_model(cfg, pad_token_id, live.model)
         cached = precompute_logps(live, sequences, pad_token_id, 2 * cfg.per_device_batch_size, path, ctx.accelerator,
-                                  layout=PairCollator.for_model(cfg, pad_token_id, live.model))
+                                  layout=layout, precision=ctx.precision)
         table.update(zip((sequence_key(*s) for s in sequences), cached.logps.tolist()))
         described[split] = {"path": str(cached.path), "reused": cached.hit, "sequences": len(sequences)}
         if ctx.is_main_process:
@@ -235,7 +269,8 @@ def token_fingerprint(sequences: list[Sequence]) -> str:
 
 
 def cache_key(model_fingerprint: str, sequences: list[Sequence], precision: str) -> str:
-    parts = [CACHE_FORMAT, model_fingerprint, token_fingerprint(sequences), precision]
+    """The cache file's name: reference model, exact tokens, precision and compute dtype (:func:`compute_words`)."""
+    parts = [CACHE_FORMAT, model_fingerprint, token_fingerprint(sequences), precision, compute_words(precision)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
@@ -247,14 +282,17 @@ class CachedLogps:
 
 
 def precompute_logps(reference: Reference, sequences: list[Sequence], pad_token_id: int, batch_size: int,
-                     cache_path: Path, accelerator=None, layout: PairCollator | None = None) -> CachedLogps:
+                     cache_path: Path, accelerator=None, layout: PairCollator | None = None,
+                     precision: str = "fp32") -> CachedLogps:
     """Reference log-probs of every sequence, loaded from ``cache_path`` or computed and written there.
 
+    ``precision`` is the run's: a cached file of another precision or computation is refused (ConfigError).
     ``layout`` (default: padded rows) may pack each batch; with prefix sharing, sequences ``2i`` and
     ``2i + 1`` that share a prompt (a pair's chosen and rejected) share one block."""
     device = accelerator.device if accelerator is not None else "cpu"
     with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
         if cache_path.is_file():
+            check_cache_file(cache_path, precision)
             logps = load_file(cache_path)["logps"]
             if logps.numel() == len(sequences):
                 return CachedLogps(logps, cache_path, hit=True)
@@ -264,6 +302,6 @@ def precompute_logps(reference: Reference, sequences: list[Sequence], pad_token_
         if accelerator is None or accelerator.is_main_process:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             staging = cache_path.with_suffix(".partial")
-            save_file({"logps": logps}, staging, metadata={"format": CACHE_FORMAT, "sequences": str(len(sequences))})
+            save_file({"logps": logps}, staging, metadata=cache_metadata(precision, len(sequences)))
             staging.replace(cache_path)
     return CachedLogps(logps, cache_path, hit=False)

@@ -32,6 +32,7 @@ class RunContext:
     precision: str
     settings: Any = None
     config_dict: dict = field(default_factory=dict)
+    precision_choice: dict = field(default_factory=dict)   # what was chosen and why (models.PrecisionChoice)
 
     @property
     def is_main_process(self) -> bool:
@@ -56,13 +57,16 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
     from rich.console import Console
     from rich.markup import escape
 
-    from ..models import resolve_precision
+    from ..models import choose_precision
 
     run_dir = Path(cfg.output_dir)
     if cfg.resume:
         _, changes = check_resume(run_dir, dataclasses.asdict(cfg), cfg.resume)
         warnings = [*warnings, *change_warnings(changes)]
-    precision = resolve_precision(cfg.precision)
+    choice = choose_precision(cfg.precision)
+    precision = choice.precision
+    if choice.note:
+        warnings = [*warnings, choice.note]
     accelerator = make_accelerator(precision, cfg.report_to, run_dir, getattr(cfg, "fsdp", ""))
     if is_sharded(accelerator) and getattr(cfg, "merge_lora", False):
         raise ConfigError("merge_lora is not supported with sharded training (FSDP2, DeepSpeed): the adapter is "
@@ -79,7 +83,8 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         if accelerator.num_processes > 1:
             console.print(f"distributed: {engine_name(accelerator)} over {accelerator.num_processes} processes")
     set_seed(cfg.seed)
-    return RunContext(accelerator, run_dir, precision, cfg, dataclasses.asdict(cfg))
+    config_dict = {**dataclasses.asdict(cfg), PRECISION_KEY: choice.as_dict()}
+    return RunContext(accelerator, run_dir, precision, cfg, config_dict, choice.as_dict())
 
 
 def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dict | None = None) -> RunResult:
@@ -88,7 +93,7 @@ def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dic
         summary = {"model_dir": str(model_dir), "steps": result.global_step, "train": result.last_metrics,
                    "eval": result.eval_metrics, "distributed": {"engine": engine_name(ctx.accelerator),
                                                                 "processes": ctx.accelerator.num_processes},
-                   **(extra or {})}
+                   **({"precision": ctx.precision_choice} if ctx.precision_choice else {}), **(extra or {})}
         (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(ctx.run_dir, model_dir, ctx.run_dir / "metrics.jsonl", result, ctx.is_main_process)
 
@@ -133,6 +138,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+PRECISION_KEY = "precision_chosen"   # in config.json: the resolved precision and why (not a setting)
 RUN_OUTPUTS = ("metrics.jsonl", "config.json", "summary.json", "reference_cache.json", "checkpoints", "model",
                "samples.jsonl")
 
