@@ -117,8 +117,9 @@ def choose_precision(precision: str) -> PrecisionChoice:
         return PrecisionChoice(precision, "fp32", f"GPU {name} has no bf16")
     cpu = cpu_bf16()
     if precision == "bf16":
-        note = None if cpu.fast else (f"bf16 on a CPU without AMX-BF16 or AVX512-BF16 ({cpu.words()}) is emulated "
-                                      f"and usually slower than fp32; precision auto would choose fp32 here")
+        note = None if cpu.fast else (f"bf16 on this CPU ({cpu.words()}) is emulated without AMX-BF16 or "
+                                      f"AVX512-BF16 units, usually slower than fp32; precision auto would choose "
+                                      f"fp32 here")
         return PrecisionChoice(precision, "bf16", f"asked for; CPU has {cpu.words()}", note)
     if cpu.fast:
         return PrecisionChoice(precision, "bf16", f"CPU has {cpu.words()}: fast bf16 products")

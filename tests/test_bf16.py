@@ -148,9 +148,11 @@ def test_blockwise_sdpa_takes_float32_query_and_key_with_a_bf16_value_under_auto
 
 # ---------------------------------------------------------------------- every fast path against plain bf16
 
-# Measured (largest |difference| of a sequence's summed log-prob, 2-6 tokens of ~-4.6 each, over the sequences
-# above): the fast paths 0.0 to 0.03 from the plain computation; allowed 0.1 (about 5 bf16 roundings of a
-# summed log-prob of ~20).
+# Summed log-probs of the sequences above (-10 to -22 each), largest |difference| measured against the plain bf16
+# computation: the head function, its chunks, prefix sharing and padding-free blocks 1.9e-6 (the same bf16
+# products, float32 sums in another order), allowed 1e-4; fused LoRA 0.022 (its update is added with one
+# rounding, peft's with three: bf16 rounding itself, as large as bf16 against fp32 here, 0.014), allowed 0.1.
+SAME_PRODUCTS_TOL = 1e-4
 LOGP_TOL = 0.1
 
 
@@ -159,7 +161,7 @@ def test_head_function_and_chunks_equal_the_plain_bf16_computation():
     expected = plain_bf16_logps(model, SEQUENCES)
     for chunk in (1024, 3):
         got = padded_logps(model, SEQUENCES, chunk_size=chunk)
-        torch.testing.assert_close(got, expected, rtol=0, atol=LOGP_TOL)
+        torch.testing.assert_close(got, expected, rtol=0, atol=SAME_PRODUCTS_TOL)
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
@@ -168,8 +170,8 @@ def test_prefix_sharing_and_padding_free_equal_padded_rows_in_bf16(share_prefix)
     assert use_blockwise_sdpa(model)
     blocks = BLOCKS if share_prefix else [(p, [c]) for p, c in SEQUENCES]
     got = packed_logps(model, blocks)
-    torch.testing.assert_close(got, plain_bf16_logps(model, SEQUENCES), rtol=0, atol=LOGP_TOL)
-    torch.testing.assert_close(got, padded_logps(model, SEQUENCES), rtol=0, atol=LOGP_TOL)
+    torch.testing.assert_close(got, plain_bf16_logps(model, SEQUENCES), rtol=0, atol=SAME_PRODUCTS_TOL)
+    torch.testing.assert_close(got, padded_logps(model, SEQUENCES), rtol=0, atol=SAME_PRODUCTS_TOL)
 
 
 def grads_of(model, sequences, packed_blocks=None):
@@ -187,8 +189,8 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
-# Gradients: measured relative norm difference of each weight's gradient, fused against unfused, at most ~0.01;
-# allowed 0.05 (bf16 products round to 2^-8 relative, and a gradient sums hundreds of them).
+# Gradients: relative norm difference of each weight's gradient against the unfused modules, measured at most
+# 0.0066 (fused layers) and 0.0235 (fused LoRA); allowed 0.05 (bf16 products round to 2^-8 relative).
 GRAD_TOL = 0.05
 
 
@@ -198,7 +200,7 @@ def test_fused_layers_equal_transformers_modules_in_bf16_values_and_gradients():
     assert fuse_layers(fused) == 2 * 2 + 1 + 2   # two norms and an MLP per layer, the final norm
     values_a, grads_a = grads_of(plain, SEQUENCES)
     values_b, grads_b = grads_of(fused, SEQUENCES)
-    torch.testing.assert_close(values_b, values_a, rtol=0, atol=LOGP_TOL)
+    torch.testing.assert_close(values_b, values_a, rtol=0, atol=SAME_PRODUCTS_TOL)   # measured: 0.0
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         assert relative_difference(grads_b[name], grads_a[name]) < GRAD_TOL, name
@@ -361,8 +363,8 @@ def test_kto_learns_in_bf16(tiny_model_dir, pairs, tmp_path):
                     per_device_batch_size=8, learning_rate=2e-3, max_length=64, logging_steps=1, max_steps=24,
                     warmup_ratio=0.0, seed=0, precision="bf16", cache_dir=str(tmp_path / "ref-cache"))
     train_kto(cfg)
-    losses = [r["loss"] for r in steps(out)]
-    assert sum(losses[-4:]) / 4 < 0.8 * losses[0]
+    last = steps(out)[-4:]
+    assert sum(r["loss"] for r in last) / 4 < 0.45 and min(r["rewards/margins"] for r in last) > 0.3
 
 
 def test_sft_learns_in_bf16(tiny_model_dir, pairs, tmp_path):
