@@ -22,7 +22,9 @@ class ModelSettings:
     ref_model_name_or_path: str | None = option(
             None, "Reference model; default: the policy's starting weights (with LoRA: the policy with adapters "
                   "disabled).")
-    precision: str = option("auto", "auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16.",
+    precision: str = option("auto", "auto (bf16 on GPUs that support it and on CPUs with AMX-BF16 or AVX512-BF16, "
+                                    "fp32 elsewhere), fp32, bf16 (mixed: fp32 master weights, bf16 matrix products; "
+                                    "any CPU, slow where emulated) or fp16 (GPU).",
                             choices=["auto", "fp32", "bf16", "fp16"])
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     fused_layers: bool = option(True, "Run RMSNorms (Llama, Mistral, Qwen2/3, SmolLM, Phi3 ...) and SiLU-gated MLPs "
