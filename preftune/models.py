@@ -41,7 +41,7 @@ class CpuBf16:
         found = [name for name, on in (("AMX-BF16", self.amx), ("AVX512-BF16", self.avx512_bf16)) if on]
         text = (" and ".join(found) if found else "neither AMX-BF16 nor AVX512-BF16") + f" (torch: {self.capability})"
         if self.forced is not None:
-            text += f"; PREFTUNE_CPU_BF16={self.forced} counts it as {'fast' if self.fast else 'slow'} at bf16"
+            text += f"; PREFTUNE_CPU_BF16={self.forced} overrides the detection"
         return text
 
     def as_dict(self) -> dict:
@@ -117,13 +117,14 @@ def choose_precision(precision: str) -> PrecisionChoice:
         return PrecisionChoice(precision, "fp32", f"GPU {name} has no bf16")
     cpu = cpu_bf16()
     if precision == "bf16":
-        note = None if cpu.fast else (f"bf16 on this CPU ({cpu.words()}) is emulated without AMX-BF16 or "
-                                      f"AVX512-BF16 units, usually slower than fp32; precision auto would choose "
-                                      f"fp32 here")
-        return PrecisionChoice(precision, "bf16", f"asked for; CPU has {cpu.words()}", note)
+        note = None if cpu.fast else (f"bf16 on a CPU without fast bf16 products ({cpu.words()}) is emulated, "
+                                      f"usually slower than fp32; precision auto would choose fp32 here")
+        return PrecisionChoice(precision, "bf16", f"asked for; CPU {'with' if cpu.fast else 'without'} fast bf16 "
+                                                  f"products: {cpu.words()}", note)
     if cpu.fast:
-        return PrecisionChoice(precision, "bf16", f"CPU has {cpu.words()}: fast bf16 products")
-    return PrecisionChoice(precision, "fp32", f"CPU has {cpu.words()}: bf16 would be emulated")
+        return PrecisionChoice(precision, "bf16", f"CPU with fast bf16 products: {cpu.words()}")
+    return PrecisionChoice(precision, "fp32", f"CPU without fast bf16 products (bf16 would be emulated): "
+                                              f"{cpu.words()}")
 
 
 def resolve_precision(precision: str) -> str:
