@@ -431,6 +431,7 @@ def collected(roots: list[str]) -> tuple[dict, dict]:
 def report(args, assets: dict, runs: dict) -> None:
     """The results table and the ratios to TRL, printed and written to ``args.json``."""
     console = harness.console()
+    console.width = max(console.width, 240)   # the table is wide: never cut it to a terminal's (or a file's) 80
     results = {name: summarise(result, assets, args.batch) for name, result in runs.items()}
     digits = {"step s": 2, "step CPU s": 2, "pairs/s": 3, "pairs per CPU s": 3, "tokens/s": 0, "peak RSS MiB": 0,
               "peak GPU MiB": 0,
