@@ -446,3 +446,30 @@ def test_generation_in_bf16_samples_under_autocast_and_stays_in_vocabulary():
     again = generate_ids(model, [[1, 40, 41], [1, 42]], SamplingSettings(max_new_tokens=5), pad_token_id=0,
                          eos_token_id=None, seed=0, precision="bf16")
     assert again.response_ids == out.response_ids   # same seed, same samples
+
+
+# ---------------------------------------------------------------------- vision
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    from toyvision import make_colour_pairs
+
+    root = tmp_path_factory.mktemp("colours-bf16")
+    return {"train": write_jsonl(root / "train.jsonl", make_colour_pairs(16, root / "images", seed=1))}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("precompute", [False, True])
+def test_vision_dpo_in_bf16_starts_at_ln2(colour_data, tmp_path, family, precompute):
+    from preftune import DPOConfig
+    from preftune.recipes.dpo import train_dpo
+    from toyvision import build_tiny_vlm, build_vision_processor
+
+    processor = build_vision_processor(family)
+    cfg = DPOConfig(dataset=str(colour_data["train"]), output_dir=str(tmp_path / "run"), per_device_batch_size=4,
+                    learning_rate=1e-3, max_length=128, logging_steps=1, max_steps=1, seed=0, precision="bf16",
+                    precompute_ref=precompute, cache_dir=str(tmp_path / "cache"))
+    cfg.validate(require_model=False)
+    run = train_dpo(cfg, model=build_tiny_vlm(processor, family), tokenizer=processor)
+    assert steps(run.run_dir)[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
