@@ -10,8 +10,13 @@ two sides when sampling draws different lengths. Each setting runs
 process CPU time (on a shared machine the CPU figure is the one that does not include waiting).
 Greedy outputs of both sides are checked to be identical, so both do exactly the same work there.
 
+Both precisions (``--precisions fp32 bf16``): bf16 is autocast on the fp32 weights (what preftune's samplers
+run under ``--precision bf16`` or ``auto`` on a CPU with AMX-BF16 / AVX512-BF16), on both sides; all sides
+alternate within each repeat, and ``bf16 vs fp32`` gives preftune's tokens/s ratio. The CPU's bf16 units are
+recorded.
+
 Usage: python bench/generation_speed.py [--batch 8] [--prompts 16] [--max_new_tokens 48] [--repeats 3]
-       [--settings greedy sampling] [--json FILE]
+       [--settings greedy sampling] [--precisions fp32 bf16] [--json FILE]
 """
 
 from __future__ import annotations
@@ -38,15 +43,15 @@ def prompt_ids(tokenizer, n: int) -> list[list[int]]:
     return encode_prompts(tokenizer, chats)
 
 
-def ours(model, tokenizer, prompts, settings, batch: int, seed: int) -> list[list[int]]:
+def ours(model, tokenizer, prompts, settings, batch: int, seed: int, precision: str = "fp32") -> list[list[int]]:
     from preftune.engines import TransformersEngine
 
     engine = TransformersEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                batch_size=batch)
+                                batch_size=batch, precision=precision)
     return engine.generate(prompts, settings, seed=seed).response_ids
 
 
-def plain(model, tokenizer, prompts, settings, batch: int, seed: int) -> list[list[int]]:
+def plain(model, tokenizer, prompts, settings, batch: int, seed: int, precision: str = "fp32") -> list[list[int]]:
     """``model.generate`` on the same left-padded batches, cut after the first EOS like ours."""
     from transformers import GenerationConfig
 
@@ -60,7 +65,7 @@ def plain(model, tokenizer, prompts, settings, batch: int, seed: int) -> list[li
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         for row in out[:, width:].tolist():
             cut = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
@@ -80,12 +85,13 @@ def timed(fn, *args) -> tuple[float, float, list[list[int]]]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
-def measure(model, tokenizer, prompts, settings, batch: int, repeats: int) -> dict:
-    runs: dict[str, list[tuple[float, float, int, int]]] = {"preftune": [], "model.generate": []}
+def measure(model, tokenizer, prompts, settings, batch: int, repeats: int, precisions=("fp32",)) -> dict:
+    sides = [(f"{name} {p}", fn, p) for p in precisions for name, fn in (("preftune", ours), ("model.generate", plain))]
+    runs: dict[str, list[tuple[float, float, int, int]]] = {name: [] for name, _, _ in sides}
     outputs = {}
     for r in range(repeats):
-        for name, fn in (("preftune", ours), ("model.generate", plain)):
-            wall, cpu, out = timed(fn, model, tokenizer, prompts, settings, batch, r)
+        for name, fn, precision in sides:
+            wall, cpu, out = timed(fn, model, tokenizer, prompts, settings, batch, r, precision)
             runs[name].append((wall, cpu, sum(len(o) for o in out), row_steps(out, batch)))
             outputs[name] = out
     row = {}
@@ -98,7 +104,11 @@ def measure(model, tokenizer, prompts, settings, batch: int, repeats: int) -> di
                      "tokens_per_cpu_s": statistics.median(v[2] / v[1] for v in values),
                      "row_steps_per_cpu_s": statistics.median(v[3] / v[1] for v in values)}
     if not settings.do_sample:
-        row["identical_outputs"] = outputs["preftune"] == outputs["model.generate"]
+        for p in precisions:
+            row[f"identical_outputs {p}"] = outputs[f"preftune {p}"] == outputs[f"model.generate {p}"]
+    if "fp32" in precisions and "bf16" in precisions:
+        row["bf16 vs fp32"] = {clock: row["preftune bf16"][clock] / row["preftune fp32"][clock]
+                               for clock in ("tokens_per_s", "tokens_per_cpu_s", "row_steps_per_cpu_s")}
     return row
 
 
@@ -109,23 +119,25 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", nargs="+", default=["greedy", "sampling"], choices=["greedy", "sampling"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from preftune.generate import SamplingSettings
-    from preftune.models import load_causal_lm, load_tokenizer
+    from preftune.models import _detected_cpu, load_causal_lm, load_tokenizer
     from preftune.realmodel import obtain_checkpoint
 
     model_dir = obtain_checkpoint()
     tokenizer, model = load_tokenizer(str(model_dir)), load_causal_lm(str(model_dir)).eval()
     prompts = prompt_ids(tokenizer, args.prompts)
     results = {"batch": args.batch, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens,
-               "threads": 1, "load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
+               "threads": 1, "load_average": os.getloadavg()[0], "cpus": os.cpu_count(),
+               "cpu_bf16": dict(zip(("amx_bf16", "avx512_bf16", "capability"), _detected_cpu()))}
     for name, settings in (("greedy", SamplingSettings(max_new_tokens=args.max_new_tokens, do_sample=False)),
                            ("sampling", SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=1.0))):
         if name not in args.settings:
             continue
-        results[name] = measure(model, tokenizer, prompts, settings, args.batch, args.repeats)
+        results[name] = measure(model, tokenizer, prompts, settings, args.batch, args.repeats, args.precisions)
         print(json.dumps({name: results[name]}), flush=True)
     results["load_average_after"] = os.getloadavg()[0]
     if args.json:

@@ -2,10 +2,11 @@
 
 Both get the same saved policy (a Llama with a 32k vocabulary), the same prompts, the same Python
 reward function (the fraction of completion words from a target set), the same group size G,
-completion length, micro-batch, fp32, optimiser settings and β = 0 (no reference model: both skip
-it), loss ``dapo``, one pass per rollout and one optimiser step per iteration. Each trainer runs in
-its own fresh process with the same number of threads; an iteration (sampling + scoring + update) is
-timed from one iteration's end to the next, in wall time and process CPU time, and the median of
+completion length, micro-batch, precision (``--precision fp32`` or ``bf16``: preftune's autocast with fp32
+master weights, TRL's ``bf16=True`` with the policy loaded in bf16), optimiser settings and β = 0 (no
+reference model: both skip it), loss ``dapo``, one pass per rollout and one optimiser step per iteration.
+Each trainer runs in its own fresh process with the same number of threads; an iteration (sampling + scoring +
+update) is timed from one iteration's end to the next, in wall time and process CPU time, and the median of
 iterations 2..N is reported. Peak memory is the peak resident set size above the size after
 imports, sampled every 2 ms. samples/s counts completions.
 
@@ -14,6 +15,7 @@ dependencies) into a cache directory and put on the TRL worker's path only.
 
     python bench/grpo_throughput.py                     # full comparison
     python bench/grpo_throughput.py --iterations 3      # quicker
+    python bench/grpo_throughput.py --precision bf16    # both in bf16
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def run_ours(args, assets, out_dir: Path) -> dict:
                      per_device_batch_size=args.micro, gradient_accumulation_steps=completions // args.micro,
                      num_generations=args.generations, max_completion_length=args.completion,
                      generation_batch_size=completions, learning_rate=args.lr, max_steps=args.iterations,
-                     logging_steps=1, seed=0, precision="fp32", loss_type="dapo", beta=0.0, log_samples_steps=0,
+                     logging_steps=1, seed=0, precision=args.precision, loss_type="dapo", beta=0.0, log_samples_steps=0,
                      overwrite_output_dir=True)
     figures = measure.train(lambda: train_grpo(cfg, reward_funcs=[target_fraction]))
     records = read_metrics(out_dir)
@@ -82,13 +84,14 @@ def run_trl(args, assets, out_dir: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(assets["model"], padding_side="left")
     prompts = [json.loads(line)["prompt"] for line in Path(assets["data"]).read_text().splitlines()]
     dataset = Dataset.from_dict({"prompt": prompts})
-    policy = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
+    bf16 = args.precision == "bf16"
+    policy = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
     completions = args.prompts * args.generations
     config = GRPOConfig(output_dir=str(out_dir), per_device_train_batch_size=args.micro,
                         gradient_accumulation_steps=completions // args.micro, num_generations=args.generations,
                         max_completion_length=args.completion, learning_rate=args.lr, lr_scheduler_type="linear",
                         warmup_steps=0, beta=0.0, loss_type="dapo", num_iterations=1, temperature=1.0,
-                        max_steps=args.iterations, bf16=False, fp16=False, use_cpu=True, report_to="none",
+                        max_steps=args.iterations, bf16=bf16, fp16=False, use_cpu=True, report_to="none",
                         save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, optim="adamw_torch")
     trainer = GRPOTrainer(model=policy, reward_funcs=[target_fraction], args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[harness.trl_timer(stamps)])
@@ -101,7 +104,7 @@ def run_trl(args, assets, out_dir: Path) -> dict:
 
 WORKERS = {"preftune": run_ours, "trl": run_trl}
 
-SPAWN_KEYS = ["iterations", "prompts", "generations", "micro", "completion", "lr", "threads"]
+SPAWN_KEYS = ["iterations", "prompts", "generations", "micro", "completion", "lr", "threads", "precision"]
 
 
 # ---------------------------------------------------------------------- parent
@@ -117,7 +120,9 @@ def summarise(result: dict, completions: int) -> dict:
 def main() -> None:
     shape = {"--prompts": (4, "prompts per iteration"), "--generations": (8, "completions per prompt (G)"),
              "--completion": (64, "max completion length")}
-    args = harness.online_parser(__doc__, lr=1e-6, runs=["preftune", "trl"], shape=shape).parse_args()
+    parser = harness.online_parser(__doc__, lr=1e-6, runs=["preftune", "trl"], shape=shape)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="both trainers' precision")
+    args = parser.parse_args()
 
     if harness.run_worker(args, WORKERS, threads=args.threads):
         return
@@ -131,8 +136,8 @@ def main() -> None:
     completions = args.prompts * args.generations
     console.print(f"policy: Llama vocab={args.vocab} hidden={args.hidden} layers={args.layers}; {args.prompts} prompts "
                   f"of {args.prompt_length} tokens x G={args.generations}, up to {args.completion} new tokens, "
-                  f"micro-batch {args.micro}, one update per iteration, beta 0; fp32; {args.threads} thread(s) per "
-                  f"process, {os.cpu_count()} CPUs")
+                  f"micro-batch {args.micro}, one update per iteration, beta 0; {args.precision}; {args.threads} "
+                  f"thread(s) per process, {os.cpu_count()} CPUs")
     runs = harness.spawn_all(__file__, args, SPAWN_KEYS, assets, root, console)
     results = {name: summarise(result, completions) for name, result in runs.items()}
     columns = list(next(iter(results.values())))

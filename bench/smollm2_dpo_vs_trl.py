@@ -2,22 +2,27 @@
 
 The same checkpoint for both (``preftune.realmodel.obtain_checkpoint``), the same English pairs
 (prompts of ~100 tokens, responses of 100-200 tokens of varied length, built deterministically from
-sentence parts), batch 4 pairs, fp32, the same learning rate and beta, no gradient checkpointing on
-either side, reference log-probs precomputed on both sides. Each trainer runs in its own fresh
-process with the same thread count (``--threads``); the runs of a comparison follow each other
-(preftune, TRL, preftune LoRA, TRL LoRA) so that both sides meet the same machine load, and each
-worker records the load average. Step time is the median of steps 2..N.
+sentence parts), batch 4 pairs, the same learning rate and beta, no gradient checkpointing on
+either side, reference log-probs precomputed on both sides (``trl-live``: TRL with a live reference, its
+faster setting in bf16). Both precisions on both sides (``--precisions fp32 bf16``): preftune's bf16 is autocast
+with fp32 master weights (``--precision bf16``), TRL's ``bf16=True`` (weights loaded in bf16, as TRL's own
+examples do). Each trainer runs in its own fresh process with the same thread count (``--threads``); the runs
+of a comparison follow each other (preftune, TRL in fp32, then in bf16; then LoRA) so that both sides meet the
+same machine load, and each worker records the load average. Step time is the median of steps 2..N.
 
 Reported per run: pairs/s, tokens/s (the tokens that must be computed: each prompt once per pair,
 no padding), peak resident set size, the first step's loss and mean chosen log-prob (agreement), and
 the **limit fraction**: the time the minimum work would take over the measured step time, where the
 minimum work is 6 x non-embedding parameters x necessary tokens + 6 x hidden x vocabulary x
-completion tokens, at the fp32 matmul rate each worker measures on this model's shapes (the forward
+completion tokens, at the **bf16** matmul rate each worker measures on this model's shapes (the forward
 and both backward products of one decoder layer's linear layers over a step's tokens, and of the
-output head over its completion tokens) on the same threads, just before and after it trains.
+output head over its completion tokens) on the same threads, just before and after it trains: the
+fastest products this CPU has, so the limit of either precision. (``limit fraction fp32`` is the same at the
+fp32 rate, as earlier tables reported it.) Each worker also records the CPU's bf16 units (AMX-BF16,
+AVX512-BF16) and the bf16/fp32 rate ratio.
 
-    python bench/smollm2_dpo_vs_trl.py --json bench/smollm2_results.json      # ~15 min on one core each
-    python bench/smollm2_dpo_vs_trl.py --runs preftune preftune-lora --steps 4
+    python bench/smollm2_dpo_vs_trl.py --json bench/smollm2_results.json      # both precisions, ~40 min
+    python bench/smollm2_dpo_vs_trl.py --runs preftune preftune-lora --precisions bf16 --steps 4
     bash bench/gpu/smollm2_bf16.sh       # on a GPU: bf16, TRL with and without Liger kernels (trl-liger runs)
 
 On a GPU (``--device cuda``) peak memory is the CUDA allocator's peak (``torch.cuda.max_memory_allocated``)
@@ -46,8 +51,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 TRL_VERSION = "1.16.0"
-RUNS = ["preftune", "trl", "preftune-lora", "trl-lora"]
+RUNS = ["preftune", "trl", "trl-live", "preftune-lora", "trl-lora"]
 LIGER_RUNS = ["trl-liger", "trl-lora-liger"]   # GPU only: TRL with use_liger_kernel
+PRECISIONS = ["fp32", "bf16"]
 
 # ---------------------------------------------------------------------- the pairs
 
@@ -201,7 +207,7 @@ def _differences(stamps: list[tuple[float, float]]) -> list[float]:
     return [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
 
 
-def run_trl(args, assets, out_dir: Path, lora: bool, liger: bool = False) -> dict:
+def run_trl(args, assets, out_dir: Path, lora: bool, liger: bool = False, precompute: bool = True) -> dict:
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -233,7 +239,8 @@ def run_trl(args, assets, out_dir: Path, lora: bool, liger: bool = False) -> dic
                        learning_rate=_lr(args, lora), warmup_steps=0, lr_scheduler_type="linear", logging_steps=1,
                        beta=args.beta, bf16=bf16, fp16=False, gradient_checkpointing=False,
                        use_cpu=args.device == "cpu", use_liger_kernel=liger,
-                       report_to="none", save_strategy="no", max_length=1024, seed=0, precompute_ref_log_probs=True,
+                       report_to="none", save_strategy="no", max_length=1024, seed=0,
+                       precompute_ref_log_probs=precompute,
                        dataloader_num_workers=0, disable_tqdm=True, optim="adamw_torch")
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[StepTimer()])
@@ -247,39 +254,66 @@ def _lr(args, lora: bool) -> float:
     return args.lora_lr if lora else args.lr
 
 
-def measured(train):
-    """A worker: ``train(args, assets, out)``'s result with the matmul rates before and after, the load
-    average, and the peak resident set size (absolute, and above the size after imports)."""
+def cpu_units() -> dict:
+    """The CPU's bf16 units as preftune detects them (what ``--precision auto`` decides on)."""
+    from preftune.models import _detected_cpu
+
+    amx, avx512_bf16, capability = _detected_cpu()
+    return {"amx_bf16": amx, "avx512_bf16": avx512_bf16, "capability": capability}
+
+
+def measured(train, precision: str):
+    """A worker in ``precision``: ``train(args, assets, out)``'s result with the matmul rates (bf16 and fp32)
+    before and after, the load average, and the peak resident set size (absolute, and above the size after
+    imports)."""
     def worker(args, assets, out):
         import torch  # (imported before the baseline)
 
+        args.precision = precision
         meter = PeakRSS()
         meter.start()
         shape, tokens = assets["shape"], assets["tokens"]
-        before = matmul_rates(shape, tokens, args.batch, device=args.device, dtype=args.precision)
+
+        def both():
+            return {dtype: matmul_rates(shape, tokens, args.batch, device=args.device, dtype=dtype)
+                    for dtype in ("bf16", "fp32")}
+
+        before = both()
         load = os.getloadavg()[0]
         started = time.perf_counter()
         result = train(args, assets, out)
         total = time.perf_counter() - started
         load = (load + os.getloadavg()[0]) / 2
-        rates = [before, matmul_rates(shape, tokens, args.batch, device=args.device, dtype=args.precision)]
+        after = both()
+        rates = [before["bf16"], after["bf16"]]
+        rates_fp32 = [before["fp32"], after["fp32"]]
         above = meter.stop()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
-        return {**result, "rates": rates, "load": load, "peak_rss_mib": peak, "peak_above_imports_mib": above,
-                "peak_gpu_mib": gpu, "total_s": total}
+        return {**result, "rates": rates, "rates_fp32": rates_fp32, "load": load, "peak_rss_mib": peak,
+                "peak_above_imports_mib": above, "peak_gpu_mib": gpu, "total_s": total, "precision": precision,
+                "cpu": cpu_units()}
     return worker
 
 
-WORKERS = {
-    "preftune": measured(lambda a, s, o: run_preftune(a, s, o, lora=False)),
-    "preftune-lora": measured(lambda a, s, o: run_preftune(a, s, o, lora=True)),
-    "trl": measured(lambda a, s, o: run_trl(a, s, o, lora=False)),
-    "trl-lora": measured(lambda a, s, o: run_trl(a, s, o, lora=True)),
-    "trl-liger": measured(lambda a, s, o: run_trl(a, s, o, lora=False, liger=True)),
-    "trl-lora-liger": measured(lambda a, s, o: run_trl(a, s, o, lora=True, liger=True)),
+TRAINERS = {
+    "preftune": lambda a, s, o: run_preftune(a, s, o, lora=False),
+    "preftune-lora": lambda a, s, o: run_preftune(a, s, o, lora=True),
+    "trl": lambda a, s, o: run_trl(a, s, o, lora=False),
+    "trl-live": lambda a, s, o: run_trl(a, s, o, lora=False, precompute=False),
+    "trl-lora": lambda a, s, o: run_trl(a, s, o, lora=True),
+    "trl-liger": lambda a, s, o: run_trl(a, s, o, lora=False, liger=True),
+    "trl-lora-liger": lambda a, s, o: run_trl(a, s, o, lora=True, liger=True),
 }
-SPAWN_KEYS = ["steps", "batch", "lr", "lora_lr", "beta", "threads", "device", "precision"]
+WORKERS = {f"{name}-{precision}": measured(train, precision) for name, train in TRAINERS.items()
+           for precision in PRECISIONS}
+SPAWN_KEYS = ["steps", "batch", "lr", "lora_lr", "beta", "threads", "device"]
+
+
+def run_order(runs: list[str], precisions: list[str]) -> list[str]:
+    """Worker names, interleaved: full fine-tuning (preftune, TRL) in each precision, then LoRA likewise."""
+    groups = [[r for r in runs if "lora" not in r], [r for r in runs if "lora" in r]]
+    return [f"{name}-{p}" for group in groups for p in precisions for name in group]
 
 
 # ---------------------------------------------------------------------- parent
@@ -290,9 +324,11 @@ def summarise(result: dict, assets: dict, batch: int) -> dict:
     cpu = statistics.median(result["step_cpu"])
     work = assets["work"]
 
-    def floor(clock):   # seconds of the minimum work at the measured rates
-        return sum(work[part] / (statistics.mean(r[part + clock] for r in result["rates"]) * 1e9)
+    def floor(clock, rates="rates"):   # seconds of the minimum work at the measured rates (bf16; or fp32)
+        return sum(work[part] / (statistics.mean(r[part + clock] for r in result[rates]) * 1e9)
                    for part in ("body", "head"))
+
+    fp32 = "rates_fp32" if "rates_fp32" in result else "rates"
 
     return {"step s": step, "step CPU s": cpu, "pairs/s": batch / step, "pairs per CPU s": batch / cpu,
             "tokens/s": batch * assets["tokens"]["necessary_tokens"] / step,
@@ -301,15 +337,25 @@ def summarise(result: dict, assets: dict, batch: int) -> dict:
             "GFLOP/s": (work["body"] + work["head"]) / floor("") / 1e9,
             "GFLOP per CPU s": (work["body"] + work["head"]) / floor(" cpu") / 1e9,
             "limit fraction": floor("") / step, "limit fraction CPU": floor(" cpu") / cpu,
+            "limit fraction fp32": floor("", fp32) / step,
+            "bf16/fp32 rate": floor("", fp32) / floor(""),
             "loss step 1": result["losses"][0], "logps/chosen step 1": result["logps_chosen"][0],
             "load": result["load"]}
 
 
 def compare(results: dict) -> dict:
-    """preftune's speed and memory relative to TRL's, per mode."""
+    """preftune's speed and memory relative to TRL's, per mode and precision: against each TRL run, and against
+    TRL at its faster reference setting (precomputed or live) in bf16 and in fp32 (``trl-best-*``)."""
     ratios = {}
-    for ours, theirs in (("preftune", "trl"), ("preftune-lora", "trl-lora"), ("preftune", "trl-liger"),
-                         ("preftune-lora", "trl-lora-liger")):
+    results = dict(results)
+    for p in PRECISIONS:
+        runs = [results[n] for n in (f"trl-{p}", f"trl-live-{p}") if n in results]
+        if runs:
+            results[f"trl-best-{p}"] = max(runs, key=lambda r: r["pairs/s"])
+    pairs = [(f"preftune{lora}-{p}", f"trl{variant}-{q}") for lora, variants in
+             (("", ["", "-live", "-liger", "-best"]), ("-lora", ["-lora", "-lora-liger"]))
+             for variant in variants for p in PRECISIONS for q in PRECISIONS]
+    for ours, theirs in pairs:
         if ours in results and theirs in results:
             a, b = results[ours], results[theirs]
             memory = "peak GPU MiB" if b["peak GPU MiB"] else "peak RSS MiB"
@@ -330,9 +376,10 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
     parser.add_argument("--runs", nargs="*", default=RUNS, choices=RUNS + LIGER_RUNS)
+    parser.add_argument("--precisions", nargs="+", default=PRECISIONS, choices=PRECISIONS,
+                        help="run every trainer in each of these (both sides alike)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where both trainers run (cuda: peak memory is the GPU allocator's)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="both trainers' precision")
     parser.add_argument("--collect", nargs="+", metavar="DIR",
                         help="no new runs: report the runs found in these earlier run directories (the last one "
                              "of each name wins; all on the same pairs)")
@@ -363,9 +410,10 @@ def main() -> None:
               "work": minimum_work(shape, params, tokens, args.batch)}
     console.print(f"SmolLM2-135M-Instruct ({params / 1e6:.1f}M non-embedding parameters); batch {args.batch} pairs; "
                   f"per pair {tokens['prompt_tokens']:.0f} prompt + {tokens['completion_tokens']:.0f} completion "
-                  f"tokens; {args.precision} on {args.device}; {args.threads} thread(s) per process; load average "
-                  f"{os.getloadavg()[0]:.2f}")
+                  f"tokens; {' and '.join(args.precisions)} on {args.device}; {args.threads} thread(s) per process; "
+                  f"load average {os.getloadavg()[0]:.2f}; CPU bf16 units {cpu_units()}")
     console.print(f"runs in {root}")
+    args.runs = run_order(args.runs, args.precisions)
     report(args, assets, harness.spawn_all(__file__, args, SPAWN_KEYS, assets, root, console))
 
 
@@ -374,7 +422,7 @@ def collected(roots: list[str]) -> tuple[dict, dict]:
     runs, assets = {}, None
     for root in map(Path, roots):
         assets = json.loads((root / "assets.json").read_text())
-        for name in RUNS + LIGER_RUNS:
+        for name in WORKERS:
             if (root / f"out-{name}" / "bench.json").is_file():
                 runs[name] = json.loads((root / f"out-{name}" / "bench.json").read_text())
     return assets, runs
@@ -383,11 +431,13 @@ def collected(roots: list[str]) -> tuple[dict, dict]:
 def report(args, assets: dict, runs: dict) -> None:
     """The results table and the ratios to TRL, printed and written to ``args.json``."""
     console = harness.console()
+    console.width = max(console.width, 240)   # the table is wide: never cut it to a terminal's (or a file's) 80
     results = {name: summarise(result, assets, args.batch) for name, result in runs.items()}
     digits = {"step s": 2, "step CPU s": 2, "pairs/s": 3, "pairs per CPU s": 3, "tokens/s": 0, "peak RSS MiB": 0,
               "peak GPU MiB": 0,
               "peak above imports MiB": 0, "GFLOP/s": 0, "GFLOP per CPU s": 0, "limit fraction": 2,
-              "limit fraction CPU": 2, "loss step 1": 6, "logps/chosen step 1": 3, "load": 2}
+              "limit fraction CPU": 2, "limit fraction fp32": 2, "bf16/fp32 rate": 2, "loss step 1": 6,
+              "logps/chosen step 1": 3, "load": 2}
     console.print(harness.results_table("DPO step on SmolLM2-135M-Instruct (median of steps 2..N)", results,
                                         list(digits), lambda column, value: f"{value:.{digits[column]}f}"))
     ratios = compare(results)

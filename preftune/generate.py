@@ -66,13 +66,16 @@ class Generation:
 
 def generate_ids(model, prompt_ids: list[list[int]], settings: SamplingSettings, *, pad_token_id: int,
                  eos_token_id: int | None, batch_size: int = 16, seed: int | None = None,
-                 row_seeds: list[int] | None = None, prompt_inputs: list[dict] | None = None) -> Generation:
+                 row_seeds: list[int] | None = None, prompt_inputs: list[dict] | None = None,
+                 precision: str | None = None) -> Generation:
     """Sample one response per prompt (token ids in, token ids out).
 
     The model is run in eval mode (restored afterwards) without gradients. ``seed=None`` draws a seed
     from the global RNG (so ``torch.manual_seed`` still makes a run reproducible). ``prompt_inputs``: one
     dict of further model inputs per prompt (a vision-language model's image tensors, from its processor),
-    given on the prompt's forward only; the response is then decoded from the KV cache.
+    given on the prompt's forward only; the response is then decoded from the KV cache. ``precision`` (a
+    resolved one: fp32, bf16, fp16; or auto) runs the forwards under that autocast, as training computes;
+    None: as the caller set up (the trainers sample inside their own autocast).
     """
     if prompt_inputs is not None and len(prompt_inputs) != len(prompt_ids):
         raise ValueError(f"{len(prompt_inputs)} prompt_inputs for {len(prompt_ids)} prompts")
@@ -90,7 +93,7 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: SamplingSettings,
     rows = [torch.Generator(device=device).manual_seed(s) for s in row_seeds] if row_seeds is not None else None
     responses, ended = [], []
     with evaluating(model):
-        with torch.no_grad():
+        with torch.no_grad(), sampling_precision(precision, device):
             for start in range(0, len(prompt_ids), batch_size):
                 chunk = [list(p) for p in prompt_ids[start:start + batch_size]]
                 chosen = rows[start:start + batch_size] if rows is not None else generator
@@ -103,8 +106,22 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: SamplingSettings,
     return Generation([list(p) for p in prompt_ids], responses, ended)
 
 
+def sampling_precision(precision: str | None, device):
+    """The autocast a sampler runs under: bf16/fp16 matrix products (fp32 weights, softmax in fp32), or none."""
+    import contextlib
+
+    if precision is None:
+        return contextlib.nullcontext()
+    from .models import compute_dtype, resolve_precision
+
+    dtype = compute_dtype(resolve_precision(precision))
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=dtype) if dtype != torch.float32 else torch.autocast(kind, enabled=False)
+
+
 def generate_texts(model, tokenizer, prompts: list, settings: SamplingSettings, *, n: int = 1, batch_size: int = 16,
-                   seed: int | None = None, chat: bool = False, engine=None) -> list[list[str]]:
+                   seed: int | None = None, chat: bool = False, engine=None,
+                   precision: str | None = None) -> list[list[str]]:
     """``n`` completions per prompt, decoded without special tokens.
 
     A prompt is a string, or a list of ``{"role", "content"}`` messages; with ``chat=True`` a string
@@ -119,7 +136,8 @@ def generate_texts(model, tokenizer, prompts: list, settings: SamplingSettings, 
         generation = engine.generate(repeated, settings, seed=seed)
     else:
         generation = generate_ids(model, repeated, settings, pad_token_id=_pad_id(tokenizer),
-                                  eos_token_id=tokenizer.eos_token_id, batch_size=batch_size, seed=seed)
+                                  eos_token_id=tokenizer.eos_token_id, batch_size=batch_size, seed=seed,
+                                  precision=precision)
     texts = tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .errors import ConfigError
 from .gguf_import import resolve_model_path
@@ -20,19 +23,139 @@ __all__ = ["base_model", "disable_dropout", "is_peft_model"]   # re-exported: ca
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+@dataclass(frozen=True)
+class CpuBf16:
+    """What this CPU offers for bf16 matrix products, detected once (:func:`cpu_bf16`)."""
+
+    amx: bool            # AMX-BF16 tiles (Intel Sapphire Rapids and later)
+    avx512_bf16: bool    # AVX512-BF16 dot products (Intel Cooper Lake+, AMD Zen 4+)
+    capability: str      # torch.backends.cpu.get_cpu_capability()
+    forced: bool | None = None  # CPU_BF16_OVERRIDE, when a caller pinned the answer
+
+    @property
+    def fast(self) -> bool:
+        if self.forced is not None:
+            return self.forced
+        return self.amx or self.avx512_bf16
+
+    def words(self) -> str:
+        found = [name for name, on in (("AMX-BF16", self.amx), ("AVX512-BF16", self.avx512_bf16)) if on]
+        text = (" and ".join(found) if found else "neither AMX-BF16 nor AVX512-BF16") + f" (torch: {self.capability})"
+        if self.forced is not None:
+            text += f"; pinned to {'fast' if self.forced else 'slow'} bf16 by the caller (CPU_BF16_OVERRIDE)"
+        return text
+
+    def as_dict(self) -> dict:
+        return {"amx_bf16": self.amx, "avx512_bf16": self.avx512_bf16, "capability": self.capability,
+                "fast_bf16": self.fast, **({"forced": self.forced} if self.forced is not None else {})}
+
+
+@functools.lru_cache(maxsize=1)
+def _detected_cpu() -> tuple[bool, bool, str]:
+    """``(AMX-BF16, AVX512-BF16, capability)``: from torch's own CPU feature checks (cpuinfo), else the flags of
+    ``/proc/cpuinfo``."""
+    capability = str(torch.backends.cpu.get_cpu_capability())
+    amx = avx = None
+    try:
+        amx, avx = bool(torch.cpu._is_amx_tile_supported()), bool(torch.cpu._is_avx512_bf16_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    if amx is None or avx is None:
+        try:
+            flags = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            flags = set()
+        amx, avx = "amx_bf16" in flags, "avx512_bf16" in flags
+    if "AMX" in capability.upper():
+        amx = True
+    return amx, avx, capability
+
+
+CPU_BF16_OVERRIDE: bool | None = None   # a caller may pin the answer (the tests pin False); None: detect
+
+
+def cpu_bf16() -> CpuBf16:
+    """This CPU's bf16 support, detected once, unless a caller pinned it (``CPU_BF16_OVERRIDE``)."""
+    amx, avx, capability = _detected_cpu()
+    return CpuBf16(amx, avx, capability, CPU_BF16_OVERRIDE)
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a run computes in, and why (recorded in ``config.json`` and ``summary.json``)."""
+
+    requested: str          # auto, fp32, bf16 or fp16
+    precision: str          # fp32, bf16 or fp16
+    reason: str
+    note: str | None = None  # a warning for the user (explicit bf16 on a CPU that emulates it)
+
+    def as_dict(self) -> dict:
+        mode = "fp32" if self.precision == "fp32" else f"{self.precision} autocast, fp32 master weights"
+        return {"requested": self.requested, "precision": self.precision, "compute": mode, "reason": self.reason,
+                **({"note": self.note} if self.note else {})}
+
+
+def choose_precision(precision: str) -> PrecisionChoice:
+    """The run's precision for ``precision`` (auto, fp32, bf16 or fp16) on this machine, with the reason.
+
+    ``auto``: bf16 on a GPU that supports it and on a CPU with fast bf16 products (AMX-BF16 or AVX512-BF16),
+    fp32 elsewhere. An explicit ``bf16`` runs on any CPU (emulated, hence slow, without those units: a note
+    says so); ``fp16`` needs a GPU. bf16 and fp16 are mixed precision: fp32 master weights and optimiser state,
+    matrix products under autocast, softmax, log-probs and losses in fp32."""
+    gpu = torch.cuda.is_available()
+    if precision == "fp32":
+        return PrecisionChoice(precision, "fp32", "asked for")
+    if precision == "fp16":
+        if not gpu:
+            raise ConfigError("precision=fp16 needs a GPU (CPU autocast has no fp16 path); on CPU use bf16, fp32 "
+                              "or auto")
+        return PrecisionChoice(precision, "fp16", "asked for (GPU)")
+    if gpu:
+        name = torch.cuda.get_device_name()
+        if torch.cuda.is_bf16_supported():
+            return PrecisionChoice(precision, "bf16", f"{'asked for; ' if precision == 'bf16' else ''}GPU {name} "
+                                                      f"supports bf16")
+        if precision == "bf16":
+            raise ConfigError(f"precision=bf16: the GPU {name} does not support bf16; use fp16, fp32 or auto")
+        return PrecisionChoice(precision, "fp32", f"GPU {name} has no bf16")
+    cpu = cpu_bf16()
+    if precision == "bf16":
+        note = None if cpu.fast else (f"bf16 on a CPU without fast bf16 products ({cpu.words()}) is emulated, "
+                                      f"usually slower than fp32; precision auto would choose fp32 here")
+        return PrecisionChoice(precision, "bf16", f"asked for; CPU {'with' if cpu.fast else 'without'} fast bf16 "
+                                                  f"products: {cpu.words()}", note)
+    if cpu.fast:
+        return PrecisionChoice(precision, "bf16", f"CPU with fast bf16 products: {cpu.words()}")
+    return PrecisionChoice(precision, "fp32", f"CPU without fast bf16 products (bf16 would be emulated): "
+                                              f"{cpu.words()}")
+
+
 def resolve_precision(precision: str) -> str:
-    """'auto' -> 'bf16' on a GPU that supports it, else 'fp32' (bf16 matmuls are ~150x slower on CPU)."""
-    if precision != "auto":
-        if precision in ("bf16", "fp16") and not torch.cuda.is_available():
-            raise ConfigError(f"precision={precision} needs a GPU; on CPU use fp32 (or auto)")
-        return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    """'auto' -> 'bf16' where the hardware has fast bf16 products, else 'fp32' (see :func:`choose_precision`)."""
+    return choose_precision(precision).precision
 
 
 def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype of the matrix products (autocast's) for a resolved precision."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def computing_copy(model: nn.Module, precision: str) -> nn.Module:
+    """``model`` (a frozen copy: a reference) stored as the policy computes: under ``precision``'s autocast every
+    ``nn.Linear`` runs on its weights cast to the compute dtype, so those are stored cast (half the memory) and
+    give bitwise the same products; norms, embeddings and everything else stay as they are (autocast runs them
+    on the stored weights). In place; returns ``model``."""
+    dtype = compute_dtype(precision)
+    if dtype == torch.float32:
+        return model
+    tied = {id(p) for name in ("get_input_embeddings",) for m in [getattr(model, name, lambda: None)()]
+            if isinstance(m, nn.Module) for p in m.parameters()}
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not any(id(p) in tied for p in module.parameters(recurse=False)):
+            for name, param in list(module.named_parameters(recurse=False)):
+                if param.dtype == torch.float32:
+                    param.data = param.data.to(dtype)
+    return model
 
 
 def load_tokenizer(name_or_path: str):

@@ -9,6 +9,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the crash hook of the CLI processes tests start (KILL_AT_STEP=N; see hooks/sitecustomize.py)
 _HOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_HOOKS, os.environ.get("PYTHONPATH")]))
+# precision "auto" resolves by the CPU (bf16 where it has AMX-BF16 or AVX512-BF16): the tests pin it to fp32
+# (in-process below and, through hooks/sitecustomize.py, in the processes they start) so that they compute the same
+# on every machine; the bf16 tests (test_bf16.py) ask for bf16 explicitly.
+os.environ["TESTS_PIN_CPU_BF16"] = "0"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _pin_auto_precision_to_fp32():
+    from preftune import models
+
+    models.CPU_BF16_OVERRIDE = False
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ STEPS=${STEPS:-10}
 BATCH=${BATCH:-4}
 $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this check needs a GPU')"
 $PYTHON -m pip install -q -e ".[bench]" || echo "note: could not install the bench extra; using what is installed"
-runs="preftune trl preftune-lora trl-lora"
+runs="preftune trl trl-live preftune-lora trl-lora"
 if $PYTHON -c "import liger_kernel" 2>/dev/null || $PYTHON -m pip install -q liger-kernel; then
   runs="$runs trl-liger trl-lora-liger"
 else
@@ -23,5 +23,5 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 # shellcheck disable=SC2086
-$PYTHON bench/smollm2_dpo_vs_trl.py --device cuda --precision bf16 --steps "$STEPS" --batch "$BATCH" \
+$PYTHON bench/smollm2_dpo_vs_trl.py --device cuda --precisions bf16 --steps "$STEPS" --batch "$BATCH" \
   --runs $runs --json "$OUT_DIR/smollm2_bf16_results.json"

@@ -273,7 +273,7 @@ def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling
         for spec in specs:   # the conversation the samples answer, kept for the export
             spec.meta.setdefault("prompt_messages", [{"role": "user", "content": spec.prompt}])
     sampler = make_engine(engine, model, tokenizer, batch_size=batch_size, model_path=model_path, seed=seed,
-                          gpu_memory_utilization=0.9)
+                          gpu_memory_utilization=0.9, precision="auto")
     outputs = generate_texts(model, tokenizer, [s.model_prompt for s in specs], settings, n=n, batch_size=batch_size,
                              seed=seed, engine=sampler)
     for spec, texts in zip(specs, outputs):

@@ -31,6 +31,9 @@ def eval_arguments(ev) -> None:
     ev.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling threshold (1: off).")
     ev.add_argument("--seed", type=int, default=0, help="Sampling seed (the baseline samples with seed + 1).")
     ev.add_argument("--batch_size", type=int, default=16, help="Prompts per generation and scoring batch.")
+    ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="Sampling precision: auto (bf16 where the GPU or CPU has fast bf16 products, else fp32), "
+                         "fp32, bf16 or fp16 (GPU).")
     ev.add_argument("--output_dir", required=True, help="Writes eval.json and samples.jsonl here.")
 
 
@@ -84,11 +87,12 @@ def run_eval(args) -> int:
     if args.baseline_model:
         base_model = load_any_causal_lm(args.baseline_model)
         baseline = sample_responses(base_model, load_tokenizer(args.baseline_model), prompts, settings,
-                                    seed=args.seed + 1, batch_size=args.batch_size).responses
+                                    seed=args.seed + 1, batch_size=args.batch_size,
+                                    precision=args.precision).responses
     ref = load_any_causal_lm(args.ref_model) if args.ref_model else None
     result = evaluate_policy(model, tokenizer, prompts, settings, judge=judge, ref_model=ref,
                              baseline_responses=baseline,
-                             seed=args.seed, batch_size=args.batch_size)
+                             seed=args.seed, batch_size=args.batch_size, precision=args.precision)
     metrics = dict(result.metrics)
     if args.pairs:
         if judge is None or not is_pointwise(judge):

@@ -43,7 +43,9 @@ class ModelSettings(SpeedSettings):
     ref_model_name_or_path: str | None = option(
             None, "Reference model; default: the policy's starting weights (with LoRA: the policy with adapters "
                   "disabled).")
-    precision: str = option("auto", "auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16.",
+    precision: str = option("auto", "auto (bf16 on GPUs that support it and on CPUs with AMX-BF16 or AVX512-BF16, "
+                                    "fp32 elsewhere), fp32, bf16 (mixed: fp32 master weights, bf16 matrix products; "
+                                    "any CPU, slow where emulated) or fp16 (GPU).",
                             choices=["auto", "fp32", "bf16", "fp16"])
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     disable_dropout: bool = option(True, "Turn off dropout in the policy and reference (LoRA dropout is kept).")

@@ -132,7 +132,7 @@ def preference_pairs(scale: DemoScale, sft: Path, root: Path) -> tuple[Path, dic
     prompts = SentimentTask(train_prompts=scale.train_prompts, seed=scale.seed).train_prefixes()
     settings = SamplingSettings(max_new_tokens=scale.max_new_tokens)
     samples = generate_texts(model, tokenizer, prompts, settings, n=scale.samples_per_prompt, batch_size=64,
-                             seed=scale.seed)
+                             seed=scale.seed, precision="auto")
     rows, spreads = [], []
     for prompt, texts in zip(prompts, samples):
         scores = sentiment_reward([prompt] * len(texts), texts)
@@ -214,7 +214,8 @@ def evaluate_all(scale: DemoScale, sft: Path, reward: Path | None, runs: list[Pa
     for name, family, run_dir, model_dir in candidates:
         model = reference if name == "sft" else load_causal_lm(str(model_dir))
         evaluation = evaluate_policy(model, tokenizer, prompts, settings, judge=oracle, ref_model=reference,
-                                     baseline_responses=sft_samples, seed=scale.seed + 7, batch_size=64)
+                                     baseline_responses=sft_samples, seed=scale.seed + 7, batch_size=64,
+                                     precision="auto")
         if name == "sft":
             sft_samples = evaluation.samples.responses
         _save_evaluation(run_dir, evaluation.metrics, evaluation.sample_rows())
@@ -236,7 +237,8 @@ def best_of_n(scale, sft_model, tokenizer, reward: Path, prompts, settings, root
 
     n = scale.best_of_n
     rm = RewardModelScorer(str(reward), batch_size=64)
-    samples = generate_texts(sft_model, tokenizer, prompts, settings, n=n, batch_size=64, seed=scale.seed + 11)
+    samples = generate_texts(sft_model, tokenizer, prompts, settings, n=n, batch_size=64, seed=scale.seed + 11,
+                             precision="auto")
     picked = []
     for prompt, texts in zip(prompts, samples):
         scores = rm.score([prompt] * n, texts)

@@ -49,7 +49,7 @@ def _transformers(policy, tokenizer, options: dict):
     from .local import TransformersEngine
 
     return TransformersEngine(policy, pad_token_id=_pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                              batch_size=options.get("batch_size", 16))
+                              batch_size=options.get("batch_size", 16), precision=options.get("precision"))
 
 
 def _vllm(policy, tokenizer, options: dict):
@@ -64,7 +64,8 @@ ENGINES: dict[str, Callable] = {"transformers": _transformers, "vllm": _vllm}
 
 def make_engine(name: str, policy, tokenizer, **options) -> GenerationEngine:
     """The engine ``name`` for ``policy``. ``options``: ``batch_size`` (sequences per forward of the
-    transformers engine); ``gpu_memory_utilization``, ``server_url``, ``sleep_mode``, ``model_path``,
+    transformers engine), ``precision`` (its autocast: bf16, fp16, fp32 or auto; default the caller's);
+    ``gpu_memory_utilization``, ``server_url``, ``sleep_mode``, ``model_path``,
     ``seed``, ``sync_dir``, ``dtype`` (vLLM)."""
     if name not in ENGINES:
         from ..errors import ConfigError

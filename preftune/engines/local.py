@@ -13,8 +13,10 @@ class TransformersEngine:
 
     name = "transformers"
 
-    def __init__(self, model, *, pad_token_id: int, eos_token_id: int | None, batch_size: int = 16):
+    def __init__(self, model, *, pad_token_id: int, eos_token_id: int | None, batch_size: int = 16,
+                 precision: str | None = None):
         self.model = model
+        self.precision = precision   # None: the caller's autocast (the trainers'); else sampled under this one
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.batch_size = batch_size
@@ -23,7 +25,7 @@ class TransformersEngine:
                  row_seeds: list[int] | None = None, prompt_inputs: list[dict] | None = None) -> Generation:
         return generate_ids(self.model, prompt_ids, settings, pad_token_id=self.pad_token_id,
                             eos_token_id=self.eos_token_id, batch_size=self.batch_size, seed=seed,
-                            row_seeds=row_seeds, prompt_inputs=prompt_inputs)
+                            row_seeds=row_seeds, prompt_inputs=prompt_inputs, precision=self.precision)
 
     def sync(self, policy) -> None:
         self.model = policy

@@ -53,13 +53,14 @@ class Evaluation:
 
 
 def sample_responses(model, tokenizer, prompts: list, settings, *, seed: int = 0, batch_size: int = 16,
-                     engine=None) -> Samples:
-    """One response per prompt from ``engine`` (a :mod:`preftune.engines` engine; default: ``model`` itself)."""
+                     engine=None, precision: str | None = None) -> Samples:
+    """One response per prompt from ``engine`` (a :mod:`preftune.engines` engine; default: ``model`` itself,
+    sampled under ``precision``'s autocast)."""
     from ..engines import make_engine
     from ..generate import encode_prompts
 
     prompt_ids = encode_prompts(tokenizer, prompts)
-    engine = engine or make_engine("transformers", model, tokenizer, batch_size=batch_size)
+    engine = engine or make_engine("transformers", model, tokenizer, batch_size=batch_size, precision=precision)
     generation = engine.generate(prompt_ids, settings, seed=seed)
     responses = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generation.response_ids]
     return Samples(prompts, responses, prompt_ids, [list(r) for r in generation.response_ids], list(generation.ended))
@@ -89,10 +90,13 @@ def response_statistics(model, samples: Samples, pad_token_id: int, *, ref_model
 
 
 def evaluate_policy(model, tokenizer, prompts: list, settings, *, judge=None, ref_model=None,
-                    baseline_responses: list[str] | None = None, seed: int = 0, batch_size: int = 16) -> Evaluation:
-    """Sample once per prompt and measure everything that is available (see the module docstring)."""
+                    baseline_responses: list[str] | None = None, seed: int = 0, batch_size: int = 16,
+                    precision: str | None = None) -> Evaluation:
+    """Sample once per prompt (under ``precision``'s autocast) and measure everything that is available (see the
+    module docstring)."""
     with evaluating(model):
-        samples = sample_responses(model, tokenizer, prompts, settings, seed=seed, batch_size=batch_size)
+        samples = sample_responses(model, tokenizer, prompts, settings, seed=seed, batch_size=batch_size,
+                                   precision=precision)
         stats = response_statistics(model, samples, tokenizer.pad_token_id, ref_model=ref_model,
                                     batch_size=batch_size)
     metrics: dict[str, float] = {

@@ -184,7 +184,7 @@ class Rounds:
         ids = [p.ids for p in self.train_prompts for _ in range(k)]
         generation = generate_ids(self.load(policy_dir), ids, self.settings, pad_token_id=self.tokenizer.pad_token_id,
                                   eos_token_id=self.tokenizer.eos_token_id, batch_size=self.cfg.generation_batch_size,
-                                  seed=self.cfg.seed * 1_000 + round_)
+                                  seed=self.cfg.seed * 1_000 + round_, precision=self.cfg.precision)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         return [{"prompt_index": i, "prompt": p.prompt, "samples": texts[i * k:(i + 1) * k],
                  "ended": generation.ended[i * k:(i + 1) * k]} for i, p in enumerate(self.train_prompts)]
@@ -237,7 +237,7 @@ class Rounds:
         model = self.load(policy_dir)
         evaluation = evaluate_policy(model, self.tokenizer, prompts, self.settings, judge=self.judge,
                                      ref_model=reference, baseline_responses=self.baseline, seed=self.cfg.seed + 7919,
-                                     batch_size=self.cfg.generation_batch_size)
+                                     batch_size=self.cfg.generation_batch_size, precision=self.cfg.precision)
         metrics, rows = evaluation.metrics, evaluation.sample_rows()
         if reference is None:
             metrics["kl"] = 0.0  # the initial model against itself

@@ -89,8 +89,10 @@ def precision_words(trainer) -> str:
     trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     device = trainer.acc.device.type if isinstance(trainer.acc.device, torch.device) else trainer.acc.device
+    chosen = trainer.config_dict.get("precision_chosen") or {}
+    why = f"; {chosen['precision']} ({chosen['requested']}: {chosen['reason']})" if chosen else ""
     return (f"trainable weights in {weights}, {compute}, on {device}; {trained:,} of {total:,} parameters trained "
-            f"({100 * trained / max(total, 1):.3g}%)")
+            f"({100 * trained / max(total, 1):.3g}%){why}")
 
 
 class Display:

@@ -10,8 +10,15 @@ completion, ``[B]``) and, when run live, ``token_logps`` (per completion token, 
 Reference log-probs never change during training, so with ``precompute`` they are computed in one
 pass before training, for any list of (prompt ids, completion ids) sequences (DPO's chosen and
 rejected, KTO's mismatched completions, ...), and stored under a fingerprint of (reference model,
-exact token ids, precision). Any later run with the same fingerprint loads them instead of running
-the reference: the token ids capture the data, the tokenizer and every truncation setting at once.
+exact token ids, precision and compute dtype). Any later run with the same fingerprint loads them instead of
+running the reference: the token ids capture the data, the tokenizer and every truncation setting at once. The
+cache file records its precision and computation too, and a file of another one is refused, never mixed in.
+
+The reference computes as the policy does (:func:`compute_words`): under the run's autocast (bf16 or fp16
+matrix products, fp32 master weights, log-softmax and sums in fp32), whether it is the policy itself (LoRA with
+adapters off; the policy before its first step, for precomputing) or a frozen copy, whose linear layers are
+stored in the compute dtype (:func:`preftune.models.computing_copy`: bitwise the products autocast computes).
+So the first DPO loss is exactly ln 2 and the first KTO loss exactly 0.5 in bf16 as in fp32.
 """
 
 from __future__ import annotations
@@ -28,14 +35,23 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
+from ..errors import ConfigError
 from ..logprobs import completion_logprobs
 from ..modality import TEXT, Modality
-from ..models import base_model, compute_dtype, disable_dropout, freeze, is_peft_model, model_fingerprint
+from ..models import (
+    base_model,
+    compute_dtype,
+    computing_copy,
+    disable_dropout,
+    freeze,
+    is_peft_model,
+    model_fingerprint,
+)
 from ..speed import apply as apply_speed
 from ..wrappers import evaluating
 from .distributed import full_tensor
 
-CACHE_FORMAT = "preftune-ref-logps-v2"
+CACHE_FORMAT = "preftune-ref-logps-v3"   # v3: computed under the run's autocast; precision in the file
 Sequence = tuple   # (prompt, completion ids): a prompt as its modality holds one (token ids, or ids with images)
 console = Console(stderr=True)
 
@@ -55,10 +71,11 @@ class Reference:
 class LiveReference(Reference):
     """A model run on every batch, in eval mode and without gradients, through its modality's forward."""
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int, modality: Modality = TEXT):
+    def __init__(self, model: torch.nn.Module, chunk_size: int, modality: Modality = TEXT, autocast=None):
         self.model = model
         self.chunk_size = chunk_size
         self.modality = modality
+        self.autocast = autocast or contextlib.nullcontext   # the run's autocast: the policy's computation
 
     def running(self):
         return contextlib.nullcontext()
@@ -78,7 +95,7 @@ class LiveReference(Reference):
 
     @contextlib.contextmanager
     def _evaluating(self):
-        with evaluating(self.model), self.running():
+        with evaluating(self.model), self.autocast(), self.running():
             yield
 
 
@@ -140,26 +157,48 @@ def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True,
     """
     if not needed:
         return Reference()
-    device, chunk = ctx.accelerator.device, cfg.logprob_chunk_size
+    device, chunk, autocast = ctx.accelerator.device, cfg.logprob_chunk_size, ctx.accelerator.autocast
     if ref_model is None and cfg.ref_model_name_or_path:
-        ref_model = modality.load_model(cfg.ref_model_name_or_path, compute_dtype(ctx.precision))
+        ref_model = computing_copy(modality.load_model(cfg.ref_model_name_or_path), ctx.precision)
     if ref_model is None and is_peft_model(policy):
-        live: LiveReference = AdapterReference(policy.to(device), chunk, modality)
-    elif ref_model is None and precompute is not None and _in_dtype(policy, compute_dtype(ctx.precision)):
-        live = ModelReference(policy.to(device), chunk, modality)   # before training the policy is the reference
+        live: LiveReference = AdapterReference(policy.to(device), chunk, modality, autocast)
+    elif ref_model is None and precompute is not None:
+        live = ModelReference(policy.to(device), chunk, modality, autocast)   # before training the policy is it
     else:
         if ref_model is None:
-            ref_model = copy.deepcopy(policy).to(compute_dtype(ctx.precision))
+            ref_model = computing_copy(copy.deepcopy(policy), ctx.precision)
         disable_dropout(ref_model)
         apply_speed(ref_model, cfg)   # the policy's own computation (attention, fused layers, head function)
-        live = ModelReference(freeze(ref_model).to(device), chunk, modality)
+        live = ModelReference(freeze(ref_model).to(device), chunk, modality, autocast)
     if precompute is None:
         return live
     return _precomputed(cfg, ctx, live, precompute, pad_token_id)
 
 
-def _in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> bool:
-    return all(p.dtype == dtype for p in model.parameters() if p.is_floating_point())
+def compute_words(precision: str) -> str:
+    """How a run's log-probs are computed, as the cache key and the cache file record it."""
+    dtype = str(compute_dtype(precision)).removeprefix("torch.")
+    return "float32" if precision == "fp32" else f"{dtype} autocast, float32 weights and log-softmax"
+
+
+def check_cache_file(path: Path, precision: str) -> None:
+    """Refuse a cached file written in another precision or computation (or by another cache format)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata() or {}
+    expected = {"format": CACHE_FORMAT, "precision": precision, "compute": compute_words(precision)}
+    wrong = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        found = ", ".join(f"{k} {v!r}" for k, v in wrong.items())
+        raise ConfigError(f"{path}: cached reference log-probs of another computation ({found}; this run: precision "
+                          f"{precision!r}, compute {compute_words(precision)!r}); refusing to use them. Delete the "
+                          f"file or choose another --cache_dir")
+
+
+def cache_metadata(precision: str, sequences: int) -> dict[str, str]:
+    return {"format": CACHE_FORMAT, "sequences": str(sequences), "precision": precision,
+            "compute": compute_words(precision)}
 
 
 def _precomputed(cfg, ctx, live: LiveReference, splits: dict[str, list[Sequence]], pad_token_id: int) -> Reference:
@@ -171,8 +210,10 @@ def _precomputed(cfg, ctx, live: LiveReference, splits: dict[str, list[Sequence]
             continue
         modality = live.modality
         path = cache_root / f"{cache_key(fingerprint, sequences, ctx.precision, modality)}.safetensors"
+        with live.autocast():   # the layout probe runs the model as training will
+            layout = modality.pair_collator(cfg, pad_token_id, live.model)
         cached = precompute_logps(live, sequences, pad_token_id, 2 * cfg.per_device_batch_size, path, ctx.accelerator,
-                                  layout=modality.pair_collator(cfg, pad_token_id, live.model))
+                                  layout=layout, precision=ctx.precision)
         table.update(zip((modality.sequence_key(*s) for s in sequences), cached.logps.tolist()))
         described[split] = {"path": str(cached.path), "reused": cached.hit, "sequences": len(sequences)}
         if ctx.is_main_process:
@@ -190,7 +231,9 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(model_fingerprint: str, sequences: list[Sequence], precision: str, modality: Modality = TEXT) -> str:
-    parts = [CACHE_FORMAT, model_fingerprint, modality.digest(sequences), precision]
+    """The cache file's name: reference model, exact tokens (and images), precision and compute dtype
+    (:func:`compute_words`)."""
+    parts = [CACHE_FORMAT, model_fingerprint, modality.digest(sequences), precision, compute_words(precision)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
@@ -202,14 +245,16 @@ class CachedLogps:
 
 
 def precompute_logps(reference: LiveReference, sequences: list[Sequence], pad_token_id: int, batch_size: int,
-                     cache_path: Path, accelerator=None, layout=None) -> CachedLogps:
+                     cache_path: Path, accelerator=None, layout=None, precision: str = "fp32") -> CachedLogps:
     """Reference log-probs of every sequence, loaded from ``cache_path`` or computed and written there.
 
+    ``precision`` is the run's: a cached file of another precision or computation is refused (ConfigError).
     ``layout`` (default: padded rows) may pack each batch; with prefix sharing, sequences ``2i`` and
     ``2i + 1`` that share a prompt (a pair's chosen and rejected) share one block."""
     device = accelerator.device if accelerator is not None else "cpu"
     with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
         if cache_path.is_file():
+            check_cache_file(cache_path, precision)
             logps = load_file(cache_path)["logps"]
             if logps.numel() == len(sequences):
                 return CachedLogps(logps, cache_path, hit=True)
@@ -220,6 +265,6 @@ def precompute_logps(reference: LiveReference, sequences: list[Sequence], pad_to
         if accelerator is None or accelerator.is_main_process:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             staging = cache_path.with_suffix(".partial")
-            save_file({"logps": logps}, staging, metadata={"format": CACHE_FORMAT, "sequences": str(len(sequences))})
+            save_file({"logps": logps}, staging, metadata=cache_metadata(precision, len(sequences)))
             staging.replace(cache_path)
     return CachedLogps(logps, cache_path, hit=False)

@@ -30,7 +30,7 @@ REFUSED_ON_RESUME = ("model_name_or_path", "tokenizer_name_or_path", "ref_model_
 # Allowed, but the optimiser state in the checkpoint keeps the old value: the warning says so.
 KEPT_BY_CHECKPOINT = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2")
 # Settings of the invocation, not of the run.
-NOT_COMPARED = ("resume", "overwrite_output_dir", "resumes")
+NOT_COMPARED = ("resume", "overwrite_output_dir", "resumes", "precision_chosen")
 
 
 class TrainingInterrupted(PreftuneError):

@@ -31,6 +31,7 @@ class RunContext:
     settings: Any = None
     config_dict: dict = field(default_factory=dict)
     reuses_freed_memory: bool = False     # glibc's heap set up for this run (restored by finish_run)
+    precision_choice: dict = field(default_factory=dict)   # what was chosen and why (models.PrecisionChoice)
 
     @property
     def is_main_process(self) -> bool:
@@ -55,13 +56,16 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
     from rich.console import Console
     from rich.markup import escape
 
-    from ..models import resolve_precision
+    from ..models import choose_precision
 
     run_dir = Path(cfg.output_dir)
     if cfg.resume:
         _, changes = check_resume(run_dir, dataclasses.asdict(cfg), cfg.resume)
         warnings = [*warnings, *change_warnings(changes)]
-    precision = resolve_precision(cfg.precision)
+    choice = choose_precision(cfg.precision)
+    precision = choice.precision
+    if choice.note:
+        warnings = [*warnings, choice.note]
     accelerator = make_accelerator(precision, cfg.report_to, run_dir, getattr(cfg, "fsdp", ""))
     if is_sharded(accelerator) and getattr(cfg, "merge_lora", False):
         raise ConfigError("merge_lora is not supported with sharded training (FSDP2, DeepSpeed): the adapter is "
@@ -77,7 +81,8 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         if accelerator.num_processes > 1:
             console.print(f"distributed: {engine_name(accelerator)} over {accelerator.num_processes} processes")
     set_seed(cfg.seed)
-    return RunContext(accelerator, run_dir, precision, cfg, dataclasses.asdict(cfg), reuses_freed_memory)
+    config_dict = {**dataclasses.asdict(cfg), PRECISION_KEY: choice.as_dict()}
+    return RunContext(accelerator, run_dir, precision, cfg, config_dict, reuses_freed_memory, choice.as_dict())
 
 
 def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dict | None = None) -> RunResult:
@@ -88,7 +93,7 @@ def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dic
         summary = {"model_dir": str(model_dir), "steps": result.global_step, "train": result.last_metrics,
                    "eval": result.eval_metrics, "distributed": {"engine": engine_name(ctx.accelerator),
                                                                 "processes": ctx.accelerator.num_processes},
-                   **(extra or {})}
+                   **({"precision": ctx.precision_choice} if ctx.precision_choice else {}), **(extra or {})}
         (ctx.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
     return RunResult(ctx.run_dir, model_dir, ctx.run_dir / METRICS, result, ctx.is_main_process)
 
@@ -130,6 +135,7 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
     return read
 
 
+PRECISION_KEY = "precision_chosen"   # in config.json: the resolved precision and why (not a setting)
 
 
 def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> None:

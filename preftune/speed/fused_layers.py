@@ -10,10 +10,10 @@ inputs of its linear layers:
   (four intermediate-size vectors). :class:`GatedMLPFunction` keeps ``gate(x)`` and ``up(x)`` only and
   recomputes silu and the product (elementwise) in the backward. With peft LoRA projections,
   :class:`LoraDownFunction` runs the product and the adapted down projection keeping ``gate(x)``,
-  ``up(x)`` and the rank-sized ``A h``; with other layers (quantised, LoRA with dropout or DoRA, LoRA
-  under autocast) :class:`SiluMulFunction` fuses the product alone (keeps ``gate(x)`` and ``up(x)``, not
-  ``silu(gate(x))``). Under autocast the full MLP function gets its inputs cast as autocast casts a
-  linear layer's.
+  ``up(x)`` and the rank-sized ``A h``; with other layers (quantised, LoRA with dropout or DoRA)
+  :class:`SiluMulFunction` fuses the product alone (keeps ``gate(x)`` and ``up(x)``, not
+  ``silu(gate(x))``). Under autocast (bf16, fp16) the full MLP function and the LoRA down projection get
+  their inputs and weights cast as autocast casts a linear layer's, and run in that dtype (never float32).
 
 The forward passes run the same operations as transformers' modules, so outputs are bitwise equal
 (a float64 norm stays in float64 where transformers' rounds to float32); gradients differ by float
@@ -193,9 +193,10 @@ def plain_linear(module: nn.Module) -> bool:
             and not hasattr(module.weight, "ds_id"))
 
 
-def plain_lora(layer: nn.Module, dtype: torch.dtype) -> tuple | None:
+def plain_lora(layer: nn.Module, dtype: torch.dtype | None) -> tuple | None:
     """``(W, b, A, B, scaling)`` of a peft LoRA linear layer that runs one plain adapter (no dropout, no DoRA
-    or other variant, not merged, adapters on, no cast of the input); None for anything else."""
+    or other variant, not merged, adapters on, no cast of the input: adapter weights in ``dtype``, any dtype for
+    None, as under autocast, which casts them all); None for anything else."""
     lora_a, lora_b, base = (getattr(layer, name, None) for name in ("lora_A", "lora_B", "base_layer"))
     if not isinstance(lora_a, nn.ModuleDict) or base is None or layer.disable_adapters or layer.merged:
         return None
@@ -207,9 +208,15 @@ def plain_lora(layer: nn.Module, dtype: torch.dtype) -> tuple | None:
         return None
     a, b, dropout = lora_a[active[0]], lora_b[active[0]], layer.lora_dropout[active[0]]
     if not (plain_linear(base) and plain_linear(a) and plain_linear(b) and b.bias is None and a.bias is None
-            and type(dropout) is nn.Identity and a.weight.dtype == dtype):
+            and type(dropout) is nn.Identity and (dtype is None or a.weight.dtype == dtype)):
         return None
     return base.weight, base.bias, a.weight, b.weight, layer.scaling[active[0]]
+
+
+def autocast_cast(*tensors: torch.Tensor | None, device: str) -> list[torch.Tensor | None]:
+    """``tensors`` cast as autocast casts a linear layer's input, weight and bias (to its dtype; None stays)."""
+    dtype = torch.get_autocast_dtype(device)
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
 def autocast_mlp(x, projections):
@@ -230,8 +237,15 @@ def fused_mlp_forward(self, x):
             return autocast_mlp(x, projections)
         return GatedMLPFunction.apply(x, *(t for p in projections for t in (p.weight, p.bias)))
     gate, up = self.gate_proj(x), self.up_proj(x)
-    if autocast:
-        return self.down_proj(SiluMulFunction.apply(gate, up))
+    if autocast:   # LoRA projections under autocast: the fused down projection on the cast weights
+        lora = plain_lora(self.down_proj, None)
+        if lora is None:
+            return self.down_proj(SiluMulFunction.apply(gate, up))
+        device = x.device.type
+        weight, bias, lora_a, lora_b = autocast_cast(*lora[:4], device=device)
+        gate, up = autocast_cast(gate, up, device=device)
+        with torch.autocast(device, enabled=False):
+            return LoraDownFunction.apply(gate, up, weight, bias, lora_a, lora_b, lora[4])
     lora = plain_lora(self.down_proj, gate.dtype)
     if lora is not None:
         return LoraDownFunction.apply(gate, up, *lora)
