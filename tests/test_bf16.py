@@ -269,7 +269,7 @@ def test_the_cache_refuses_a_file_of_another_precision(tmp_path):
     from preftune.runtime.reference import LiveReference, cache_key, precompute_logps
 
     model = gqa_llama()
-    reference = LiveReference(model, 1024, autocast)
+    reference = LiveReference(model, 1024, autocast=autocast)
     path = tmp_path / "cache.safetensors"
     first = precompute_logps(reference, SEQUENCES, 0, 4, path, precision="fp32")
     assert not first.hit
@@ -421,7 +421,7 @@ def test_killed_bf16_run_resumes_to_the_same_final_weights(tiny_model_dir, pairs
               "2", "--logging_steps", "1", "--precision", "bf16", "--warmup_steps", "1"]
     full = cli(*common, "--output_dir", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
-    killed = cli(*common, "--output_dir", str(tmp_path / "resumed"), env_extra={"PREFTUNE_KILL_AT_STEP": "4"})
+    killed = cli(*common, "--output_dir", str(tmp_path / "resumed"), env_extra={"KILL_AT_STEP": "4"})
     assert killed.returncode == -9
     resumed = cli(*common, "--output_dir", str(tmp_path / "resumed"), "--resume")
     assert resumed.returncode == 0, resumed.stderr

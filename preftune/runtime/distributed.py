@@ -51,8 +51,15 @@ def make_accelerator(precision: str, report_to: list[str], run_dir: Path, fsdp: 
     """The run's ``Accelerator``: mixed precision, trackers, and the engine (``fsdp``, else the launcher's)."""
     from accelerate import Accelerator
 
+    from accelerate.state import AcceleratorState
+
     mixed = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")
     plugin = fsdp_plugin(fsdp) if fsdp else None
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed)) != mixed:
+        # an earlier run of this process (the Python API, a notebook) used another precision: accelerate keeps
+        # one per process, so start its accelerator state afresh (the process group, if any, is kept)
+        AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True on a machine without CUDA lets torchrun-style launchers (`accelerate launch --multi_gpu`,
     # `torchrun`) start gloo data parallelism across CPU processes.
     accelerator = Accelerator(mixed_precision=mixed, log_with=report_to or None, project_dir=str(run_dir),
