@@ -50,7 +50,6 @@ def fsdp_plugin(spec: str):
 def make_accelerator(precision: str, report_to: list[str], run_dir: Path, fsdp: str = ""):
     """The run's ``Accelerator``: mixed precision, trackers, and the engine (``fsdp``, else the launcher's)."""
     from accelerate import Accelerator
-
     from accelerate.state import AcceleratorState
 
     mixed = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")
