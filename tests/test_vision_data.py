@@ -8,11 +8,12 @@ import sys
 import pytest
 from PIL import Image
 
+from helpers import write_jsonl
 from preftune.data import TokenizeSettings, load_records
 from preftune.data.images import has_images
 from preftune.errors import DataError
 from preftune.multimodal.data import tokenize_vision_pairs
-from toyvision import build_tiny_vlm, build_vision_processor, colour_image, make_colour_pairs, write_jsonl
+from toyvision import build_tiny_vlm, build_vision_processor, colour_image, make_colour_pairs
 
 SETTINGS = TokenizeSettings(max_length=128)
 

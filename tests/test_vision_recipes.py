@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from helpers import write_jsonl
 from preftune import KTOConfig, RewardConfig
 from preftune.cli import main
 from preftune.data import TokenizeSettings, load_records
@@ -20,7 +21,7 @@ from preftune.multimodal.data import collate_prompts, tokenize_vision_labelled
 from preftune.multimodal.logprobs import image_inputs
 from preftune.recipes.kto import train_kto
 from preftune.recipes.reward import train_reward
-from toyvision import build_tiny_vlm, build_vision_processor, make_colour_pairs, write_jsonl
+from toyvision import build_tiny_vlm, build_vision_processor, make_colour_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,7 +123,7 @@ def test_the_vision_policy_takes_the_speed_switches(family, colour_data, tmp_pat
     batch = collate_vision_pairs(pairs[:4], processor.tokenizer.pad_token_id)
     logps = []
     for fused in (False, True):
-        cfg = config(DPOConfig, colour_data, tmp_path, fused_layers=fused, lora=True, lora_r=4)
+        cfg = config(DPOConfig, colour_data, tmp_path, fused_layers=fused, fused_lora=fused, lora=True, lora_r=4)
         policy = VISION.prepare_policy(build_tiny_vlm(processor, family), cfg)
         language = named_part(policy, LANGUAGE_MODELS)[0][1]
         # 2 decoder layers of 2 norms, a gated MLP and 7 LoRA linears, and the final norm: fused layers and fused LoRA
