@@ -9,6 +9,7 @@ on answers whose colours are drawn at random, so it names a colour without knowi
 import copy
 import dataclasses
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +170,17 @@ def test_online_dpo_step_with_images_equals_an_independent_computation(colours, 
                                                                              p.prompt.image_inputs.items()})
                                       for p in pairs], [p.chosen_ids for p in pairs], pad)
     assert float((blind - chosen).abs().max()) > 1e-3
+
+
+def test_prompt_files_with_images_are_refused_where_they_cannot_be_read(colours, tiny_tokenizer):
+    from preftune.errors import DataError
+    from preftune.modality import TEXT
+
+    with pytest.raises(DataError, match="has images, but this trainer reads text prompts only") as error:
+        load_prompts(str(colours["train"]), "train", tiny_tokenizer, 512, modality=TEXT)   # PPO's reading
+    assert "row 1" in str(error.value) and "images" in str(error.value)
+    with pytest.raises(DataError, match="never truncated"):
+        load_prompts(str(colours["train"]), "train", colours["processor"], 20, modality=VISION)
+    kept = load_prompts(str(colours["train"]), "train", colours["processor"], 512, modality=VISION)
+    assert len(kept) == 64 and all(p.ids == p.encoded.ids and p.encoded.image_inputs for p in kept)
+    assert all(Path(image).is_absolute() and Path(image).is_file() for p in kept for image in p.carry["images"])
