@@ -270,6 +270,27 @@ def placeholder_tokens(model) -> list[int]:
     return sorted({token for token in found if isinstance(token, int) and 0 <= token < vocab})
 
 
+def token_types(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per token 1 for the model's image placeholder, 2 for its video one, else 0 (the processor's
+    ``mm_token_type_ids``)."""
+    config = base_model(model).config
+    types = torch.zeros_like(input_ids)
+    for kind, name in ((1, "image_token_id"), (2, "video_token_id")):
+        token = getattr(config, name, None)
+        if token is not None:
+            types = types.masked_fill(input_ids == token, kind)
+    return types
+
+
+def image_forward_inputs(model, input_ids: torch.Tensor, prompt_inputs: list[dict]) -> dict:
+    """What a full forward over rows ``prompt + response`` needs besides the ids: the rows' image tensors (one
+    dict per row, from the processor) and, for a model with 3-D positions, the token types that place them."""
+    inputs = image_inputs(stack_image_inputs(prompt_inputs))
+    if inputs and _rope_index(model) is not None:
+        inputs["mm_token_type_ids"] = token_types(model, input_ids)
+    return {k: v.to(input_ids.device) for k, v in inputs.items()}
+
+
 def _rope_index(model):
     """The model's ``get_rope_index`` when its positions are 3-D over images (Qwen2-VL, Qwen2.5-VL), else None."""
     inner = getattr(base_model(model), "model", None)
@@ -282,12 +303,7 @@ def multimodal_positions(model, input_ids: torch.Tensor, attention_mask: torch.T
     them (time, height, width over each image's patches; text positions continue after the image's largest); the
     response's positions go on from the largest, the same in all three. The token types come from the model's
     image and video token ids, as its processor marks them."""
-    config = base_model(model).config
-    types = torch.zeros_like(input_ids)
-    for kind, name in ((1, "image_token_id"), (2, "video_token_id")):
-        token = getattr(config, name, None)
-        if token is not None:
-            types = types.masked_fill(input_ids == token, kind)
+    types = token_types(model, input_ids)
     rope_index = _rope_index(model)
     wanted = inspect.signature(rope_index).parameters
     grids = {k: v for k, v in prompt_inputs.items() if k in wanted}

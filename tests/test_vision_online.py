@@ -184,3 +184,31 @@ def test_prompt_files_with_images_are_refused_where_they_cannot_be_read(colours,
     kept = load_prompts(str(colours["train"]), "train", colours["processor"], 512, modality=VISION)
     assert len(kept) == 64 and all(p.ids == p.encoded.ids and p.encoded.image_inputs for p in kept)
     assert all(Path(image).is_absolute() and Path(image).is_file() for p in kept for image in p.carry["images"])
+
+
+def test_iterate_runs_a_round_on_prompts_with_images(colours, tmp_path):
+    from preftune.config.iterate import IterateConfig
+    from preftune.iterate.rounds import train_iterate
+
+    cfg = IterateConfig(model_name_or_path=str(colours["model"]), dataset=str(colours["train"]),
+                        eval_dataset=str(colours["eval"]), eval_split="train", output_dir=str(tmp_path / "it"),
+                        rounds=1, samples_per_prompt=2, max_new_tokens=8, max_length=128, learning_rate=1e-3,
+                        max_steps=4, per_device_batch_size=8, beta=0.1, warmup_ratio=0.0, seed=0,
+                        cache_dir=str(tmp_path / "cache"))
+    result = train_iterate(cfg, judge=lambda prompts, completions: [len(c) for c in completions])
+    first, second = result.rounds
+    assert first["eval"]["kl"] == 0.0 and 0.0 < second["eval"]["kl"] < float("inf")
+    assert second["pairs_kept"] > 0 and (result.model_dir / "model.safetensors").is_file()
+    pairs = read_jsonl(result.run_dir / "rounds" / "1" / "pairs.jsonl")
+    assert pairs and all(Path(i).is_absolute() and Path(i).is_file() for row in pairs for i in row["images"])
+    # The held-out samples of round 0 are what the initial model samples with each prompt's images.
+    processor = colours["processor"]
+    held_out = load_prompts(str(colours["eval"]), "train", processor, cfg.prompt_limit(), modality=VISION)
+    settings = SamplingSettings(max_new_tokens=8, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    tokenizer = processor.tokenizer
+    generation = generate_ids(load_policy(colours["model"]), [p.ids for p in held_out], settings,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                              batch_size=cfg.generation_batch_size, seed=cfg.seed + 7919,
+                              prompt_inputs=[p.encoded.image_inputs for p in held_out])
+    texts = tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
+    assert [r["response"] for r in read_jsonl(result.run_dir / "rounds" / "0" / "eval_samples.jsonl")] == texts
