@@ -212,3 +212,21 @@ def test_iterate_runs_a_round_on_prompts_with_images(colours, tmp_path):
                               prompt_inputs=[p.encoded.image_inputs for p in held_out])
     texts = tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
     assert [r["response"] for r in read_jsonl(result.run_dir / "rounds" / "0" / "eval_samples.jsonl")] == texts
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_grpo_runs_on_the_other_families(family, colours, tmp_path):
+    """Two GRPO iterations, two passes each, with a KL to the reference: the sampling policy's and the reference's
+    log-probs of the completions after their images (Qwen2-VL: 3-D positions in the sampler and in training)."""
+    processor = build_vision_processor(family)
+    cfg = GRPOConfig(model_name_or_path="unused", dataset=str(colours["train"]), output_dir=str(tmp_path / family),
+                     per_device_batch_size=8, num_generations=4, max_completion_length=6, learning_rate=1e-3,
+                     max_steps=2, num_iterations=2, beta=0.1, warmup_ratio=0.0, seed=0)
+    cfg.validate(require_model=False, require_reward=False)
+    def length(prompts, completions):   # a random model names no colour: reward what differs between its samples
+        return [float(len(c)) for c in completions]
+
+    run = train_grpo(cfg, model=build_tiny_vlm(processor, family), tokenizer=processor, reward_funcs=[length])
+    records = read_jsonl(run.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0.0 <= r["kl"] < 1.0 and abs(r["loss"]) < 10.0 for r in records) and records[1]["kl"] > 0

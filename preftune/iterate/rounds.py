@@ -317,6 +317,11 @@ def train_iterate(cfg: IterateConfig, *, judge=None, oracle=None) -> IterateResu
     train_prompts, eval_prompts = split_prompts(cfg, processor, modality)
     if judge is None and any(p.carry for p in train_prompts):
         raise ConfigError("judging prompts with images by people (--annotate_db) is not supported yet; give --judge")
+    try:   # each round's pairs are JSON lines: the images they carry must be paths
+        json.dumps([p.carry for p in train_prompts])
+    except TypeError:
+        raise ConfigError(f"{cfg.dataset}: iterate writes each round's pairs as JSON lines, so their images must "
+                          "be file paths (not bytes or decoded images)") from None
     rounds = Rounds(cfg, run_dir, modality, tokenizer, train_prompts, eval_prompts, judge, oracle)
     timings: dict = json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").is_file() else {}
     records = [{"round": 0, "policy": cfg.model_name_or_path,
