@@ -1,4 +1,5 @@
-"""The recipes that came to images through the modality interface: KTO and ``preftune score`` (GRPO, online DPO, iterate: test_vision_online).
+"""The recipes that came to images through the modality interface: KTO and ``preftune score`` (GRPO, online DPO
+and iterate: test_vision_online).
 
 Tiny vision-language models from tests/toyvision.py; the task is to name the dominant colour of a noisy
 solid-colour image.
