@@ -11,6 +11,10 @@ same seed, prompts and ``batch_size`` give the same samples, and the global RNG 
 With ``row_seeds`` every row draws from its own generator instead, so its sample does not depend on
 which other prompts share its batch (GRPO: the same groups whatever the number of processes).
 A response ends at its first EOS (kept); rows that never emit one stop at ``max_new_tokens``.
+
+Prompts with images (``prompt_inputs``): the image tensors go in on the prompt's forward only; a model with 3-D
+positions over images (Qwen2-VL) gets them computed for the padded prompts and continued for the response; a
+vision-language model never samples its image placeholder tokens (a response holding one could not be scored).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigError
 from .models import base_model
 from .multimodal.data import stack_image_inputs
 from .multimodal.logprobs import image_inputs
@@ -173,16 +178,22 @@ def _sample_batch(model, prompts: list[list[int]], settings: SamplingSettings, p
         attention_mask[i, width - len(prompt):] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if prompt_inputs and _rope_index(model) is not None:   # Qwen2-VL: 3-D positions over the prompt's images
+        position_ids = multimodal_positions(model, input_ids, attention_mask, prompt_inputs)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     extra[_cache_argument(model)] = _new_cache(model)   # filled in place by every forward below
 
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra,
                 **(prompt_inputs or {}))
-    next_position = position_ids[:, -1:] + 1
+    next_position = position_ids.view(-1, batch, width).amax(0).amax(-1, keepdim=True) + 1
+    placeholders = placeholder_tokens(model)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens = []
     for step in range(settings.max_new_tokens):
-        token = _next_token(out.logits[:, -1, :], settings, generator)
+        logits = out.logits[:, -1, :]
+        if placeholders:   # an image placeholder in a response would ask the model for an image it does not have
+            logits = logits.index_fill(-1, torch.tensor(placeholders, device=device), float("-inf"))
+        token = _next_token(logits, settings, generator)
         token = torch.where(done, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         if eos_token_id is not None:
@@ -267,6 +278,59 @@ def categorical(logits: torch.Tensor, generator) -> torch.Tensor:
 def _below(value: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
     """``value``, kept strictly below ``limit`` (rounding of ``u x limit`` with ``u < 1`` can reach it)."""
     return torch.minimum(value, limit.nextafter(torch.zeros_like(limit)))
+
+
+def placeholder_tokens(model) -> list[int]:
+    """The token ids a vision-language model replaces by image (or video) features: never sampled."""
+    config = base_model(model).config
+    found = (getattr(config, name, None) for name in ("image_token_id", "image_token_index", "video_token_id"))
+    vocab = config.get_text_config().vocab_size
+    return sorted({token for token in found if isinstance(token, int) and 0 <= token < vocab})
+
+
+def token_types(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per token 1 for the model's image placeholder, 2 for its video one, else 0 (the processor's
+    ``mm_token_type_ids``)."""
+    config = base_model(model).config
+    types = torch.zeros_like(input_ids)
+    for kind, name in ((1, "image_token_id"), (2, "video_token_id")):
+        token = getattr(config, name, None)
+        if token is not None:
+            types = types.masked_fill(input_ids == token, kind)
+    return types
+
+
+def image_forward_inputs(model, input_ids: torch.Tensor, prompt_inputs: list[dict]) -> dict:
+    """What a full forward over rows ``prompt + response`` needs besides the ids: the rows' image tensors (one
+    dict per row, from the processor) and, for a model with 3-D positions, the token types that place them."""
+    inputs = image_inputs(stack_image_inputs(prompt_inputs))
+    if inputs and _rope_index(model) is not None:
+        inputs["mm_token_type_ids"] = token_types(model, input_ids)
+    return {k: v.to(input_ids.device) for k, v in inputs.items()}
+
+
+def _rope_index(model):
+    """The model's ``get_rope_index`` when its positions are 3-D over images (Qwen2-VL, Qwen2.5-VL), else None."""
+    inner = getattr(base_model(model), "model", None)
+    return getattr(inner, "get_rope_index", None)
+
+
+def multimodal_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         prompt_inputs: dict) -> torch.Tensor:
+    """``[3, B, L]`` position ids of left-padded prompts with images, as the model's processor-fed forward counts
+    them (time, height, width over each image's patches; text positions continue after the image's largest); the
+    response's positions go on from the largest, the same in all three. The token types come from the model's
+    image and video token ids, as its processor marks them."""
+    types = token_types(model, input_ids)
+    rope_index = _rope_index(model)
+    wanted = inspect.signature(rope_index).parameters
+    grids = {k: v for k, v in prompt_inputs.items() if k in wanted}
+    try:
+        positions, _ = rope_index(input_ids, mm_token_type_ids=types, attention_mask=attention_mask, **grids)
+    except (TypeError, ValueError, StopIteration) as exc:
+        raise ConfigError(f"{type(base_model(model)).__name__}: cannot place the prompt's images in its 3-D "
+                          f"positions for sampling ({exc})") from None
+    return positions
 
 
 def _accepts(model, argument: str) -> bool:

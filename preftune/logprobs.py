@@ -87,15 +87,17 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, comp
 
 def token_logprobs_and_entropy(model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
                                chunk_size: int = 1024, position_ids: Tensor | None = None,
-                               temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+                               temperature: float = 1.0, model_kwargs: dict[str, Any] | None = None
+                               ) -> tuple[Tensor, Tensor]:
     """:func:`token_logprobs` plus the entropy of each predicted next-token distribution.
 
     Both ``[B, L]`` float32, 0 off the completion. The entropy at ``[b, t]`` is that of the
     distribution that predicted ``input_ids[b, t]``; it is computed per chunk with the log-probs
-    (no ``[B, L, V]`` tensor). ``temperature`` divides the logits first, as sampling does.
+    (no ``[B, L, V]`` tensor). ``temperature`` divides the logits first, as sampling does. ``model_kwargs``:
+    further inputs of the backbone's forward (the prompts' image tensors).
     """
     _check_inputs(input_ids, completion_mask, chunk_size)
-    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids, **(model_kwargs or {}))
     values, entropy = completion_logprobs(model, hidden, input_ids, completion_mask, chunk_size=chunk_size,
                                           temperature=temperature, with_entropy=True)
     return _to_token_layout(values, completion_mask), _to_token_layout(entropy, completion_mask)
@@ -315,7 +317,7 @@ def _chunk_logits(lm_head: nn.Module, hidden: Tensor, scale: float | None, softc
 
 @torch.no_grad()
 def token_kl(model, ref_model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
-             chunk_size: int = 1024) -> Tensor:
+             chunk_size: int = 1024, model_kwargs: dict[str, Any] | None = None) -> Tensor:
     """Exact KL(π ‖ π_ref) between the two models' next-token distributions at each completion token.
 
     ``KL_t = Σ_v π(v | y_<t) (log π(v | y_<t) - log π_ref(v | y_<t))`` over the whole vocabulary, for
@@ -327,14 +329,14 @@ def token_kl(model, ref_model, input_ids: Tensor, attention_mask: Tensor | None,
 
     Returns ``[B, L]`` float32, 0 off the completion. Computed ``chunk_size`` rows at a time from the
     two models' final hidden states: the largest tensors are two ``[chunk_size, vocab]`` blocks, never
-    ``[B, L, vocab]``.
+    ``[B, L, vocab]``. ``model_kwargs``: further inputs of both backbones' forwards (the prompts' image tensors).
     """
     _check_inputs(input_ids, completion_mask, chunk_size)
     target_mask = completion_mask[:, 1:].to(device=input_ids.device, dtype=torch.bool)
     rows, heads = [], []
     for m in (model, ref_model):
         causal_lm, _, lm_head = _split_model(m)
-        rows.append(final_hidden_states(m, input_ids, attention_mask)[:, :-1][target_mask])
+        rows.append(final_hidden_states(m, input_ids, attention_mask, **(model_kwargs or {}))[:, :-1][target_mask])
         heads.append((lm_head, *_logit_postprocessing(causal_lm.config)))
     values = [torch.zeros(0, dtype=torch.float32, device=input_ids.device)]
     for start in range(0, rows[0].shape[0], chunk_size):

@@ -1,4 +1,5 @@
-"""The recipes that came to images through the modality interface: KTO and ``preftune score`` (GRPO: test_vision_rl).
+"""The recipes that came to images through the modality interface: KTO and ``preftune score`` (GRPO, online DPO
+and iterate: test_vision_online).
 
 Tiny vision-language models from tests/toyvision.py; the task is to name the dominant colour of a noisy
 solid-colour image.
@@ -123,7 +124,7 @@ def test_the_vision_policy_takes_the_speed_switches(family, colour_data, tmp_pat
     batch = collate_vision_pairs(pairs[:4], processor.tokenizer.pad_token_id)
     logps = []
     for fused in (False, True):
-        cfg = config(DPOConfig, colour_data, tmp_path, fused_layers=fused, lora=True, lora_r=4)
+        cfg = config(DPOConfig, colour_data, tmp_path, fused_layers=fused, fused_lora=fused, lora=True, lora_r=4)
         policy = VISION.prepare_policy(build_tiny_vlm(processor, family), cfg)
         language = named_part(policy, LANGUAGE_MODELS)[0][1]
         # 2 decoder layers of 2 norms, a gated MLP and 7 LoRA linears, and the final norm: fused layers and fused LoRA

@@ -154,8 +154,8 @@ def _flag(f) -> dict[str, Any]:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     choices = f.metadata.get("choices")
     listed = f" One of: {', '.join(choices)}." if choices else ""
-    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS,
-                              "help": f"{f.metadata.get('help', '')}{listed} (default: {default})"}
+    text = f"{f.metadata.get('help', '')}{listed} (default: {default})"
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text.replace("%", "%%")}   # argparse formats help
     if choices:
         kwargs["choices"] = choices
     if base is bool:

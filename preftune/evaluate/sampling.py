@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.collate import collate_completions
+from ..generate import image_forward_inputs
 from ..logprobs import token_kl, token_logprobs_and_entropy
 from ..scoring.judges import is_pointwise, win_rate
 from ..wrappers import evaluating
@@ -34,6 +35,7 @@ class Samples:
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     ended: list[bool]
+    prompt_inputs: list[dict] | None = None   # per prompt, its image tensors (prompts with images)
 
 
 @dataclass
@@ -53,17 +55,21 @@ class Evaluation:
 
 
 def sample_responses(model, tokenizer, prompts: list, settings, *, seed: int = 0, batch_size: int = 16,
-                     engine=None, precision: str | None = None) -> Samples:
+                     engine=None, prompt_ids: list[list[int]] | None = None,
+                     prompt_inputs: list[dict] | None = None, precision: str | None = None) -> Samples:
     """One response per prompt from ``engine`` (a :mod:`preftune.engines` engine; default: ``model`` itself,
-    sampled under ``precision``'s autocast)."""
+    sampled under ``precision``'s autocast). ``prompt_ids`` (default: the prompts tokenised as the trainers do)
+    and ``prompt_inputs`` (each prompt's image tensors) come from whoever read prompts with images."""
     from ..engines import make_engine
     from ..generate import encode_prompts
 
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    prompt_ids = prompt_ids if prompt_ids is not None else encode_prompts(tokenizer, prompts)
     engine = engine or make_engine("transformers", model, tokenizer, batch_size=batch_size, precision=precision)
-    generation = engine.generate(prompt_ids, settings, seed=seed)
+    images = {"prompt_inputs": prompt_inputs} if prompt_inputs is not None else {}
+    generation = engine.generate(prompt_ids, settings, seed=seed, **images)
     responses = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generation.response_ids]
-    return Samples(prompts, responses, prompt_ids, [list(r) for r in generation.response_ids], list(generation.ended))
+    return Samples(prompts, responses, prompt_ids, [list(r) for r in generation.response_ids], list(generation.ended),
+                   prompt_inputs)
 
 
 @torch.no_grad()
@@ -76,27 +82,32 @@ def response_statistics(model, samples: Samples, pad_token_id: int, *, ref_model
         batch = collate_completions(samples.prompt_ids[start:start + batch_size],
                                     samples.response_ids[start:start + batch_size], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
+        images = {} if samples.prompt_inputs is None else \
+            image_forward_inputs(model, batch["input_ids"], samples.prompt_inputs[start:start + batch_size])
         mask = batch["completion_mask"].float()
         logps, entropy = token_logprobs_and_entropy(model, batch["input_ids"], batch["attention_mask"],
-                                                    batch["completion_mask"], chunk_size=chunk_size)
+                                                    batch["completion_mask"], chunk_size=chunk_size,
+                                                    model_kwargs=images)
         counts = mask.sum(-1).clamp(min=1)
         out["logp"] += logps.sum(-1).tolist()
         out["entropy"] += ((entropy * mask).sum(-1) / counts).tolist()
         if ref_model is not None:
             kl = token_kl(model, ref_model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                          chunk_size=chunk_size)
+                          chunk_size=chunk_size, model_kwargs=images)
             out["kl"] += kl.sum(-1).tolist()
     return out
 
 
 def evaluate_policy(model, tokenizer, prompts: list, settings, *, judge=None, ref_model=None,
                     baseline_responses: list[str] | None = None, seed: int = 0, batch_size: int = 16,
+                    prompt_ids: list[list[int]] | None = None, prompt_inputs: list[dict] | None = None,
                     precision: str | None = None) -> Evaluation:
     """Sample once per prompt (under ``precision``'s autocast) and measure everything that is available (see the
-    module docstring)."""
+    module docstring). Prompts with images: ``prompt_ids`` and ``prompt_inputs`` (each prompt's image tensors)
+    as read by the caller."""
     with evaluating(model):
         samples = sample_responses(model, tokenizer, prompts, settings, seed=seed, batch_size=batch_size,
-                                   precision=precision)
+                                   prompt_ids=prompt_ids, prompt_inputs=prompt_inputs, precision=precision)
         stats = response_statistics(model, samples, tokenizer.pad_token_id, ref_model=ref_model,
                                     batch_size=batch_size)
     metrics: dict[str, float] = {

@@ -58,6 +58,13 @@ def round_curves(records: list[dict]) -> list[tuple[str, str]]:
     return plots
 
 
+def _text(content) -> str:
+    """A message's content as text: a list of parts joined, each image part shown as [image]."""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text") or "" if p.get("type") == "text" else "[image]" for p in content)
+
+
 def sample_section(run_dir: Path, records: list[dict]) -> str:
     """The first held-out prompts' generations, one line per round."""
     by_round = {}
@@ -71,7 +78,7 @@ def sample_section(run_dir: Path, records: list[dict]) -> str:
         if not rows:
             break
         prompt = rows[0][1]["prompt"]
-        shown = prompt if isinstance(prompt, str) else " / ".join(m["content"] for m in prompt)
+        shown = prompt if isinstance(prompt, str) else " / ".join(_text(m["content"]) for m in prompt)
         parts.append(f"<h3>{html.escape(shown)}</h3>")
         parts.append(html_table(["round", "score", "oracle", "response"],
                             [[r, s.get("score", ""), s.get("oracle_score", ""), s["response"]] for r, s in rows]))

@@ -135,12 +135,12 @@ def make_judges(cfg: IterateConfig, judge, oracle):
     return judge, oracle
 
 
-def split_prompts(cfg: IterateConfig, tokenizer):
+def split_prompts(cfg: IterateConfig, processor, modality):
     from ..data.split import hold_out
     from ..recipes.online import load_prompts
 
     def read(source, split):
-        return load_prompts(source, split, tokenizer, cfg.prompt_limit(), cfg.skip_invalid)
+        return load_prompts(source, split, processor, cfg.prompt_limit(), cfg.skip_invalid, modality)
 
     train = read(cfg.dataset, cfg.split)
     held = read(cfg.eval_dataset, cfg.eval_split) if cfg.eval_dataset else None
@@ -155,14 +155,17 @@ def split_prompts(cfg: IterateConfig, tokenizer):
 
 
 class Rounds:
-    """What every round shares: the config, tokenizer, prompts, judges, device and the initial model's samples."""
+    """What every round shares: the config, modality, tokenizer, prompts, judges, device and the initial model's
+    samples. Prompts with images (the modality's ``encoded`` prompts) are sampled and evaluated with their image
+    tensors, and the training rows written from them carry their images (``PromptExample.carry``)."""
 
-    def __init__(self, cfg: IterateConfig, run_dir: Path, tokenizer, train_prompts, eval_prompts, judge, oracle):
+    def __init__(self, cfg: IterateConfig, run_dir: Path, modality, tokenizer, train_prompts, eval_prompts, judge,
+                 oracle):
         import torch
 
         from ..generate import SamplingSettings
 
-        self.cfg, self.run_dir, self.tokenizer = cfg, run_dir, tokenizer
+        self.cfg, self.run_dir, self.modality, self.tokenizer = cfg, run_dir, modality, tokenizer
         self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
         self.judge, self.oracle = judge, oracle
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -171,9 +174,7 @@ class Rounds:
         self.baseline: list[str] | None = None
 
     def load(self, model_dir):
-        from ..models import load_causal_lm
-
-        model = load_causal_lm(str(model_dir)).to(self.device)
+        model = self.modality.load_model(str(model_dir)).to(self.device)
         model.eval()
         return model
 
@@ -182,9 +183,11 @@ class Rounds:
 
         k = self.cfg.samples_per_prompt
         ids = [p.ids for p in self.train_prompts for _ in range(k)]
+        images = self.modality.sampling_inputs([p.encoded for p in self.train_prompts for _ in range(k)])
         generation = generate_ids(self.load(policy_dir), ids, self.settings, pad_token_id=self.tokenizer.pad_token_id,
                                   eos_token_id=self.tokenizer.eos_token_id, batch_size=self.cfg.generation_batch_size,
-                                  seed=self.cfg.seed * 1_000 + round_, precision=self.cfg.precision)
+                                  seed=self.cfg.seed * 1_000 + round_, prompt_inputs=images,
+                                  precision=self.cfg.precision)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         return [{"prompt_index": i, "prompt": p.prompt, "samples": texts[i * k:(i + 1) * k],
                  "ended": generation.ended[i * k:(i + 1) * k]} for i, p in enumerate(self.train_prompts)]
@@ -202,7 +205,8 @@ class Rounds:
     def select(self, round_dir: Path, rows: list[dict], judged: dict) -> dict:
         from .select import select_rows
 
-        pairs, stats = select_rows(self.cfg, [r["prompt"] for r in rows], judged["texts"], judged["scores"])
+        carried = [self.train_prompts[r["prompt_index"]].carry for r in rows]   # a prompt's images
+        pairs, stats = select_rows(self.cfg, [r["prompt"] for r in rows], judged["texts"], judged["scores"], carried)
         write_rows(round_dir / "pairs.jsonl", pairs)
         flat = [s for scores in judged["scores"] for s in scores]
         stats["sample_score_mean"] = sum(flat) / len(flat) if flat else None
@@ -233,11 +237,14 @@ class Rounds:
         from ..evaluate.sampling import evaluate_policy
         from ..scoring.judges import win_rate
 
-        prompts = [p.prompt for p in self.eval_prompts] * self.cfg.eval_samples_per_prompt
+        repeated = self.eval_prompts * self.cfg.eval_samples_per_prompt
+        prompts = [p.prompt for p in repeated]
         model = self.load(policy_dir)
         evaluation = evaluate_policy(model, self.tokenizer, prompts, self.settings, judge=self.judge,
                                      ref_model=reference, baseline_responses=self.baseline, seed=self.cfg.seed + 7919,
-                                     batch_size=self.cfg.generation_batch_size, precision=self.cfg.precision)
+                                     batch_size=self.cfg.generation_batch_size, prompt_ids=[p.ids for p in repeated],
+                                     prompt_inputs=self.modality.sampling_inputs([p.encoded for p in repeated]),
+                                     precision=self.cfg.precision)
         metrics, rows = evaluation.metrics, evaluation.sample_rows()
         if reference is None:
             metrics["kl"] = 0.0  # the initial model against itself
@@ -297,17 +304,27 @@ def run_round(rounds: Rounds, round_: int, policy_dir, reference, timings: dict)
 
 def train_iterate(cfg: IterateConfig, *, judge=None, oracle=None) -> IterateResult:
     """Run (or resume) ``cfg.rounds`` rounds. ``judge``/``oracle`` may be given as scorers or functions."""
-    from ..models import load_tokenizer
+    from ..modality import modality_of_data
     from .report import write_iterate_report
 
     cfg.validate()
     judge, oracle = make_judges(cfg, judge, oracle)
     round_config(cfg, cfg.model_name_or_path, Path("pairs.jsonl"), Path(cfg.output_dir), 1, Path(".")).validate()
+    modality = modality_of_data(cfg.dataset, cfg.split)   # prompts with images: a vision-language policy
     run_dir = prepare_run(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    processor = modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    tokenizer = modality.tokenizer_of(processor)
     if tokenizer.eos_token_id is None:
         raise ConfigError("the tokenizer has no EOS token; samples end at EOS")
-    rounds = Rounds(cfg, run_dir, tokenizer, *split_prompts(cfg, tokenizer), judge, oracle)
+    train_prompts, eval_prompts = split_prompts(cfg, processor, modality)
+    if judge is None and any(p.carry for p in train_prompts):
+        raise ConfigError("judging prompts with images by people (--annotate_db) is not supported yet; give --judge")
+    try:   # each round's pairs are JSON lines: the images they carry must be paths
+        json.dumps([p.carry for p in train_prompts])
+    except TypeError:
+        raise ConfigError(f"{cfg.dataset}: iterate writes each round's pairs as JSON lines, so their images must "
+                          "be file paths (not bytes or decoded images)") from None
+    rounds = Rounds(cfg, run_dir, modality, tokenizer, train_prompts, eval_prompts, judge, oracle)
     timings: dict = json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").is_file() else {}
     records = [{"round": 0, "policy": cfg.model_name_or_path,
                 "eval": rounds.evaluation_stage(run_dir / "rounds" / "0", cfg.model_name_or_path, None)}]

@@ -72,10 +72,13 @@ def _candidates(cfg, texts: list[str], scores: list[float]) -> list[tuple[tuple[
     return [(ranked[0], ranked[-1])]
 
 
-def select_rows(cfg, prompts: list, samples: list[list[str]], scores: list[list[float]]) -> tuple[list[dict], dict]:
-    """Training rows (pairs, or KTO examples) and counts: ``pairs_considered``, ``pairs_kept``, ``pairs_dropped``."""
+def select_rows(cfg, prompts: list, samples: list[list[str]], scores: list[list[float]],
+                carried: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """Training rows (pairs, or KTO examples) and counts: ``pairs_considered``, ``pairs_kept``, ``pairs_dropped``.
+    ``carried``: per prompt, fields every row written from it keeps (its images)."""
     rows, considered, dropped = [], 0, 0
-    for prompt, texts, values in zip(prompts, samples, scores):
+    for number, (prompt, texts, values) in enumerate(zip(prompts, samples, scores)):
+        extra = carried[number] if carried else {}
         if not texts:
             continue
         for best, worst in _candidates(cfg, texts, values):
@@ -85,9 +88,9 @@ def select_rows(cfg, prompts: list, samples: list[list[str]], scores: list[list[
                 dropped += 1
                 continue
             if cfg.loss_type == "kto":
-                rows += [{"prompt": prompt, "completion": _completion(prompt, text), "label": good, "score": score}
-                         for (text, score), good in ((best, True), (worst, False))]
+                rows += [{"prompt": prompt, "completion": _completion(prompt, text), "label": good, "score": score,
+                          **extra} for (text, score), good in ((best, True), (worst, False))]
             else:
-                rows.append(_pair_row(cfg, prompt, best, worst))
+                rows.append({**_pair_row(cfg, prompt, best, worst), **extra})
     stats = {"pairs_considered": considered, "pairs_kept": considered - dropped, "pairs_dropped": dropped}
     return rows, stats

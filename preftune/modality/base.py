@@ -8,7 +8,10 @@ and image tensors; the model encodes each prompt's images alongside its tokens).
 
 A *prompt* is whatever the modality's examples hold as one: a list of token ids for text, a
 :class:`~preftune.multimodal.data.VisionPrompt` (ids, image tensors, image digest) for images. A
-*sequence* is ``(prompt, completion ids)``: the unit of precomputed reference log-probs.
+*sequence* is ``(prompt, completion ids)``: the unit of precomputed reference log-probs. The online
+trainers and iterate read prompt files into :class:`~preftune.data.prompts.PromptExample` rows whose
+``encoded`` is such a prompt; the sampler gets each prompt's further inputs (its image tensors) from
+:meth:`Modality.sampling_inputs`.
 """
 
 from __future__ import annotations
@@ -46,8 +49,14 @@ class Modality(Protocol):
     def prompt_ids(self, prompt) -> list[int]:
         """A prompt's token ids (image tokens included)."""
 
-    def pair(self, prompt, chosen: list[int], rejected: list[int], row: int) -> Any:
-        """A pair of completions after one prompt (a certain preference, no margin)."""
+    def pair(self, prompt, chosen: list[int], rejected: list[int], row: int, preference_prob: float = 1.0) -> Any:
+        """A pair of completions after one prompt (no margin; ``preference_prob`` NaN: the pair has none)."""
+
+    def read_prompts(self, records, processor, max_prompt_length: int, skip_invalid: bool = False) -> tuple:
+        """``(PromptExample rows, SkipReport)`` of a prompt file (online trainers, iterate)."""
+
+    def sampling_inputs(self, prompts: list) -> list[dict] | None:
+        """Per prompt, what the sampler gives the model besides the token ids (image tensors); None for text."""
 
     def pair_collator(self, cfg, pad_token_id: int, model: nn.Module | None) -> Callable:
         """Pairs -> one batch: every chosen row, then every rejected row; ``.packed`` says whether it packs."""

@@ -19,6 +19,7 @@ from ..data.kto import tokenize_kto
 from ..data.packed import PackedLayout, adjacent_blocks, collate_blocks, is_packed, packed_sequences
 from ..data.packing import collate_rows, join_rows, pack_examples, single_row
 from ..data.preference import TokenizedPair, tokenize_preferences
+from ..data.prompts import read_text_prompts
 from ..data.text import SFTSettings, tokenize_sft
 from ..logprobs import final_hidden_states, packed_sequence_logprobs, sequence_logprobs, token_logprobs
 from ..models import base_model, load_causal_lm, load_tokenizer, prepare_policy
@@ -188,8 +189,14 @@ class TextModality:
     def prompt_ids(self, prompt):
         return prompt
 
-    def pair(self, prompt, chosen, rejected, row):
-        return TokenizedPair(prompt, chosen, rejected, 1.0, 0.0, row)
+    def pair(self, prompt, chosen, rejected, row, preference_prob=1.0):
+        return TokenizedPair(prompt, chosen, rejected, preference_prob, 0.0, row)
+
+    def read_prompts(self, records, processor, max_prompt_length, skip_invalid=False):
+        return read_text_prompts(records, processor, max_prompt_length, skip_invalid)
+
+    def sampling_inputs(self, prompts):
+        return None
 
     def pair_collator(self, cfg, pad_token_id, model):
         return PairCollator.for_model(cfg, pad_token_id, model)

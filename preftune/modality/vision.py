@@ -31,6 +31,7 @@ from ..multimodal.data import (
     tokenize_vision_examples,
     tokenize_vision_labelled,
     tokenize_vision_pairs,
+    tokenize_vision_prompts,
 )
 from ..multimodal.logprobs import VisionLogprobs, VisionRewardScorer, vision_hidden_states, vision_token_logprobs
 from ..multimodal.models import load_processor, load_vision_model, trainable_parts
@@ -78,8 +79,14 @@ class VisionModality:
     def prompt_ids(self, prompt):
         return prompt.ids
 
-    def pair(self, prompt, chosen, rejected, row):
-        return VisionPair(prompt, chosen, rejected, 1.0, 0.0, row)
+    def pair(self, prompt, chosen, rejected, row, preference_prob=1.0):
+        return VisionPair(prompt, chosen, rejected, preference_prob, 0.0, row)
+
+    def read_prompts(self, records, processor, max_prompt_length, skip_invalid=False):
+        return tokenize_vision_prompts(records, processor, max_prompt_length, skip_invalid)
+
+    def sampling_inputs(self, prompts):
+        return [prompt.image_inputs for prompt in prompts]
 
     def pair_collator(self, cfg, pad_token_id, model):
         return VisionPairCollator(pad_token_id)

@@ -24,6 +24,7 @@ from preftune.data.kto import _label as kto_label, is_paired
 from preftune.data.load import Records
 from preftune.data.messages import check_messages, eos_id, render, require_prefix, strip_trailing_eos
 from preftune.data.preference import TokenizeSettings, _margin, _preference_prob, check_settings
+from preftune.data.prompts import PromptExample, other_columns
 from preftune.data.rows import InvalidRow, SkipReport, read_rows, settle_problems, type_name
 
 IMAGE_PREFIX = "image:"
@@ -38,6 +39,7 @@ class VisionPrompt:
     image_inputs: dict[str, torch.Tensor]
     token_types: list[int] | None     # mm_token_type_ids (Qwen2-VL's multimodal RoPE needs them)
     image_key: int                    # 63 bits of the images' digest
+    text: str = ""                    # the rendered prompt, each image as its placeholder (before expansion)
 
 
 @dataclass
@@ -115,7 +117,7 @@ def vision_prompt(row: dict, processor, base: Path | None) -> tuple[VisionPrompt
     image_inputs = {k: v for k, v in out.items() if k not in TOKEN_LEVEL} if loaded.images else {}
     key = int(loaded.digest[:16], 16) >> 1
     ids = out["input_ids"][0].tolist()
-    return VisionPrompt(ids, image_inputs, None if types is None else types[0].tolist(), key), prompt
+    return VisionPrompt(ids, image_inputs, None if types is None else types[0].tolist(), key, text), prompt
 
 
 def _placeholders_in_text(prompt: str, processor, count: int, column: str) -> str:
@@ -151,6 +153,37 @@ def reply_ids(processor, prompt_messages, reply, field: str) -> list[int]:
                          f"expected a non-empty {'list of messages' if isinstance(prompt_messages, list) else 'string'}"
                          f", found {type_name(reply)}")
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos_id(tokenizer)]
+
+
+def tokenize_vision_prompts(records: Records, processor, max_prompt_length: int,
+                            skip_invalid: bool = False) -> tuple[list[PromptExample], SkipReport]:
+    """Prompt rows with images (the online trainers' and iterate's prompt files): each prompt with its image
+    tensors (``encoded``, a :class:`VisionPrompt`) and, to ``carry`` into training rows written from it, its
+    images with their paths made absolute. A prompt is never cut: one over ``max_prompt_length`` is refused."""
+    base = base_dir(records.name)
+
+    def read(row: dict) -> PromptExample:
+        prompt, _ = vision_prompt(row, processor, base)
+        if len(prompt.ids) > max_prompt_length:
+            raise InvalidRow("too long", "prompt", f"too long: the prompt has {len(prompt.ids)} tokens (images "
+                                                   f"included) but max_prompt_length is {max_prompt_length}; a "
+                                                   "prompt with images is never truncated")
+        column = image_column(row)
+        carry = {column: _absolute(row[column], base)} if column else {}
+        return PromptExample(row["prompt"], prompt.text, prompt.ids, 0, other_columns(row), prompt, carry)
+
+    found, problems = read_rows(records, read, skip_invalid)
+    examples = [replace(example, row=number) for example, number in found]
+    return examples, settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
+
+
+def _absolute(images, base: Path | None):
+    """An image column's value with relative paths made absolute (rows written elsewhere still find them)."""
+    if isinstance(images, (list, tuple)):
+        return [_absolute(image, base) for image in images]
+    if isinstance(images, str) and base is not None and not Path(images).expanduser().is_absolute():
+        return str((base / images).resolve())
+    return images
 
 
 # ---------------------------------------------------------------- pairs and examples

@@ -46,7 +46,7 @@ from .online import PromptExample, device_batches, pad_rows
 class Completion:
     """One sampled completion and what its updates need (per-token tensors over its tokens, or None)."""
 
-    prompt_ids: list[int]
+    prompt: list[int] | object            # as the modality holds it: token ids, or ids with images
     response_ids: list[int]
     advantage: float
     truncated: bool                       # reached max_completion_length without EOS
@@ -128,9 +128,10 @@ class GroupSampler:
         cfg, size = self.cfg, self.cfg.num_generations
         repeated = [p for p in prompts for _ in range(size)]
         seeds = [mix_seed(seed, first + i, j) for i in range(len(prompts)) for j in range(size)]
+        images = self.module.modality.sampling_inputs([p.encoded for p in repeated])   # None for text
         with self.acc.autocast(), gathered(self.module):  # FSDP2: the whole policy, no collective per token
             generation = sample_with(self.engine, self.module.policy, [p.ids for p in repeated], self.settings,
-                                     row_seeds=seeds)
+                                     row_seeds=seeds, prompt_inputs=images)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         columns = [score(scorer, repeated, texts) for _, scorer in self.scorers]
         per_function = torch.tensor(columns, dtype=torch.float32).T.reshape(len(texts), len(columns))
@@ -177,10 +178,10 @@ class GroupSampler:
 
     def finish(self, groups: Groups, stats: dict[str, float]) -> Batch:
         cfg, size = self.cfg, self.cfg.num_generations
-        prompt_ids = [p.ids for p in groups.prompts for _ in range(size)]
+        prompts = [p.encoded for p in groups.prompts for _ in range(size)]
         rloo_kl = cfg.advantage == "rloo" and cfg.beta > 0
         off_policy = cfg.num_iterations > 1 or cfg.steps_per_generation > 1 or rloo_kl
-        old, ref = self.token_logps(prompt_ids, groups.response_ids, off_policy, cfg.beta > 0)
+        old, ref = self.token_logps(prompts, groups.response_ids, off_policy, cfg.beta > 0)
         if cfg.advantage == "rloo":
             kl = torch.zeros_like(groups.total)
             if rloo_kl:
@@ -192,7 +193,7 @@ class GroupSampler:
             advantages = group_advantages(self.everywhere(groups.total), size, cfg.scale_rewards)
             advantages = advantages[self.acc.process_index * n:(self.acc.process_index + 1) * n]
         completions = [Completion(p, r, float(a), not e, old[i] if old else None, ref[i] if ref else None)
-                       for i, (p, r, a, e) in enumerate(zip(prompt_ids, groups.response_ids, advantages.tolist(),
+                       for i, (p, r, a, e) in enumerate(zip(prompts, groups.response_ids, advantages.tolist(),
                                                             groups.ended))]
         stats.update(self.reward_stats(groups))
         examples = [{"prompt": p.text, "completion": t, "reward": r}
@@ -222,18 +223,17 @@ class GroupSampler:
         return stats
 
     @torch.no_grad()
-    def token_logps(self, prompt_ids, response_ids, want_old: bool, want_ref: bool):
+    def token_logps(self, prompts, response_ids, want_old: bool, want_ref: bool):
         """Per completion (1-D tensors): the sampling policy's log-probs and the reference's, each only if wanted."""
         if not (want_old or want_ref):
             return None, None
         old, ref = [], []
         with evaluating(self.module):
-            for batch, lengths in device_batches(prompt_ids, response_ids, self.cfg.generation_batch_size,
-                                                 self.tokenizer.pad_token_id, self.acc.device):
+            for batch, lengths in device_batches(prompts, response_ids, self.cfg.generation_batch_size,
+                                                 self.tokenizer.pad_token_id, self.acc.device, self.module.modality):
                 with self.acc.autocast():
                     if want_old:
-                        old += torch.split(self.module(batch["input_ids"], batch["attention_mask"],
-                                                       batch["completion_mask"])[0].float(), lengths)
+                        old += torch.split(self.module(batch)[0].float(), lengths)
                     if want_ref:
                         ref += torch.split(self.reference.token_logps(batch, self.cfg.temperature).float(), lengths)
         return old or None, ref or None

@@ -19,12 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import GRPOConfig
-from ..data.collate import collate_completions
 from ..engines import online_engine
 from ..errors import ConfigError
-from ..logprobs import completion_logprobs, final_hidden_states
+from ..logprobs import completion_logprobs
 from ..losses.grpo import grpo_loss
-from ..models import load_causal_lm, prepare_policy
+from ..modality import TEXT, Modality
 from ..runtime.loop import Trainer
 from ..runtime.reference import make_reference, sync_reference
 from ..runtime.run import RunResult, finish_run, save_final_model
@@ -34,32 +33,37 @@ from .online import OnlineStep, Sampled, minibatch_updates, pad_rows, start_onli
 
 
 class PolicyTokens(nn.Module):
-    """The module the loop trains: flat ``[N]`` log-probs (and entropies) of the completion tokens, row-major."""
+    """The module the loop trains: flat ``[N]`` log-probs (and entropies) of the completion tokens, row-major, of a
+    batch of the modality's completions (the final hidden states from :meth:`~preftune.modality.base.Modality.
+    hidden_states`: a vision batch's images are encoded with its prompts)."""
 
-    def __init__(self, policy: nn.Module, chunk_size: int = 1024, temperature: float = 1.0):
+    def __init__(self, policy: nn.Module, chunk_size: int = 1024, temperature: float = 1.0,
+                 modality: Modality = TEXT):
         super().__init__()
         self.policy = policy
         self.chunk_size = chunk_size
         self.temperature = temperature
+        self.modality = modality
 
-    def forward(self, input_ids, attention_mask, completion_mask, with_entropy: bool = False):
-        hidden = final_hidden_states(self.policy, input_ids, attention_mask)
-        return completion_logprobs(self.policy, hidden, input_ids, completion_mask, self.chunk_size,
+    def forward(self, batch: dict, with_entropy: bool = False):
+        hidden = self.modality.hidden_states(self.policy, batch)
+        return completion_logprobs(self.policy, hidden, batch["input_ids"], batch["completion_mask"], self.chunk_size,
                                    self.temperature, with_entropy)
 
 
 class GRPOTask:
     """A micro-batch of completions -> the clipped GRPO loss (:func:`preftune.losses.grpo.grpo_loss`)."""
 
-    def __init__(self, cfg: GRPOConfig, pad_token_id: int):
+    def __init__(self, cfg: GRPOConfig, pad_token_id: int, modality: Modality = TEXT):
         self.cfg = cfg
         self.pad_token_id = pad_token_id
+        self.modality = modality
 
     def collate(self, samples: list[Completion]) -> dict[str, Tensor]:
         """Padded completions and their targets; an update's micro-batch also carries the update's token-mean
         denominator (``loss_tokens``, :class:`~.online.MicroBatch`); without one the loss counts its own."""
-        batch = collate_completions([s.prompt_ids for s in samples], [s.response_ids for s in samples],
-                                    self.pad_token_id)
+        batch = self.modality.collate_completions([s.prompt for s in samples], [s.response_ids for s in samples],
+                                                  self.pad_token_id)
         lengths = torch.tensor([len(s.response_ids) for s in samples])
         batch["response_mask"] = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
         batch["advantages"] = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
@@ -73,8 +77,7 @@ class GRPOTask:
 
     def loss(self, model, batch):
         cfg = self.cfg
-        logps_flat, entropy = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                    with_entropy=True)
+        logps_flat, entropy = model(batch, with_entropy=True)
         mask = batch["response_mask"]
         logps = torch.zeros(mask.shape, dtype=logps_flat.dtype, device=mask.device).masked_scatter(mask, logps_flat)
         entropies = torch.zeros_like(logps).masked_scatter(mask, entropy.to(logps.dtype))
@@ -98,17 +101,18 @@ class GRPOTask:
 
 def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, reward_funcs=None) -> RunResult:
     """Fine-tune a policy with GRPO (or RLOO: ``cfg.advantage == "rloo"``). ``model``/``tokenizer``/``ref_model``
-    may be objects; ``reward_funcs`` a list of callables ``(prompts, completions) -> scores`` (or scorers) used
-    instead of ``cfg.reward_funcs``."""
+    may be objects (prompts with images: a vision-language model and its processor); ``reward_funcs`` a list of
+    callables ``(prompts, completions) -> scores`` (or scorers) used instead of ``cfg.reward_funcs``."""
     cfg.validate(require_model=model is None, require_reward=not reward_funcs)
-    ctx, tokenizer, prompts = start_online_run(cfg, tokenizer, "completions")
+    start = start_online_run(cfg, tokenizer, "completions")
+    ctx, modality, tokenizer, prompts = start.ctx, start.modality, start.tokenizer, start.prompts
     acc = ctx.accelerator
     scorers = reward_scorers(cfg, acc.device, reward_funcs)
 
-    policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)
+    policy = modality.prepare_policy(model if model is not None else modality.load_model(cfg.model_name_or_path), cfg)
     disable_dropout(policy, keep_lora_dropout=False)
-    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.beta > 0)
-    module = PolicyTokens(policy, cfg.logprob_chunk_size, cfg.temperature)
+    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.beta > 0, modality=modality)
+    module = PolicyTokens(policy, cfg.logprob_chunk_size, cfg.temperature, modality)
 
     per_update = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     local_prompts = per_update * cfg.steps_per_generation // cfg.num_generations
@@ -116,7 +120,7 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
         raise ConfigError(f"{len(prompts)} prompts are fewer than one rollout batch of "
                           f"{local_prompts * acc.num_processes} (per_device_batch_size x processes x "
                           "gradient_accumulation_steps x steps_per_generation / num_generations)")
-    task = GRPOTask(cfg, tokenizer.pad_token_id)
+    task = GRPOTask(cfg, tokenizer.pad_token_id, modality)
     sampler = GroupSampler(cfg, acc, module, scorers, tokenizer, reference,
                            online_engine(cfg, policy, tokenizer, ctx.run_dir))
     trainer = Trainer.from_run(ctx, model=module, task=task, train_examples=prompts, unit="samples",
@@ -124,7 +128,8 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
                                examples_per_step=local_prompts * acc.num_processes,
                                updates_per_step=cfg.num_iterations * cfg.steps_per_generation)
     result = trainer.train()
-    model_dir = save_final_model(acc, trainer.unwrapped().policy, tokenizer, ctx.run_dir / "model", cfg.merge_lora)
+    model_dir = save_final_model(acc, trainer.unwrapped().policy, start.processor, ctx.run_dir / "model",
+                                 cfg.merge_lora)
     return finish_run(ctx, model_dir, result)
 
 

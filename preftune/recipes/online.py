@@ -1,5 +1,9 @@
 """What the online recipes (PPO, GRPO/RLOO, online DPO) share: prompts, and one step of the loop.
 
+Prompts are read by the run's modality (:meth:`~preftune.modality.base.Modality.read_prompts`): token ids for
+text, ids with image tensors for prompts with images; the sampler gets each prompt's image tensors from the
+modality (``sampling_inputs``) and the training forward runs on the modality's batches.
+
 :class:`OnlineStep` is the loop's step function of every online recipe: a sampling phase (the recipe's
 :meth:`~OnlineStep.sample`: generate, score or judge, build what the updates train on), then optimiser
 updates over it (:func:`minibatch_updates` by default), the timing of both, the sampling statistics averaged
@@ -18,12 +22,10 @@ import torch
 from rich.console import Console
 
 from ..data import load_records
-from ..data.collate import collate_completions
 from ..data.columns import REWARD_ARGUMENTS, note_unused_columns
-from ..data.messages import prompt_text
-from ..data.rows import InvalidRow, settle_problems
+from ..data.prompts import PromptExample
 from ..errors import ConfigError
-from ..models import load_tokenizer
+from ..modality import TEXT, Modality, modality_for
 from ..runtime.loop import StepOutput, window_mean
 from ..runtime.run import start_run
 from ..runtime.seeds import mix_seed
@@ -35,54 +37,45 @@ console = Console(stderr=True)
 
 
 @dataclass
-class PromptExample:
-    prompt: str | list        # as in the data: handed to reward functions
-    text: str                 # the prompt as the policy reads it (chat template applied)
-    ids: list[int]
-    row: int
-    columns: dict = field(default_factory=dict)   # the row's other fields (a reference answer for a reward function)
+class OnlineStart:
+    """A started online run: its context, the modality of its prompts, the processor (a tokenizer for text),
+    the text tokenizer within it, and the prompts (:class:`~preftune.data.prompts.PromptExample`)."""
+
+    ctx: object
+    modality: Modality
+    processor: object
+    tokenizer: object
+    prompts: list[PromptExample]
 
 
-def start_online_run(cfg, tokenizer, outputs: str):
-    """Start the run of a validated ``cfg``; load the tokenizer (unless given) and the prompts.
+def start_online_run(cfg, processor, outputs: str, modality: Modality | None = None) -> OnlineStart:
+    """Start the run of a validated ``cfg``; load the processor (unless given) and the prompts, read by
+    ``modality`` (default: the data's own, :func:`~preftune.modality.modality_for`).
 
     The tokenizer must have an EOS token: ``outputs`` (named in the error) end there.
     """
+    modality = modality or modality_for(cfg)
     ctx = start_run(cfg, cfg.sanity_warnings())
-    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    processor = processor or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    tokenizer = modality.tokenizer_of(processor)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer has no EOS token; {outputs} end at EOS")
-    prompts = load_prompts(cfg.dataset, cfg.split, tokenizer, cfg.max_prompt_length, cfg.skip_invalid)
-    return ctx, tokenizer, prompts
+    prompts = load_prompts(cfg.dataset, cfg.split, processor, cfg.max_prompt_length, cfg.skip_invalid, modality)
+    return OnlineStart(ctx, modality, processor, tokenizer, prompts)
 
 
-def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int,
-                 skip_invalid: bool = False) -> list[PromptExample]:
-    """Read and validate the ``prompt`` column; long prompts keep their last ``max_prompt_length`` tokens."""
+def load_prompts(source: str, split: str, processor, max_prompt_length: int, skip_invalid: bool = False,
+                 modality: Modality = TEXT) -> list[PromptExample]:
+    """Read and validate the ``prompt`` column through ``modality`` (text prompts keep their last
+    ``max_prompt_length`` tokens; prompts with images are never cut)."""
     records = load_records(source, split=split)
-    examples, problems = [], []
-    for row, number in zip(records.rows, records.row_numbers):
-        try:
-            example = _prompt_example(row.get("prompt"), number, tokenizer, max_prompt_length)
-            example.columns = {k: v for k, v in row.items() if k != "prompt" and k not in REWARD_ARGUMENTS}
-            examples.append(example)
-        except InvalidRow as invalid:
-            problems.append(invalid.problem(records.name, number))
-    report = settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
+    examples, report = modality.read_prompts(records, processor, max_prompt_length, skip_invalid)
     note_unused_columns(records, None, reserved=REWARD_ARGUMENTS)
     if report.skipped:
         reasons = ", ".join(f"{n} x {kind}" for kind, n in sorted(report.skipped.items()))
         skipped = report.total - report.kept
         console.print(f"[yellow]{records.name}: skipped {skipped} of {report.total} rows ({reasons})")
     return examples
-
-
-def _prompt_example(value, number: int, tokenizer, max_prompt_length: int) -> PromptExample:
-    text, chat = prompt_text(tokenizer, value)
-    ids = list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
-    if not ids:
-        raise InvalidRow("empty prompt", "prompt", "the prompt has no tokens")
-    return PromptExample(value, text, ids[-max_prompt_length:], number)
 
 
 # ---------------------------------------------------------------------- the online step
@@ -190,11 +183,19 @@ def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-def device_batches(prompt_ids: list[list[int]], response_ids: list[list[int]], size: int, pad_token_id: int, device):
-    """``(padded batch on device, completion lengths)`` for every ``size`` consecutive sequences."""
-    for start in range(0, len(prompt_ids), size):
-        batch = collate_completions(prompt_ids[start:start + size], response_ids[start:start + size], pad_token_id)
-        yield {k: v.to(device) for k, v in batch.items()}, [len(r) for r in response_ids[start:start + size]]
+def device_batches(prompts: list, response_ids: list[list[int]], size: int, pad_token_id: int, device,
+                   modality: Modality = TEXT):
+    """``(padded batch on device, completion lengths)`` for every ``size`` consecutive sequences; ``prompts`` as
+    ``modality`` holds them (token ids, or ids with images)."""
+    for start in range(0, len(prompts), size):
+        batch = modality.collate_completions(prompts[start:start + size], response_ids[start:start + size],
+                                             pad_token_id)
+        yield to_device(batch, device), [len(r) for r in response_ids[start:start + size]]
+
+
+def to_device(batch: dict, device) -> dict:
+    """A batch's tensors on ``device`` (other values, such as a vision batch's ``repeats``, as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def mean_over_processes(acc, stats: dict[str, float]) -> dict[str, float]:

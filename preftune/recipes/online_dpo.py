@@ -18,12 +18,10 @@ import torch
 
 from ..config.losses import needs_reference
 from ..config.online_dpo import OnlineDPOConfig
-from ..data.preference import TokenizedPair
 from ..engines import online_engine, sample_with
 from ..errors import ConfigError
 from ..generate import SamplingSettings
-from ..modality.text import PolicyLogprobs
-from ..models import load_causal_lm, prepare_policy
+from ..modality import TEXT, Modality
 from ..runtime.loop import Trainer
 from ..runtime.reference import make_reference
 from ..runtime.run import RunResult, finish_run, save_final_model
@@ -35,25 +33,30 @@ from .online import OnlineStep, Sampled, start_online_run
 
 
 def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_model=None, judge=None) -> RunResult:
-    """Fine-tune a policy with online DPO. ``model``/``tokenizer``/``ref_model`` may be objects; ``judge`` a
-    scorer, a callable ``(prompts, completions) -> scores`` or a pairwise judge, used instead of ``cfg.judge``."""
+    """Fine-tune a policy with online DPO. ``model``/``tokenizer``/``ref_model`` may be objects (prompts with
+    images: a vision-language model and its processor); ``judge`` a scorer, a callable ``(prompts, completions)
+    -> scores`` or a pairwise judge, used instead of ``cfg.judge``."""
     cfg.validate(require_model=model is None, require_judge=judge is None)
-    ctx, tokenizer, prompts = start_online_run(cfg, tokenizer, "completions")
+    start = start_online_run(cfg, tokenizer, "completions")
+    ctx, modality, tokenizer, prompts = start.ctx, start.modality, start.tokenizer, start.prompts
     acc = ctx.accelerator
     judge = _judge(judge, cfg, acc.device)
-    policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)
-    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type))
+    policy = modality.prepare_policy(model if model is not None else modality.load_model(cfg.model_name_or_path), cfg)
+    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type),
+                               modality=modality)
     local_prompts = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     if len(prompts) < local_prompts * acc.num_processes:
         raise ConfigError(f"{len(prompts)} prompts are fewer than one batch of {local_prompts * acc.num_processes} "
                           "(per_device_batch_size x processes x gradient_accumulation_steps)")
     step = OnlineDPOStep(cfg, online_engine(cfg, policy, tokenizer, ctx.run_dir), judge, tokenizer, policy,
-                         local_prompts)
-    trainer = Trainer.from_run(ctx, model=PolicyLogprobs(policy, cfg.logprob_chunk_size),
-                               task=DPOTask(cfg, tokenizer.pad_token_id, reference), train_examples=prompts,
-                               unit="pairs", step=step, examples_per_step=local_prompts * acc.num_processes)
+                         local_prompts, modality)
+    trainer = Trainer.from_run(ctx, model=modality.logprob_module(policy, cfg.logprob_chunk_size),
+                               task=DPOTask(cfg, tokenizer.pad_token_id, reference, modality=modality),
+                               train_examples=prompts, unit="pairs", step=step,
+                               examples_per_step=local_prompts * acc.num_processes)
     result = trainer.train()
-    model_dir = save_final_model(acc, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model", cfg.merge_lora)
+    model_dir = save_final_model(acc, trainer.unwrapped().model, start.processor, ctx.run_dir / "model",
+                                 cfg.merge_lora)
     return finish_run(ctx, model_dir, result)
 
 
@@ -69,11 +72,13 @@ class OnlineDPOStep(OnlineStep):
 
     gauges = ("beta",)
 
-    def __init__(self, cfg: OnlineDPOConfig, engine, judge, tokenizer, policy, local_prompts: int):
+    def __init__(self, cfg: OnlineDPOConfig, engine, judge, tokenizer, policy, local_prompts: int,
+                 modality: Modality = TEXT):
         super().__init__(cfg)
         self.engine = engine
         self.judge = judge
         self.tokenizer = tokenizer
+        self.modality = modality
         self.policy = policy                  # the module the engine samples (its weights pushed each step)
         self.local_prompts = local_prompts
         self.settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -84,7 +89,7 @@ class OnlineDPOStep(OnlineStep):
         pairs, stats, examples = self.pairs(prompts, step, trainer.rank * self.local_prompts)
         return Sampled(pairs, stats, examples, len(pairs) * trainer.world)
 
-    def update(self, trainer: Trainer, items: list[TokenizedPair], step: int) -> tuple[dict[str, list], int]:
+    def update(self, trainer: Trainer, items: list, step: int) -> tuple[dict[str, list], int]:
         """One optimiser update over the step's pairs, in their order."""
         micro = self.cfg.per_device_batch_size
         out = trainer.optimizer_step([items[k:k + micro] for k in range(0, len(items), micro)])
@@ -93,18 +98,22 @@ class OnlineDPOStep(OnlineStep):
     def after_update(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> dict[str, float]:
         return {"beta": self.cfg.beta, **kl_metrics(metrics, self.cfg)}
 
-    def pairs(self, prompts: list, step: int, first: int) -> tuple[list[TokenizedPair], dict, list[dict]]:
-        """The step's pairs: completions ``2i`` and ``2i + 1`` are prompt ``i``'s, ordered chosen first."""
+    def pairs(self, prompts: list, step: int, first: int) -> tuple[list, dict, list[dict]]:
+        """The step's pairs (the modality's: a :class:`TokenizedPair`, or a pair after a prompt with images):
+        completions ``2i`` and ``2i + 1`` are prompt ``i``'s, ordered chosen first."""
         repeated = [p for p in prompts for _ in range(2)]
         seeds = [mix_seed(self.cfg.seed, step, first + i, j) for i in range(len(prompts)) for j in range(2)]
-        generation = sample_with(self.engine, self.policy, [p.ids for p in repeated], self.settings, row_seeds=seeds)
+        images = self.modality.sampling_inputs([p.encoded for p in repeated])   # None for text
+        generation = sample_with(self.engine, self.policy, [p.ids for p in repeated], self.settings, row_seeds=seeds,
+                                 prompt_inputs=images)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         first_wins, scores = self.verdicts([p.prompt for p in prompts], texts, generation.ended)
         pairs, examples = [], []
         for i, prompt in enumerate(prompts):
             win, lose = (2 * i, 2 * i + 1) if first_wins[i] >= 0.5 else (2 * i + 1, 2 * i)
             responses = generation.response_ids
-            pairs.append(TokenizedPair(prompt.ids, responses[win], responses[lose], float("nan"), 0.0, prompt.row))
+            pairs.append(self.modality.pair(prompt.encoded, responses[win], responses[lose], prompt.row,
+                                            preference_prob=float("nan")))
             row = {"prompt": prompt.text, "chosen": texts[win], "rejected": texts[lose]}
             if scores is not None:
                 row.update(chosen_score=scores[win], rejected_score=scores[lose])

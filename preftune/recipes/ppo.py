@@ -29,6 +29,7 @@ from ..engines import online_engine
 from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
+from ..modality import TEXT
 from ..models import base_model, enable_checkpointing, load_causal_lm, prepare_policy
 from ..runtime.loop import Trainer
 from ..runtime.records import METRICS, read_records
@@ -98,7 +99,8 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, ref_model=None, rew
     """Fine-tune a policy with PPO. ``model``/``tokenizer``/``ref_model`` may be objects; ``reward`` a
     callable ``(prompts, responses) -> scores`` used instead of ``cfg.reward_model_path``/``reward_function``."""
     cfg.validate(require_model=model is None, require_reward=reward is None)
-    ctx, tokenizer, prompts = start_online_run(cfg, tokenizer, "PPO responses")
+    start = start_online_run(cfg, tokenizer, "PPO responses", TEXT)   # text prompts: a row with images is refused
+    ctx, tokenizer, prompts = start.ctx, start.tokenizer, start.prompts
     acc = ctx.accelerator
     reward = reward_scorer(cfg, acc.device, reward)
 
