@@ -221,7 +221,8 @@ def test_the_cli_killed_by_a_signal_resumes_to_the_same_result(toy_run, uninterr
     settings = toy_settings(toy_run, "signalled", rounds=2)
     args = [sys.executable, "-m", "preftune.cli", "iterate", "--judge", "function:toydata:calm_count", "--oracle",
             "function:toydata:calm_minus_loud"] + [f"--{k}={v}" for k, v in settings.items()]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1"}
+    paths = [str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")]   # the tests' hooks kept
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths)), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     target = run_dir / "rounds" / "2" / "judged.json"
     deadline = time.monotonic() + 240
