@@ -4,10 +4,11 @@ browser, served only to who may see them, and kept as references in the export (
 import httpx
 import pytest
 
+from helpers import write_jsonl
 from preftune.data import TokenizeSettings, load_records
 from preftune.errors import DataError
 from preftune.multimodal.data import tokenize_vision_pairs
-from toyvision import build_vision_processor, make_colour_pairs, write_jsonl
+from toyvision import build_vision_processor, make_colour_pairs
 
 
 def colour_items(tmp_path, n=3):
