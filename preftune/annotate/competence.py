@@ -100,12 +100,14 @@ def posterior(votes: Iterable[Vote], accuracy: dict[str, float], prior: float = 
 
 def estimate(units: dict[Hashable, list[Vote]], known: dict[Hashable, int] | None = None, *,
              estimate_prior: bool = False, alpha: float = ALPHA, beta: float = BETA, iterations: int = 200,
-             tolerance: float = 1e-7) -> CompetenceModel:
+             tolerance: float = 1e-7, start: CompetenceModel | None = None) -> CompetenceModel:
     """Fit the one-coin Dawid-Skene model by EM (see the module docstring).
 
     ``units``: the votes of every unit; ``known``: units whose answer is known (+1 / -1; 0, a known tie,
     anchors nothing). Starts from the vote shares, so that with mostly careful annotators it converges to
-    the solution where they are above chance.
+    the solution where they are above chance; ``start`` (a model fitted on fewer labels of the same units)
+    starts from its posteriors instead, for the units it has: after a few new labels EM then needs a few
+    iterations, not dozens, and stays on the same solution.
     """
     known = {u: k for u, k in (known or {}).items() if k}
     votes_of: dict[str, list[tuple[Hashable, int]]] = {}
@@ -122,12 +124,15 @@ def estimate(units: dict[Hashable, list[Vote]], known: dict[Hashable, int] | Non
         if unit in known:
             q[unit] = 1.0 if known[unit] > 0 else 0.0
             continue
+        if start is not None and unit in start.posteriors:
+            q[unit] = start.posteriors[unit]
+            continue
         up = sum(1 for _, o in votes if o > 0)
         down = sum(1 for _, o in votes if o < 0)
         q[unit] = (up + 0.5) / (up + down + 1.0)
     for unit, answer in known.items():  # a gold unit nobody has labelled yet still has its answer
         q.setdefault(unit, 1.0 if answer > 0 else 0.0)
-    prior = 0.5
+    prior = start.prior if start is not None and estimate_prior else 0.5
     accuracy: dict[str, float] = {}
     done = 0
     for done in range(1, iterations + 1):
