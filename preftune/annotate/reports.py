@@ -126,7 +126,7 @@ class ProjectReports:
             if threshold not in found.disputes:
                 if len(found.disputes) >= 16:  # thresholds asked for since the state changed
                     found.disputes.clear()
-                found.disputes[threshold] = disputed_items(session, project, threshold, labels=found.labels)
+                found.disputes[threshold] = disputed_items(session, project, threshold, found.labels, found.votes)
             return found.disputes[threshold]
 
     def report(self, session, project: Project, build, max_age: float = 0.0) -> dict:
