@@ -26,7 +26,7 @@ ANNOTATORS = 4
 OVERLAP = 3
 HISTORY_ITEMS = 10_000  # labelled OVERLAP times each by earlier annotators before the server starts
 ADMIN_CLIENTS = int(os.environ.get("PREFTUNE_ANNOTATE_SCALE_ADMINS", "8"))
-SECONDS = 12.0
+SECONDS = 20.0
 
 
 def import_items(db, count: int) -> dict:
@@ -50,7 +50,7 @@ def import_items(db, count: int) -> dict:
 
 def add_history(session, project, annotators: list[int], accuracy: list[float]) -> None:
     """Labels by earlier annotators (each right with their accuracy) on HISTORY_ITEMS items, OVERLAP each."""
-    from sqlalchemy import insert, select, update
+    from sqlalchemy import insert, select, text, update
 
     from preftune.annotate.models import Assignment, Item, Label
 
@@ -71,6 +71,8 @@ def add_history(session, project, annotators: list[int], accuracy: list[float]) 
                            "request_id": f"h{number}", "seconds": 3.0, "created_at": now + number,
                            "updated_at": now + number})
     session.execute(insert(Assignment), assignments)
+    if session.get_bind().dialect.name == "postgresql":  # the ids were given: move the sequence past them
+        session.execute(text("SELECT setval('assignments_id_seq', (SELECT max(id) FROM assignments))"))
     session.execute(insert(Label), labels)
     session.execute(update(Item).where(Item.id.in_(items)).values(complete=True))
 
