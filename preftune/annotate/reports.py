@@ -97,7 +97,7 @@ class ProjectReports:
 
     def _refresh(self, session, project: Project, previous: Analysis | None, state: tuple) -> Analysis:
         started = time.monotonic()
-        count, last_id, last_edit = state[5:8]
+        count = state[5]  # the state: five settings, then the labels' count, largest id and latest edit, ...
         records = dict(previous.records) if previous is not None else {}
         if previous is not None:
             seen_id, seen_edit = previous.state[6] or 0, previous.state[7] or 0.0

@@ -14,7 +14,6 @@ from preftune.annotate.importer import get_project
 from preftune.annotate.models import Annotator, Label
 from preftune.annotate.reports import ProjectReports
 
-
 ACCURACY = {"ann": 0.95, "bea": 0.85, "cid": 0.75}  # how often each says the first candidate is better (it is)
 
 
