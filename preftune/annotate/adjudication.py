@@ -23,18 +23,21 @@ from .queue import clean_note
 DISPUTE_THRESHOLD = 0.75
 
 
-def disputed_items(session, project: Project, threshold: float = DISPUTE_THRESHOLD, labels=None) -> list[dict]:
-    """``[{item_id, external_id, agreement, labels, adjudicated}]``, least agreement first (gold items left out)."""
+def disputed_items(session, project: Project, threshold: float = DISPUTE_THRESHOLD, labels=None,
+                   votes=None) -> list[dict]:
+    """``[{item_id, external_id, agreement, labels, adjudicated}]``, least agreement first (gold items left out);
+    ``votes``: :func:`.aggregate.votes_by_pair` of ``labels``, when the caller has it."""
     labels = label_records(session, project) if labels is None else labels
+    votes = votes_by_pair(project.kind, labels) if votes is None else votes
     gold = set(session.scalars(select(Item.id).where(Item.project_id == project.id, Item.is_gold.is_(True))))
     count = defaultdict(int)
     for record in labels:
         count[record.item_id] += 1
     lowest: dict[int, float] = {}
-    for (item_id, _, _), votes in votes_by_pair(project.kind, labels).items():
+    for (item_id, _, _), cast in votes.items():
         if item_id in gold or count[item_id] < 2:
             continue
-        share = majority(votes, "keep")[1]
+        share = majority(cast, "keep")[1]
         lowest[item_id] = min(share, lowest.get(item_id, 1.0))
     disputed = {item_id: share for item_id, share in lowest.items() if share < threshold}
     if not disputed:

@@ -2,15 +2,15 @@
 
 Reports count in SQL (progress) and read label rows only, never a project's items; exports read the
 labelled items. Admin work runs on its own small thread pool (``ServerSettings.admin_threads``), so
-however many reports are asked for at once, annotators' requests keep their own threads; and a report
-is reused for ``ServerSettings.report_seconds`` (a dashboard left reloading costs one report per period).
+however many reports are asked for at once, annotators' requests keep their own threads. A project's
+report (with its competence model and dispute scan) is computed again only when its labels changed
+(:mod:`.reports`), and at most once per ``ServerSettings.report_seconds`` while they keep changing.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from urllib.parse import quote
 
 import anyio.to_thread
@@ -18,8 +18,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import select
 
-from .adjudication import DISPUTE_THRESHOLD, adjudicate, disputed_items, item_labels
-from .aggregate import TIE_MODES, WEIGHTINGS, export_pairs, export_raw, gold_results, label_records, project_competence
+from .adjudication import DISPUTE_THRESHOLD, adjudicate, item_labels
+from .aggregate import TIE_MODES, WEIGHTINGS, export_pairs, export_raw, gold_results
 from .agreement import annotator_stats, project_agreement
 from .answers import LETTERS, summary
 from .api import _json_body as api_body
@@ -27,6 +27,7 @@ from .members import visible_projects
 from .models import Adjudication, Item, Project
 from .pages import load_project, render
 from .queue import project_progress
+from .reports import Analysis, ProjectReports
 from .security import RowId, User, admin_user, check_csrf
 from .tokens import list_annotators
 from .unpaired import export_kto
@@ -37,11 +38,16 @@ MAX_DISPUTES_SHOWN = 200
 THRESHOLD = Query(DISPUTE_THRESHOLD, gt=0.0, le=1.0)
 
 
-def project_report(session, project: Project) -> dict:
+def project_report(session, project: Project, reports: ProjectReports | None = None, max_age: float = 0.0) -> dict:
     """Progress, agreement, competences (with their uncertainty and flags) and per-annotator statistics,
-    gold accuracy included."""
-    labels = label_records(session, project)
-    model = project_competence(session, project, labels)[0]
+    gold accuracy included; with ``reports``, built once per state of the project (see :mod:`.reports`)."""
+    reports = ProjectReports() if reports is None else reports
+    return reports.report(session, project, lambda analysis: _build_report(session, project, analysis, reports),
+                          max_age)
+
+
+def _build_report(session, project: Project, analysis: Analysis, reports: ProjectReports) -> dict:
+    labels, model = analysis.labels, analysis.model
     gold = gold_results(session, project, labels)
     stats = annotator_stats(session, project, labels=labels)
     for row in stats:
@@ -56,8 +62,9 @@ def project_report(session, project: Project) -> dict:
             "agreement": project_agreement(session, project, labels=labels),
             "competence": {"model": "one-coin Dawid-Skene (gold items and adjudications anchor it)",
                            "prior": round(model.prior, 4), "annotators": competences,
-                           "flagged": [c["annotator"] for c in competences if c["flag"]]},
-            "disputed_items": len(disputed_items(session, project, labels=labels)),
+                           "flagged": [c["annotator"] for c in competences if c["flag"]],
+                           "labels": len(labels), "fits": reports.fits[project.id]},
+            "disputed_items": len(reports.disputes(session, project)),
             "stats": stats}
 
 
@@ -71,26 +78,20 @@ async def admin(request: Request) -> User:
     return await _admin_work(request, lambda: admin_user(request))
 
 
-def _recent(request: Request, key, compute):
-    """``compute()``, or its result from less than ``report_seconds`` ago (on the admin threads)."""
-    cache, now = request.app.state.report_cache, time.monotonic()
-    found = cache.get(key)
-    if found is not None and now - found[0] < request.app.state.settings.report_seconds:
-        return found[1]
-    value = compute()
-    cache[key] = (time.monotonic(), value)
-    return value
+def _reports(request: Request) -> tuple[ProjectReports, float]:
+    return request.app.state.reports, request.app.state.settings.report_seconds
 
 
 @router.get("")
 async def dashboard(request: Request, user: User = Depends(admin)):
     def report():
         with request.app.state.db.read() as session:
-            projects = [project_report(session, p) for p in visible_projects(session, user.id, True)]
+            projects = [project_report(session, p, *_reports(request))
+                        for p in visible_projects(session, user.id, True)]
             annotators = list_annotators(session)
         return {"projects": projects, "annotators": annotators}
 
-    context = await _admin_work(request, lambda: _recent(request, "dashboard", report))
+    context = await _admin_work(request, report)
     return render(request, "admin.html", {"title": "Admin", "user": user, **context})
 
 
@@ -163,9 +164,9 @@ async def stats(request: Request, project_id: RowId, user: User = Depends(admin)
     def report():
         project = load_project(request, project_id)
         with request.app.state.db.read() as session:
-            return project_report(session, project)
+            return project_report(session, project, *_reports(request))
 
-    return JSONResponse(await _admin_work(request, lambda: _recent(request, project_id, report)))
+    return JSONResponse(await _admin_work(request, report))
 
 
 @router.get("/p/{project_id}/disputes.json")
@@ -175,7 +176,7 @@ async def disputes_json(request: Request, project_id: RowId, threshold: float = 
     def report():
         project = load_project(request, project_id)
         with request.app.state.db.read() as session:
-            return disputed_items(session, project, threshold)
+            return request.app.state.reports.disputes(session, project, threshold)  # checked: admins act on it
 
     return JSONResponse(await _admin_work(request, report))
 
@@ -187,7 +188,7 @@ async def disputes_page(request: Request, project_id: RowId, threshold: float = 
     def report():
         project = load_project(request, project_id)
         with request.app.state.db.read() as session:
-            found = disputed_items(session, project, threshold)[:MAX_DISPUTES_SHOWN]
+            found = request.app.state.reports.disputes(session, project, threshold)[:MAX_DISPUTES_SHOWN]
             items = {item.id: item for item in session.scalars(select(Item).where(
                 Item.id.in_([d["item_id"] for d in found])))}
             resolved = {a.item_id: a for a in session.scalars(select(Adjudication).where(

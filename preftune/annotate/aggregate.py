@@ -107,14 +107,15 @@ def known_units(session, project: Project) -> dict[tuple, int]:
     return units
 
 
-def project_competence(session, project: Project, labels: list[LabelRecord] | None = None):
+def project_competence(session, project: Project, labels: list[LabelRecord] | None = None,
+                       start: competence.CompetenceModel | None = None):
     """(competence model, votes by unit, known units) of a project: :func:`competence.estimate` over every
-    label, anchored by gold items and adjudications."""
+    label, anchored by gold items and adjudications (``start``: an earlier fit to start from)."""
     labels = label_records(session, project) if labels is None else labels
     votes = votes_by_pair(project.kind, labels)
     known = known_units(session, project)
     units = {unit: [(annotator, outcome) for annotator, outcome, _ in cast] for unit, cast in votes.items()}
-    model = competence.estimate(units, known, estimate_prior=project.kind == "binary")
+    model = competence.estimate(units, known, estimate_prior=project.kind == "binary", start=start)
     return model, votes, known
 
 

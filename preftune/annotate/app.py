@@ -24,6 +24,7 @@ from . import admin, api, pages
 from .answers import AnswerError
 from .db import Database
 from .queue import LEASE_SECONDS, NotAssigned, RequestConflict
+from .reports import ProjectReports
 from .security import SECURITY_HEADERS, Forbidden, GuardMiddleware, LoginLimiter, LoginRequired, TooManyAttempts
 
 HERE = Path(__file__).resolve().parent
@@ -37,7 +38,7 @@ class ServerSettings:
     secure_cookies: bool = False
     threads: int = 8  # worker threads for annotators' database calls
     admin_threads: int = 1  # admin reports and exports run on their own, so they never hold up annotators
-    report_seconds: float = 2.0  # an admin report is reused for this long
+    report_seconds: float = 2.0  # an admin report is reused this long without checking for new labels
     login_attempts: int = 10  # failed logins allowed per client address ...
     login_window: float = 300.0  # ... within this many seconds
 
@@ -122,7 +123,7 @@ def create_app(db: Database, settings: ServerSettings | None = None, watcher=Non
     app.state.db = db
     app.state.settings = settings or ServerSettings()
     app.state.admin_limiter = CapacityLimiter(app.state.settings.admin_threads)
-    app.state.report_cache = {}
+    app.state.reports = ProjectReports()
     app.state.login_limiter = LoginLimiter(app.state.settings.login_attempts, app.state.settings.login_window)
     environment = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
                               lstrip_blocks=True)

@@ -35,6 +35,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable
 
+import numpy as np
+
 ALPHA, BETA = 4.0, 1.0  # Beta prior of a competence: mean 0.8, worth five votes
 Z90 = 1.6449  # two-sided 90% normal interval
 CHANCE_BAND = 0.1  # "at chance": competence within this of 0.5 (and an interval that includes 0.5)
@@ -100,12 +102,14 @@ def posterior(votes: Iterable[Vote], accuracy: dict[str, float], prior: float = 
 
 def estimate(units: dict[Hashable, list[Vote]], known: dict[Hashable, int] | None = None, *,
              estimate_prior: bool = False, alpha: float = ALPHA, beta: float = BETA, iterations: int = 200,
-             tolerance: float = 1e-7) -> CompetenceModel:
+             tolerance: float = 1e-7, start: CompetenceModel | None = None) -> CompetenceModel:
     """Fit the one-coin Dawid-Skene model by EM (see the module docstring).
 
     ``units``: the votes of every unit; ``known``: units whose answer is known (+1 / -1; 0, a known tie,
     anchors nothing). Starts from the vote shares, so that with mostly careful annotators it converges to
-    the solution where they are above chance.
+    the solution where they are above chance; ``start`` (a model fitted on fewer labels of the same units)
+    starts from its posteriors instead, for the units it has: after a few new labels EM then needs a few
+    iterations, not dozens, and stays on the same solution.
     """
     known = {u: k for u, k in (known or {}).items() if k}
     votes_of: dict[str, list[tuple[Hashable, int]]] = {}
@@ -122,34 +126,52 @@ def estimate(units: dict[Hashable, list[Vote]], known: dict[Hashable, int] | Non
         if unit in known:
             q[unit] = 1.0 if known[unit] > 0 else 0.0
             continue
+        if start is not None and unit in start.posteriors:
+            q[unit] = start.posteriors[unit]
+            continue
         up = sum(1 for _, o in votes if o > 0)
         down = sum(1 for _, o in votes if o < 0)
         q[unit] = (up + 0.5) / (up + down + 1.0)
     for unit, answer in known.items():  # a gold unit nobody has labelled yet still has its answer
         q.setdefault(unit, 1.0 if answer > 0 else 0.0)
-    prior = 0.5
-    accuracy: dict[str, float] = {}
+    prior = start.prior if start is not None and estimate_prior else 0.5
+    # the EM steps over arrays: every vote once per iteration, in numpy (a project's 30,000 labels take
+    # milliseconds per iteration, not a tenth of a second)
+    position = {unit: i for i, unit in enumerate(q)}
+    names = {annotator: i for i, annotator in enumerate(votes_of)}
+    values = np.fromiter(q.values(), dtype=np.float64, count=len(q))
+    free = np.array([position[u] for u in units if u not in known], dtype=np.int64)
+    cast = [(names[a], position[u], o) for a, votes in votes_of.items() for u, o in votes]
+    cast_by, cast_on, cast_sign = (np.array(column, dtype=np.int64).reshape(-1) for column in
+                                   (zip(*cast) if cast else ((), (), ())))
+    cast_count = np.bincount(cast_by, minlength=len(names)).astype(np.float64)
+    voted = [(names[a], position[u], 1 if o > 0 else -1) for u, votes in units.items() if u not in known
+             for a, o in votes if o]
+    vote_by, vote_on, vote_sign = (np.array(column, dtype=np.int64).reshape(-1) for column in
+                                   (zip(*voted) if voted else ((), (), ())))
+
+    def agreements() -> np.ndarray:
+        agree = np.where(cast_sign > 0, values[cast_on], 1.0 - values[cast_on])
+        return np.bincount(cast_by, weights=agree, minlength=len(names))
+
     done = 0
     for done in range(1, iterations + 1):
-        accuracy = {}
-        for annotator, cast in votes_of.items():
-            agree = sum(q[u] if o > 0 else 1.0 - q[u] for u, o in cast)
-            accuracy[annotator] = (agree + alpha) / (len(cast) + alpha + beta)
+        accuracy = np.clip((agreements() + alpha) / (cast_count + alpha + beta), 1e-9, 1 - 1e-9)
         if estimate_prior:
-            free = [q[u] for u in units if u not in known]
-            prior = (sum(free) + 1.0) / (len(free) + 2.0)
-        change = 0.0
-        for unit, votes in units.items():
-            if unit in known:
-                continue
-            new = posterior(votes, accuracy, prior)
-            change = max(change, abs(new - q[unit]))
-            q[unit] = new
+            prior = (float(values[free].sum()) + 1.0) / (len(free) + 2.0)
+        score = np.full(len(values), _logit(prior))
+        score += np.bincount(vote_on, weights=vote_sign * np.log(accuracy / (1.0 - accuracy))[vote_by],
+                             minlength=len(values))
+        new = 1.0 / (1.0 + np.exp(-np.clip(score[free], -500.0, 500.0)))
+        change = float(np.abs(new - values[free]).max()) if len(free) else 0.0
+        values[free] = new
         if change < tolerance:
             break
+    q = dict(zip(q, values.tolist()))
     annotators = {}
+    agree_of = agreements().tolist()
     for annotator, cast in votes_of.items():
-        agree = sum(q[u] if o > 0 else 1.0 - q[u] for u, o in cast)
+        agree = agree_of[names[annotator]]
         a, b = agree + alpha, len(cast) - agree + beta
         mean = a / (a + b)
         sd = math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))

@@ -1,10 +1,13 @@
-"""Image prompts on the labelling page: stored with the item at import, served by the project's own route.
+"""Image prompts on the labelling page: stored once at import, served by the project's own route.
 
 An import row's images (an ``images`` / ``image`` column, as training data gives them) are checked
 like training images (:mod:`preftune.data.images`), shrunk to at most :data:`MAX_SIDE` pixels a side
-and re-encoded as PNG into the item's ``meta["image_data"]``: the project needs no file after the
-import, and what the browser receives is always a clean, size-limited PNG. ``meta["images"]`` keeps
-the references as given (paths made absolute) for the export, so exported pairs train a vision model.
+and re-encoded as PNG: the project needs no file after the import, and what the browser receives is
+always a clean, size-limited PNG. Each PNG is stored once in the ``images`` table
+(:class:`.models.StoredImage`), keyed by its SHA-256: items that show the same picture share one row,
+and an item holds only the digests (``meta["image_digests"]``), so loading an item (to serve it, label
+it or export it) never reads picture bytes. ``meta["images"]`` keeps the references as given for the
+export, so exported pairs train a vision model.
 
 ``GET /p/{project}/items/{item}/images/{n}`` answers a member who was served the item (or an admin)
 and 404 to everyone else, with the page's security headers (``img-src 'self'``); the route is in
@@ -13,13 +16,18 @@ and 404 to everyone else, with the page's security headers (``img-src 'self'``);
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import io
+import time
 from pathlib import Path
+
+from sqlalchemy import select
 
 from preftune.data.images import decode_image, image_bytes, image_column
 from preftune.data.rows import InvalidRow
 from preftune.errors import DataError
+
+from .models import StoredImage
 
 MAX_SIDE = 1024
 MAX_IMAGES = 8
@@ -56,16 +64,17 @@ def _check_pixels(source: str, data: bytes, column: str, number: int, index: int
                         row=number, field=column)
 
 
-def row_images(source: str, row: dict, number: int) -> dict:
-    """``{"images": references, "image_data": [base64 PNG]}`` for a row with images, else ``{}``."""
+def row_images(source: str, row: dict, number: int) -> tuple[dict, dict[str, bytes]]:
+    """(``{"images": references, "image_digests": [sha256 hex]}``, ``{digest: PNG bytes}``) for a row with
+    images, else ``({}, {})``."""
     column = image_column(row)
     if column is None:
-        return {}
+        return {}, {}
     values = row[column] if isinstance(row[column], list) else [row[column]]
     if len(values) > MAX_IMAGES:
         raise DataError(source, f"at most {MAX_IMAGES} images per item, got {len(values)}", row=number, field=column)
     base = Path(source).expanduser().parent
-    references, data = [], []
+    references, digests, blobs = [], [], {}
     for index, value in enumerate(values, start=1):
         if isinstance(value, dict) and isinstance(value.get("path"), str) and not value.get("bytes"):
             value = value["path"]
@@ -80,13 +89,38 @@ def row_images(source: str, row: dict, number: int) -> dict:
         image.thumbnail((MAX_SIDE, MAX_SIDE))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        data.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+        digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+        blobs[digest] = buffer.getvalue()
+        digests.append(digest)
         references.append(value if isinstance(value, str) else None)
-    return {"images": references, "image_data": data}
+    return {"images": references, "image_digests": digests}, blobs
+
+
+def store_images(session, blobs: dict[str, bytes]) -> int:
+    """Store the PNGs (``{digest: bytes}``) not stored yet; returns how many were new. An image that another
+    import stores at the same moment is kept once (the digest is unique; a clash is skipped)."""
+    if not blobs:
+        return 0
+    known = set()
+    digests = list(blobs)
+    for start in range(0, len(digests), 500):
+        known.update(session.scalars(select(StoredImage.digest).where(
+            StoredImage.digest.in_(digests[start:start + 500]))))
+    rows = [{"digest": d, "data": blobs[d], "created_at": time.time()} for d in digests if d not in known]
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    for row in rows:
+        session.execute(insert(StoredImage).values(**row).on_conflict_do_nothing(index_elements=["digest"]))
+    return len(rows)
 
 
 def image_count(meta: dict | None) -> int:
-    return len((meta or {}).get("image_data") or [])
+    return len((meta or {}).get("image_digests") or [])
 
 
 def export_images(item) -> dict:
@@ -95,7 +129,9 @@ def export_images(item) -> dict:
     return {"images": references} if references and all(references) else {}
 
 
-def stored_image(item, number: int) -> bytes | None:
+def stored_image(session, item, number: int) -> bytes | None:
     """The PNG bytes of the item's image ``number`` (1-based), or None."""
-    images = (item.meta or {}).get("image_data") or [] if item is not None else []
-    return base64.b64decode(images[number - 1]) if 1 <= number <= len(images) else None
+    digests = (item.meta or {}).get("image_digests") or [] if item is not None else []
+    if not 1 <= number <= len(digests):
+        return None
+    return session.scalar(select(StoredImage.data).where(StoredImage.digest == digests[number - 1]))

@@ -34,7 +34,7 @@ from preftune.data.rows import InvalidRow
 from preftune.errors import ConfigError, DataError, PreftuneError
 
 from .answers import LETTERS, MAX_CANDIDATES
-from .images import row_images
+from .images import row_images, store_images
 from .models import KINDS, Item, Label, Project
 
 MAX_TEXT = 100_000
@@ -54,6 +54,7 @@ class ItemSpec:
     meta: dict = field(default_factory=dict)
     row: int = 0
     gold: object = None  # the row's ``gold`` value as given (see gold_answer)
+    image_data: dict[str, bytes] = field(default_factory=dict)  # the PNGs of meta["image_digests"], by digest
 
     @property
     def model_prompt(self) -> str | list:
@@ -238,8 +239,9 @@ def read_items(source: str, generating: bool = False, minimum: int = 2) -> list[
                             row=number, field="id")
         seen[external_id] = number
         meta = {**_meta(row), "prompt_messages": messages} if messages else _meta(row)
-        meta.update(row_images(records.name, row, number))
-        specs.append(ItemSpec(external_id, prompt, candidates, meta, number, row.get("gold")))
+        found, image_data = row_images(records.name, row, number)
+        meta.update(found)
+        specs.append(ItemSpec(external_id, prompt, candidates, meta, number, row.get("gold"), image_data))
     return specs
 
 
@@ -256,7 +258,7 @@ def generate_candidates(specs: list[ItemSpec], model_path: str, n: int, sampling
     from preftune.generate import SamplingSettings, generate_texts
     from preftune.models import load_causal_lm, load_tokenizer
 
-    if any(spec.meta.get("image_data") for spec in specs):
+    if any(spec.meta.get("image_digests") for spec in specs):
         raise ConfigError("sampling candidates for prompts with images is not supported; give the responses in "
                           "the file")
     settings = SamplingSettings(**(sampling or {}))
@@ -292,15 +294,16 @@ def split_pairs(spec: ItemSpec) -> list[ItemSpec]:
     if len(spec.candidates) == 2:
         return [spec]
     return [ItemSpec(f"{spec.external_id}:{i + 1}-{j + 1}", spec.prompt, [spec.candidates[i], spec.candidates[j]],
-                     dict(spec.meta), spec.row) for i, j in combinations(range(len(spec.candidates)), 2)]
+                     dict(spec.meta), spec.row, image_data=spec.image_data)
+            for i, j in combinations(range(len(spec.candidates)), 2)]
 
 
 def split_single(spec: ItemSpec) -> list[ItemSpec]:
     """For binary projects: an item with N > 1 candidates becomes one item per candidate."""
     if len(spec.candidates) == 1:
         return [spec]
-    return [ItemSpec(f"{spec.external_id}:{i + 1}", spec.prompt, [text], dict(spec.meta), spec.row)
-            for i, text in enumerate(spec.candidates)]
+    return [ItemSpec(f"{spec.external_id}:{i + 1}", spec.prompt, [text], dict(spec.meta), spec.row,
+                     image_data=spec.image_data) for i, text in enumerate(spec.candidates)]
 
 
 def gold_answer(kind: str, value, n: int, where: str = "gold") -> dict:
@@ -351,11 +354,12 @@ def add_items(session, project: Project, specs: list[ItemSpec], seed: int | None
     existing = set(session.scalars(select(Item.external_id).where(Item.project_id == project.id)))
     rng = random.Random(seed)
     now = time.time()
-    rows = []
+    rows, image_data = [], {}
     for spec in specs:
         if spec.external_id in existing:
             continue
         existing.add(spec.external_id)
+        image_data.update(spec.image_data)
         where = f"item {spec.external_id!r} (row {spec.row})"
         gold = None if spec.gold is None else gold_answer(project.kind, spec.gold, len(spec.candidates), where)
         rows.append({"project_id": project.id, "external_id": spec.external_id, "prompt": spec.prompt,
@@ -363,6 +367,7 @@ def add_items(session, project: Project, specs: list[ItemSpec], seed: int | None
                      "priority": 0.0, "complete": gold is not None, "created_at": now, "is_gold": gold is not None,
                      "gold": gold})
     session.flush()
+    store_images(session, image_data)  # each picture once, however many items show it
     for start in range(0, len(rows), 10_000):  # core inserts: a 400k-item import takes seconds, not minutes
         session.execute(insert(Item), rows[start:start + 10_000])
     added = len(rows)

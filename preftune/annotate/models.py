@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import LargeBinary
 
 KINDS = ("pairwise", "ranking", "rating", "binary")
 
@@ -148,4 +149,17 @@ class Adjudication(Base):
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))  # who resolved it
     answer: Mapped[dict] = mapped_column(JSON)
     note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class StoredImage(Base):
+    """An image of items' prompts, stored once however many items show it: a PNG, keyed by its SHA-256
+    (hex). An item names its images in ``meta["image_digests"]`` (see :mod:`.images`)."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("digest", name="uq_images_digest"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[float] = mapped_column(Float)

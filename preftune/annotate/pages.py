@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
 from markdown_it import MarkdownIt
 from markupsafe import Markup
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from . import queue, sessions
@@ -128,7 +129,7 @@ def _label_page(request: Request, user: User, project: Project, served: queue.Se
                 error=None, return_to="next", status=200):
     with request.app.state.db.read() as session:
         progress = queue.annotator_progress(session, project, user.id, request.app.state.settings.lease)
-        images = image_count(session.get(Item, served.item.id).meta)
+        images = image_count(session.scalar(select(Item.meta).where(Item.id == served.item.id)))
     label = served.label
     if values is None:
         values = form_values(project.kind, label.answer, served.assignment.display_order) if label else {}
@@ -211,7 +212,7 @@ def item_image(request: Request, project_id: RowId, item_id: RowId, number: int,
             item = item if item is not None and item.project_id == project.id else None
         else:
             item = session.get(Item, queue.own_item(session, project, user.id, item_id).item.id)
-        data = stored_image(item, number)
+        data = stored_image(session, item, number)
     if data is None:
         raise HTTPException(404, "no such image")
     # never kept by the browser: on a shared machine the next person must not find the images in its cache
