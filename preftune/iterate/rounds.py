@@ -304,7 +304,7 @@ def train_iterate(cfg: IterateConfig, *, judge=None, oracle=None) -> IterateResu
     judge, oracle = make_judges(cfg, judge, oracle)
     round_config(cfg, cfg.model_name_or_path, Path("pairs.jsonl"), Path(cfg.output_dir), 1, Path(".")).validate()
     run_dir = prepare_run(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg)
     if tokenizer.eos_token_id is None:
         raise ConfigError("the tokenizer has no EOS token; samples end at EOS")
     rounds = Rounds(cfg, run_dir, tokenizer, *split_prompts(cfg, tokenizer), judge, oracle)

@@ -170,14 +170,14 @@ class TextModality:
     tokenize_pairs = staticmethod(tokenize_preferences)
     tokenize_labelled = staticmethod(tokenize_kto)
 
-    def load_processor(self, name_or_path):
-        return load_tokenizer(name_or_path)
+    def load_processor(self, name_or_path, settings=None):
+        return load_tokenizer(name_or_path, settings)
 
     def tokenizer_of(self, processor):
         return processor
 
-    def load_model(self, name_or_path, dtype=torch.float32):
-        return load_causal_lm(name_or_path, dtype)
+    def load_model(self, name_or_path, dtype=torch.float32, settings=None):
+        return load_causal_lm(name_or_path, dtype, settings)
 
     def prepare_policy(self, model, cfg, **peft):
         return prepare_policy(model, cfg, **peft)
@@ -264,7 +264,7 @@ class TextModality:
     def reward_scorer(self, cfg, model, processor):
         if model is None:
             torch.manual_seed(cfg.seed)  # the new head's initial weights
-            model = rm.load_classifier(cfg.model_name_or_path, new_head=True)
+            model = rm.load_classifier(cfg.model_name_or_path, new_head=True, settings=cfg)
         rm.check_reward_model(model)
         rm.distinct_pad_token(processor)   # saved with the model: the reward is read at EOS, here and by transformers
         model.config.pad_token_id = processor.pad_token_id

@@ -71,11 +71,12 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
     cfg.validate(require_model=model is None)
     modality = modality_for(cfg)
     ctx = start_run(cfg, cfg.sanity_warnings())
-    processor = tokenizer or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    processor = tokenizer or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg)
     pad = modality.tokenizer_of(processor).pad_token_id
     train_pairs, eval_pairs = load_pairs(cfg, processor, modality)
 
-    policy = modality.prepare_policy(model if model is not None else modality.load_model(cfg.model_name_or_path), cfg)
+    model = model if model is not None else modality.load_model(cfg.model_name_or_path, settings=cfg)
+    policy = modality.prepare_policy(model, cfg)
     splits = ({"train": pair_sequences(train_pairs, modality), "eval": pair_sequences(eval_pairs, modality)}
               if cfg.precompute_ref else None)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type),

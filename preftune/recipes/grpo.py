@@ -105,7 +105,7 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
     acc = ctx.accelerator
     scorers = reward_scorers(cfg, acc.device, reward_funcs)
 
-    policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)
+    policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path, settings=cfg), cfg)
     disable_dropout(policy, keep_lora_dropout=False)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.beta > 0)
     module = PolicyTokens(policy, cfg.logprob_chunk_size, cfg.temperature)

@@ -49,7 +49,7 @@ def start_online_run(cfg, tokenizer, outputs: str):
     The tokenizer must have an EOS token: ``outputs`` (named in the error) end there.
     """
     ctx = start_run(cfg, cfg.sanity_warnings())
-    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer has no EOS token; {outputs} end at EOS")
     prompts = load_prompts(cfg.dataset, cfg.split, tokenizer, cfg.max_prompt_length, cfg.skip_invalid)

@@ -41,7 +41,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_mo
     ctx, tokenizer, prompts = start_online_run(cfg, tokenizer, "completions")
     acc = ctx.accelerator
     judge = _judge(judge, cfg, acc.device)
-    policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)
+    policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path, settings=cfg), cfg)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type))
     local_prompts = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     if len(prompts) < local_prompts * acc.num_processes:

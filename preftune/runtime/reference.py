@@ -142,7 +142,7 @@ def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True,
         return Reference()
     device, chunk = ctx.accelerator.device, cfg.logprob_chunk_size
     if ref_model is None and cfg.ref_model_name_or_path:
-        ref_model = modality.load_model(cfg.ref_model_name_or_path, compute_dtype(ctx.precision))
+        ref_model = modality.load_model(cfg.ref_model_name_or_path, compute_dtype(ctx.precision), cfg)
     if ref_model is None and is_peft_model(policy):
         live: LiveReference = AdapterReference(policy.to(device), chunk, modality)
     elif ref_model is None and precompute is not None and _in_dtype(policy, compute_dtype(ctx.precision)):

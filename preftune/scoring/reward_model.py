@@ -28,7 +28,7 @@ from torch import nn
 
 from ..data.messages import render, strip_trailing_eos
 from ..errors import ConfigError
-from ..models import is_peft_model, load_tokenizer, peft_wrapping
+from ..models import from_pretrained_options, is_peft_model, load_tokenizer, peft_wrapping
 from ..wrappers import evaluating
 from .base import CheckedScorer, check_batch_size
 
@@ -127,19 +127,22 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def load_classifier(name_or_path, dtype: torch.dtype = torch.float32, new_head: bool = False):
+def load_classifier(name_or_path, dtype: torch.dtype = torch.float32, new_head: bool = False, settings=None):
     """``AutoModelForSequenceClassification`` with one output (a new head on a causal LM checkpoint).
 
     ``new_head``: a checkpoint's classification head of another size (say 2 labels) is drawn afresh.
+    ``settings``: a command's model settings, for their loading options
+    (:func:`~preftune.models.from_pretrained_options`).
     """
     from transformers import AutoModelForSequenceClassification
 
     from ..gguf_import import resolve_model_path
 
+    options = from_pretrained_options(settings, name_or_path)
     name_or_path = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
     try:
         return AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype,
-                                                                  ignore_mismatched_sizes=new_head)
+                                                                  ignore_mismatched_sizes=new_head, **options)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"cannot load '{name_or_path}' as a reward model: {exc}") from None
 
