@@ -61,8 +61,9 @@ class DPOTask:
         return self.loss(model, batch)[1]
 
 
-def load_pairs(cfg: DPOConfig, processor, modality: Modality = TEXT) -> tuple[list, list]:
-    return train_and_eval(cfg, tokenized_reader(cfg, processor, modality.tokenize_pairs))
+def load_pairs(cfg: DPOConfig, processor, modality: Modality = TEXT, whole_turn: bool = False) -> tuple[list, list]:
+    """Training and held-out pairs (``whole_turn``: a reward model's conversations, see ``TokenizeSettings``)."""
+    return train_and_eval(cfg, tokenized_reader(cfg, processor, modality.tokenize_pairs, whole_turn))
 
 
 def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:

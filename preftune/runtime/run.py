@@ -104,9 +104,10 @@ def train_and_eval(cfg, read: Callable[[str, str], list]) -> tuple[list, list]:
     return hold_out(train, cfg.eval_fraction, cfg.seed)
 
 
-def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str], list]:
+def tokenized_reader(cfg, tokenizer, tokenize: Callable, whole_turn: bool = False) -> Callable[[str, str], list]:
     """``read(source, split)`` for :func:`train_and_eval`: load the rows, ``tokenize(records, tokenizer, settings,
-    skip_invalid=...)`` them within the config's length limits, and report the rows skipped."""
+    skip_invalid=...)`` them within the config's length limits, and report the rows skipped. ``whole_turn``
+    (reward models): conversations are tokenised as the chat template renders them (``TokenizeSettings``)."""
     from accelerate import PartialState
 
     from ..data import TokenizeSettings, load_records
@@ -115,7 +116,7 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
     from .progress import data_line
 
     settings = TokenizeSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                                truncation_mode=cfg.truncation_mode)
+                                truncation_mode=cfg.truncation_mode, whole_turn=whole_turn)
 
     def read(source: str, split: str) -> list:
         records = load_records(source, split=split)
