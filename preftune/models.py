@@ -109,11 +109,20 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, settin
     from transformers import AutoModelForCausalLM
 
     options = from_pretrained_options(settings, name_or_path)
-    name_or_path = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
+    resolved = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **options)
+        return named_as_given(AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, **options), name_or_path)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load model '{name_or_path}': {exc}") from None
+        raise ConfigError(f"cannot load model '{resolved}': {exc}") from None
+
+
+def named_as_given(model, name_or_path):
+    """``model`` named by the path it was asked for: a GGUF file's model is loaded from its converted checkpoint in
+    the cache, but a LoRA adapter trained on it records the .gguf file as its base (preftune loads it back from
+    there), not the cache directory."""
+    if resolve_model_path(name_or_path) != str(name_or_path):
+        model.name_or_path = model.config.name_or_path = str(name_or_path)   # peft reads the model's attribute
+    return model
 
 
 @contextmanager
@@ -132,11 +141,15 @@ def peft_wrapping():
 
 def load_any_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, settings=None):
     """A full checkpoint, or a peft adapter directory loaded onto its base model (for evaluation, sampling)."""
-    if (Path(name_or_path) / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
+    adapter = Path(name_or_path) / "adapter_config.json"
+    if adapter.is_file():
+        from peft import AutoPeftModelForCausalLM, PeftModel
 
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
         try:
             with peft_wrapping():
+                if base and resolve_model_path(base) != base:   # trained on a .gguf file: its converted checkpoint
+                    return PeftModel.from_pretrained(load_causal_lm(base, dtype, settings), name_or_path)
                 return AutoPeftModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
                                                                 **from_pretrained_options(settings, name_or_path))
         except (OSError, ValueError) as exc:

@@ -12,7 +12,14 @@ from typing import Any, Callable
 
 from ..errors import ConfigError
 from ..speed.allocator import restore_defaults, reuse_freed_memory
-from .distributed import configure_deepspeed, engine_name, full_state_dict, is_sharded, make_accelerator
+from .distributed import (
+    configure_deepspeed,
+    engine_name,
+    full_state_dict,
+    is_sharded,
+    launcher_warning,
+    make_accelerator,
+)
 from .loop import TrainResult
 from .records import METRICS, RUN_OUTPUTS, SUMMARY
 from .resume import change_warnings, check_resume
@@ -67,6 +74,7 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         raise ConfigError("merge_lora is not supported with sharded training (FSDP2, DeepSpeed): the adapter is "
                           "saved; merge it afterwards on one process")
     configure_deepspeed(accelerator, cfg)
+    warnings = [*warnings, *filter(None, [launcher_warning(accelerator.num_processes)])]
     reuses_freed_memory = reuse_freed_memory(cfg, accelerator.device)   # for this run only: see finish_run
     prepare_run_dir(run_dir, cfg.resume, cfg.overwrite_output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()

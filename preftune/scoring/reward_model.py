@@ -39,7 +39,7 @@ from torch import nn
 
 from ..data.messages import render_pair, strip_trailing_eos
 from ..errors import ConfigError
-from ..models import from_pretrained_options, is_peft_model, load_tokenizer, peft_wrapping
+from ..models import from_pretrained_options, is_peft_model, load_tokenizer, named_as_given, peft_wrapping
 from ..wrappers import evaluating
 from .base import CheckedScorer, check_batch_size
 
@@ -150,12 +150,13 @@ def load_classifier(name_or_path, dtype: torch.dtype = torch.float32, new_head: 
     from ..gguf_import import resolve_model_path
 
     options = from_pretrained_options(settings, name_or_path)
-    name_or_path = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
+    resolved = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
     try:
-        return AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype,
-                                                                  ignore_mismatched_sizes=new_head, **options)
+        model = AutoModelForSequenceClassification.from_pretrained(resolved, num_labels=1, dtype=dtype,
+                                                                   ignore_mismatched_sizes=new_head, **options)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"cannot load '{name_or_path}' as a reward model: {exc}") from None
+        raise ConfigError(f"cannot load '{resolved}' as a reward model: {exc}") from None
+    return named_as_given(model, name_or_path)
 
 
 def load_reward_model(path, device=None):
