@@ -36,10 +36,15 @@ PACKED_KEYS = ("input_ids", "attention_mask", "position_ids", "prompt_lengths", 
 
 
 class PolicyLogprobs(nn.Module):
+    """The policy's completion log-probs, as the module a distributed wrapper wraps. With ``collect_stats`` on,
+    each forward leaves ``token_stats``: ``(stats [N, 3], sequence of each token [N])`` of its completion tokens
+    (:func:`preftune.speed.head.token_stats`: mean logit, argmax hit, entropy)."""
+
     def __init__(self, model: nn.Module, chunk_size: int = 1024):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.collect_stats, self.token_stats = False, None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 completion_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -47,11 +52,16 @@ class PolicyLogprobs(nn.Module):
                 completion_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Padded rows: ``[B, L]`` per-token log-probs. A packed batch (``completion_lengths`` given): ``[S]``
         summed log-probs per sequence."""
+        stats = [] if self.collect_stats else None
         if completion_lengths is not None:
             batch = dict(zip(PACKED_KEYS, (input_ids, attention_mask, position_ids, prompt_lengths,
                                            completion_lengths)))
-            return packed_sequence_logprobs(self.model, batch, self.chunk_size)
-        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size)
+            out = packed_sequence_logprobs(self.model, batch, self.chunk_size, stats=stats)
+        else:
+            out = token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size,
+                                 stats=stats)
+        self.token_stats = stats[0] if stats else None
+        return out
 
 
 def sequence_sums(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
