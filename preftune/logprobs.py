@@ -55,13 +55,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .data.packed import PackedLayout, scored_positions
-from .speed.head import linear_head_logprobs, log_softmax_stats, plain_linear
+from .speed.head import linear_head_logprobs, log_softmax_stats, plain_linear, token_stats
 from .wrappers import base_model, is_peft_model
 
 
 def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
                    chunk_size: int = 1024, position_ids: Tensor | None = None,
-                   model_kwargs: dict[str, Any] | None = None) -> Tensor:
+                   model_kwargs: dict[str, Any] | None = None, stats: list | None = None) -> Tensor:
     """Log-probability of each completion token given everything before it.
 
     Args:
@@ -73,6 +73,8 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, comp
         chunk_size: rows projected onto the vocabulary at a time.
         position_ids: optional ``[B, L]`` position ids passed to the model (padding-free batches).
         model_kwargs: further keyword arguments of the model's forward (a packed row's block layout).
+        stats: a list that receives ``(token stats [N, 3], row of each token [N])`` of the N completion
+            tokens (:func:`~preftune.speed.head.token_stats`).
 
     Returns:
         float32 ``[B, L]``: entry ``[b, t]`` is ``log p(input_ids[b, t] | input_ids[b, :t])`` where
@@ -81,7 +83,11 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, comp
     """
     _check_inputs(input_ids, completion_mask, chunk_size)
     hidden = final_hidden_states(model, input_ids, attention_mask, position_ids, **(model_kwargs or {}))
-    values, _ = completion_logprobs(model, hidden, input_ids, completion_mask, chunk_size=chunk_size)
+    chunks = [] if stats is not None else None
+    values, _ = completion_logprobs(model, hidden, input_ids, completion_mask, chunk_size=chunk_size, stats=chunks)
+    if stats is not None:
+        rows = completion_mask[:, 1:].to(device=values.device, dtype=torch.bool).nonzero()[:, 0]
+        stats.append((torch.cat(chunks) if chunks else values.new_zeros(0, 3), rows))
     return _to_token_layout(values, completion_mask)
 
 
@@ -113,7 +119,8 @@ def final_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None,
 
 
 def completion_logprobs(model, hidden: Tensor, input_ids: Tensor, completion_mask: Tensor, chunk_size: int = 1024,
-                        temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                        temperature: float = 1.0, with_entropy: bool = False,
+                        stats: list | None = None) -> tuple[Tensor, Tensor | None]:
     """Flat float32 ``[N]`` log-probs of the N completion tokens (row-major order) from ``hidden``.
 
     ``hidden`` comes from :func:`final_hidden_states`; state ``t-1`` predicts token ``t``, so
@@ -123,12 +130,13 @@ def completion_logprobs(model, hidden: Tensor, input_ids: Tensor, completion_mas
     target_mask = completion_mask[:, 1:].to(device=input_ids.device, dtype=torch.bool)
     selected = hidden[:, :-1][target_mask]          # [N, H]: only states that predict completion tokens
     targets = input_ids[:, 1:][target_mask]         # [N]
-    return projected_logprobs(model, selected, targets, chunk_size, temperature, with_entropy)
+    return projected_logprobs(model, selected, targets, chunk_size, temperature, with_entropy, stats)
 
 
 def projected_logprobs(model, selected: Tensor, targets: Tensor, chunk_size: int = 1024, temperature: float = 1.0,
-                       with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """``log p(targets[i] | selected[i])`` (and the entropies) for ``[N, H]`` hidden states, chunk by chunk."""
+                       with_entropy: bool = False, stats: list | None = None) -> tuple[Tensor, Tensor | None]:
+    """``log p(targets[i] | selected[i])`` (and the entropies) for ``[N, H]`` hidden states, chunk by chunk;
+    ``stats`` (a list) receives each chunk's :func:`~preftune.speed.head.token_stats`, ``[rows, 3]``."""
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     causal_lm, _, lm_head = _split_model(model)
@@ -139,10 +147,16 @@ def projected_logprobs(model, selected: Tensor, targets: Tensor, chunk_size: int
     head = plain_linear(lm_head) if softcap is None else None
     if head is not None:
         values, entropy = linear_head_logprobs(head, selected, targets, chunk_size, (scale or 1.0) / temperature,
-                                               with_entropy)
+                                               with_entropy, stats)
     else:
         values, entropy = _module_head_logprobs(lm_head, selected, targets, chunk_size, scale, softcap,
                                                 None if temperature == 1.0 else 1.0 / temperature, with_entropy)
+        if stats is not None:   # a module head: its chunks again, without gradients (checkpointing recomputes)
+            with torch.no_grad():
+                for start in range(0, selected.shape[0], chunk_size):
+                    logits = _chunk_logits(lm_head, selected[start:start + chunk_size], scale, softcap)
+                    logits = logits / temperature if temperature != 1.0 else logits
+                    stats.append(token_stats(logits, torch.log_softmax(logits, -1), targets[start:start + chunk_size]))
     return values.to(torch.float32), entropy.to(torch.float32) if with_entropy else None
 
 
@@ -164,20 +178,26 @@ def _module_head_logprobs(lm_head: nn.Module, selected: Tensor, targets: Tensor,
     return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
 
-def packed_sequence_logprobs(model, batch: dict[str, Tensor], chunk_size: int = 1024) -> Tensor:
+def packed_sequence_logprobs(model, batch: dict[str, Tensor], chunk_size: int = 1024,
+                             stats: list | None = None) -> Tensor:
     """Summed completion log-probability of every sequence of a packed batch, ``[S]`` float32.
 
     ``batch`` is a padding-free or prefix-shared row (:mod:`preftune.data.packed`); sequences come in its
     order (completion-major, as the rows of the padded batch). Each value equals
     :func:`sequence_logprobs` of the same sequence in a padded row: only the states that predict
-    completion tokens are projected onto the vocabulary, in chunks, as there.
+    completion tokens are projected onto the vocabulary, in chunks, as there. ``stats`` (a list) receives
+    ``(token stats [N, 3], sequence of each token [N])`` (:func:`~preftune.speed.head.token_stats`).
     """
     from .speed.attention import packed_model_inputs
 
     layout = PackedLayout.of(batch)
     targets, predictors, sequences = (t.to(batch["input_ids"].device) for t in scored_positions(layout))
     hidden = final_hidden_states(model, batch["input_ids"], **packed_model_inputs(model, batch))[0]
-    values, _ = projected_logprobs(model, hidden[predictors], batch["input_ids"][0, targets], chunk_size)
+    chunks = [] if stats is not None else None
+    values, _ = projected_logprobs(model, hidden[predictors], batch["input_ids"][0, targets], chunk_size,
+                                   stats=chunks)
+    if stats is not None:
+        stats.append((torch.cat(chunks) if chunks else values.new_zeros(0, 3), sequences))
     total = torch.zeros(layout.lengths().shape[0], dtype=torch.float32, device=values.device)
     return total.index_add(0, sequences, values)
 

@@ -158,12 +158,66 @@ def computing_copy(model: nn.Module, precision: str) -> nn.Module:
     return model
 
 
-def load_tokenizer(name_or_path: str):
+def from_pretrained_options(settings, name_or_path: str | None, weights: bool = True) -> dict:
+    """The keyword arguments of ``from_pretrained`` that a command's model settings (:class:`ModelSettings`, or
+    None: none) ask for when loading ``name_or_path``: ``trust_remote_code``; ``revision`` for
+    ``model_name_or_path`` only; for weights (``weights``; else a tokenizer or processor) ``attn_implementation``
+    and the bitsandbytes quantization with the device map that puts the model on this process's GPU."""
+    if settings is None:
+        return {}
+    options: dict = {}
+    if settings.trust_remote_code:
+        options["trust_remote_code"] = True
+    if settings.revision and name_or_path == settings.model_name_or_path:
+        options["revision"] = settings.revision
+    if weights:
+        if settings.attn_implementation:
+            options["attn_implementation"] = settings.attn_implementation
+        quantization = quantization_config(settings)
+        if quantization is not None:
+            from accelerate import PartialState
+
+            options["quantization_config"] = quantization
+            options["device_map"] = {"": PartialState().local_process_index}   # quantized where it is loaded
+    return options
+
+
+def quantization_config(settings):
+    """bitsandbytes' ``BitsAndBytesConfig`` for ``load_in_4bit``/``load_in_8bit`` (None without either); a
+    ConfigError where bitsandbytes is missing or there is no CUDA GPU to run it on."""
+    bits = 4 if settings.load_in_4bit else 8 if settings.load_in_8bit else None
+    if bits is None:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"load_in_{bits}bit needs bitsandbytes: pip install 'preftune[quantization]' "
+                          "(or pip install bitsandbytes)")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"load_in_{bits}bit needs a CUDA GPU (bitsandbytes' quantized training kernels); on this "
+                          "machine load the model in full precision")
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=settings.use_bnb_nested_quant,
+                              bnb_4bit_compute_dtype=compute_dtype(resolve_precision(settings.precision)),
+                              bnb_4bit_quant_storage=torch.uint8)
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def load_tokenizer(name_or_path: str, settings=None):
+    """A checkpoint's tokenizer (pad token: EOS where it has none), with the ``settings``' loading options."""
     from transformers import AutoTokenizer
 
+    options = from_pretrained_options(settings, name_or_path, weights=False)
     name_or_path = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **options)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load tokenizer '{name_or_path}': {exc}") from None
     if tokenizer.pad_token_id is None:
@@ -173,14 +227,25 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
+def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, settings=None):
+    """A causal LM checkpoint, with the loading options of ``settings`` (see :func:`from_pretrained_options`)."""
     from transformers import AutoModelForCausalLM
 
-    name_or_path = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
+    options = from_pretrained_options(settings, name_or_path)
+    resolved = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        return named_as_given(AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, **options), name_or_path)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load model '{name_or_path}': {exc}") from None
+        raise ConfigError(f"cannot load model '{resolved}': {exc}") from None
+
+
+def named_as_given(model, name_or_path):
+    """``model`` named by the path it was asked for: a GGUF file's model is loaded from its converted checkpoint in
+    the cache, but a LoRA adapter trained on it records the .gguf file as its base (preftune loads it back from
+    there), not the cache directory."""
+    if resolve_model_path(name_or_path) != str(name_or_path):
+        model.name_or_path = model.config.name_or_path = str(name_or_path)   # peft reads the model's attribute
+    return model
 
 
 @contextmanager
@@ -197,17 +262,22 @@ def peft_wrapping():
         yield
 
 
-def load_any_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
+def load_any_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32, settings=None):
     """A full checkpoint, or a peft adapter directory loaded onto its base model (for evaluation, sampling)."""
-    if (Path(name_or_path) / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
+    adapter = Path(name_or_path) / "adapter_config.json"
+    if adapter.is_file():
+        from peft import AutoPeftModelForCausalLM, PeftModel
 
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
         try:
             with peft_wrapping():
-                return AutoPeftModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+                if base and resolve_model_path(base) != base:   # trained on a .gguf file: its converted checkpoint
+                    return PeftModel.from_pretrained(load_causal_lm(base, dtype, settings), name_or_path)
+                return AutoPeftModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
+                                                                **from_pretrained_options(settings, name_or_path))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load adapter '{name_or_path}': {exc}") from None
-    return load_causal_lm(name_or_path, dtype)
+    return load_causal_lm(name_or_path, dtype, settings)
 
 
 def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM",
@@ -241,6 +311,10 @@ def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: li
         enable_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora:
+        if is_quantized(model):   # norms and unquantized weights in fp32, every base weight frozen (QLoRA)
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         targets = cfg.lora_target_modules if target_modules is None else target_modules
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, task_type, modules_to_save)
         if cfg.gradient_checkpointing:

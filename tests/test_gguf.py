@@ -213,3 +213,28 @@ def test_metadata_pre_tokenizer_and_overwrite(gqa_model_dir, tmp_path, capsys, o
     fields = gguf_fields(again)
     assert fields["tokenizer.ggml.pre"] == "qwen2" and fields["general.name"] == gqa_model_dir.name
     assert fields["general.license"] == "apache-2.0"
+
+
+def test_lora_adapter_trained_from_a_gguf_names_the_gguf_as_its_base(gqa_model_dir, tmp_path, one_thread):
+    """Not the converted checkpoint in the cache: the .gguf file, which preftune loads the adapter back onto."""
+    from preftune import DPOConfig
+    from preftune.export_gguf import export_gguf
+    from preftune.models import load_any_causal_lm
+    from preftune.recipes.dpo import train_dpo
+
+    source = tmp_path / "in" / "model.gguf"
+    export_gguf(gqa_model_dir, source, "f32")
+    cfg = DPOConfig(model_name_or_path=str(source), dataset=str(write_pairs(tmp_path)),
+                    output_dir=str(tmp_path / "run"), lora=True, lora_r=2, lora_alpha=4, max_steps=2,
+                    learning_rate=1e-2, per_device_batch_size=2, max_length=64, warmup_ratio=0.0)
+    cfg.validate()
+    adapter = train_dpo(cfg).model_dir
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(source) and not base.startswith(str(gguf_import.cache_root()))
+    tuned = load_any_causal_lm(str(adapter))
+    ids = [1, 40, 41, 42, 43]
+    trained = logits(tuned, ids)
+    with tuned.disable_adapter():
+        torch.testing.assert_close(logits(tuned, ids), logits(load_causal_lm(str(gqa_model_dir)), ids), rtol=0,
+                                   atol=1e-5)   # the base under the adapter is the .gguf's model
+    assert not torch.allclose(trained, logits(load_causal_lm(str(gqa_model_dir)), ids), atol=1e-4)   # it learned

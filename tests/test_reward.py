@@ -280,7 +280,7 @@ def test_score_matches_training_for_strings_and_conversations(trained, tmp_path,
     for conversational in (False, True):
         rows = make_toy_preferences(6, seed=5, conversational=conversational)
         pairs, _ = tokenize_preferences(load_records(str(write_jsonl(tmp_path / "p.jsonl", rows))), tokenizer,
-                                        TokenizeSettings(max_length=64))
+                                        TokenizeSettings(max_length=64, whole_turn=True))   # as train_reward
         batch = collate_pairs(pairs, tokenizer.pad_token_id)
         with torch.no_grad():
             in_training = RewardScorer(model)(batch["input_ids"], batch["attention_mask"])[:6].tolist()

@@ -138,13 +138,16 @@ def test_reward_model_scorer_refuses_nan_and_renders_chat_prompts(tiny_model_dir
     model = load_classifier(str(tiny_model_dir), new_head=True)
     model.config.pad_token_id = tiny_tokenizer.pad_token_id
     scorer = RewardModelScorer("tiny", model=model, tokenizer=tiny_tokenizer, batch_size=2)
-    rendered = tiny_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
-    expected = score_texts(model, tiny_tokenizer, [rendered, "Describe the city"], ["calm kind", "loud rude"],
-                           prompt_special_tokens=False)
+    # a conversation is scored whole, as the chat template renders it with the reply (nothing appended)
+    whole = tiny_tokenizer.apply_chat_template(CHAT + [{"role": "assistant", "content": "calm kind"}], tokenize=True,
+                                               return_dict=True)["input_ids"]
+    with torch.no_grad():
+        expected = model(torch.tensor([whole])).logits[0, 0].item()
     plain = score_texts(model, tiny_tokenizer, ["Describe the city"], ["loud rude"])
+    unspecial = score_texts(model, tiny_tokenizer, ["Describe the city"], ["loud rude"], prompt_special_tokens=False)
     got = scorer.score([CHAT, "Describe the city"], ["calm kind", "loud rude"])
-    assert got[0] == pytest.approx(expected[0], abs=1e-5) and got[1] == pytest.approx(plain[0], abs=1e-5)
-    assert got[1] != pytest.approx(expected[1], abs=1e-6)  # a plain prompt keeps its BOS: another sequence
+    assert got[0] == pytest.approx(expected, abs=1e-5) and got[1] == pytest.approx(plain[0], abs=1e-5)
+    assert got[1] != pytest.approx(unspecial[0], abs=1e-6)  # a plain prompt keeps its BOS: another sequence
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
         RewardModelScorer("tiny", model=model, tokenizer=tiny_tokenizer, batch_size=0)
     with torch.no_grad():

@@ -31,6 +31,7 @@ RENAMED = {
     "response_length": "max_new_tokens",            # PPOConfig
     "max_completion_length": "max_new_tokens",      # PPO's sampled response length (GRPO has the option itself)
     "sft_model_path": "model_name_or_path",         # PPOConfig's policy to start from
+    "model_revision": "revision",                   # TRL's ModelConfig
 }
 
 # TRL name -> preftune name, with a value conversion.

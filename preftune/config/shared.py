@@ -62,6 +62,19 @@ class ModelSettings(SpeedSettings):
                                              "fixed.")
     adapt_projector: bool = option(False, "Vision-language models: train the projector between the vision tower and "
                                           "the language model too (saved in full beside LoRA adapters).")
+    load_in_4bit: bool = option(False, "Load the model's linear weights in 4 bits through bitsandbytes (QLoRA: needs "
+                                       "lora and a CUDA GPU; pip install 'preftune[quantization]').")
+    load_in_8bit: bool = option(False, "Load the model's linear weights in 8 bits through bitsandbytes (needs lora and "
+                                       "a CUDA GPU).")
+    bnb_4bit_quant_type: str = option("nf4", "4-bit data type of load_in_4bit.", choices=["nf4", "fp4"])
+    use_bnb_nested_quant: bool = option(False, "load_in_4bit: quantize the quantization constants too (~0.4 bits "
+                                               "per weight less).")
+    attn_implementation: str | None = option(None, "Attention kernel transformers loads the model with: sdpa, eager, "
+                                                   "flash_attention_2, ... (default: transformers' choice).")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit) of model_name_or_path and its "
+                                        "tokenizer.")
+    trust_remote_code: bool = option(False, "Run a hub model's own Python code (transformers' trust_remote_code); "
+                                            "only for models whose code you trust.")
 
 
 @dataclass
@@ -182,6 +195,7 @@ def validate_training(cfg) -> None:
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     fsdp_words(cfg.fsdp)
+    validate_quantization(cfg)
     cfg.report_to = trackers(cfg.report_to)
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
@@ -189,6 +203,15 @@ def validate_training(cfg) -> None:
             raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got '{getattr(cfg, f.name)}'")
 
 
+
+def validate_quantization(cfg) -> None:
+    """Quantized loading trains LoRA adapters on frozen quantized weights: one bit width, and LoRA."""
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        raise ConfigError("load_in_4bit and load_in_8bit cannot both be set; choose one")
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and not cfg.lora:
+        bits = 4 if cfg.load_in_4bit else 8
+        raise ConfigError(f"load_in_{bits}bit needs lora: quantized weights cannot be trained in full "
+                          "(add --lora, or load in full precision)")
 
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}     # tracker -> the package it needs

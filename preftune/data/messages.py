@@ -105,9 +105,13 @@ def require_prefix(prefix: str, text: str, field: str) -> None:
                          "followed by the reply", fatal=True)
 
 
-def reply_text(tokenizer, prompt: list, prompt_text: str, reply: list, field: str) -> str:
-    """The text ``reply`` adds after the rendered prompt, without a trailing EOS text."""
-    return strip_trailing_eos(reply_segment(tokenizer, prompt, prompt_text, reply, field), tokenizer.eos_token)
+def reply_text(tokenizer, prompt: list, prompt_text: str, reply: list, field: str, whole_turn: bool = False) -> str:
+    """The text ``reply`` adds after the rendered prompt, without a trailing EOS text (the trainers append the EOS
+    id), or with ``whole_turn`` everything the template writes for the turn, newline after its end included: the
+    prompt and this text are then the conversation exactly as the chat template renders it, which is what a reward
+    model reads (the scoring convention of :mod:`preftune.scoring.reward_model`)."""
+    segment = reply_segment(tokenizer, prompt, prompt_text, reply, field)
+    return segment if whole_turn else strip_trailing_eos(segment, tokenizer.eos_token)
 
 
 def reply_segment(tokenizer, prompt: list, prompt_text: str, reply: list, field: str) -> str:
@@ -144,10 +148,11 @@ def _notice_generation_prompt(tokenizer) -> None:
         "as the assistant's content followed by the template's end-of-turn text", highlight=False, soft_wrap=True)
 
 
-def render_pair(tokenizer, prompt: list, reply: list, field: str) -> tuple[str, str]:
-    """(prompt text, reply text); the generation prompt is added when the reply is the assistant's."""
+def render_pair(tokenizer, prompt: list, reply: list, field: str, whole_turn: bool = False) -> tuple[str, str]:
+    """(prompt text, reply text); the generation prompt is added when the reply is the assistant's (``whole_turn``:
+    see :func:`reply_text`)."""
     prompt_text = render(tokenizer, prompt, "prompt", add_generation_prompt=reply[0]["role"] == "assistant")
-    return prompt_text, reply_text(tokenizer, prompt, prompt_text, reply, field)
+    return prompt_text, reply_text(tokenizer, prompt, prompt_text, reply, field, whole_turn)
 
 
 def strip_trailing_eos(text: str, eos_token: str | None) -> str:

@@ -44,6 +44,7 @@ class TokenizeSettings:
     max_length: int = 1024
     max_prompt_length: int | None = None
     truncation_mode: str = "keep_end"
+    whole_turn: bool = False   # reward models: conversations as the chat template renders them, no EOS appended
 
 
 @dataclass
@@ -163,7 +164,7 @@ def _margin(row: dict) -> float:
 # ---------------------------------------------------------------- rows to text
 
 
-def _row_texts(row: dict, style: _Style, tokenizer) -> tuple[str, str, str]:
+def _row_texts(row: dict, style: _Style, tokenizer, whole_turn: bool = False) -> tuple[str, str, str]:
     """Validate one row's prompt and responses and return (prompt text, chosen text, rejected text)."""
     _check_format_matches(row, style)
     prompt = required_field(row, "prompt", style.messages) if style.explicit_prompt else None
@@ -184,7 +185,7 @@ def _row_texts(row: dict, style: _Style, tokenizer) -> tuple[str, str, str]:
     check_contents("rejected", rejected)
     if tokenizer is None:   # structure only (``preftune data check`` without a tokenizer): the messages as they are
         return prompt, chosen, rejected
-    return _render_conversation(prompt, chosen, rejected, tokenizer)
+    return _render_conversation(prompt, chosen, rejected, tokenizer, whole_turn)
 
 
 def _split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -216,21 +217,23 @@ def _split_shared_messages(chosen: list[dict], rejected: list[dict]) -> tuple[li
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def _render_conversation(prompt: list, chosen: list, rejected: list, tokenizer) -> tuple[str, str, str]:
-    prompt_text, chosen_text = render_pair(tokenizer, prompt, chosen, "chosen")
-    return prompt_text, chosen_text, reply_text(tokenizer, prompt, prompt_text, rejected, "rejected")
+def _render_conversation(prompt: list, chosen: list, rejected: list, tokenizer,
+                         whole_turn: bool = False) -> tuple[str, str, str]:
+    prompt_text, chosen_text = render_pair(tokenizer, prompt, chosen, "chosen", whole_turn)
+    return prompt_text, chosen_text, reply_text(tokenizer, prompt, prompt_text, rejected, "rejected", whole_turn)
 
 
-def validate_rows(records: Records, tokenizer=None,
-                  style: _Style | None = None) -> tuple[list[RowTexts], list[RowProblem]]:
-    """Every row checked, not tokenised; conversations are rendered only when a tokenizer is given."""
+def validate_rows(records: Records, tokenizer=None, style: _Style | None = None,
+                  whole_turn: bool = False) -> tuple[list[RowTexts], list[RowProblem]]:
+    """Every row checked, not tokenised; conversations are rendered only when a tokenizer is given (``whole_turn``:
+    :func:`preftune.data.messages.reply_text`)."""
     style = style or _detect_style(records)
     if style.messages and tokenizer is not None:
         require_chat_template(tokenizer)
     texts, problems = [], []
     for row, number in zip(records.rows, records.row_numbers):
         try:
-            prompt, chosen, rejected = _row_texts(row, style, tokenizer)
+            prompt, chosen, rejected = _row_texts(row, style, tokenizer, whole_turn)
             texts.append(RowTexts(prompt, chosen, rejected, _preference_prob(row), _margin(row), number))
         except InvalidRow as invalid:
             problem = invalid.problem(records.name, number)
@@ -261,16 +264,18 @@ def _token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[li
     return list(tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
 
 
-def tokenize_untruncated(records: Records, tokenizer) -> tuple[list[TokenizedPair], list[RowProblem]]:
-    """Validate every row and tokenise the valid ones in full; no length limit is applied."""
-    eos = eos_id(tokenizer)
+def tokenize_untruncated(records: Records, tokenizer,
+                         whole_turn: bool = False) -> tuple[list[TokenizedPair], list[RowProblem]]:
+    """Validate every row and tokenise the valid ones in full; no length limit is applied. Each response ends
+    with EOS; with ``whole_turn`` a conversation's responses end as the chat template ends the turn instead."""
     style = _detect_style(records)
-    texts, problems = validate_rows(records, tokenizer, style)
+    end = [] if whole_turn and style.messages else [eos_id(tokenizer)]
+    texts, problems = validate_rows(records, tokenizer, style, whole_turn)
     # A chat template writes BOS itself; a plain prompt gets it from the tokenizer.
     prompts = _token_ids(tokenizer, [t.prompt for t in texts], add_special_tokens=not style.messages)
     chosen = _token_ids(tokenizer, [t.chosen for t in texts], add_special_tokens=False)
     rejected = _token_ids(tokenizer, [t.rejected for t in texts], add_special_tokens=False)
-    pairs = [TokenizedPair(list(p), list(c) + [eos], list(r) + [eos], t.preference_prob, t.margin, t.row)
+    pairs = [TokenizedPair(list(p), list(c) + end, list(r) + end, t.preference_prob, t.margin, t.row)
              for t, p, c, r in zip(texts, prompts, chosen, rejected)]
     return pairs, problems
 
@@ -339,7 +344,7 @@ def tokenize_preferences(records: Records, tokenizer, settings: TokenizeSettings
                          skip_invalid: bool = False) -> tuple[list[TokenizedPair], SkipReport]:
     """Validate and tokenise every row. The first invalid row raises DataError unless ``skip_invalid``."""
     check_settings(settings)
-    pairs, problems = tokenize_untruncated(records, tokenizer)
+    pairs, problems = tokenize_untruncated(records, tokenizer, settings.whole_turn)
     note_unused_columns(records, PAIR_COLUMNS + OPTIONAL_COLUMNS)
     fitted, too_long = fit_pairs(pairs, settings, records.name)
     return fitted, settle_problems(records.name, len(records.rows), fitted, problems + too_long, skip_invalid)

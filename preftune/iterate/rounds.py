@@ -312,7 +312,7 @@ def train_iterate(cfg: IterateConfig, *, judge=None, oracle=None) -> IterateResu
     round_config(cfg, cfg.model_name_or_path, Path("pairs.jsonl"), Path(cfg.output_dir), 1, Path(".")).validate()
     modality = modality_of_data(cfg.dataset, cfg.split)   # prompts with images: a vision-language policy
     run_dir = prepare_run(cfg)
-    processor = modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    processor = modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg)
     tokenizer = modality.tokenizer_of(processor)
     if tokenizer.eos_token_id is None:
         raise ConfigError("the tokenizer has no EOS token; samples end at EOS")

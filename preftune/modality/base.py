@@ -30,13 +30,14 @@ class Modality(Protocol):
     tokenize_labelled: Callable   # KTO's labelled completions
 
     # ---- models
-    def load_processor(self, name_or_path: str) -> Any:
-        """The tokenizer (text) or processor (images) of a checkpoint."""
+    def load_processor(self, name_or_path: str, settings=None) -> Any:
+        """The tokenizer (text) or processor (images) of a checkpoint (``settings``: a command's model settings,
+        for their loading options: :func:`preftune.models.from_pretrained_options`)."""
 
     def tokenizer_of(self, processor) -> Any:
         """The text tokenizer inside ``processor`` (pad and EOS ids, decoding)."""
 
-    def load_model(self, name_or_path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    def load_model(self, name_or_path: str, dtype: torch.dtype = torch.float32, settings=None) -> nn.Module:
         """The generative model of a checkpoint (a causal LM, or an image-text-to-text model)."""
 
     def prepare_policy(self, model: nn.Module, cfg, **peft) -> nn.Module:

@@ -37,10 +37,15 @@ PACKED_KEYS = ("input_ids", "attention_mask", "position_ids", "prompt_lengths", 
 
 
 class PolicyLogprobs(nn.Module):
+    """The policy's completion log-probs, as the module a distributed wrapper wraps. With ``collect_stats`` on,
+    each forward leaves ``token_stats``: ``(stats [N, 3], sequence of each token [N])`` of its completion tokens
+    (:func:`preftune.speed.head.token_stats`: mean logit, argmax hit, entropy)."""
+
     def __init__(self, model: nn.Module, chunk_size: int = 1024):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.collect_stats, self.token_stats = False, None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 completion_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -48,11 +53,16 @@ class PolicyLogprobs(nn.Module):
                 completion_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Padded rows: ``[B, L]`` per-token log-probs. A packed batch (``completion_lengths`` given): ``[S]``
         summed log-probs per sequence."""
+        stats = [] if self.collect_stats else None
         if completion_lengths is not None:
             batch = dict(zip(PACKED_KEYS, (input_ids, attention_mask, position_ids, prompt_lengths,
                                            completion_lengths)))
-            return packed_sequence_logprobs(self.model, batch, self.chunk_size)
-        return token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size)
+            out = packed_sequence_logprobs(self.model, batch, self.chunk_size, stats=stats)
+        else:
+            out = token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size,
+                                 stats=stats)
+        self.token_stats = stats[0] if stats else None
+        return out
 
 
 def sequence_sums(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,14 +181,14 @@ class TextModality:
     tokenize_pairs = staticmethod(tokenize_preferences)
     tokenize_labelled = staticmethod(tokenize_kto)
 
-    def load_processor(self, name_or_path):
-        return load_tokenizer(name_or_path)
+    def load_processor(self, name_or_path, settings=None):
+        return load_tokenizer(name_or_path, settings)
 
     def tokenizer_of(self, processor):
         return processor
 
-    def load_model(self, name_or_path, dtype=torch.float32):
-        return load_causal_lm(name_or_path, dtype)
+    def load_model(self, name_or_path, dtype=torch.float32, settings=None):
+        return load_causal_lm(name_or_path, dtype, settings)
 
     def prepare_policy(self, model, cfg, **peft):
         return prepare_policy(model, cfg, **peft)
@@ -271,7 +281,7 @@ class TextModality:
     def reward_scorer(self, cfg, model, processor):
         if model is None:
             torch.manual_seed(cfg.seed)  # the new head's initial weights
-            model = rm.load_classifier(cfg.model_name_or_path, new_head=True)
+            model = rm.load_classifier(cfg.model_name_or_path, new_head=True, settings=cfg)
         rm.check_reward_model(model)
         rm.distinct_pad_token(processor)   # saved with the model: the reward is read at EOS, here and by transformers
         model.config.pad_token_id = processor.pad_token_id

@@ -22,7 +22,7 @@ from torch import nn
 from ..data.load import Records, load_records
 from ..data.preference import TokenizeSettings
 from ..errors import ConfigError
-from ..models import peft_wrapping, prepare_policy
+from ..models import from_pretrained_options, peft_wrapping, prepare_policy
 from ..multimodal.data import (
     VisionPair,
     collate_prompts,
@@ -61,14 +61,14 @@ class VisionModality:
     tokenize_pairs = staticmethod(tokenize_vision_pairs)
     tokenize_labelled = staticmethod(tokenize_vision_labelled)
 
-    def load_processor(self, name_or_path):
-        return load_processor(name_or_path)
+    def load_processor(self, name_or_path, settings=None):
+        return load_processor(name_or_path, from_pretrained_options(settings, name_or_path, weights=False))
 
     def tokenizer_of(self, processor):
         return processor.tokenizer
 
-    def load_model(self, name_or_path, dtype=torch.float32):
-        return load_vision_model(name_or_path, dtype)
+    def load_model(self, name_or_path, dtype=torch.float32, settings=None):
+        return load_vision_model(name_or_path, dtype, from_pretrained_options(settings, name_or_path))
 
     def prepare_policy(self, model, cfg, **peft):
         return prepare_policy(model, cfg, **{**trainable_parts(model, cfg), **peft})
@@ -140,7 +140,7 @@ class VisionModality:
         return processor
 
     def reward_scorer(self, cfg, model, processor):
-        model = model if model is not None else self.load_model(cfg.model_name_or_path)
+        model = model if model is not None else self.load_model(cfg.model_name_or_path, settings=cfg)
         torch.manual_seed(cfg.seed)   # the new head's initial weights
         hidden = model.config.get_text_config().hidden_size
         return VisionRewardScorer(self.prepare_policy(model, cfg), nn.Linear(hidden, 1))

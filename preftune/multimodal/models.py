@@ -21,11 +21,12 @@ PROJECTORS = ("multi_modal_projector", "connector", "merger")
 LANGUAGE_MODELS = ("language_model", "text_model")
 
 
-def load_processor(name_or_path: str):
+def load_processor(name_or_path: str, options: dict | None = None):
+    """A checkpoint's processor (``options``: more keyword arguments of ``from_pretrained``)."""
     from transformers import AutoProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(name_or_path)
+        processor = AutoProcessor.from_pretrained(name_or_path, **(options or {}))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the processor of '{name_or_path}': {exc}") from None
     tokenizer = getattr(processor, "tokenizer", None)
@@ -37,11 +38,12 @@ def load_processor(name_or_path: str):
     return processor
 
 
-def load_vision_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+def load_vision_model(name_or_path: str, dtype: torch.dtype = torch.float32, options: dict | None = None):
+    """An image-text-to-text checkpoint (``options``: more keyword arguments of ``from_pretrained``)."""
     from transformers import AutoModelForImageTextToText
 
     try:
-        return AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
+        return AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **(options or {}))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load '{name_or_path}' as a vision-language model: {exc}") from None
 

@@ -38,8 +38,12 @@ class DPOTask:
         return self.collator(pairs)
 
     def logps(self, model, batch) -> PreferenceLogps:
+        inner = getattr(model, "module", model)   # a distributed wrapper's module
+        if hasattr(inner, "collect_stats"):
+            inner.collect_stats = True
         sums, lengths = self.modality.sequence_sums(model, batch)
         half = sums.shape[0] // 2
+        self.token_stats = getattr(inner, "token_stats", None), half
         ref_chosen = ref_rejected = None
         if self.reference.kind != "none":
             ref = self.reference.sequence_logps(batch)
@@ -54,15 +58,34 @@ class DPOTask:
 
     def loss(self, model, batch):
         lp = self.logps(model, batch)
-        return preference_loss(self.cfg.loss_type, lp, self.cfg.beta, loss_weights=self.cfg.loss_weights,
-                               nll_weight=self.cfg.nll_weight, constraints=self.constraints, **loss_options(self.cfg))
+        loss, metrics = preference_loss(self.cfg.loss_type, lp, self.cfg.beta, loss_weights=self.cfg.loss_weights,
+                                        nll_weight=self.cfg.nll_weight, constraints=self.constraints,
+                                        **loss_options(self.cfg))
+        return loss, {**metrics, **token_metrics(*self.token_stats)}
 
     def eval_metrics(self, model, batch):
         return self.loss(model, batch)[1]
 
 
-def load_pairs(cfg: DPOConfig, processor, modality: Modality = TEXT) -> tuple[list, list]:
-    return train_and_eval(cfg, tokenized_reader(cfg, processor, modality.tokenize_pairs))
+def token_metrics(stats, pairs: int) -> dict[str, torch.Tensor]:
+    """TRL's per-token DPO metrics from the head's :func:`~preftune.speed.head.token_stats` (sequences ``< pairs``
+    are the chosen ones): the mean logit of chosen and of rejected tokens, the share of chosen tokens that are
+    the policy's most likely token, and the mean entropy over all completion tokens. None: no metrics."""
+    if stats is None:
+        return {}
+    values, sequence = stats
+    chosen = sequence.to(values.device) < pairs
+
+    def mean(column: int, where: torch.Tensor) -> torch.Tensor:
+        return values[where, column].mean() if bool(where.any()) else values.new_tensor(0.0)
+
+    return {"logits/chosen": mean(0, chosen), "logits/rejected": mean(0, ~chosen),
+            "mean_token_accuracy": mean(1, chosen), "entropy": mean(2, torch.ones_like(chosen))}
+
+
+def load_pairs(cfg: DPOConfig, processor, modality: Modality = TEXT, whole_turn: bool = False) -> tuple[list, list]:
+    """Training and held-out pairs (``whole_turn``: a reward model's conversations, see ``TokenizeSettings``)."""
+    return train_and_eval(cfg, tokenized_reader(cfg, processor, modality.tokenize_pairs, whole_turn))
 
 
 def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
@@ -71,11 +94,12 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
     cfg.validate(require_model=model is None)
     modality = modality_for(cfg)
     ctx = start_run(cfg, cfg.sanity_warnings())
-    processor = tokenizer or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    processor = tokenizer or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg)
     pad = modality.tokenizer_of(processor).pad_token_id
     train_pairs, eval_pairs = load_pairs(cfg, processor, modality)
 
-    policy = modality.prepare_policy(model if model is not None else modality.load_model(cfg.model_name_or_path), cfg)
+    model = model if model is not None else modality.load_model(cfg.model_name_or_path, settings=cfg)
+    policy = modality.prepare_policy(model, cfg)
     splits = ({"train": pair_sequences(train_pairs, modality), "eval": pair_sequences(eval_pairs, modality)}
               if cfg.precompute_ref else None)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type),

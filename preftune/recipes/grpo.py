@@ -109,7 +109,8 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
     acc = ctx.accelerator
     scorers = reward_scorers(cfg, acc.device, reward_funcs)
 
-    policy = modality.prepare_policy(model if model is not None else modality.load_model(cfg.model_name_or_path), cfg)
+    policy = modality.prepare_policy(model if model is not None else
+                                     modality.load_model(cfg.model_name_or_path, settings=cfg), cfg)
     disable_dropout(policy, keep_lora_dropout=False)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.beta > 0, modality=modality)
     module = PolicyTokens(policy, cfg.logprob_chunk_size, cfg.temperature, modality)

@@ -168,7 +168,7 @@ def train_kto(cfg: KTOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
     cfg.validate(require_model=model is None)
     modality = modality_for(cfg)
     ctx = start_run(cfg, cfg.sanity_warnings())
-    processor = tokenizer or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    processor = tokenizer or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg)
     pad = modality.tokenizer_of(processor).pad_token_id
     train_examples, eval_examples = load_examples(cfg, processor, modality)
     advice = weight_advice(cfg, *label_counts(train_examples))
@@ -177,7 +177,8 @@ def train_kto(cfg: KTOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
     train_items = make_items(train_examples, cfg.seed, cfg.max_length, modality)
     eval_items = make_items(eval_examples, cfg.seed + 1, cfg.max_length, modality) if len(eval_examples) > 1 else []
 
-    policy = modality.prepare_policy(model if model is not None else modality.load_model(cfg.model_name_or_path), cfg)
+    model = model if model is not None else modality.load_model(cfg.model_name_or_path, settings=cfg)
+    policy = modality.prepare_policy(model, cfg)
     splits = {name: item_sequences(items, cfg.kto_kl, modality)
               for name, items in (("train", train_items), ("eval", eval_items))}
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, precompute=splits if cfg.precompute_ref else None,

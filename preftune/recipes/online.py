@@ -56,7 +56,7 @@ def start_online_run(cfg, processor, outputs: str, modality: Modality | None = N
     """
     modality = modality or modality_for(cfg)
     ctx = start_run(cfg, cfg.sanity_warnings())
-    processor = processor or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    processor = processor or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg)
     tokenizer = modality.tokenizer_of(processor)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer has no EOS token; {outputs} end at EOS")

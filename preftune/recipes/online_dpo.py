@@ -41,7 +41,8 @@ def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_mo
     ctx, modality, tokenizer, prompts = start.ctx, start.modality, start.tokenizer, start.prompts
     acc = ctx.accelerator
     judge = _judge(judge, cfg, acc.device)
-    policy = modality.prepare_policy(model if model is not None else modality.load_model(cfg.model_name_or_path), cfg)
+    policy = modality.prepare_policy(model if model is not None else
+                                     modality.load_model(cfg.model_name_or_path, settings=cfg), cfg)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type),
                                modality=modality)
     local_prompts = cfg.per_device_batch_size * cfg.gradient_accumulation_steps

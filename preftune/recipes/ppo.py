@@ -104,7 +104,7 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, ref_model=None, rew
     acc = ctx.accelerator
     reward = reward_scorer(cfg, acc.device, reward)
 
-    policy = model if model is not None else load_causal_lm(cfg.model_name_or_path)
+    policy = model if model is not None else load_causal_lm(cfg.model_name_or_path, settings=cfg)
     shared = cfg.value_model == "shared" or (cfg.value_model == "auto" and cfg.lora)
     critic = None if shared else _critic_backbone(policy, cfg)
     policy = prepare_policy(policy, cfg)

@@ -64,9 +64,9 @@ def train_pretrain(cfg: PretrainConfig, *, model=None, tokenizer=None) -> RunRes
         raise ConfigError("lora on a model_config (random weights) would save only adapters for a base that is "
                           "never saved; train all weights, or add merge_lora")
     ctx = start_run(cfg, cfg.sanity_warnings())
-    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg)
     train_rows, eval_rows, counts = pretrain_rows(cfg, tokenizer)
     if model is None:
         model = fresh_model(cfg.model_config, tokenizer, cfg.seed) if cfg.model_config \
-            else load_causal_lm(cfg.model_name_or_path)
+            else load_causal_lm(cfg.model_name_or_path, settings=cfg)
     return train_lm(cfg, ctx, model, tokenizer, train_rows, eval_rows, packed=True, extra=counts)

@@ -96,8 +96,8 @@ def train_reward(cfg: RewardConfig, *, model=None, tokenizer=None) -> RunResult:
     modality = modality_for(cfg)
     ctx = start_run(cfg, cfg.sanity_warnings())
     processor = modality.reward_processor(tokenizer or modality.load_processor(cfg.tokenizer_name_or_path
-                                                                               or cfg.model_name_or_path))
-    train_pairs, eval_pairs = load_pairs(cfg, processor, modality)
+                                                                               or cfg.model_name_or_path, cfg))
+    train_pairs, eval_pairs = load_pairs(cfg, processor, modality, whole_turn=True)   # the scoring convention
     if cfg.loss_type != "soft_label" and any(p.preference_prob < 1 for p in train_pairs) and ctx.is_main_process:
         console.print(f"[yellow]warning:[/] the data has preference_prob values below 1, which "
                       f"loss_type={cfg.loss_type} ignores (it treats every pair as certain); use --loss_type "

@@ -131,9 +131,9 @@ def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None) -> RunResult:
     cfg.validate(require_model=model is None)
     modality = modality_for(cfg)
     ctx = start_run(cfg, cfg.sanity_warnings())
-    processor = tokenizer or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    processor = tokenizer or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg)
     train, held = train_and_eval(cfg, tokenized_reader(cfg, processor, modality.sft_tokenizer(cfg)))
     counts = {"train_examples": len(train), "eval_examples": len(held)}
-    model = model if model is not None else modality.load_model(cfg.model_name_or_path)
+    model = model if model is not None else modality.load_model(cfg.model_name_or_path, settings=cfg)
     return train_lm(cfg, ctx, model, processor, modality.lm_rows(train, cfg), modality.lm_rows(held, cfg),
                     cfg.packing, counts, modality)

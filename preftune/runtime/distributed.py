@@ -72,6 +72,18 @@ def make_accelerator(precision: str, report_to: list[str], run_dir: Path, fsdp: 
     return accelerator
 
 
+def launcher_warning(num_processes: int, env=os.environ) -> str | None:
+    """A warning when ``accelerate launch`` was asked for several processes but started this one alone: its simple
+    launcher (``--cpu`` without mpirun) sets ``MASTER_ADDR`` for a multi-process request, yet starts one process
+    and no ``WORLD_SIZE``. None otherwise."""
+    launched = "ACCELERATE_MIXED_PRECISION" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+    if not launched or num_processes > 1:
+        return None
+    return ("accelerate launch was asked for several processes but started only this one (its --cpu launcher "
+            "runs one process without mpirun): for data parallelism on CPUs use accelerate launch --multi_gpu "
+            "--num_processes N (it runs on CPU too) or torchrun --nproc_per_node N")
+
+
 def _fsdp_on_cpu(accelerator, plugin) -> None:
     """accelerate ignores an FSDP request on CPU processes (it enables FSDP on accelerators only) and runs
     DDP; FSDP2 itself works on CPU with gloo, so switch accelerate's state to it when FSDP was asked for."""

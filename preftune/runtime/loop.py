@@ -163,7 +163,7 @@ class Trainer:
                                       betas=(settings.adam_beta1, settings.adam_beta2), fused=fused or None)
         self.scheduler = self._make_scheduler(optimizer)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.global_step = 0
+        self.global_step, self.num_tokens = 0, 0   # num_tokens: tokens trained on so far (TRL's metric)
         self.resumed_from: Path | None = None
         if accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -248,10 +248,11 @@ class Trainer:
             for key, value in out.metrics.items():
                 window[key].append(value)
             window_examples += out.examples
-            window_tokens += out.tokens
+            window_tokens, self.num_tokens = window_tokens + out.tokens, self.num_tokens + out.tokens
             if self.global_step % self.s.logging_steps == 0 or self.global_step == self.total_steps:
                 last = {k: v[-1] if k in self.step.gauges else window_mean(v) for k, v in window.items()}
-                last.update({f"{self.unit}/s": window_examples / window_time, "tokens/s": window_tokens / window_time})
+                last.update({f"{self.unit}/s": window_examples / window_time, "tokens/s": window_tokens / window_time,
+                             "num_tokens": self.num_tokens})
                 self.log(last)
                 display.logged(self.global_step, last)
                 window.clear()
@@ -371,7 +372,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Trainable weights, optimiser, scheduler, RNG states, data position and the step function's state."""
         state = {"global_step": self.global_step, "total_steps": self.total_steps, "world_size": self.world,
-                 **self._must_match(), "extra": self.step.state_dict()}
+                 "num_tokens": self.num_tokens, **self._must_match(), "extra": self.step.state_dict()}
         path = self.checkpoint_dir() / f"{ckpt.PREFIX}{self.global_step}"
         return ckpt.save_checkpoint(self.acc, path, self.unwrapped(), self.optimizer, self.scheduler, state,
                                     self.s.save_total_limit, self.step)
@@ -379,7 +380,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         state = ckpt.load_checkpoint(self.acc, path, self.unwrapped(), self.optimizer, self.scheduler,
                                      self._must_match(), self.step)
-        self.global_step = state["global_step"]
+        self.global_step, self.num_tokens = state["global_step"], state.get("num_tokens", 0)
         self.step.load_state_dict(state.get("extra", {}))
         if self.acc.is_main_process:
             for name in RECORD_FILES:

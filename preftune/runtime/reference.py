@@ -159,7 +159,7 @@ def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True,
         return Reference()
     device, chunk, autocast = ctx.accelerator.device, cfg.logprob_chunk_size, ctx.accelerator.autocast
     if ref_model is None and cfg.ref_model_name_or_path:
-        ref_model = computing_copy(modality.load_model(cfg.ref_model_name_or_path), ctx.precision)
+        ref_model = computing_copy(modality.load_model(cfg.ref_model_name_or_path, settings=cfg), ctx.precision)
     if ref_model is None and is_peft_model(policy):
         live: LiveReference = AdapterReference(policy.to(device), chunk, modality, autocast)
     elif ref_model is None and precompute is not None:

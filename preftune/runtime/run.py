@@ -12,7 +12,14 @@ from typing import Any, Callable
 
 from ..errors import ConfigError
 from ..speed.allocator import restore_defaults, reuse_freed_memory
-from .distributed import configure_deepspeed, engine_name, full_state_dict, is_sharded, make_accelerator
+from .distributed import (
+    configure_deepspeed,
+    engine_name,
+    full_state_dict,
+    is_sharded,
+    launcher_warning,
+    make_accelerator,
+)
 from .loop import TrainResult
 from .records import METRICS, RUN_OUTPUTS, SUMMARY
 from .resume import change_warnings, check_resume
@@ -71,6 +78,7 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         raise ConfigError("merge_lora is not supported with sharded training (FSDP2, DeepSpeed): the adapter is "
                           "saved; merge it afterwards on one process")
     configure_deepspeed(accelerator, cfg)
+    warnings = [*warnings, *filter(None, [launcher_warning(accelerator.num_processes)])]
     reuses_freed_memory = reuse_freed_memory(cfg, accelerator.device)   # for this run only: see finish_run
     prepare_run_dir(run_dir, cfg.resume, cfg.overwrite_output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -109,9 +117,10 @@ def train_and_eval(cfg, read: Callable[[str, str], list]) -> tuple[list, list]:
     return hold_out(train, cfg.eval_fraction, cfg.seed)
 
 
-def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str], list]:
+def tokenized_reader(cfg, tokenizer, tokenize: Callable, whole_turn: bool = False) -> Callable[[str, str], list]:
     """``read(source, split)`` for :func:`train_and_eval`: load the rows, ``tokenize(records, tokenizer, settings,
-    skip_invalid=...)`` them within the config's length limits, and report the rows skipped."""
+    skip_invalid=...)`` them within the config's length limits, and report the rows skipped. ``whole_turn``
+    (reward models): conversations are tokenised as the chat template renders them (``TokenizeSettings``)."""
     from accelerate import PartialState
 
     from ..data import TokenizeSettings, load_records
@@ -120,7 +129,7 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
     from .progress import data_line
 
     settings = TokenizeSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                                truncation_mode=cfg.truncation_mode)
+                                truncation_mode=cfg.truncation_mode, whole_turn=whole_turn)
 
     def read(source: str, split: str) -> list:
         records = load_records(source, split=split)

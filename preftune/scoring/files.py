@@ -13,12 +13,13 @@ from ..data.messages import check_contents, render_pair, require_chat_template, 
 from ..data.rows import InvalidRow, read_rows
 from ..errors import ConfigError
 from ..models import load_tokenizer
-from .reward_model import RewardModelScorer, load_weights, prepare_tokenizer
+from .base import check_scores
+from .reward_model import load_weights, prepare_tokenizer, score_texts
 
 
 def _scoring_texts(row: dict, messages: bool, tokenizer) -> tuple[str, str]:
-    """Validate one scoring row and return (prompt text, response text). TRL's ``completion`` column is read as
-    the response when there is no ``response``."""
+    """Validate one scoring row and return (prompt, response): texts, or messages. TRL's ``completion`` column is
+    read as the response when there is no ``response``."""
     if "response" not in row and "completion" in row:
         row = {**row, "response": row["completion"]}
     if messages and isinstance(row.get("response"), str):  # a generated reply to a conversation
@@ -29,7 +30,8 @@ def _scoring_texts(row: dict, messages: bool, tokenizer) -> tuple[str, str]:
     if not messages:
         return prompt, response
     check_contents("response", response)
-    return render_pair(tokenizer, prompt, response, "response")
+    render_pair(tokenizer, prompt, response, "response", whole_turn=True)   # a template error names this row
+    return prompt, response   # scored as the whole conversation (preftune.scoring.reward_model)
 
 
 @dataclass
@@ -57,9 +59,8 @@ def score_file(model_path, input_path, output_path, batch_size: int = 16, max_le
     prompts = [prompt for (prompt, _), _ in pairs]
     responses = [response for (_, response), _ in pairs]
     model = load_weights(model_path, tokenizer.pad_token_id, device)  # after the rows proved valid
-    scorer = RewardModelScorer(model_path, model=model, tokenizer=tokenizer, batch_size=batch_size,
-                               max_length=max_length, prompt_special_tokens=not messages)
-    return write_scored(records, scorer.score(prompts, responses), output_path)
+    rewards = score_texts(model, tokenizer, prompts, responses, batch_size, max_length=max_length)
+    return write_scored(records, check_scores(f"reward model {model_path}", rewards, len(rewards)), output_path)
 
 
 def write_scored(records, rewards: list[float], output_path) -> ScoreResult:

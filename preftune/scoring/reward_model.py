@@ -13,8 +13,19 @@ The model is ``AutoModelForSequenceClassification`` with one output, on any back
   and response are concatenated as BERT's sentence pair: ``[CLS] prompt [SEP] response [SEP]`` with
   token type 1 on the response (a tokenizer without EOS gets its SEP token as EOS).
 
-Sequences are tokenised exactly as in training (``preftune.data``): prompt ids, then response ids, then
-EOS. Prompts given as chat messages are rendered with the reward model's own chat template.
+The scoring input, one convention for training (``preftune reward``) and scoring (``preftune score``, a
+reward model in ``reward_funcs`` or as a judge), chosen to be TRL's so that reward models move between the
+two unchanged:
+
+* a conversation (the prompt a list of messages) is the whole conversation, prompt and assistant reply, as
+  the reward model's chat template renders it (``apply_chat_template(prompt + reply)``, no generation
+  prompt): what the template writes after the reply's end of turn (``<|im_end|>\n``) is part of it, and
+  nothing is appended. These are the ids TRL's ``RewardTrainer`` trains on for conversational data and the
+  ids GRPO's reward models read for conversational prompts;
+* plain text is the prompt with the tokenizer's special tokens (BOS), the response, then EOS: TRL's
+  ``RewardTrainer`` input for standard data (``prompt + response + eos_token`` as one string), equal to it
+  wherever the prompt/response boundary is a token boundary;
+* the reward is read at the last token that is not padding (transformers' rule, above), where TRL reads it.
 """
 
 from __future__ import annotations
@@ -26,9 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.messages import render, strip_trailing_eos
+from ..data.messages import render_pair, strip_trailing_eos
 from ..errors import ConfigError
-from ..models import load_tokenizer, peft_wrapping
+from ..models import from_pretrained_options, load_tokenizer, named_as_given, peft_wrapping
 from ..wrappers import base_model, evaluating
 from .base import CheckedScorer, check_batch_size
 
@@ -123,21 +134,25 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def load_classifier(name_or_path, dtype: torch.dtype = torch.float32, new_head: bool = False):
+def load_classifier(name_or_path, dtype: torch.dtype = torch.float32, new_head: bool = False, settings=None):
     """``AutoModelForSequenceClassification`` with one output (a new head on a causal LM checkpoint).
 
     ``new_head``: a checkpoint's classification head of another size (say 2 labels) is drawn afresh.
+    ``settings``: a command's model settings, for their loading options
+    (:func:`~preftune.models.from_pretrained_options`).
     """
     from transformers import AutoModelForSequenceClassification
 
     from ..gguf_import import resolve_model_path
 
-    name_or_path = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
+    options = from_pretrained_options(settings, name_or_path)
+    resolved = resolve_model_path(name_or_path)   # a .gguf file: its converted checkpoint
     try:
-        return AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=dtype,
-                                                                  ignore_mismatched_sizes=new_head)
+        model = AutoModelForSequenceClassification.from_pretrained(resolved, num_labels=1, dtype=dtype,
+                                                                   ignore_mismatched_sizes=new_head, **options)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"cannot load '{name_or_path}' as a reward model: {exc}") from None
+        raise ConfigError(f"cannot load '{resolved}' as a reward model: {exc}") from None
+    return named_as_given(model, name_or_path)
 
 
 def load_reward_model(path, device=None):
@@ -173,13 +188,11 @@ def _fit(prompt: list[int], response: list[int], max_length: int | None) -> tupl
     return prompt, response[:max_length - len(prompt)]
 
 
-def _encode_prompts(tokenizer, prompts: list, special_tokens: bool) -> list[list[int]]:
-    """Strings with (or without) special tokens; message lists rendered by the chat template, without."""
-    texts = [render(tokenizer, p, "prompt", add_generation_prompt=True) if isinstance(p, list) else p for p in prompts]
-    flags = [special_tokens and isinstance(p, str) for p in prompts]
-    ids: list[list[int]] = [[] for _ in prompts]
+def _encode(tokenizer, texts: list[str], special_tokens: list[bool]) -> list[list[int]]:
+    """Each text's ids, with or without the tokenizer's special tokens (BOS) as its flag says."""
+    ids: list[list[int]] = [[] for _ in texts]
     for flag in (True, False):
-        index = [i for i, f in enumerate(flags) if f == flag]
+        index = [i for i, f in enumerate(special_tokens) if f == flag]
         if index:
             encoded = tokenizer([texts[i] for i in index], add_special_tokens=flag, verbose=False)["input_ids"]
             for i, row in zip(index, encoded):
@@ -187,23 +200,39 @@ def _encode_prompts(tokenizer, prompts: list, special_tokens: bool) -> list[list
     return ids
 
 
-def tokenize_for_scoring(tokenizer, prompts: list, responses: list[str], max_length: int | None = None,
+def _scoring_texts(tokenizer, prompt, response) -> tuple[str, str, bool]:
+    """(prompt text, response text, whether EOS is appended) of one row under the scoring convention."""
+    if isinstance(prompt, list):   # the whole conversation as the chat template renders it; nothing appended
+        reply = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
+        return (*render_pair(tokenizer, prompt, reply, "response", whole_turn=True), False)
+    return prompt, strip_trailing_eos(response, _eos(tokenizer)[1]), True
+
+
+def _eos(tokenizer) -> tuple[int | None, str | None]:
+    """The id and text that end a plain-text response: EOS, or an encoder's SEP where there is none."""
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id, tokenizer.eos_token
+    return getattr(tokenizer, "sep_token_id", None), getattr(tokenizer, "sep_token", None)
+
+
+def tokenize_for_scoring(tokenizer, prompts: list, responses: list, max_length: int | None = None,
                          prompt_special_tokens: bool = True) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids + EOS) per row, as in training. A response's trailing EOS text is dropped."""
+    """(prompt ids, response ids) per row, as ``preftune reward`` trains on them (the module's convention): a
+    string prompt (with the tokenizer's special tokens unless ``prompt_special_tokens`` is False), the response
+    text without a trailing EOS text, then the EOS id; a conversation (a list of messages) with its reply (the
+    assistant's text, or messages) as the chat template renders the whole conversation, nothing appended."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    eos, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
-    if eos is None:  # as prepare_tokenizer: an encoder's SEP
-        eos, eos_text = getattr(tokenizer, "sep_token_id", None), getattr(tokenizer, "sep_token", None)
-    if eos is None:
-        raise ConfigError("the tokenizer has no EOS token (nor SEP), but every response must end with one; "
-                          "set tokenizer.eos_token")
     if not prompts:
         return []
-    prompt_ids = _encode_prompts(tokenizer, prompts, prompt_special_tokens)
-    texts = [strip_trailing_eos(r, eos_text) for r in responses]
-    response_ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    return [_fit(list(p), list(r) + [eos], max_length) for p, r in zip(prompt_ids, response_ids)]
+    eos = _eos(tokenizer)[0]
+    if eos is None and not all(isinstance(p, list) for p in prompts):
+        raise ConfigError("the tokenizer has no EOS token (nor SEP), but every response must end with one; "
+                          "set tokenizer.eos_token")
+    rows = [_scoring_texts(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    prompt_ids = _encode(tokenizer, [r[0] for r in rows], [prompt_special_tokens and ends for _, _, ends in rows])
+    response_ids = _encode(tokenizer, [r[1] for r in rows], [False] * len(rows))
+    return [_fit(p, r + [eos] * ends, max_length) for p, r, (_, _, ends) in zip(prompt_ids, response_ids, rows)]
 
 
 @torch.inference_mode()
@@ -233,13 +262,9 @@ def score_token_ids(model, sequences: list[tuple[list[int], list[int]]], pad_tok
 
 def score_texts(model, tokenizer, prompts: list, responses: list[str], batch_size: int = 16, *,
                 max_length: int | None = None, prompt_special_tokens: bool = True) -> list[float]:
-    """Reward of each (prompt, response) string pair, no gradients.
-
-    Tokenised as in training: the prompt with the tokenizer's special tokens (BOS; pass
-    ``prompt_special_tokens=False`` for a prompt already rendered by a chat template), the response
-    without, then EOS. A prompt may be a list of messages: it is rendered with the chat template and
-    the generation prompt. ``max_length`` cuts the start of long prompts.
-    """
+    """Reward of each (prompt, response) pair, no gradients, tokenised by :func:`tokenize_for_scoring` (pass
+    ``prompt_special_tokens=False`` for string prompts already rendered by a chat template). ``max_length`` cuts
+    the start of long prompts."""
     sequences = tokenize_for_scoring(tokenizer, prompts, responses, max_length, prompt_special_tokens)
     return score_token_ids(model, sequences, tokenizer.pad_token_id, batch_size)
 

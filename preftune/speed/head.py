@@ -66,13 +66,25 @@ def log_softmax_stats(logits: Tensor, targets: Tensor, with_entropy: bool = Fals
     return picked, entropy
 
 
+def token_stats(logits: Tensor, logp: Tensor, targets: Tensor) -> Tensor:
+    """``[rows, 3]`` diagnostics of one chunk, no gradient: each row's mean logit over the vocabulary, whether its
+    most likely token is the target (1/0) and its entropy (TRL's ``logits/*``, ``mean_token_accuracy``,
+    ``entropy``)."""
+    with torch.no_grad():
+        hit = (logits.argmax(-1) == targets).to(logp.dtype)
+        return torch.stack([logits.mean(-1).to(logp.dtype), hit, -(logp.exp() * logp).sum(-1)], -1).float()
+
+
 def linear_head_logprobs(head: nn.Linear, hidden: Tensor, targets: Tensor, chunk_size: int, multiplier: float,
-                         with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-    """``[N]`` ``log softmax(multiplier * head(hidden))[targets]`` (and ``[N]`` entropies), float32 or float64."""
+                         with_entropy: bool, stats: list | None = None) -> tuple[Tensor, Tensor | None]:
+    """``[N]`` ``log softmax(multiplier * head(hidden))[targets]`` (and ``[N]`` entropies), float32 or float64.
+    ``stats``: a list that receives each chunk's :func:`token_stats`."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, *head.parameters())):
-        out = _LinearHeadLogprobs.apply(hidden, head.weight, head.bias, targets, chunk_size, multiplier, with_entropy)
+        out = _LinearHeadLogprobs.apply(hidden, head.weight, head.bias, targets, chunk_size, multiplier, with_entropy,
+                                        stats)
         return out if with_entropy else (out, None)
-    logp, entropy, _, _ = _forward(hidden, head.weight, head.bias, targets, chunk_size, multiplier, with_entropy)
+    logp, entropy, _, _ = _forward(hidden, head.weight, head.bias, targets, chunk_size, multiplier, with_entropy,
+                                   stats=stats)
     return logp, entropy
 
 
@@ -80,11 +92,11 @@ class _LinearHeadLogprobs(torch.autograd.Function):
     """See the module docstring. Outputs ``logp`` or ``(logp, entropy)``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, multiplier, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, multiplier, with_entropy, stats=None):
         ctx.set_materialize_grads(False)
         frozen = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
         logp, entropy, slopes, dtype = _forward(hidden, weight, bias, targets, chunk_size, multiplier, with_entropy,
-                                                keep_slopes=frozen)
+                                                keep_slopes=frozen, stats=stats)
         ctx.chunk_size, ctx.multiplier, ctx.dtype = chunk_size, multiplier, dtype
         ctx.save_for_backward(hidden, weight, bias, targets, entropy, slopes)
         return (logp, entropy) if with_entropy else logp
@@ -97,9 +109,9 @@ class _LinearHeadLogprobs(torch.autograd.Function):
             grad_logp = torch.zeros_like(targets, dtype=torch.float32 if entropy is None else entropy.dtype)
         if slopes is not None and grad_entropy is None:   # frozen head: d log p / d h is already known
             grad_hidden = (slopes * grad_logp.unsqueeze(-1).to(slopes.dtype)).to(hidden.dtype)
-            return grad_hidden, None, None, None, None, None, None
-        return (*_backward(ctx, hidden, weight, bias, targets, grad_logp, grad_entropy, entropy),
-                None, None, None, None)
+            return (grad_hidden, *[None] * (len(ctx.needs_input_grad) - 1))
+        grads = _backward(ctx, hidden, weight, bias, targets, grad_logp, grad_entropy, entropy)
+        return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))   # one per input (stats optional)
 
 
 def _softmax_input(projected: Tensor, multiplier: float) -> Tensor:
@@ -108,9 +120,9 @@ def _softmax_input(projected: Tensor, multiplier: float) -> Tensor:
     return logits.mul_(multiplier) if multiplier != 1.0 else logits
 
 
-def _forward(hidden, weight, bias, targets, chunk_size, multiplier, with_entropy, keep_slopes=False):
+def _forward(hidden, weight, bias, targets, chunk_size, multiplier, with_entropy, keep_slopes=False, stats=None):
     """``(logp, entropy or None, slopes or None, projection dtype)``; ``slopes`` (``keep_slopes``: frozen head)
-    is ``[N, H]`` ``d log p[target] / d hidden``."""
+    is ``[N, H]`` ``d log p[target] / d hidden``; ``stats`` (a list) receives each chunk's :func:`token_stats`."""
     logps, entropies, slopes, dtype = [], [], [], weight.dtype
     for start in range(0, hidden.shape[0], chunk_size):
         rows, picked_ids = hidden[start:start + chunk_size], targets[start:start + chunk_size]
@@ -119,6 +131,8 @@ def _forward(hidden, weight, bias, targets, chunk_size, multiplier, with_entropy
         logits = _softmax_input(projected, multiplier)
         del projected
         logp = torch.log_softmax(logits, dim=-1)
+        if stats is not None:
+            stats.append(token_stats(logits, logp, picked_ids))
         del logits
         logps.append(logp.gather(-1, picked_ids.unsqueeze(-1)).squeeze(-1))
         if with_entropy:

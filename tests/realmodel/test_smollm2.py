@@ -90,7 +90,6 @@ def test_reward_model_learns_and_scores_the_same_through_transformers(smollm2_di
     from transformers import AutoModelForSequenceClassification
 
     from preftune.config import RewardConfig
-    from preftune.data.messages import render_pair
     from preftune.models import load_tokenizer
     from preftune.recipes.reward import train_reward
     from preftune.scoring.files import score_file
@@ -109,10 +108,13 @@ def test_reward_model_learns_and_scores_the_same_through_transformers(smollm2_di
     ours = [json.loads(line)["reward"] for line in scored.read_text().splitlines()]
     tokenizer = load_tokenizer(str(saved))
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    texts = [render_pair(tokenizer, r["prompt"], [{"role": "assistant", "content": r["response"]}], "response")
-             for r in rows]
-    sequences = [p + r for p, r in tokenize_for_scoring(tokenizer, *zip(*texts), prompt_special_tokens=False)]
-    assert all(s[-1] == tokenizer.eos_token_id for s in sequences)
+    # the input TRL's RewardTrainer and GRPO build: the whole conversation through the chat template
+    sequences = [list(tokenizer.apply_chat_template(r["prompt"] + [{"role": "assistant", "content": r["response"]}],
+                                                    tokenize=True, return_dict=True)["input_ids"]) for r in rows]
+    assert sequences == [p + r for p, r in tokenize_for_scoring(tokenizer, [r["prompt"] for r in rows],
+                                                                [r["response"] for r in rows])]
+    assert all(s[-2:] == [tokenizer.eos_token_id, tokenizer("\n", add_special_tokens=False)["input_ids"][0]]
+               for s in sequences)   # <|im_end|>\n, as the template ends the turn
     library = AutoModelForSequenceClassification.from_pretrained(saved).eval()
     assert library.config.pad_token_id == tokenizer.pad_token_id
     width = max(map(len, sequences))
