@@ -40,6 +40,10 @@ class GRPOConfig(OnlineRLSettings):
     advantage: str = option("grpo", "grpo: reward minus the group mean, scaled by scale_rewards; rloo: reward (minus "
                                     "beta x KL) minus the mean of the other completions of the prompt.",
                             choices=["grpo", "rloo"])
+    rloo_objective: str = option("grpo", "rloo's policy loss: grpo (the clipped per-token loss of loss_type) or trl "
+                                         "(TRL 1.16's RLOO: one importance ratio per sequence, π(o)/π_old(o), clipped, "
+                                         "averaged over sequences; loss_type and importance_sampling_level unused).",
+                                 choices=["grpo", "trl"])
     num_generations: int = option(8, "Completions sampled per prompt (the group size G).")
     max_completion_length: int = option(256, "Longest completion sampled.")
     generation_batch_size: int = option(32, "Sequences per generation and no-grad forward pass.")
@@ -98,7 +102,10 @@ class GRPOConfig(OnlineRLSettings):
 
     @property
     def aggregation(self) -> str:
-        """``loss_type`` with TRL's names resolved (see :data:`preftune.losses.grpo.LOSS_TYPE_ALIASES`)."""
+        """``loss_type`` with TRL's names resolved (see :data:`preftune.losses.grpo.LOSS_TYPE_ALIASES`); TRL's RLOO
+        objective averages over sequences."""
+        if self.rloo_objective == "trl":
+            return "sequence_mean"
         if self.loss_type in OBJECTIVE_LOSS_TYPES:
             return OBJECTIVE_LOSS_TYPES[self.loss_type][1]
         return LOSS_TYPE_ALIASES.get(self.loss_type, self.loss_type)
@@ -110,7 +117,8 @@ class GRPOConfig(OnlineRLSettings):
 
     def policy_options(self) -> dict:
         """The options of :func:`preftune.losses.grpo.grpo_loss` that choose and shape the objective."""
-        return dict(objective=self.objective, importance_sampling_level=self.importance_sampling_level,
+        level = "sequence_sum" if self.rloo_objective == "trl" else self.importance_sampling_level
+        return dict(objective=self.objective, importance_sampling_level=level,
                     delta=self.delta, off_policy_threshold=self.off_policy_mask_threshold,
                     top_entropy_quantile=self.top_entropy_quantile, entropy_coef=self.entropy_coef,
                     sapo_temperatures=(self.sapo_temperature_pos, self.sapo_temperature_neg),
@@ -139,6 +147,11 @@ class GRPOConfig(OnlineRLSettings):
         if rollout % self.num_generations:
             raise ConfigError(f"per_device_batch_size x gradient_accumulation_steps x steps_per_generation = {rollout} "
                               f"completions per device must be a multiple of num_generations ({self.num_generations})")
+        if self.rloo_objective == "trl" and (self.advantage != "rloo" or self.objective != "clip"
+                                             or self.importance_sampling_level != "token"):
+            raise ConfigError("rloo_objective trl is TRL's RLOO loss (a clipped ratio per sequence): it needs "
+                              "advantage rloo, a clip loss_type and importance_sampling_level token; got "
+                              f"{self.advantage}, {self.loss_type} and {self.importance_sampling_level}")
         if self.epsilon_high is not None and not self.epsilon_high > 0:
             raise ConfigError(f"epsilon_high must be a positive number, got {self.epsilon_high}")
         if self.objective == "cispo" and self.epsilon_high is None:
