@@ -155,7 +155,7 @@ def _flag(f) -> dict[str, Any]:
     choices = f.metadata.get("choices")
     listed = f" One of: {', '.join(choices)}." if choices else ""
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS,
-                              "help": f"{f.metadata.get('help', '')}{listed} (default: {default})"}
+                              "help": f"{f.metadata.get('help', '')}{listed} (default: {default})".replace("%", "%%")}
     if choices:
         kwargs["choices"] = choices
     if base is bool:

@@ -4,7 +4,8 @@ Option names follow TRL's ``GRPOConfig`` (``num_generations``, ``max_completion_
 ``epsilon``, ``epsilon_high``, ``num_iterations``, ``loss_type``, ``scale_rewards``,
 ``mask_truncated_completions``, ``reward_funcs``, ``reward_weights``, ``steps_per_generation``).
 Batch sizes count completions, as in TRL: a rollout batch is ``per_device_batch_size x processes x
-gradient_accumulation_steps x steps_per_generation`` completions, ``num_generations`` per prompt.
+steps_per_generation`` completions (``num_generations`` per prompt), ``steps_per_generation`` counting forward
+passes as TRL does (default: ``gradient_accumulation_steps``, one optimiser step per rollout).
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ class GRPOConfig(OnlineRLSettings):
     max_completion_length: int = option(256, "Longest completion sampled.")
     generation_batch_size: int = option(32, "Sequences per generation and no-grad forward pass.")
     per_device_batch_size: int = option(8, "Completions per device per forward pass.")
-    steps_per_generation: int = option(1, "Optimiser steps per pass over a rollout batch (its minibatches).")
+    steps_per_generation: int | None = option(None, "Forward passes (of per_device_batch_size completions) per rollout "
+                                                    "batch, as in TRL; a multiple of gradient_accumulation_steps, "
+                                                    "each gradient_accumulation_steps of them one optimiser step "
+                                                    "(default: gradient_accumulation_steps, one step per rollout).")
     num_iterations: int = option(1, "Passes (μ) over each rollout batch.")
     beta: float = option(0.0, "KL coefficient. grpo: weight of the k3 KL to the reference in the loss; rloo: weight of "
                               "the sequence KL subtracted from the reward. 0: no reference is loaded.")
@@ -101,6 +105,11 @@ class GRPOConfig(OnlineRLSettings):
     warmup_ratio: float = option(0.0, "Fraction of optimiser steps spent warming up linearly from 0.")
 
     @property
+    def updates_per_generation(self) -> int:
+        """Optimiser steps per pass over a rollout batch: ``steps_per_generation / gradient_accumulation_steps``."""
+        return (self.steps_per_generation or self.gradient_accumulation_steps) // self.gradient_accumulation_steps
+
+    @property
     def aggregation(self) -> str:
         """``loss_type`` with TRL's names resolved (see :data:`preftune.losses.grpo.LOSS_TYPE_ALIASES`); TRL's RLOO
         objective averages over sequences."""
@@ -133,7 +142,7 @@ class GRPOConfig(OnlineRLSettings):
             raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
         self.check_training("GRPO", "sampling")
         check_ranges(self, positive=["max_prompt_length", "max_completion_length", "generation_batch_size",
-                                      "steps_per_generation", "num_iterations"],
+                                      "num_iterations"],
                       positive_numbers=["temperature", "epsilon"], non_negative=["beta", "overlong_cache",
                                                                                   "max_resample_attempts"])
         self._validate_groups()
@@ -143,10 +152,14 @@ class GRPOConfig(OnlineRLSettings):
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be at least 2 (a group baseline needs 2 completions), got "
                               f"{self.num_generations}")
-        rollout = self.per_device_batch_size * self.gradient_accumulation_steps * self.steps_per_generation
+        steps = self.steps_per_generation or self.gradient_accumulation_steps
+        if steps < 1 or steps % self.gradient_accumulation_steps:
+            raise ConfigError(f"steps_per_generation ({steps}) counts forward passes, as in TRL: it must be a positive "
+                              f"multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+        rollout = self.per_device_batch_size * steps
         if rollout % self.num_generations:
-            raise ConfigError(f"per_device_batch_size x gradient_accumulation_steps x steps_per_generation = {rollout} "
-                              f"completions per device must be a multiple of num_generations ({self.num_generations})")
+            raise ConfigError(f"per_device_batch_size x steps_per_generation = {rollout} completions per device must "
+                              f"be a multiple of num_generations ({self.num_generations})")
         if self.rloo_objective == "trl" and (self.advantage != "rloo" or self.objective != "clip"
                                              or self.importance_sampling_level != "token"):
             raise ConfigError("rloo_objective trl is TRL's RLOO loss (a clipped ratio per sequence): it needs "

@@ -140,9 +140,14 @@ def zero_std_groups(rewards: Tensor, group_size: int, atol: float = 1e-8) -> Ten
     return (grouped.max(dim=1).values - grouped.min(dim=1).values) <= atol
 
 
-def frac_reward_zero_std(rewards: Tensor, group_size: int, atol: float = 1e-8) -> Tensor:
-    """Fraction of groups whose rewards are all equal (the ``frac_reward_zero_std`` metric)."""
-    return zero_std_groups(rewards, group_size, atol).to(rewards.dtype).mean()
+def frac_reward_zero_std(rewards: Tensor, group_size: int, atol: float = 1e-8, scale_rewards: str = "group") -> Tensor:
+    """The ``frac_reward_zero_std`` metric as TRL 1.16 computes it: the share of completions whose reward std, the
+    one their advantage is scaled by, is 0 (within ``atol``): their group's (Bessel-corrected; with equal groups the
+    share of groups without signal), or with ``scale_rewards="batch"`` the whole batch's (so 0 or 1)."""
+    if scale_rewards == "batch":
+        spread = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
+        return (spread <= atol).to(rewards.dtype)
+    return (group_std(rewards, group_size) <= atol).to(rewards.dtype).mean()
 
 
 def drop_zero_std_groups(rewards: Tensor, group_size: int, *tensors: Tensor, atol: float = 1e-8) -> tuple[Tensor, ...]:

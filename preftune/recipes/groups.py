@@ -28,8 +28,8 @@ from ..errors import ConfigError
 from ..generate import SamplingSettings
 from ..losses.grpo import (
     combined_rewards,
+    frac_reward_zero_std,
     group_advantages,
-    group_std,
     overlong_penalty,
     rloo_advantages,
     sequence_kl,
@@ -147,8 +147,9 @@ class GroupSampler:
         cfg, size = self.cfg, self.cfg.num_generations
         first = self.sample(trainer.step_examples(step, local_prompts), mix_seed(cfg.seed, step, 0),
                             trainer.rank * local_prompts)
-        zero = zero_std_groups(first.total, size)
-        stats = {"frac_reward_zero_std": float(zero.float().mean())}
+        scale = cfg.scale_rewards if cfg.advantage == "grpo" else "group"   # the std TRL tests for 0 (RLOO: finish)
+        stats = {"frac_reward_zero_std": float(frac_reward_zero_std(self.everywhere(first.total), size,
+                                                                    scale_rewards=scale))}
         groups = first
         if cfg.dynamic_sampling:
             groups, attempts = self.resample(trainer, step, first, local_prompts)
@@ -179,13 +180,17 @@ class GroupSampler:
         cfg, size = self.cfg, self.cfg.num_generations
         prompt_ids = [p.ids for p in groups.prompts for _ in range(size)]
         rloo_kl = cfg.advantage == "rloo" and cfg.beta > 0
-        off_policy = cfg.num_iterations > 1 or cfg.steps_per_generation > 1 or rloo_kl
+        off_policy = cfg.num_iterations > 1 or cfg.updates_per_generation > 1 or rloo_kl
         old, ref = self.token_logps(prompt_ids, groups.response_ids, off_policy, cfg.beta > 0)
         if cfg.advantage == "rloo":
             kl = torch.zeros_like(groups.total)
-            if rloo_kl:
+            if rloo_kl:   # TRL's RLOO logs the k1 estimate it subtracts, per token over every process
                 (old_pad, mask), ref_pad = pad_rows(old), pad_rows(ref)[0]
                 kl = sequence_kl(old_pad, ref_pad, mask).cpu()
+                tokens = self.everywhere(mask.sum(-1).float().cpu())
+                stats["kl"] = float(self.everywhere(kl).sum() / tokens.sum().clamp(min=1.0))
+            shaped = groups.total - cfg.beta * kl
+            stats["frac_reward_zero_std"] = float(frac_reward_zero_std(self.everywhere(shaped), size))
             advantages = rloo_advantages(groups.total, kl, cfg.beta, size)
         else:   # over every process's groups (the batch std), this process's part
             n = len(groups.total)
@@ -212,7 +217,7 @@ class GroupSampler:
         reward, per_function = self.everywhere(groups.reward), self.everywhere(groups.per_function)
         ended = self.everywhere(torch.tensor(groups.ended, dtype=torch.float32))
         stats = {"reward": float(reward.mean()),
-                 "reward_std": float(group_std(reward, self.cfg.num_generations).mean()),
+                 "reward_std": float(reward.std()) if reward.numel() > 1 else 0.0,   # over the batch, as TRL
                  "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                  "completions/max_length": float(lengths.max()), "completions/clipped_ratio": 1.0 - float(ended.mean())}
         for k, (name, _) in enumerate(self.scorers):
