@@ -99,3 +99,40 @@ def test_rloo_logs_the_k1_kl_it_subtracts(tiny_tokenizer):
         shaped.append(float(rewards[i]) - 0.1 * k1)
     assert batch.stats["kl"] == pytest.approx(total / tokens, rel=1e-5, abs=1e-7)
     assert batch.stats["frac_reward_zero_std"] == trl_frac_zero_std(shaped, 2)   # TRL: after the KL shaping
+
+
+def trl_normalize_then_sum(per_function, weights, group):
+    """TRL 1.16 normalize_then_sum: each function standardised in its group (Bessel std + 1e-4), weighted sum,
+    then standardised over the batch (mean, Bessel std + 1e-4); plain float64 Python."""
+    n, k = len(per_function), len(weights)
+    normed = [[0.0] * k for _ in range(n)]
+    for start in range(0, n, group):
+        for j in range(k):
+            column = [per_function[i][j] for i in range(start, start + group)]
+            mean, std = statistics.fmean(column), statistics.stdev(column)
+            for i in range(start, start + group):
+                normed[i][j] = (per_function[i][j] - mean) / (std + 1e-4)
+    total = [sum(w * v for w, v in zip(weights, row)) for row in normed]
+    mean, std = statistics.fmean(total), statistics.stdev(total)
+    return [(t - mean) / (std + 1e-4) for t in total]
+
+
+def test_multi_objective_aggregation_normalize_then_sum_is_trls():
+    from preftune.losses.grpo import combined_rewards, group_advantages
+
+    generator = torch.Generator().manual_seed(0)
+    per_function = torch.randn(12, 3, generator=generator, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1])
+    weights = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    cfg = grpo(multi_objective_aggregation="normalize_then_sum", num_generations=4, per_device_batch_size=4)
+    assert cfg.normalized_sum and cfg.reward_scaling == "batch"
+    total = combined_rewards(per_function, weights, 4, normalize=cfg.normalized_sum)
+    ours = group_advantages(total, 4, cfg.reward_scaling)
+    expected = trl_normalize_then_sum(per_function.tolist(), weights.tolist(), 4)
+    torch.testing.assert_close(ours, torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    # preftune's own normalize_rewards keeps scale_rewards (group): another scaling, named apart
+    own = grpo(normalize_rewards=True, num_generations=4, per_device_batch_size=4)
+    assert own.normalized_sum and own.reward_scaling == "group"
+    assert not torch.allclose(group_advantages(total, 4, own.reward_scaling), ours)
+    with pytest.raises(ConfigError, match="normalize_then_sum is GRPO's"):
+        RLOOConfig(model_name_or_path="m", dataset="d", reward_funcs=["f:g"], num_generations=4,
+                   per_device_batch_size=4, multi_objective_aggregation="normalize_then_sum").validate()

@@ -37,7 +37,13 @@ class GRPOConfig(OnlineRLSettings):
                                          "reward model directory (trained by `preftune reward`) (at least one).")
     reward_weights: list[float] = option([], "Weight of each reward function in the total reward (default: 1 each).")
     normalize_rewards: bool = option(False, "Standardise each reward function within its group before the weighted "
-                                            "sum.")
+                                            "sum, then take the advantage of scale_rewards (TRL's normalize_then_sum "
+                                            "scales by the batch: multi_objective_aggregation).")
+    multi_objective_aggregation: str = option(
+        "sum_then_normalize", "With several reward functions, as TRL: sum_then_normalize (weighted sum, then the "
+                              "advantage of scale_rewards) or normalize_then_sum (each function standardised in its "
+                              "group, weighted sum, then standardised over the batch; scale_rewards unused); grpo.",
+        choices=["sum_then_normalize", "normalize_then_sum"])
     advantage: str = option("grpo", "grpo: reward minus the group mean, scaled by scale_rewards; rloo: reward (minus "
                                     "beta x KL) minus the mean of the other completions of the prompt.",
                             choices=["grpo", "rloo"])
@@ -105,6 +111,17 @@ class GRPOConfig(OnlineRLSettings):
     warmup_ratio: float = option(0.0, "Fraction of optimiser steps spent warming up linearly from 0.")
 
     @property
+    def reward_scaling(self) -> str:
+        """The std advantages are divided by: ``scale_rewards``, or the batch's with normalize_then_sum (whose
+        per-function standardised sum has group means 0, so centring by the group or the batch is the same)."""
+        return "batch" if self.multi_objective_aggregation == "normalize_then_sum" else self.scale_rewards
+
+    @property
+    def normalized_sum(self) -> bool:
+        """Whether each reward function is standardised within its group before the weighted sum."""
+        return self.normalize_rewards or self.multi_objective_aggregation == "normalize_then_sum"
+
+    @property
     def updates_per_generation(self) -> int:
         """Optimiser steps per pass over a rollout batch: ``steps_per_generation / gradient_accumulation_steps``."""
         return (self.steps_per_generation or self.gradient_accumulation_steps) // self.gradient_accumulation_steps
@@ -165,6 +182,9 @@ class GRPOConfig(OnlineRLSettings):
             raise ConfigError("rloo_objective trl is TRL's RLOO loss (a clipped ratio per sequence): it needs "
                               "advantage rloo, a clip loss_type and importance_sampling_level token; got "
                               f"{self.advantage}, {self.loss_type} and {self.importance_sampling_level}")
+        if self.multi_objective_aggregation == "normalize_then_sum" and self.advantage != "grpo":
+            raise ConfigError("multi_objective_aggregation normalize_then_sum is GRPO's (TRL's RLOO has no such "
+                              "option); use advantage grpo, or normalize_rewards with rloo")
         if self.epsilon_high is not None and not self.epsilon_high > 0:
             raise ConfigError(f"epsilon_high must be a positive number, got {self.epsilon_high}")
         if self.objective == "cispo" and self.epsilon_high is None:

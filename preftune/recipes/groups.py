@@ -135,7 +135,7 @@ class GroupSampler:
         columns = [score(scorer, repeated, texts) for _, scorer in self.scorers]
         per_function = torch.tensor(columns, dtype=torch.float32).T.reshape(len(texts), len(columns))
         reward = combined_rewards(per_function, self.weights)
-        total = combined_rewards(per_function, self.weights, size, normalize=True) if cfg.normalize_rewards else reward
+        total = combined_rewards(per_function, self.weights, size, normalize=True) if cfg.normalized_sum else reward
         if cfg.overlong_cache:
             lengths = torch.tensor([len(r) for r in generation.response_ids])
             penalty = overlong_penalty(lengths, cfg.max_completion_length, cfg.overlong_cache)
@@ -147,7 +147,7 @@ class GroupSampler:
         cfg, size = self.cfg, self.cfg.num_generations
         first = self.sample(trainer.step_examples(step, local_prompts), mix_seed(cfg.seed, step, 0),
                             trainer.rank * local_prompts)
-        scale = cfg.scale_rewards if cfg.advantage == "grpo" else "group"   # the std TRL tests for 0 (RLOO: finish)
+        scale = cfg.reward_scaling if cfg.advantage == "grpo" else "group"   # the std TRL tests for 0 (RLOO: finish)
         stats = {"frac_reward_zero_std": float(frac_reward_zero_std(self.everywhere(first.total), size,
                                                                     scale_rewards=scale))}
         groups = first
@@ -194,7 +194,7 @@ class GroupSampler:
             advantages = rloo_advantages(groups.total, kl, cfg.beta, size)
         else:   # over every process's groups (the batch std), this process's part
             n = len(groups.total)
-            advantages = group_advantages(self.everywhere(groups.total), size, cfg.scale_rewards)
+            advantages = group_advantages(self.everywhere(groups.total), size, cfg.reward_scaling)
             advantages = advantages[self.acc.process_index * n:(self.acc.process_index + 1) * n]
         completions = [Completion(p, r, float(a), not e, old[i] if old else None, ref[i] if ref else None)
                        for i, (p, r, a, e) in enumerate(zip(prompt_ids, groups.response_ids, advantages.tolist(),
