@@ -28,13 +28,21 @@ def test_steps_per_generation_counts_forward_passes_as_in_trl():
     # TRL: a generation holds per_device_batch_size x processes x steps_per_generation completions, and an
     # optimiser step every gradient_accumulation_steps of them
     cfg = grpo(per_device_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=6, num_generations=4)
-    assert cfg.updates_per_generation == 3
+    assert cfg.updates_per_generation() == 3
     default = grpo(per_device_batch_size=4, gradient_accumulation_steps=2, num_generations=4)
-    assert default.updates_per_generation == 1      # TRL's default: steps_per_generation = gradient_accumulation
+    assert default.updates_per_generation() == 1      # TRL's default: steps_per_generation = gradient_accumulation
     with pytest.raises(ConfigError, match="multiple of gradient_accumulation_steps"):
         grpo(per_device_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=3, num_generations=2)
-    with pytest.raises(ConfigError, match="per_device_batch_size x steps_per_generation = 6"):
+    with pytest.raises(ConfigError, match="per_device_batch_size x steps_per_generation .* = 6"):
         grpo(per_device_batch_size=2, steps_per_generation=3, num_generations=4)
+    # generation_batch_size: TRL's rollout size over all processes, fixing steps_per_generation
+    sized = grpo(per_device_batch_size=4, gradient_accumulation_steps=2, generation_batch_size=32, num_generations=4)
+    assert sized.forward_passes(processes=2) == 4 and sized.updates_per_generation(processes=2) == 2
+    assert sized.forward_passes(processes=1) == 8
+    with pytest.raises(ConfigError, match="multiple of per_device_batch_size x processes"):
+        sized.forward_passes(processes=3)
+    with pytest.raises(ConfigError, match="not both"):
+        grpo(per_device_batch_size=4, generation_batch_size=16, steps_per_generation=4, num_generations=4)
 
 
 def trl_frac_zero_std(rewards, group, batch_scaled=False):

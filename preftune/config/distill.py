@@ -36,7 +36,7 @@ class DistillConfig(OnlineRLSettings, HeldOutData):
                                  "from the teacher instead of the dataset's.")
     temperature: float = with_default(OnlineRLSettings, "temperature", 0.9)
     max_new_tokens: int = option(128, "Longest completion sampled (from the student, or the teacher with seq_kd).")
-    generation_batch_size: int = with_default(GRPOConfig, "generation_batch_size", 32)
+    sampling_batch_size: int = with_default(GRPOConfig, "sampling_batch_size", 32)
     max_length: int = with_default(DataSettings, "max_length", 1024)
     truncation_mode: str = with_default(DataSettings, "truncation_mode", "keep_end")
     logging_steps: int = with_default(TrainSettings, "logging_steps", 10)
@@ -55,7 +55,7 @@ class DistillConfig(OnlineRLSettings, HeldOutData):
         for name in ("lmbda", "beta"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        check_ranges(self, positive=["max_prompt_length", "max_new_tokens", "generation_batch_size", "max_length"],
+        check_ranges(self, positive=["max_prompt_length", "max_new_tokens", "sampling_batch_size", "max_length"],
                      positive_numbers=["temperature"])
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")

@@ -53,7 +53,11 @@ class GRPOConfig(OnlineRLSettings):
                                  choices=["grpo", "trl"])
     num_generations: int = option(8, "Completions sampled per prompt (the group size G).")
     max_completion_length: int = option(256, "Longest completion sampled.")
-    generation_batch_size: int = option(32, "Sequences per generation and no-grad forward pass.")
+    sampling_batch_size: int = option(32, "Sequences per generation and no-grad forward pass (and reward-model "
+                                          "batch).")
+    generation_batch_size: int | None = option(None, "Completions per rollout batch over all processes, as in TRL: "
+                                                     "per_device_batch_size x processes x steps_per_generation (give "
+                                                     "one of the two; default from steps_per_generation).")
     per_device_batch_size: int = option(8, "Completions per device per forward pass.")
     steps_per_generation: int | None = option(None, "Forward passes (of per_device_batch_size completions) per rollout "
                                                     "batch, as in TRL; a multiple of gradient_accumulation_steps, "
@@ -121,10 +125,25 @@ class GRPOConfig(OnlineRLSettings):
         """Whether each reward function is standardised within its group before the weighted sum."""
         return self.normalize_rewards or self.multi_objective_aggregation == "normalize_then_sum"
 
-    @property
-    def updates_per_generation(self) -> int:
+    def forward_passes(self, processes: int = 1) -> int:
+        """TRL's ``steps_per_generation``: given, or ``generation_batch_size / (per_device_batch_size x processes)``,
+        or by default ``gradient_accumulation_steps``; ConfigError unless it is a multiple of the latter."""
+        steps = self.steps_per_generation or self.gradient_accumulation_steps
+        if self.generation_batch_size is not None:
+            per_pass = self.per_device_batch_size * processes
+            if self.generation_batch_size % per_pass:
+                raise ConfigError(f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "
+                                  f"per_device_batch_size x processes ({per_pass})")
+            steps = self.generation_batch_size // per_pass
+        if steps < 1 or steps % self.gradient_accumulation_steps:
+            raise ConfigError(f"steps_per_generation ({steps}; generation_batch_size / (per_device_batch_size x "
+                              "processes) when that is given) counts forward passes, as in TRL: it must be a positive "
+                              f"multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+        return steps
+
+    def updates_per_generation(self, processes: int = 1) -> int:
         """Optimiser steps per pass over a rollout batch: ``steps_per_generation / gradient_accumulation_steps``."""
-        return (self.steps_per_generation or self.gradient_accumulation_steps) // self.gradient_accumulation_steps
+        return self.forward_passes(processes) // self.gradient_accumulation_steps
 
     @property
     def aggregation(self) -> str:
@@ -158,7 +177,7 @@ class GRPOConfig(OnlineRLSettings):
         if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
         self.check_training("GRPO", "sampling")
-        check_ranges(self, positive=["max_prompt_length", "max_completion_length", "generation_batch_size",
+        check_ranges(self, positive=["max_prompt_length", "max_completion_length", "sampling_batch_size",
                                       "num_iterations"],
                       positive_numbers=["temperature", "epsilon"], non_negative=["beta", "overlong_cache",
                                                                                   "max_resample_attempts"])
@@ -169,14 +188,16 @@ class GRPOConfig(OnlineRLSettings):
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be at least 2 (a group baseline needs 2 completions), got "
                               f"{self.num_generations}")
-        steps = self.steps_per_generation or self.gradient_accumulation_steps
-        if steps < 1 or steps % self.gradient_accumulation_steps:
-            raise ConfigError(f"steps_per_generation ({steps}) counts forward passes, as in TRL: it must be a positive "
-                              f"multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})")
-        rollout = self.per_device_batch_size * steps
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ConfigError("give generation_batch_size or steps_per_generation, not both (as in TRL: each fixes the "
+                              "other)")
+        if self.generation_batch_size is not None and self.generation_batch_size < 1:
+            raise ConfigError(f"generation_batch_size must be a positive integer, got {self.generation_batch_size}")
+        rollout = self.per_device_batch_size * self.forward_passes() if self.generation_batch_size is None \
+            else self.generation_batch_size
         if rollout % self.num_generations:
-            raise ConfigError(f"per_device_batch_size x steps_per_generation = {rollout} completions per device must "
-                              f"be a multiple of num_generations ({self.num_generations})")
+            raise ConfigError(f"per_device_batch_size x steps_per_generation (or generation_batch_size) = {rollout} "
+                              f"completions must be a multiple of num_generations ({self.num_generations})")
         if self.rloo_objective == "trl" and (self.advantage != "rloo" or self.objective != "clip"
                                              or self.importance_sampling_level != "token"):
             raise ConfigError("rloo_objective trl is TRL's RLOO loss (a clipped ratio per sequence): it needs "

@@ -136,7 +136,7 @@ def train_distill(cfg: DistillConfig, *, model=None, tokenizer=None, teacher=Non
     if len(train) < local * acc.num_processes:
         raise ConfigError(f"{len(train)} rows are fewer than one batch of {local * acc.num_processes} "
                           "(per_device_batch_size x processes x gradient_accumulation_steps)")
-    teacher_engine = make_engine("transformers", teacher, tokenizer, batch_size=cfg.generation_batch_size)
+    teacher_engine = make_engine("transformers", teacher, tokenizer, batch_size=cfg.sampling_batch_size)
     step = DistillStep(cfg, online_engine(cfg, student, tokenizer, ctx.run_dir), teacher_engine, tokenizer,
                        student, teacher, local)
     task = DistillTask(cfg, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)

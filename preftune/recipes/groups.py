@@ -65,7 +65,7 @@ def reward_scorers(cfg: GRPOConfig, device, given=None) -> list:
             if Path(spec).is_dir():
                 from ..scoring.reward_model import RewardModelScorer
 
-                scorers.append(RewardModelScorer(spec, device=device, batch_size=cfg.generation_batch_size))
+                scorers.append(RewardModelScorer(spec, device=device, batch_size=cfg.sampling_batch_size))
             else:
                 scorers.append(FunctionScorer(spec, option="reward_funcs", name=spec.rpartition(":")[2]))
     if cfg.reward_weights and len(cfg.reward_weights) != len(scorers):
@@ -180,7 +180,7 @@ class GroupSampler:
         cfg, size = self.cfg, self.cfg.num_generations
         prompt_ids = [p.ids for p in groups.prompts for _ in range(size)]
         rloo_kl = cfg.advantage == "rloo" and cfg.beta > 0
-        off_policy = cfg.num_iterations > 1 or cfg.updates_per_generation > 1 or rloo_kl
+        off_policy = cfg.num_iterations > 1 or cfg.updates_per_generation(self.acc.num_processes) > 1 or rloo_kl
         old, ref = self.token_logps(prompt_ids, groups.response_ids, off_policy, cfg.beta > 0)
         if cfg.advantage == "rloo":
             kl = torch.zeros_like(groups.total)
@@ -233,7 +233,7 @@ class GroupSampler:
             return None, None
         old, ref = [], []
         with evaluating(self.module):
-            for batch, lengths in device_batches(prompt_ids, response_ids, self.cfg.generation_batch_size,
+            for batch, lengths in device_batches(prompt_ids, response_ids, self.cfg.sampling_batch_size,
                                                  self.tokenizer.pad_token_id, self.acc.device):
                 with self.acc.autocast():
                     if want_old:

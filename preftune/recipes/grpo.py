@@ -112,7 +112,8 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
     module = PolicyTokens(policy, cfg.logprob_chunk_size, cfg.temperature)
 
     per_update = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
-    local_prompts = per_update * cfg.updates_per_generation // cfg.num_generations
+    updates = cfg.updates_per_generation(acc.num_processes)
+    local_prompts = per_update * updates // cfg.num_generations
     if len(prompts) < local_prompts * acc.num_processes:
         raise ConfigError(f"{len(prompts)} prompts are fewer than one rollout batch of "
                           f"{local_prompts * acc.num_processes} (per_device_batch_size x processes x "
@@ -123,7 +124,7 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
     trainer = Trainer.from_run(ctx, model=module, task=task, train_examples=prompts, unit="samples",
                                step=GRPOStep(cfg, sampler, task, local_prompts),
                                examples_per_step=local_prompts * acc.num_processes,
-                               updates_per_step=cfg.num_iterations * cfg.updates_per_generation)
+                               updates_per_step=cfg.num_iterations * updates)
     result = trainer.train()
     model_dir = save_final_model(acc, trainer.unwrapped().policy, tokenizer, ctx.run_dir / "model", cfg.merge_lora)
     return finish_run(ctx, model_dir, result)
