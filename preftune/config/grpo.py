@@ -45,8 +45,11 @@ class GRPOConfig(OnlineRLSettings):
                               "group, weighted sum, then standardised over the batch; scale_rewards unused); grpo.",
         choices=["sum_then_normalize", "normalize_then_sum"])
     advantage: str = option("grpo", "grpo: reward minus the group mean, scaled by scale_rewards; rloo: reward (minus "
-                                    "beta x KL) minus the mean of the other completions of the prompt.",
-                            choices=["grpo", "rloo"])
+                                    "beta x KL) minus the mean of the other completions of the prompt; reinforce_pp "
+                                    "(REINFORCE++): per token, the reward minus beta x the KL still to come, whitened "
+                                    "over the batch's tokens; reinforce_pp_baseline: the same of the reward minus its "
+                                    "group's mean.",
+                            choices=["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
     rloo_objective: str = option("grpo", "rloo's policy loss: grpo (the clipped per-token loss of loss_type) or trl "
                                          "(TRL 1.16's RLOO: one importance ratio per sequence, π(o)/π_old(o), clipped, "
                                          "averaged over sequences; loss_type and importance_sampling_level unused).",
@@ -236,8 +239,9 @@ class GRPOConfig(OnlineRLSettings):
 
     def sanity_warnings(self) -> list[str]:
         notes = []
-        if self.advantage == "rloo" and self.scale_rewards != "group":
-            notes.append("scale_rewards is ignored with advantage=rloo (the leave-one-out baseline is not scaled).")
+        if self.advantage != "grpo" and self.scale_rewards != "group":
+            notes.append(f"scale_rewards is ignored with advantage={self.advantage} (rloo's baseline is not scaled; "
+                         "REINFORCE++ whitens over the batch's tokens).")
         return notes + self.lora_dropout_note("GRPO")
 
 

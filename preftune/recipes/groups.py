@@ -31,8 +31,8 @@ from ..losses.grpo import (
     frac_reward_zero_std,
     group_advantages,
     overlong_penalty,
+    reinforce_pp_advantages,
     rloo_advantages,
-    sequence_kl,
     zero_std_groups,
 )
 from ..runtime.distributed import gathered
@@ -179,25 +179,34 @@ class GroupSampler:
     def finish(self, groups: Groups, stats: dict[str, float]) -> Batch:
         cfg, size = self.cfg, self.cfg.num_generations
         prompt_ids = [p.ids for p in groups.prompts for _ in range(size)]
-        rloo_kl = cfg.advantage == "rloo" and cfg.beta > 0
-        off_policy = cfg.num_iterations > 1 or cfg.updates_per_generation(self.acc.num_processes) > 1 or rloo_kl
+        kl_in_reward = cfg.advantage != "grpo" and cfg.beta > 0
+        off_policy = cfg.num_iterations > 1 or cfg.updates_per_generation(self.acc.num_processes) > 1 or kl_in_reward
         old, ref = self.token_logps(prompt_ids, groups.response_ids, off_policy, cfg.beta > 0)
-        if cfg.advantage == "rloo":
-            kl = torch.zeros_like(groups.total)
-            if rloo_kl:   # TRL's RLOO logs the k1 estimate it subtracts, per token over every process
+        if cfg.advantage != "grpo":
+            mask = pad_rows([torch.ones(len(r)) for r in groups.response_ids])[1]
+            token_kl = torch.zeros(mask.shape)
+            if kl_in_reward:   # the k1 estimate the reward subtracts, logged per token over every process (as TRL)
                 (old_pad, mask), ref_pad = pad_rows(old), pad_rows(ref)[0]
-                kl = sequence_kl(old_pad, ref_pad, mask).cpu()
-                tokens = self.everywhere(mask.sum(-1).float().cpu())
-                stats["kl"] = float(self.everywhere(kl).sum() / tokens.sum().clamp(min=1.0))
+                token_kl = (old_pad - ref_pad).masked_fill(~mask, 0.0).cpu()   # k1
+                mask = mask.cpu()
+                tokens = self.everywhere(mask.sum(-1).float())
+                stats["kl"] = float(self.everywhere(token_kl.sum(-1)).sum() / tokens.sum().clamp(min=1.0))
+            kl = token_kl.sum(-1)
+        if cfg.advantage == "rloo":
             shaped = groups.total - cfg.beta * kl
             stats["frac_reward_zero_std"] = float(frac_reward_zero_std(self.everywhere(shaped), size))
             advantages = rloo_advantages(groups.total, kl, cfg.beta, size)
+        elif cfg.advantage != "grpo":   # REINFORCE++: per-token advantages, whitened over this process's tokens
+            baseline = size if cfg.advantage == "reinforce_pp_baseline" else None
+            per_token = reinforce_pp_advantages(groups.total, token_kl, mask, cfg.beta, baseline)
+            advantages = [row[:len(r)].float() for row, r in zip(per_token, groups.response_ids)]
         else:   # over every process's groups (the batch std), this process's part
             n = len(groups.total)
             advantages = group_advantages(self.everywhere(groups.total), size, cfg.reward_scaling)
             advantages = advantages[self.acc.process_index * n:(self.acc.process_index + 1) * n]
-        completions = [Completion(p, r, float(a), not e, old[i] if old else None, ref[i] if ref else None)
-                       for i, (p, r, a, e) in enumerate(zip(prompt_ids, groups.response_ids, advantages.tolist(),
+        advantages = advantages if isinstance(advantages, list) else [float(a) for a in advantages.tolist()]
+        completions = [Completion(p, r, a, not e, old[i] if old else None, ref[i] if ref else None)
+                       for i, (p, r, a, e) in enumerate(zip(prompt_ids, groups.response_ids, advantages,
                                                             groups.ended))]
         stats.update(self.reward_stats(groups))
         examples = [{"prompt": p.text, "completion": t, "reward": r}

@@ -62,7 +62,10 @@ class GRPOTask:
                                     self.pad_token_id)
         lengths = torch.tensor([len(s.response_ids) for s in samples])
         batch["response_mask"] = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
-        batch["advantages"] = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+        if isinstance(samples[0].advantage, Tensor):   # per token (REINFORCE++)
+            batch["advantages"] = pad_rows([s.advantage for s in samples])[0]
+        else:
+            batch["advantages"] = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
         batch["truncated"] = torch.tensor([s.truncated for s in samples])
         for name in ("old_logps", "ref_logps"):
             if getattr(samples[0], name) is not None:
