@@ -144,3 +144,15 @@ def test_multi_objective_aggregation_normalize_then_sum_is_trls():
     with pytest.raises(ConfigError, match="normalize_then_sum is GRPO's"):
         RLOOConfig(model_name_or_path="m", dataset="d", reward_funcs=["f:g"], num_generations=4,
                    per_device_batch_size=4, multi_objective_aggregation="normalize_then_sum").validate()
+
+
+def test_the_sampling_batch_keeps_its_own_name_and_the_old_one_is_refused_with_the_reason(tmp_path):
+    from preftune.config import OnlineDPOConfig, PPOConfig, load_config
+
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model_name_or_path: m\ndataset: d\ngeneration_batch_size: 64\n")
+    for cls in (PPOConfig, OnlineDPOConfig):
+        with pytest.raises(ConfigError, match="rollout size .* sampling_batch_size"):
+            load_config(cls, yaml_file)
+    yaml_file.write_text("model_name_or_path: m\ndataset: d\nreward_funcs: [f:g]\ngeneration_batch_size: 64\n")
+    assert load_config(GRPOConfig, yaml_file).generation_batch_size == 64   # TRL's meaning in grpo / rloo
