@@ -60,7 +60,7 @@ def run_ours(args, assets, out_dir: Path) -> dict:
     cfg = GRPOConfig(model_name_or_path=assets["model"], dataset=assets["data"], output_dir=str(out_dir),
                      per_device_batch_size=args.micro, gradient_accumulation_steps=completions // args.micro,
                      num_generations=args.generations, max_completion_length=args.completion,
-                     generation_batch_size=completions, learning_rate=args.lr, max_steps=args.iterations,
+                     sampling_batch_size=completions, learning_rate=args.lr, max_steps=args.iterations,
                      logging_steps=1, seed=0, precision=args.precision, loss_type="dapo", beta=0.0, log_samples_steps=0,
                      overwrite_output_dir=True)
     figures = measure.train(lambda: train_grpo(cfg, reward_funcs=[target_fraction]))

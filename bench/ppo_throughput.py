@@ -142,7 +142,7 @@ def run_ours(args, assets, out_dir: Path, lora: bool = False) -> dict:
     cfg = PPOConfig(model_name_or_path=assets["model"], dataset=assets["data"], output_dir=str(out_dir),
                     reward_model_path=assets["reward"], per_device_batch_size=args.micro,
                     gradient_accumulation_steps=args.batch // args.micro, num_mini_batches=1,
-                    num_ppo_epochs=args.epochs, max_new_tokens=args.response, generation_batch_size=args.batch,
+                    num_ppo_epochs=args.epochs, max_new_tokens=args.response, sampling_batch_size=args.batch,
                     learning_rate=args.lr, max_steps=args.iterations, logging_steps=1, seed=0, precision="fp32",
                     kl_coef=0.05, log_samples_steps=0, lora=lora, lora_r=16, lora_alpha=32, overwrite_output_dir=True)
     figures = measure.train(lambda: train_ppo(cfg))

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 import trl
-from trl import GRPOTrainer
+from trl import GRPOTrainer, RLOOTrainer
 
 from preftune.losses.grpo import grpo_loss
 
@@ -67,6 +67,19 @@ def trl_loss(logps, old, mask, adv, entropy, loss_type, level, epsilon_high=0.28
     return GRPOTrainer._compute_loss(trainer, None, inputs)
 
 
+def trl_rloo_loss(logps, old, mask, adv, entropy):
+    """TRL 1.16's ``RLOOTrainer._compute_loss``: one clipped ratio per sequence, the mean over sequences."""
+    trainer = RLOOTrainer.__new__(RLOOTrainer)
+    trainer.__dict__.update(epsilon_low=0.2, epsilon_high=0.28, model=SimpleNamespace(training=True),
+                            accelerator=Accelerator(), aux_loss_enabled=False,
+                            _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
+    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, entropy, None)
+    inputs = {"prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask, "advantages": adv,
+              "old_logps": (old * mask).sum(1)}
+    return RLOOTrainer._compute_loss(trainer, None, inputs)
+
+
 CASES = [  # label, TRL loss_type, level, our objective, our aggregation, extra (TRL, ours)
     ("GRPO (grpo)", "grpo", "token", "clip", "sequence_mean", {}, {}),
     ("DAPO (dapo)", "dapo", "token", "clip", "token_mean", {}, {}),
@@ -99,6 +112,14 @@ def main():
                              entropy=entropy, **options).loss
             worst = max(worst, abs(mine.item() - reference.item()))
         print(f"| {label} | {worst:.1e} |")
+    worst = 0.0   # RLOO's own loss: rloo_objective trl (a ratio per sequence, summed log-ratios; sequence mean)
+    for seed in range(5):
+        logps, old, mask, adv, entropy = batch(seed)
+        reference = trl_rloo_loss(logps, old, mask, adv, entropy)
+        mine = grpo_loss(logps, adv, mask.bool(), old_logps=old, epsilon_low=0.2, epsilon_high=0.28,
+                         aggregation="sequence_mean", importance_sampling_level="sequence_sum").loss
+        worst = max(worst, abs(mine.item() - reference.item()))
+    print(f"| RLOO (RLOOTrainer; rloo_objective trl) | {worst:.1e} |")
 
 
 if __name__ == "__main__":

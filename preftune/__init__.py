@@ -2,7 +2,7 @@
 
 The Python API mirrors the CLI: build a config object and call the function the command calls
 (``train_pretrain``, ``train_sft``, ``train_reward``, ``train_ppo``, ``train_grpo``, ``train_dpo``,
-``train_kto``, ``train_online_dpo``, ``train_iterate``)::
+``train_kto``, ``train_online_dpo``, ``train_distill``, ``train_iterate``)::
 
     from preftune import DPOConfig, train_dpo
     result = train_dpo(DPOConfig(model_name_or_path="my-sft-model", dataset="pairs.jsonl", output_dir="runs/dpo"))
@@ -11,6 +11,7 @@ The Python API mirrors the CLI: build a config object and call the function the 
 __version__ = "0.1.0"
 
 from .config import (  # noqa: E402
+    DistillConfig,
     DPOConfig,
     GRPOConfig,
     IterateConfig,
@@ -49,11 +50,13 @@ train_ppo = _lazy("train_ppo", "PPO against a reward model or function")
 train_grpo = _lazy("train_grpo", "GRPO, or RLOO with an ``RLOOConfig``")
 train_iterate = _lazy("train_iterate", "Iterative DPO (or KTO) with rejection sampling, judged by a scorer or people")
 train_online_dpo = _lazy("train_online_dpo", "Online DPO: pairs sampled from the policy, judged each step")
+train_distill = _lazy("train_distill", "On-policy distillation (GKD) of a student towards a teacher")
 
 
-__all__ = ["DPOConfig", "GRPOConfig", "IterateConfig", "KTOConfig", "OnlineDPOConfig", "PPOConfig", "PretrainConfig",
+__all__ = ["DPOConfig", "DistillConfig",
+           "GRPOConfig", "IterateConfig", "KTOConfig", "OnlineDPOConfig", "PPOConfig", "PretrainConfig",
            "RLOOConfig",
            "RewardConfig", "SFTConfig", "load_config", "train_dpo", "train_kto", "train_pretrain", "train_sft",
-           "train_reward", "train_ppo", "train_grpo", "train_online_dpo",
+           "train_reward", "train_ppo", "train_grpo", "train_online_dpo", "train_distill",
            "train_iterate", "PreftuneError", "DataError", "ConfigError",
            "__version__"]

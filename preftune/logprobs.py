@@ -178,6 +178,14 @@ def _module_head_logprobs(lm_head: nn.Module, selected: Tensor, targets: Tensor,
     return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
 
+def head_logits(model):
+    """``logits(hidden)``: the logits a causal LM's softmax sees for ``[n, H]`` final hidden states (its output
+    layer and post-processing; float32), for a caller that chunks positions itself (distillation)."""
+    causal_lm, _, lm_head = _split_model(model)
+    scale, softcap = _logit_postprocessing(causal_lm.config)
+    return lambda hidden: _chunk_logits(lm_head, hidden, scale, softcap)
+
+
 def packed_sequence_logprobs(model, batch: dict[str, Tensor], chunk_size: int = 1024,
                              stats: list | None = None) -> Tensor:
     """Summed completion log-probability of every sequence of a packed batch, ``[S]`` float32.

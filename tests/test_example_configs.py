@@ -97,7 +97,7 @@ def test_iterate_example_runs_a_round(tiny_model_dir, toy_files, tmp_path):
 
     cfg = tiny_run("iterate", tiny_model_dir, tmp_path / "iterate", dataset=str(toy_files["prompts"]),
                    eval_dataset=str(toy_files["prompts"]), eval_split="train", rounds=1, samples_per_prompt=2,
-                   max_new_tokens=8, max_length=64, generation_batch_size=8,
+                   max_new_tokens=8, max_length=64, sampling_batch_size=8,
                    judge=f"function:{CONFIGS / 'rewards.py'}:concise")
     result = train_iterate(cfg)
     assert (Path(cfg.output_dir) / "rounds.jsonl").is_file()

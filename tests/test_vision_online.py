@@ -148,7 +148,7 @@ def test_online_dpo_step_with_images_equals_an_independent_computation(colours, 
     settings = SamplingSettings(max_new_tokens=8, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     tokenizer = processor.tokenizer
     resampled = generate_ids(start, ids, settings, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                             batch_size=cfg.generation_batch_size, row_seeds=seeds,
+                             batch_size=cfg.sampling_batch_size, row_seeds=seeds,
                              prompt_inputs=[p.encoded.image_inputs for p in prompts for _ in range(2)])
     for i, pair in enumerate(pairs):
         drawn_pair = resampled.response_ids[2 * i:2 * i + 2]
@@ -208,7 +208,7 @@ def test_iterate_runs_a_round_on_prompts_with_images(colours, tmp_path):
     tokenizer = processor.tokenizer
     generation = generate_ids(load_policy(colours["model"]), [p.ids for p in held_out], settings,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                              batch_size=cfg.generation_batch_size, seed=cfg.seed + 7919,
+                              batch_size=cfg.sampling_batch_size, seed=cfg.seed + 7919,
                               prompt_inputs=[p.encoded.image_inputs for p in held_out])
     texts = tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
     assert [r["response"] for r in read_jsonl(result.run_dir / "rounds" / "0" / "eval_samples.jsonl")] == texts

@@ -75,12 +75,12 @@ def timed_runs(model_dir: str, steps: int, root: Path) -> list[dict]:
         runs = [("grpo", train_grpo, GRPOConfig(**common, output_dir=str(root / f"grpo-{engine}"),
                                                  reward_funcs=[f"{root / 'rewards.py'}:short"], num_generations=8,
                                                  per_device_batch_size=128, max_completion_length=128,
-                                                 generation_batch_size=128, generation_engine=engine,
+                                                 sampling_batch_size=128, generation_engine=engine,
                                                  learning_rate=1e-5)),
                 ("online-dpo", train_online_dpo,
                  OnlineDPOConfig(**common, output_dir=str(root / f"odpo-{engine}"),
                                  judge=f"function:{root / 'rewards.py'}:short", per_device_batch_size=16,
-                                 max_new_tokens=128, generation_batch_size=32, generation_engine=engine,
+                                 max_new_tokens=128, sampling_batch_size=32, generation_engine=engine,
                                  learning_rate=1e-5))]
         for name, train, cfg in runs:
             cfg.validate()

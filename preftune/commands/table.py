@@ -8,8 +8,19 @@ command, write its ``*_arguments(parser)`` and ``run_*(args) -> int`` in a modul
 
 from __future__ import annotations
 
-from .. import train_dpo, train_grpo, train_kto, train_online_dpo, train_ppo, train_pretrain, train_reward, train_sft
+from .. import (
+    train_distill,
+    train_dpo,
+    train_grpo,
+    train_kto,
+    train_online_dpo,
+    train_ppo,
+    train_pretrain,
+    train_reward,
+    train_sft,
+)
 from ..config import (
+    DistillConfig,
     DPOConfig,
     GRPOConfig,
     KTOConfig,
@@ -76,6 +87,14 @@ COMMANDS: tuple[Command, ...] = (
                     "policy (generation_engine), the judge (a reward model, a Python function or an LLM judge) "
                     "picks the preferred one, and the loss_type (any preference loss of preftune dpo) is applied to "
                     "the fresh pairs against the frozen starting policy."),
+    training_command(
+        "distill", DistillConfig, train_distill,
+        help="Distil a teacher into a student on the student's own samples and dataset completions (GKD).",
+        description="Generalised knowledge distillation (Agarwal et al. 2024): each step trains the student on its "
+                    "own samples (probability lmbda) or on the dataset's completions (the teacher's samples with "
+                    "seq_kd), pulling its next-token distributions towards the teacher's with the generalised "
+                    "Jensen-Shannon divergence (beta: 0 forward KL, 1 reverse KL). Teacher and student share a "
+                    "tokenizer."),
     training_command(
         "dpo", DPOConfig, train_dpo,
         help="Train a policy on preference pairs (DPO and its family: IPO, SLiC, rDPO, SimPO, ORPO, CPO, ...).",

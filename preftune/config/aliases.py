@@ -54,6 +54,9 @@ REFUSED = {
     "torch_dtype": "set precision (auto, fp32, bf16 or fp16)",
     "dtype": "set precision (auto, fp32, bf16 or fp16)",
     "optim": "preftune trains with AdamW (adam_beta1, adam_beta2, weight_decay)",
+    "generation_batch_size": "in TRL's GRPO and RLOO it is the rollout size (completions per generation over all "
+                             "processes), which preftune grpo and rloo take under that name; the sequences per "
+                             "sampling forward pass are sampling_batch_size",
     "dataset_test_split": "name a held-out dataset with eval_dataset and its split with eval_split, or hold out "
                           "eval_fraction of the training rows",
 }

@@ -4,7 +4,8 @@ Option names follow TRL's ``GRPOConfig`` (``num_generations``, ``max_completion_
 ``epsilon``, ``epsilon_high``, ``num_iterations``, ``loss_type``, ``scale_rewards``,
 ``mask_truncated_completions``, ``reward_funcs``, ``reward_weights``, ``steps_per_generation``).
 Batch sizes count completions, as in TRL: a rollout batch is ``per_device_batch_size x processes x
-gradient_accumulation_steps x steps_per_generation`` completions, ``num_generations`` per prompt.
+steps_per_generation`` completions (``num_generations`` per prompt), ``steps_per_generation`` counting forward
+passes as TRL does (default: ``gradient_accumulation_steps``, one optimiser step per rollout).
 """
 
 from __future__ import annotations
@@ -36,15 +37,35 @@ class GRPOConfig(OnlineRLSettings):
                                          "reward model directory (trained by `preftune reward`) (at least one).")
     reward_weights: list[float] = option([], "Weight of each reward function in the total reward (default: 1 each).")
     normalize_rewards: bool = option(False, "Standardise each reward function within its group before the weighted "
-                                            "sum.")
+                                            "sum, then take the advantage of scale_rewards (TRL's normalize_then_sum "
+                                            "scales by the batch: multi_objective_aggregation).")
+    multi_objective_aggregation: str = option(
+        "sum_then_normalize", "With several reward functions, as TRL: sum_then_normalize (weighted sum, then the "
+                              "advantage of scale_rewards) or normalize_then_sum (each function standardised in its "
+                              "group, weighted sum, then standardised over the batch; scale_rewards unused); grpo.",
+        choices=["sum_then_normalize", "normalize_then_sum"])
     advantage: str = option("grpo", "grpo: reward minus the group mean, scaled by scale_rewards; rloo: reward (minus "
-                                    "beta x KL) minus the mean of the other completions of the prompt.",
-                            choices=["grpo", "rloo"])
+                                    "beta x KL) minus the mean of the other completions of the prompt; reinforce_pp "
+                                    "(REINFORCE++): per token, the reward minus beta x the KL still to come, whitened "
+                                    "over the batch's tokens; reinforce_pp_baseline: the same of the reward minus its "
+                                    "group's mean.",
+                            choices=["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+    rloo_objective: str = option("grpo", "rloo's policy loss: grpo (the clipped per-token loss of loss_type) or trl "
+                                         "(TRL 1.16's RLOO: one importance ratio per sequence, π(o)/π_old(o), clipped, "
+                                         "averaged over sequences; loss_type and importance_sampling_level unused).",
+                                 choices=["grpo", "trl"])
     num_generations: int = option(8, "Completions sampled per prompt (the group size G).")
     max_completion_length: int = option(256, "Longest completion sampled.")
-    generation_batch_size: int = option(32, "Sequences per generation and no-grad forward pass.")
+    sampling_batch_size: int = option(32, "Sequences per generation and no-grad forward pass (and reward-model "
+                                          "batch).")
+    generation_batch_size: int | None = option(None, "Completions per rollout batch over all processes, as in TRL: "
+                                                     "per_device_batch_size x processes x steps_per_generation (give "
+                                                     "one of the two; default from steps_per_generation).")
     per_device_batch_size: int = option(8, "Completions per device per forward pass.")
-    steps_per_generation: int = option(1, "Optimiser steps per pass over a rollout batch (its minibatches).")
+    steps_per_generation: int | None = option(None, "Forward passes (of per_device_batch_size completions) per rollout "
+                                                    "batch, as in TRL; a multiple of gradient_accumulation_steps, "
+                                                    "each gradient_accumulation_steps of them one optimiser step "
+                                                    "(default: gradient_accumulation_steps, one step per rollout).")
     num_iterations: int = option(1, "Passes (μ) over each rollout batch.")
     beta: float = option(0.0, "KL coefficient. grpo: weight of the k3 KL to the reference in the loss; rloo: weight of "
                               "the sequence KL subtracted from the reward. 0: no reference is loaded.")
@@ -97,8 +118,42 @@ class GRPOConfig(OnlineRLSettings):
     warmup_ratio: float = option(0.0, "Fraction of optimiser steps spent warming up linearly from 0.")
 
     @property
+    def reward_scaling(self) -> str:
+        """The std advantages are divided by: ``scale_rewards``, or the batch's with normalize_then_sum (whose
+        per-function standardised sum has group means 0, so centring by the group or the batch is the same)."""
+        return "batch" if self.multi_objective_aggregation == "normalize_then_sum" else self.scale_rewards
+
+    @property
+    def normalized_sum(self) -> bool:
+        """Whether each reward function is standardised within its group before the weighted sum."""
+        return self.normalize_rewards or self.multi_objective_aggregation == "normalize_then_sum"
+
+    def forward_passes(self, processes: int = 1) -> int:
+        """TRL's ``steps_per_generation``: given, or ``generation_batch_size / (per_device_batch_size x processes)``,
+        or by default ``gradient_accumulation_steps``; ConfigError unless it is a multiple of the latter."""
+        steps = self.steps_per_generation or self.gradient_accumulation_steps
+        if self.generation_batch_size is not None:
+            per_pass = self.per_device_batch_size * processes
+            if self.generation_batch_size % per_pass:
+                raise ConfigError(f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "
+                                  f"per_device_batch_size x processes ({per_pass})")
+            steps = self.generation_batch_size // per_pass
+        if steps < 1 or steps % self.gradient_accumulation_steps:
+            raise ConfigError(f"steps_per_generation ({steps}; generation_batch_size / (per_device_batch_size x "
+                              "processes) when that is given) counts forward passes, as in TRL: it must be a positive "
+                              f"multiple of gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+        return steps
+
+    def updates_per_generation(self, processes: int = 1) -> int:
+        """Optimiser steps per pass over a rollout batch: ``steps_per_generation / gradient_accumulation_steps``."""
+        return self.forward_passes(processes) // self.gradient_accumulation_steps
+
+    @property
     def aggregation(self) -> str:
-        """``loss_type`` with TRL's names resolved (see :data:`preftune.losses.grpo.LOSS_TYPE_ALIASES`)."""
+        """``loss_type`` with TRL's names resolved (see :data:`preftune.losses.grpo.LOSS_TYPE_ALIASES`); TRL's RLOO
+        objective averages over sequences."""
+        if self.rloo_objective == "trl":
+            return "sequence_mean"
         if self.loss_type in OBJECTIVE_LOSS_TYPES:
             return OBJECTIVE_LOSS_TYPES[self.loss_type][1]
         return LOSS_TYPE_ALIASES.get(self.loss_type, self.loss_type)
@@ -110,7 +165,8 @@ class GRPOConfig(OnlineRLSettings):
 
     def policy_options(self) -> dict:
         """The options of :func:`preftune.losses.grpo.grpo_loss` that choose and shape the objective."""
-        return dict(objective=self.objective, importance_sampling_level=self.importance_sampling_level,
+        level = "sequence_sum" if self.rloo_objective == "trl" else self.importance_sampling_level
+        return dict(objective=self.objective, importance_sampling_level=level,
                     delta=self.delta, off_policy_threshold=self.off_policy_mask_threshold,
                     top_entropy_quantile=self.top_entropy_quantile, entropy_coef=self.entropy_coef,
                     sapo_temperatures=(self.sapo_temperature_pos, self.sapo_temperature_neg),
@@ -124,8 +180,8 @@ class GRPOConfig(OnlineRLSettings):
         if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs")
         self.check_training("GRPO", "sampling")
-        check_ranges(self, positive=["max_prompt_length", "max_completion_length", "generation_batch_size",
-                                      "steps_per_generation", "num_iterations"],
+        check_ranges(self, positive=["max_prompt_length", "max_completion_length", "sampling_batch_size",
+                                      "num_iterations"],
                       positive_numbers=["temperature", "epsilon"], non_negative=["beta", "overlong_cache",
                                                                                   "max_resample_attempts"])
         self._validate_groups()
@@ -135,10 +191,24 @@ class GRPOConfig(OnlineRLSettings):
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be at least 2 (a group baseline needs 2 completions), got "
                               f"{self.num_generations}")
-        rollout = self.per_device_batch_size * self.gradient_accumulation_steps * self.steps_per_generation
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ConfigError("give generation_batch_size or steps_per_generation, not both (as in TRL: each fixes the "
+                              "other)")
+        if self.generation_batch_size is not None and self.generation_batch_size < 1:
+            raise ConfigError(f"generation_batch_size must be a positive integer, got {self.generation_batch_size}")
+        rollout = self.per_device_batch_size * self.forward_passes() if self.generation_batch_size is None \
+            else self.generation_batch_size
         if rollout % self.num_generations:
-            raise ConfigError(f"per_device_batch_size x gradient_accumulation_steps x steps_per_generation = {rollout} "
-                              f"completions per device must be a multiple of num_generations ({self.num_generations})")
+            raise ConfigError(f"per_device_batch_size x steps_per_generation (or generation_batch_size) = {rollout} "
+                              f"completions must be a multiple of num_generations ({self.num_generations})")
+        if self.rloo_objective == "trl" and (self.advantage != "rloo" or self.objective != "clip"
+                                             or self.importance_sampling_level != "token"):
+            raise ConfigError("rloo_objective trl is TRL's RLOO loss (a clipped ratio per sequence): it needs "
+                              "advantage rloo, a clip loss_type and importance_sampling_level token; got "
+                              f"{self.advantage}, {self.loss_type} and {self.importance_sampling_level}")
+        if self.multi_objective_aggregation == "normalize_then_sum" and self.advantage != "grpo":
+            raise ConfigError("multi_objective_aggregation normalize_then_sum is GRPO's (TRL's RLOO has no such "
+                              "option); use advantage grpo, or normalize_rewards with rloo")
         if self.epsilon_high is not None and not self.epsilon_high > 0:
             raise ConfigError(f"epsilon_high must be a positive number, got {self.epsilon_high}")
         if self.objective == "cispo" and self.epsilon_high is None:
@@ -169,8 +239,9 @@ class GRPOConfig(OnlineRLSettings):
 
     def sanity_warnings(self) -> list[str]:
         notes = []
-        if self.advantage == "rloo" and self.scale_rewards != "group":
-            notes.append("scale_rewards is ignored with advantage=rloo (the leave-one-out baseline is not scaled).")
+        if self.advantage != "grpo" and self.scale_rewards != "group":
+            notes.append(f"scale_rewards is ignored with advantage={self.advantage} (rloo's baseline is not scaled; "
+                         "REINFORCE++ whitens over the batch's tokens).")
         return notes + self.lora_dropout_note("GRPO")
 
 

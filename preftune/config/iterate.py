@@ -36,7 +36,7 @@ class IterateConfig(DPOConfig):
     temperature: float = option(1.0, "Sampling temperature (training samples and evaluation alike).")
     top_k: int = option(0, "Sample among the k most likely tokens only (0: all).")
     top_p: float = option(1.0, "Nucleus sampling: the smallest set of tokens reaching this probability.")
-    generation_batch_size: int = option(16, "Sequences per batch when sampling and scoring.")
+    sampling_batch_size: int = option(16, "Sequences per batch when sampling and scoring.")
     judge: str | None = option(None, "Who judges the samples: reward_model:PATH, function:module:function or "
                                      "llm:BASE_URL (pairwise). Not needed with --annotate_db.")
     judge_model: str = option("judge", "Model name sent to an llm: judge.")
@@ -76,7 +76,7 @@ class IterateConfig(DPOConfig):
         if self.loss_type == "kto":
             check_ranges(self, positive_numbers=["desirable_weight", "undesirable_weight"])
         super().validate(require_model)
-        check_ranges(self, positive=["rounds", "samples_per_prompt", "max_new_tokens", "generation_batch_size",
+        check_ranges(self, positive=["rounds", "samples_per_prompt", "max_new_tokens", "sampling_batch_size",
                                      "eval_samples_per_prompt", "annotate_overlap", "annotate_poll_seconds"],
                      non_negative=["min_score_gap", "margin_scale", "preference_prob_scale", "annotate_timeout"],
                      positive_numbers=["temperature"])

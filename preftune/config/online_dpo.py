@@ -42,7 +42,7 @@ class OnlineDPOConfig(OnlineRLSettings):
     constraints: list[str] = with_default(DPOConfig, "constraints", [])
     max_new_tokens: int = with_default(PPOConfig, "max_new_tokens", 64)
     missing_eos_penalty: float = with_default(PPOConfig, "missing_eos_penalty", 0.0)
-    generation_batch_size: int = with_default(GRPOConfig, "generation_batch_size", 32)
+    sampling_batch_size: int = with_default(GRPOConfig, "sampling_batch_size", 32)
     max_steps: int = option(-1, "Stop after this many steps (one batch of prompts, two completions each, one "
                                 "optimiser update; overrides num_epochs when > 0).")
     learning_rate: float = with_default(DPOConfig, "learning_rate", 5e-7)
@@ -54,7 +54,7 @@ class OnlineDPOConfig(OnlineRLSettings):
         validate_training(self)
         parse_loss_types(self.loss_type)
         check_loss_settings(self, {f.name: f.default for f in dataclasses.fields(OnlineDPOConfig)})
-        check_ranges(self, positive=["max_prompt_length", "max_new_tokens", "generation_batch_size"],
+        check_ranges(self, positive=["max_prompt_length", "max_new_tokens", "sampling_batch_size"],
                      positive_numbers=["temperature", "beta"])
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")

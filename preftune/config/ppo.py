@@ -27,7 +27,7 @@ class PPOConfig(OnlineRLSettings):
                                            "far.")
     score_clip: float = option(0.0, "Clip (normalised) scores to [-score_clip, score_clip]; 0 disables.")
     max_new_tokens: int = option(64, "Longest response sampled per prompt.")
-    generation_batch_size: int = option(16, "Sequences per generation, scoring and no-grad forward pass during "
+    sampling_batch_size: int = option(16, "Sequences per generation, scoring and no-grad forward pass during "
                                             "rollouts.")
     num_mini_batches: int = option(1, "Minibatches (optimiser steps) per pass over a rollout batch. A rollout batch is "
                                       "per_device_batch_size x processes x gradient_accumulation_steps x "
@@ -65,7 +65,7 @@ class PPOConfig(OnlineRLSettings):
             raise ConfigError(f"reward_function '{self.reward_function}' must look like 'module:function' or "
                               "'path/file.py:function'")
         self.check_training("PPO", "rollout")
-        check_ranges(self, positive=["max_prompt_length", "max_new_tokens", "generation_batch_size", "num_mini_batches",
+        check_ranges(self, positive=["max_prompt_length", "max_new_tokens", "sampling_batch_size", "num_mini_batches",
                                       "num_ppo_epochs", "kl_horizon"],
                       positive_numbers=["temperature", "cliprange", "cliprange_value", "target_kl"],
                       non_negative=["vf_coef", "kl_coef", "score_clip"], unit_interval=["gamma", "lam"])

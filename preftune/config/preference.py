@@ -8,7 +8,16 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import check_ranges, option, with_default
-from .losses import F_DIVERGENCES, LOSS_HYPERPARAMETERS, beta_range, check_loss_settings, loss_help, parse_loss_types
+from .grpo import GRPOConfig
+from .losses import (
+    F_DIVERGENCES,
+    LOSS_HYPERPARAMETERS,
+    beta_range,
+    check_loss_settings,
+    loss_help,
+    needs_reference,
+    parse_loss_types,
+)
 from .shared import DataSettings, ModelSettings, PairLayout, PairScores, TrainSettings, validate_data
 
 
@@ -32,6 +41,9 @@ class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout, PairScor
     constraints: list[str] = option([], "Extra penalty terms 'module:function[=weight]', each called with the batch's "
                                         "log-probs.")
     precompute_ref: bool = option(False, "Compute reference log-probs once before training and cache them on disk.")
+    sync_ref_model: bool = with_default(GRPOConfig, "sync_ref_model", False)
+    ref_model_sync_steps: int = with_default(GRPOConfig, "ref_model_sync_steps", 512)
+    ref_model_mixup_alpha: float = with_default(GRPOConfig, "ref_model_mixup_alpha", 0.6)
     cache_dir: str | None = option(None, "Where precomputed reference log-probs are cached (default "
                                          "~/.cache/preftune).")
 
@@ -44,6 +56,26 @@ class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout, PairScor
             raise ConfigError(f"beta must be a positive number, got {self.beta}")
         for spec in self.constraints:
             parse_constraint_spec(spec)
+        self.validate_sync()
+
+    def validate_sync(self) -> None:
+        """TR-DPO (``sync_ref_model``): a separate frozen reference that ``preftune dpo`` runs live."""
+        if not self.sync_ref_model:
+            return
+        if type(self) is not DPOConfig:
+            raise ConfigError("sync_ref_model (TR-DPO) is offered by preftune dpo (and grpo/rloo), not this command")
+        if self.precompute_ref:
+            raise ConfigError("sync_ref_model moves the reference during training, so its log-probs cannot be "
+                              "precomputed; turn precompute_ref off")
+        if not needs_reference(self.loss_type):
+            raise ConfigError(f"sync_ref_model: loss_type {self.loss_type} uses no reference model")
+        if self.lora and not self.ref_model_name_or_path:
+            raise ConfigError("sync_ref_model cannot sync a LoRA policy's adapter-disabled reference (its base "
+                              "weights are the policy's own); set ref_model_name_or_path for a separate frozen copy "
+                              "or turn sync_ref_model off")
+        if self.ref_model_sync_steps < 1 or not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise ConfigError(f"ref_model_sync_steps must be >= 1 and ref_model_mixup_alpha in (0, 1], got "
+                              f"{self.ref_model_sync_steps} and {self.ref_model_mixup_alpha}")
 
     def validate_loss(self) -> None:
         """The loss names against the loss table; loss options none of them takes refused."""

@@ -118,7 +118,7 @@ def demo_config(scale: ChatDemoScale, model_dir: Path, root: Path):
         temperature=scale.temperature, judge="function:preftune.demo.chat:review_reward", loss_type="sigmoid",
         beta=scale.beta, lora=True, lora_r=scale.lora_r, lora_alpha=2 * scale.lora_r, learning_rate=scale.learning_rate,
         num_epochs=scale.epochs, per_device_batch_size=8, warmup_ratio=0.0, max_length=256, logging_steps=2,
-        generation_batch_size=32, seed=scale.seed)
+        sampling_batch_size=32, seed=scale.seed)
 
 
 def run_chat_demo(output_dir: str | Path = "runs/demo-chat", scale: ChatDemoScale | None = None) -> dict:

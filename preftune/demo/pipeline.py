@@ -185,7 +185,7 @@ def ppo_runs(scale: DemoScale, sft: Path, reward: Path, root: Path) -> list[Path
                         output_dir=str(root / f"ppo-kl{coef:g}"), kl_coef=coef, max_new_tokens=scale.max_new_tokens,
                         per_device_batch_size=16, num_mini_batches=2, num_ppo_epochs=2, max_steps=scale.ppo_iterations,
                         learning_rate=scale.ppo_learning_rate, normalize_scores=True, missing_eos_penalty=1.0,
-                        generation_batch_size=64,
+                        sampling_batch_size=64,
                         logging_steps=5, log_samples_steps=10, seed=scale.seed, overwrite_output_dir=True)
         dirs.append(train_ppo(cfg).run_dir)
     return dirs

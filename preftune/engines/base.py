@@ -76,7 +76,7 @@ def make_engine(name: str, policy, tokenizer, **options) -> GenerationEngine:
 
 def online_engine(cfg, policy, tokenizer, run_dir) -> GenerationEngine:
     """The engine an online config (:class:`~preftune.config.online.OnlineRLSettings`) asks for, sampling ``policy``."""
-    return make_engine(cfg.generation_engine, policy, tokenizer, batch_size=cfg.generation_batch_size,
+    return make_engine(cfg.generation_engine, policy, tokenizer, batch_size=cfg.sampling_batch_size,
                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, server_url=cfg.vllm_server_url,
                        sleep_mode=cfg.vllm_enable_sleep_mode, model_path=cfg.model_name_or_path, seed=cfg.seed,
                        sync_dir=run_dir)

@@ -126,7 +126,7 @@ def make_judges(cfg: IterateConfig, judge, oracle):
         if given is not None:
             return as_judge(given, option)
         return make_scorer(spec, option=option, judge_model=cfg.judge_model,
-                           batch_size=cfg.generation_batch_size) if spec else None
+                           batch_size=cfg.sampling_batch_size) if spec else None
 
     judge, oracle = build(judge, cfg.judge, "--judge"), build(oracle, cfg.oracle, "--oracle")
     if judge is None and not cfg.annotate_db:
@@ -185,7 +185,7 @@ class Rounds:
         ids = [p.ids for p in self.train_prompts for _ in range(k)]
         images = self.modality.sampling_inputs([p.encoded for p in self.train_prompts for _ in range(k)])
         generation = generate_ids(self.load(policy_dir), ids, self.settings, pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_id=self.tokenizer.eos_token_id, batch_size=self.cfg.generation_batch_size,
+                                  eos_token_id=self.tokenizer.eos_token_id, batch_size=self.cfg.sampling_batch_size,
                                   seed=self.cfg.seed * 1_000 + round_, prompt_inputs=images,
                                   precision=self.cfg.precision)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
@@ -242,7 +242,7 @@ class Rounds:
         model = self.load(policy_dir)
         evaluation = evaluate_policy(model, self.tokenizer, prompts, self.settings, judge=self.judge,
                                      ref_model=reference, baseline_responses=self.baseline, seed=self.cfg.seed + 7919,
-                                     batch_size=self.cfg.generation_batch_size, prompt_ids=[p.ids for p in repeated],
+                                     batch_size=self.cfg.sampling_batch_size, prompt_ids=[p.ids for p in repeated],
                                      prompt_inputs=self.modality.sampling_inputs([p.encoded for p in repeated]),
                                      precision=self.cfg.precision)
         metrics, rows = evaluation.metrics, evaluation.sample_rows()

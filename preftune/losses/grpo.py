@@ -28,6 +28,11 @@ References:
   Two-sided clipping ``delta``: Cui et al. 2025 (INTELLECT-2). The off-policy sequence mask:
   DeepSeek-AI 2025, "DeepSeek-V3.2". Entropy masking: Wang et al. 2025, "Beyond the 80/20 Rule".
   REINFORCE++: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models".
+- RLOO as TRL 1.16 trains it (``rloo_objective="trl"``): one ratio per sequence ``π(o)/π_old(o)`` (the exp of
+  the summed token log-ratios, ``importance_sampling_level="sequence_sum"``) in the clipped surrogate, averaged
+  over sequences (``sequence_mean`` of a per-sequence constant):
+  ``1/B Σ_i -min(ρ_i·A_i, clip(ρ_i, 1 - ε_low, 1 + ε_high)·A_i)``. On-policy its gradient is
+  ``-1/B Σ_i A_i·∇log π(o_i)``; the per-token loss's (``token_mean``) is the same divided by the mean length.
 """
 
 from __future__ import annotations
@@ -135,9 +140,14 @@ def zero_std_groups(rewards: Tensor, group_size: int, atol: float = 1e-8) -> Ten
     return (grouped.max(dim=1).values - grouped.min(dim=1).values) <= atol
 
 
-def frac_reward_zero_std(rewards: Tensor, group_size: int, atol: float = 1e-8) -> Tensor:
-    """Fraction of groups whose rewards are all equal (the ``frac_reward_zero_std`` metric)."""
-    return zero_std_groups(rewards, group_size, atol).to(rewards.dtype).mean()
+def frac_reward_zero_std(rewards: Tensor, group_size: int, atol: float = 1e-8, scale_rewards: str = "group") -> Tensor:
+    """The ``frac_reward_zero_std`` metric as TRL 1.16 computes it: the share of completions whose reward std, the
+    one their advantage is scaled by, is 0 (within ``atol``): their group's (Bessel-corrected; with equal groups the
+    share of groups without signal), or with ``scale_rewards="batch"`` the whole batch's (so 0 or 1)."""
+    if scale_rewards == "batch":
+        spread = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
+        return (spread <= atol).to(rewards.dtype)
+    return (group_std(rewards, group_size) <= atol).to(rewards.dtype).mean()
 
 
 def drop_zero_std_groups(rewards: Tensor, group_size: int, *tensors: Tensor, atol: float = 1e-8) -> tuple[Tensor, ...]:
@@ -203,13 +213,17 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, aggregation: str = "token_me
 
 
 def importance_log_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, level: str = "token") -> Tensor:
-    """``log ρ``: per token ``log π - log π_old`` (``[B, T]``), or GSPO's per sequence mean of it (``[B, 1]``)."""
+    """``log ρ``: per token ``log π - log π_old`` (``[B, T]``), GSPO's per sequence mean of it (``sequence``,
+    ``[B, 1]``), or its per sequence sum (``sequence_sum``, ``[B, 1]``: the ratio of the sequences' probabilities,
+    ``π(o) / π_old(o)``, as TRL 1.16's RLOO clips it)."""
     log_ratio = (logps - old_logps).masked_fill(~mask, 0.0)   # padding: ratio 1, whatever it holds
     if level == "token":
         return log_ratio
     if level == "sequence":
         return (log_ratio.sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
-    raise ValueError(f"unknown importance_sampling_level '{level}' (choose token or sequence)")
+    if level == "sequence_sum":
+        return log_ratio.sum(-1, keepdim=True)
+    raise ValueError(f"unknown importance_sampling_level '{level}' (choose token, sequence or sequence_sum)")
 
 
 def vespo_weights(log_ratio: Tensor, mask: Tensor, advantages: Tensor, shape: tuple[float, float, float, float]

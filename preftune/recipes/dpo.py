@@ -16,8 +16,8 @@ from ..config.losses import loss_options, needs_reference
 from ..data import TokenizedPair
 from ..losses import PreferenceLogps, load_constraint, preference_loss
 from ..modality import TEXT, Modality, modality_for
-from ..runtime.loop import Trainer
-from ..runtime.reference import Reference, make_reference
+from ..runtime.loop import OfflineStep, Trainer
+from ..runtime.reference import Reference, make_reference, sync_reference
 from ..runtime.run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
 
 
@@ -106,7 +106,8 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
                                precompute=splits, pad_token_id=pad, modality=modality)
     trainer = Trainer.from_run(ctx, model=modality.logprob_module(policy, cfg.logprob_chunk_size),
                                task=DPOTask(cfg, pad, reference, policy, modality), train_examples=train_pairs,
-                               eval_examples=eval_pairs)
+                               eval_examples=eval_pairs,
+                               step=ReferenceSync(cfg, reference) if cfg.sync_ref_model else None)
     result = trainer.train()
     model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, processor, ctx.run_dir / "model",
                                  cfg.merge_lora)
@@ -116,3 +117,29 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
 def pair_sequences(pairs: list[TokenizedPair], modality: Modality = TEXT) -> list[tuple]:
     """Every pair's (prompt, chosen) and (prompt, rejected) sequences, for precomputed reference log-probs."""
     return [(modality.prompt(p), completion) for p in pairs for completion in (p.chosen_ids, p.rejected_ids)]
+
+
+class ReferenceSync(OfflineStep):
+    """TR-DPO (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment"): the loop's default
+    step, then every ``ref_model_sync_steps``-th step the frozen reference moves towards the policy
+    (:func:`~preftune.runtime.reference.sync_reference`). Its weights are the step's checkpointed tensors, so a
+    resumed run continues from the synced reference."""
+
+    def __init__(self, cfg: DPOConfig, reference: Reference):
+        self.cfg = cfg
+        self.reference = reference
+
+    def run(self, trainer: Trainer, step: int):
+        out = super().run(trainer, step)
+        if (step + 1) % self.cfg.ref_model_sync_steps == 0:
+            with torch.no_grad():
+                sync_reference(self.reference, trainer.unwrapped().model, self.cfg.ref_model_mixup_alpha)
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.reference.model.named_parameters())
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, weight in self.tensors().items():
+            weight.copy_(tensors[name])

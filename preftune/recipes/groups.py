@@ -28,11 +28,11 @@ from ..errors import ConfigError
 from ..generate import SamplingSettings
 from ..losses.grpo import (
     combined_rewards,
+    frac_reward_zero_std,
     group_advantages,
-    group_std,
     overlong_penalty,
+    reinforce_pp_advantages,
     rloo_advantages,
-    sequence_kl,
     zero_std_groups,
 )
 from ..runtime.distributed import gathered
@@ -65,7 +65,7 @@ def reward_scorers(cfg: GRPOConfig, device, given=None) -> list:
             if Path(spec).is_dir():
                 from ..scoring.reward_model import RewardModelScorer
 
-                scorers.append(RewardModelScorer(spec, device=device, batch_size=cfg.generation_batch_size))
+                scorers.append(RewardModelScorer(spec, device=device, batch_size=cfg.sampling_batch_size))
             else:
                 scorers.append(FunctionScorer(spec, option="reward_funcs", name=spec.rpartition(":")[2]))
     if cfg.reward_weights and len(cfg.reward_weights) != len(scorers):
@@ -136,7 +136,7 @@ class GroupSampler:
         columns = [score(scorer, repeated, texts) for _, scorer in self.scorers]
         per_function = torch.tensor(columns, dtype=torch.float32).T.reshape(len(texts), len(columns))
         reward = combined_rewards(per_function, self.weights)
-        total = combined_rewards(per_function, self.weights, size, normalize=True) if cfg.normalize_rewards else reward
+        total = combined_rewards(per_function, self.weights, size, normalize=True) if cfg.normalized_sum else reward
         if cfg.overlong_cache:
             lengths = torch.tensor([len(r) for r in generation.response_ids])
             penalty = overlong_penalty(lengths, cfg.max_completion_length, cfg.overlong_cache)
@@ -148,8 +148,9 @@ class GroupSampler:
         cfg, size = self.cfg, self.cfg.num_generations
         first = self.sample(trainer.step_examples(step, local_prompts), mix_seed(cfg.seed, step, 0),
                             trainer.rank * local_prompts)
-        zero = zero_std_groups(first.total, size)
-        stats = {"frac_reward_zero_std": float(zero.float().mean())}
+        scale = cfg.reward_scaling if cfg.advantage == "grpo" else "group"   # the std TRL tests for 0 (RLOO: finish)
+        stats = {"frac_reward_zero_std": float(frac_reward_zero_std(self.everywhere(first.total), size,
+                                                                    scale_rewards=scale))}
         groups = first
         if cfg.dynamic_sampling:
             groups, attempts = self.resample(trainer, step, first, local_prompts)
@@ -179,21 +180,34 @@ class GroupSampler:
     def finish(self, groups: Groups, stats: dict[str, float]) -> Batch:
         cfg, size = self.cfg, self.cfg.num_generations
         prompts = [p.encoded for p in groups.prompts for _ in range(size)]
-        rloo_kl = cfg.advantage == "rloo" and cfg.beta > 0
-        off_policy = cfg.num_iterations > 1 or cfg.steps_per_generation > 1 or rloo_kl
+        kl_in_reward = cfg.advantage != "grpo" and cfg.beta > 0
+        off_policy = cfg.num_iterations > 1 or cfg.updates_per_generation(self.acc.num_processes) > 1 or kl_in_reward
         old, ref = self.token_logps(prompts, groups.response_ids, off_policy, cfg.beta > 0)
-        if cfg.advantage == "rloo":
-            kl = torch.zeros_like(groups.total)
-            if rloo_kl:
+        if cfg.advantage != "grpo":
+            mask = pad_rows([torch.ones(len(r)) for r in groups.response_ids])[1]
+            token_kl = torch.zeros(mask.shape)
+            if kl_in_reward:   # the k1 estimate the reward subtracts, logged per token over every process (as TRL)
                 (old_pad, mask), ref_pad = pad_rows(old), pad_rows(ref)[0]
-                kl = sequence_kl(old_pad, ref_pad, mask).cpu()
+                token_kl = (old_pad - ref_pad).masked_fill(~mask, 0.0).cpu()   # k1
+                mask = mask.cpu()
+                tokens = self.everywhere(mask.sum(-1).float())
+                stats["kl"] = float(self.everywhere(token_kl.sum(-1)).sum() / tokens.sum().clamp(min=1.0))
+            kl = token_kl.sum(-1)
+        if cfg.advantage == "rloo":
+            shaped = groups.total - cfg.beta * kl
+            stats["frac_reward_zero_std"] = float(frac_reward_zero_std(self.everywhere(shaped), size))
             advantages = rloo_advantages(groups.total, kl, cfg.beta, size)
+        elif cfg.advantage != "grpo":   # REINFORCE++: per-token advantages, whitened over this process's tokens
+            baseline = size if cfg.advantage == "reinforce_pp_baseline" else None
+            per_token = reinforce_pp_advantages(groups.total, token_kl, mask, cfg.beta, baseline)
+            advantages = [row[:len(r)].float() for row, r in zip(per_token, groups.response_ids)]
         else:   # over every process's groups (the batch std), this process's part
             n = len(groups.total)
-            advantages = group_advantages(self.everywhere(groups.total), size, cfg.scale_rewards)
+            advantages = group_advantages(self.everywhere(groups.total), size, cfg.reward_scaling)
             advantages = advantages[self.acc.process_index * n:(self.acc.process_index + 1) * n]
-        completions = [Completion(p, r, float(a), not e, old[i] if old else None, ref[i] if ref else None)
-                       for i, (p, r, a, e) in enumerate(zip(prompts, groups.response_ids, advantages.tolist(),
+        advantages = advantages if isinstance(advantages, list) else [float(a) for a in advantages.tolist()]
+        completions = [Completion(p, r, a, not e, old[i] if old else None, ref[i] if ref else None)
+                       for i, (p, r, a, e) in enumerate(zip(prompts, groups.response_ids, advantages,
                                                             groups.ended))]
         stats.update(self.reward_stats(groups))
         examples = [{"prompt": p.text, "completion": t, "reward": r}
@@ -213,7 +227,7 @@ class GroupSampler:
         reward, per_function = self.everywhere(groups.reward), self.everywhere(groups.per_function)
         ended = self.everywhere(torch.tensor(groups.ended, dtype=torch.float32))
         stats = {"reward": float(reward.mean()),
-                 "reward_std": float(group_std(reward, self.cfg.num_generations).mean()),
+                 "reward_std": float(reward.std()) if reward.numel() > 1 else 0.0,   # over the batch, as TRL
                  "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                  "completions/max_length": float(lengths.max()), "completions/clipped_ratio": 1.0 - float(ended.mean())}
         for k, (name, _) in enumerate(self.scorers):
@@ -229,7 +243,7 @@ class GroupSampler:
             return None, None
         old, ref = [], []
         with evaluating(self.module):
-            for batch, lengths in device_batches(prompts, response_ids, self.cfg.generation_batch_size,
+            for batch, lengths in device_batches(prompts, response_ids, self.cfg.sampling_batch_size,
                                                  self.tokenizer.pad_token_id, self.acc.device, self.module.modality):
                 with self.acc.autocast():
                     if want_old:

@@ -4,7 +4,7 @@ One *iteration* (the ``step`` in ``metrics.jsonl``, checkpoints and ``max_steps`
 function (:class:`GRPOStep`): sample ``num_generations`` completions for each of its prompts and
 score them with every reward function (:mod:`.groups`), turn the weighted total into advantages (GRPO: group-centred
 and scaled; RLOO: leave-one-out with the KL folded into the reward), then take ``num_iterations x
-steps_per_generation`` optimiser updates over the completions with the clipped loss. Every formula is
+updates_per_generation`` optimiser updates over the completions with the clipped loss. Every formula is
 in :mod:`preftune.losses.grpo`; this module only moves data.
 
 Forwards are skipped when they cannot matter: the sampling policy's log-probs only when the updates
@@ -66,7 +66,10 @@ class GRPOTask:
                                                   self.pad_token_id)
         lengths = torch.tensor([len(s.response_ids) for s in samples])
         batch["response_mask"] = torch.arange(int(lengths.max()))[None, :] < lengths[:, None]
-        batch["advantages"] = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+        if isinstance(samples[0].advantage, Tensor):   # per token (REINFORCE++)
+            batch["advantages"] = pad_rows([s.advantage for s in samples])[0]
+        else:
+            batch["advantages"] = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
         batch["truncated"] = torch.tensor([s.truncated for s in samples])
         for name in ("old_logps", "ref_logps"):
             if getattr(samples[0], name) is not None:
@@ -82,7 +85,8 @@ class GRPOTask:
         logps = torch.zeros(mask.shape, dtype=logps_flat.dtype, device=mask.device).masked_scatter(mask, logps_flat)
         entropies = torch.zeros_like(logps).masked_scatter(mask, entropy.to(logps.dtype))
         out = grpo_loss(logps, batch["advantages"], mask, old_logps=batch.get("old_logps"),
-                        ref_logps=batch.get("ref_logps"), beta=cfg.beta if cfg.advantage == "grpo" else 0.0,
+                        ref_logps=batch.get("ref_logps") if cfg.advantage == "grpo" else None,   # RLOO: in the reward
+                        beta=cfg.beta if cfg.advantage == "grpo" else 0.0,
                         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, aggregation=cfg.aggregation,
                         max_completion_length=cfg.max_completion_length,
                         truncated=batch["truncated"] if cfg.mask_truncated_completions else None,
@@ -116,18 +120,19 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
     module = PolicyTokens(policy, cfg.logprob_chunk_size, cfg.temperature, modality)
 
     per_update = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
-    local_prompts = per_update * cfg.steps_per_generation // cfg.num_generations
+    updates = cfg.updates_per_generation(acc.num_processes)
+    local_prompts = per_update * updates // cfg.num_generations
     if len(prompts) < local_prompts * acc.num_processes:
         raise ConfigError(f"{len(prompts)} prompts are fewer than one rollout batch of "
                           f"{local_prompts * acc.num_processes} (per_device_batch_size x processes x "
-                          "gradient_accumulation_steps x steps_per_generation / num_generations)")
+                          "steps_per_generation / num_generations)")
     task = GRPOTask(cfg, tokenizer.pad_token_id, modality)
     sampler = GroupSampler(cfg, acc, module, scorers, tokenizer, reference,
                            online_engine(cfg, policy, tokenizer, ctx.run_dir))
     trainer = Trainer.from_run(ctx, model=module, task=task, train_examples=prompts, unit="samples",
                                step=GRPOStep(cfg, sampler, task, local_prompts),
                                examples_per_step=local_prompts * acc.num_processes,
-                               updates_per_step=cfg.num_iterations * cfg.steps_per_generation)
+                               updates_per_step=cfg.num_iterations * updates)
     result = trainer.train()
     model_dir = save_final_model(acc, trainer.unwrapped().policy, start.processor, ctx.run_dir / "model",
                                  cfg.merge_lora)
@@ -136,7 +141,7 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
 
 class GRPOStep(OnlineStep):
     """One GRPO/RLOO iteration (:class:`~.online.OnlineStep`): sample and score the groups, then
-    ``num_iterations`` passes of ``steps_per_generation`` optimiser updates over the completions.
+    ``num_iterations`` passes of ``updates_per_generation`` optimiser updates over the completions.
     Its only state is a synced reference's weights (``sync_ref_model``: :meth:`tensors`); the RNG, the
     trainable weights and the prompt order are the loop's."""
 

@@ -63,7 +63,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_mo
 
 def _judge(given, cfg: OnlineDPOConfig, device):
     if given is None:
-        return make_scorer(cfg.judge, option="judge", device=device, batch_size=cfg.generation_batch_size)
+        return make_scorer(cfg.judge, option="judge", device=device, batch_size=cfg.sampling_batch_size)
     return as_judge(given, "judge")
 
 

@@ -29,7 +29,7 @@ def reward_scorer(cfg, device, reward=None) -> CheckedScorer:
     if reward is not None:
         return as_scorer(reward, "reward")
     if cfg.reward_model_path:
-        return RewardModelScorer(cfg.reward_model_path, device=device, batch_size=cfg.generation_batch_size)
+        return RewardModelScorer(cfg.reward_model_path, device=device, batch_size=cfg.sampling_batch_size)
     return FunctionScorer(cfg.reward_function, option="reward_function")
 
 
@@ -151,7 +151,7 @@ class RolloutWorker:
         module = self.policy_value
         out: tuple[list, list, list, list] = ([], [], [], [])
         with evaluating(module):
-            for batch, lengths in device_batches(prompt_ids, response_ids, self.cfg.generation_batch_size,
+            for batch, lengths in device_batches(prompt_ids, response_ids, self.cfg.sampling_batch_size,
                                                  self.tokenizer.pad_token_id, self.acc.device):
                 with self.acc.autocast():
                     logps, values, entropy = module(batch["input_ids"], batch["attention_mask"],
