@@ -4,7 +4,11 @@ completion, and the generalised JSD between the two (the same distributions) is 
 import json
 import math
 
+import pytest
+
 from toydata import make_toy_preferences
+
+pytestmark = pytest.mark.heavy
 
 
 def test_one_on_policy_distill_step_with_a_lora_student(smollm2_dir, tmp_path, one_thread):

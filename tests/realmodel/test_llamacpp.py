@@ -15,6 +15,8 @@ from preftune.cli import main
 from preftune.gguf_metadata import PROBE
 from preftune.models import load_causal_lm
 
+pytestmark = pytest.mark.heavy
+
 PROBES = [line for line in PROBE.splitlines() if line.strip()] + [
     PROBE, "a +b", "f (x) + g (y)", "John's dog's bone", "It's 2024: 1+1=2, isn't it?", "  leading spaces",
     "<|im_start|>user\nHi!<|im_end|>\n"]

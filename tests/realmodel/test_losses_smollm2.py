@@ -8,6 +8,8 @@ import pytest
 from preftune.config.losses import PAIR_LOSSES
 from toydata import make_toy_preferences
 
+pytestmark = pytest.mark.heavy
+
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
