@@ -131,7 +131,7 @@ class ChatDemoScale:
     eval_prompts: int = 64
     rounds: int = 2
     samples_per_prompt: int = 4
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     temperature: float = 1.0
     epochs: float = 2.0
     learning_rate: float = 5e-4
