@@ -190,3 +190,17 @@ def flat_metrics(current: dict, alarms: list[dict], prefix: str = "monitor/") ->
     out = {f"{prefix}{k}": float(v) for k, v in current.items() if isinstance(v, (int, float))}
     out.update({f"{prefix}alarm/{a['monitor']}": 1.0 for a in alarms})
     return out
+
+
+class OnlineMonitor:
+    """The monitors on an online trainer's samples, each step against its first step's (the starting policy, which
+    is the reference before any update). Only the main process prints; every process returns the same keys."""
+
+    def __init__(self, limits: Thresholds, main_process: bool = True, warn=None):
+        printer = warn or (lambda text: print(text, flush=True))
+        self.monitor = Monitor(limits, warn=printer if main_process else (lambda text: None))
+
+    def observe(self, texts: list[str], ended: list[bool], lengths: list[int], *, kl: list[float] | None = None,
+                scores: list[float] | None = None) -> dict[str, float]:
+        current = measure(texts, ended, lengths, kl=kl, judge=scores)
+        return flat_metrics(current, self.monitor.check(current))

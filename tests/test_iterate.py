@@ -155,6 +155,12 @@ def test_iterate_raises_the_oracle_reward_round_over_round(toy_run, one_thread):
     page = result.report.read_text()
     assert "Rounds (held-out prompts" in page and page.count("data:image/png;base64") >= 4
     assert "Generations per round" in page
+    # the report speaks the console's names, says what ran, and has the monitors' own section
+    assert "independent score" in page and "oracle" not in page and "init on train.jsonl" in page
+    assert "Reward-hacking monitors" in page
+    assert "win_rate" not in result.rounds[0]["eval"]           # no invented round-0 win rate
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in logged] == [0, 1, 2, 3] and all("monitor/ended" in m for m in logged)
     # a finished run is not redone: resuming it reads every round back
     again = train_iterate(toy_config(toy_run, "learns", seed=1, resume="latest"), judge=calm_count,
                           oracle=calm_minus_loud)

@@ -321,7 +321,21 @@ def run_round(rounds: Rounds, round_: int, policy_dir, reference, timings: dict)
     record = {"round": round_, "policy": str(policy), **selected, "eval": metrics,
               "train": {k: train[k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in train}}
     write_json(done, record)
+    console.print(round_line(record))
     return policy, record
+
+
+def round_line(record: dict) -> str:
+    """A round's held-out figures, named as in the report."""
+    m = record["eval"]
+    parts = [f"round {record['round']}:"]
+    for key, name, form in (("reward", "judge", "+.3f"), ("oracle_reward", "independent score", "+.3f"),
+                            ("win_rate", "win rate vs initial (judge)", ".2f"),
+                            ("oracle_win_rate", "win rate vs initial (independent score)", ".2f"),
+                            ("eos_rate", "replies that end", ".2f"), ("kl", "KL", ".2f")):
+        if isinstance(m.get(key), (int, float)):
+            parts.append(f"{name} {m[key]:{form}}")
+    return "   ".join(parts)
 
 
 def watch_rounds(cfg: IterateConfig, run_dir: Path, records: list[dict]) -> None:

@@ -35,9 +35,10 @@ from ..losses.grpo import (
     sequence_kl,
     zero_std_groups,
 )
+from ..monitors import OnlineMonitor
 from ..runtime.distributed import gathered
 from ..scoring import FunctionScorer, as_scorer, check_scores
-from .online import PromptExample, device_batches, evaluating, pad_rows
+from .online import PromptExample, console, device_batches, evaluating, pad_rows
 
 
 @dataclass
@@ -116,6 +117,7 @@ class GroupSampler:
         self.tokenizer = tokenizer
         self.reference = reference
         self.engine = engine              # what samples the completions (preftune.engines)
+        self.monitor = OnlineMonitor(cfg.thresholds(), accelerator.is_main_process, warn=console.print)
         self.settings = SamplingSettings(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                          top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
         weights = cfg.reward_weights or [1.0] * len(scorers)
@@ -134,6 +136,9 @@ class GroupSampler:
         per_function = torch.tensor(columns, dtype=torch.float32).T.reshape(len(texts), len(columns))
         reward = combined_rewards(per_function, self.weights)
         total = combined_rewards(per_function, self.weights, size, normalize=True) if cfg.normalize_rewards else reward
+        if cfg.eos_mode() == "penalize":
+            penalty = -cfg.missing_eos_penalty * (~torch.tensor(generation.ended, dtype=torch.bool)).float()
+            reward, total = reward + penalty, total + penalty
         if cfg.overlong_cache:
             lengths = torch.tensor([len(r) for r in generation.response_ids])
             penalty = overlong_penalty(lengths, cfg.max_completion_length, cfg.overlong_cache)
@@ -193,6 +198,8 @@ class GroupSampler:
                        for i, (p, r, a, e) in enumerate(zip(prompt_ids, groups.response_ids, advantages.tolist(),
                                                             groups.ended))]
         stats.update(self.reward_stats(groups))
+        stats.update(self.monitor.observe(groups.texts, groups.ended, [len(r) for r in groups.response_ids],
+                                          scores=groups.reward.tolist()))
         examples = [{"prompt": p.text, "completion": t, "reward": r}
                     for p, t, r in zip([p for p in groups.prompts for _ in range(size)], groups.texts,
                                        groups.reward.tolist())]

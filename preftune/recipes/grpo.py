@@ -79,7 +79,7 @@ class GRPOTask:
                         ref_logps=batch.get("ref_logps"), beta=cfg.beta if cfg.advantage == "grpo" else 0.0,
                         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, aggregation=cfg.aggregation,
                         max_completion_length=cfg.max_completion_length,
-                        truncated=batch["truncated"] if cfg.mask_truncated_completions else None,
+                        truncated=batch["truncated"] if cfg.eos_mode() == "drop" else None,
                         num_tokens=self.num_tokens if cfg.aggregation == "token_mean" else None)
         return out.loss, {"loss": out.loss.detach(), "entropy": entropy.detach().mean(), **out.metrics()}
 
@@ -88,7 +88,7 @@ class GRPOTask:
 
     def loss_tokens(self, samples: list[Completion]) -> int:
         """Completion tokens that enter the loss (truncated completions out when they are masked)."""
-        return sum(len(s.response_ids) for s in samples if not (self.cfg.mask_truncated_completions and s.truncated))
+        return sum(len(s.response_ids) for s in samples if not (self.cfg.eos_mode() == "drop" and s.truncated))
 
 
 def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, reward_funcs=None) -> RunResult:

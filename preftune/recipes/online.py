@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..generate import SamplingSettings
 from ..losses.ppo import explained_variance, gae_advantages, kl_penalty, masked_whiten, token_rewards
 from ..models import load_tokenizer
+from ..monitors import OnlineMonitor
 from ..runtime.distributed import gathered
 from ..runtime.run import start_run
 from ..scoring import CheckedScorer, FunctionScorer, as_scorer
@@ -181,6 +182,7 @@ class RolloutWorker:
         self.tokenizer = tokenizer
         self.reference = reference                # a live reference (train/reference.py)
         self.engine = engine                      # what samples the responses (preftune.engines)
+        self.monitor = OnlineMonitor(cfg.thresholds(), accelerator.is_main_process, warn=console.print)
         self.settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                          top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
 
@@ -206,6 +208,8 @@ class RolloutWorker:
         rewards = token_rewards(scores, kl, mask, kl_coef)
         advantages, returns = gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, mask)
+        if cfg.eos_mode() == "drop":   # an unfinished response takes no part in the policy update
+            advantages = advantages * ended[:, None].to(advantages.dtype)
 
         lengths = mask.sum(-1)
         samples = [Sample(list(p), list(r), logps[i, :n], values[i, :n], advantages[i, :n], returns[i, :n])
@@ -222,6 +226,9 @@ class RolloutWorker:
             "response/length": float(lengths.float().mean()),
             "response/ended": float(ended.float().mean()),
         }
+        if self.monitor is not None:
+            stats.update(self.monitor.observe(texts, generation.ended, lengths.tolist(), kl=kl.sum(-1).tolist(),
+                                              scores=raw.tolist()))
         examples = [{"prompt": p.text, "response": t, "score": s, "ended": e}
                     for p, t, s, e in zip(prompts, texts, raw.tolist(), generation.ended)]
         return Rollout(samples, stats, examples)

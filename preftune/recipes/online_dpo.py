@@ -26,6 +26,7 @@ from ..generate import SamplingSettings
 from ..losses import REFERENCE_FREE
 from ..modality.text import PolicyLogprobs
 from ..models import load_causal_lm, prepare_policy
+from ..monitors import OnlineMonitor
 from ..runtime.loop import StepOutput, Trainer
 from ..runtime.reference import make_reference
 from ..runtime.run import RunResult, finish_run, save_final_model
@@ -33,7 +34,7 @@ from ..scoring import make_scorer
 from ..scoring.judges import as_judge, compare, is_pointwise
 from .dpo import DPOTask
 from .groups import _seed
-from .online import mean_over_processes, start_online_run
+from .online import console, mean_over_processes, start_online_run
 
 
 def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_model=None, judge=None) -> RunResult:
@@ -45,12 +46,16 @@ def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_mo
     judge = _judge(judge, cfg, acc.device)
     policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.loss_type not in REFERENCE_FREE)
+    if cfg.eos_mode() == "drop" and acc.num_processes > 1:
+        raise ConfigError("online DPO with missing_eos: drop leaves each process its own number of pairs, which "
+                          "several processes cannot update on together; use missing_eos: penalize")
     local_prompts = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     if len(prompts) < local_prompts * acc.num_processes:
         raise ConfigError(f"{len(prompts)} prompts are fewer than one batch of {local_prompts * acc.num_processes} "
                           "(per_device_batch_size x processes x gradient_accumulation_steps)")
     step = OnlineDPOStep(cfg, online_engine(cfg, policy, tokenizer, ctx.run_dir), judge, tokenizer, policy,
                          local_prompts)
+    step.monitor = OnlineMonitor(cfg.thresholds(), acc.is_main_process, warn=console.print)
     trainer = Trainer.from_run(ctx, model=PolicyLogprobs(policy, cfg.logprob_chunk_size),
                                task=DPOTask(cfg, tokenizer.pad_token_id, reference), train_examples=prompts,
                                unit="pairs", step=step, examples_per_step=local_prompts * acc.num_processes)
@@ -79,6 +84,7 @@ class OnlineDPOStep:
         self.local_prompts = local_prompts
         self.settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                          top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
+        self.monitor = OnlineMonitor(cfg.thresholds(), warn=console.print)
 
     def state_dict(self) -> dict:
         return {}
@@ -107,8 +113,10 @@ class OnlineDPOStep:
         generation = sample_with(self.engine, self.policy, [p.ids for p in repeated], self.settings, row_seeds=seeds)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         first_wins, scores = self.verdicts([p.prompt for p in prompts], texts, generation.ended)
-        pairs, examples = [], []
+        pairs, examples, drop = [], [], self.cfg.eos_mode() == "drop"
         for i, prompt in enumerate(prompts):
+            if drop and not (generation.ended[2 * i] and generation.ended[2 * i + 1]):
+                continue   # an unfinished completion is never the chosen nor the rejected one
             win, lose = (2 * i, 2 * i + 1) if first_wins[i] >= 0.5 else (2 * i + 1, 2 * i)
             responses = generation.response_ids
             pairs.append(TokenizedPair(prompt.ids, responses[win], responses[lose], float("nan"), 0.0, prompt.row))
@@ -119,12 +127,16 @@ class OnlineDPOStep:
         lengths = torch.tensor([len(r) for r in generation.response_ids], dtype=torch.float32)
         stats = {"val/contain_eos_token": sum(generation.ended) / len(texts),
                  "completions/mean_length": float(lengths.mean()),
-                 "objective/ties": sum(v == 0.5 for v in first_wins) / len(prompts)}
+                 "objective/ties": sum(v == 0.5 for v in first_wins) / len(prompts),
+                 "pairs_dropped_unfinished": float(len(prompts) - len(pairs)) if drop else 0.0,
+                 **self.monitor.observe(texts, generation.ended, [len(r) for r in generation.response_ids],
+                                        scores=scores)}
         if scores is not None:
             chosen = [r["chosen_score"] for r in examples]
             rejected = [r["rejected_score"] for r in examples]
             stats["objective/scores"] = sum(scores) / len(scores)
-            stats["objective/scores_margin"] = sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)
+            if chosen:
+                stats["objective/scores_margin"] = sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)
         return pairs, stats, examples
 
     def verdicts(self, prompts: list, texts: list[str], ended: list[bool]) -> tuple[list[float], list[float] | None]:
