@@ -80,3 +80,20 @@ def test_thresholds_parse_from_name_value_pairs():
         parse_thresholds(["length=2"])
     with pytest.raises(ConfigError, match="is not a number"):
         parse_thresholds(["min_ended=half"])
+
+
+def test_the_report_lists_each_crossed_monitor_once_with_the_first_step(tmp_path):
+    import json
+
+    from preftune.evaluate.report import write_report
+
+    watched, quiet = tmp_path / "watched", tmp_path / "quiet"
+    for path, alarms in ((watched, [None, "length_ratio", "length_ratio"]), (quiet, [None, None, None])):
+        path.mkdir()
+        lines = [{"step": step + 1, "loss": 0.5, "monitor/mean_length": 10.0 + 10 * step,
+                  **({f"monitor/alarm/{alarm}": 1.0} if alarm else {})} for step, alarm in enumerate(alarms)]
+        (path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    page = write_report([watched], tmp_path / "a.html").read_text()
+    assert "Reward-hacking monitors" in page and page.count("length_ratio") == 1
+    assert "<td>2</td><td>length_ratio</td><td>20</td>" in page         # first crossed at step 2, mean length 20
+    assert "No monitor crossed its threshold" in write_report([quiet], tmp_path / "b.html").read_text()

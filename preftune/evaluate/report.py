@@ -254,6 +254,9 @@ def render_html(runs: list[RunData], title: str = "preftune report", notes: list
             parts.append(f"<figure><img alt='{html.escape(plot_title)}' src='data:image/png;base64,{image}'>"
                          f"<figcaption>{html.escape(plot_title)}</figcaption></figure>")
         parts.append("</div>")
+    from .monitors import run_alarm_section
+
+    parts.append(run_alarm_section(runs))
     samples = [row for run in runs for row in sample_rows(run)]
     if samples:
         parts.append("<h2>Sample generations</h2>")
