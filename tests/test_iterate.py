@@ -330,3 +330,26 @@ def test_the_chat_demo_oracle_penalises_degenerate_reviews():
     assert scores[2] == pytest.approx(vader(looping)["compound"] - 2.0 * 4 / 6)
     assert scores[3] == -2.0
     assert review_reward([review_prompt("hiking boots")], ["My new boot fits well."])[0] > 0  # singular counts
+    # a product named as one word ("smartwatch" for "smart watch") is on topic, another word ending alike is not
+    watch = review_prompt("smart watch")
+    assert review_reward([watch] * 2, ["This smartwatch is great.", "This smart-watch is great."]) == [
+        pytest.approx(vader("This smartwatch is great.")["compound"]),
+        pytest.approx(vader("This smart-watch is great.")["compound"])]
+    assert review_reward([watch], ["This stopwatch is great."])[0] < 0
+
+
+def test_the_chat_demo_independent_score_shares_no_lexicon_and_penalises_cut_off_replies():
+    from textblob.en.sentiments import PatternAnalyzer
+
+    from preftune.demo.chat import independent_review_score, review_prompt
+
+    polarity = PatternAnalyzer().analyze
+    prompt = review_prompt("smart watch")
+    replies = ["This smartwatch is great.", "This smartwatch is great and", "It is great.", " "]
+    scores = independent_review_score([prompt] * 4, replies)
+    assert scores[0] == pytest.approx(polarity(replies[0]).polarity) and scores[0] > 0.5
+    assert scores[1] == pytest.approx(polarity(replies[1]).polarity - 1.0)     # does not end a sentence
+    assert scores[2] == pytest.approx(polarity(replies[2]).polarity - 1.0)     # off-topic
+    assert scores[3] == -2.0
+    # a word VADER rates and the pattern lexicon does not know: the two scorers disagree on it
+    assert independent_review_score([prompt], ["This smartwatch is a lifesaver."])[0] == pytest.approx(0.0)
