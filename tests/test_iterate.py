@@ -330,6 +330,8 @@ def test_the_chat_demo_oracle_penalises_degenerate_reviews():
     assert scores[2] == pytest.approx(vader(looping)["compound"] - 2.0 * 4 / 6)
     assert scores[3] == -2.0
     assert review_reward([review_prompt("hiking boots")], ["My new boot fits well."])[0] > 0  # singular counts
+    two = "These headphones sound wonderful. I love them."      # the task asks for one sentence
+    assert review_reward([prompt], [two])[0] == pytest.approx(vader(two)["compound"] - 1.0)
     # a product named as one word ("smartwatch" for "smart watch") is on topic, another word ending alike is not
     watch = review_prompt("smart watch")
     assert review_reward([watch] * 2, ["This smartwatch is great.", "This smart-watch is great."]) == [

@@ -8,6 +8,7 @@ no lexicon:
 
       score = VADER compound(response)                 in [-1, 1]
               - 1   if the product is not named (off-topic)
+              - 1   if the reply holds more than one sentence (the task asks for one)
               - 2 x the share of repeated word trigrams   (repetition)
       and -2 for an empty response;
 
@@ -85,6 +86,11 @@ def ends_sentence(text: str) -> bool:
     return re.search(r"[.!?…][^\w]*$", text.strip()) is not None
 
 
+def sentences(text: str) -> int:
+    """How many sentences the reply holds: marks (., !, ?) followed by more words, plus the last one."""
+    return len(re.findall(r"[.!?…]+[\"')\]]*\s+(?=\S*\w)", text.strip())) + 1
+
+
 def _product(prompt):
     found = PRODUCT.search(_prompt_text(prompt))
     return found.group(1) if found else None
@@ -102,7 +108,8 @@ def review_reward(prompts: list, responses: list[str]) -> list[float]:
         product = _product(prompt)
         off_topic = product is not None and not mentions(product, response)
         compound = analyzer.polarity_scores(response)["compound"]
-        scores.append(float(compound - 1.0 * off_topic - 2.0 * repeated_ngrams(response)))
+        several = sentences(response) > 1
+        scores.append(float(compound - 1.0 * off_topic - 1.0 * several - 2.0 * repeated_ngrams(response)))
     return scores
 
 
@@ -134,7 +141,7 @@ class ChatDemoScale:
     max_new_tokens: int = 64
     temperature: float = 1.0
     epochs: float = 2.0
-    learning_rate: float = 5e-4
+    learning_rate: float = 3e-4
     beta: float = 0.1
     lora_r: int = 16
     seed: int = 0
