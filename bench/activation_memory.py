@@ -35,9 +35,10 @@ SETTINGS = {
     "prefix-shared, LoRA r16 dropout 0.05": dict(padding_free=True, prefix_sharing=True, lora=True,
                                                  lora_dropout=0.05),
     "prefix-shared, LoRA r16 dropout 0": dict(padding_free=True, prefix_sharing=True, lora=True, lora_dropout=0.0),
-    "prefix-shared, fused_layers off": dict(padding_free=True, prefix_sharing=True, fused_layers=False),
+    "prefix-shared, fused_layers off": dict(padding_free=True, prefix_sharing=True, fused_layers=False,
+                                             fused_lora=False),
     "prefix-shared, LoRA r16 dropout 0, fused_layers off": dict(padding_free=True, prefix_sharing=True, lora=True,
-                                                                lora_dropout=0.0, fused_layers=False),
+                                                                lora_dropout=0.0, fused_layers=False, fused_lora=False),
     "prefix-shared, gradient checkpointing": dict(padding_free=True, prefix_sharing=True,
                                                   gradient_checkpointing=True),
 }

@@ -136,7 +136,7 @@ def _now() -> tuple[float, float]:
 def preftune_stamps() -> list[tuple[float, float]]:
     """Wall and CPU time at the end of every preftune iteration (with ``logging_steps=1`` the trainer logs once
     an iteration), appended while training runs."""
-    from preftune.train import loop
+    from preftune.runtime import loop
 
     stamps: list[tuple[float, float]] = []
     original_log = loop.Trainer.log

@@ -22,13 +22,14 @@ err = Console(stderr=True)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="preftune", description="Align language models with human preferences.",
-                                     formatter_class=HelpFormatter)
+                                     formatter_class=HelpFormatter, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"preftune {__version__}")
     groups = {(): parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
     for command in COMMANDS:
         *group, name = command.name.split()
         sub = _group(groups, tuple(group)).add_parser(name, help=command.help, formatter_class=HelpFormatter,
-                                                      description=command.description or command.help)
+                                                      description=command.description or command.help,
+                                                      allow_abbrev=False)   # --learning_rat is a typo, not a prefix
         command.arguments(sub)
         sub.set_defaults(handler=command.run, parser=sub)
     return parser
@@ -39,7 +40,7 @@ def _group(groups: dict, path: tuple[str, ...]):
     if path not in groups:
         help, description = GROUPS[" ".join(path)]
         group = _group(groups, path[:-1]).add_parser(path[-1], help=help, description=description or help,
-                                                     formatter_class=HelpFormatter)
+                                                     formatter_class=HelpFormatter, allow_abbrev=False)
         groups[path] = group.add_subparsers(dest=f"{path[-1]}_command", required=True, metavar="SUBCOMMAND")
     return groups[path]
 

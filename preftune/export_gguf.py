@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .gguf_metadata import tokenizer_pre, write_general
 
 DTYPES = ("f32", "f16", "q8_0")
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}   # transformers model_type -> GGUF architecture
@@ -61,10 +62,16 @@ def load_merged(source: Path):
     return model.eval(), load_tokenizer(str(source))
 
 
-def export_gguf(run_or_model_dir: str | Path, output: str | Path, dtype: str = "f16") -> ExportResult:
-    """Write the model of a run (or a model directory) to ``output`` as GGUF with weights in ``dtype``."""
+def export_gguf(run_or_model_dir: str | Path, output: str | Path, dtype: str = "f16", *,
+                tokenizer_pre: str | None = None, overwrite: bool = False) -> ExportResult:
+    """Write the model of a run (or a model directory) to ``output`` as GGUF with weights in ``dtype``.
+
+    ``tokenizer_pre`` names the pre-tokenizer type outright (else see ``gguf_metadata.tokenizer_pre``); an
+    existing ``output`` is refused unless ``overwrite``."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if Path(output).exists() and not overwrite:
+        raise ConfigError(f"{output} already exists: choose another --output, or pass --overwrite to replace it")
     source = model_source(run_or_model_dir)
     model, tokenizer = load_merged(source)
     arch = gguf_architecture(model.config)
@@ -75,8 +82,9 @@ def export_gguf(run_or_model_dir: str | Path, output: str | Path, dtype: str = "
     partial = output.with_name(output.name + ".partial")     # a failed export leaves no half-written file
     writer = gguf.GGUFWriter(str(partial), arch)
     try:
-        write_hyperparameters(writer, model.config, dtype, name=source.resolve().name)
-        write_tokenizer(writer, tokenizer, model.config)
+        write_hyperparameters(writer, model.config, dtype)
+        write_general(writer, model.config, export_name(source), sum(p.numel() for p in model.parameters()))
+        write_tokenizer(writer, tokenizer, model.config, tokenizer_pre)
         count, fallback = write_tensors(writer, model, arch, dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -108,10 +116,15 @@ def rope_theta(config) -> float:
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def write_hyperparameters(writer, config, dtype: str, name: str) -> None:
+def export_name(source: Path) -> str:
+    """The model's name when no imported GGUF gave one: the run's folder for ``run/model``, else the folder."""
+    source = source.resolve()
+    return source.parent.name if source.name == "model" else source.name
+
+
+def write_hyperparameters(writer, config, dtype: str) -> None:
     import gguf
 
-    writer.add_name(name)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     if dtype == "q8_0":
@@ -131,7 +144,7 @@ def write_hyperparameters(writer, config, dtype: str, name: str) -> None:
     writer.add_vocab_size(config.vocab_size)
 
 
-def write_tokenizer(writer, tokenizer, config) -> None:
+def write_tokenizer(writer, tokenizer, config, pre: str | None = None) -> None:
     """Tokens, scores and types, merges, special-token ids, BOS handling and the chat template."""
     import gguf
 
@@ -149,7 +162,7 @@ def write_tokenizer(writer, tokenizer, config) -> None:
             scores.append(-1000.0)
             types.append(gguf.TokenType.UNUSED)
         writer.add_tokenizer_model(vocab.tokenizer_model)
-        writer.add_tokenizer_pre(getattr(config, "gguf_tokenizer_pre", None) or "default")
+        writer.add_tokenizer_pre(tokenizer_pre(tokenizer, config, pre))
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from .models import base_model
+from .multimodal.data import stack_image_inputs
+from .multimodal.logprobs import image_inputs
+from .wrappers import evaluating
 
 SAMPLING_BLOCK = 256   # tokens per block of the two-level search in categorical()
 
@@ -63,12 +66,16 @@ class Generation:
 
 def generate_ids(model, prompt_ids: list[list[int]], settings: SamplingSettings, *, pad_token_id: int,
                  eos_token_id: int | None, batch_size: int = 16, seed: int | None = None,
-                 row_seeds: list[int] | None = None) -> Generation:
+                 row_seeds: list[int] | None = None, prompt_inputs: list[dict] | None = None) -> Generation:
     """Sample one response per prompt (token ids in, token ids out).
 
     The model is run in eval mode (restored afterwards) without gradients. ``seed=None`` draws a seed
-    from the global RNG (so ``torch.manual_seed`` still makes a run reproducible).
+    from the global RNG (so ``torch.manual_seed`` still makes a run reproducible). ``prompt_inputs``: one
+    dict of further model inputs per prompt (a vision-language model's image tensors, from its processor),
+    given on the prompt's forward only; the response is then decoded from the KV cache.
     """
+    if prompt_inputs is not None and len(prompt_inputs) != len(prompt_ids):
+        raise ValueError(f"{len(prompt_inputs)} prompt_inputs for {len(prompt_ids)} prompts")
     settings.validate()
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -81,19 +88,18 @@ def generate_ids(model, prompt_ids: list[list[int]], settings: SamplingSettings,
         raise ValueError(f"{len(row_seeds)} row_seeds for {len(prompt_ids)} prompts")
     generator = torch.Generator(device=device).manual_seed(seed)
     rows = [torch.Generator(device=device).manual_seed(s) for s in row_seeds] if row_seeds is not None else None
-    was_training = model.training
-    model.eval()
     responses, ended = [], []
-    try:
+    with evaluating(model):
         with torch.no_grad():
             for start in range(0, len(prompt_ids), batch_size):
                 chunk = [list(p) for p in prompt_ids[start:start + batch_size]]
                 chosen = rows[start:start + batch_size] if rows is not None else generator
-                r, e = _sample_batch(model, chunk, settings, pad_token_id, eos_token_id, chosen, device)
+                inputs = image_inputs(stack_image_inputs(prompt_inputs[start:start + batch_size])) \
+                    if prompt_inputs else {}
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                r, e = _sample_batch(model, chunk, settings, pad_token_id, eos_token_id, chosen, device, inputs)
                 responses += r
                 ended += e
-    finally:
-        model.train(was_training)
     return Generation([list(p) for p in prompt_ids], responses, ended)
 
 
@@ -139,7 +145,8 @@ def _pad_id(tokenizer) -> int:
 
 
 def _sample_batch(model, prompts: list[list[int]], settings: SamplingSettings, pad_token_id: int,
-                  eos_token_id: int | None, generator, device) -> tuple[list[list[int]], list[bool]]:
+                  eos_token_id: int | None, generator, device,
+                  prompt_inputs: dict | None = None) -> tuple[list[list[int]], list[bool]]:
     batch, width = len(prompts), max(len(p) for p in prompts)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, width), dtype=torch.long)
@@ -151,7 +158,8 @@ def _sample_batch(model, prompts: list[list[int]], settings: SamplingSettings, p
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     extra[_cache_argument(model)] = _new_cache(model)   # filled in place by every forward below
 
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra,
+                **(prompt_inputs or {}))
     next_position = position_ids[:, -1:] + 1
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens = []

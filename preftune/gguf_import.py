@@ -18,10 +18,12 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError
+from .gguf_metadata import carried_general, restore_digit_split
 
 CACHE_ENV = "PREFTUNE_CACHE"
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "preftune-gguf.json"     # written last into a converted checkpoint: its presence means "complete"
+FORMAT = 2     # of a converted checkpoint; an older one is converted again (2: general.* keys, digit split)
 CHUNK = 1 << 22
 
 
@@ -81,7 +83,7 @@ def converted_checkpoint(path: Path) -> Path:
     check_magic(path)
     digest = file_sha256(path)
     target = cache_root() / "gguf" / digest
-    if (target / SOURCE_FILE).is_file():
+    if _read_json(target / SOURCE_FILE).get("format") == FORMAT:
         return target
     reader = read_gguf(path)
     print(f"converting {path.name} once into an ordinary checkpoint: {target}", file=sys.stderr, flush=True)
@@ -89,14 +91,17 @@ def converted_checkpoint(path: Path) -> Path:
     pre = field_value(reader, "tokenizer.ggml.pre")
     if pre:
         model.config.gguf_tokenizer_pre = pre   # kept through fine-tuning, for `preftune export gguf`
+        restore_digit_split(tokenizer, pre)
+    model.config.gguf_general = carried_general(reader)     # likewise general.name, .license, ...
+    model.config.gguf_file = path.name                       # what an adapter trained on it names as its base
     partial = target.with_name(f"{digest}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    (partial / SOURCE_FILE).write_text(json.dumps({"source": str(path.resolve()), "sha256": digest,
+    (partial / SOURCE_FILE).write_text(json.dumps({"source": str(path.resolve()), "sha256": digest, "format": FORMAT,
                                                    "architecture": field_value(reader, "general.architecture")}))
-    if not (target / SOURCE_FILE).is_file():      # else another process finished the same conversion first
-        shutil.rmtree(target, ignore_errors=True)  # an interrupted earlier attempt
+    if _read_json(target / SOURCE_FILE).get("format") != FORMAT:   # else another process finished it first
+        shutil.rmtree(target, ignore_errors=True)  # an interrupted or older conversion
         with contextlib.suppress(OSError):
             partial.rename(target)
     shutil.rmtree(partial, ignore_errors=True)

@@ -55,8 +55,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .data.packed import PackedLayout, scored_positions
-from .models import base_model
 from .speed.head import linear_head_logprobs, log_softmax_stats, plain_linear
+from .wrappers import base_model, is_peft_model
 
 
 def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
@@ -241,14 +241,6 @@ def _split_model(model) -> tuple[Any, nn.Module, nn.Module]:
     return causal_lm, backbone, lm_head
 
 
-def _is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is optional at this level
-        return False
-    return isinstance(model, PeftModel)
-
-
 def _final_hidden_states(model, causal_lm, backbone: nn.Module, input_ids: Tensor,
                          attention_mask: Tensor | None, position_ids: Tensor | None,
                          extra: dict[str, Any] | None = None) -> Tensor:
@@ -256,7 +248,7 @@ def _final_hidden_states(model, causal_lm, backbone: nn.Module, input_ids: Tenso
     kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False, **(extra or {})}
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    if _is_peft_model(model) and _uses_prompt_learning(model):
+    if is_peft_model(model) and _uses_prompt_learning(model):
         return _hidden_states_through_peft(model, causal_lm, backbone, input_ids, kwargs)
     return _first_output(backbone(input_ids=input_ids, **kwargs))
 

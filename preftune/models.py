@@ -9,12 +9,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .errors import ConfigError
 from .gguf_import import resolve_model_path
-from .speed.fused_layers import fuse_layers
-from .speed.fused_lora import fuse_lora_layers
+from .speed import apply as apply_speed
+from .wrappers import base_model, disable_dropout, is_peft_model
+
+__all__ = ["base_model", "disable_dropout", "is_peft_model"]   # re-exported: callers load and unwrap from here
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -86,15 +87,6 @@ def load_any_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
     return load_causal_lm(name_or_path, dtype)
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Zero every dropout except LoRA's own (its rate is a training choice of the user)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Dropout) and "lora_dropout" not in name:
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-
-
 def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], task_type: str = "CAUSAL_LM",
                modules_to_save: list[str] | None = None):
     from peft import LoraConfig, get_peft_model
@@ -109,34 +101,28 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[s
         raise ConfigError(f"LoRA: {exc}") from None
 
 
-def is_peft_model(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-def base_model(model):
-    """The transformers model under a peft wrapper (its adapter layers stay injected), or ``model`` itself."""
-    return model.get_base_model() if is_peft_model(model) else model
-
-
-def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
-    """Dropout, fused layers, gradient checkpointing and LoRA on a loaded model, per the model settings.
+def prepare_policy(model, cfg, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
+                   target_modules: list[str] | None = None, frozen: tuple = ()):
+    """Dropout, frozen parts, gradient checkpointing, LoRA and the speed mechanisms on a loaded model, per the
+    settings.
 
     ``task_type``/``modules_to_save`` are peft's: a reward model passes ``SEQ_CLS`` and its head, which is
-    then trained in full next to the adapters."""
+    then trained in full next to the adapters. ``target_modules`` (default: the config's) and ``frozen``
+    (modules or weights that never train) let a modality say which parts learn: a vision-language model
+    freezes its vision tower and puts adapters on its language model only."""
     if cfg.disable_dropout:
         disable_dropout(model)
-    if cfg.fused_layers:
-        fuse_layers(model)
+    for part in frozen:
+        part.requires_grad_(False)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora:
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, task_type,
-                           modules_to_save)
-        if cfg.fused_layers:
-            fuse_lora_layers(model)
+        targets = cfg.lora_target_modules if target_modules is None else target_modules
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, task_type, modules_to_save)
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
+    apply_speed(model, cfg)
     return model
 
 

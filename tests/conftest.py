@@ -6,6 +6,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the crash hook of the CLI processes tests start (KILL_AT_STEP=N; see hooks/sitecustomize.py)
+_HOOKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks")
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_HOOKS, os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="module")

@@ -1,43 +1,59 @@
-"""The CPU allocator set-up of a training run: freed large tensors are reused, not page-faulted anew."""
+"""The CPU allocator set-up of a training run: freed large tensors are reused, not page-faulted anew, for the
+duration of the run only; opt-in trimming changes no number."""
 
-import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc only")
+pytestmark = pytest.mark.skipif(__import__("platform").system() != "Linux"
+                                or __import__("platform").libc_ver()[0] != "glibc", reason="glibc only")
 
 PROBE = """
-import resource, torch
-from preftune.speed.allocator import reuse_freed_memory
-print(reuse_freed_memory())
-faults = []
-for _ in range(6):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t = torch.empty(64 * 2**20 // 4)
-    t.fill_(1.0)
-    del t
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults[1:]))   # the first allocation always faults its pages in
+import resource, sys, torch
+from types import SimpleNamespace
+from preftune.speed.allocator import restore_defaults, reuse_freed_memory
+
+def faults():
+    counts = []
+    for _ in range(6):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = torch.empty(64 * 2**20 // 4)
+        t.fill_(1.0)
+        del t
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return min(counts[1:])   # the first allocation always faults its pages in
+
+reuse, trim = sys.argv[1] == "1", int(sys.argv[2])
+print(faults())                                            # glibc's default, before any run
+print(reuse_freed_memory(SimpleNamespace(reuse_freed_memory=reuse, trim_freed_memory=trim), "cpu"))
+print(faults())                                            # during the run
+restore_defaults()
+print(faults())                                            # after the run
 """
 
 
-def page_faults(switch: str) -> tuple[bool, int]:
-    env = dict(os.environ, PREFTUNE_REUSE_FREED_MEMORY=switch)
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
-    applied, faults = out.stdout.split()
-    return applied == "True", int(faults)
+def probe(reuse: bool, trim: int = 0) -> tuple[int, bool, int, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, "1" if reuse else "0", str(trim)], capture_output=True,
+                         text=True, check=True)
+    before, applied, during, after = out.stdout.split()
+    return int(before), applied == "True", int(during), int(after)
 
 
-def test_a_freed_64_mib_tensor_is_reused_without_page_faults_unless_switched_off():
-    pages = 64 * 2**20 // 4096
-    applied, faults = page_faults("1")
-    assert applied and faults < pages // 20            # reused: a few faults at most
-    applied, faults = page_faults("0")
-    assert not applied and faults >= pages * 0.9        # glibc's default: every page faulted in every time
+PAGES = 64 * 2**20 // 4096
+
+
+def test_a_freed_64_mib_tensor_is_reused_during_the_run_only():
+    before, applied, during, after = probe(reuse=True)
+    assert before >= PAGES * 0.9                       # glibc's default: every page faulted in every time
+    assert applied and during < PAGES // 20            # reused: a few faults at most
+    assert after >= PAGES * 0.9                        # the run's end puts the default back
+
+
+def test_reuse_is_not_set_when_switched_off_or_while_trimming():
+    for reuse, trim in ((False, 0), (True, 5)):
+        _, applied, during, _ = probe(reuse, trim)
+        assert not applied and during >= PAGES * 0.9
 
 
 def test_trimming_during_the_forward_pass_is_opt_in_and_changes_no_number(monkeypatch, tiny_tokenizer):
@@ -51,26 +67,14 @@ def test_trimming_during_the_forward_pass_is_opt_in_and_changes_no_number(monkey
     layers = model.config.num_hidden_layers
     ids = torch.randint(0, len(tiny_tokenizer), (2, 12))
     before = model(ids).logits.detach()
-    monkeypatch.delenv(allocator.TRIM_SWITCH, raising=False)
-    assert allocator.trim_during_forward(model, torch.device("cpu")) == 0            # off by default
-    monkeypatch.setenv(allocator.TRIM_SWITCH, "1")
-    assert allocator.trim_during_forward(model, torch.device("cuda")) == 0           # CPU runs only
+    assert allocator.trim_during_forward(model, 0) == 0                              # off by default
     trims = []
     monkeypatch.setattr(allocator, "_glibc", lambda: type("C", (), {"malloc_trim": staticmethod(trims.append)}))
     wrapped = torch.nn.ModuleDict({"policy": model})                                 # as the loop gets it
-    assert allocator.trim_during_forward(wrapped, torch.device("cpu")) == layers
+    assert allocator.trim_during_forward(wrapped, 1) == layers
+    assert allocator.trim_during_forward(wrapped, 1) == layers                       # prepared twice: one hook
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
     assert trims == []                                                               # no trimming without gradients
     model(ids).logits.sum().backward()
     assert trims == [0] * layers                                                     # malloc_trim(0) after each layer
-    monkeypatch.setenv(allocator.TRIM_SWITCH, "ten")
-    with pytest.raises(ValueError, match="whole number"):
-        allocator.trim_interval()
-
-
-def test_reuse_is_not_set_while_trimming():
-    env = dict(os.environ, PREFTUNE_REUSE_FREED_MEMORY="1", PREFTUNE_TRIM_FREED_MEMORY="5")
-    probe = "from preftune.speed.allocator import reuse_freed_memory; print(reuse_freed_memory())"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.split() == ["False"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import write_jsonl
 from preftune.cli import build_parser, main
 from toydata import make_toy_preferences
 
@@ -28,13 +29,8 @@ GOOD_ROW = {"prompt": "Describe the river in a few words:", "chosen": " calm kin
 MISSING_REJECTED = {"prompt": "Describe the city in a few words:", "chosen": " warm soft"}
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 def subprocess_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "PREFTUNE_KILL_AT_STEP")}
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "KILL_AT_STEP")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                NO_COLOR="1", COLUMNS="200", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
     return env
@@ -76,7 +72,7 @@ def cli_runs(tmp_path_factory, tiny_model_dir):
              ["dpo", "--model_name_or_path", model, "--dataset", "pairs.jsonl", "--output_dir", "out",
               "--per_device_batch_size", "4", "--max_steps", "3", "--max_length", "64", "--logging_steps", "1",
               "--learning_rate", "1e-4"],
-             lambda d: write_jsonl(d / "pairs.jsonl", make_toy_preferences(8)), PREFTUNE_KILL_AT_STEP="1")
+             lambda d: write_jsonl(d / "pairs.jsonl", make_toy_preferences(8)), KILL_AT_STEP="1")
 
     running = {name: (cwd, subprocess.Popen([sys.executable, "-m", "preftune.cli", *args], cwd=cwd,
                                             env=subprocess_env(**env), stdout=subprocess.PIPE,

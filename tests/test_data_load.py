@@ -3,6 +3,7 @@ import json
 import pandas as pd
 import pytest
 
+from helpers import write_jsonl
 from preftune.data import Records, load_records
 from preftune.errors import DataError
 from toydata import make_toy_preferences
@@ -12,11 +13,6 @@ ROWS = [
     {"prompt": "Describe a garden in a few words:", "chosen": " kind", "rejected": " rude", "margin": 1.5},
     {"prompt": "Describe the city in a few words:", "chosen": " warm", "rejected": " cold", "margin": 2.0},
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def test_jsonl_round_trip(tmp_path):

@@ -18,6 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import write_jsonl
 from preftune.config import DPOConfig, GRPOConfig, SFTConfig
 from preftune.recipes.dpo import train_dpo
 from preftune.recipes.grpo import train_grpo
@@ -31,11 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ATOL, RTOL, LOSS_TOL = 1e-5, 1e-4, 1e-5
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp-data")
@@ -47,7 +43,7 @@ def data(tmp_path_factory):
 
 def launch_env(extra: dict | None = None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("PREFTUNE_KILL_AT_STEP", None)
+    env.pop("KILL_AT_STEP", None)
     return {**env, **(extra or {})}
 
 
@@ -143,7 +139,7 @@ def test_dpo_with_precomputed_reference_under_fsdp_resumes_exactly_after_a_kill(
     train_dpo(DPOConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in values.items()}))
     config = write_config(values, tmp_path / "two.yaml", output_dir=tmp_path / "two", per_device_batch_size=4,
                           fsdp="full_shard")
-    killed = torchrun("dpo", config, env_extra={"PREFTUNE_KILL_AT_STEP": "4"})
+    killed = torchrun("dpo", config, env_extra={"KILL_AT_STEP": "4"})
     assert killed.returncode != 0 and not (tmp_path / "two" / "model").exists()
     before_kill = step_records(tmp_path / "two")
     assert [r["step"] for r in before_kill] == [1, 2, 3]  # killed during step 4, before its metrics

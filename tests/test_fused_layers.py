@@ -149,7 +149,8 @@ def test_a_norm_with_another_epsilon_attribute_is_left_alone():
 def dpo_loss_and_grads(kind: str, fused: bool, lora: bool, checkpointing: bool):
     """One DPO loss on prefix-shared pairs (the policy a little away from its reference) and its gradients."""
     model = build(kind)
-    cfg = DPOConfig(fused_layers=fused, lora=lora, lora_r=4, lora_alpha=8, gradient_checkpointing=checkpointing)
+    cfg = DPOConfig(fused_layers=fused, fused_lora=fused, lora=lora, lora_r=4, lora_alpha=8,
+                    gradient_checkpointing=checkpointing)
     reference = None if lora else freeze(copy.deepcopy(model))
     policy = prepare_policy(model, cfg)
     torch.manual_seed(1)

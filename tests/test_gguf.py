@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from preftune import gguf_import
+from preftune import gguf_import, gguf_metadata
 from preftune.cli import main
 from preftune.errors import ConfigError
 from preftune.models import load_causal_lm, load_tokenizer
@@ -170,3 +170,46 @@ def test_export_refuses_other_architectures(tmp_path, tiny_tokenizer, capsys):
     assert main(["export", "gguf", str(tmp_path / "gpt2"), "--output", str(tmp_path / "x.gguf")]) == 2
     assert "supports the Llama family" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
     assert main(["export", "gguf", str(tmp_path / "nothing"), "--output", str(tmp_path / "x.gguf")]) == 2
+
+
+def gguf_fields(path):
+    import gguf
+
+    return {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()
+            if name.startswith(("general.", "tokenizer.ggml.pre"))}
+
+
+def test_metadata_pre_tokenizer_and_overwrite(gqa_model_dir, tmp_path, capsys, one_thread):
+    """general.* keys written; an unknown tokenizer gets 'default' with a warning, --tokenizer_pre names one; an
+    import keeps both through a re-export; an existing output is refused without --overwrite."""
+    first = tmp_path / "first.gguf"
+    with pytest.warns(UserWarning, match="not one preftune recognises"):
+        assert main(["export", "gguf", str(gqa_model_dir), "--output", str(first), "--dtype", "f32"]) == 0
+    fields = gguf_fields(first)
+    assert fields["tokenizer.ggml.pre"] == "default" and fields["general.name"] == gqa_model_dir.name
+    assert fields["general.architecture"] == "llama" and fields["general.type"] == "model"
+    assert fields["general.size_label"].endswith("K")       # tens of thousands of parameters
+
+    named = tmp_path / "named.gguf"
+    assert main(["export", "gguf", str(gqa_model_dir), "--output", str(named), "--tokenizer_pre", "qwen2",
+                 "--dtype", "f32"]) == 0
+    assert gguf_fields(named)["tokenizer.ggml.pre"] == "qwen2"
+    size = named.stat().st_size
+    assert main(["export", "gguf", str(gqa_model_dir), "--output", str(named), "--dtype", "f16"]) == 2
+    assert "already exists" in capsys.readouterr().err and named.stat().st_size == size
+    assert main(["export", "gguf", str(gqa_model_dir), "--output", str(named), "--dtype", "f16", "--overwrite",
+                 "--tokenizer_pre", "qwen2"]) == 0
+    assert named.stat().st_size < size
+
+    carried = gguf_metadata.carried_general(gguf_import.read_gguf(named))     # what an import keeps
+    assert carried["general.name"] == gqa_model_dir.name and "general.architecture" not in carried
+    copy = tmp_path / "from-gguf"           # a checkpoint as the import leaves it, then exported again
+    shutil.copytree(gqa_model_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(gguf_tokenizer_pre="qwen2", gguf_general=carried | {"general.license": "apache-2.0"})
+    (copy / "config.json").write_text(json.dumps(config))
+    again = tmp_path / "again.gguf"
+    assert main(["export", "gguf", str(copy), "--output", str(again), "--dtype", "f32"]) == 0
+    fields = gguf_fields(again)
+    assert fields["tokenizer.ggml.pre"] == "qwen2" and fields["general.name"] == gqa_model_dir.name
+    assert fields["general.license"] == "apache-2.0"

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from preftune.config import GRPOConfig, RLOOConfig, config_from_args, load_config
 from preftune.errors import ConfigError
 from preftune.recipes.grpo import Completion, GRPOTask, PolicyTokens, train_grpo
+from preftune.recipes.online import MicroBatch
 from preftune.recipes.ppo import read_metrics
 from test_ppo import moved, never_ending, online_setup
 from toydata import TOPICS
@@ -118,8 +119,8 @@ def test_loss_over_micro_batches_is_the_loss_of_the_whole_batch(setup, tiny_toke
     expected = {"dapo": -sum(n * a for n, a in kept) / sum(n for n, _ in kept),
                 "grpo": -sum(a for _, a in kept) / 6,     # a truncated row counts in B with no loss
                 "dr_grpo": -sum(n * a for n, a in kept) / (6 * 8)}[loss_type]
-    micro = [samples[:3], samples[3:]]
-    task.num_tokens = task.loss_tokens(samples) / len(micro)
+    denominator = task.loss_tokens(samples) / 2          # the update's token count travels in each micro-batch
+    micro = [MicroBatch(samples[:3], denominator), MicroBatch(samples[3:], denominator)]
     with torch.no_grad():
         total = sum(task.loss(module, task.collate(m))[0] / len(micro) for m in micro)
     assert float(total) == pytest.approx(expected, rel=1e-5)
@@ -190,7 +191,7 @@ def test_config_errors_are_for_people(setup, tmp_path):
 
 def cli(*args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("PREFTUNE_KILL_AT_STEP", None)
+    env.pop("KILL_AT_STEP", None)
     env.update(env_extra or {})
     return subprocess.Popen([sys.executable, "-m", "preftune.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -205,7 +206,7 @@ def test_cli_killed_grpo_run_resumes_exactly_and_rloo_runs(setup, tmp_path):
                          "max_steps: 4\nsave_steps: 2\nbeta: 0.05\nepsilon_high: 0.28\ndynamic_sampling: true\n"
                          "lr_scheduler: cosine\nlog_samples_steps: 1\n")
     killed = cli("grpo", "--config", str(yaml_file), "--output_dir", str(tmp_path / "resumed"),
-                 env_extra={"PREFTUNE_KILL_AT_STEP": "3"})
+                 env_extra={"KILL_AT_STEP": "3"})
     rloo = cli("rloo", "--model_name_or_path", str(setup["model"]), "--dataset", str(setup["prompts"]),
                "--reward_funcs", setup["reward"], "--num_generations", "4", "--max_completion_length", "6",
                "--max_steps", "2", "--output_dir", str(tmp_path / "rloo"))

@@ -41,14 +41,21 @@ class Annotator:
         self.client = client
         self.labelled = 0
 
-    def project_id(self) -> int | None:
-        found = [p["id"] for p in self.client.get("/api/projects").json() if p["name"] == "calm"]
-        return found[0] if found else None
+    def project_ids(self) -> list[int]:
+        """Each round has its own project, calm-round<r>."""
+        return [p["id"] for p in self.client.get("/api/projects").json() if p["name"].startswith("calm-round")]
 
     def label(self, limit: int | None = None) -> int:
         """Label items until none is waiting (or ``limit`` were labelled); returns how many."""
-        project, done = self.project_id(), 0
-        while project is not None and (limit is None or done < limit):
+        done = 0
+        for project in self.project_ids():
+            done += self._label(project, None if limit is None else limit - done)
+        self.labelled += done
+        return done
+
+    def _label(self, project: int, limit: int | None) -> int:
+        done = 0
+        while limit is None or done < limit:
             item = self.client.get(f"/api/projects/{project}/next").json()["item"]
             if item is None:
                 break
@@ -57,7 +64,6 @@ class Annotator:
             reply = self.client.post(f"/api/projects/{project}/items/{item['item_id']}/label", json=answer)
             assert reply.status_code == 201, reply.text
             done += 1
-        self.labelled += done
         return done
 
 
@@ -127,9 +133,35 @@ def test_people_judge_the_rounds_and_a_stopped_run_resumes_without_reimporting(t
         judged = json.loads((round_dir / "judged.json").read_text())
         assert judged["stats"]["items_complete"] == judged["stats"]["items"]
         for texts, scores in zip(judged["texts"], judged["scores"]):
-            assert scores == [float(rating(t)) for t in texts]   # the person's ratings, read back
+            ratings = [rating(t) for t in texts]   # the person's ratings, read back as expected candidates beaten
+            assert all((scores[i] > scores[j]) == (ratings[i] > ratings[j]) for i in range(len(texts))
+                       for j in range(len(texts)))
+            assert sum(scores) == pytest.approx(len(texts) * (len(texts) - 1) / 2)
         pairs = [json.loads(line) for line in (round_dir / "pairs.jsonl").read_text().splitlines()]
         assert pairs and all(rating(p["chosen"]) > rating(p["rejected"]) for p in pairs)
         assert (round_dir / "train" / "model" / "model.safetensors").is_file()
     assert "oracle_reward" in result["run"].rounds[-1]["eval"]
+    db.dispose()
+
+
+def test_a_reused_project_name_stops_the_run_instead_of_mixing_runs(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from preftune.errors import ConfigError
+
+    db = Database(f"sqlite:///{tmp_path / 'labels.db'}")
+    db.upgrade()
+    cfg = SimpleNamespace(project="calm", annotate_kind="rating", annotate_overlap=1, seed=0)
+    first = iterate_people.import_round(cfg, db, 1, ["Describe the river:"], [[" calm kind", " loud rude"]])
+    assert first == ["round1-prompt0"]
+    assert "has no members" in capsys.readouterr().err
+    # the same run resumed: nothing new, no error
+    assert iterate_people.import_round(cfg, db, 1, ["Describe the river:"], [[" calm kind", " loud rude"]]) == first
+    # another run with the same --project: its round 1 holds other texts
+    with pytest.raises(ConfigError, match="used by another run"):
+        iterate_people.import_round(cfg, db, 1, ["Describe the city:"], [[" warm", " cold"]])
+    with db.read() as session:
+        from preftune.annotate.importer import get_project
+
+        assert get_project(session, "calm-round1").name == "calm-round1"   # rounds get their own projects
     db.dispose()

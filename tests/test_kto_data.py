@@ -8,6 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
+from helpers import write_jsonl
 from preftune.data import TokenizeSettings, load_records, tokenize_preferences
 from preftune.data.kto import KTOExample, label_counts, mismatched_completions, tokenize_kto
 from preftune.errors import DataError
@@ -23,11 +24,6 @@ SETTINGS = TokenizeSettings(max_length=64)
 
 def message(role, content):
     return {"role": role, "content": content}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def tokenize(path, tokenizer, **kwargs):
@@ -174,3 +170,12 @@ def test_mismatched_completions_are_seeded_and_never_the_examples_own():
     cut = mismatched_completions([KTOExample([1, 2, 3], [4, 5, 6, 7], True, 1),
                                   KTOExample([1], [8, 9, 10, 11], False, 2)], seed=0, max_length=5)
     assert cut == [[8, 9], [4, 5, 6, 7]]
+
+
+def test_weight_and_label_prob_columns_give_each_example_its_weight(tmp_path, tiny_tokenizer):
+    rows = [dict(ROWS[0], weight=0.25), dict(ROWS[1], label_prob=0.9), ROWS[2], dict(ROWS[3], label_prob=1.0)]
+    examples, _ = tokenize(write_jsonl(tmp_path / "w.jsonl", rows), tiny_tokenizer)
+    assert [e.weight for e in examples] == pytest.approx([0.25, 0.8, 1.0, 1.0])
+    for bad in ({"weight": 1.5}, {"weight": "high"}, {"label_prob": 0.3}, {"label_prob": True}):
+        with pytest.raises(DataError, match="bad (weight|label_prob)"):
+            tokenize(write_jsonl(tmp_path / "bad.jsonl", [dict(ROWS[0], **bad)] + ROWS[1:]), tiny_tokenizer)

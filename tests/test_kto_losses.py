@@ -107,3 +107,31 @@ def test_metrics_are_means_over_each_kind():
     assert float(out.z0) == pytest.approx(0.3875)
     only_good = kto_metrics(out.rewards, torch.tensor(POLICY), torch.ones(5, dtype=torch.bool))
     assert math.isnan(float(only_good["rewards/rejected"])) and not math.isnan(float(only_good["rewards/chosen"]))
+
+
+def test_per_example_weights_against_the_formula_by_hand():
+    """The annotation export's weight (2·label_prob − 1) multiplies each example's loss; by hand: p·L(label) +
+    (1 − p)·L(other label) differs from (2p − 1)·L(label) by a constant (1 − p), so both give the same gradient."""
+    desirable, beta, probs = [True, False, True, False, True], 0.3, [1.0, 0.9, 0.75, 0.6, 0.5]
+    weights = [2 * p - 1 for p in probs]
+    plain, z0 = by_hand(POLICY, REF, desirable, beta, KL_POLICY, KL_REF)
+
+    def t(v):
+        return torch.tensor(v, dtype=torch.float64)
+
+    policy = t(POLICY).requires_grad_()
+    out = kto_loss(policy, t(REF), torch.tensor(desirable), beta, kl_logratios=t(KL_POLICY) - t(KL_REF),
+                   weights=t(weights))
+    assert out.losses.tolist() == pytest.approx([w * loss for w, loss in zip(weights, plain)], rel=1e-12)
+    assert float(out.z0) == pytest.approx(z0, rel=1e-12)
+    out.losses.sum().backward()
+    # the expected loss under the soft label, by finite differences of plain math
+    eps = 1e-6
+    for k, p in enumerate(probs):
+        def expected(shift):
+            moved = list(POLICY)
+            moved[k] += shift
+            hard, _ = by_hand(moved, REF, desirable, beta, KL_POLICY, KL_REF)
+            soft, _ = by_hand(moved, REF, [not d for d in desirable], beta, KL_POLICY, KL_REF)
+            return p * hard[k] + (1 - p) * soft[k]
+        assert float(policy.grad[k]) == pytest.approx((expected(eps) - expected(-eps)) / (2 * eps), abs=1e-8)

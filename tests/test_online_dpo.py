@@ -82,7 +82,7 @@ def test_lora_ipo_with_a_pairwise_judge_learns_against_the_adapter_disabled_refe
     from preftune.loading import load_callable
 
     judge = CalmJudge(load_callable(setup["reward"], "judge"))
-    cfg = config(setup, tmp_path / "lora", require_judge=False, judge=None, lora=True, lora_r=8, lora_alpha=16,
+    cfg = config(setup, tmp_path / "lora", require_judge=False, judge=None, lora=True, lora_r=8, lora_alpha=16, seed=1,
                  learning_rate=3e-2, loss_type="ipo", beta=0.1, max_steps=12, log_samples_steps=1, log_samples=16)
     run = train_online_dpo(cfg, judge=judge)
     records = read_metrics(run.run_dir)
@@ -122,7 +122,7 @@ def test_cli_killed_online_dpo_run_resumes_exactly(setup, tmp_path):
                          "gradient_accumulation_steps: 2\nmax_new_tokens: 8\nlearning_rate: 0.003\nmax_steps: 4\n"
                          "save_steps: 2\nloss_type: hinge\nmissing_eos_penalty: 1.0\nlog_samples_steps: 1\n")
     killed = cli("online-dpo", "--config", str(yaml_file), "--output_dir", str(tmp_path / "resumed"),
-                 env_extra={"PREFTUNE_KILL_AT_STEP": "3"})
+                 env_extra={"KILL_AT_STEP": "3"})
     train_online_dpo(load_config(OnlineDPOConfig, yaml_file, {"output_dir": str(tmp_path / "full")}))
     assert killed.wait() == -9, killed.stderr.read()
     assert (tmp_path / "resumed" / "checkpoints" / "step-2" / "state.json").is_file()

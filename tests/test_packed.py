@@ -104,6 +104,7 @@ def test_blockwise_sdpa_runs_and_equals_padded(arch, tiny_tokenizer, monkeypatch
 
     vocab = len(tiny_tokenizer)
     model = gqa_llama(vocab) if arch == "gqa-llama" else tiny_gpt2(vocab)
+    assert attention.use_blockwise_sdpa(model)          # the blockwise_attention setting, applied explicitly
     calls = []
     real = attention.F.scaled_dot_product_attention
     spy = SimpleNamespace(scaled_dot_product_attention=lambda *a, **k: calls.append(k) or real(*a, **k))
@@ -143,7 +144,8 @@ def test_lora_and_gradient_checkpointing(tiny_tokenizer):
 @pytest.mark.parametrize("share", [True, False])
 def test_reward_model_packed_equals_padded(share, tiny_tokenizer):
     from preftune.config import RewardConfig
-    from preftune.recipes.reward import RewardScorer, RewardTask
+    from preftune.modality.text import RewardScorer
+    from preftune.recipes.reward import RewardTask
 
     model = gqa_llama(len(tiny_tokenizer), classifier=True)
     scorer = RewardScorer(model)
@@ -159,8 +161,8 @@ def test_reward_model_packed_equals_padded(share, tiny_tokenizer):
 
 
 def test_precomputed_reference_packed_equals_padded(tiny_tokenizer, tmp_path):
-    from preftune.modality.text import PairCollator
-    from preftune.runtime.reference import ModelReference, PrecomputedReference, precompute_logps, sequence_key
+    from preftune.modality.text import PairCollator, sequence_key
+    from preftune.runtime.reference import ModelReference, PrecomputedReference, precompute_logps
 
     model = gqa_llama(len(tiny_tokenizer)).eval()
     reference = ModelReference(model, chunk_size=4)
@@ -241,7 +243,8 @@ def test_kto_loss_equal_packed_and_padded(kto_kl, tiny_tokenizer):
 @pytest.mark.parametrize("packing", [False, True])
 def test_sft_padding_free_equals_padded(packing, tiny_tokenizer):
     from preftune.data.packing import LMExample, pack_examples, single_row
-    from preftune.recipes.sft import LMLogprobs, LMTask
+    from preftune.modality.text import LMLogprobs
+    from preftune.recipes.sft import LMTask
 
     generator = torch.Generator().manual_seed(6)
     examples = []
@@ -266,9 +269,9 @@ def test_a_model_whose_attention_ignores_the_layout_stays_padded(tiny_tokenizer)
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from preftune import attention
     from preftune.config import DPOConfig
     from preftune.modality.text import PairCollator
+    from preftune.speed import attention
 
     cfg = DPOConfig()
     for kind in ("sdpa", "eager"):

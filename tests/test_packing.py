@@ -13,8 +13,10 @@ from preftune.data.packing import (
     single_row,
 )
 from preftune.errors import ConfigError
-from preftune.recipes import sft as sft_module
-from preftune.recipes.sft import LMLogprobs, LMTask, check_packed_attention
+from preftune.logprobs import token_logprobs
+from preftune.modality import text as text_modality
+from preftune.modality.text import LMLogprobs
+from preftune.recipes.sft import LMTask, check_packed_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,16 +150,16 @@ def test_position_ids_alone_give_the_same_packed_result(tiny_model):
     args = (batch["input_ids"], batch["loss_mask"])
     with torch.no_grad():
         explicit = lm(args[0], batch["attention_mask"], args[1], batch["position_ids"])
-        derived = sft_module.token_logprobs(tiny_model, args[0], None, args[1], position_ids=batch["position_ids"])
-        leaky = sft_module.token_logprobs(tiny_model, args[0], batch["attention_mask"], args[1],
-                                          position_ids=batch["position_ids"])
+        derived = token_logprobs(tiny_model, args[0], None, args[1], position_ids=batch["position_ids"])
+        leaky = token_logprobs(tiny_model, args[0], batch["attention_mask"], args[1],
+                               position_ids=batch["position_ids"])
     torch.testing.assert_close(derived, explicit, atol=1e-5, rtol=0)
     assert (leaky - explicit).abs().max() > 1e-3  # a plain 2D mask lets packed examples see each other
 
 
 def test_a_model_that_ignores_the_packed_mask_is_refused(tiny_model, monkeypatch):
     check_packed_attention(LMLogprobs(tiny_model))  # honours it: no error
-    monkeypatch.setattr(sft_module, "packed_lm_inputs",
+    monkeypatch.setattr(text_modality, "packed_lm_inputs",
                         lambda model, attention_mask, position_ids: {"attention_mask": torch.ones_like(position_ids),
                                                                      "position_ids": position_ids})
     with pytest.raises(ConfigError, match="packing is not supported"):

@@ -162,7 +162,7 @@ def test_adaptive_kl_coefficient_moves_towards_the_target(setup, tmp_path):
 
 
 def test_missing_eos_gets_the_penalty(setup, tmp_path):
-    from preftune.recipes.online import adjusted_scores
+    from preftune.recipes.ppo_rollout import adjusted_scores
 
     scores = adjusted_scores(torch.tensor([1.0, 1.0, 0.2]), torch.tensor([True, False, False]), 0.5, None, None, 0.0)
     torch.testing.assert_close(scores, torch.tensor([1.0, 0.5, -0.3]))
@@ -179,8 +179,8 @@ def test_padding_after_eos_is_masked(setup, tiny_tokenizer):
     """A sample's log-probs, values and loss are the same alone and in a padded micro-batch."""
     from transformers import AutoModelForCausalLM
 
-    from preftune.recipes.online import Sample
     from preftune.recipes.ppo import PolicyValue, PPOTask
+    from preftune.recipes.ppo_rollout import Sample
 
     policy = AutoModelForCausalLM.from_pretrained(setup["model"])
     head = torch.nn.Linear(policy.config.hidden_size, 1)
@@ -253,7 +253,7 @@ def test_config_and_prompt_errors_are_for_people(setup, tmp_path):
 
 def cli(*args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
-    env.pop("PREFTUNE_KILL_AT_STEP", None)
+    env.pop("KILL_AT_STEP", None)
     env.update(env_extra or {})
     return subprocess.Popen([sys.executable, "-m", "preftune.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -269,7 +269,7 @@ def test_cli_yaml_help_and_killed_run_resumes_exactly(setup, tmp_path):
                          "lr_scheduler: cosine\nlog_samples_steps: 1\n")
     full = cli("ppo", "--config", str(yaml_file), "--output_dir", str(tmp_path / "full"))
     killed = cli("ppo", "--config", str(yaml_file), "--output_dir", str(tmp_path / "resumed"),
-                 env_extra={"PREFTUNE_KILL_AT_STEP": "5"})
+                 env_extra={"KILL_AT_STEP": "5"})
     assert full.wait() == 0, full.stderr.read()
     assert killed.wait() == -9
     assert (tmp_path / "resumed" / "checkpoints" / "step-4" / "state.json").is_file()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import write_jsonl
 from preftune.cli import main
 from preftune.config import PretrainConfig, SFTConfig
 from preftune.data.text import read_documents, tokenize_documents
@@ -37,11 +38,6 @@ def toy_sft(n, seed):
     rng = random.Random(seed)
     return [{"prompt": f"Describe {rng.choice(TOPICS)} in a few words:",
              "completion": " " + " ".join(rng.choice(CALM_WORDS) for _ in range(4))} for _ in range(n)]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def eval_losses(run_dir):

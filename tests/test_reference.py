@@ -1,13 +1,16 @@
 """make_reference's four kinds against log-probs computed here from full logits."""
 
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from preftune.config.shared import SpeedSettings
 from preftune.data.collate import collate_completions
+from preftune.modality.text import row_keys, sequence_key
 from preftune.models import apply_lora
-from preftune.runtime.reference import make_reference, row_keys, sequence_key
+from preftune.runtime.reference import make_reference
 from preftune.runtime.run import RunContext, make_accelerator
 
 SEQUENCES = [([1, 40, 41], [50, 51, 2]), ([1, 42], [52, 2]), ([1, 43, 44, 45], [53, 54, 55, 2]), ([1, 40, 41], [56, 2])]
@@ -17,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def settings(tmp_path, **overrides):
     values = dict(ref_model_name_or_path=None, model_name_or_path=None, logprob_chunk_size=7,
-                  cache_dir=str(tmp_path / "cache"), per_device_batch_size=1)
+                  cache_dir=str(tmp_path / "cache"), per_device_batch_size=1, **asdict(SpeedSettings()))
     return SimpleNamespace(**{**values, **overrides})
 
 

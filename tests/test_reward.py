@@ -11,21 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import write_jsonl
 from preftune.cli import main
 from preftune.config import RewardConfig
 from preftune.data import TokenizeSettings, collate_pairs, load_records, tokenize_preferences
-from preftune.recipes.reward import RewardScorer, expected_calibration_error, train_reward
+from preftune.modality.text import RewardScorer
+from preftune.recipes.reward import expected_calibration_error, train_reward
 from preftune.scoring.reward_model import load_reward_model, score_texts, sequence_rewards
 from toydata import CALM_WORDS, LOUD_WORDS, TOPICS, make_toy_preferences
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def env(**extra) -> dict:
-    values = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "PREFTUNE_KILL_AT_STEP")}
+    values = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "KILL_AT_STEP")}
     values.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", NO_COLOR="1",
                   COLUMNS="200", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
     return values
@@ -250,7 +247,7 @@ def test_killed_reward_run_resumes_to_the_same_weights(tiny_model_dir, data, tmp
               "8",
               "--per_device_batch_size", "8", "--learning_rate", "1e-3", "--max_length", "64", "--save_steps", "3",
               "--logging_steps", "1", "--lr_scheduler", "cosine", "--warmup_steps", "2", "--seed", "3"]
-    killed = start_cli(*common, "--output_dir", str(tmp_path / "resumed"), PREFTUNE_KILL_AT_STEP="5")
+    killed = start_cli(*common, "--output_dir", str(tmp_path / "resumed"), KILL_AT_STEP="5")
     full = config(tiny_model_dir, data, tmp_path / "full", eval_dataset=None, max_steps=8, save_steps=3,
                   lr_scheduler="cosine", warmup_steps=2, seed=3)
     train_reward(full)  # meanwhile, the uninterrupted run in this process

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from helpers import write_jsonl
 from preftune.cli import main
 from preftune.config import PPOConfig
 from preftune.errors import ConfigError, DataError, PreftuneError
@@ -26,11 +27,6 @@ def bad_module(tmp_path):
                     "    return [float('nan') if i == 2 else 1.0 for i in range(len(responses))]\n\n"
                     "def inf_all(prompts, responses):\n    return [float('inf')] * len(responses)\n\n"
                     "def one_short(prompts, responses):\n    return [0.0] * (len(responses) - 1)\n")
-    return path
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import write_jsonl
 from preftune.cli import main
 from preftune.config import SFTConfig
 from preftune.data import Records
@@ -30,11 +31,6 @@ def toy_sft_rows(n, seed=0, conversational=False):
     return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
 
 
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def records(rows, name="sft.jsonl"):
     return Records(name, rows, list(range(1, len(rows) + 1)))
 
@@ -51,7 +47,7 @@ def config(model_dir, data, out, **overrides) -> SFTConfig:
 
 
 def subprocess_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "PREFTUNE_KILL_AT_STEP")}
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "KILL_AT_STEP")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                NO_COLOR="1", COLUMNS="200", PYTHONWARNINGS="ignore", **extra)
     return env
@@ -79,7 +75,7 @@ def cli_runs(tmp_path_factory, tiny_model_dir):
     scenarios = {
         "killed": (["sft", *model, "--dataset", str(data), "--output_dir", str(root / "resumed"),
                     *as_flags(RESUME_SETTINGS)],
-                   {"PREFTUNE_KILL_AT_STEP": "5", "OMP_NUM_THREADS": "1"}),  # one thread, as in-process
+                   {"KILL_AT_STEP": "5", "OMP_NUM_THREADS": "1"}),  # one thread, as in-process
         "bad_row": (["sft", *model, "--dataset", str(bad), "--output_dir", str(root / "bad")],
                     {"OMP_NUM_THREADS": "1"}),
     }

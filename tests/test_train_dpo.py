@@ -12,16 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import write_jsonl
 from preftune import DPOConfig
 from preftune.recipes.dpo import train_dpo
 from toydata import make_toy_preferences
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +62,7 @@ def killed_and_resumed(command: str, model_dir, data, tmp_path) -> tuple[dict, d
               "--logging_steps", "1", "--no-disable_dropout", "--lr_scheduler", "cosine", "--warmup_steps", "2"]
     full = cli(*common, "--output_dir", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
-    killed = cli(*common, "--output_dir", str(tmp_path / "resumed"), env_extra={"PREFTUNE_KILL_AT_STEP": "5"})
+    killed = cli(*common, "--output_dir", str(tmp_path / "resumed"), env_extra={"KILL_AT_STEP": "5"})
     assert killed.returncode == -9  # SIGKILL during step 5: the last checkpoint is step 3
     assert not (tmp_path / "resumed" / "model").exists()
     assert (tmp_path / "resumed" / "checkpoints" / "step-3" / "state.json").is_file()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import write_jsonl
 from preftune import DPOConfig, RewardConfig, SFTConfig
 from preftune.data import TokenizeSettings, load_records
 from preftune.multimodal.data import collate_vision_pairs, tokenize_vision_pairs
@@ -18,7 +19,7 @@ from preftune.multimodal.models import TOWERS, named_part
 from preftune.recipes.dpo import train_dpo
 from preftune.recipes.reward import train_reward
 from preftune.recipes.sft import train_sft
-from toyvision import FAMILIES, build_tiny_vlm, build_vision_processor, make_colour_pairs, write_jsonl
+from toyvision import FAMILIES, build_tiny_vlm, build_vision_processor, make_colour_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

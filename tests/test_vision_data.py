@@ -8,11 +8,12 @@ import sys
 import pytest
 from PIL import Image
 
+from helpers import write_jsonl
 from preftune.data import TokenizeSettings, load_records
 from preftune.data.images import has_images
 from preftune.errors import DataError
 from preftune.multimodal.data import tokenize_vision_pairs
-from toyvision import build_tiny_vlm, build_vision_processor, colour_image, make_colour_pairs, write_jsonl
+from toyvision import build_tiny_vlm, build_vision_processor, colour_image, make_colour_pairs
 
 SETTINGS = TokenizeSettings(max_length=128)
 
@@ -153,12 +154,25 @@ def test_the_command_line_trains_and_refuses_bad_images(tmp_path, processor):
     assert "row 4" in failed.stderr and "images" in failed.stderr and "unsupported mode 'F'" in failed.stderr
 
 
-def test_kto_refuses_rows_with_images(tmp_path):
-    from preftune import KTOConfig
-    from preftune.errors import ConfigError
-    from preftune.recipes.kto import train_kto
+def test_kto_rows_with_images_unpaired_and_paired(tmp_path, processor):
+    from preftune.multimodal.data import tokenize_vision_labelled
 
-    data = write_jsonl(tmp_path / "pairs.jsonl", good_rows(tmp_path))
-    cfg = KTOConfig(model_name_or_path="unused", dataset=str(data), output_dir=str(tmp_path / "run"))
-    with pytest.raises(ConfigError, match="images are not supported by KTO"):
-        train_kto(cfg)
+    pairs = good_rows(tmp_path, n=3)
+    paired = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    examples, _ = tokenize_vision_labelled(load_records(str(paired)), processor, SETTINGS)
+    expected, _ = tokenize_vision_pairs(load_records(str(paired)), processor, SETTINGS)
+    assert [(e.row, e.desirable) for e in examples] == [(1, True), (1, False), (2, True), (2, False), (3, True),
+                                                        (3, False)]
+    assert examples[2].prompt.ids == expected[1].prompt.ids and examples[3].completion_ids == expected[1].rejected_ids
+    assert examples[0].prompt.image_key == expected[0].prompt.image_key != expected[1].prompt.image_key
+
+    unpaired = [{"prompt": r["prompt"], "completion": r["chosen"], "label": i % 2 == 0, "images": r["images"]}
+                for i, r in enumerate(pairs)]
+    found, _ = tokenize_vision_labelled(load_records(str(write_jsonl(tmp_path / "u.jsonl", unpaired))), processor,
+                                        SETTINGS)
+    assert [(e.row, e.desirable) for e in found] == [(1, True), (2, False), (3, True)]
+    assert [e.completion_ids for e in found] == [p.chosen_ids for p in expected]
+    unpaired[1]["label"] = "good"
+    with pytest.raises(DataError) as caught:
+        tokenize_vision_labelled(load_records(str(write_jsonl(tmp_path / "u.jsonl", unpaired))), processor, SETTINGS)
+    assert caught.value.row == 2 and caught.value.field == "label"

@@ -8,7 +8,6 @@ answer names its colour, the rejected one another colour.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -70,11 +69,6 @@ def make_colour_pairs(n: int, image_dir: Path, seed: int = 0, style: str = "part
                      "rejected": [{"role": "assistant", "content": f"It is {other}."}],
                      "images": [f"{image_dir.name}/{name}"]})
     return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from . import queue
 from .answers import LETTERS, AnswerError, summary
-from .members import visible_projects
+from .members import is_member, visible_projects
 from .models import Assignment, Label, Project
 from .pages import load_project
 from .security import RowId, User, check_csrf, current_user
@@ -121,6 +121,8 @@ def own_labels(request: Request, project_id: RowId, user: User = Depends(current
 def own_label(request: Request, label_id: RowId, user: User = Depends(current_user)):
     with request.app.state.db.read() as session:
         label = session.scalar(select(Label).where(Label.id == label_id, Label.annotator_id == user.id))
+        if label is not None and not user.is_admin and not is_member(session, label.project_id, user.id):
+            label = None  # taken off the project: its labels are out of reach too
         if label is None:  # someone else's label looks exactly like a missing one
             return JSONResponse({"detail": "no such label"}, 404)
         project = session.get(Project, label.project_id)

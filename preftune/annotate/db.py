@@ -161,11 +161,19 @@ def backup_sqlite(path: str, revision: str) -> Path:
 
 
 def private_file(path: Path) -> Path:
-    """Create ``path`` empty with mode 0600 if it does not exist (an existing file keeps its mode)."""
+    """Create ``path`` empty with mode 0600 if it does not exist; an existing file (and its SQLite journal
+    files) readable by others is made 0600 (one created by an older preftune, or by hand)."""
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
-        pass
+        for found in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            try:
+                if found.stat().st_mode & 0o077 and found.stat().st_uid == os.getuid():
+                    os.chmod(found, 0o600)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise DatabaseError(f"cannot make {found} private: {exc.strerror}") from None
     except OSError as exc:
         raise DatabaseError(f"cannot create {path}: {exc.strerror}") from None
     return path

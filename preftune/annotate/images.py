@@ -23,6 +23,37 @@ from preftune.errors import DataError
 
 MAX_SIDE = 1024
 MAX_IMAGES = 8
+MAX_PIXELS = 25_000_000
+
+
+def _safe_path(source: str, base: Path, value: str, column: str, number: int, index: int) -> None:
+    """Refuse absolute paths, ``..`` and symbolic links: an import reads images from beside its file only."""
+    path = Path(value)
+    where = f"image {index}"
+    if path.is_absolute() or value.startswith("~") or ".." in path.parts:
+        raise DataError(source, f"{where}: {value!r} must be a path relative to the import file's directory, "
+                                "without '..'", row=number, field=column)
+    root = base.resolve()
+    target = root / path
+    for part in [target, *target.parents]:
+        if part == root or root not in part.parents:
+            break
+        if part.is_symlink():
+            raise DataError(source, f"{where}: {value!r} passes through a symbolic link", row=number, field=column)
+
+
+def _check_pixels(source: str, data: bytes, column: str, number: int, index: int) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+            width, height = header.size
+    except Exception:  # not an image: decode_image says so properly
+        return
+    if width * height > MAX_PIXELS:
+        raise DataError(source, f"image {index}: {width}x{height} pixels is more than {MAX_PIXELS:,} (a "
+                                "decompression bomb, or a picture far larger than a labelling page needs)",
+                        row=number, field=column)
 
 
 def row_images(source: str, row: dict, number: int) -> dict:
@@ -36,15 +67,21 @@ def row_images(source: str, row: dict, number: int) -> dict:
     base = Path(source).expanduser().parent
     references, data = [], []
     for index, value in enumerate(values, start=1):
+        if isinstance(value, dict) and isinstance(value.get("path"), str) and not value.get("bytes"):
+            value = value["path"]
+        if isinstance(value, str):
+            _safe_path(source, base, value, column, number, index)
         try:
-            image = decode_image(image_bytes(value, base, column, index), column, index)
+            raw = image_bytes(value, base, column, index)
+            _check_pixels(source, raw, column, number, index)
+            image = decode_image(raw, column, index)
         except InvalidRow as invalid:
             raise invalid.problem(source, number).error from None
         image.thumbnail((MAX_SIDE, MAX_SIDE))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         data.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
-        references.append(str((base / value).resolve()) if isinstance(value, str) else None)
+        references.append(value if isinstance(value, str) else None)
     return {"images": references, "image_data": data}
 
 

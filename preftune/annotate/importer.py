@@ -33,13 +33,13 @@ from preftune.data.messages import check_messages, plain_text
 from preftune.data.rows import InvalidRow
 from preftune.errors import ConfigError, DataError, PreftuneError
 
-from .answers import MAX_CANDIDATES
+from .answers import LETTERS, MAX_CANDIDATES
 from .images import row_images
 from .models import KINDS, Item, Label, Project
 
 MAX_TEXT = 100_000
 RESPONSE_COLUMN = re.compile(r"^response_(\d+)$")
-RESERVED = {"id", "prompt", "responses", "chosen", "rejected", "completion", "images", "image"}
+RESERVED = {"id", "prompt", "responses", "chosen", "rejected", "completion", "images", "image", "gold"}
 
 
 class ProjectError(PreftuneError):
@@ -53,6 +53,7 @@ class ItemSpec:
     candidates: list[str]
     meta: dict = field(default_factory=dict)
     row: int = 0
+    gold: object = None  # the row's ``gold`` value as given (see gold_answer)
 
     @property
     def model_prompt(self) -> str | list:
@@ -88,7 +89,8 @@ def read_guidelines(path: str | None) -> str | None:
 
 
 def ensure_project(session, name: str, kind: str | None = None, guidelines: str | None = None,
-                   overlap: int | None = None, allow_notes: bool | None = None) -> tuple[Project, bool]:
+                   overlap: int | None = None, allow_notes: bool | None = None,
+                   gold_rate: float | None = None) -> tuple[Project, bool]:
     """Get the project, creating it when new; given settings update it. Returns (project, created)."""
     if not name or len(name) > 200:
         raise ProjectError("a project name must have 1 to 200 characters")
@@ -96,11 +98,13 @@ def ensure_project(session, name: str, kind: str | None = None, guidelines: str 
         raise ProjectError(f"question kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if overlap is not None and not 1 <= overlap <= 100:
         raise ProjectError(f"overlap (annotators per item) must be from 1 to 100, got {overlap}")
+    if gold_rate is not None and not 0.0 <= gold_rate <= 1.0:  # also refuses NaN
+        raise ProjectError(f"gold_rate (share of items served that are gold) must be from 0 to 1, got {gold_rate}")
     project = session.scalar(select(Project).where(Project.name == name))
     created = project is None
     if created:
         project = Project(name=name, kind=kind or "pairwise", guidelines="", overlap=1, allow_notes=True,
-                          created_at=time.time())
+                          created_at=time.time(), gold_rate=0.0)
         session.add(project)
     elif kind is not None and kind != project.kind:
         has_items = session.scalar(select(func.count()).select_from(Item).where(Item.project_id == project.id))
@@ -116,6 +120,8 @@ def ensure_project(session, name: str, kind: str | None = None, guidelines: str 
             refresh_complete(session, project)
     if allow_notes is not None:
         project.allow_notes = allow_notes
+    if gold_rate is not None:
+        project.gold_rate = gold_rate
     session.flush()
     return project, created
 
@@ -124,7 +130,8 @@ def refresh_complete(session, project: Project) -> None:
     """Recompute which items have all their labels (after the project's overlap changed)."""
     session.flush()
     labels = select(func.count()).select_from(Label).where(Label.item_id == Item.id).scalar_subquery()
-    session.execute(update(Item).where(Item.project_id == project.id).values(complete=labels >= project.overlap))
+    session.execute(update(Item).where(Item.project_id == project.id, Item.is_gold.is_(False))
+                    .values(complete=labels >= project.overlap))
 
 
 def _text(source: str, number: int, name: str, value) -> str:
@@ -232,7 +239,7 @@ def read_items(source: str, generating: bool = False, minimum: int = 2) -> list[
         seen[external_id] = number
         meta = {**_meta(row), "prompt_messages": messages} if messages else _meta(row)
         meta.update(row_images(records.name, row, number))
-        specs.append(ItemSpec(external_id, prompt, candidates, meta, number))
+        specs.append(ItemSpec(external_id, prompt, candidates, meta, number, row.get("gold")))
     return specs
 
 
@@ -296,8 +303,43 @@ def split_single(spec: ItemSpec) -> list[ItemSpec]:
             for i, text in enumerate(spec.candidates)]
 
 
+def gold_answer(kind: str, value, n: int, where: str = "gold") -> dict:
+    """A row's ``gold`` value as a canonical answer (what a label of the right answer would store).
+
+    pairwise: the index (0-based, in the row's order; ``chosen`` is 0) of the better response, or "tie";
+    binary: true / false (or "up" / "down"); ranking: the indices best first; rating: a score 1-7 each.
+    """
+    from .answers import AnswerError, parse_answer
+
+    order = list(range(n))
+    try:
+        if kind == "pairwise":
+            if value == "tie":
+                return parse_answer(kind, {"choice": "tie"}, order)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+                raise AnswerError(f"expected the index of the better response (0 to {n - 1}) or 'tie', got {value!r}")
+            return parse_answer(kind, {"choice": LETTERS[value]}, order)
+        if kind == "binary":
+            return parse_answer(kind, {"thumb": value}, order)
+        if kind == "ranking":
+            if not isinstance(value, list) or not all(isinstance(v, int) and 0 <= v < n for v in value):
+                raise AnswerError(f"expected the response indices best first (0 to {n - 1}), got {value!r}")
+            return parse_answer(kind, {"ranking": [LETTERS[v] for v in value]}, order)
+        return parse_answer(kind, {"scores": value}, order)
+    except AnswerError as exc:
+        raise ProjectError(f"{where}: {exc}") from None
+
+
 def add_items(session, project: Project, specs: list[ItemSpec], seed: int | None = None) -> tuple[int, int]:
-    """Insert new items (random serving order); returns (added, already present)."""
+    """Insert new items (random serving order); returns (added, already present).
+
+    An item whose spec has a ``gold`` answer becomes a gold item (complete from the start: the ordinary
+    queue never serves it; :func:`.queue.serve` mixes gold items in at the project's ``gold_rate``)."""
+    if any(spec.gold is not None for spec in specs):
+        if project.kind == "pairwise" and any(spec.gold is not None and len(spec.candidates) != 2 for spec in specs):
+            raise ProjectError("a gold item of a pairwise project needs exactly 2 responses")
+        if project.kind == "binary" and any(spec.gold is not None and len(spec.candidates) != 1 for spec in specs):
+            raise ProjectError("a gold item of a binary project needs exactly 1 response")
     if project.kind == "pairwise":
         specs = [part for spec in specs for part in split_pairs(spec)]
     elif project.kind == "binary":
@@ -314,9 +356,12 @@ def add_items(session, project: Project, specs: list[ItemSpec], seed: int | None
         if spec.external_id in existing:
             continue
         existing.add(spec.external_id)
+        where = f"item {spec.external_id!r} (row {spec.row})"
+        gold = None if spec.gold is None else gold_answer(project.kind, spec.gold, len(spec.candidates), where)
         rows.append({"project_id": project.id, "external_id": spec.external_id, "prompt": spec.prompt,
                      "candidates": list(spec.candidates), "meta": spec.meta, "random_key": rng.random(),
-                     "priority": 0.0, "complete": False, "created_at": now})
+                     "priority": 0.0, "complete": gold is not None, "created_at": now, "is_gold": gold is not None,
+                     "gold": gold})
     session.flush()
     for start in range(0, len(rows), 10_000):  # core inserts: a 400k-item import takes seconds, not minutes
         session.execute(insert(Item), rows[start:start + 10_000])

@@ -7,7 +7,7 @@ order one annotator saw them in (position-bias control).
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 KINDS = ("pairwise", "ranking", "rating", "binary")
@@ -28,6 +28,7 @@ class Project(Base):
     allow_notes: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[float] = mapped_column(Float)
     scored_with: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    gold_rate: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")  # share of serves that are gold
 
 
 class Item(Base):
@@ -35,6 +36,7 @@ class Item(Base):
     __table_args__ = (
         UniqueConstraint("project_id", "external_id", name="uq_items_project_external"),
         Index("ix_items_project_order", "project_id", "complete", "priority", "random_key"),
+        Index("ix_items_project_gold", "project_id", "is_gold", "random_key"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -47,6 +49,10 @@ class Item(Base):
     priority: Mapped[float] = mapped_column(Float, default=0.0)
     complete: Mapped[bool] = mapped_column(Boolean, default=False)  # has all the labels its project wants
     created_at: Mapped[float] = mapped_column(Float)
+    # a gold item has a known answer (canonical form, as a label's); it is served to every member once, at the
+    # project's gold_rate, and is always "complete" so the ordinary queue never serves it
+    is_gold: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    gold: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class Annotator(Base):
@@ -124,3 +130,22 @@ class LoginSession(Base):
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
     created_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
+
+
+class Adjudication(Base):
+    """An admin's resolution of a disputed item, kept beside (never over) the annotators' labels.
+
+    ``answer`` is in canonical candidate order, like a label's; exports and the competence model treat it
+    as the item's known answer.
+    """
+
+    __tablename__ = "adjudications"
+    __table_args__ = (UniqueConstraint("item_id", name="uq_adjudications_item"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))  # who resolved it
+    answer: Mapped[dict] = mapped_column(JSON)
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)

@@ -71,7 +71,6 @@ def login_form(request: Request):
 @router.post("/login")
 async def login(request: Request):
     limiter, address = request.app.state.login_limiter, client_address(request)
-    limiter.check(address)
     form = await request.form()
     nonce = request.cookies.get(login_cookie(request)) or ""
     if not nonce or not sessions.secrets_match(nonce, form.get("csrf_token")) or not same_origin(request):
@@ -83,7 +82,8 @@ async def login(request: Request):
     def log_in():
         with request.app.state.db.write() as session:
             annotator = find_annotator(session, token)
-            if annotator is None:
+            if annotator is None:  # the limit refuses failures only: a valid token is never locked out
+                limiter.check(address)
                 return None, None
             sessions.end(session, old_session)  # a fresh id at every login (no session fixation)
             return annotator, sessions.start(session, annotator.id)
@@ -214,4 +214,5 @@ def item_image(request: Request, project_id: RowId, item_id: RowId, number: int,
         data = stored_image(item, number)
     if data is None:
         raise HTTPException(404, "no such image")
-    return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=3600"})
+    # never kept by the browser: on a shared machine the next person must not find the images in its cache
+    return Response(data, media_type="image/png", headers={"cache-control": "no-store"})

@@ -27,7 +27,8 @@ from .models import Assignment, Item, Label, Project
 LEASE_SECONDS = 30 * 60
 MAX_NOTE = 5000
 MAX_REQUEST_ID = 100
-_shuffle = random.SystemRandom().shuffle
+_system_random = random.SystemRandom()
+_shuffle, _chance = _system_random.shuffle, _system_random.random
 _A, _I, _L = Assignment.__table__, Item.__table__, Label.__table__
 ASSIGNMENT_COLUMNS = (_A.c.id, _A.c.item_id, _A.c.display_order, _A.c.status, _A.c.served_at)
 Row = SimpleNamespace
@@ -67,6 +68,11 @@ FIRST_ELIGIBLE = ELIGIBLE.order_by(_I.c.priority, _I.c.random_key).limit(1)
 CLAIM_UNLOCKED = FIRST_ELIGIBLE.with_for_update(of=_I, key_share=True, skip_locked=True)
 CLAIM_WAITING = FIRST_ELIGIBLE.with_for_update(of=_I, key_share=True)
 PLACES_TAKEN = select(func.count()).select_from(_A).where(_A.c.item_id == bindparam("item_id"), _HOLDS_PLACE)
+# gold items: served to every annotator once (never counted against the overlap), in random_key order
+NEXT_GOLD = select(_I.c.id).where(
+    _I.c.project_id == bindparam("project_id"), _I.c.is_gold.is_(True),
+    ~exists().where(_A.c.item_id == _I.c.id, _A.c.annotator_id == bindparam("annotator_id"))
+).order_by(_I.c.random_key).limit(1)
 
 
 def _queue_params(project: Project, annotator_id: int, lease: float) -> dict:
@@ -98,13 +104,16 @@ def serve(session, project: Project, annotator_id: int, lease: float, locking: b
     now = time.time()
     current = session.execute(select(*ASSIGNMENT_COLUMNS).join(_I, _I.c.id == _A.c.item_id).where(
         _A.c.annotator_id == annotator_id, _A.c.project_id == project.id, _A.c.status == "open",
-        _I.c.complete.is_(False)).order_by(_A.c.served_at, _A.c.id).limit(1)).first()
+        or_(_I.c.complete.is_(False), _I.c.is_gold.is_(True))).order_by(_A.c.served_at, _A.c.id).limit(1)).first()
     if current is not None:
         return Served(current, _item_row(session, current.item_id))
     params = _queue_params(project, annotator_id, lease)
     item_id = _claim(session, params) if locking else session.scalar(FIRST_ELIGIBLE, params)
     if item_id is None:
-        return None
+        return None  # nothing left to label: gold items are mixed into work, never served on their own
+    gold_rate = getattr(project, "gold_rate", 0.0) or 0.0
+    if gold_rate > 0 and _chance() < gold_rate:
+        item_id = session.scalar(NEXT_GOLD, params) or item_id
     item = _item_row(session, item_id)
     order = list(range(len(item.candidates)))
     _shuffle(order)
@@ -190,8 +199,9 @@ def submit(db, project: Project, annotator_id: int, item_id: int, fields, note, 
     raise AssertionError("unreachable")
 
 
-_OWN = (select(_A.c.id, _A.c.display_order, _A.c.served_at, _A.c.status, _L.c.id.label("label_id"), _L.c.request_id)
-        .select_from(_A.outerjoin(_L, _L.c.assignment_id == _A.c.id))
+_OWN = (select(_A.c.id, _A.c.display_order, _A.c.served_at, _A.c.status, _L.c.id.label("label_id"), _L.c.request_id,
+               _I.c.is_gold)
+        .select_from(_A.join(_I, _I.c.id == _A.c.item_id).outerjoin(_L, _L.c.assignment_id == _A.c.id))
         .where(_A.c.item_id == bindparam("item_id"), _A.c.annotator_id == bindparam("annotator_id"),
                _A.c.project_id == bindparam("project_id")))
 _REQUEST_USED = select(_L.c.id).where(_L.c.annotator_id == bindparam("annotator_id"),
@@ -220,6 +230,12 @@ def store(session, project: Project, annotator_id: int, item_id: int, fields, no
         raise RequestConflict(f"request id {request_id!r} was already used for another item")
     if found.status == "skipped":
         raise RequestConflict("you skipped this item, so it went to someone else; it cannot be labelled now")
+    if found.is_gold:  # every annotator may label a gold item; it never completes nor expires anyone
+        label_id = session.execute(_ADD_LABEL, {
+            **keys, "assignment_id": found.id, "answer": answer, "note": note, "request_id": request_id,
+            "seconds": max(0.0, now - found.served_at), "created_at": now, "updated_at": now}).scalar_one()
+        session.execute(update(_A).where(_A.c.id == found.id).values(status="done"))
+        return Submitted(Row(id=label_id), "created")
     labels = session.scalar(_LABELS_OF_ITEM, keys)
     if labels >= project.overlap:
         raise RequestConflict("this item already has all the labels it needs (your time on it ran out and "
@@ -276,15 +292,21 @@ def annotator_progress(session, project: Project, annotator_id: int, lease: floa
 
 
 def project_progress(session, project: Project) -> dict:
-    """Items, labels stored, labels wanted (items x overlap) and items with all their labels."""
-    items = session.scalar(select(func.count()).select_from(Item).where(Item.project_id == project.id))
-    per_item = (select(Label.item_id, func.count().label("n")).where(Label.project_id == project.id)
-                .group_by(Label.item_id).subquery())
+    """Items, labels stored, labels wanted (items x overlap) and items with all their labels (gold items and
+    their labels left out; ``gold_items`` and ``gold_labels`` count them)."""
+    gold = dict(session.execute(select(Item.is_gold, func.count()).where(Item.project_id == project.id)
+                                .group_by(Item.is_gold)).all())
+    items = gold.get(False, 0)
+    gold_labels = session.scalar(select(func.count()).select_from(Label).join(Item, Item.id == Label.item_id)
+                                 .where(Label.project_id == project.id, Item.is_gold.is_(True)))
+    per_item = (select(Label.item_id, func.count().label("n")).join(Item, Item.id == Label.item_id)
+                .where(Label.project_id == project.id, Item.is_gold.is_(False)).group_by(Label.item_id).subquery())
     labels = int(session.scalar(select(func.coalesce(func.sum(per_item.c.n), 0))))  # PostgreSQL sums are Decimal
     complete = session.scalar(select(func.count()).select_from(per_item).where(per_item.c.n >= project.overlap))
     wanted = items * project.overlap
     return {"items": items, "labels": labels, "wanted": wanted, "complete_items": complete,
-            "fraction": min(1.0, labels / wanted) if wanted else 0.0}
+            "fraction": min(1.0, labels / wanted) if wanted else 0.0, "gold_items": gold.get(True, 0),
+            "gold_labels": gold_labels}
 
 
 def own_labels(session, project: Project, annotator_id: int, limit: int = 500) -> list[tuple[Label, Item, Assignment]]:

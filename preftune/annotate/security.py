@@ -11,7 +11,7 @@ the host never see them.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -123,31 +123,44 @@ def check_csrf(request: Request, user: User, submitted) -> None:
 
 
 class LoginLimiter:
-    """At most ``attempts`` failed logins per client address within ``window`` seconds (in memory)."""
+    """At most ``attempts`` failed logins per client address within ``window`` seconds (in memory).
 
-    def __init__(self, attempts: int = 10, window: float = 300.0):
-        self.attempts, self.window = attempts, window
-        self.failures: dict[str, deque] = {}
+    O(1) per request however many addresses failed: each address keeps at most ``attempts`` failure
+    times, addresses are kept in order of their latest failure, and stale ones are dropped from the old
+    end as new failures come (at most ``max_addresses`` are kept; beyond that the stalest go first).
+    The limit only ever refuses *failed* logins: the login route checks the token first, so a valid
+    token logs in even from an address that is over the limit (nobody can lock another person out by
+    failing from their address, or from a proxy's). The address is the connection's peer, or the
+    client a trusted proxy names (``preftune annotate serve --trusted_proxies``; never by default).
+    """
+
+    def __init__(self, attempts: int = 10, window: float = 300.0, max_addresses: int = 100_000):
+        self.attempts, self.window, self.max_addresses = attempts, window, max_addresses
+        self.failures: OrderedDict[str, deque] = OrderedDict()
 
     def check(self, address: str) -> None:
-        recent = self._recent(address)
-        if len(recent) >= self.attempts:
-            raise TooManyAttempts(int(recent[0] + self.window - time.monotonic()) + 1)
+        recent = self.failures.get(address)
+        now = time.monotonic()
+        if recent is not None and len(recent) >= self.attempts and recent[0] > now - self.window:
+            raise TooManyAttempts(int(recent[0] + self.window - now) + 1)
 
     def failed(self, address: str) -> None:
-        self._recent(address).append(time.monotonic())
-        if len(self.failures) > 10_000:  # forget addresses with no recent failures
-            for key in [k for k, v in self.failures.items() if not self._recent(k)]:
-                del self.failures[key]
-
-    def _recent(self, address: str) -> deque:
-        recent = self.failures.setdefault(address, deque())
-        while recent and recent[0] < time.monotonic() - self.window:
-            recent.popleft()
-        return recent
+        now = time.monotonic()
+        recent = self.failures.get(address)
+        if recent is None:
+            recent = self.failures[address] = deque(maxlen=self.attempts)
+        else:
+            self.failures.move_to_end(address)
+        recent.append(now)
+        for _ in range(2):  # amortised: each failure removes up to two stale addresses from the old end
+            oldest = next(iter(self.failures.values()))
+            if oldest[-1] > now - self.window and len(self.failures) <= self.max_addresses:
+                break
+            self.failures.popitem(last=False)
 
 
 def client_address(request: Request) -> str:
+    """The connection's peer; behind ``--trusted_proxies``, uvicorn has already put the forwarded client here."""
     return request.client.host if request.client else "unknown"
 
 

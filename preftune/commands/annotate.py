@@ -2,141 +2,25 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import re
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from preftune.errors import ConfigError
 
-from . import add_flag
-
 out = Console()
 err = Console(stderr=True)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def _db(parser) -> None:
-    add_flag(parser, "db", default=None, metavar="URL",
-             help="Database: an SQLite file path (default: $PREFTUNE_ANNOTATE_DB or annotations.db) or a "
-                  "postgresql://user:password@host/name URL.")
-
-
-def db_arguments(parser) -> None:
-    """The commands that need nothing but the database (``migrate``, ``token list``)."""
-    _db(parser)
-
-
-def serve_arguments(serve) -> None:
-    _db(serve)
-    add_flag(serve, "host", default="127.0.0.1", help="Interface to listen on.")
-    add_flag(serve, "port", type=int, default=8000, help="Port to listen on.")
-    add_flag(serve, "reward_model", default=None, metavar="PATH",
-             help="Serve first the items this reward model separates least (active learning); re-ranks when it "
-                  "changes.")
-    add_flag(serve, "rerank_interval", type=float, default=60.0, help="Seconds between checks for a changed reward "
-                                                                      "model.")
-    add_flag(serve, "max_body", type=int, default=1_000_000, help="Largest request body accepted, in bytes.")
-    add_flag(serve, "lease_minutes", type=float, default=30.0,
-             help="How long a served but unlabelled item stays reserved for its annotator.")
-    add_flag(serve, "secure_cookies", action="store_true", help="Mark cookies Secure (when served over HTTPS).")
-    add_flag(serve, "threads", type=int, default=8, help="Worker threads for database calls.")
-    add_flag(serve, "log_level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-             help="Server log level.")
-
-
-def import_arguments(imp) -> None:
-    imp.add_argument("file", help="JSONL, JSON, CSV or Parquet file.")
-    _db(imp)
-    add_flag(imp, "project", required=True, help="Project name.")
-    add_flag(imp, "kind", choices=["pairwise", "ranking", "rating", "binary"], default=None,
-             help="Question: pairwise (A / B / tie, optional strength), ranking (order N), rating (1-7 each), "
-                  "binary (thumbs up / down on one response; a row's several responses become one item each). "
-                  "New projects default to pairwise.")
-    _project_settings(imp, "Annotators per item (new projects: 1).", "(new projects: yes)")
-    add_flag(imp, "model", default=None, metavar="PATH", help="Generate the candidates with this model.")
-    add_flag(imp, "num_candidates", type=int, default=2, help="Responses sampled per prompt with --model.")
-    add_flag(imp, "max_new_tokens", type=int, default=None, help="Sampling: longest response.")
-    add_flag(imp, "temperature", type=float, default=None, help="Sampling temperature.")
-    add_flag(imp, "top_p", type=float, default=None, help="Sampling nucleus.")
-    add_flag(imp, "top_k", type=int, default=None, help="Sampling top-k.")
-    add_flag(imp, "batch_size", type=int, default=16, help="Prompts per generation batch.")
-    add_flag(imp, "seed", type=int, default=None, help="Seed for sampling and for the serving order.")
-    add_flag(imp, "chat", action=argparse.BooleanOptionalAction, default=None,
-             help="Sample under the model's chat template, a text prompt becoming one user message; on by default "
-                  "when the model has a template (--no-chat: sample from the raw text). Such items export as "
-                  "conversations.")
-
-
-def project_arguments(project) -> None:
-    project.add_argument("name", nargs="?", help="Project to show or change (omit to list all).")
-    _db(project)
-    _project_settings(project, "New number of annotators per item.", "")
-
-
-def _project_settings(parser, overlap_help: str, notes_default: str) -> None:
-    add_flag(parser, "guidelines", default=None, metavar="FILE", help="Markdown file shown to annotators.")
-    add_flag(parser, "overlap", type=int, default=None, help=overlap_help)
-    parser.add_argument("--notes", dest="allow_notes", action=argparse.BooleanOptionalAction, default=None,
-                        help=f"Offer a free-text note per item {notes_default}".rstrip() + ".")
-
-
-def token_add_arguments(add) -> None:
-    add.add_argument("name")
-    add.add_argument("--admin", action="store_true", help="May see progress, agreement and exports.")
-    _db(add)
-
-
-def token_name_arguments(parser) -> None:
-    """``token rotate`` and ``token revoke``: the annotator's name."""
-    parser.add_argument("name")
-    _db(parser)
-
-
-def member_arguments(parser) -> None:
-    """``member add`` and ``member remove``: the project and the annotator's name."""
-    parser.add_argument("project")
-    parser.add_argument("name")
-    _db(parser)
-
-
-def member_list_arguments(parser) -> None:
-    parser.add_argument("project")
-    _db(parser)
-
-
-def rank_arguments(rank) -> None:
-    _db(rank)
-    add_flag(rank, "project", default=None, help="Project (default: all).")
-    add_flag(rank, "reward_model", required=True, metavar="PATH", help="Reward model directory.")
-    add_flag(rank, "batch_size", type=int, default=16, help="Responses scored per batch.")
-
-
-def export_arguments(export) -> None:
-    _db(export)
-    add_flag(export, "project", required=True, help="Project name.")
-    add_flag(export, "output", required=True, metavar="FILE", help="JSONL file to write.")
-    add_flag(export, "ties", choices=["drop", "keep"], default="drop",
-             help="drop: ignore tie votes and split pairs; keep: a tie is half a vote each way, split pairs get "
-                  "preference_prob 0.5.")
-    add_flag(export, "min_votes", type=int, default=1, help="Leave out pairs with fewer counted votes.")
-    add_flag(export, "margin_scale", type=float, default=0.0,
-             help="Add a 'margin' column: this times the mean vote strength toward chosen (0: no column).")
-    add_flag(export, "raw", action="store_true", help="Write every label as stored instead of aggregated pairs.")
-    add_flag(export, "format", choices=["pairs", "kto"], default="pairs",
-             help="pairs: prompt/chosen/rejected rows; kto: unpaired prompt/completion/label rows with label_prob "
-                  "(binary thumbs; pairwise winner/loser; ranking best/worst; ratings above/below a threshold).")
-    add_flag(export, "min_agreement", type=float, default=0.0,
-             help="--format kto: leave out candidates whose label_prob (share of agreeing votes) is below this.")
-    add_flag(export, "rating_threshold", type=float, default=None,
-             help="--format kto, rating projects: scores above are desirable, below undesirable (default: midpoint).")
-
-
-def stats_arguments(stats) -> None:
-    _db(stats)
-    add_flag(stats, "project", required=True, help="Project name.")
-    add_flag(stats, "json", action="store_true", help="Print JSON.")
+def shown(value) -> str:
+    """User-given text (project and annotator names) for the terminal: control characters written as escapes
+    (no terminal sequences get through) and rich markup escaped (a name like ``[/oops]`` prints as itself)."""
+    return escape(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)))
 
 
 def open_db(url):
@@ -166,7 +50,11 @@ def run_serve(args) -> int:
                               secure_cookies=args.secure_cookies, threads=args.threads)
     app = create_app(db, settings, watcher=watcher)
     err.print(f"serving on http://{args.host}:{args.port} (database: {_safe(db.url)})")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False)
+    trusted = ",".join(part.strip() for part in args.trusted_proxies.split(",") if part.strip())
+    # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: anyone connecting through loopback would choose
+    # their own address (and escape the login limit); headers count only from proxies named here
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
+                proxy_headers=bool(trusted), forwarded_allow_ips=trusted or None)
     return 0
 
 
@@ -216,11 +104,12 @@ def run_import(args) -> int:
         generate_candidates(specs, args.model, args.num_candidates, sampling, batch_size=args.batch_size,
                             seed=args.seed, chat=args.chat, minimum=minimum)
     with db.write() as session:
-        project, created = ensure_project(session, args.project, args.kind, guidelines, args.overlap, args.allow_notes)
+        project, created = ensure_project(session, args.project, args.kind, guidelines, args.overlap, args.allow_notes,
+                                          args.gold_rate)
         added, present = add_items(session, project, specs, seed=args.seed)
         kind = project.kind
     what = "created" if created else "updated"
-    out.print(f"project {args.project!r} ({kind}) {what}: {added} items added"
+    out.print(f"project {shown(repr(args.project))} ({kind}) {what}: {added} items added"
               + (f", {present} already present" if present else ""))
     return 0
 
@@ -239,11 +128,13 @@ def run_project(args) -> int:
         else:
             get_project(session, args.name)
             guidelines = read_guidelines(args.guidelines)
-            projects = [ensure_project(session, args.name, None, guidelines, args.overlap, args.allow_notes)[0]]
+            projects = [ensure_project(session, args.name, None, guidelines, args.overlap, args.allow_notes,
+                                       args.gold_rate)[0]]
         table = Table("project", "kind", "overlap", "notes", "items", "labels", "complete items")
         for p in projects:
             progress = project_progress(session, p)
-            table.add_row(p.name, p.kind, str(p.overlap), "yes" if p.allow_notes else "no", str(progress["items"]),
+            table.add_row(shown(p.name), p.kind, str(p.overlap), "yes" if p.allow_notes else "no",
+                          str(progress["items"]),
                           f"{progress['labels']} / {progress['wanted']}", str(progress["complete_items"]))
     out.print(table)
     return 0
@@ -260,12 +151,12 @@ def run_token(args) -> int:
             token = tokens.rotate_token(session, args.name)
         elif args.token_command == "revoke":
             tokens.revoke(session, args.name)
-            out.print(f"revoked {args.name}")
+            out.print(f"revoked {shown(args.name)}")
             return 0
         else:
             table = Table("name", "role", "status")
             for annotator in tokens.list_annotators(session):
-                table.add_row(annotator.name, "admin" if annotator.is_admin else "annotator",
+                table.add_row(shown(annotator.name), "admin" if annotator.is_admin else "annotator",
                               "active" if annotator.active else "revoked")
             out.print(table)
             return 0
@@ -281,13 +172,15 @@ def run_member(args) -> int:
     with db.write() as session:
         if args.member_command == "list":
             names = members.list_members(session, args.project)
-            out.print("\n".join(names) if names else f"project {args.project!r} has no members yet")
+            out.print("\n".join(map(shown, names)) if names
+                      else f"project {shown(repr(args.project))} has no members yet")
         elif args.member_command == "add":
             added = members.add_member(session, args.project, args.name)
-            out.print(f"{args.name} {'added to' if added else 'is already a member of'} {args.project}")
+            out.print(f"{shown(args.name)} {'added to' if added else 'is already a member of'} {shown(args.project)}")
         else:
             removed = members.remove_member(session, args.project, args.name)
-            out.print(f"{args.name} {'removed from' if removed else 'was not a member of'} {args.project}")
+            what = "removed from" if removed else "was not a member of"
+            out.print(f"{shown(args.name)} {what} {shown(args.project)}")
     return 0
 
 
@@ -324,13 +217,13 @@ def run_export(args) -> int:
             rows = export_raw(session, project)
         elif args.format == "kto":
             rows = export_kto(session, project, min_agreement=args.min_agreement, min_votes=args.min_votes,
-                              rating_threshold=args.rating_threshold)
+                              rating_threshold=args.rating_threshold, weighting=args.weighting)
         else:
             rows = export_pairs(session, project, ties=args.ties, min_votes=args.min_votes,
-                                margin_scale=args.margin_scale)
+                                margin_scale=args.margin_scale, weighting=args.weighting)
     path = write_jsonl(rows, args.output)
     what = "labels" if args.raw else "KTO rows" if args.format == "kto" else "pairs"
-    out.print(f"wrote {len(rows)} {what} to {path}")
+    out.print(f"wrote {len(rows)} {what} to {shown(path)}")
     if not rows:
         err.print("[yellow]nothing to export yet: no labels (or no pair with a majority)")
     return 0
@@ -352,18 +245,25 @@ def run_stats(args) -> int:
         print()
         return 0
     progress, agreement = report["progress"], report["agreement"]
-    out.print(f"[bold]{report['name']}[/] ({report['kind']}, {report['overlap']} per item): "
+    out.print(f"[bold]{shown(report['name'])}[/] ({report['kind']}, {report['overlap']} per item): "
               f"{progress['labels']} of {progress['wanted']} labels, "
               f"{progress['complete_items']} of {progress['items']} items complete")
     out.print(f"{agreement['headline']['name']}: {_fmt(agreement['headline']['value'])}   "
               f"Krippendorff's alpha ({agreement['metric']}): {_fmt(agreement['krippendorff_alpha'])}   "
               f"mean pairwise kappa: {_fmt(agreement['mean_pairwise_kappa'])}   "
               f"({agreement['raters']} annotators, {agreement['shared_units']} shared units)")
-    table = Table("annotator", "labels", "skips", "agreement with majority", "median seconds", "first shown wins")
+    out.print(f"gold items: {progress['gold_items']} (served at rate {report['gold_rate']:.2f})   "
+              f"disputed items: {report['disputed_items']}   competence: {report['competence']['model']}")
+    table = Table("annotator", "labels", "skips", "agreement with majority", "median seconds", "first shown wins",
+                  "gold accuracy", "competence (90% interval)", "flag")
     for s in report["stats"]:
-        table.add_row(s["annotator"], str(s["labels"]), str(s["skips"]),
+        c = s["competence"]
+        table.add_row(shown(s["annotator"]), str(s["labels"]), str(s["skips"]),
                       f"{_fmt(s['agreement_with_majority'])} ({s['compared']})", _fmt(s["median_seconds"], 1),
-                      f"{_fmt(s['first_shown_wins'])} ({s['decided']})")
+                      f"{_fmt(s['first_shown_wins'])} ({s['decided']})",
+                      f"{_fmt(s['gold_accuracy'])} ({s['gold_compared']})",
+                      f"{_fmt(c['competence'])} ({_fmt(c['low'])}-{_fmt(c['high'])})" if c else "n/a",
+                      (c or {}).get("flag") or "")
     out.print(table)
     return 0
 

@@ -14,6 +14,9 @@ def check_arguments(parser) -> None:
     parser.add_argument("--tokenizer", default=None, help="Tokenizer (local directory, hub name or .gguf file) to "
                                                           "render conversations and count tokens; without one only "
                                                           "structure and validity are checked.")
+    parser.add_argument("--kind", default="auto", choices=("auto", "preference", "kto", "sft", "prompt"),
+                        help="Which trainer's data the file is: preference (dpo, reward), kto, sft, prompt (ppo, "
+                             "grpo, rloo, online-dpo); auto: from the columns most rows have.")
     parser.add_argument("--split", default="train", help="Split to read from a directory or hub dataset.")
     parser.add_argument("--max_length", type=int, default=1024, help="Maximum prompt + completion tokens (with "
                                                                      "--tokenizer).")
@@ -33,7 +36,8 @@ def run_check(args) -> int:
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     settings = TokenizeSettings(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
-    report = check_dataset(args.dataset, tokenizer, settings, split=args.split)
+    report = check_dataset(args.dataset, tokenizer, settings, split=args.split,
+                           kind=None if args.kind == "auto" else args.kind)
     if args.json:
         print(json.dumps(report_to_dict(report), indent=2))
     else:

@@ -22,9 +22,10 @@ def score_arguments(score) -> None:
 
 
 def run_score(args) -> int:
-    from ..scoring.files import score_file
+    from ..modality import modality_of_data
 
-    result = score_file(args.model, args.input, args.output, batch_size=args.batch_size, max_length=args.max_length,
-                        split=args.split, device=args.device)
+    modality = modality_of_data(args.input, args.split)   # rows with images: a reward model on a VLM
+    result = modality.score_file(args.model, args.input, args.output, batch_size=args.batch_size,
+                                 max_length=args.max_length, split=args.split, device=args.device)
     out.print(f"[green]scored[/] {result.rows} rows (mean reward {result.mean_reward:.4g}); written to {result.output}")
     return 0

@@ -20,7 +20,7 @@ from ..config import (
     RLOOConfig,
     SFTConfig,
 )
-from . import Command, annotate, data, demo, evaluate, export, iterate, reward
+from . import Command, annotate, annotate_options, data, demo, evaluate, export, iterate, reward
 from .training import training_command
 
 # name -> (help, description) of the commands that only group sub-commands
@@ -74,11 +74,11 @@ COMMANDS: tuple[Command, ...] = (
         help="Online DPO: two completions per prompt from the current policy, a judge picks one, a DPO-family loss.",
         description="Online DPO (Guo et al. 2024): every step samples two completions per prompt from the current "
                     "policy (generation_engine), the judge (a reward model, a Python function or an LLM judge) "
-                    "picks the preferred one, and the loss_type (sigmoid, ipo, hinge, robust, simpo) is applied to "
+                    "picks the preferred one, and the loss_type (any preference loss of preftune dpo) is applied to "
                     "the fresh pairs against the frozen starting policy."),
     training_command(
         "dpo", DPOConfig, train_dpo,
-        help="Train a policy on preference pairs (DPO, IPO, SLiC, rDPO, SimPO, soft labels).",
+        help="Train a policy on preference pairs (DPO and its family: IPO, SLiC, rDPO, SimPO, ORPO, CPO, ...).",
         description="Direct Preference Optimization and its family."),
     training_command(
         "kto", KTOConfig, train_kto,
@@ -102,35 +102,35 @@ COMMANDS: tuple[Command, ...] = (
                         "included."),
     Command("data check", data.run_check, data.check_arguments,
             help="Validate a dataset and report lengths, duplicates and biases."),
-    Command("annotate serve", annotate.run_serve, annotate.serve_arguments, help="Start the web app."),
-    Command("annotate import", annotate.run_import, annotate.import_arguments,
+    Command("annotate serve", annotate.run_serve, annotate_options.serve_arguments, help="Start the web app."),
+    Command("annotate import", annotate.run_import, annotate_options.import_arguments,
             help="Add items (a prompt and 2..N responses) to a project.",
             description="Rows need 'prompt' and the candidates as 'responses' (list), 'response_1', 'response_2', "
                         "... or 'chosen'/'rejected'; optional 'id'. With --model the candidates are sampled "
                         "instead. The project is created if new; the given settings update it."),
-    Command("annotate project", annotate.run_project, annotate.project_arguments,
+    Command("annotate project", annotate.run_project, annotate_options.project_arguments,
             help="List projects, or show / change one."),
-    Command("annotate member add", annotate.run_member, annotate.member_arguments,
+    Command("annotate member add", annotate.run_member, annotate_options.member_arguments,
             help="Let an annotator see and label a project."),
-    Command("annotate member remove", annotate.run_member, annotate.member_arguments,
+    Command("annotate member remove", annotate.run_member, annotate_options.member_arguments,
             help="Take an annotator off a project (their labels are kept)."),
-    Command("annotate member list", annotate.run_member, annotate.member_list_arguments,
+    Command("annotate member list", annotate.run_member, annotate_options.member_list_arguments,
             help="List a project's members."),
-    Command("annotate token add", annotate.run_token, annotate.token_add_arguments,
+    Command("annotate token add", annotate.run_token, annotate_options.token_add_arguments,
             help="Create an annotator (or admin) and print its token once."),
-    Command("annotate token rotate", annotate.run_token, annotate.token_name_arguments,
+    Command("annotate token rotate", annotate.run_token, annotate_options.token_name_arguments,
             help="Give an annotator a new token (the old one stops working)."),
-    Command("annotate token revoke", annotate.run_token, annotate.token_name_arguments,
+    Command("annotate token revoke", annotate.run_token, annotate_options.token_name_arguments,
             help="Disable an annotator's token (labels are kept)."),
-    Command("annotate token list", annotate.run_token, annotate.db_arguments,
+    Command("annotate token list", annotate.run_token, annotate_options.db_arguments,
             help="List annotators (tokens are not stored, so not shown)."),
-    Command("annotate rank", annotate.run_rank, annotate.rank_arguments,
+    Command("annotate rank", annotate.run_rank, annotate_options.rank_arguments,
             help="Order a project's queue by a reward model (least separated first)."),
-    Command("annotate export", annotate.run_export, annotate.export_arguments,
+    Command("annotate export", annotate.run_export, annotate_options.export_arguments,
             help="Write training pairs (preftune dpo / reward read them)."),
-    Command("annotate stats", annotate.run_stats, annotate.stats_arguments,
+    Command("annotate stats", annotate.run_stats, annotate_options.stats_arguments,
             help="Progress, inter-annotator agreement and per-annotator statistics."),
-    Command("annotate migrate", annotate.run_migrate, annotate.db_arguments,
+    Command("annotate migrate", annotate.run_migrate, annotate_options.db_arguments,
             help="Upgrade the database schema (every command also does this)."),
     Command("demo", demo.run_demo, demo.demo_arguments,
             help="Run the built-in controlled-sentiment experiment end to end, offline."),

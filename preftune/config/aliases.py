@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from .losses import REFERENCE_FREE
 
 # TRL name -> preftune name, with the same meaning and values.
 RENAMED = {
@@ -40,7 +41,12 @@ REFUSED = {
     "max_completion_length": "preftune bounds prompt + completion together: set max_length (and max_prompt_length "
                              "for the prompt), e.g. max_length = max_prompt_length + max_completion_length",
     "per_device_eval_batch_size": "held-out batches use per_device_batch_size",
-    "reference_free": "preftune's reference-free preference loss is loss_type simpo",
+    "reference_free": "preftune's losses that need no reference are " + ", ".join(f"loss_type {name}" for name in
+                                                                                  sorted(REFERENCE_FREE)),
+    "use_weighting": "WPO weighting needs each token's log Σ_v p_v² under the policy, which preftune's log-prob "
+                     "path does not compute",
+    "ld_alpha": "LD-DPO needs each completion's log-prob split at the pair's shared length, which preftune's "
+                "sequence log-probs (and the cached reference) do not keep",
     "eval_strategy": "set eval_steps (evaluate every N steps; 0: only at the end)",
     "save_strategy": "set save_steps (checkpoint every N steps; 0: none)",
     "logging_strategy": "set logging_steps",
@@ -87,6 +93,8 @@ def resolve(values: dict[str, Any], fields: set[str], source: str) -> dict[str, 
             value = _resume_value(value)
         if target == "report_to" and value in ("none", ["none"]):
             value = []   # TRL's way of saying no trackers
+        if target == "loss_type" and isinstance(value, list):
+            value = ",".join(map(str, value))   # TRL's list of losses to mix (MPO)
         resolved[target] = VALUE_ALIASES.get(target, {}).get(value, value) if isinstance(value, str) else value
     if precision_off and "precision" not in resolved:
         resolved["precision"] = "fp32"   # TRL: bf16 false (and fp16 false) trains in full precision

@@ -17,8 +17,13 @@ from .online import OnlineRLSettings
 
 # the names preftune.losses.grpo accepts (a test keeps them equal); settings import no torch
 SCALE_REWARDS = ("group", "batch", "none")
-AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
-LOSS_TYPE_ALIASES = {"grpo": "sequence_mean", "dapo": "token_mean", "bnpo": "token_mean", "dr_grpo": "constant"}
+AGGREGATIONS = ("token_mean", "sequence_mean", "constant", "sequence_sum")
+LOSS_TYPE_ALIASES = {"grpo": "sequence_mean", "dapo": "token_mean", "bnpo": "token_mean", "dr_grpo": "constant",
+                     "luspo": "sequence_sum"}
+OBJECTIVES = ("clip", "cispo", "sapo", "vespo")
+# TRL's loss_type names that change the objective too: (objective, aggregation)
+OBJECTIVE_LOSS_TYPES = {"cispo": ("cispo", "token_mean"), "sapo": ("sapo", "sequence_mean"),
+                        "vespo": ("vespo", "token_mean")}
 
 
 @dataclass
@@ -52,9 +57,29 @@ class GRPOConfig(OnlineRLSettings):
     epsilon: float = option(0.2, "Lower clip range ε_low of the importance ratio.")
     epsilon_high: float | None = option(None, "Upper clip range ε_high (DAPO clip-higher, e.g. 0.28); default: "
                                               "epsilon.")
-    loss_type: str = option("dapo", "Loss aggregation: token_mean (alias dapo, bnpo), sequence_mean (alias grpo) or "
-                                    "constant (alias dr_grpo).",
-                            choices=[*AGGREGATIONS, *LOSS_TYPE_ALIASES])
+    loss_type: str = option("dapo", "Loss aggregation: token_mean (alias dapo, bnpo), sequence_mean (alias grpo), "
+                                    "constant (alias dr_grpo) or sequence_sum (alias luspo, with "
+                                    "importance_sampling_level sequence: LUSPO); or TRL's objectives cispo (CISPO, "
+                                    "token mean; epsilon_high is its ratio cap), sapo (SAPO, sequence mean) and "
+                                    "vespo (VESPO, token mean).",
+                            choices=[*AGGREGATIONS, *LOSS_TYPE_ALIASES, *OBJECTIVE_LOSS_TYPES])
+    importance_sampling_level: str = option("token", "One importance ratio per token, or one per sequence (the "
+                                                     "exp of its tokens' mean log-ratio: GSPO).",
+                                            choices=["token", "sequence"])
+    delta: float | None = option(None, "Two-sided clipping: cap the unclipped ratio at delta (> 1 + epsilon_high).")
+    off_policy_mask_threshold: float | None = option(None, "Drop from the loss the completions with a negative "
+                                                           "advantage whose mean log π_old - log π exceeds this "
+                                                           "(DeepSeek-V3.2's off-policy mask).")
+    top_entropy_quantile: float = option(1.0, "Train only the completion tokens in this top fraction of entropy "
+                                              "(0.2: the 20% highest-entropy tokens); 1: all.")
+    entropy_coef: float = option(0.0, "Subtract this x the mean entropy of the trained tokens from the loss (an "
+                                      "exploration bonus).")
+    sapo_temperature_pos: float = option(1.0, "SAPO's gate temperature for positive advantages.")
+    sapo_temperature_neg: float = option(1.05, "SAPO's gate temperature for negative advantages.")
+    vespo_k_pos: float = option(2.0, "VESPO's shape k for positive advantages.")
+    vespo_lambda_pos: float = option(3.0, "VESPO's rate λ for positive advantages.")
+    vespo_k_neg: float = option(3.0, "VESPO's shape k for negative advantages.")
+    vespo_lambda_neg: float = option(2.0, "VESPO's rate λ for negative advantages.")
     scale_rewards: str = option("group", "Divide advantages by the group's reward std (group), the batch's (batch) or "
                                          "not at all (none, Dr. GRPO). Ignored by rloo.",
                                 choices=list(SCALE_REWARDS))
@@ -75,7 +100,22 @@ class GRPOConfig(OnlineRLSettings):
     @property
     def aggregation(self) -> str:
         """``loss_type`` with TRL's names resolved (see :data:`preftune.losses.grpo.LOSS_TYPE_ALIASES`)."""
+        if self.loss_type in OBJECTIVE_LOSS_TYPES:
+            return OBJECTIVE_LOSS_TYPES[self.loss_type][1]
         return LOSS_TYPE_ALIASES.get(self.loss_type, self.loss_type)
+
+    @property
+    def objective(self) -> str:
+        """The policy objective of ``loss_type``: clip (GRPO's), or TRL's cispo, sapo, vespo."""
+        return OBJECTIVE_LOSS_TYPES.get(self.loss_type, ("clip",))[0]
+
+    def policy_options(self) -> dict:
+        """The options of :func:`preftune.losses.grpo.grpo_loss` that choose and shape the objective."""
+        return dict(objective=self.objective, importance_sampling_level=self.importance_sampling_level,
+                    delta=self.delta, off_policy_threshold=self.off_policy_mask_threshold,
+                    top_entropy_quantile=self.top_entropy_quantile, entropy_coef=self.entropy_coef,
+                    sapo_temperatures=(self.sapo_temperature_pos, self.sapo_temperature_neg),
+                    vespo_shape=(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg))
 
     def validate(self, require_model: bool = True, require_reward: bool = True) -> None:
         self.check_prompts(require_model, "the policy to start from")
@@ -102,6 +142,14 @@ class GRPOConfig(OnlineRLSettings):
                               f"completions per device must be a multiple of num_generations ({self.num_generations})")
         if self.epsilon_high is not None and not self.epsilon_high > 0:
             raise ConfigError(f"epsilon_high must be a positive number, got {self.epsilon_high}")
+        if self.objective == "cispo" and self.epsilon_high is None:
+            raise ConfigError("loss_type cispo caps the ratio at epsilon_high: set it (e.g. 5.0)")
+        if self.delta is not None and not self.delta > 1 + (self.epsilon_high or self.epsilon):
+            raise ConfigError(f"delta must exceed 1 + epsilon_high, got {self.delta}")
+        if not 0.0 < self.top_entropy_quantile <= 1.0:
+            raise ConfigError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
+        check_ranges(self, non_negative=["entropy_coef"], positive_numbers=[
+            "sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg"])
         if self.overlong_cache > self.max_completion_length:
             raise ConfigError(f"overlong_cache ({self.overlong_cache}) must not exceed max_completion_length "
                               f"({self.max_completion_length})")

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import check_ranges, option, with_default
+from .losses import PAIR_LOSS_NAMES, loss_help
 from .online import ReplySettings
 from .preference import DPOConfig, KTOConfig
 
-PAIR_LOSSES = ["sigmoid", "ipo", "hinge", "robust", "simpo"]
+PAIR_LOSSES = PAIR_LOSS_NAMES
 
 
 @dataclass
@@ -25,9 +26,8 @@ class IterateConfig(DPOConfig, ReplySettings):
 
     default_missing_eos = "drop"   # an unfinished sample is never a chosen or rejected reply
 
-    loss_type: str = option("sigmoid", "Loss of each round: a DPO-family loss (sigmoid, ipo, hinge, robust, simpo) "
-                                       "on chosen/rejected pairs, or kto on the top (desirable) and bottom "
-                                       "(undesirable) samples.", choices=PAIR_LOSSES + ["kto"])
+    loss_type: str = option("sigmoid", loss_help("Loss of each round on chosen/rejected pairs") + " Or kto on the "
+                                       "top (desirable) and bottom (undesirable) samples.")
     precompute_ref: bool = with_default(DPOConfig, "precompute_ref", True)
     desirable_weight: float = with_default(KTOConfig, "desirable_weight", 1.0)
     undesirable_weight: float = with_default(KTOConfig, "undesirable_weight", 1.0)
@@ -65,6 +65,15 @@ class IterateConfig(DPOConfig, ReplySettings):
     annotate_timeout: float = option(0.0, "Seconds to wait for the labels of a round (0: until every item has them); "
                                           "after it, unlabelled prompts are left out and counted.")
     annotate_poll_seconds: float = option(5.0, "How often to look for new labels.")
+
+    def validate_loss(self) -> None:
+        if self.loss_type == "kto":
+            KTOConfig.validate_loss(self)
+        else:
+            super().validate_loss()
+
+    def usual_beta(self) -> tuple[float, float]:
+        return KTOConfig.usual_beta(self) if self.loss_type == "kto" else super().usual_beta()
 
     def validate(self, require_model: bool = True) -> None:
         if self.loss_type == "kto":

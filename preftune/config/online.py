@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import option, with_default
+from .monitors import Thresholds, parse_thresholds
 from .shared import DataSource, ModelSettings, TrainSettings, validate_training
 
 MISSING_EOS = ("drop", "penalize", "keep")
@@ -48,8 +49,6 @@ class ReplySettings:
 
     def check_replies(self) -> None:
         """missing_eos and its penalty agree; the monitor thresholds parse."""
-        from ..monitors import parse_thresholds
-
         if not math.isfinite(self.missing_eos_penalty):
             raise ConfigError(f"missing_eos_penalty must be a finite number, got {self.missing_eos_penalty}")
         if self.missing_eos == "penalize" and not self.missing_eos_penalty:
@@ -62,9 +61,7 @@ class ReplySettings:
                               f"{self.missing_eos}")
         parse_thresholds(self.monitor, "monitor")
 
-    def thresholds(self):
-        from ..monitors import parse_thresholds
-
+    def thresholds(self) -> Thresholds:
         return parse_thresholds(self.monitor, "monitor")
 
 

@@ -7,11 +7,13 @@ the sampling options PPO's and GRPO's (each declared once, only the default chan
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import check_ranges, option, with_default
 from .grpo import GRPOConfig
+from .losses import beta_range, check_loss_settings, parse_loss_types
 from .online import OnlineRLSettings
 from .ppo import PPOConfig
 from .preference import DPOConfig, parse_constraint_spec
@@ -29,7 +31,12 @@ class OnlineDPOConfig(OnlineRLSettings):
     loss_type: str = with_default(DPOConfig, "loss_type", "sigmoid")
     beta: float = with_default(DPOConfig, "beta", 0.1)
     label_smoothing: float = with_default(DPOConfig, "label_smoothing", 0.0)
+    loss_weights: list[float] = with_default(DPOConfig, "loss_weights", [])
     simpo_gamma: float = with_default(DPOConfig, "simpo_gamma", 0.5)
+    cpo_alpha: float = with_default(DPOConfig, "cpo_alpha", 1.0)
+    discopop_tau: float = with_default(DPOConfig, "discopop_tau", 0.05)
+    f_divergence_type: str = with_default(DPOConfig, "f_divergence_type", "reverse_kl")
+    f_alpha_divergence_coef: float = with_default(DPOConfig, "f_alpha_divergence_coef", 0.5)
     nll_weight: float = with_default(DPOConfig, "nll_weight", 0.0)
     constraints: list[str] = with_default(DPOConfig, "constraints", [])
     max_new_tokens: int = with_default(PPOConfig, "max_new_tokens", 64)
@@ -43,6 +50,8 @@ class OnlineDPOConfig(OnlineRLSettings):
         if require_judge and not self.judge:
             raise ConfigError("judge is required: reward_model:PATH, function:module:function or llm:BASE_URL")
         validate_training(self)
+        parse_loss_types(self.loss_type)
+        check_loss_settings(self, {f.name: f.default for f in dataclasses.fields(OnlineDPOConfig)})
         check_ranges(self, positive=["max_prompt_length", "max_new_tokens", "generation_batch_size"],
                      positive_numbers=["temperature", "beta"])
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -53,6 +62,7 @@ class OnlineDPOConfig(OnlineRLSettings):
 
     def sanity_warnings(self) -> list[str]:
         notes = []
-        if self.loss_type != "simpo" and not 0.01 <= self.beta <= 1.0:
-            notes.append(f"beta={self.beta} is far outside the usual range (0.01-1.0; 0.1 is typical for DPO).")
+        low, high = beta_range(self.loss_type)
+        if not low <= self.beta <= high:
+            notes.append(f"beta={self.beta} is far outside the usual range ({low}-{high}; 0.1 is typical for DPO).")
         return notes

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import check_ranges, option, with_default
-from .shared import DataSettings, ModelSettings, PairLayout, TrainSettings, validate_data
+from .losses import F_DIVERGENCES, LOSS_HYPERPARAMETERS, beta_range, check_loss_settings, loss_help, parse_loss_types
+from .shared import DataSettings, ModelSettings, PairLayout, PairScores, TrainSettings, validate_data
 
 
 @dataclass
-class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout):
+class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout, PairScores):
     """``preftune dpo``: Direct Preference Optimization and its family."""
 
-    loss_type: str = option("sigmoid", "Preference loss: sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), simpo "
-                                       "(reference-free).",
-                            choices=["sigmoid", "ipo", "hinge", "robust", "simpo"])
+    loss_type: str = option("sigmoid", loss_help())
+    loss_weights: list[float] = option([], "Weight of each loss of a loss_type list (MPO; default: 1 each).")
     beta: float = option(0.1, "Strength of the KL constraint (DPO's beta).")
     label_smoothing: float = option(0.0, "Global label noise epsilon (soft labels; rDPO's noise rate). "
                                     "A per-row preference_prob column takes precedence.")
     simpo_gamma: float = option(0.5, "SimPO target reward margin.")
+    cpo_alpha: float = option(1.0, "Weight of CPO's NLL term on the chosen responses.")
+    discopop_tau: float = option(0.05, "Temperature of DiscoPOP's blend of the logistic and exponential losses.")
+    f_divergence_type: str = option("reverse_kl", "The divergence from the reference the loss regularises (f-DPO): "
+                                                  "reverse_kl is plain DPO.", choices=list(F_DIVERGENCES))
+    f_alpha_divergence_coef: float = option(0.5, "The alpha of f_divergence_type alpha_divergence (TRL's "
+                                                 "parameterisation; 1 is reverse KL).")
     nll_weight: float = option(0.0, "Weight of an NLL term on the chosen response added to the loss.")
     constraints: list[str] = option([], "Extra penalty terms 'module:function[=weight]', each called with the batch's "
                                         "log-probs.")
@@ -30,6 +37,7 @@ class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout):
 
     def validate(self, require_model: bool = True) -> None:
         validate_data(self, require_model)
+        self.validate_loss()
         if not (0.0 <= self.label_smoothing < 0.5):
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if not (self.beta > 0 and math.isfinite(self.beta)):
@@ -37,10 +45,23 @@ class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout):
         for spec in self.constraints:
             parse_constraint_spec(spec)
 
+    def validate_loss(self) -> None:
+        """The loss names against the loss table; loss options none of them takes refused."""
+        parse_loss_types(self.loss_type)
+        check_loss_settings(self, {f.name: f.default for f in dataclasses.fields(DPOConfig)})
+        check_ranges(self, positive_numbers=["discopop_tau"], non_negative=["cpo_alpha"])
+        if any(not (math.isfinite(w) and w >= 0) for w in self.loss_weights):
+            raise ConfigError(f"loss_weights must be non-negative numbers, got {self.loss_weights}")
+        if not math.isfinite(self.f_alpha_divergence_coef):
+            raise ConfigError(f"f_alpha_divergence_coef must be a finite number, got {self.f_alpha_divergence_coef}")
+
+    def usual_beta(self) -> tuple[float, float]:
+        return beta_range(self.loss_type)
+
     def sanity_warnings(self) -> list[str]:
         """Hyper-parameters far outside the ranges practitioners report."""
         notes = []
-        low, high = (0.5, 10.0) if self.loss_type == "simpo" else (0.01, 1.0)
+        low, high = self.usual_beta()
         if not low <= self.beta <= high:
             notes.append(f"beta={self.beta} is far outside the usual range ({low}-{high}; 0.1-0.5 is typical for DPO).")
         if not 1e-7 <= self.learning_rate <= 1e-4:
@@ -84,10 +105,19 @@ class KTOConfig(DPOConfig):
     kto_kl: bool = option(True, "Use the reference point z₀ (a KL estimate from each prompt paired with another "
                                 "example's completion); --no-kto_kl sets z₀ = 0.")
 
+    def validate_loss(self) -> None:
+        """KTO has one loss; the pair-loss options are refused below."""
+
+    def usual_beta(self) -> tuple[float, float]:
+        return 0.01, 1.0
+
     def validate(self, require_model: bool = True) -> None:
         super().validate(require_model)
         check_ranges(self, positive_numbers=["desirable_weight", "undesirable_weight"])
-        unused = {"label_smoothing": 0.0, "nll_weight": 0.0, "constraints": []}
+        defaults = {f.name: f.default for f in dataclasses.fields(DPOConfig)}
+        unused = {"label_smoothing": 0.0, "nll_weight": 0.0, "constraints": [], "loss_weights": [],
+                  "f_divergence_type": "reverse_kl", "margin_from_scores": False,
+                  **{name: defaults[name] for name in LOSS_HYPERPARAMETERS}}    # simpo_gamma, cpo_alpha, ...
         for name, default in unused.items():
             if getattr(self, name) != default:
                 raise ConfigError(f"{name} is an option of the pairwise DPO losses; KTO does not use it")
@@ -99,7 +129,7 @@ class KTOConfig(DPOConfig):
 
 
 @dataclass
-class RewardConfig(ModelSettings, DataSettings, TrainSettings, PairLayout):
+class RewardConfig(ModelSettings, DataSettings, TrainSettings, PairLayout, PairScores):
     """``preftune reward``: a scalar reward model trained on preference pairs."""
 
     learning_rate: float = with_default(TrainSettings, "learning_rate", 1e-5)

@@ -14,7 +14,28 @@ from .base import check_ranges, option
 
 
 @dataclass
-class ModelSettings:
+class SpeedSettings:
+    """The speed mechanisms (:mod:`preftune.speed`): each exact to float rounding, each with its own switch, all
+    recorded in the run's config.json."""
+
+    fused_layers: bool = option(True, "Run RMSNorms (Llama, Mistral, Qwen2/3, SmolLM, Phi3 ...) and SiLU-gated MLPs "
+                                      "(gate/up/down projections) as fused functions that keep fewer activations for "
+                                      "the backward pass (exact to float rounding; false: transformers' own modules).")
+    fused_lora: bool = option(True, "Add a plain LoRA layer's update to the base projection in place instead of "
+                                    "through peft's two extra [tokens, out] temporaries.")
+    fused_head: bool = option(True, "Project a plain linear output head and take its log-softmax in one function "
+                                    "with a written-out backward (false: the head is called as a module per chunk).")
+    blockwise_attention: bool = option(True, "SDPA models: attention of a packed row block by block (no [T, T] mask; "
+                                             "false: a dense block mask).")
+    reuse_freed_memory: bool = option(True, "CPU runs on glibc: for the duration of the run, serve large blocks from "
+                                            "the heap and keep freed memory for reuse (restored at the end).")
+    trim_freed_memory: int = option(0, "CPU runs on glibc: return freed heap memory to the system every this many "
+                                       "decoder layers of a training forward (lower peak memory, ~8% slower; "
+                                       "0: never). Implies reuse_freed_memory false.")
+
+
+@dataclass
+class ModelSettings(SpeedSettings):
     """How the policy (and its reference) are loaded."""
 
     model_name_or_path: str | None = option(None, "Policy model: a local directory or a hub name (required).")
@@ -25,9 +46,6 @@ class ModelSettings:
     precision: str = option("auto", "auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 or fp16.",
                             choices=["auto", "fp32", "bf16", "fp16"])
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
-    fused_layers: bool = option(True, "Run RMSNorms (Llama, Mistral, Qwen2/3, SmolLM, Phi3 ...) and SiLU-gated MLPs "
-                                      "(gate/up/down projections) as fused functions that keep fewer activations for "
-                                      "the backward pass (exact to float rounding; false: transformers' own modules).")
     disable_dropout: bool = option(True, "Turn off dropout in the policy and reference (LoRA dropout is kept).")
     lora: bool = option(False, "Train LoRA adapters instead of all weights.")
     lora_r: int = option(8, "LoRA rank.")
@@ -59,6 +77,14 @@ class PairLayout(PaddingFree):
     prefix_sharing: bool = option(True, "Encode each pair's prompt once: one block prompt | chosen | rejected in which "
                                         "each response sees the prompt and itself (exact; needs SDPA or eager "
                                         "attention, else falls back to padding_free).")
+
+
+@dataclass
+class PairScores:
+    """Per-pair scores in the data (TRL's ultrafeedback_binarized has score_chosen and score_rejected)."""
+
+    margin_from_scores: bool = option(False, "Use score_chosen - score_rejected of each row as its margin (a row's "
+                                             "own margin column wins); off: the score columns are not read.")
 
 
 @dataclass
@@ -122,7 +148,7 @@ class TrainSettings:
     save_total_limit: int = option(2, "Keep only the newest this many checkpoints.")
     resume: str | None = option(None, "Resume from a checkpoint directory, or 'latest' for the newest in output_dir.",
                                 nargs="?", const="latest")
-    report_to: list[str] = option([], "Also send metrics to: tensorboard, wandb.")
+    report_to: list[str] = option([], "Also send metrics to: tensorboard, wandb; all: every one installed; none.")
     logprob_chunk_size: int = option(1024, "Tokens per chunk when projecting hidden states onto the vocabulary.")
     fsdp: str = option("", "Shard with FSDP2 across the launched processes: 'full_shard' or 'shard_grad_op', "
                            "optionally with 'offload' (as transformers' --fsdp); empty: the launcher decides "
@@ -148,20 +174,41 @@ def validate_training(cfg) -> None:
     """Checks of the ``ModelSettings`` and ``TrainSettings`` every training command shares."""
     check_ranges(cfg, positive=["per_device_batch_size", "gradient_accumulation_steps", "logging_steps",
                                  "logprob_chunk_size", "lora_r", "lora_alpha"],
-                  positive_numbers=["learning_rate", "num_epochs"], non_negative=["max_grad_norm", "weight_decay"],
+                  positive_numbers=["learning_rate", "num_epochs"],
+                  non_negative=["max_grad_norm", "weight_decay", "trim_freed_memory"],
                   unit_interval=["warmup_ratio"])
     if not 0.0 <= cfg.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     fsdp_words(cfg.fsdp)
-    for tracker in cfg.report_to:
-        if tracker not in ("tensorboard", "wandb"):
-            raise ConfigError(f"report_to: unknown tracker '{tracker}' (choose tensorboard or wandb)")
+    cfg.report_to = trackers(cfg.report_to)
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got '{getattr(cfg, f.name)}'")
 
 
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}     # tracker -> the package it needs
+
+
+def trackers(names: list[str]) -> list[str]:
+    """``report_to`` as TRL reads it: ``all`` is every tracker whose package is installed, ``none`` none; a tracker
+    named outright whose package is missing is a ConfigError (rather than a run that silently logs nowhere)."""
+    import importlib.util
+
+    installed = [name for name, package in TRACKERS.items() if importlib.util.find_spec(package) is not None]
+    if "none" in names:
+        return []
+    if "all" in names:
+        return installed
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"report_to: unknown tracker '{name}' (choose tensorboard, wandb, all or none)")
+        if name not in installed:
+            raise ConfigError(f"report_to: {name} is not installed (pip install {TRACKERS[name]}, or "
+                              f"pip install 'preftune[{name}]')")
+    return list(dict.fromkeys(names))
 
 
 FSDP_WORDS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")

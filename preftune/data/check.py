@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from preftune.data.check_kinds import check_kind, detect_kind, stand_in_tokenizer, unread_columns
 from preftune.data.columns import unknown_columns
 from preftune.data.load import Records, load_records
 from preftune.data.preference import (
@@ -87,11 +88,15 @@ class DatasetReport:
 
 
 def check_dataset(source: str, tokenizer=None, settings: TokenizeSettings | None = None,
-                  split: str = "train") -> DatasetReport:
-    """Load and validate a dataset; with a tokenizer, also measure it in tokens. File-level problems raise DataError."""
+                  split: str = "train", kind: str | None = None) -> DatasetReport:
+    """Load and validate a dataset of ``kind`` (preference, kto, sft, prompt; None: detected); with a tokenizer,
+    also measure preference pairs in tokens. File-level problems raise DataError."""
     settings = settings or TokenizeSettings()
     check_settings(settings)
     records = load_records(source, split)
+    kind = kind or detect_kind(records)
+    if kind != "preference":
+        return _check_other_kind(kind, records, tokenizer, settings)
     if tokenizer is None:
         kept, problems = validate_rows(records)
         analysed, keys = kept, [_text_key(t) for t in kept]
@@ -110,6 +115,16 @@ def check_dataset(source: str, tokenizer=None, settings: TokenizeSettings | None
     _add_duplicates(report, keys)
     _add_value_stats(report, records, analysed)
     report.warnings = _warnings(report, len(analysed))
+    return report
+
+
+def _check_other_kind(kind: str, records, tokenizer, settings: TokenizeSettings) -> DatasetReport:
+    fmt, skips, known = check_kind(kind, records, tokenizer or stand_in_tokenizer(records), settings)
+    report = DatasetReport(source=records.name, format=fmt, rows=skips.total, kept=skips.kept, skipped=skips.skipped,
+                           examples=skips.examples, max_length=settings.max_length,
+                           max_prompt_length=settings.max_prompt_length, truncation_mode=settings.truncation_mode,
+                           tokenized=False, unknown_columns=unread_columns(records, known))
+    report.warnings = _warnings(report, skips.kept)
     return report
 
 

@@ -2,7 +2,10 @@
 
 Unpaired rows (TRL's "unpaired preference" format) have ``prompt``, ``completion`` and ``label``:
 ``label`` is a real boolean (true = desirable) or the number 0 / 1; strings such as "good" or
-"true" are refused, since a typo would silently flip an example. ``prompt`` and ``completion`` are
+"true" are refused, since a typo would silently flip an example. An optional ``weight`` (a number from
+0 to 1) weighs the example in the loss; without one, an optional ``label_prob`` (the probability that
+the label is right, from 0.5 to 1, as ``preftune annotate export --format kto`` writes) gives weight
+2·label_prob − 1, and rows with neither weigh 1. ``prompt`` and ``completion`` are
 strings (standard format) or lists of ``{"role", "content"}`` messages (conversational format,
 rendered with the tokenizer's chat template), decided by most rows, as for preference pairs.
 
@@ -22,6 +25,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, replace
 
+from preftune.data.columns import KTO_COLUMNS, note_unused_columns
 from preftune.data.load import Records
 from preftune.data.messages import check_contents, eos_id, render_pair, require_chat_template, required_field
 from preftune.data.preference import (
@@ -43,6 +47,7 @@ class KTOExample:
     completion_ids: list[int]
     desirable: bool
     row: int  # the source row: the two examples of one pair share it
+    weight: float = 1.0  # the example's weight in the loss (the row's ``weight``, else from ``label_prob``)
 
 
 def is_paired(records: Records) -> bool:
@@ -60,6 +65,7 @@ def tokenize_kto(records: Records, tokenizer, settings: TokenizeSettings,
         return split_pairs(pairs), report
     check_settings(settings)
     examples, problems = _tokenize_unpaired(records, tokenizer, settings)
+    note_unused_columns(records, KTO_COLUMNS)
     return examples, settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
 
 
@@ -87,15 +93,17 @@ def _tokenize_unpaired(records: Records, tokenizer,
     messages = _uses_messages(records)
     if messages:
         require_chat_template(tokenizer)
-    read, problems = read_rows(records, lambda row: (*_row_texts(row, messages, tokenizer), _label(row)))
-    texts = [(prompt, completion, label, number) for (prompt, completion, label), number in read]
+    read, problems = read_rows(records, lambda row: (*_row_texts(row, messages, tokenizer), _label(row),
+                                                     _weight(row)))
+    texts = [(prompt, completion, (label, weight), number) for (prompt, completion, label, weight), number in read]
     # A chat template writes BOS itself; a plain prompt gets it from the tokenizer.
     prompts = _token_ids(tokenizer, [t[0] for t in texts], add_special_tokens=not messages)
     completions = _token_ids(tokenizer, [t[1] for t in texts], add_special_tokens=False)
     examples = []
-    for (_, _, label, number), prompt_ids, completion_ids in zip(texts, prompts, completions):
+    for (_, _, (label, weight), number), prompt_ids, completion_ids in zip(texts, prompts, completions):
         try:
-            examples.append(fit_example(KTOExample(prompt_ids, completion_ids + [eos], label, number), settings))
+            examples.append(fit_example(KTOExample(prompt_ids, completion_ids + [eos], label, number, weight),
+                                        settings))
         except InvalidRow as invalid:
             problems.append(invalid.problem(records.name, number))
     return examples, problems
@@ -141,6 +149,19 @@ def _label(row: dict) -> bool:
         return bool(value)
     raise InvalidRow("bad label", "label", f"bad label: expected true/false or 1/0, found {type_name(value)} "
                                            f"({value!r})")
+
+
+def _weight(row: dict) -> float:
+    """The example's loss weight: ``weight``, else 2·``label_prob`` − 1, else 1."""
+    for field, low in (("weight", 0.0), ("label_prob", 0.5)):
+        value = row.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= 1:
+            raise InvalidRow(f"bad {field}", field, f"bad {field}: expected a number from {low:g} to 1, found "
+                                                    f"{type_name(value)} ({value!r})")
+        return float(value) if field == "weight" else 2.0 * float(value) - 1.0
+    return 1.0
 
 
 def fit_example(example: KTOExample, settings: TokenizeSettings) -> KTOExample:

@@ -19,7 +19,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from preftune.data.columns import check_implicit_prompt_columns
+from preftune.data.columns import OPTIONAL_COLUMNS, PAIR_COLUMNS, check_implicit_prompt_columns, note_unused_columns
 from preftune.data.load import Records
 from preftune.data.messages import (
     check_contents,
@@ -368,5 +368,6 @@ def tokenize_preferences(records: Records, tokenizer, settings: TokenizeSettings
     """Validate and tokenise every row. The first invalid row raises DataError unless ``skip_invalid``."""
     check_settings(settings)
     pairs, problems = tokenize_untruncated(records, tokenizer)
+    note_unused_columns(records, PAIR_COLUMNS + OPTIONAL_COLUMNS)
     fitted, too_long = fit_pairs(pairs, settings, records.name)
     return fitted, settle_problems(records.name, len(records.rows), fitted, problems + too_long, skip_invalid)

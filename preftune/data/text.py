@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from preftune.data.columns import SFT_COLUMNS, note_unused_columns
 from preftune.data.load import Records, load_records, read_utf8
 from preftune.data.messages import (
     check_contents,
@@ -273,6 +274,7 @@ def tokenize_sft(records: Records, tokenizer, settings: SFTSettings,
         raise ConfigError(f"max_length must be at least 2, not {settings.max_length}")
     eos = eos_id(tokenizer)
     fmt = detect_sft_format(records)
+    note_unused_columns(records, SFT_COLUMNS)
     kept: list[tuple[int, list[_Segment]]] = []
     problems: list[RowProblem] = []
     for row, number in zip(records.rows, records.row_numbers):

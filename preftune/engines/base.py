@@ -13,9 +13,10 @@ class GenerationEngine(Protocol):
     name: str
 
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings, *, seed: int | None = None,
-                 row_seeds: list[int] | None = None) -> Generation:
+                 row_seeds: list[int] | None = None, prompt_inputs: list[dict] | None = None) -> Generation:
         """One response per prompt, cut after its first EOS (kept). ``row_seeds``: one seed per row, so a
-        row's sample does not depend on the other rows of its batch."""
+        row's sample does not depend on the other rows of its batch. ``prompt_inputs``: one dict of further
+        inputs per prompt (its image tensors), given on the prompt's forward."""
         ...
 
     def sync(self, policy) -> None:
@@ -32,12 +33,14 @@ class GenerationEngine(Protocol):
 
 
 def sample_with(engine: GenerationEngine, policy, prompt_ids: list[list[int]], settings: SamplingSettings, *,
-                seed: int | None = None, row_seeds: list[int] | None = None) -> Generation:
+                seed: int | None = None, row_seeds: list[int] | None = None,
+                prompt_inputs: list[dict] | None = None) -> Generation:
     """One sampling phase: wake the engine, push ``policy``'s current weights, sample, put the engine back to sleep."""
     engine.wake()
     try:
         engine.sync(policy)
-        return engine.generate(prompt_ids, settings, seed=seed, row_seeds=row_seeds)
+        images = {"prompt_inputs": prompt_inputs} if prompt_inputs is not None else {}   # text: the original call
+        return engine.generate(prompt_ids, settings, seed=seed, row_seeds=row_seeds, **images)
     finally:
         engine.sleep()
 

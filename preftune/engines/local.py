@@ -20,10 +20,10 @@ class TransformersEngine:
         self.batch_size = batch_size
 
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings, *, seed: int | None = None,
-                 row_seeds: list[int] | None = None) -> Generation:
+                 row_seeds: list[int] | None = None, prompt_inputs: list[dict] | None = None) -> Generation:
         return generate_ids(self.model, prompt_ids, settings, pad_token_id=self.pad_token_id,
                             eos_token_id=self.eos_token_id, batch_size=self.batch_size, seed=seed,
-                            row_seeds=row_seeds)
+                            row_seeds=row_seeds, prompt_inputs=prompt_inputs)
 
     def sync(self, policy) -> None:
         self.model = policy

@@ -73,7 +73,10 @@ class VLLMEngine:
         return cls(eos_token_id=eos, llm=llm, sleep_mode=bool(options.get("sleep_mode")))
 
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings, *, seed: int | None = None,
-                 row_seeds: list[int] | None = None) -> Generation:
+                 row_seeds: list[int] | None = None, prompt_inputs: list[dict] | None = None) -> Generation:
+        if prompt_inputs is not None:
+            raise ConfigError("the vllm engine samples from token ids only; prompts with images need "
+                              "generation_engine: transformers")
         settings.validate()
         if row_seeds is None:
             first = int(torch.randint(0, 2**31, (1,)).item()) if seed is None else seed

@@ -45,35 +45,3 @@ def _cell(measures: dict, key: str):
         return f"{value:.2f} ('{measures['top_opening_text']}')"
     return value
 
-
-def run_alarm_section(runs) -> str:
-    """HTML for ``preftune report``: per run, each monitor that crossed its threshold and the first step (or the
-    evaluation) where it did; empty when no run logged the monitors."""
-    from .report import html_table
-
-    rows, watched = [], False
-    for run in runs:
-        seen: set[str] = set()
-        for record in run.records:
-            watched = watched or any(k.startswith("monitor/") for k in record)
-            for key in sorted(k for k in record if k.startswith("monitor/alarm/")):
-                name = key.removeprefix("monitor/alarm/")
-                if name not in seen:
-                    seen.add(name)
-                    rows.append([run.name, record.get("step", record.get("round", "")), name,
-                                 record.get(f"monitor/{_measure_of(name)}", "")])
-        for alarm in run.evaluation.get("alarms", []) if isinstance(run.evaluation, dict) else []:
-            watched = True
-            rows.append([run.name, "eval", alarm["monitor"], alarm["value"]])
-        watched = watched or "monitor" in (run.evaluation or {})
-    if not watched:
-        return ""
-    body = (html_table(["run", "first at", "monitor", "value"], rows) if rows
-            else "<p>No monitor crossed its threshold.</p>")
-    return "<h2>Reward-hacking monitors</h2>" + body
-
-
-def _measure_of(alarm: str) -> str:
-    """The logged measure behind an alarm (``length_ratio`` is a ratio of ``mean_length``, ...)."""
-    return {"ended_drop": "ended", "length_ratio": "mean_length", "distinct_2_drop": "distinct_2",
-            "self_bleu_rise": "self_bleu"}.get(alarm, alarm)

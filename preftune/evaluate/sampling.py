@@ -23,6 +23,7 @@ import torch
 from ..data.collate import collate_completions
 from ..logprobs import token_kl, token_logprobs_and_entropy
 from ..scoring.judges import is_pointwise, win_rate
+from ..wrappers import evaluating
 from .diversity import diversity_metrics
 
 
@@ -91,11 +92,10 @@ def response_statistics(model, samples: Samples, pad_token_id: int, *, ref_model
 def evaluate_policy(model, tokenizer, prompts: list, settings, *, judge=None, ref_model=None,
                     baseline_responses: list[str] | None = None, seed: int = 0, batch_size: int = 16) -> Evaluation:
     """Sample once per prompt and measure everything that is available (see the module docstring)."""
-    was_training = model.training
-    model.eval()
-    samples = sample_responses(model, tokenizer, prompts, settings, seed=seed, batch_size=batch_size)
-    stats = response_statistics(model, samples, tokenizer.pad_token_id, ref_model=ref_model, batch_size=batch_size)
-    model.train(was_training)
+    with evaluating(model):
+        samples = sample_responses(model, tokenizer, prompts, settings, seed=seed, batch_size=batch_size)
+        stats = response_statistics(model, samples, tokenizer.pad_token_id, ref_model=ref_model,
+                                    batch_size=batch_size)
     metrics: dict[str, float] = {
         "n": float(len(prompts)),
         "mean_length": statistics.mean(len(r) for r in samples.response_ids) if prompts else 0.0,

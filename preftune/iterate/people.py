@@ -1,12 +1,17 @@
 """Iterative DPO judged by people: a round's samples go to the annotation server, their labels come back as scores.
 
-Each training prompt becomes one item of the project (``--project``) whose candidates are the
-prompt's distinct, non-empty samples, asked as a ``rating`` (1-7 per candidate) or ``ranking``
-question. Item ids are ``round<r>-prompt<i>``, so importing again (a resumed run) adds nothing and
-labels already given stay. The run waits until every item of the round is complete (has the
-project's overlap of labels) or until ``annotate_timeout`` seconds after the import, then reads the
-labels: a candidate's score is its mean rating, or for rankings its mean number of candidates ranked
-below it. Prompts without a label are left out of the round (and counted).
+Round ``r`` gets its own project, ``<project>-round<r>``, holding one item per training prompt whose
+candidates are the prompt's distinct, non-empty samples, asked as a ``rating`` (1-7 per candidate) or
+``ranking`` question. Item ids are ``round<r>-prompt<i>``, so importing again (a resumed run) adds
+nothing and labels already given stay; an item of that id with other texts (the project name reused by
+another run) stops the run instead of pairing this run's prompts with another run's labels. Round
+r > 1 takes the members of round r - 1's project (round 1's project starts with none: only admins see
+it until members are added, and the run says so). The run waits until every item of the round is
+complete (has the project's overlap of labels) or until ``annotate_timeout`` seconds after the import,
+then reads the labels: a candidate's score is the number of other candidates it is expected to beat
+under the competence-weighted posterior of every pair (:func:`preftune.annotate.competence.posterior`,
+the function the annotation export's ``preference_prob`` comes from; competences estimated over the
+round's labels). Prompts without a label are left out of the round (and counted).
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ def item_id(round_: int, index: int) -> str:
     return f"round{round_}-prompt{index}"
 
 
+def round_project(cfg, round_: int) -> str:
+    return f"{cfg.project}-round{round_}"
+
+
 def _open(cfg):
     from ..annotate.db import Database
 
@@ -35,8 +44,11 @@ def _open(cfg):
 
 def import_round(cfg, db, round_: int, prompts: list, samples: list[list[str]]) -> list[str]:
     """Add this round's items (once); returns their ids."""
-    from ..annotate.importer import ItemSpec, add_items, ensure_project
+    from ..annotate.importer import ItemSpec, ProjectError, add_items, ensure_project
+    from ..annotate.members import add_member, list_members
+    from ..annotate.models import Item
     from ..data.messages import plain_text
+    from ..errors import ConfigError
 
     specs = []
     for index, (prompt, texts) in enumerate(zip(prompts, samples)):
@@ -44,15 +56,33 @@ def import_round(cfg, db, round_: int, prompts: list, samples: list[list[str]]) 
         if len(distinct) >= 2:
             meta = {"prompt_messages": prompt} if isinstance(prompt, list) else {}
             specs.append(ItemSpec(item_id(round_, index), plain_text(prompt), distinct, {**meta, "round": round_}))
+    name = round_project(cfg, round_)
     with db.write() as session:
-        project, _ = ensure_project(session, cfg.project, cfg.annotate_kind, overlap=cfg.annotate_overlap)
+        project, _ = ensure_project(session, name, cfg.annotate_kind, overlap=cfg.annotate_overlap)
         if project.kind != cfg.annotate_kind:
-            from ..errors import ConfigError
-
-            raise ConfigError(f"project {cfg.project!r} asks {project.kind} questions; iterate needs "
+            raise ConfigError(f"project {name!r} asks {project.kind} questions; iterate needs "
                               f"{cfg.annotate_kind} (choose another --project or --annotate_kind)")
+        existing = {row.external_id: row for row in session.execute(
+            select(Item.external_id, Item.prompt, Item.candidates).where(
+                Item.project_id == project.id, Item.external_id.in_([spec.external_id for spec in specs])))}
+        for spec in specs:
+            found = existing.get(spec.external_id)
+            if found is not None and (found.prompt != spec.prompt or list(found.candidates) != spec.candidates):
+                raise ConfigError(f"project {name!r} already holds an item {spec.external_id!r} with other texts: "
+                                  "the project name was used by another run; choose a new --project")
         added, present = add_items(session, project, specs, seed=cfg.seed + round_)
-    console.print(f"round {round_}: {added} items added to project {cfg.project!r} ({present} were there already)")
+        members = list_members(session, name)
+        if not members and round_ > 1:
+            try:
+                for member in list_members(session, round_project(cfg, round_ - 1)):
+                    add_member(session, name, member)
+            except ProjectError:  # round r - 1 was judged elsewhere
+                pass
+            members = list_members(session, name)
+    console.print(f"round {round_}: {added} items added to project {name!r} ({present} were there already)")
+    if not members:
+        console.print(f"[yellow]project {name!r} has no members: only admins can label it; add annotators with "
+                      f"`preftune annotate member add {name} NAME`")
     return [spec.external_id for spec in specs]
 
 
@@ -66,48 +96,46 @@ def complete_count(db, project_name: str, ids: list[str]) -> int:
             Item.project_id == project.id, Item.external_id.in_(ids), Item.complete.is_(True)))
 
 
-def wait_for_labels(cfg, db, ids: list[str], deadline: float | None, sleep=time.sleep) -> int:
+def wait_for_labels(cfg, db, ids: list[str], deadline: float | None, sleep=time.sleep,
+                    project: str | None = None) -> int:
     """Poll until every item is complete or the (wall-clock) deadline passes; returns the complete count."""
     last = -1
+    project = project or cfg.project
     while True:
-        done = complete_count(db, cfg.project, ids)
+        done = complete_count(db, project, ids)
         if done != last:
-            console.print(f"labels: {done} of {len(ids)} items complete in project {cfg.project!r}")
+            console.print(f"labels: {done} of {len(ids)} items complete in project {project!r}")
             last = done
         if done >= len(ids) or (deadline is not None and time.time() >= deadline):
             return done
         sleep(cfg.annotate_poll_seconds)
 
 
-def candidate_scores(kind: str, answers: list[dict], n: int) -> list[float]:
-    """Mean per-candidate score over an item's answers (rating: the 1-7 score; ranking: candidates beaten)."""
-    totals = [0.0] * n
-    for answer in answers:
-        if kind == "rating":
-            values = answer["scores"]
-        else:
-            position = {index: rank for rank, index in enumerate(answer["ranking"])}
-            values = [n - 1 - position[i] for i in range(n)]
-        totals = [t + v for t, v in zip(totals, values)]
-    return [t / len(answers) for t in totals]
-
-
-def read_labels(cfg, db, ids: list[str]) -> dict[str, dict]:
-    """``{item id: {"texts": candidates, "scores": mean scores, "labels": count}}`` of the labelled items."""
-    from ..annotate.aggregate import export_raw
+def read_labels(cfg, db, ids: list[str], project_name: str | None = None) -> dict[str, dict]:
+    """``{item id: {"texts": candidates, "scores": expected candidates beaten, "labels": count}}`` of the
+    labelled items (scores from the competence-weighted posterior of every pair, see the module docstring)."""
+    from ..annotate.aggregate import label_records, project_competence
+    from ..annotate.competence import candidate_scores
     from ..annotate.importer import get_project
+    from ..annotate.models import Item
 
     wanted = set(ids)
     with db.read() as session:
-        project = get_project(session, cfg.project)
-        rows = [row for row in export_raw(session, project) if row["item"] in wanted]
-    by_item: dict[str, list[dict]] = {}
-    for row in rows:
-        by_item.setdefault(row["item"], []).append(row)
-    return {key: {"texts": labels[0]["candidates"], "labels": len(labels),
-                  "scores": candidate_scores(labels[0]["kind"], [r["answer"] for r in labels],
-                                             len(labels[0]["candidates"]))}
-            for key, labels in by_item.items()}
+        project = get_project(session, project_name or cfg.project)
+        labels = label_records(session, project)
+        model, votes, known = project_competence(session, project, labels)
+        items = {item.id: item for item in session.scalars(select(Item).where(
+            Item.project_id == project.id, Item.external_id.in_(list(wanted))))}
+    count: dict[int, int] = {}
+    for record in labels:
+        count[record.item_id] = count.get(record.item_id, 0) + 1
+    by_pair: dict[int, dict] = {}
+    for (item, i, j), cast in votes.items():
+        by_pair.setdefault(item, {})[(i, j)] = model.posterior([(name, outcome) for name, outcome, _ in cast],
+                                                               known.get((item, i, j)))
+    return {item.external_id: {"texts": list(item.candidates), "labels": count[item.id],
+                               "scores": candidate_scores(len(item.candidates), by_pair.get(item.id, {}))}
+            for item in items.values() if count.get(item.id)}
 
 
 def judge_by_people(cfg, round_dir: Path, round_: int, prompts: list, samples: list[list[str]]) -> dict:
@@ -118,11 +146,13 @@ def judge_by_people(cfg, round_dir: Path, round_: int, prompts: list, samples: l
         if marker.is_file():
             imported = json.loads(marker.read_text())
         else:
-            imported = {"ids": import_round(cfg, db, round_, prompts, samples), "at": time.time()}
+            imported = {"ids": import_round(cfg, db, round_, prompts, samples), "at": time.time(),
+                        "project": round_project(cfg, round_)}
             marker.write_text(json.dumps(imported))
+        name = imported.get("project", cfg.project)
         deadline = imported["at"] + cfg.annotate_timeout if cfg.annotate_timeout > 0 else None
-        complete = wait_for_labels(cfg, db, imported["ids"], deadline)
-        labelled = read_labels(cfg, db, imported["ids"])
+        complete = wait_for_labels(cfg, db, imported["ids"], deadline, project=name)
+        labelled = read_labels(cfg, db, imported["ids"], name)
     finally:
         db.dispose()
     texts, scores = [], []

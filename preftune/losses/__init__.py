@@ -1,5 +1,18 @@
 """Loss functions: pure functions of log-prob (or score) tensors, picked by name by the trainers."""
 
+from preftune.config.losses import PAIR_LOSS_NAMES, REFERENCE_FREE
+from preftune.losses.dpo_variants import (
+    aot_loss,
+    aot_unpaired_loss,
+    apo_down_loss,
+    apo_zero_loss,
+    bco_pair_loss,
+    discopop_loss,
+    exo_pair_loss,
+    ipo_norm_loss,
+    sigmoid_norm_loss,
+    sppo_hard_loss,
+)
 from preftune.losses.grpo import (
     AGGREGATIONS,
     LOSS_TYPE_ALIASES,
@@ -33,18 +46,20 @@ from preftune.losses.ppo import (
     value_loss,
 )
 from preftune.losses.preference import (
-    LOSSES,
-    REFERENCE_FREE,
     LossOutput,
     PreferenceLogps,
+    chosen_nll,
+    f_scores,
     hinge_loss,
     ipo_loss,
     load_constraint,
+    pair_loss_function,
     preference_loss,
     robust_loss,
     sigmoid_loss,
     simpo_loss,
 )
+from preftune.losses.reference_free import cpo_loss, orpo_loss, sft_loss
 from preftune.losses.reward import (
     REWARD_LOSSES,
     bradley_terry_loss,
@@ -53,6 +68,9 @@ from preftune.losses.reward import (
     reward_loss,
     soft_label_loss,
 )
+
+# every pair loss of the table, by name
+LOSSES = {name: pair_loss_function(name) for name in PAIR_LOSS_NAMES}
 
 __all__ = [
     "KTOOutput",
@@ -70,6 +88,22 @@ __all__ = [
     "robust_loss",
     "sigmoid_loss",
     "simpo_loss",
+    "aot_loss",
+    "aot_unpaired_loss",
+    "apo_down_loss",
+    "apo_zero_loss",
+    "bco_pair_loss",
+    "chosen_nll",
+    "cpo_loss",
+    "discopop_loss",
+    "exo_pair_loss",
+    "f_scores",
+    "ipo_norm_loss",
+    "orpo_loss",
+    "pair_loss_function",
+    "sft_loss",
+    "sigmoid_norm_loss",
+    "sppo_hard_loss",
     "REWARD_LOSSES",
     "bradley_terry_loss",
     "centering_penalty",

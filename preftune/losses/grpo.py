@@ -20,10 +20,19 @@ References:
 - Batch std: Liu et al. 2025, "Part I: Tricks or Traps? A Deep Dive into RL for LLM Reasoning"
   (group mean, batch std; ``scale_rewards="batch"``).
 - k3 KL estimator: Schulman 2020, "Approximating KL Divergence" (:func:`preftune.losses.ppo.kl_penalty`).
+- GSPO: Zheng et al. 2025, "Group Sequence Policy Optimization": one importance ratio per sequence,
+  ``exp(mean_t log π/π_old)`` (``importance_sampling_level="sequence"``); LUSPO sums its tokens per
+  sequence (``sequence_sum``). CISPO: MiniMax 2025, "MiniMax-M1": the clipped, detached ratio weights
+  ``A·log π``. SAPO: Gao et al. 2025, "Soft Adaptive Policy Optimization": a sigmoid gate instead of
+  the clip. VESPO: TRL 1.16's gamma-shaped sequence weight φ(w) = e^λ·w^k·e^(-λw) times ``A·log π``.
+  Two-sided clipping ``delta``: Cui et al. 2025 (INTELLECT-2). The off-policy sequence mask:
+  DeepSeek-AI 2025, "DeepSeek-V3.2". Entropy masking: Wang et al. 2025, "Beyond the 80/20 Rule".
+  REINFORCE++: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models".
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +41,12 @@ from torch import Tensor
 from .ppo import kl_penalty, masked_mean
 
 SCALE_REWARDS = ("group", "batch", "none")
-AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
+AGGREGATIONS = ("token_mean", "sequence_mean", "constant", "sequence_sum")
 # TRL's ``loss_type`` names for the same aggregations ("bnpo" and "dapo" differ in TRL only in
 # which batch the tokens are counted over; here ``num_tokens`` says that).
-LOSS_TYPE_ALIASES = {"grpo": "sequence_mean", "dapo": "token_mean", "bnpo": "token_mean", "dr_grpo": "constant"}
+LOSS_TYPE_ALIASES = {"grpo": "sequence_mean", "dapo": "token_mean", "bnpo": "token_mean", "dr_grpo": "constant",
+                     "luspo": "sequence_sum"}
+OBJECTIVES = ("clip", "cispo", "sapo", "vespo")
 
 
 def _groups(values: Tensor, group_size: int) -> Tensor:
@@ -171,6 +182,7 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, aggregation: str = "token_me
     - ``sequence_mean`` (GRPO): ``1/B Σ_i 1/|o_i| Σ_t ℓ_it``: every sequence weighs the same (a row
       with no loss tokens contributes 0 and still counts in ``B``).
     - ``constant`` (Dr. GRPO): ``Σ_{i,t} ℓ_it / (B · max_completion_length)``: no length bias.
+    - ``sequence_sum`` (LUSPO): ``1/B Σ_i Σ_t ℓ_it``: every token of a sequence counts in full.
     """
     mask_f = mask.to(per_token.dtype)
     total = (per_token * mask_f).sum()
@@ -181,11 +193,71 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, aggregation: str = "token_me
     if aggregation == "sequence_mean":
         per_sequence = (per_token * mask_f).sum(-1) / mask_f.sum(-1).clamp(min=1.0)
         return per_sequence.mean()
+    if aggregation == "sequence_sum":
+        return (per_token * mask_f).sum(-1).mean()
     if aggregation == "constant":
         if not max_completion_length or max_completion_length < 1:
             raise ValueError("the constant aggregation needs max_completion_length (a positive number of tokens)")
         return total / (per_token.shape[0] * max_completion_length)
     raise ValueError(f"unknown loss aggregation '{aggregation}' (choose {', '.join(AGGREGATIONS)})")
+
+
+def importance_log_ratio(logps: Tensor, old_logps: Tensor, mask: Tensor, level: str = "token") -> Tensor:
+    """``log ρ``: per token ``log π - log π_old`` (``[B, T]``), or GSPO's per sequence mean of it (``[B, 1]``)."""
+    log_ratio = (logps - old_logps).masked_fill(~mask, 0.0)   # padding: ratio 1, whatever it holds
+    if level == "token":
+        return log_ratio
+    if level == "sequence":
+        return (log_ratio.sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
+    raise ValueError(f"unknown importance_sampling_level '{level}' (choose token or sequence)")
+
+
+def vespo_weights(log_ratio: Tensor, mask: Tensor, advantages: Tensor, shape: tuple[float, float, float, float]
+                  ) -> Tensor:
+    """VESPO's ``[B, 1]`` weight ``φ(w) = exp(λ + k·log w - λ·w)`` (φ(1) = 1, a gamma shape peaking at w = k/λ), with
+    ``w = exp(Σ_t log ρ_t)`` the sequence's importance ratio (per-token log-ratios clamped to [-20, 20], log w to
+    [log 1e-8, 20]) and ``(k, λ) = shape[:2]`` for A >= 0, ``shape[2:]`` for A < 0. No gradient flows through it."""
+    with torch.no_grad():
+        log_w = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
+        positive = advantages >= 0
+        k = torch.where(positive, log_w.new_tensor(shape[0]), log_w.new_tensor(shape[2]))
+        lam = torch.where(positive, log_w.new_tensor(shape[1]), log_w.new_tensor(shape[3])).clamp(min=1e-4)
+        return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(0.0, 0.0, 0.0)
+
+
+def off_policy_mask(advantages: Tensor, logps: Tensor, old_logps: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask ``[B, 1]``: drop a sequence with A < 0 whose mean per-token
+    ``log π_old - log π`` (a KL estimate from the sampling policy) exceeds ``threshold``; keep the rest."""
+    drift = ((old_logps - logps.detach()) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return (advantages >= 0) | (drift <= threshold)
+
+
+def high_entropy_mask(entropy: Tensor, mask: Tensor, top_quantile: float) -> Tensor:
+    """``[B, T]`` bool: the completion tokens whose entropy is at or above the ``1 - top_quantile`` quantile of
+    the batch's completion tokens ("Beyond the 80/20 Rule": train on the top 20% forking tokens only)."""
+    if not 0.0 < top_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_quantile}")
+    values = entropy.detach()[mask].float()
+    if values.numel() == 0:
+        return torch.zeros_like(mask)
+    return (entropy.detach() >= torch.quantile(values, 1.0 - top_quantile).to(entropy.dtype)) & mask
+
+
+def reinforce_pp_advantages(rewards: Tensor, token_kl: Tensor, mask: Tensor, beta: float,
+                            group_size: int | None = None, eps: float = 1e-8) -> Tensor:
+    """REINFORCE++ advantages ``[B, T]`` (Hu 2025, eq. 5-7): per token, the return of the outcome reward with a
+    per-token KL penalty, ``R_t = r - β·Σ_{s≥t} KL_s``, whitened over every completion token of the batch
+    (global batch normalisation). With ``group_size`` (the "REINFORCE++-baseline" variant) each reward first
+    has its group's mean subtracted."""
+    if group_size is not None:
+        grouped = _groups(rewards, group_size)
+        rewards = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    mask_f = mask.to(token_kl.dtype)
+    penalty = (token_kl * mask_f).flip(-1).cumsum(-1).flip(-1)   # Σ_{s≥t} KL_s
+    returns = (rewards[:, None] - beta * penalty) * mask_f
+    mean = returns.sum() / mask_f.sum()
+    var = (((returns - mean) * mask_f) ** 2).sum() / mask_f.sum()
+    return (returns - mean) / (var.sqrt() + eps) * mask_f
 
 
 @dataclass
@@ -195,6 +267,7 @@ class GRPOLoss:
     clip_high: Tensor      # fraction of loss tokens with ρ > 1+ε_high and A > 0
     clip_region: Tensor    # either of the two
     kl: Tensor | None      # mean per-token k3 KL to the reference over loss tokens; None without a reference
+    entropy: Tensor | None = None   # mean entropy over the tokens trained on, when entropies were given
 
     def metrics(self) -> dict[str, Tensor]:
         """The statistics under their TRL names."""
@@ -209,27 +282,41 @@ def grpo_loss(logps: Tensor, advantages: Tensor, mask: Tensor, *, old_logps: Ten
               ref_logps: Tensor | None = None, beta: float = 0.0, epsilon_low: float = 0.2,
               epsilon_high: float | None = None, aggregation: str = "token_mean",
               max_completion_length: int | None = None, truncated: Tensor | None = None,
-              num_tokens: float | None = None) -> GRPOLoss:
-    """The clipped importance-ratio loss of GRPO / RLOO / DAPO / Dr. GRPO, with an optional k3 KL term.
+              num_tokens: float | None = None, objective: str = "clip", importance_sampling_level: str = "token",
+              delta: float | None = None, sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+              vespo_shape: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+              off_policy_threshold: float | None = None, entropy: Tensor | None = None,
+              top_entropy_quantile: float = 1.0, entropy_coef: float = 0.0) -> GRPOLoss:
+    """The policy loss of GRPO / RLOO / DAPO / Dr. GRPO and their newer objectives, with an optional k3 KL term.
 
-    Per token, with ``ρ_t = exp(log π(o_t) - log π_old(o_t))`` and the sequence's advantage ``A``::
+    Per token, with the importance ratio ``ρ = exp(log ρ)`` (:func:`importance_log_ratio`: per token, or
+    GSPO's one per sequence) and the sequence's advantage ``A``, the ``objective``:
 
-        ℓ_t = -min(ρ_t·A, clip(ρ_t, 1 - ε_low, 1 + ε_high)·A) + β·k3_t
-        k3_t = exp(log π_ref - log π) - (log π_ref - log π) - 1            (≥ 0)
+    - ``clip`` (GRPO, PPO's surrogate): ``ℓ = -min(ρ'·A, clip(ρ, 1 - ε_low, 1 + ε_high)·A)``, where
+      ``ρ' = min(ρ, delta)`` with two-sided clipping (``delta``) and ``ρ' = ρ`` otherwise;
+    - ``cispo``: ``ℓ = -sg(min(ρ, ε_high))·A·log π`` (ε_high is the cap itself, as in TRL);
+    - ``sapo``: ``ℓ = -(4/τ)·σ(τ·(ρ - 1))·A`` with τ = ``sapo_temperatures[0]`` for A > 0, else ``[1]``;
+    - ``vespo``: ``ℓ = -φ(w)·A·log π`` (:func:`vespo_weights`);
 
-    then reduced by :func:`aggregate_loss`. ``old_logps=None`` means on-policy (``π_old = π``
-    detached: ratio 1, gradient ``-A·∇log π``). ``epsilon_high=None`` uses ``epsilon_low``
-    (symmetric, original GRPO). With ``beta=0`` no KL enters the loss and ``ref_logps`` may be None
-    (if given, its KL is still reported). ``truncated`` (bool ``[B]``) removes completions that hit
-    the length limit without ending from the loss (DAPO overlong filtering). RLOO uses this loss
-    with ``beta=0``, its KL being in the reward (:func:`rloo_advantages`).
+    then ``+ β·k3_t`` with ``k3_t = exp(log π_ref - log π) - (log π_ref - log π) - 1``, and the token
+    mask: padding, ``truncated`` completions (DAPO overlong filtering), sequences the off-policy mask
+    drops (``off_policy_threshold``, :func:`off_policy_mask`), and with ``top_entropy_quantile < 1``
+    the tokens below the entropy quantile (:func:`high_entropy_mask`) leave the policy term; the
+    reduction is :func:`aggregate_loss`. With ``entropy_coef`` the mean entropy over the tokens
+    trained on is subtracted: ``loss - c·mean(H)`` (an exploration bonus; ``entropy`` must carry
+    gradient). ``old_logps=None`` means on-policy (``π_old = π`` detached: ratio 1). ``epsilon_high=None``
+    uses ``epsilon_low``. RLOO uses this loss with ``beta=0``, its KL being in the reward.
 
-    ``advantages`` is ``[B]`` (one per sequence) or ``[B, T]``.
+    ``advantages`` is ``[B]`` (one per sequence) or ``[B, T]``; ``entropy`` ``[B, T]`` like ``logps``.
     """
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     if beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs the reference log-probs (ref_logps)")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{objective}' (choose {', '.join(OBJECTIVES)})")
+    if entropy is None and (top_entropy_quantile < 1.0 or entropy_coef):
+        raise ValueError("entropy masking and the entropy bonus need the per-token entropies (entropy)")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     mask = mask.to(torch.bool)
     if truncated is not None:
@@ -237,9 +324,26 @@ def grpo_loss(logps: Tensor, advantages: Tensor, mask: Tensor, *, old_logps: Ten
     if advantages.dim() == 1:
         advantages = advantages[:, None]
     old_logps = logps.detach() if old_logps is None else old_logps
-    ratio = torch.exp((logps - old_logps).masked_fill(~mask, 0.0))  # padding: ratio 1, whatever it holds
-    clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
-    per_token = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    ratio = torch.exp(importance_log_ratio(logps, old_logps, mask, importance_sampling_level))
+    if objective == "clip":
+        clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+        capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+        per_token = -torch.minimum(capped * advantages, clipped_ratio * advantages)
+    elif objective == "cispo":
+        per_token = -torch.clamp(ratio, max=epsilon_high).detach() * advantages * logps
+    elif objective == "sapo":
+        pos, neg = (ratio.new_tensor(t) for t in sapo_temperatures)
+        tau = torch.where(advantages > 0, pos, neg)
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
+    else:
+        weights = vespo_weights((logps - old_logps).masked_fill(~mask, 0.0), mask, advantages, vespo_shape)
+        per_token = -weights * advantages * logps
+    policy_mask = mask
+    if off_policy_threshold is not None:
+        policy_mask = policy_mask & off_policy_mask(advantages, logps, old_logps, mask, off_policy_threshold)
+    if top_entropy_quantile < 1.0:
+        policy_mask = policy_mask & high_entropy_mask(entropy, mask, top_entropy_quantile)
+    per_token = per_token.expand_as(logps) * policy_mask
     kl = None
     if ref_logps is not None:
         token_kl = kl_penalty(logps, torch.where(mask, ref_logps, logps.detach()), "k3")
@@ -247,8 +351,16 @@ def grpo_loss(logps: Tensor, advantages: Tensor, mask: Tensor, *, old_logps: Ten
             per_token = per_token + beta * token_kl
         kl = masked_mean(token_kl.detach(), mask)
     loss = aggregate_loss(per_token, mask, aggregation, max_completion_length, num_tokens)
+    mean_entropy = None
+    if entropy is not None:
+        trained = policy_mask if top_entropy_quantile < 1.0 else mask
+        mean_entropy = masked_mean(entropy, trained)
+        if entropy_coef:
+            loss = loss - entropy_coef * mean_entropy
+        mean_entropy = mean_entropy.detach()
     with torch.no_grad():
-        low = (ratio < 1.0 - epsilon_low) & (advantages < 0)
-        high = (ratio > 1.0 + epsilon_high) & (advantages > 0)
+        full = ratio.expand_as(logps)
+        low = (full < 1.0 - epsilon_low) & (advantages < 0)
+        high = (full > 1.0 + epsilon_high) & (advantages > 0)
         stats = [masked_mean(x.float(), mask) for x in (low, high, low | high)]
-    return GRPOLoss(loss, *stats, kl)
+    return GRPOLoss(loss, *stats, kl, mean_entropy)

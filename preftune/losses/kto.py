@@ -11,7 +11,10 @@ With log-probs summed over the completion's tokens::
     undesirable y:  loss = λ_U · (1 - σ(β·(z₀ - r)))
 
 z₀ is the reference point: an estimate of KL(π ‖ π_ref) from each prompt paired with another
-example's completion y'. It carries no gradient. The paper's variant without it sets z₀ = 0.
+example's completion y'. It carries no gradient. An optional per-example ``weights`` multiplies each
+loss (the annotation export's ``weight`` = 2·label_prob − 1: with λ_D = λ_U the expected loss under a
+label that is right with probability p has exactly the hard label's gradient times 2p − 1). The
+paper's variant without it sets z₀ = 0.
 Nothing here runs a model: trainers compute the log-probs (``preftune.logprobs``), and decide over
 which examples z₀ is estimated (the KTO trainer uses the global batch of every process).
 """
@@ -40,12 +43,13 @@ def kto_reference_point(kl_logratios: Tensor | None, like: Tensor) -> Tensor:
 
 def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, beta: float, *,
              kl_logratios: Tensor | None = None, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0) -> KTOOutput:
+             undesirable_weight: float = 1.0, weights: Tensor | None = None) -> KTOOutput:
     """Per-example KTO losses (formula in the module docstring).
 
     ``policy_logps``, ``ref_logps``: ``[N]`` summed completion log-probs; ``desirable``: ``[N]`` bool;
     ``kl_logratios``: ``log π - log π_ref`` of the mismatched completions that z₀ is estimated from
-    (any length, e.g. gathered from every process), or ``None`` for the variant with z₀ = 0.
+    (any length, e.g. gathered from every process), or ``None`` for the variant with z₀ = 0;
+    ``weights``: ``[N]`` per-example weights (``None``: all 1).
     """
     if not beta > 0:
         raise ValueError(f"beta must be positive, got {beta}")
@@ -55,6 +59,8 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, beta: f
     desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0)))
     undesirable_losses = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio)))
     losses = torch.where(good, desirable_losses, undesirable_losses)
+    if weights is not None:
+        losses = losses * weights.to(device=losses.device, dtype=losses.dtype)
     return KTOOutput(losses, (beta * ratio).detach(), z0)
 
 

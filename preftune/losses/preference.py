@@ -5,9 +5,18 @@ responses under the policy and, except for reference-free losses, the reference 
 :class:`LossOutput` with one loss per pair and the detached implicit rewards. Nothing here runs a
 model or tokenises: trainers compute the log-probs (``preftune.logprobs``) and pick a loss by name.
 
+Each loss carries its row of the loss table (``@pair_loss(...)``: name, options, whether it needs a
+reference, paper, TRL name; see :mod:`preftune.config.losses`). This module holds the shared pieces,
+the five original losses and :func:`preference_loss`; ``dpo_variants.py`` and ``reference_free.py``
+hold the rest of the family.
+
 Notation used in the docstrings, per pair::
 
     Δ  = (log π(y_c) - log π_ref(y_c)) - (log π(y_r) - log π_ref(y_r))     (sums over completion tokens)
+    s(y) = the score of y's log-ratio u = log π(y) - log π_ref(y) under ``f_divergence_type``
+         (f-DPO, Wang et al. 2023; :func:`f_scores`): u for reverse KL (the default, plain DPO),
+         1 - exp(-u) for forward KL, log 2 + log σ(u) for Jensen-Shannon, (exp((a - 1)·u) - 1)/(a - 1)
+         for the α-divergence with a = ``f_alpha_divergence_coef``; Δ_s = s(y_c) - s(y_r)
     β  = inverse temperature of the KL penalty
     m  = per-pair margin in reward units (``PreferenceLogps.margin``, default 0)
     p  = probability that the chosen response really is better: ``preference_prob`` per pair when
@@ -20,13 +29,24 @@ as "chosen wins" with probability p and "rejected wins" with probability 1 - p.
 
 from __future__ import annotations
 
+import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from preftune.config.losses import (
+    F_DIVERGENCES,
+    LOSS_HYPERPARAMETERS,
+    PAIR_LOSSES,
+    REFERENCE_FREE,
+    pair_loss,
+    parse_loss_types,
+)
 from preftune.errors import ConfigError
 from preftune.loading import load_callable
 
@@ -71,6 +91,38 @@ def _log_ratios(lp: PreferenceLogps, loss_name: str) -> tuple[Tensor, Tensor]:
     return lp.policy_chosen - lp.ref_chosen, lp.policy_rejected - lp.ref_rejected
 
 
+def f_scores(log_ratio: Tensor, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> Tensor:
+    """``s(u)``: f'(t) of the f-divergence regulariser at ``t = π/π_ref = exp(u)``, with f normalised so that
+    f'(1) = 0 (a policy equal to its reference scores 0).
+
+    f-DPO (Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
+    Divergence Constraints", Table 1): the implicit reward is β·f'(π/π_ref). reverse KL: s = u (plain
+    DPO); forward KL: s = 1 - exp(-u); Jensen-Shannon: s = log(2t / (1 + t)) = log 2 + log σ(u);
+    α-divergence with a = ``f_alpha_divergence_coef``: s = (t^(a-1) - 1)/(a - 1), which tends to u as
+    a -> 1 (reverse KL is used within 1e-6 of it).
+    """
+    if f_divergence_type == "reverse_kl":
+        return log_ratio
+    if f_divergence_type == "forward_kl":
+        return -torch.expm1(-log_ratio)
+    if f_divergence_type == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(log_ratio)
+    if f_divergence_type == "alpha_divergence":
+        a = float(f_alpha_divergence_coef)
+        if abs(a - 1.0) < 1e-6:
+            return log_ratio
+        return torch.expm1((a - 1.0) * log_ratio) / (a - 1.0)
+    raise ValueError(f"unknown f_divergence_type '{f_divergence_type}' (choose {', '.join(F_DIVERGENCES)})")
+
+
+def _scored_ratios(lp: PreferenceLogps, loss_name: str, f_divergence_type: str,
+                   f_alpha_divergence_coef: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(chosen log-ratio, rejected log-ratio, s(chosen), s(rejected))``."""
+    chosen, rejected = _log_ratios(lp, loss_name)
+    return (chosen, rejected, f_scores(chosen, f_divergence_type, f_alpha_divergence_coef),
+            f_scores(rejected, f_divergence_type, f_alpha_divergence_coef))
+
+
 def _preference_prob(lp: PreferenceLogps, label_smoothing: float, like: Tensor) -> Tensor:
     """Per-pair p: the pair's own ``preference_prob`` where given, else (None or NaN) ``1 - label_smoothing``."""
     if not 0.0 <= label_smoothing <= 1.0:
@@ -95,60 +147,94 @@ def _rewards(beta: float, chosen_ratio: Tensor, rejected_ratio: Tensor) -> tuple
     return (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
+def _per_token(lp: PreferenceLogps, which: str, reference: bool = False) -> Tensor:
+    """Mean log-prob per completion token of the chosen or rejected responses (length at least 1)."""
+    logps = getattr(lp, f"{'ref' if reference else 'policy'}_{which}")
+    return logps / getattr(lp, f"{which}_lengths").to(logps).clamp(min=1)
+
+
+def chosen_nll(lp: PreferenceLogps) -> Tensor:
+    """``[B]`` terms whose mean is the NLL per chosen token over the batch, ``Σ -log π(y_c) / Σ |y_c|``.
+
+    Each pair's term is ``-log π(y_c) / mean(|y_c|)``: a token mean over the whole batch (as a language
+    model's cross-entropy), not a mean of per-sequence means.
+    """
+    lengths = lp.chosen_lengths.to(lp.policy_chosen)
+    return -lp.policy_chosen / lengths.mean().clamp(min=1)
+
+
 # ----------------------------------------------------------------------------------------- losses
 
-def sigmoid_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0) -> LossOutput:
+@pair_loss(name="sigmoid", hyper=("label_smoothing", "f_divergence_type", "f_alpha_divergence_coef"),
+           needs_reference=True, paper="Rafailov et al. 2023 (DPO); soft labels: Mitchell 2023 (cDPO)",
+           trl="sigmoid", beta_range=(0.01, 1.0), formula="−p·log σ(βΔ_s − m) − (1−p)·log σ(−(βΔ_s − m))")
+def sigmoid_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0,
+                 f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """DPO (Rafailov et al. 2023, "Direct Preference Optimization"), with soft labels.
 
-    z = β·Δ - m;   loss = -(p·log σ(z) + (1 - p)·log σ(-z)).
+    z = β·Δ_s - m;   loss = -(p·log σ(z) + (1 - p)·log σ(-z)).
 
-    With p = 1 and m = 0 this is the paper's ``-log σ(β·Δ)``; p < 1 is conservative DPO (cDPO,
-    Mitchell 2023) / probabilistic-preference DPO. Rewards are ``β·(log π(y) - log π_ref(y))``.
+    With p = 1, m = 0 and reverse KL this is the paper's ``-log σ(β·Δ)``; p < 1 is conservative DPO
+    (cDPO, Mitchell 2023) / probabilistic-preference DPO. Rewards are ``β·(log π(y) - log π_ref(y))``.
     """
     _check_beta(beta)
-    chosen, rejected = _log_ratios(lp, "sigmoid")
-    z = beta * (chosen - rejected) - _margin(lp, chosen)
+    chosen, rejected, s_c, s_r = _scored_ratios(lp, "sigmoid", f_divergence_type, f_alpha_divergence_coef)
+    z = beta * (s_c - s_r) - _margin(lp, chosen)
     p = _preference_prob(lp, label_smoothing, chosen)
     return LossOutput(_soft_logistic(z, p), *_rewards(beta, chosen, rejected))
 
 
-def ipo_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0) -> LossOutput:
+@pair_loss(name="ipo", hyper=("label_smoothing", "f_divergence_type", "f_alpha_divergence_coef"),
+           needs_reference=True, paper="Azar et al. 2023 (IPO), summed log-ratios",
+           trl="ipo of TRL's online DPO (TRL's offline ipo is ipo_norm)", beta_range=(0.01, 1.0),
+           formula="(Δ_s − (2p−1)/(2β))², Δ over summed log-probs")
+def ipo_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0,
+             f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences").
 
-    loss = (Δ - (2p - 1) / (2β))².
+    loss = (Δ_s - (2p - 1) / (2β))².
 
     With p = 1 the target is the paper's 1/(2β) (β plays the role of the paper's τ); a soft label p
     regresses Δ toward the expected target ``E[I - 1/2]/β`` with ``I ~ Bernoulli(p)``, so p = 1/2
-    asks for no preference at all. Δ uses summed log-probs as in the paper. The margin is not used.
+    asks for no preference at all. Δ uses summed log-probs as in the paper (and TRL's online DPO);
+    ``ipo_norm`` divides each log-ratio by its token count (TRL's offline DPO). The margin is not used.
     """
     _check_beta(beta)
-    chosen, rejected = _log_ratios(lp, "ipo")
+    chosen, rejected, s_c, s_r = _scored_ratios(lp, "ipo", f_divergence_type, f_alpha_divergence_coef)
     p = _preference_prob(lp, label_smoothing, chosen)
     target = (2 * p - 1) / (2 * beta)
-    losses = (chosen - rejected - target) ** 2
+    losses = (s_c - s_r - target) ** 2
     return LossOutput(losses, *_rewards(beta, chosen, rejected))
 
 
-def hinge_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0) -> LossOutput:
+@pair_loss(name="hinge", hyper=("label_smoothing", "f_divergence_type", "f_alpha_divergence_coef"),
+           needs_reference=True, paper="Zhao et al. 2023 (SLiC-HF)", trl="hinge", beta_range=(0.01, 1.0),
+           formula="p·relu(1 − (βΔ_s − m)) + (1−p)·relu(1 + βΔ_s − m)")
+def hinge_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0,
+               f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """SLiC hinge loss (Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback").
 
-    z = β·Δ - m;   loss = p·relu(1 - z) + (1 - p)·relu(1 + z).
+    z = β·Δ_s - m;   loss = p·relu(1 - z) + (1 - p)·relu(1 + z).
 
     With p = 1 and m = 0: ``relu(1 - β·Δ)``, i.e. the pair is done once the chosen response leads
     by 1/β nats (relative to the reference); a margin m raises that requirement.
     """
     _check_beta(beta)
-    chosen, rejected = _log_ratios(lp, "hinge")
-    z = beta * (chosen - rejected) - _margin(lp, chosen)
+    chosen, rejected, s_c, s_r = _scored_ratios(lp, "hinge", f_divergence_type, f_alpha_divergence_coef)
+    z = beta * (s_c - s_r) - _margin(lp, chosen)
     p = _preference_prob(lp, label_smoothing, chosen)
     losses = p * torch.relu(1 - z) + (1 - p) * torch.relu(1 + z)
     return LossOutput(losses, *_rewards(beta, chosen, rejected))
 
 
-def robust_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0) -> LossOutput:
+@pair_loss(name="robust", hyper=("label_smoothing", "f_divergence_type", "f_alpha_divergence_coef"),
+           needs_reference=True, paper="Chowdhury et al. 2024 (rDPO)", trl="robust", beta_range=(0.01, 1.0),
+           formula="[(1−ε)·ℓ(z) − ε·ℓ(−z)] / (1 − 2ε), z = βΔ_s − m, ℓ = −log σ")
+def robust_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0,
+                f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5) -> LossOutput:
     """Robust DPO (rDPO, Chowdhury et al. 2024, "Provably Robust DPO: Aligning Language Models with Noisy Feedback").
 
-    ε = label_smoothing is the assumed rate at which labels are flipped (0 ≤ ε < 1/2); z = β·Δ - m:
+    ε = label_smoothing is the assumed rate at which labels are flipped (0 ≤ ε < 1/2); z = β·Δ_s - m:
 
         loss = ((1 - ε)·(-log σ(z)) - ε·(-log σ(-z))) / (1 - 2ε).
 
@@ -160,12 +246,15 @@ def robust_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0) 
     eps = float(label_smoothing)
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"the robust (rDPO) loss needs a label-noise rate label_smoothing in [0, 0.5), got {eps}")
-    chosen, rejected = _log_ratios(lp, "robust")
-    z = beta * (chosen - rejected) - _margin(lp, chosen)
+    chosen, rejected, s_c, s_r = _scored_ratios(lp, "robust", f_divergence_type, f_alpha_divergence_coef)
+    z = beta * (s_c - s_r) - _margin(lp, chosen)
     losses = ((1 - eps) * -F.logsigmoid(z) - eps * -F.logsigmoid(-z)) / (1 - 2 * eps)
     return LossOutput(losses, *_rewards(beta, chosen, rejected))
 
 
+@pair_loss(name="simpo", hyper=("label_smoothing", "simpo_gamma"), needs_reference=False,
+           paper="Meng et al. 2024 (SimPO)", trl="simpo (CPOTrainer)", beta_range=(0.5, 10.0),
+           formula="−p·log σ(z) − (1−p)·log σ(−z), z = β·(avg log π(y_c) − avg log π(y_r)) − γ − m")
 def simpo_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0,
                simpo_gamma: float = 0.5) -> LossOutput:
     """SimPO (Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward").
@@ -178,21 +267,10 @@ def simpo_loss(lp: PreferenceLogps, beta: float, label_smoothing: float = 0.0,
     Reference log-probs, if present, are ignored.
     """
     _check_beta(beta)
-    chosen = lp.policy_chosen / lp.chosen_lengths.to(lp.policy_chosen).clamp(min=1)
-    rejected = lp.policy_rejected / lp.rejected_lengths.to(lp.policy_rejected).clamp(min=1)
+    chosen, rejected = _per_token(lp, "chosen"), _per_token(lp, "rejected")
     z = beta * (chosen - rejected) - simpo_gamma - _margin(lp, chosen)
     p = _preference_prob(lp, label_smoothing, chosen)
     return LossOutput(_soft_logistic(z, p), *_rewards(beta, chosen, rejected))
-
-
-LOSSES: dict[str, Callable[..., LossOutput]] = {
-    "sigmoid": sigmoid_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
-    "robust": robust_loss,
-    "simpo": simpo_loss,
-}
-REFERENCE_FREE: set[str] = {"simpo"}
 
 
 # ----------------------------------------------------------------------------------------- total
@@ -200,37 +278,57 @@ REFERENCE_FREE: set[str] = {"simpo"}
 Constraint = Callable[[PreferenceLogps], "Tensor | float"]
 
 
-def preference_loss(name: str, lp: PreferenceLogps, beta: float, *, label_smoothing: float = 0.0,
-                    simpo_gamma: float = 0.5, nll_weight: float = 0.0,
-                    constraints: Sequence[tuple[Constraint, float]] = ()) -> tuple[Tensor, dict[str, Tensor]]:
+@cache
+def pair_loss_function(name: str) -> Callable[..., LossOutput]:
+    """The function of the table's row ``name`` (its module imported on first use)."""
+    spec = PAIR_LOSSES.get(name)
+    if spec is None:
+        parse_loss_types(name)   # raises the ConfigError with the valid names
+    return getattr(importlib.import_module(spec.module), spec.function)
+
+
+def preference_loss(loss_type: str | Sequence[str], lp: PreferenceLogps, beta: float, *,
+                    loss_weights: Sequence[float] | None = None, nll_weight: float = 0.0,
+                    constraints: Sequence[tuple[Constraint, float]] = (),
+                    **options) -> tuple[Tensor, dict[str, Tensor]]:
     """The scalar training loss of a batch of pairs, and its metrics.
 
-    total = mean(losses) + nll_weight · mean(-log π(y_c) / |y_c|) + Σ_k w_k · mean(constraint_k(lp))
+    total = Σ_k w_k · mean(loss_k) + nll_weight · mean(-log π(y_c) / |y_c|) + Σ_j c_j · mean(constraint_j(lp))
+
+    ``loss_type`` is one name of the loss table or several (a list, or names separated by commas),
+    mixed with ``loss_weights`` (default 1 each; MPO, Wang et al. 2024, mixes sigmoid, bco_pair and
+    sft this way). ``options`` are the losses' hyperparameters by config field name
+    (``label_smoothing``, ``simpo_gamma``, ...): each loss receives those its row lists.
 
     The NLL term is the per-token negative log-likelihood of the chosen responses (RPO-style
     regularisation that keeps chosen responses likely). Each constraint is a function of the
     :class:`PreferenceLogps` returning a scalar or ``[B]`` penalty (e.g. a constitutional rule);
     it is averaged over the batch and added with its weight.
 
-    Metrics (detached scalars, TRL names): ``loss``, ``loss/preference``, ``loss/nll`` (when
-    ``nll_weight > 0``), ``loss/constraint/<function name>``, ``rewards/chosen``,
-    ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
-    ``logps/rejected``.
+    Metrics (detached scalars, TRL names): ``loss``, ``loss/preference``, ``loss/<name>`` per loss of
+    a mix, ``loss/nll`` (when ``nll_weight > 0``), ``loss/constraint/<function name>``,
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins`` (the first
+    loss's implicit rewards), ``logps/chosen``, ``logps/rejected``.
     """
-    loss_fn = LOSSES.get(name)
-    if loss_fn is None:
-        raise ConfigError(f"unknown preference loss '{name}'; valid losses are: {', '.join(sorted(LOSSES))}")
-    kwargs = {"label_smoothing": label_smoothing}
-    if name == "simpo":
-        kwargs["simpo_gamma"] = simpo_gamma
-    out = loss_fn(lp, beta, **kwargs)
-
-    preference = out.losses.mean()
+    names = parse_loss_types(list(loss_type) if not isinstance(loss_type, str) else loss_type)
+    weights = list(loss_weights) if loss_weights else [1.0] * len(names)
+    if len(weights) != len(names):
+        raise ConfigError(f"{len(weights)} loss_weights for {len(names)} losses ({', '.join(names)})")
+    unknown = sorted(set(options) - set(LOSS_HYPERPARAMETERS))
+    if unknown:
+        raise TypeError(f"preference_loss got options no loss takes: {', '.join(unknown)}")
+    terms, first = {}, None
+    for name in names:
+        out = pair_loss_function(name)(lp, beta, **{h: options[h] for h in PAIR_LOSSES[name].hyper if h in options})
+        terms[name] = out.losses.mean()
+        first = first or out
+    preference = sum(w * terms[name] for name, w in zip(names, weights))
     total = preference
     metrics: dict[str, Tensor] = {"loss/preference": preference.detach()}
+    if len(names) > 1:
+        metrics.update({f"loss/{name}": term.detach() for name, term in terms.items()})
     if nll_weight:
-        lengths = lp.chosen_lengths.to(lp.policy_chosen).clamp(min=1)
-        nll = (-lp.policy_chosen / lengths).mean()
+        nll = (-_per_token(lp, "chosen")).mean()
         total = total + nll_weight * nll
         metrics["loss/nll"] = nll.detach()
     for fn, weight in constraints:
@@ -239,7 +337,7 @@ def preference_loss(name: str, lp: PreferenceLogps, beta: float, *, label_smooth
         total = total + weight * value
         metrics[_unique_key(metrics, f"loss/constraint/{_function_name(fn)}")] = value.detach()
 
-    chosen_r, rejected_r = out.chosen_rewards, out.rejected_rewards
+    chosen_r, rejected_r = first.chosen_rewards, first.rejected_rewards
     metrics.update({
         "loss": total.detach(),
         "rewards/chosen": chosen_r.mean(),

@@ -1,18 +1,36 @@
-"""A causal LM seen as a function from token ids to per-token log-probs of its completions.
+"""Text, the first modality: token ids in, per-token log-probs of the completions out.
 
-The loop prepares (and, under data parallelism, wraps) this module rather than the bare language
-model, so that the forward that computes chunked log-probs is the one the distributed wrapper sees.
+The loop prepares (and, under data parallelism, wraps) a module built here rather than the bare language
+model (:class:`PolicyLogprobs`, :class:`LMLogprobs`, :class:`RewardScorer`), so that the forward that
+computes chunked log-probs is the one the distributed wrapper sees. Pairs are packed into one row of
+blocks (a prompt shared by its two responses) where the model's attention allows
+(:class:`PairCollator`); :class:`TextModality` gathers it all behind :class:`~.base.Modality`.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
-from ..data.collate import collate_pairs, collate_pairs_packed
-from ..data.packed import PackedLayout, is_packed
-from ..logprobs import packed_sequence_logprobs, token_logprobs
-from ..speed.attention import check_block_attention, supports_packing, supports_prefix_sharing
+from ..data.collate import collate_completions, collate_completions_packed, collate_pairs, collate_pairs_packed
+from ..data.kto import tokenize_kto
+from ..data.packed import PackedLayout, adjacent_blocks, collate_blocks, is_packed, packed_sequences
+from ..data.packing import collate_rows, join_rows, pack_examples, single_row
+from ..data.preference import TokenizedPair, tokenize_preferences
+from ..data.text import SFTSettings, tokenize_sft
+from ..logprobs import final_hidden_states, packed_sequence_logprobs, sequence_logprobs, token_logprobs
+from ..models import base_model, load_causal_lm, load_tokenizer, prepare_policy
+from ..scoring import reward_model as rm
+from ..scoring.files import score_file
+from ..speed.attention import (
+    check_block_attention,
+    packed_lm_inputs,
+    packed_model_inputs,
+    supports_packing,
+    supports_prefix_sharing,
+)
 
 PACKED_KEYS = ("input_ids", "attention_mask", "position_ids", "prompt_lengths", "completion_lengths")
 
@@ -69,3 +87,205 @@ class PairCollator:
         if self.packed:
             return collate_pairs_packed(pairs, self.share_prefix)
         return collate_pairs(pairs, self.pad_token_id)
+
+
+class LMLogprobs(nn.Module):
+    """A causal LM as the log-probs of its labelled tokens (what the loop prepares and wraps for SFT)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, loss_mask, position_ids=None) -> torch.Tensor:
+        if position_ids is None:
+            return token_logprobs(self.model, input_ids, attention_mask, loss_mask, chunk_size=self.chunk_size)
+        inputs = packed_lm_inputs(self.model, attention_mask, position_ids)   # packed rows
+        return token_logprobs(self.model, input_ids, inputs.pop("attention_mask"), loss_mask,
+                              chunk_size=self.chunk_size, position_ids=inputs.pop("position_ids"), model_kwargs=inputs)
+
+
+class RewardScorer(nn.Module):
+    """Token ids -> rewards; the loop prepares (and under data parallelism wraps) this module."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, position_ids=None, prompt_lengths=None,
+                completion_lengths=None) -> torch.Tensor:
+        if completion_lengths is not None:
+            return packed_rewards(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                               "position_ids": position_ids, "prompt_lengths": prompt_lengths,
+                                               "completion_lengths": completion_lengths})
+        return rm.sequence_rewards(self.model, input_ids, attention_mask, token_type_ids)
+
+
+def packed_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One float32 reward per sequence of a packed batch (a decoder classifier: its head on each sequence's
+    last token), in the batch's sequence order; equal to :func:`sequence_rewards` on padded rows."""
+    hf = base_model(model)
+    backbone = getattr(hf, hf.base_model_prefix)
+    hidden = backbone(input_ids=batch["input_ids"], use_cache=False, **packed_model_inputs(hf, batch))
+    last = PackedLayout.of(batch).last_positions().to(batch["input_ids"].device)
+    return hf.score(hidden.last_hidden_state[0, last]).squeeze(-1).float()
+
+
+def prepare_reward_model(model, cfg):
+    """Dropout, gradient checkpointing and LoRA (the head is trained in full: ``modules_to_save``)."""
+    return prepare_policy(model, cfg, task_type="SEQ_CLS", modules_to_save=[rm.head_name(model)])
+
+
+# ---------------------------------------------------------------------- reference cache keys
+
+
+def sequence_key(prompt_ids: list[int], completion_ids: list[int]) -> tuple:
+    return tuple(prompt_ids) + tuple(completion_ids), len(completion_ids)
+
+
+def row_keys(batch: dict[str, torch.Tensor]) -> list[tuple]:
+    """:func:`sequence_key` of every sequence of a batch: the rows of a padded one (any padding side), or
+    the sequences of a packed one."""
+    if is_packed(batch):
+        return [sequence_key(prompt, completion) for prompt, completion in packed_sequences(batch)]
+    ids, attended = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+    completion = batch["completion_mask"].cpu().bool().sum(-1).tolist()
+    return [(tuple(ids[i][attended[i]].tolist()), completion[i]) for i in range(ids.shape[0])]
+
+
+def token_fingerprint(sequences: list[tuple[list[int], list[int]]]) -> str:
+    digest = hashlib.sha256()
+    for sequence in sequences:
+        for ids in sequence:
+            digest.update(len(ids).to_bytes(4, "little"))
+            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TextModality:
+    """Token-id prompts; the policy is a causal LM, the reward model a sequence classifier."""
+
+    name = "text"
+    packs = True   # pairs and SFT rows may be packed into one row where the attention allows
+    tokenize_pairs = staticmethod(tokenize_preferences)
+    tokenize_labelled = staticmethod(tokenize_kto)
+
+    def load_processor(self, name_or_path):
+        return load_tokenizer(name_or_path)
+
+    def tokenizer_of(self, processor):
+        return processor
+
+    def load_model(self, name_or_path, dtype=torch.float32):
+        return load_causal_lm(name_or_path, dtype)
+
+    def prepare_policy(self, model, cfg, **peft):
+        return prepare_policy(model, cfg, **peft)
+
+    def prompt(self, item):
+        return item.prompt_ids
+
+    def prompt_ids(self, prompt):
+        return prompt
+
+    def pair(self, prompt, chosen, rejected, row):
+        return TokenizedPair(prompt, chosen, rejected, 1.0, 0.0, row)
+
+    def pair_collator(self, cfg, pad_token_id, model):
+        return PairCollator.for_model(cfg, pad_token_id, model)
+
+    def collate_completions(self, prompts, completions, pad_token_id, packed=False):
+        if packed:
+            return collate_completions_packed(prompts, completions)
+        return collate_completions(prompts, completions, pad_token_id)
+
+    def sft_tokenizer(self, cfg):
+        settings = SFTSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                               truncation_mode=cfg.truncation_mode, completion_only_loss=cfg.completion_only_loss)
+        return lambda records, tokenizer, _settings, skip_invalid=False: tokenize_sft(records, tokenizer, settings,
+                                                                                     skip_invalid)
+
+    def lm_rows(self, examples, cfg):
+        return pack_examples(examples, cfg.max_length) if cfg.packing else [single_row(e) for e in examples]
+
+    def collate_lm(self, rows, pad_token_id, packed, padding_free):
+        """Padded rows (one example each, or packed ones), or with ``padding_free`` all of them in one row."""
+        if padding_free:
+            return collate_rows([join_rows(rows)], pad_token_id)
+        batch = collate_rows(rows, pad_token_id)
+        if not packed:
+            del batch["position_ids"]  # one example per row: the ordinary padding mask is enough
+        return batch
+
+    def logprob_module(self, policy, chunk_size):
+        return PolicyLogprobs(policy, chunk_size)
+
+    def sequence_sums(self, module, batch):
+        return sequence_sums(module, batch)
+
+    def lm_module(self, policy, chunk_size):
+        return LMLogprobs(policy, chunk_size)
+
+    def nll(self, module, batch):
+        logps = module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch.get("position_ids"))
+        return -logps.sum(-1), batch["loss_mask"][:, 1:].sum(-1).float()
+
+    def hidden_states(self, model, batch):
+        return final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+
+    def sequence_logps(self, model, batch, chunk_size):
+        if is_packed(batch):
+            return packed_sequence_logprobs(model, batch, chunk_size)
+        sums, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                    chunk_size=chunk_size)
+        return sums.float()
+
+    def sequence_key(self, prompt, completion):
+        return sequence_key(prompt, completion)
+
+    def batch_keys(self, batch):
+        return row_keys(batch)
+
+    def digest(self, sequences):
+        return token_fingerprint(sequences)
+
+    def reference_logps(self, reference, sequences, pad_token_id, layout, device):
+        prompts, completions = (list(part) for part in zip(*sequences))
+        if layout is None or not layout.packed:
+            batch = collate_completions(prompts, completions, pad_token_id)
+            return reference.sequence_logps({k: v.to(device) for k, v in batch.items()}).cpu()
+        blocks = adjacent_blocks(prompts, completions, layout.share_prefix)
+        logps = reference.sequence_logps({k: v.to(device) for k, v in collate_blocks(blocks).items()}).cpu()
+        return logps.view(len(blocks[0][1]), -1).t().reshape(-1)   # back to the given order
+
+    def reward_processor(self, processor):
+        return rm.prepare_tokenizer(processor)   # responses end with EOS: an encoder's SEP where it has none
+
+    def reward_scorer(self, cfg, model, processor):
+        if model is None:
+            torch.manual_seed(cfg.seed)  # the new head's initial weights
+            model = rm.load_classifier(cfg.model_name_or_path, new_head=True)
+        rm.check_reward_model(model)
+        rm.distinct_pad_token(processor)   # saved with the model: the reward is read at EOS, here and by transformers
+        model.config.pad_token_id = processor.pad_token_id
+        return RewardScorer(prepare_reward_model(model, cfg))
+
+    def reward_collator(self, cfg, pad_token_id, model):
+        decoder = model is not None and rm.reads_last_token(model)   # encoders read [CLS]: padded rows
+        return PairCollator.for_model(cfg, pad_token_id, model if decoder else None)
+
+    def rewards(self, scorer, batch):
+        if is_packed(batch):
+            return scorer(batch["input_ids"], batch["attention_mask"], None,
+                          *(batch[key] for key in ("position_ids", "prompt_lengths", "completion_lengths")))
+        return scorer(batch["input_ids"], batch["attention_mask"], batch["completion_mask"].long())
+
+    def save_reward(self, scorer, model_dir):
+        pass   # the classifier's head is saved with it
+
+    def score_file(self, model_path, input_path, output_path, batch_size=16, max_length=None, split="train",
+                   device=None):
+        return score_file(model_path, input_path, output_path, batch_size, max_length, split, device)
+
+
+TEXT = TextModality()

@@ -1,111 +1,197 @@
-"""DPO, reward models and SFT on data with images, over the same loop, losses and tasks as text.
+"""Images, the second modality: prompts with images, read through the model's processor.
 
-``train_dpo``, ``train_reward`` and ``train_sft`` come here when their data has images
-(:func:`uses_images`). What differs from text is only how rows are read (the model's processor,
-:mod:`preftune.multimodal.data`), how a batch becomes log-probs or rewards (images encoded once per pair,
-:mod:`preftune.multimodal.logprobs`), which weights train (:mod:`preftune.multimodal.models`) and the
-reference's cache key (:mod:`.vision_reference`);
-the tasks below are the text tasks with those pieces swapped in.
+What differs from text is only how rows are read (:mod:`preftune.multimodal.data`: the processor expands
+each image into the model's image tokens and tensors), how a batch becomes hidden states (the model
+encodes the images alongside the tokens; a pair's images once for both rows,
+:mod:`preftune.multimodal.logprobs`), which weights train (:func:`preftune.multimodal.models.trainable_parts`,
+handed to the one :func:`preftune.models.prepare_policy`) and the reference's cache key (token ids and a
+digest of the image bytes). Rows are never packed: image tensors belong to a row.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import torch
-from safetensors.torch import save_file
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..losses import REFERENCE_FREE
+from ..data.load import Records, load_records
+from ..data.preference import TokenizeSettings
+from ..errors import ConfigError
+from ..models import peft_wrapping, prepare_policy
 from ..multimodal.data import (
+    VisionPair,
+    collate_prompts,
     collate_vision_examples,
     collate_vision_pairs,
     tokenize_vision_examples,
+    tokenize_vision_labelled,
     tokenize_vision_pairs,
 )
-from ..multimodal.logprobs import VisionLogprobs, VisionRewardScorer
-from ..multimodal.models import load_processor, load_vision_model, prepare_vision_policy
-from ..recipes.dpo import DPOTask
-from ..recipes.reward import RewardTask
-from ..recipes.sft import LMTask
-from ..runtime.loop import Trainer
-from ..runtime.reference import make_reference
-from ..runtime.run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
-from .vision_reference import VisionLiveReference, precompute_vision_reference
+from ..multimodal.logprobs import VisionLogprobs, VisionRewardScorer, vision_hidden_states, vision_token_logprobs
+from ..multimodal.models import load_processor, load_vision_model, trainable_parts
+from ..scoring.files import ScoreResult, write_scored
+from .text import row_keys, sequence_key, token_fingerprint
+
+REWARD_HEAD = "reward_head.safetensors"
 
 
-class VisionDPOTask(DPOTask):
-    def collate(self, pairs):
+class VisionPairCollator:
+    """Pairs with images -> every chosen row, then every rejected row; each pair's image tensors once."""
+
+    packed = share_prefix = False
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, pairs):
         return collate_vision_pairs(pairs, self.pad_token_id)
 
-    def sequence_sums(self, model, batch):
-        return model(batch).sum(-1), batch["completion_mask"].sum(-1).float()
+
+class VisionModality:
+    """Prompts with images; the policy is an image-text-to-text model, the reward model its backbone and a head."""
+
+    name = "vision"
+    packs = False
+    tokenize_pairs = staticmethod(tokenize_vision_pairs)
+    tokenize_labelled = staticmethod(tokenize_vision_labelled)
+
+    def load_processor(self, name_or_path):
+        return load_processor(name_or_path)
+
+    def tokenizer_of(self, processor):
+        return processor.tokenizer
+
+    def load_model(self, name_or_path, dtype=torch.float32):
+        return load_vision_model(name_or_path, dtype)
+
+    def prepare_policy(self, model, cfg, **peft):
+        return prepare_policy(model, cfg, **{**trainable_parts(model, cfg), **peft})
+
+    def prompt(self, item):
+        return item.prompt
+
+    def prompt_ids(self, prompt):
+        return prompt.ids
+
+    def pair(self, prompt, chosen, rejected, row):
+        return VisionPair(prompt, chosen, rejected, 1.0, 0.0, row)
+
+    def pair_collator(self, cfg, pad_token_id, model):
+        return VisionPairCollator(pad_token_id)
+
+    def collate_completions(self, prompts, completions, pad_token_id, packed=False):
+        return collate_prompts(prompts, completions, pad_token_id, repeats=1)
+
+    def sft_tokenizer(self, cfg):
+        return tokenize_vision_examples
+
+    def lm_rows(self, examples, cfg):
+        return examples
+
+    def collate_lm(self, examples, pad_token_id, packed, padding_free):
+        return collate_vision_examples(examples, pad_token_id)
+
+    def logprob_module(self, policy, chunk_size):
+        return VisionLogprobs(policy, chunk_size)
+
+    def sequence_sums(self, module, batch):
+        return module(batch).sum(-1), batch["completion_mask"].sum(-1).float()
+
+    def lm_module(self, policy, chunk_size):
+        return VisionLogprobs(policy, chunk_size)
+
+    def nll(self, module, batch):
+        return -module(batch).sum(-1), batch["loss_mask"][:, 1:].sum(-1).float()
+
+    def hidden_states(self, model, batch):
+        return vision_hidden_states(model, batch)
+
+    def sequence_logps(self, model, batch, chunk_size):
+        return vision_token_logprobs(model, batch, chunk_size).sum(-1)
+
+    def sequence_key(self, prompt, completion):
+        return sequence_key(prompt.ids, completion), prompt.image_key
+
+    def batch_keys(self, batch):
+        return list(zip(row_keys(batch), batch["image_keys"].tolist()))
+
+    def digest(self, sequences):
+        images = hashlib.sha256(b"".join(p.image_key.to_bytes(8, "little") for p, _ in sequences)).hexdigest()
+        return f"vision:{token_fingerprint([(p.ids, c) for p, c in sequences])}:{images}"
+
+    def reference_logps(self, reference, sequences, pad_token_id, layout, device):
+        batch = collate_prompts([p for p, _ in sequences], [c for _, c in sequences], pad_token_id, repeats=1)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return reference.sequence_logps(batch).cpu()
+
+    def reward_processor(self, processor):
+        return processor
+
+    def reward_scorer(self, cfg, model, processor):
+        model = model if model is not None else self.load_model(cfg.model_name_or_path)
+        torch.manual_seed(cfg.seed)   # the new head's initial weights
+        hidden = model.config.get_text_config().hidden_size
+        return VisionRewardScorer(self.prepare_policy(model, cfg), nn.Linear(hidden, 1))
+
+    def reward_collator(self, cfg, pad_token_id, model):
+        return VisionPairCollator(pad_token_id)
+
+    def rewards(self, scorer, batch):
+        return scorer(batch)
+
+    def save_reward(self, scorer, model_dir):
+        head = {k: v.contiguous() for k, v in scorer.head.state_dict().items()}
+        save_file(head, str(model_dir / REWARD_HEAD))
+
+    def score_file(self, model_path, input_path, output_path, batch_size=16, max_length=None, split="train",
+                   device=None) -> ScoreResult:
+        """``preftune score`` on rows whose prompts hold images: each row's ``prompt`` (with its images) and
+        ``response`` through a reward model trained by ``preftune reward`` on image pairs."""
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
+        records = load_records(str(input_path), split=split)
+        processor = self.load_processor(str(model_path))
+        responses = Records(records.name, [{**row, "completion": row.get("response")} for row in records.rows],
+                            records.row_numbers)
+        settings = TokenizeSettings(max_length=max_length or 1 << 30, truncation_mode="keep_start")
+        examples, _ = tokenize_vision_examples(responses, processor, settings)
+        scorer = load_vision_reward_model(model_path, device)
+        device = next(scorer.parameters()).device
+        rewards = []
+        with torch.inference_mode():
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start:start + batch_size]
+                batch = collate_prompts([e.prompt for e in chunk], [e.completion_ids for e in chunk],
+                                        processor.tokenizer.pad_token_id, repeats=1)
+                rewards += scorer({k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                   for k, v in batch.items()}).tolist()
+        return write_scored(records, rewards, output_path)
 
 
-class VisionRewardTask(RewardTask):
-    def collate(self, pairs):
-        return collate_vision_pairs(pairs, self.pad_token_id)
-
-    def rewards(self, model, batch):
-        return model(batch).chunk(2)
-
-
-class VisionLMTask(LMTask):
-    def collate(self, examples):
-        return collate_vision_examples(examples, self.pad_token_id)
-
-    def nll(self, model, batch):
-        return -model(batch).sum(-1), batch["loss_mask"][:, 1:].sum(-1).float()
-
-
-def _setup(cfg, model, processor, tokenize):
-    ctx = start_run(cfg, cfg.sanity_warnings())
-    processor = processor or load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    train, held = train_and_eval(cfg, tokenized_reader(cfg, processor, tokenize))
-    model = model if model is not None else load_vision_model(cfg.model_name_or_path)
-    return ctx, processor, train, held, model
-
-
-def _finish(ctx, cfg, trainer, model, processor) -> RunResult:
-    result = trainer.train()
-    model_dir = save_final_model(ctx.accelerator, model, processor, ctx.run_dir / "model", cfg.merge_lora)
-    return finish_run(ctx, model_dir, result)
-
-
-def train_vision_dpo(cfg, *, model=None, processor=None, ref_model=None) -> RunResult:
-    """DPO (and its family) on pairs whose prompts hold images."""
-    ctx, processor, train, held, model = _setup(cfg, model, processor, tokenize_vision_pairs)
-    policy = prepare_vision_policy(model, cfg)
-    pad = processor.tokenizer.pad_token_id
-    live = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.loss_type not in REFERENCE_FREE)
-    if live.kind == "none":
-        reference = live
-    elif cfg.precompute_ref:
-        reference = precompute_vision_reference(cfg, ctx, live, {"train": train, "eval": held}, pad)
+def load_vision_reward_model(path, device=None) -> VisionRewardScorer:
+    """A reward model saved by ``preftune reward`` on image pairs (the backbone, in full or as a LoRA adapter, and
+    its head), in eval mode on ``device`` (default: cuda when available)."""
+    path = Path(path)
+    if not (path / REWARD_HEAD).is_file():
+        raise ConfigError(f"{path} has no {REWARD_HEAD}: it is not a reward model trained on data with images")
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{adapter}: no base_model_name_or_path to load the adapter onto")
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(load_vision_model(base), str(path)).merge_and_unload()
     else:
-        reference = VisionLiveReference(live)
-    trainer = Trainer.from_run(ctx, model=VisionLogprobs(policy, cfg.logprob_chunk_size),
-                               task=VisionDPOTask(cfg, pad, reference), train_examples=train, eval_examples=held)
-    return _finish(ctx, cfg, trainer, policy, processor)
+        model = load_vision_model(str(path))
+    head = nn.Linear(model.config.get_text_config().hidden_size, 1)
+    head.load_state_dict(load_file(str(path / REWARD_HEAD)))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return VisionRewardScorer(model, head).to(device).eval()
 
 
-def train_vision_reward(cfg, *, model=None, processor=None) -> RunResult:
-    """A reward model on a vision-language backbone: a scalar head read at each sequence's last token."""
-    ctx, processor, train, held, model = _setup(cfg, model, processor, tokenize_vision_pairs)
-    torch.manual_seed(cfg.seed)   # the new head's initial weights
-    hidden = model.config.get_text_config().hidden_size
-    scorer = VisionRewardScorer(prepare_vision_policy(model, cfg), nn.Linear(hidden, 1))
-    trainer = Trainer.from_run(ctx, model=scorer, task=VisionRewardTask(cfg, processor.tokenizer.pad_token_id),
-                               train_examples=train, eval_examples=held)
-    result = _finish(ctx, cfg, trainer, scorer.model, processor)
-    if ctx.is_main_process:
-        head = {k: v.contiguous() for k, v in trainer.unwrapped().head.state_dict().items()}
-        save_file(head, str(result.model_dir / "reward_head.safetensors"))
-    return result
-
-
-def train_vision_sft(cfg, *, model=None, processor=None) -> RunResult:
-    """Supervised fine-tuning on prompts with images; the loss covers the completion tokens only."""
-    ctx, processor, train, held, model = _setup(cfg, model, processor, tokenize_vision_examples)
-    lm = VisionLogprobs(prepare_vision_policy(model, cfg), cfg.logprob_chunk_size)
-    trainer = Trainer.from_run(ctx, model=lm, task=VisionLMTask(processor.tokenizer.pad_token_id, packed=False),
-                               train_examples=train, eval_examples=held, unit="samples")
-    return _finish(ctx, cfg, trainer, lm.model, processor)
+VISION = VisionModality()

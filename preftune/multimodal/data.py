@@ -20,6 +20,7 @@ import torch
 
 from preftune.data.collate import collate_completions
 from preftune.data.images import check_parts, count_parts, image_column, place_images, read_row_images, text_only
+from preftune.data.kto import _label as kto_label, is_paired
 from preftune.data.load import Records
 from preftune.data.messages import check_messages, eos_id, render, require_prefix, strip_trailing_eos
 from preftune.data.preference import TokenizeSettings, _margin, _preference_prob, check_settings
@@ -56,6 +57,24 @@ class VisionExample:
     prompt: VisionPrompt
     completion_ids: list[int]
     row: int = 0
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt.ids + self.completion_ids
+
+
+@dataclass
+class VisionLabelled:
+    """One KTO example: a prompt with images, one completion and whether it is desirable."""
+
+    prompt: VisionPrompt
+    completion_ids: list[int]
+    desirable: bool
+    row: int = 0
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompt.ids
 
 
 def base_dir(source: str) -> Path | None:
@@ -179,6 +198,29 @@ def tokenize_vision_examples(records: Records, processor, settings: TokenizeSett
     return examples, settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
 
 
+def tokenize_vision_labelled(records: Records, processor, settings: TokenizeSettings,
+                             skip_invalid: bool = False) -> tuple[list[VisionLabelled], SkipReport]:
+    """KTO rows with images: unpaired (``prompt``, ``completion``, ``label``), or pairs split in two (chosen
+    desirable, rejected undesirable, both keeping the pair's row number)."""
+    if is_paired(records):
+        pairs, report = tokenize_vision_pairs(records, processor, settings, skip_invalid)
+        return [VisionLabelled(p.prompt, ids, good, p.row) for p in pairs
+                for ids, good in ((p.chosen_ids, True), (p.rejected_ids, False))], report
+    check_settings(settings)
+    base = base_dir(records.name)
+
+    def read(row: dict) -> VisionLabelled:
+        prompt, messages = vision_prompt(row, processor, base)
+        completion = reply_ids(processor, messages, row.get("completion"), "completion")
+        label = kto_label(row)
+        fitted = fit_pair(VisionPair(prompt, completion, completion, 1.0, 0.0), settings)
+        return VisionLabelled(prompt, fitted.chosen_ids, label)
+
+    found, problems = read_rows(records, read, skip_invalid)
+    examples = [replace(example, row=number) for example, number in found]
+    return examples, settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
+
+
 def _split_messages(row: dict) -> dict:
     """A ``messages`` row (TRL's conversational SFT format) as prompt = all but the last, completion = the last."""
     messages = row.get("messages")
@@ -250,6 +292,7 @@ def collate_vision_pairs(pairs: list[VisionPair], pad_token_id: int) -> dict:
                             pad_token_id, repeats=2)
     batch["preference_prob"] = torch.tensor([p.preference_prob for p in pairs], dtype=torch.float32)
     batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    batch["row"] = torch.tensor([p.row for p in pairs], dtype=torch.long)
     return batch
 
 

@@ -4,15 +4,17 @@ A vision-language model has three parts: the vision tower (or audio tower), the 
 its features into the language model's embedding space, and the language model. By default only
 the language model learns: ``freeze_vision_tower`` (on) keeps the tower's weights fixed,
 ``adapt_projector`` (off) lets the projector train too; with ``lora``, adapters go on the language
-model's linear layers only and a trained projector is saved in full beside them.
+model's linear layers only and a trained projector is saved in full beside them. The policy itself is
+prepared by :func:`preftune.models.prepare_policy`, as a text policy is (every speed switch included);
+:func:`trainable_parts` only tells it which parts learn.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models import apply_lora, disable_dropout
 
 TOWERS = ("vision_tower", "vision_model", "visual", "audio_tower")
 PROJECTORS = ("multi_modal_projector", "connector", "merger")
@@ -35,11 +37,11 @@ def load_processor(name_or_path: str):
     return processor
 
 
-def load_vision_model(name_or_path: str):
+def load_vision_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForImageTextToText
 
     try:
-        return AutoModelForImageTextToText.from_pretrained(name_or_path)
+        return AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load '{name_or_path}' as a vision-language model: {exc}") from None
 
@@ -64,25 +66,22 @@ def language_linear_layers(model: nn.Module) -> list[str]:
     return names
 
 
-def prepare_vision_policy(model: nn.Module, cfg) -> nn.Module:
-    """Dropout, frozen tower, trainable projector or not, gradient checkpointing and LoRA, per the settings."""
-    if cfg.disable_dropout:
-        disable_dropout(model)
-    projectors = [name for name, _ in named_part(model, PROJECTORS)]
-    for name, module in named_part(model, TOWERS):
-        if cfg.freeze_vision_tower:
-            module.requires_grad_(False)
-    for name, module in named_part(model, PROJECTORS):
-        module.requires_grad_(cfg.adapt_projector)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not cfg.lora:
-        return model
-    targets = language_linear_layers(model)
-    if cfg.lora_target_modules not in (["all-linear"], "all-linear"):
-        targets = [t for t in targets if t.rsplit(".", 1)[-1] in cfg.lora_target_modules]
-    model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets,
-                       modules_to_save=projectors if cfg.adapt_projector else None)
-    if cfg.gradient_checkpointing:
-        model.enable_input_require_grads()
-    return model
+def trainable_parts(model: nn.Module, cfg) -> dict:
+    """What :func:`preftune.models.prepare_policy` needs to know of a vision-language model: the parts that stay
+    frozen (the tower with ``freeze_vision_tower``, the projector without ``adapt_projector``), the LoRA targets
+    (the language model's linear layers, filtered by ``lora_target_modules``) and, with LoRA, the projector saved in
+    full when it trains."""
+    projectors = named_part(model, PROJECTORS)
+    projector_weights = {id(p) for _, module in projectors for p in module.parameters()}
+    frozen = [p for _, module in named_part(model, TOWERS) if cfg.freeze_vision_tower for p in module.parameters()
+              if not (cfg.adapt_projector and id(p) in projector_weights)]   # Qwen2-VL's merger sits in its tower
+    if not cfg.adapt_projector:
+        frozen += [p for _, module in projectors for p in module.parameters()]
+    parts = {"frozen": tuple(frozen)}
+    if cfg.lora:
+        targets = language_linear_layers(model)
+        if cfg.lora_target_modules not in (["all-linear"], "all-linear"):
+            targets = [t for t in targets if t.rsplit(".", 1)[-1] in cfg.lora_target_modules]
+        parts["target_modules"] = targets
+        parts["modules_to_save"] = [name for name, _ in projectors] if cfg.adapt_projector else None
+    return parts

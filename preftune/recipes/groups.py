@@ -35,10 +35,11 @@ from ..losses.grpo import (
     sequence_kl,
     zero_std_groups,
 )
-from ..monitors import OnlineMonitor
 from ..runtime.distributed import gathered
+from ..runtime.seeds import mix_seed
 from ..scoring import FunctionScorer, as_scorer, check_scores
-from .online import PromptExample, console, device_batches, evaluating, pad_rows
+from ..wrappers import evaluating
+from .online import PromptExample, Replies, device_batches, pad_rows
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Batch:
     completions: list[Completion]
     stats: dict[str, float]
     examples: list[dict] = field(default_factory=list)
+    replies: Replies | None = None           # what the reward-hacking monitors read
 
 
 class GroupSampler:
@@ -117,7 +119,6 @@ class GroupSampler:
         self.tokenizer = tokenizer
         self.reference = reference
         self.engine = engine              # what samples the completions (preftune.engines)
-        self.monitor = OnlineMonitor(cfg.thresholds(), accelerator.is_main_process, warn=console.print)
         self.settings = SamplingSettings(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                          top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
         weights = cfg.reward_weights or [1.0] * len(scorers)
@@ -127,7 +128,7 @@ class GroupSampler:
         """``G`` completions of each prompt, scored; prompt ``i`` is group ``first + i`` of the step."""
         cfg, size = self.cfg, self.cfg.num_generations
         repeated = [p for p in prompts for _ in range(size)]
-        seeds = [_seed(seed, first + i, j) for i in range(len(prompts)) for j in range(size)]
+        seeds = [mix_seed(seed, first + i, j) for i in range(len(prompts)) for j in range(size)]
         with self.acc.autocast(), gathered(self.module):  # FSDP2: the whole policy, no collective per token
             generation = sample_with(self.engine, self.module.policy, [p.ids for p in repeated], self.settings,
                                      row_seeds=seeds)
@@ -148,7 +149,7 @@ class GroupSampler:
     def collect(self, trainer, step: int, local_prompts: int) -> Batch:
         """The step's groups (with dynamic sampling: groups with a reward spread, resampled), then advantages."""
         cfg, size = self.cfg, self.cfg.num_generations
-        first = self.sample(trainer.step_examples(step, local_prompts), _seed(cfg.seed, step, 0),
+        first = self.sample(trainer.step_examples(step, local_prompts), mix_seed(cfg.seed, step, 0),
                             trainer.rank * local_prompts)
         zero = zero_std_groups(first.total, size)
         stats = {"frac_reward_zero_std": float(zero.float().mean())}
@@ -171,8 +172,8 @@ class GroupSampler:
             if missing <= 0 or attempt == cfg.max_resample_attempts:
                 break
             attempt += 1
-            seed = _seed(cfg.seed, step, attempt)
-            generator = torch.Generator().manual_seed(_seed(seed, trainer.rank))
+            seed = mix_seed(cfg.seed, step, attempt)
+            generator = torch.Generator().manual_seed(mix_seed(seed, trainer.rank))
             picks = torch.randint(len(trainer.train_examples), (missing,), generator=generator)
             current = self.sample([trainer.train_examples[i] for i in picks.tolist()], seed, trainer.rank * wanted)
         groups = Groups.join(kept + dropped)
@@ -198,12 +199,12 @@ class GroupSampler:
                        for i, (p, r, a, e) in enumerate(zip(prompt_ids, groups.response_ids, advantages.tolist(),
                                                             groups.ended))]
         stats.update(self.reward_stats(groups))
-        stats.update(self.monitor.observe(groups.texts, groups.ended, [len(r) for r in groups.response_ids],
-                                          scores=groups.reward.tolist()))
         examples = [{"prompt": p.text, "completion": t, "reward": r}
                     for p, t, r in zip([p for p in groups.prompts for _ in range(size)], groups.texts,
                                        groups.reward.tolist())]
-        return Batch(completions, stats, examples)
+        replies = Replies(groups.texts, list(groups.ended), [len(r) for r in groups.response_ids],
+                          scores=groups.reward.tolist())
+        return Batch(completions, stats, examples, replies)
 
     def everywhere(self, values: Tensor) -> Tensor:
         """``values`` of every process, concatenated in process order (each process has as many)."""
@@ -274,11 +275,3 @@ def _parameters(fn) -> dict | None:
         return dict(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return None
-
-
-def _seed(*parts: int) -> int:
-    """A seed from a tuple of integers (the run's seed, the step, ...)."""
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + part + 7_919) % 2**62
-    return value

@@ -15,8 +15,6 @@ prompts and minibatch orders are functions of (seed, iteration, attempt, prompt 
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import Tensor, nn
 
@@ -27,11 +25,12 @@ from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.grpo import grpo_loss
 from ..models import load_causal_lm, prepare_policy
-from ..runtime.loop import StepOutput, Trainer, window_mean
+from ..runtime.loop import Trainer
 from ..runtime.reference import make_reference, sync_reference
 from ..runtime.run import RunResult, finish_run, save_final_model
+from ..wrappers import disable_dropout
 from .groups import Completion, GroupSampler, reward_scorers
-from .online import mean_over_processes, minibatch_updates, no_dropout, pad_rows, start_online_run
+from .online import OnlineStep, Sampled, minibatch_updates, pad_rows, start_online_run
 
 
 class PolicyTokens(nn.Module):
@@ -55,9 +54,10 @@ class GRPOTask:
     def __init__(self, cfg: GRPOConfig, pad_token_id: int):
         self.cfg = cfg
         self.pad_token_id = pad_token_id
-        self.num_tokens: float | None = None   # token_mean's denominator, set by the step before each update
 
     def collate(self, samples: list[Completion]) -> dict[str, Tensor]:
+        """Padded completions and their targets; an update's micro-batch also carries the update's token-mean
+        denominator (``loss_tokens``, :class:`~.online.MicroBatch`); without one the loss counts its own."""
         batch = collate_completions([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                                     self.pad_token_id)
         lengths = torch.tensor([len(s.response_ids) for s in samples])
@@ -67,6 +67,8 @@ class GRPOTask:
         for name in ("old_logps", "ref_logps"):
             if getattr(samples[0], name) is not None:
                 batch[name] = pad_rows([getattr(s, name) for s in samples])[0]
+        if getattr(samples, "loss_tokens", None) is not None:
+            batch["loss_tokens"] = torch.tensor(float(samples.loss_tokens))
         return batch
 
     def loss(self, model, batch):
@@ -75,12 +77,15 @@ class GRPOTask:
                                     with_entropy=True)
         mask = batch["response_mask"]
         logps = torch.zeros(mask.shape, dtype=logps_flat.dtype, device=mask.device).masked_scatter(mask, logps_flat)
+        entropies = torch.zeros_like(logps).masked_scatter(mask, entropy.to(logps.dtype))
         out = grpo_loss(logps, batch["advantages"], mask, old_logps=batch.get("old_logps"),
                         ref_logps=batch.get("ref_logps"), beta=cfg.beta if cfg.advantage == "grpo" else 0.0,
                         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, aggregation=cfg.aggregation,
                         max_completion_length=cfg.max_completion_length,
                         truncated=batch["truncated"] if cfg.eos_mode() == "drop" else None,
-                        num_tokens=self.num_tokens if cfg.aggregation == "token_mean" else None)
+                        num_tokens=float(batch["loss_tokens"]) if "loss_tokens" in batch and
+                        cfg.aggregation == "token_mean" else None,
+                        entropy=entropies, **cfg.policy_options())
         return out.loss, {"loss": out.loss.detach(), "entropy": entropy.detach().mean(), **out.metrics()}
 
     def eval_metrics(self, model, batch):
@@ -101,7 +106,7 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
     scorers = reward_scorers(cfg, acc.device, reward_funcs)
 
     policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)
-    no_dropout(policy)
+    disable_dropout(policy, keep_lora_dropout=False)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.beta > 0)
     module = PolicyTokens(policy, cfg.logprob_chunk_size, cfg.temperature)
 
@@ -123,25 +128,17 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
     return finish_run(ctx, model_dir, result)
 
 
-class GRPOStep:
-    """One GRPO/RLOO iteration, as the loop's step function: sample and score the groups, then
+class GRPOStep(OnlineStep):
+    """One GRPO/RLOO iteration (:class:`~.online.OnlineStep`): sample and score the groups, then
     ``num_iterations`` passes of ``steps_per_generation`` optimiser updates over the completions.
     Its only state is a synced reference's weights (``sync_ref_model``: :meth:`tensors`); the RNG, the
     trainable weights and the prompt order are the loop's."""
 
-    gauges: tuple[str, ...] = ()
-
     def __init__(self, cfg: GRPOConfig, sampler: GroupSampler, task: GRPOTask, local_prompts: int):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.sampler = sampler
         self.task = task
         self.local_prompts = local_prompts
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
     def tensors(self) -> dict[str, Tensor]:
         if not self.cfg.sync_ref_model:
@@ -160,27 +157,19 @@ class GRPOStep:
         for _ in range((step + 1) * done // every - step * done // every):
             sync_reference(self.sampler.reference, trainer.unwrapped().policy, self.cfg.ref_model_mixup_alpha)
 
-    def run(self, trainer: Trainer, step: int) -> StepOutput:
-        cfg = self.cfg
-        started = time.perf_counter()
+    def sample(self, trainer: Trainer, step: int) -> Sampled:
         batch = self.sampler.collect(trainer, step, self.local_prompts)
-        rollout_time = time.perf_counter() - started
-        updates, tokens = minibatch_updates(trainer, batch.completions, epochs=cfg.num_iterations,
-                                            per_update=cfg.per_device_batch_size * cfg.gradient_accumulation_steps,
-                                            micro=cfg.per_device_batch_size, seed=cfg.seed, step=step,
-                                            before_update=lambda chosen: self.count_tokens(trainer, chosen))
-        if cfg.sync_ref_model:
-            self.sync(trainer, step)
-        metrics = {**mean_over_processes(trainer.acc, batch.stats), **{k: window_mean(v) for k, v in updates.items()},
-                   "learning_rate": updates["learning_rate"][-1], "time/rollout": rollout_time,
-                   "time/update": time.perf_counter() - started - rollout_time}
-        logged = cfg.log_samples_steps and ((step + 1) % cfg.log_samples_steps == 0 or step == 0)
-        return StepOutput(metrics, len(batch.completions) * trainer.world, tokens,
-                          batch.examples[:cfg.log_samples] if logged else [])
+        return Sampled(batch.completions, batch.stats, batch.examples, len(batch.completions) * trainer.world,
+                       batch.replies)
 
-    def count_tokens(self, trainer: Trainer, chosen: list[Completion]) -> None:
-        """token_mean over the whole optimiser batch: its loss tokens on every process, divided by the
-        number of micro-batch losses the loop and data parallelism average (accumulation x processes)."""
-        local = torch.tensor(float(self.task.loss_tokens(chosen)), device=trainer.acc.device)
-        total = float(trainer.acc.reduce(local, reduction="sum")) if trainer.world > 1 else float(local)
-        self.task.num_tokens = max(total, 1.0) / (self.cfg.gradient_accumulation_steps * trainer.world)
+    def update(self, trainer: Trainer, items: list[Completion], step: int) -> tuple[dict[str, list], int]:
+        cfg = self.cfg
+        return minibatch_updates(trainer, items, epochs=cfg.num_iterations,
+                                 per_update=cfg.per_device_batch_size * cfg.gradient_accumulation_steps,
+                                 micro=cfg.per_device_batch_size, seed=cfg.seed, step=step,
+                                 loss_tokens=self.task.loss_tokens)
+
+    def after_update(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        if self.cfg.sync_ref_model:
+            self.sync(trainer, step)
+        return {}

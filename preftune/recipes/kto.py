@@ -8,7 +8,8 @@ z₀ is averaged over the mismatched completions of every process's micro-batch 
 loss does not depend on how the batch is split across devices; with gradient accumulation it is
 estimated per micro-batch. The reference comes from :func:`make_reference`, as for DPO: a frozen
 model, the LoRA policy with adapters disabled, or log-probs precomputed once and cached
-(``precompute_ref``), the mismatched completions' included.
+(``precompute_ref``), the mismatched completions' included. Prompts with images take the same path
+through their modality (:func:`preftune.modality.modality_for`).
 """
 
 from __future__ import annotations
@@ -20,14 +21,10 @@ import torch
 from rich.console import Console
 
 from ..config import KTOConfig
-from ..data import TokenizedPair, collate_completions
-from ..data.collate import collate_completions_packed
-from ..data.images import uses_images
-from ..data.kto import KTOExample, label_counts, mismatched_completions, tokenize_kto
-from ..errors import ConfigError
+from ..data import TokenizedPair
+from ..data.kto import KTOExample, label_counts, mismatched_completions
 from ..losses import kto_loss, kto_metrics
-from ..modality.text import PairCollator, PolicyLogprobs, sequence_sums
-from ..models import load_causal_lm, load_tokenizer, prepare_policy
+from ..modality import TEXT, Modality, modality_for
 from ..runtime.loop import Trainer
 from ..runtime.reference import Reference, Sequence, make_reference
 from ..runtime.run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
@@ -40,33 +37,36 @@ class KTOItem:
     """One example as the loop sees it. ``pair``: prompt, own completion (``chosen_ids``) and the
     mismatched completion (``rejected_ids``)."""
 
-    pair: TokenizedPair
+    pair: TokenizedPair   # or its modality's pair (a prompt with images)
     desirable: bool
+    weight: float = 1.0
 
 
-def make_items(examples: list[KTOExample], seed: int, max_length: int) -> list[KTOItem]:
+def make_items(examples: list[KTOExample], seed: int, max_length: int, modality: Modality = TEXT) -> list[KTOItem]:
     mismatched = mismatched_completions(examples, seed, max_length)
-    return [KTOItem(TokenizedPair(e.prompt_ids, e.completion_ids, other, 1.0, 0.0, e.row), e.desirable)
+    return [KTOItem(modality.pair(modality.prompt(e), e.completion_ids, other, e.row), e.desirable,
+                    getattr(e, "weight", 1.0))
             for e, other in zip(examples, mismatched)]
 
 
-def item_sequences(items: list[KTOItem], kto_kl: bool) -> list[Sequence]:
+def item_sequences(items: list[KTOItem], kto_kl: bool, modality: Modality = TEXT) -> list[Sequence]:
     """The (prompt, completion) sequences a run scores: each own completion, and with ``kto_kl`` right after it
     the mismatched one (same prompt: the two share a block when precomputed with prefix sharing)."""
-    if not kto_kl:
-        return [(item.pair.prompt_ids, item.pair.chosen_ids) for item in items]
-    return [(item.pair.prompt_ids, ids) for item in items for ids in (item.pair.chosen_ids, item.pair.rejected_ids)]
+    completions = (lambda pair: (pair.chosen_ids, pair.rejected_ids)) if kto_kl else (lambda pair: (pair.chosen_ids,))
+    return [(modality.prompt(item.pair), ids) for item in items for ids in completions(item.pair)]
 
 
 class KTOTask:
     """Turns a batch of labelled completions into the KTO loss and TRL's KTO metrics."""
 
-    def __init__(self, cfg: KTOConfig, pad_token_id: int, reference: Reference, accelerator, policy=None):
+    def __init__(self, cfg: KTOConfig, pad_token_id: int, reference: Reference, accelerator, policy=None,
+                 modality: Modality = TEXT):
         self.cfg = cfg
         self.pad_token_id = pad_token_id
         self.reference = reference
         self.accelerator = accelerator
-        self.layout = PairCollator.for_model(cfg, pad_token_id, policy)   # padded without a policy
+        self.modality = modality
+        self.layout = modality.pair_collator(cfg, pad_token_id, policy)   # padded without a policy
 
     def collate(self, items: list[KTOItem]) -> dict[str, torch.Tensor]:
         """Rows 0..B-1: prompt + own completion; with ``kto_kl``, rows B..2B-1: prompt + mismatched completion."""
@@ -74,16 +74,17 @@ class KTOTask:
         if self.cfg.kto_kl:
             batch = self.layout(pairs)
         else:
-            prompts, completions = [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs]
-            batch = (collate_completions_packed(prompts, completions) if self.layout.packed
-                     else collate_completions(prompts, completions, self.pad_token_id))
+            prompts, completions = [self.modality.prompt(p) for p in pairs], [p.chosen_ids for p in pairs]
+            batch = self.modality.collate_completions(prompts, completions, self.pad_token_id, self.layout.packed)
             batch["row"] = torch.tensor([p.row for p in pairs], dtype=torch.long)
         batch["desirable"] = torch.tensor([item.desirable for item in items], dtype=torch.bool)
+        if any(item.weight != 1.0 for item in items):
+            batch["weight"] = torch.tensor([item.weight for item in items], dtype=torch.float32)
         return batch
 
     def logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(policy, reference) log-probs of the own completions, and log-ratios of the mismatched ones."""
-        sums, _ = sequence_sums(model, batch)
+        sums, _ = self.modality.sequence_sums(model, batch)
         ref = self.reference.sequence_logps(batch)
         n = batch["desirable"].shape[0]
         kl = (sums[n:] - ref[n:]).detach() if self.cfg.kto_kl else None
@@ -92,7 +93,8 @@ class KTOTask:
     def _loss(self, model, batch, gather):
         policy, ref, kl = self.logps(model, batch)
         out = kto_loss(policy, ref, batch["desirable"], self.cfg.beta, kl_logratios=None if kl is None else gather(kl),
-                       desirable_weight=self.cfg.desirable_weight, undesirable_weight=self.cfg.undesirable_weight)
+                       desirable_weight=self.cfg.desirable_weight, undesirable_weight=self.cfg.undesirable_weight,
+                       weights=batch.get("weight"))
         return out.losses.mean(), out, policy.detach()
 
     def loss(self, model, batch):
@@ -146,9 +148,9 @@ def weight_advice(cfg: KTOConfig, n_desirable: int, n_undesirable: int) -> str |
             f"(e.g. --desirable_weight {(low + high) / 2:.3g})")
 
 
-def load_examples(cfg: KTOConfig, tokenizer) -> tuple[list[KTOExample], list[KTOExample]]:
+def load_examples(cfg: KTOConfig, processor, modality: Modality = TEXT) -> tuple[list[KTOExample], list[KTOExample]]:
     """Training and held-out examples; a held-out fraction takes whole rows (both halves of a pair)."""
-    read = tokenized_reader(cfg, tokenizer, tokenize_kto)
+    read = tokenized_reader(cfg, processor, modality.tokenize_labelled)
 
     def rows(source: str, split: str) -> list[list[KTOExample]]:
         by_row: dict[int, list[KTOExample]] = defaultdict(list)
@@ -161,28 +163,29 @@ def load_examples(cfg: KTOConfig, tokenizer) -> tuple[list[KTOExample], list[KTO
 
 
 def train_kto(cfg: KTOConfig, *, model=None, tokenizer=None, ref_model=None) -> RunResult:
-    """Train a policy with KTO. ``model``/``tokenizer``/``ref_model`` may be passed as objects."""
+    """Train a policy with KTO. ``model``/``tokenizer``/``ref_model`` may be passed as objects (with images: a
+    vision-language model and its processor)."""
     cfg.validate(require_model=model is None)
-    if uses_images(cfg):
-        raise ConfigError(f"{cfg.dataset}: rows with images are not supported by KTO yet; train on image pairs with "
-                          "preftune dpo")
+    modality = modality_for(cfg)
     ctx = start_run(cfg, cfg.sanity_warnings())
-    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    train_examples, eval_examples = load_examples(cfg, tokenizer)
+    processor = tokenizer or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    pad = modality.tokenizer_of(processor).pad_token_id
+    train_examples, eval_examples = load_examples(cfg, processor, modality)
     advice = weight_advice(cfg, *label_counts(train_examples))
     if advice and ctx.is_main_process:
         console.print(f"[yellow]warning:[/] {advice}")
-    train_items = make_items(train_examples, cfg.seed, cfg.max_length)
-    eval_items = make_items(eval_examples, cfg.seed + 1, cfg.max_length) if len(eval_examples) > 1 else []
+    train_items = make_items(train_examples, cfg.seed, cfg.max_length, modality)
+    eval_items = make_items(eval_examples, cfg.seed + 1, cfg.max_length, modality) if len(eval_examples) > 1 else []
 
-    policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)
-    splits = {name: item_sequences(items, cfg.kto_kl) for name, items in (("train", train_items), ("eval", eval_items))}
+    policy = modality.prepare_policy(model if model is not None else modality.load_model(cfg.model_name_or_path), cfg)
+    splits = {name: item_sequences(items, cfg.kto_kl, modality)
+              for name, items in (("train", train_items), ("eval", eval_items))}
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, precompute=splits if cfg.precompute_ref else None,
-                               pad_token_id=tokenizer.pad_token_id)
-    trainer = Trainer.from_run(ctx, model=PolicyLogprobs(policy, cfg.logprob_chunk_size),
-                               task=KTOTask(cfg, tokenizer.pad_token_id, reference, ctx.accelerator, policy),
+                               pad_token_id=pad, modality=modality)
+    trainer = Trainer.from_run(ctx, model=modality.logprob_module(policy, cfg.logprob_chunk_size),
+                               task=KTOTask(cfg, pad, reference, ctx.accelerator, policy, modality),
                                train_examples=train_items, eval_examples=eval_items, unit="examples")
     result = trainer.train()
-    model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, tokenizer, ctx.run_dir / "model",
+    model_dir = save_final_model(ctx.accelerator, trainer.unwrapped().model, processor, ctx.run_dir / "model",
                                  cfg.merge_lora)
     return finish_run(ctx, model_dir, result)

@@ -1,37 +1,33 @@
-"""PPO rollouts: prompts in, scored samples with per-token advantages and returns out.
+"""What the online recipes (PPO, GRPO/RLOO, online DPO) share: prompts, and one step of the loop.
 
-One rollout samples a response per prompt (through the run's generation engine,
-:mod:`preftune.engines`), scores each with the reward scorer (:mod:`preftune.scoring`: a function or a
-reward model), recomputes every log-prob and value with the same forward the updates use (no grad,
-dropout off, same temperature), builds the KL-penalised per-token reward with the score on the last
-response token, and runs GAE and advantage whitening (:mod:`preftune.losses.ppo`).
+:class:`OnlineStep` is the loop's step function of every online recipe: a sampling phase (the recipe's
+:meth:`~OnlineStep.sample`: generate, score or judge, build what the updates train on), then optimiser
+updates over it (:func:`minibatch_updates` by default), the timing of both, the sampling statistics averaged
+over processes, the sample-log cadence and the step's state for checkpoints. A recipe writes only what
+differs: how it samples, how its updates are cut, what it does after them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from rich.console import Console
-from torch import nn
 
 from ..data import load_records
 from ..data.collate import collate_completions
+from ..data.columns import REWARD_ARGUMENTS, note_unused_columns
 from ..data.messages import prompt_text
 from ..data.rows import InvalidRow, settle_problems
-from ..engines import sample_with
 from ..errors import ConfigError
-from ..generate import SamplingSettings
-from ..losses.ppo import explained_variance, gae_advantages, kl_penalty, masked_whiten, token_rewards
 from ..models import load_tokenizer
 from ..monitors import OnlineMonitor
-from ..runtime.distributed import gathered
+from ..runtime.loop import StepOutput, window_mean
 from ..runtime.run import start_run
-from ..scoring import CheckedScorer, FunctionScorer, as_scorer
-from ..scoring.reward_model import RewardModelScorer
+from ..runtime.seeds import mix_seed
 
 console = Console(stderr=True)
 
@@ -69,11 +65,12 @@ def load_prompts(source: str, split: str, tokenizer, max_prompt_length: int,
     for row, number in zip(records.rows, records.row_numbers):
         try:
             example = _prompt_example(row.get("prompt"), number, tokenizer, max_prompt_length)
-            example.columns = {k: v for k, v in row.items() if k != "prompt"}
+            example.columns = {k: v for k, v in row.items() if k != "prompt" and k not in REWARD_ARGUMENTS}
             examples.append(example)
         except InvalidRow as invalid:
             problems.append(invalid.problem(records.name, number))
     report = settle_problems(records.name, len(records.rows), examples, problems, skip_invalid)
+    note_unused_columns(records, None, reserved=REWARD_ARGUMENTS)
     if report.skipped:
         reasons = ", ".join(f"{n} x {kind}" for kind, n in sorted(report.skipped.items()))
         skipped = report.total - report.kept
@@ -89,63 +86,122 @@ def _prompt_example(value, number: int, tokenizer, max_prompt_length: int) -> Pr
     return PromptExample(value, text, ids[-max_prompt_length:], number)
 
 
-# ---------------------------------------------------------------------- reward
-
-
-def reward_scorer(cfg, device, reward=None) -> CheckedScorer:
-    """The PPO reward: ``reward`` (a scorer or a function) when given, else the configured reward model or function."""
-    if reward is not None:
-        return as_scorer(reward, "reward")
-    if cfg.reward_model_path:
-        return RewardModelScorer(cfg.reward_model_path, device=device, batch_size=cfg.generation_batch_size)
-    return FunctionScorer(cfg.reward_function, option="reward_function")
+# ---------------------------------------------------------------------- the online step
 
 
 @dataclass
-class RunningMoments:
-    """Mean and standard deviation of every score seen so far (Chan et al.'s parallel update)."""
+class Sampled:
+    """What a sampling phase produced: the items the updates train on, statistics (averaged over processes
+    by the step), rows for samples.jsonl, and how many examples the step counts (over all processes)."""
 
-    count: float = 0.0
-    mean: float = 0.0
-    m2: float = 0.0
-
-    def update(self, values: torch.Tensor) -> None:
-        n = float(values.numel())
-        if n == 0:
-            return
-        batch_mean = float(values.double().mean())
-        batch_m2 = float(((values.double() - batch_mean) ** 2).sum())
-        total = self.count + n
-        delta = batch_mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += batch_m2 + delta ** 2 * self.count * n / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
-
-
-# ---------------------------------------------------------------------- rollouts
-
-
-@dataclass
-class Sample:
-    """One response and its per-token training targets (1-D tensors over the response tokens)."""
-
-    prompt_ids: list[int]
-    response_ids: list[int]
-    old_logps: torch.Tensor
-    old_values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-
-
-@dataclass
-class Rollout:
-    samples: list[Sample]
+    items: list
     stats: dict[str, float]
-    examples: list[dict] = field(default_factory=list)   # prompt / response / score rows for samples.jsonl
+    examples: list[dict] = field(default_factory=list)
+    count: int = 0
+    replies: Replies | None = None
+
+
+@dataclass
+class Replies:
+    """This process's sampled replies, as the reward-hacking monitors (:mod:`preftune.monitors`) read them."""
+
+    texts: list[str]
+    ended: list[bool]
+    lengths: list[int]                      # tokens
+    kl: list[float] | None = None           # each reply's summed KL to the reference (nats)
+    scores: list[float] | None = None       # the training reward or judge score of each reply
+
+
+class MicroBatch(list):
+    """A micro-batch of one optimiser update, with the update's loss-token count over every process divided by
+    the number of micro-batch losses averaged (accumulation x processes), for token-mean losses: the
+    denominator travels with the batch (``Task.collate`` reads ``loss_tokens``)."""
+
+    def __init__(self, items, loss_tokens: float | None = None):
+        super().__init__(items)
+        self.loss_tokens = loss_tokens
+
+
+class OnlineStep:
+    """The loop's step function of an online recipe (see the module docstring). Subclasses implement
+    :meth:`sample` and may override :meth:`update`, :meth:`after_update`, the state methods and ``gauges``."""
+
+    gauges: tuple[str, ...] = ()
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.monitor: OnlineMonitor | None = None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def sample(self, trainer, step: int) -> Sampled:
+        raise NotImplementedError
+
+    def update(self, trainer, items: list, step: int) -> tuple[dict[str, list], int]:
+        """Optimiser updates over the sampled items; every update's metrics and the tokens processed."""
+        raise NotImplementedError
+
+    def after_update(self, trainer, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Metrics (or state changes) that come after the updates: an adaptive KL coefficient, a reference sync."""
+        return {}
+
+    def run(self, trainer, step: int) -> StepOutput:
+        cfg = self.cfg
+        started = time.perf_counter()
+        sampled = self.sample(trainer, step)
+        if sampled.replies is not None:
+            sampled.stats.update(self.watch(trainer, sampled.replies))
+        sampling_time = time.perf_counter() - started
+        updates, tokens = self.update(trainer, sampled.items, step)
+        metrics = {**mean_over_processes(trainer.acc, sampled.stats),
+                   **{k: window_mean(v) for k, v in updates.items()}, "learning_rate": updates["learning_rate"][-1]}
+        metrics.update(self.after_update(trainer, step, metrics))
+        metrics.update({"time/rollout": sampling_time, "time/update": time.perf_counter() - started - sampling_time})
+        logged = cfg.log_samples_steps and ((step + 1) % cfg.log_samples_steps == 0 or step == 0)
+        return StepOutput(metrics, sampled.count, tokens, sampled.examples[:cfg.log_samples] if logged else [])
+
+
+    def watch(self, trainer, replies: Replies) -> dict[str, float]:
+        """The monitors' ``monitor/...`` numbers for this step's replies, against the first step's; a crossed
+        threshold is printed once (by the main process)."""
+        if self.monitor is None:
+            self.monitor = OnlineMonitor(self.cfg.thresholds(), trainer.acc.is_main_process, warn=console.print)
+        return self.monitor.observe(replies.texts, replies.ended, replies.lengths, kl=replies.kl,
+                                    scores=replies.scores)
+
+
+def minibatch_updates(trainer, samples: list, *, epochs: int, per_update: int, micro: int, seed: int, step: int,
+                      loss_tokens: Callable[[list], int] | None = None) -> tuple[dict[str, list], int]:
+    """``epochs`` shuffled passes over ``samples``, one optimiser update per ``per_update`` of them (in
+    micro-batches of ``micro``). The order is a function of (seed, step, epoch). With ``loss_tokens`` (the loss
+    tokens of a list of samples), each micro-batch carries its update's token-mean denominator
+    (:class:`MicroBatch`). Returns every update's metrics and the tokens processed."""
+    metrics: dict[str, list[float]] = defaultdict(list)
+    tokens = 0
+    for epoch in range(epochs):
+        generator = torch.Generator().manual_seed(mix_seed(seed, step, epoch))
+        order = torch.randperm(len(samples), generator=generator).tolist()
+        for start in range(0, len(order), per_update):
+            chosen = [samples[i] for i in order[start:start + per_update]]
+            denominator = None if loss_tokens is None else update_tokens(trainer, loss_tokens(chosen))
+            out = trainer.optimizer_step([MicroBatch(chosen[k:k + micro], denominator)
+                                          for k in range(0, len(chosen), micro)])
+            tokens += out.tokens
+            for key, value in out.metrics.items():
+                metrics[key].append(value)
+    return metrics, tokens
+
+
+def update_tokens(trainer, local: int) -> float:
+    """An update's loss tokens on every process, divided by the number of micro-batch losses the loop and data
+    parallelism average (accumulation x processes): the token-mean denominator of each micro-batch."""
+    value = torch.tensor(float(local), device=trainer.acc.device)
+    total = float(trainer.acc.reduce(value, reduction="sum")) if trainer.world > 1 else float(value)
+    return max(total, 1.0) / (trainer.s.gradient_accumulation_steps * trainer.world)
 
 
 def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,137 +215,11 @@ def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-def adjusted_scores(raw: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float,
-                    moments: RunningMoments | None, all_scores: torch.Tensor | None, clip: float) -> torch.Tensor:
-    """The score PPO optimises: penalise responses without EOS, then normalise (running) and clip."""
-    scores = raw - missing_eos_penalty * (~ended).to(raw.dtype)
-    if moments is not None:
-        moments.update(all_scores if all_scores is not None else scores)
-        scores = (scores - moments.mean) / (moments.std + 1e-8)
-    if clip > 0:
-        scores = scores.clamp(-clip, clip)
-    return scores
-
-
-class RolloutWorker:
-    """Everything a rollout needs that stays fixed over the run."""
-
-    def __init__(self, *, cfg, accelerator, policy_value, reward, tokenizer, reference, engine):
-        self.cfg = cfg
-        self.acc = accelerator
-        self.policy_value = policy_value          # unwrapped PolicyValue
-        self.reward = reward                      # a preftune.scoring scorer
-        self.tokenizer = tokenizer
-        self.reference = reference                # a live reference (train/reference.py)
-        self.engine = engine                      # what samples the responses (preftune.engines)
-        self.monitor = OnlineMonitor(cfg.thresholds(), accelerator.is_main_process, warn=console.print)
-        self.settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                         top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
-
-    def collect(self, prompts: list[PromptExample], seed: int, kl_coef: float,
-                moments: RunningMoments | None) -> Rollout:
-        cfg, device = self.cfg, self.acc.device
-        policy = self.policy_value.policy
-        with self.acc.autocast(), gathered(self.policy_value):  # FSDP2: the whole policy, no per-token collective
-            generation = sample_with(self.engine, policy, [p.ids for p in prompts], self.settings, seed=seed)
-        texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
-        raw = torch.tensor(self.reward.score([p.prompt for p in prompts], texts), dtype=torch.float32, device=device)
-        ended = torch.tensor(generation.ended, device=device)
-        all_scores = None
-        if cfg.normalize_scores:  # every process keeps the same statistics: update them with all scores
-            all_scores = self.acc.gather(raw - cfg.missing_eos_penalty * (~ended).float())
-        scores = adjusted_scores(raw, ended, cfg.missing_eos_penalty, moments if cfg.normalize_scores else None,
-                                 all_scores, cfg.score_clip)
-
-        logps, values, entropy, ref_logps = self.forward_all(generation.prompt_ids, generation.response_ids)
-        logps, mask = pad_rows(logps)
-        values, entropy, ref_logps = pad_rows(values)[0], pad_rows(entropy)[0], pad_rows(ref_logps)[0]
-        kl = kl_penalty(logps, ref_logps, cfg.kl_estimator) * mask
-        rewards = token_rewards(scores, kl, mask, kl_coef)
-        advantages, returns = gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
-        if cfg.eos_mode() == "drop":   # an unfinished response takes no part in the policy update
-            advantages = advantages * ended[:, None].to(advantages.dtype)
-
-        lengths = mask.sum(-1)
-        samples = [Sample(list(p), list(r), logps[i, :n], values[i, :n], advantages[i, :n], returns[i, :n])
-                   for i, (p, r, n) in enumerate(zip(generation.prompt_ids, generation.response_ids, lengths.tolist()))]
-        non_score = (-kl_coef * kl).sum(-1)
-        stats = {
-            "objective/scores": float(raw.mean()),
-            "objective/kl": float(kl.sum(-1).mean()),
-            "objective/entropy": float((entropy * mask).sum(-1).mean()),
-            "objective/non_score_reward": float(non_score.mean()),
-            "objective/rlhf_reward": float((non_score + scores).mean()),
-            "val/explained_variance": explained_variance(values, returns, mask),
-            "val/mean": float(values[mask].mean()),
-            "response/length": float(lengths.float().mean()),
-            "response/ended": float(ended.float().mean()),
-        }
-        if self.monitor is not None:
-            stats.update(self.monitor.observe(texts, generation.ended, lengths.tolist(), kl=kl.sum(-1).tolist(),
-                                              scores=raw.tolist()))
-        examples = [{"prompt": p.text, "response": t, "score": s, "ended": e}
-                    for p, t, s, e in zip(prompts, texts, raw.tolist(), generation.ended)]
-        return Rollout(samples, stats, examples)
-
-    @torch.no_grad()
-    def forward_all(self, prompt_ids, response_ids) -> tuple[list[torch.Tensor], ...]:
-        """Per response: policy log-probs, values, entropies and reference log-probs (1-D tensors)."""
-        module = self.policy_value
-        out: tuple[list, list, list, list] = ([], [], [], [])
-        with evaluating(module):
-            for batch, lengths in device_batches(prompt_ids, response_ids, self.cfg.generation_batch_size,
-                                                 self.tokenizer.pad_token_id, self.acc.device):
-                with self.acc.autocast():
-                    logps, values, entropy = module(batch["input_ids"], batch["attention_mask"],
-                                                    batch["completion_mask"], with_entropy=True)
-                    ref = self.reference.token_logps(batch, self.cfg.temperature)
-                for target, flat in zip(out, (logps, values, entropy, ref)):
-                    target += list(torch.split(flat.float(), lengths))
-        return out
-
-
-# ---------------------------------------------------------------------- updates (PPO, GRPO, RLOO)
-
-
-def minibatch_updates(trainer, samples: list, *, epochs: int, per_update: int, micro: int, seed: int, step: int,
-                      before_update=None) -> tuple[dict[str, list], int]:
-    """``epochs`` shuffled passes over ``samples``, one optimiser update per ``per_update`` of them (in
-    micro-batches of ``micro``). The order is a function of (seed, step, epoch); ``before_update(chosen)``,
-    if given, sees each update's samples first. Returns every update's metrics and the tokens processed."""
-    metrics: dict[str, list[float]] = defaultdict(list)
-    tokens = 0
-    for epoch in range(epochs):
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + epoch) % 2**62)
-        order = torch.randperm(len(samples), generator=generator).tolist()
-        for start in range(0, len(order), per_update):
-            chosen = [samples[i] for i in order[start:start + per_update]]
-            if before_update is not None:
-                before_update(chosen)
-            out = trainer.optimizer_step([chosen[k:k + micro] for k in range(0, len(chosen), micro)])
-            tokens += out.tokens
-            for key, value in out.metrics.items():
-                metrics[key].append(value)
-    return metrics, tokens
-
-
 def device_batches(prompt_ids: list[list[int]], response_ids: list[list[int]], size: int, pad_token_id: int, device):
     """``(padded batch on device, completion lengths)`` for every ``size`` consecutive sequences."""
     for start in range(0, len(prompt_ids), size):
         batch = collate_completions(prompt_ids[start:start + size], response_ids[start:start + size], pad_token_id)
         yield {k: v.to(device) for k, v in batch.items()}, [len(r) for r in response_ids[start:start + size]]
-
-
-@contextlib.contextmanager
-def evaluating(module: nn.Module):
-    """``module`` in eval mode for the block (no dropout), its mode restored after."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 def mean_over_processes(acc, stats: dict[str, float]) -> dict[str, float]:
@@ -301,10 +231,3 @@ def mean_over_processes(acc, stats: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, reduced.tolist()))
 
 
-def no_dropout(model: nn.Module) -> None:
-    """Every dropout off, LoRA's included: rollouts and updates must evaluate the same function."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0

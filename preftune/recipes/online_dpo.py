@@ -14,27 +14,24 @@ and the RNG are the loop's.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from ..config.losses import needs_reference
 from ..config.online_dpo import OnlineDPOConfig
 from ..data.preference import TokenizedPair
 from ..engines import online_engine, sample_with
 from ..errors import ConfigError
 from ..generate import SamplingSettings
-from ..losses import REFERENCE_FREE
 from ..modality.text import PolicyLogprobs
 from ..models import load_causal_lm, prepare_policy
-from ..monitors import OnlineMonitor
-from ..runtime.loop import StepOutput, Trainer
+from ..runtime.loop import Trainer
 from ..runtime.reference import make_reference
 from ..runtime.run import RunResult, finish_run, save_final_model
+from ..runtime.seeds import mix_seed
 from ..scoring import make_scorer
 from ..scoring.judges import as_judge, compare, is_pointwise
 from .dpo import DPOTask
-from .groups import _seed
-from .online import console, mean_over_processes, start_online_run
+from .online import OnlineStep, Replies, Sampled, start_online_run
 
 
 def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_model=None, judge=None) -> RunResult:
@@ -45,7 +42,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_mo
     acc = ctx.accelerator
     judge = _judge(judge, cfg, acc.device)
     policy = prepare_policy(model if model is not None else load_causal_lm(cfg.model_name_or_path), cfg)
-    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.loss_type not in REFERENCE_FREE)
+    reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type))
     if cfg.eos_mode() == "drop" and acc.num_processes > 1:
         raise ConfigError("online DPO with missing_eos: drop leaves each process its own number of pairs, which "
                           "several processes cannot update on together; use missing_eos: penalize")
@@ -55,7 +52,6 @@ def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_mo
                           "(per_device_batch_size x processes x gradient_accumulation_steps)")
     step = OnlineDPOStep(cfg, online_engine(cfg, policy, tokenizer, ctx.run_dir), judge, tokenizer, policy,
                          local_prompts)
-    step.monitor = OnlineMonitor(cfg.thresholds(), acc.is_main_process, warn=console.print)
     trainer = Trainer.from_run(ctx, model=PolicyLogprobs(policy, cfg.logprob_chunk_size),
                                task=DPOTask(cfg, tokenizer.pad_token_id, reference), train_examples=prompts,
                                unit="pairs", step=step, examples_per_step=local_prompts * acc.num_processes)
@@ -70,13 +66,14 @@ def _judge(given, cfg: OnlineDPOConfig, device):
     return as_judge(given, "judge")
 
 
-class OnlineDPOStep:
-    """One online DPO step: sample two completions per prompt, judge them, one update on the pairs."""
+class OnlineDPOStep(OnlineStep):
+    """One online DPO step (:class:`~.online.OnlineStep`): sample two completions per prompt, judge them, one
+    update on the pairs."""
 
     gauges = ("beta",)
 
     def __init__(self, cfg: OnlineDPOConfig, engine, judge, tokenizer, policy, local_prompts: int):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.engine = engine
         self.judge = judge
         self.tokenizer = tokenizer
@@ -84,32 +81,26 @@ class OnlineDPOStep:
         self.local_prompts = local_prompts
         self.settings = SamplingSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                          top_k=cfg.top_k, top_p=cfg.top_p, do_sample=True)
-        self.monitor = OnlineMonitor(cfg.thresholds(), warn=console.print)
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def run(self, trainer: Trainer, step: int) -> StepOutput:
-        cfg = self.cfg
-        started = time.perf_counter()
+    def sample(self, trainer: Trainer, step: int) -> Sampled:
         prompts = trainer.step_examples(step, self.local_prompts)
-        pairs, stats, examples = self.pairs(prompts, step, trainer.rank * self.local_prompts)
-        sampled = time.perf_counter()
-        micro = cfg.per_device_batch_size
-        out = trainer.optimizer_step([pairs[k:k + micro] for k in range(0, len(pairs), micro)])
-        metrics = {**mean_over_processes(trainer.acc, stats), **out.metrics, "beta": cfg.beta,
-                   "time/rollout": sampled - started, "time/update": time.perf_counter() - sampled}
-        metrics.update(kl_metrics(metrics, cfg))
-        logged = cfg.log_samples_steps and ((step + 1) % cfg.log_samples_steps == 0 or step == 0)
-        return StepOutput(metrics, out.examples, out.tokens, examples[:cfg.log_samples] if logged else [])
+        pairs, stats, examples, replies = self.pairs(prompts, step, trainer.rank * self.local_prompts)
+        return Sampled(pairs, stats, examples, len(pairs) * trainer.world, replies)
 
-    def pairs(self, prompts: list, step: int, first: int) -> tuple[list[TokenizedPair], dict, list[dict]]:
-        """The step's pairs: completions ``2i`` and ``2i + 1`` are prompt ``i``'s, ordered chosen first."""
+    def update(self, trainer: Trainer, items: list[TokenizedPair], step: int) -> tuple[dict[str, list], int]:
+        """One optimiser update over the step's pairs, in their order."""
+        micro = self.cfg.per_device_batch_size
+        out = trainer.optimizer_step([items[k:k + micro] for k in range(0, len(items), micro)])
+        return {k: [v] for k, v in out.metrics.items()}, out.tokens
+
+    def after_update(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        return {"beta": self.cfg.beta, **kl_metrics(metrics, self.cfg)}
+
+    def pairs(self, prompts: list, step: int, first: int) -> tuple[list[TokenizedPair], dict, list[dict], Replies]:
+        """The step's pairs: completions ``2i`` and ``2i + 1`` are prompt ``i``'s, ordered chosen first; with
+        ``missing_eos: drop`` a prompt whose completions did not both end gives no pair."""
         repeated = [p for p in prompts for _ in range(2)]
-        seeds = [_seed(self.cfg.seed, step, first + i, j) for i in range(len(prompts)) for j in range(2)]
+        seeds = [mix_seed(self.cfg.seed, step, first + i, j) for i in range(len(prompts)) for j in range(2)]
         generation = sample_with(self.engine, self.policy, [p.ids for p in repeated], self.settings, row_seeds=seeds)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         first_wins, scores = self.verdicts([p.prompt for p in prompts], texts, generation.ended)
@@ -128,16 +119,15 @@ class OnlineDPOStep:
         stats = {"val/contain_eos_token": sum(generation.ended) / len(texts),
                  "completions/mean_length": float(lengths.mean()),
                  "objective/ties": sum(v == 0.5 for v in first_wins) / len(prompts),
-                 "pairs_dropped_unfinished": float(len(prompts) - len(pairs)) if drop else 0.0,
-                 **self.monitor.observe(texts, generation.ended, [len(r) for r in generation.response_ids],
-                                        scores=scores)}
+                 "pairs_dropped_unfinished": float(len(prompts) - len(pairs))}
         if scores is not None:
             chosen = [r["chosen_score"] for r in examples]
             rejected = [r["rejected_score"] for r in examples]
             stats["objective/scores"] = sum(scores) / len(scores)
             if chosen:
                 stats["objective/scores_margin"] = sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)
-        return pairs, stats, examples
+        replies = Replies(texts, list(generation.ended), [len(r) for r in generation.response_ids], scores=scores)
+        return pairs, stats, examples, replies
 
     def verdicts(self, prompts: list, texts: list[str], ended: list[bool]) -> tuple[list[float], list[float] | None]:
         """Per prompt, the probability that its first completion is preferred (ties 1/2), and the scores
@@ -154,7 +144,7 @@ class OnlineDPOStep:
 def kl_metrics(metrics: dict[str, float], cfg: OnlineDPOConfig) -> dict[str, float]:
     """TRL's ``objective/kl`` (mean log π/π_ref of the sampled completions, from the implicit rewards
     β·log-ratio the loss already computed), ``non_score_reward`` (-β·KL) and ``rlhf_reward``."""
-    if cfg.loss_type in REFERENCE_FREE or "rewards/chosen" not in metrics:
+    if not needs_reference(cfg.loss_type) or "rewards/chosen" not in metrics:
         return {}
     kl = (metrics["rewards/chosen"] + metrics["rewards/rejected"]) / (2 * cfg.beta)
     out = {"objective/kl": kl, "objective/non_score_reward": -cfg.beta * kl}

@@ -1,4 +1,4 @@
-"""PPO on the shared loop: rollouts (``rollout.py``), then several epochs of clipped updates over them.
+"""PPO on the shared loop: rollouts (``ppo_rollout.py``), then several epochs of clipped updates over them.
 
 One *iteration* (the ``step`` in ``metrics.jsonl``, checkpoints and ``max_steps``) samples a rollout
 batch of prompts, scores it, and takes ``num_ppo_epochs x num_mini_batches`` optimiser steps over it.
@@ -18,8 +18,6 @@ the KL coefficient and score statistics travel in the checkpoint.
 from __future__ import annotations
 
 import copy
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -32,20 +30,14 @@ from ..errors import ConfigError
 from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
 from ..models import base_model, enable_checkpointing, load_causal_lm, prepare_policy
-from ..runtime.loop import StepOutput, Trainer, window_mean
+from ..runtime.loop import Trainer
+from ..runtime.records import METRICS, read_records
 from ..runtime.reference import make_reference
 from ..runtime.run import RunResult, finish_run, save_final_model
-from .online import (
-    RolloutWorker,
-    RunningMoments,
-    Sample,
-    mean_over_processes,
-    minibatch_updates,
-    no_dropout,
-    pad_rows,
-    reward_scorer,
-    start_online_run,
-)
+from ..runtime.seeds import mix_seed
+from ..wrappers import disable_dropout
+from .online import OnlineStep, Sampled, minibatch_updates, pad_rows, start_online_run
+from .ppo_rollout import RolloutWorker, RunningMoments, Sample, reward_scorer
 
 
 class PolicyValue(nn.Module):
@@ -114,7 +106,7 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, ref_model=None, rew
     shared = cfg.value_model == "shared" or (cfg.value_model == "auto" and cfg.lora)
     critic = None if shared else _critic_backbone(policy, cfg)
     policy = prepare_policy(policy, cfg)
-    no_dropout(policy)
+    disable_dropout(policy, keep_lora_dropout=False)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model)
     value_head = nn.Linear(_hidden_size(policy), 1)
     nn.init.zeros_(value_head.weight)
@@ -136,8 +128,8 @@ def train_ppo(cfg: PPOConfig, *, model=None, tokenizer=None, ref_model=None, rew
     return finish_run(ctx, model_dir, result)
 
 
-class PPOStep:
-    """One PPO iteration, as the loop's step function: a rollout batch of prompts, then
+class PPOStep(OnlineStep):
+    """One PPO iteration (:class:`~.online.OnlineStep`): a rollout batch of prompts, then
     ``num_ppo_epochs x num_mini_batches`` optimiser updates over it. Its state is the KL coefficient
     (adaptive) and the running score statistics; the RNG, the weights (the critic's included) and
     the prompt order (a function of the step) are the loop's."""
@@ -145,7 +137,7 @@ class PPOStep:
     gauges = ("objective/kl_coef",)
 
     def __init__(self, cfg: PPOConfig, worker: RolloutWorker, local_batch: int):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.worker = worker
         self.local_batch = local_batch       # prompts per process and iteration
         self.load_state_dict({})
@@ -157,23 +149,19 @@ class PPOStep:
         self.kl_coef = float(state.get("kl_coef", self.cfg.kl_coef))
         self.moments = RunningMoments(**state.get("score_moments", {}))
 
-    def run(self, trainer: Trainer, step: int) -> StepOutput:
-        cfg = self.cfg
-        started = time.perf_counter()
-        seed = (cfg.seed * 1_000_003 + step * 7_919 + trainer.rank * 104_729) % 2**62
+    def sample(self, trainer: Trainer, step: int) -> Sampled:
+        seed = mix_seed(self.cfg.seed, step * 7_919 + trainer.rank * 104_729)   # the iteration's rollout seed
         rollout = self.worker.collect(trainer.step_examples(step, self.local_batch), seed, self.kl_coef, self.moments)
-        rollout_time = time.perf_counter() - started
-        updates, tokens = self.update(trainer, rollout.samples, step)
-        stats = {**mean_over_processes(trainer.acc, rollout.stats), "objective/kl_coef": self.kl_coef}
-        global_batch = self.local_batch * trainer.world
+        return Sampled(rollout.samples, rollout.stats, rollout.examples, self.local_batch * trainer.world,
+                       rollout.replies)
+
+    def after_update(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """The KL coefficient this iteration used; then, adaptive, the next one."""
+        used, cfg = self.kl_coef, self.cfg
         if cfg.adaptive_kl:
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, stats["objective/kl"], cfg.target_kl, global_batch,
-                                            cfg.kl_horizon)
-        metrics = {**stats, **{k: window_mean(v) for k, v in updates.items()},
-                   "learning_rate": updates["learning_rate"][-1], "time/rollout": rollout_time,
-                   "time/update": time.perf_counter() - started - rollout_time}
-        logged = cfg.log_samples_steps and ((step + 1) % cfg.log_samples_steps == 0 or step == 0)
-        return StepOutput(metrics, global_batch, tokens, rollout.examples[:cfg.log_samples] if logged else [])
+            self.kl_coef = adaptive_kl_coef(used, metrics["objective/kl"], cfg.target_kl,
+                                            self.local_batch * trainer.world, cfg.kl_horizon)
+        return {"objective/kl_coef": used}
 
     def update(self, trainer: Trainer, samples: list[Sample], step: int) -> tuple[dict[str, list], int]:
         """``num_ppo_epochs`` shuffled passes over the rollout, one optimiser step per minibatch."""
@@ -189,7 +177,7 @@ def _critic_backbone(policy, cfg) -> nn.Module:
     backbone = copy.deepcopy(getattr(base, base.base_model_prefix))
     if cfg.gradient_checkpointing:
         enable_checkpointing(backbone)
-    no_dropout(backbone)
+    disable_dropout(backbone, keep_lora_dropout=False)
     return backbone.requires_grad_(True)
 
 
@@ -201,5 +189,4 @@ def _hidden_size(policy) -> int:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The per-iteration records of a run's ``metrics.jsonl``."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return read_records(Path(run_dir) / METRICS)

@@ -6,7 +6,8 @@ the vocabulary projection, chunk by chunk. Packed rows get position ids restarti
 example and attention that stays inside each example (:func:`preftune.speed.attention.packed_lm_inputs`:
 SDPA block by block, else a block-diagonal causal mask), so examples never see each other; a short
 probe checks that the model honours it before training starts. With ``padding_free`` (the default)
-a batch's rows are joined into one row the same way, so no padding is computed either.
+a batch's rows are joined into one row the same way, so no padding is computed either. Prompts with
+images are read, collated and run by their modality (:func:`preftune.modality.modality_for`), never packed.
 """
 
 from __future__ import annotations
@@ -15,38 +16,26 @@ import math
 
 import torch
 from rich.console import Console
-from torch import nn
 
 from ..config import SFTConfig
-from ..data.images import uses_images
-from ..data.load import load_records
-from ..data.packing import LMRow, collate_rows, join_rows, pack_examples, single_row
-from ..data.split import report_skipped
-from ..data.text import SFTSettings, tokenize_sft
+from ..data.packing import LMRow
 from ..errors import ConfigError
-from ..logprobs import token_logprobs
-from ..models import load_causal_lm, load_tokenizer, prepare_policy
+from ..modality import TEXT, Modality, modality_for
+from ..modality.text import LMLogprobs
 from ..runtime.loop import Trainer
-from ..runtime.run import RunContext, RunResult, finish_run, save_final_model, start_run, train_and_eval
-from ..speed.attention import attention_implementation, packed_lm_inputs
+from ..runtime.run import (
+    RunContext,
+    RunResult,
+    finish_run,
+    save_final_model,
+    start_run,
+    tokenized_reader,
+    train_and_eval,
+)
+from ..speed.attention import attention_implementation
+from ..wrappers import evaluating
 
 console = Console(stderr=True)
-
-
-class LMLogprobs(nn.Module):
-    """A causal LM as the log-probs of its labelled tokens (what the loop prepares and wraps)."""
-
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-
-    def forward(self, input_ids, attention_mask, loss_mask, position_ids=None) -> torch.Tensor:
-        if position_ids is None:
-            return token_logprobs(self.model, input_ids, attention_mask, loss_mask, chunk_size=self.chunk_size)
-        inputs = packed_lm_inputs(self.model, attention_mask, position_ids)   # packed rows
-        return token_logprobs(self.model, input_ids, inputs.pop("attention_mask"), loss_mask,
-                              chunk_size=self.chunk_size, position_ids=inputs.pop("position_ids"), model_kwargs=inputs)
 
 
 @torch.no_grad()
@@ -58,14 +47,10 @@ def check_packed_attention(lm: LMLogprobs) -> None:
     first, other, second = (torch.randint(vocab, (n,), generator=generator) for n in (5, 5, 6))
     positions = torch.cat([torch.arange(5), torch.arange(6)])[None].to(param.device)
     mask = torch.ones(1, 11, dtype=torch.bool, device=param.device)
-    was_training = lm.training
-    lm.eval()
-    try:
+    with evaluating(lm):
         alone = lm(second[None].to(param.device), mask[:, :6].long(), mask[:, :6])[0]
         packed = [lm(torch.cat([a, second])[None].to(param.device), mask.long(), mask, positions)[0, 5:]
                   for a in (first, other)]
-    finally:
-        lm.train(was_training)
     alone[0] = packed[0][0] = packed[1][0] = 0.0  # first tokens are not scored in a packed row
     tolerance = 1e-4 if param.dtype == torch.float32 else 5e-2
     worst = max(float((p - alone).abs().max()) for p in packed)
@@ -79,24 +64,19 @@ def check_packed_attention(lm: LMLogprobs) -> None:
 class LMTask:
     """Next-token NLL over a batch's labelled tokens (SFT and pretraining)."""
 
-    def __init__(self, pad_token_id: int, packed: bool, padding_free: bool = False):
+    def __init__(self, pad_token_id: int, packed: bool, padding_free: bool = False, modality: Modality = TEXT):
         self.pad_token_id = pad_token_id
         self.packed = packed
         self.padding_free = padding_free
+        self.modality = modality
 
     def collate(self, rows: list[LMRow]) -> dict[str, torch.Tensor]:
         """Padded rows (one example each, or packed ones), or with ``padding_free`` all of them in one row."""
-        if self.padding_free:
-            return collate_rows([join_rows(rows)], self.pad_token_id)
-        batch = collate_rows(rows, self.pad_token_id)
-        if not self.packed:
-            del batch["position_ids"]  # one example per row: the ordinary padding mask is enough
-        return batch
+        return self.modality.collate_lm(rows, self.pad_token_id, self.packed, self.padding_free)
 
     def nll(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: summed NLL of the labelled tokens, and how many there are."""
-        logps = model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch.get("position_ids"))
-        return -logps.sum(-1), batch["loss_mask"][:, 1:].sum(-1).float()
+        return self.modality.nll(model, batch)
 
     def loss(self, model, batch):
         nll, count = self.nll(model, batch)
@@ -116,7 +96,8 @@ class LMTask:
 
 
 def check_positions(model, rows: list[LMRow], max_length: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    config = model.config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     longest = max((len(r.input_ids) for r in rows), default=0)
     if limit and longest > limit:
         raise ConfigError(f"rows of up to {longest} tokens (max_length {max_length}) exceed the model's "
@@ -124,17 +105,18 @@ def check_positions(model, rows: list[LMRow], max_length: int) -> None:
 
 
 def train_lm(cfg, ctx: RunContext, model, tokenizer, train_rows: list[LMRow], eval_rows: list[LMRow],
-             packed: bool, extra: dict | None = None) -> RunResult:
-    """Train ``model`` on language-modelling rows with the shared loop and save it (SFT and pretraining)."""
+             packed: bool, extra: dict | None = None, modality: Modality = TEXT) -> RunResult:
+    """Train ``model`` on language-modelling rows with the shared loop and save it (SFT and pretraining).
+    ``tokenizer``: the tokenizer or processor saved with the model."""
     check_positions(model, train_rows + eval_rows, cfg.max_length)
     if ctx.is_main_process:
         tokens = sum(len(r.input_ids) for r in train_rows)
         console.print(f"training on {len(train_rows)} rows ({tokens} tokens), evaluating on {len(eval_rows)} rows")
-    lm = LMLogprobs(prepare_policy(model, cfg), cfg.logprob_chunk_size).to(ctx.accelerator.device)
-    padding_free = getattr(cfg, "padding_free", False)
+    lm = modality.lm_module(modality.prepare_policy(model, cfg), cfg.logprob_chunk_size).to(ctx.accelerator.device)
+    packed, padding_free = packed and modality.packs, getattr(cfg, "padding_free", False) and modality.packs
     if packed or padding_free:
         check_packed_attention(lm)
-    task = LMTask(tokenizer.pad_token_id, packed, padding_free)
+    task = LMTask(modality.tokenizer_of(tokenizer).pad_token_id, packed, padding_free, modality)
     trainer = Trainer.from_run(ctx, model=lm, task=task, train_examples=train_rows,
                                eval_examples=eval_rows, unit="samples")
     result = trainer.train()
@@ -143,34 +125,15 @@ def train_lm(cfg, ctx: RunContext, model, tokenizer, train_rows: list[LMRow], ev
     return finish_run(ctx, model_dir, result, extra)
 
 
-def sft_rows(cfg: SFTConfig, tokenizer) -> tuple[list[LMRow], list[LMRow], dict]:
-    """Training and held-out rows (packed or one example each) and counts for the summary."""
-    settings = SFTSettings(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                           truncation_mode=cfg.truncation_mode, completion_only_loss=cfg.completion_only_loss)
-
-    def examples(source, split):
-        records = load_records(source, split=split)
-        found, report = tokenize_sft(records, tokenizer, settings, skip_invalid=cfg.skip_invalid)
-        report_skipped(records.name, report)
-        return found
-
-    train, held = train_and_eval(cfg, examples)
-    if cfg.packing:
-        rows = pack_examples(train, cfg.max_length), pack_examples(held, cfg.max_length)
-    else:
-        rows = [single_row(e) for e in train], [single_row(e) for e in held]
-    return rows[0], rows[1], {"train_examples": len(train), "eval_examples": len(held)}
-
-
 def train_sft(cfg: SFTConfig, *, model=None, tokenizer=None) -> RunResult:
-    """Supervised fine-tuning; ``model``/``tokenizer`` may be passed as objects."""
+    """Supervised fine-tuning; ``model``/``tokenizer`` may be passed as objects (with images: a vision-language
+    model and its processor)."""
     cfg.validate(require_model=model is None)
-    if uses_images(cfg):   # pass a vision-language model's processor as ``tokenizer``
-        from ..modality.vision import train_vision_sft
-
-        return train_vision_sft(cfg, model=model, processor=tokenizer)
+    modality = modality_for(cfg)
     ctx = start_run(cfg, cfg.sanity_warnings())
-    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
-    train_rows, eval_rows, counts = sft_rows(cfg, tokenizer)
-    model = model if model is not None else load_causal_lm(cfg.model_name_or_path)
-    return train_lm(cfg, ctx, model, tokenizer, train_rows, eval_rows, cfg.packing, counts)
+    processor = tokenizer or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path)
+    train, held = train_and_eval(cfg, tokenized_reader(cfg, processor, modality.sft_tokenizer(cfg)))
+    counts = {"train_examples": len(train), "eval_examples": len(held)}
+    model = model if model is not None else modality.load_model(cfg.model_name_or_path)
+    return train_lm(cfg, ctx, model, processor, modality.lm_rows(train, cfg), modality.lm_rows(held, cfg),
+                    cfg.packing, counts, modality)

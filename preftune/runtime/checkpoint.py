@@ -18,10 +18,8 @@ resume, and ``step.safetensors``: the tensors of a step function that has ``tens
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -218,10 +216,3 @@ def truncate_records(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in kept))
-
-
-def kill_point(step: int) -> None:
-    """SIGKILL this process after step ``PREFTUNE_KILL_AT_STEP``: lets tests simulate a crash."""
-    kill_at = int(os.environ.get("PREFTUNE_KILL_AT_STEP", "0"))
-    if kill_at and step == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)

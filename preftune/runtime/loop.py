@@ -32,7 +32,6 @@ Metrics named in ``gauges`` are logged as their last value rather than the mean 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections import defaultdict
@@ -44,13 +43,12 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..speed.allocator import trim_during_forward
 from . import checkpoint as ckpt
 from .distributed import eval_chunks, full_tensor, is_sharded, loss_divisor, mark_boundary
 from .progress import Display, run_summary
+from .records import METRICS, RECORD_FILES, SAMPLES, append_records
 from .resume import TrainingInterrupted, record_config
-
-RECORD_FILES = ("metrics.jsonl", "samples.jsonl")
+from .seeds import mix_seed
 
 
 class Task(Protocol):
@@ -113,7 +111,7 @@ class TrainResult:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(mix_seed(seed, epoch))
     return torch.randperm(n, generator=generator).tolist()
 
 
@@ -159,7 +157,6 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the model has no trainable parameters")
-        trim_during_forward(model, accelerator.device)   # opt-in: PREFTUNE_TRIM_FREED_MEMORY (CPU, glibc)
         devices = {t.device.type for t in params} | {accelerator.device.type}  # fused AdamW: ~6x PyTorch's CPU default
         fused = devices <= {"cpu", "cuda"} and all(t.is_floating_point() for t in params)
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
@@ -252,7 +249,6 @@ class Trainer:
                 window[key].append(value)
             window_examples += out.examples
             window_tokens += out.tokens
-            ckpt.kill_point(self.global_step)
             if self.global_step % self.s.logging_steps == 0 or self.global_step == self.total_steps:
                 last = {k: v[-1] if k in self.step.gauges else window_mean(v) for k, v in window.items()}
                 last.update({f"{self.unit}/s": window_examples / window_time, "tokens/s": window_tokens / window_time})
@@ -352,20 +348,20 @@ class Trainer:
         return ["loss"]
 
     # ------------------------------------------------------------------ metrics
+    # (a metric with no value this step, such as KTO's rewards/rejected on a batch of desirable examples only, is
+    # NaN in memory and null in metrics.jsonl)
 
     def log(self, metrics: dict[str, float]) -> None:
         record = {"step": self.global_step, "epoch": round(self.global_step / self.steps_per_epoch, 4), **metrics}
         if self.acc.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_records(self.run_dir / METRICS, [record])
         if self.s.report_to:
             self.acc.log(metrics, step=self.global_step)
 
     def log_samples(self, rows: list[dict]) -> None:
         """Append example generations to ``samples.jsonl``, tagged with the current step."""
         if rows and self.acc.is_main_process:
-            with open(self.run_dir / "samples.jsonl", "a") as handle:
-                handle.writelines(json.dumps({"step": self.global_step, **row}) + "\n" for row in rows)
+            append_records(self.run_dir / SAMPLES, [{"step": self.global_step, **row} for row in rows])
 
     # ------------------------------------------------------------------ checkpoints
 

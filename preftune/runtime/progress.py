@@ -23,11 +23,12 @@ def status_line(metrics: dict[str, float], shown: list[str] = SHOWN) -> str:
 
 
 def example_tokens(example) -> int:
-    """Tokens of one training example: the lengths of its ``*_ids`` lists (0 when it has none)."""
+    """Tokens of one training example: the lengths of its ``*_ids`` lists but ``position_ids`` (0 when none)."""
     if is_dataclass(example):
-        values = [getattr(example, f.name) for f in fields(example) if f.name.endswith("_ids")]
+        values = [getattr(example, f.name) for f in fields(example)
+                  if f.name.endswith("_ids") and f.name != "position_ids"]
     elif isinstance(example, dict):
-        values = [v for k, v in example.items() if k.endswith("_ids")]
+        values = [v for k, v in example.items() if k.endswith("_ids") and k != "position_ids"]
     else:
         values = []
     return sum(len(v) for v in values if isinstance(v, (list, tuple)))

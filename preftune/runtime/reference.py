@@ -28,23 +28,15 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-from ..data.collate import collate_completions
-from ..data.packed import adjacent_blocks, collate_blocks, is_packed, packed_sequences
-from ..logprobs import completion_logprobs, final_hidden_states, packed_sequence_logprobs, sequence_logprobs
-from ..modality.text import PairCollator
-from ..models import (
-    base_model,
-    compute_dtype,
-    disable_dropout,
-    freeze,
-    is_peft_model,
-    load_causal_lm,
-    model_fingerprint,
-)
+from ..logprobs import completion_logprobs
+from ..modality import TEXT, Modality
+from ..models import base_model, compute_dtype, disable_dropout, freeze, is_peft_model, model_fingerprint
+from ..speed import apply as apply_speed
+from ..wrappers import evaluating
 from .distributed import full_tensor
 
 CACHE_FORMAT = "preftune-ref-logps-v2"
-Sequence = tuple[list[int], list[int]]   # (prompt ids, completion ids)
+Sequence = tuple   # (prompt, completion ids): a prompt as its modality holds one (token ids, or ids with images)
 console = Console(stderr=True)
 
 
@@ -61,11 +53,12 @@ class Reference:
 
 
 class LiveReference(Reference):
-    """A model run on every batch, in eval mode and without gradients."""
+    """A model run on every batch, in eval mode and without gradients, through its modality's forward."""
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int):
+    def __init__(self, model: torch.nn.Module, chunk_size: int, modality: Modality = TEXT):
         self.model = model
         self.chunk_size = chunk_size
+        self.modality = modality
 
     def running(self):
         return contextlib.nullcontext()
@@ -73,29 +66,20 @@ class LiveReference(Reference):
     @torch.no_grad()
     def sequence_logps(self, batch):
         with self._evaluating():
-            if is_packed(batch):
-                return packed_sequence_logprobs(self.model, batch, self.chunk_size)
-            sums, _ = sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"],
-                                        batch["completion_mask"], chunk_size=self.chunk_size)
-        return sums.float()
+            return self.modality.sequence_logps(self.model, batch, self.chunk_size)
 
     @torch.no_grad()
     def token_logps(self, batch, temperature: float = 1.0):
         with self._evaluating():
-            hidden = final_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
+            hidden = self.modality.hidden_states(self.model, batch)
             logps, _ = completion_logprobs(self.model, hidden, batch["input_ids"], batch["completion_mask"],
                                            chunk_size=self.chunk_size, temperature=temperature)
         return logps
 
     @contextlib.contextmanager
     def _evaluating(self):
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.running():
-                yield
-        finally:
-            self.model.train(was_training)
+        with evaluating(self.model), self.running():
+            yield
 
 
 class ModelReference(LiveReference):
@@ -114,31 +98,21 @@ class AdapterReference(LiveReference):
 
 
 class PrecomputedReference(Reference):
-    """Sequence log-probs computed before training, looked up by each row's exact tokens."""
+    """Sequence log-probs computed before training, looked up by each row's exact tokens (and images)."""
 
     kind = "precomputed"
 
-    def __init__(self, table: dict[tuple, float]):
+    def __init__(self, table: dict[tuple, float], modality: Modality = TEXT):
         self.table = table
+        self.modality = modality
 
     def sequence_logps(self, batch):
-        keys = row_keys(batch)
+        keys = self.modality.batch_keys(batch)
         try:
             values = [self.table[key] for key in keys]
         except KeyError:
             raise RuntimeError("a sequence of this batch has no precomputed reference log-prob") from None
         return torch.tensor(values, dtype=torch.float32, device=batch["input_ids"].device)
-
-
-def _batch_logps(reference: Reference, sequences: list[Sequence], pad_token_id: int, layout: PairCollator | None,
-                 device) -> torch.Tensor:
-    prompts, completions = (list(part) for part in zip(*sequences))
-    if layout is None or not layout.packed:
-        batch = collate_completions(prompts, completions, pad_token_id)
-        return reference.sequence_logps({k: v.to(device) for k, v in batch.items()}).cpu()
-    blocks = adjacent_blocks(prompts, completions, layout.share_prefix)
-    logps = reference.sequence_logps({k: v.to(device) for k, v in collate_blocks(blocks).items()}).cpu()
-    return logps.view(len(blocks[0][1]), -1).t().reshape(-1)   # back to the given order
 
 
 @torch.no_grad()
@@ -154,23 +128,11 @@ def sync_reference(reference: Reference, policy: torch.nn.Module, alpha: float) 
         weight.copy_(torch.lerp(weight.float(), full_tensor(source[name].detach()).float(), alpha))  # FSDP2: gathered
 
 
-def sequence_key(prompt_ids: list[int], completion_ids: list[int]) -> tuple:
-    return tuple(prompt_ids) + tuple(completion_ids), len(completion_ids)
-
-
-def row_keys(batch: dict[str, torch.Tensor]) -> list[tuple]:
-    """:func:`sequence_key` of every sequence of a batch: the rows of a padded one (any padding side), or
-    the sequences of a packed one."""
-    if is_packed(batch):
-        return [sequence_key(prompt, completion) for prompt, completion in packed_sequences(batch)]
-    ids, attended = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
-    completion = batch["completion_mask"].cpu().bool().sum(-1).tolist()
-    return [(tuple(ids[i][attended[i]].tolist()), completion[i]) for i in range(ids.shape[0])]
-
-
 def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True,
-                   precompute: dict[str, list[Sequence]] | None = None, pad_token_id: int | None = None) -> Reference:
-    """The run's reference for ``policy`` (already prepared: LoRA applied), on ``ctx``'s device.
+                   precompute: dict[str, list[Sequence]] | None = None, pad_token_id: int | None = None,
+                   modality: Modality = TEXT) -> Reference:
+    """The run's reference for ``policy`` (already prepared: LoRA applied), on ``ctx``'s device, run on
+    ``modality``'s batches.
 
     ``precompute`` (split name -> sequences) asks for :class:`PrecomputedReference`: the log-probs of
     those sequences are loaded from the cache or computed now, and no reference model is kept (nor copied:
@@ -180,16 +142,17 @@ def make_reference(cfg, ctx, policy, *, ref_model=None, needed: bool = True,
         return Reference()
     device, chunk = ctx.accelerator.device, cfg.logprob_chunk_size
     if ref_model is None and cfg.ref_model_name_or_path:
-        ref_model = load_causal_lm(cfg.ref_model_name_or_path, compute_dtype(ctx.precision))
+        ref_model = modality.load_model(cfg.ref_model_name_or_path, compute_dtype(ctx.precision))
     if ref_model is None and is_peft_model(policy):
-        live: LiveReference = AdapterReference(policy.to(device), chunk)
+        live: LiveReference = AdapterReference(policy.to(device), chunk, modality)
     elif ref_model is None and precompute is not None and _in_dtype(policy, compute_dtype(ctx.precision)):
-        live = ModelReference(policy.to(device), chunk)   # before training the policy is the reference: no copy
+        live = ModelReference(policy.to(device), chunk, modality)   # before training the policy is the reference
     else:
         if ref_model is None:
             ref_model = copy.deepcopy(policy).to(compute_dtype(ctx.precision))
         disable_dropout(ref_model)
-        live = ModelReference(freeze(ref_model).to(device), chunk)
+        apply_speed(ref_model, cfg)   # the policy's own computation (attention, fused layers, head function)
+        live = ModelReference(freeze(ref_model).to(device), chunk, modality)
     if precompute is None:
         return live
     return _precomputed(cfg, ctx, live, precompute, pad_token_id)
@@ -206,10 +169,11 @@ def _precomputed(cfg, ctx, live: LiveReference, splits: dict[str, list[Sequence]
     for split, sequences in splits.items():
         if not sequences:
             continue
-        path = cache_root / f"{cache_key(fingerprint, sequences, ctx.precision)}.safetensors"
+        modality = live.modality
+        path = cache_root / f"{cache_key(fingerprint, sequences, ctx.precision, modality)}.safetensors"
         cached = precompute_logps(live, sequences, pad_token_id, 2 * cfg.per_device_batch_size, path, ctx.accelerator,
-                                  layout=PairCollator.for_model(cfg, pad_token_id, live.model))
-        table.update(zip((sequence_key(*s) for s in sequences), cached.logps.tolist()))
+                                  layout=modality.pair_collator(cfg, pad_token_id, live.model))
+        table.update(zip((modality.sequence_key(*s) for s in sequences), cached.logps.tolist()))
         described[split] = {"path": str(cached.path), "reused": cached.hit, "sequences": len(sequences)}
         if ctx.is_main_process:
             state = "reused cached" if cached.hit else "computed and cached"
@@ -217,7 +181,7 @@ def _precomputed(cfg, ctx, live: LiveReference, splits: dict[str, list[Sequence]
     if ctx.is_main_process:
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
         (ctx.run_dir / "reference_cache.json").write_text(json.dumps(described, indent=2))
-    return PrecomputedReference(table)
+    return PrecomputedReference(table, live.modality)
 
 
 def default_cache_dir() -> Path:
@@ -225,17 +189,8 @@ def default_cache_dir() -> Path:
     return Path(root) / "reference-logps"
 
 
-def token_fingerprint(sequences: list[Sequence]) -> str:
-    digest = hashlib.sha256()
-    for sequence in sequences:
-        for ids in sequence:
-            digest.update(len(ids).to_bytes(4, "little"))
-            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def cache_key(model_fingerprint: str, sequences: list[Sequence], precision: str) -> str:
-    parts = [CACHE_FORMAT, model_fingerprint, token_fingerprint(sequences), precision]
+def cache_key(model_fingerprint: str, sequences: list[Sequence], precision: str, modality: Modality = TEXT) -> str:
+    parts = [CACHE_FORMAT, model_fingerprint, modality.digest(sequences), precision]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
@@ -246,8 +201,8 @@ class CachedLogps:
     hit: bool               # True when loaded from an earlier run's cache
 
 
-def precompute_logps(reference: Reference, sequences: list[Sequence], pad_token_id: int, batch_size: int,
-                     cache_path: Path, accelerator=None, layout: PairCollator | None = None) -> CachedLogps:
+def precompute_logps(reference: LiveReference, sequences: list[Sequence], pad_token_id: int, batch_size: int,
+                     cache_path: Path, accelerator=None, layout=None) -> CachedLogps:
     """Reference log-probs of every sequence, loaded from ``cache_path`` or computed and written there.
 
     ``layout`` (default: padded rows) may pack each batch; with prefix sharing, sequences ``2i`` and
@@ -258,7 +213,8 @@ def precompute_logps(reference: Reference, sequences: list[Sequence], pad_token_
             logps = load_file(cache_path)["logps"]
             if logps.numel() == len(sequences):
                 return CachedLogps(logps, cache_path, hit=True)
-        parts = [_batch_logps(reference, sequences[start:start + batch_size], pad_token_id, layout, device)
+        parts = [reference.modality.reference_logps(reference, sequences[start:start + batch_size], pad_token_id,
+                                                    layout, device)
                  for start in range(0, len(sequences), batch_size)]
         logps = torch.cat(parts).contiguous()
         if accelerator is None or accelerator.is_main_process:

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import torch
-
 from ..errors import ConfigError
-from ..speed.allocator import reuse_freed_memory
+from ..speed.allocator import restore_defaults, reuse_freed_memory
 from .distributed import configure_deepspeed, engine_name, full_state_dict, is_sharded, make_accelerator
 from .loop import TrainResult
+from .records import METRICS, RUN_OUTPUTS, SUMMARY
 from .resume import change_warnings, check_resume
+from .seeds import set_seed
 
 
 @dataclass
@@ -32,6 +30,7 @@ class RunContext:
     precision: str
     settings: Any = None
     config_dict: dict = field(default_factory=dict)
+    reuses_freed_memory: bool = False     # glibc's heap set up for this run (restored by finish_run)
 
     @property
     def is_main_process(self) -> bool:
@@ -52,7 +51,7 @@ class RunResult:
 def start_run(cfg, warnings: list[str] = ()) -> RunContext:
     """Accelerator, precision and a clean (or resumable) run directory; prints sanity warnings once.
     ``--resume`` is checked here, before any model loads (:func:`~.resume.check_resume`). On CPU,
-    freed memory is kept for reuse (:mod:`preftune.speed.allocator`)."""
+    freed memory is kept for reuse during the run (``reuse_freed_memory``, :mod:`preftune.speed.allocator`)."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -68,8 +67,7 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         raise ConfigError("merge_lora is not supported with sharded training (FSDP2, DeepSpeed): the adapter is "
                           "saved; merge it afterwards on one process")
     configure_deepspeed(accelerator, cfg)
-    if accelerator.device.type == "cpu":
-        reuse_freed_memory()
+    reuses_freed_memory = reuse_freed_memory(cfg, accelerator.device)   # for this run only: see finish_run
     prepare_run_dir(run_dir, cfg.resume, cfg.overwrite_output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -79,18 +77,20 @@ def start_run(cfg, warnings: list[str] = ()) -> RunContext:
         if accelerator.num_processes > 1:
             console.print(f"distributed: {engine_name(accelerator)} over {accelerator.num_processes} processes")
     set_seed(cfg.seed)
-    return RunContext(accelerator, run_dir, precision, cfg, dataclasses.asdict(cfg))
+    return RunContext(accelerator, run_dir, precision, cfg, dataclasses.asdict(cfg), reuses_freed_memory)
 
 
 def finish_run(ctx: RunContext, model_dir: Path, result: TrainResult, extra: dict | None = None) -> RunResult:
-    """Write ``summary.json`` and return where everything went."""
+    """Write ``summary.json``, put the allocator back as it was before the run, and return where everything went."""
+    if ctx.reuses_freed_memory:
+        restore_defaults()
     if ctx.is_main_process:
         summary = {"model_dir": str(model_dir), "steps": result.global_step, "train": result.last_metrics,
                    "eval": result.eval_metrics, "distributed": {"engine": engine_name(ctx.accelerator),
                                                                 "processes": ctx.accelerator.num_processes},
                    **(extra or {})}
-        (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return RunResult(ctx.run_dir, model_dir, ctx.run_dir / "metrics.jsonl", result, ctx.is_main_process)
+        (ctx.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    return RunResult(ctx.run_dir, model_dir, ctx.run_dir / METRICS, result, ctx.is_main_process)
 
 
 def train_and_eval(cfg, read: Callable[[str, str], list]) -> tuple[list, list]:
@@ -110,6 +110,7 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
     from accelerate import PartialState
 
     from ..data import TokenizeSettings, load_records
+    from ..data.columns import scores_as_margins
     from ..data.split import report_skipped
     from .progress import data_line
 
@@ -118,6 +119,8 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
 
     def read(source: str, split: str) -> list:
         records = load_records(source, split=split)
+        if getattr(cfg, "margin_from_scores", False):
+            records = scores_as_margins(records)
         items, report = tokenize(records, tokenizer, settings, skip_invalid=cfg.skip_invalid)
         report_skipped(records.name, report)
         if PartialState().is_main_process:
@@ -127,14 +130,6 @@ def tokenized_reader(cfg, tokenizer, tokenize: Callable) -> Callable[[str, str],
     return read
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-RUN_OUTPUTS = ("metrics.jsonl", "config.json", "summary.json", "reference_cache.json", "checkpoints", "model",
-               "samples.jsonl")
 
 
 def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool, is_main: bool) -> None:

@@ -11,7 +11,6 @@ own modules, imported where used, so that scoring with a function needs neither 
 """
 
 from .base import (
-                   SPEC_HELP,
                    CheckedScorer,
                    FunctionScorer,
                    Scorer,
@@ -19,8 +18,8 @@ from .base import (
                    check_batch,
                    check_batch_size,
                    check_scores,
-                   make_scorer,
 )
+from .specs import SPEC_HELP, make_scorer
 
 __all__ = ["SPEC_HELP", "CheckedScorer", "FunctionScorer", "Scorer", "as_scorer", "check_batch", "check_batch_size",
            "check_scores", "make_scorer"]

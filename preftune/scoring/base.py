@@ -102,28 +102,3 @@ def as_scorer(obj, option: str = "scorer") -> CheckedScorer:
     if isinstance(obj, str) or callable(obj):
         return FunctionScorer(obj, option)
     raise ConfigError(f"{option} must be a function (prompts, responses) -> scores, got {type(obj).__name__}")
-
-
-SPEC_HELP = "reward_model:PATH, function:module:function or llm:BASE_URL"
-
-
-def make_scorer(spec: str, *, option: str = "--judge", judge_model: str = "judge", device=None, batch_size: int = 16):
-    """A scorer from ``reward_model:PATH``, ``function:module:function`` or ``llm:BASE_URL``.
-
-    The ``llm:`` kind is a pairwise judge (:class:`~preftune.scoring.llm.LLMJudge`): it compares two
-    responses instead of scoring one.
-    """
-    kind, _, target = str(spec).partition(":")
-    if not target:
-        raise ConfigError(f"{option} '{spec}' must look like {SPEC_HELP}")
-    if kind == "reward_model":
-        from .reward_model import RewardModelScorer
-
-        return RewardModelScorer(target, device=device, batch_size=batch_size)
-    if kind == "function":
-        return FunctionScorer(target, option)
-    if kind == "llm":
-        from .llm import LLMJudge
-
-        return LLMJudge(target, model=judge_model)
-    raise ConfigError(f"{option} '{spec}': unknown kind '{kind}' (reward_model, function or llm)")

@@ -17,7 +17,10 @@ from .reward_model import RewardModelScorer, load_weights, prepare_tokenizer
 
 
 def _scoring_texts(row: dict, messages: bool, tokenizer) -> tuple[str, str]:
-    """Validate one scoring row and return (prompt text, response text)."""
+    """Validate one scoring row and return (prompt text, response text). TRL's ``completion`` column is read as
+    the response when there is no ``response``."""
+    if "response" not in row and "completion" in row:
+        row = {**row, "response": row["completion"]}
     if messages and isinstance(row.get("response"), str):  # a generated reply to a conversation
         row = {**row, "response": [{"role": "assistant", "content": row["response"]}]}
     prompt, response = required_field(row, "prompt", messages), required_field(row, "response", messages)
@@ -56,7 +59,11 @@ def score_file(model_path, input_path, output_path, batch_size: int = 16, max_le
     model = load_weights(model_path, tokenizer.pad_token_id, device)  # after the rows proved valid
     scorer = RewardModelScorer(model_path, model=model, tokenizer=tokenizer, batch_size=batch_size,
                                max_length=max_length, prompt_special_tokens=not messages)
-    rewards = scorer.score(prompts, responses)
+    return write_scored(records, scorer.score(prompts, responses), output_path)
+
+
+def write_scored(records, rewards: list[float], output_path) -> ScoreResult:
+    """Every row of ``records`` plus its ``reward``, as JSONL written whole (through a staging file)."""
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(output.name + ".partial")
@@ -66,4 +73,3 @@ def score_file(model_path, input_path, output_path, batch_size: int = 16, max_le
     os.replace(staging, output)
     mean = sum(rewards) / len(rewards) if rewards else math.nan
     return ScoreResult(output, len(rewards), mean)
-

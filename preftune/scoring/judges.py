@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Protocol, Union, runtime_checkable
 
 from ..errors import ConfigError
-from .base import Scorer, as_scorer, make_scorer
+from .base import Scorer, as_scorer
+from .specs import make_scorer
 
 
 @runtime_checkable

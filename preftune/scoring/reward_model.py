@@ -28,7 +28,8 @@ from torch import nn
 
 from ..data.messages import render, strip_trailing_eos
 from ..errors import ConfigError
-from ..models import is_peft_model, load_tokenizer, peft_wrapping
+from ..models import load_tokenizer, peft_wrapping
+from ..wrappers import base_model, evaluating
 from .base import CheckedScorer, check_batch_size
 
 HEAD_NAMES = ("score", "classifier")
@@ -36,20 +37,16 @@ HEAD_NAMES = ("score", "classifier")
 
 def head_name(model) -> str:
     """Name of the classification head ("score" for decoders, "classifier" for BERT-style encoders)."""
-    model = _unwrap(model)
+    model = base_model(model)
     for name in HEAD_NAMES:
         if isinstance(getattr(model, name, None), nn.Module):
             return name
     raise ConfigError(f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)}")
 
 
-def _unwrap(model):
-    return model.get_base_model() if is_peft_model(model) else model
-
-
 def reads_last_token(model) -> bool:
     """True for decoder-style classifiers: a ``score`` head over the backbone's per-token states."""
-    model = _unwrap(model)
+    model = base_model(model)
     return isinstance(getattr(model, "score", None), nn.Module) and hasattr(model, model.base_model_prefix)
 
 
@@ -92,7 +89,7 @@ def distinct_pad_token(tokenizer) -> None:
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
     """One float32 reward per sequence, ``[B]``; ``token_type_ids`` is used by encoders that have types."""
-    hf = _unwrap(model)
+    hf = base_model(model)
     if reads_last_token(hf):
         backbone = getattr(hf, hf.base_model_prefix)
         accepted = inspect.signature(backbone.forward).parameters
@@ -113,7 +110,7 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 def check_reward_model(model) -> None:
     """A sequence classifier with one output, else ConfigError."""
     head_name(model)
-    labels = getattr(_unwrap(model).config, "num_labels", None)
+    labels = getattr(base_model(model).config, "num_labels", None)
     if labels != 1:
         raise ConfigError(f"a reward model needs a classification head with one output, this one has {labels}; "
                           "load it with AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)")
@@ -216,9 +213,7 @@ def score_token_ids(model, sequences: list[tuple[list[int], list[int]]], pad_tok
     device = next(model.parameters()).device
     order = sorted(range(len(sequences)), key=lambda i: -sum(map(len, sequences[i])))
     rewards = [0.0] * len(sequences)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             width = max(sum(map(len, sequences[i])) for i in chunk)
@@ -233,8 +228,6 @@ def score_token_ids(model, sequences: list[tuple[list[int], list[int]]], pad_tok
             values = sequence_rewards(model, ids.to(device), mask.to(device), types.to(device))
             for i, value in zip(chunk, values.tolist()):
                 rewards[i] = value
-    finally:
-        model.train(was_training)
     return rewards
 
 

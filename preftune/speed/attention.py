@@ -31,8 +31,9 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from ..data.packed import PackedLayout, packed_mask
+from ..data.packed import PackedLayout, collate_blocks, packed_mask
 from ..data.packing import block_causal_mask
+from ..wrappers import base_model, evaluating
 
 IMPLEMENTATION = "preftune_sdpa"
 LAYOUT_KEY = "preftune_blocks"
@@ -73,12 +74,21 @@ def blockwise_sdpa(module, query, key, value, attention_mask, dropout: float = 0
     return output.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
+_registered = False
+
+
+def register() -> None:
+    """Make ``preftune_sdpa`` known to transformers' attention registry (once per process; explicit, by
+    :func:`use_blockwise_sdpa`)."""
+    global _registered
+    if _registered:
+        return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(IMPLEMENTATION, blockwise_sdpa)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    _registered = True
 
 
 def attention_implementation(model) -> str:
@@ -100,11 +110,17 @@ def supports_prefix_sharing(model) -> bool:
     return supports_packing(model) and attention_implementation(model) in ("sdpa", IMPLEMENTATION, "eager")
 
 
+def runs_blockwise(model) -> bool:
+    """True when ``model`` was switched to :func:`blockwise_sdpa` (by :func:`use_blockwise_sdpa`)."""
+    return attention_implementation(model) == IMPLEMENTATION
+
+
 def use_blockwise_sdpa(model) -> bool:
-    """Switch an SDPA model to :func:`blockwise_sdpa` (the same computation without a layout); True if it runs it."""
+    """Switch an SDPA model to :func:`blockwise_sdpa` (the same computation without a layout; the
+    ``blockwise_attention`` setting, applied once while the model is prepared); True if it runs it."""
     kind = attention_implementation(model)
     if kind == "sdpa":
-        _register()
+        register()
         model.config._attn_implementation = IMPLEMENTATION
         for sub in model.modules():  # nested configs (a backbone's own) follow
             config = getattr(sub, "config", None)
@@ -119,7 +135,7 @@ def packed_model_inputs(model, batch: dict) -> dict:
     layout = PackedLayout.of(batch)
     device = batch["input_ids"].device
     inputs = {"position_ids": batch["position_ids"]}
-    if use_blockwise_sdpa(model):
+    if runs_blockwise(model):
         blocks = [(0, start, prompt, completions) for (start, _), prompt, completions
                   in zip(layout.spans(), layout.prompt_lengths, layout.completion_lengths)]
         inputs["attention_mask"] = batch["attention_mask"]     # all ones: transformers builds no mask
@@ -130,7 +146,7 @@ def packed_model_inputs(model, batch: dict) -> dict:
         inputs["attention_mask"] = None    # variable-length flash attention from the position ids
     else:
         mask = packed_mask(layout, device)
-        if attention_implementation(model) == "eager":
+        if attention_implementation(model) in ("eager", "sdpa"):   # sdpa not switched: the dense mask, exact
             dtype = next(model.parameters()).dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
         inputs["attention_mask"] = mask
@@ -144,13 +160,13 @@ def packed_lm_inputs(model, attention_mask: torch.Tensor, position_ids: torch.Te
     SDPA runs block by block; eager attention gets the dense block-diagonal causal mask; other kernels
     (flash, flex) get no mask and derive the packed layout from ``position_ids`` themselves."""
     inputs = {"position_ids": position_ids}
-    if use_blockwise_sdpa(model):
+    if runs_blockwise(model):
         starts = [(row == 0).nonzero().flatten().tolist() for row in position_ids.cpu()]
         length = position_ids.shape[1]
         blocks = [(r, s, 0, [e - s]) for r, row in enumerate(starts) for s, e in zip(row, row[1:] + [length])]
         inputs["attention_mask"] = torch.ones_like(attention_mask)   # the blocks say it all: no mask is built
         inputs[LAYOUT_KEY] = BlockAttention(blocks)
-    elif attention_implementation(model) == "eager":
+    elif attention_implementation(model) in ("eager", "sdpa"):   # sdpa not switched: the dense mask, exact
         inputs["attention_mask"] = block_causal_mask(position_ids, dtype=next(model.parameters()).dtype)
     else:
         inputs["attention_mask"] = None
@@ -165,9 +181,6 @@ def check_block_attention(model) -> bool:
     would let blocks see each other; then a prompt-shared response's hidden states differ from
     those of the same sequence run alone, and this returns False.
     """
-    from ..data.packed import collate_blocks
-    from ..models import base_model
-
     hf = base_model(model)
     backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
     if not isinstance(backbone, torch.nn.Module):
@@ -178,12 +191,8 @@ def check_block_attention(model) -> bool:
     last = [ids[8:10], ids[10:13]] if supports_prefix_sharing(model) else [ids[10:13]]
     batch = {k: v.to(param.device) for k, v in collate_blocks([(ids[:4], [ids[4:8]] * len(last)),
                                                                 (ids[:4], last)]).items()}
-    was_training = hf.training
-    hf.eval()
-    try:
+    with evaluating(hf):
         packed = backbone(input_ids=batch["input_ids"], use_cache=False, **packed_model_inputs(hf, batch))[0][0]
         alone = backbone(input_ids=torch.tensor([ids[:4] + ids[10:13]], device=param.device), use_cache=False)[0][0]
-    finally:
-        hf.train(was_training)
     tolerance = 1e-4 if param.dtype == torch.float32 else 5e-2
     return bool((packed[-3:] - alone[4:7]).abs().max() <= tolerance * max(1.0, float(alone.abs().max())))

@@ -31,10 +31,27 @@ from torch.autograd.function import once_differentiable
 
 from .fused_layers import plain_linear as calls_linear
 
+OFF = "preftune_head_function_off"
+
+
+def use_head_function(model: nn.Module, enabled: bool) -> bool:
+    """Switch :func:`linear_head_logprobs` on or off for ``model``'s output head (the ``fused_head`` setting);
+    True if the head is now computed by it. Off, the head is called as a module chunk by chunk."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Module):
+        return False
+    if enabled:
+        head.__dict__.pop(OFF, None)
+    else:
+        head.__dict__[OFF] = True
+    return plain_linear(head) is not None
+
 
 def plain_linear(lm_head: nn.Module) -> nn.Linear | None:
-    """``lm_head`` if calling it is exactly ``F.linear(x, weight, bias)`` (no subclass, wrapper or hook), else None."""
-    if not calls_linear(lm_head):
+    """``lm_head`` if calling it is exactly ``F.linear(x, weight, bias)`` (no subclass, wrapper or hook) and the
+    head function is not switched off for it, else None."""
+    if not calls_linear(lm_head) or lm_head.__dict__.get(OFF, False):
         return None
     if any(p is not None and type(p) is not nn.Parameter for p in (lm_head.weight, lm_head.bias)):
         return None   # sharded (DTensor) or quantised parameters: the module knows how to call them

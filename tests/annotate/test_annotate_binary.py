@@ -64,7 +64,7 @@ def test_binary_answers_over_the_api_valid_and_invalid(db, make_project):
     boss = TestClient(app, headers={"authorization": f"Bearer {tokens['boss']}"})
     assert boss.get("/admin/p/1/export.jsonl").status_code == 422  # no pairs in a binary project
     assert boss.get("/admin/p/1/kto.jsonl?min_agreement=2").status_code == 422
-    exported = [json.loads(line) for line in boss.get("/admin/p/1/kto.jsonl").text.splitlines()]
+    exported = [json.loads(line) for line in boss.get("/admin/p/1/kto.jsonl?weighting=votes").text.splitlines()]
     assert sorted((r["label"], r["label_prob"]) for r in exported) == [(False, 1.0)]  # the other item is split 1:1
     assert "KTO rows" in boss.get("/admin").text
 
@@ -77,14 +77,14 @@ def test_binary_export_majority_label_prob_min_agreement_and_alpha(db_url, db, m
                            "c": {"item-0": up, "item-1": down, "item-2": down}})
     out_file = tmp_path / "kto.jsonl"
     code, out, _ = run(capsys, "export", "--db", db_url, "--project", "demo", "--output", str(out_file),
-                       "--format", "kto")
+                       "--format", "kto", "--weighting", "votes")
     rows = {r["item"]: r for r in map(json.loads, out_file.read_text().splitlines())}
     assert code == 0 and "wrote 3 KTO rows" in out  # item-3 is split 1:1 and dropped
     assert {k: (r["label"], r["label_prob"], r["annotators"]) for k, r in rows.items()} == {
         "item-0": (True, 1.0, 3), "item-1": (False, round(2 / 3, 6), 3), "item-2": (True, round(2 / 3, 6), 3)}
     assert rows["item-1"]["prompt"] == "Prompt 1" and rows["item-1"]["completion"] == "response 1.0"
     code, out, _ = run(capsys, "export", "--db", db_url, "--project", "demo", "--output", str(out_file),
-                       "--format", "kto", "--min_agreement", "0.7")
+                       "--format", "kto", "--min_agreement", "0.7", "--weighting", "votes")
     assert "wrote 1 KTO rows" in out and json.loads(out_file.read_text())["item"] == "item-0"
     code, _, err = run(capsys, "export", "--db", db_url, "--project", "demo", "--output", str(out_file))
     assert code == 2 and "--format kto" in err
@@ -102,7 +102,7 @@ def test_kto_export_from_pairwise_ranking_and_rating_projects(db_url, db, make_p
                            "ben": {"item-0": {"choice": 0}, "item-1": {"choice": 1}, "item-2": {"choice": 1}}})
     out_file = tmp_path / "kto.jsonl"
     code, out, _ = run(capsys, "export", "--db", db_url, "--project", "demo", "--output", str(out_file),
-                       "--format", "kto")
+                       "--format", "kto", "--weighting", "votes")
     rows = sorted((r["item"], r["completion"], r["label"], r["label_prob"])
                   for r in map(json.loads, out_file.read_text().splitlines()))
     # item-0: both pick 0; item-1: split 1:1, dropped; item-2: the tie gives no vote, ben's decides

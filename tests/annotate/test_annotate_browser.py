@@ -131,7 +131,8 @@ def test_annotator_labels_in_the_browser_and_the_export_trains_dpo(db_url, db, m
     exported = [json.loads(line) for line in export.read_text().splitlines()]
     assert len(exported) == 7  # the tie and the skip leave those items to ben alone
     assert all(any(w in r["chosen"].split() for w in CALM_WORDS) for r in exported)
-    assert {r["preference_prob"] for r in exported} == {1.0}
+    assert {r["vote_share"] for r in exported} == {1.0}
+    assert all(0.5 < r["preference_prob"] <= 1.0 for r in exported)  # competence-weighted posterior
     context.close()
     admin.close()
 
@@ -230,7 +231,7 @@ def test_binary_thumbs_with_mouse_and_keyboard_export_kto_and_train(tmp_path, ma
     rows = [json.loads(line) for line in export.read_text().splitlines()]
     assert len(rows) == 6 and sum(r["label"] for r in rows) == 3
     assert all(r["label"] == any(w in r["completion"].split() for w in CALM_WORDS) for r in rows)
-    assert all(r["label_prob"] == 1.0 for r in rows)
+    assert all(r["vote_share"] == 1.0 and 0.5 < r["label_prob"] <= 1.0 for r in rows)
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "preftune.cli", "kto", "--model_name_or_path", str(tiny_model_dir),

@@ -57,7 +57,11 @@ def test_export_and_stats_from_two_annotators(db_url, db, make_project, tmp_path
     code, out, _ = run(capsys, "export", "--db", db_url, "--project", "demo", "--output", str(out_file))
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert code == 0 and "wrote 5 pairs" in out and len(rows) == 5  # item-0 is split 1:1 and dropped
-    assert all(r["preference_prob"] == 1.0 for r in rows)
+    # equally competent (each agrees with the other on 5 of 6): two agreeing votes, posterior below 1
+    assert all(0.9 < r["preference_prob"] < 1.0 and r["vote_share"] == 1.0 for r in rows)
+    code, out, _ = run(capsys, "export", "--db", db_url, "--project", "demo", "--output", str(out_file),
+                       "--weighting", "votes")
+    assert all(json.loads(line)["preference_prob"] == 1.0 for line in out_file.read_text().splitlines())
     code, out, _ = run(capsys, "export", "--db", db_url, "--project", "demo", "--output", str(out_file), "--ties",
                        "keep")
     assert "wrote 6 pairs" in out

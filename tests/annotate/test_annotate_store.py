@@ -135,8 +135,8 @@ def test_export_and_agreement_from_stored_labels(db, make_project):
     for name in ("a", "b", "c"):
         label_all(db, proj, people[name], choose_for(name))
     with db.read() as session:
-        rows = {r["item"]: r for r in export_pairs(session, proj)}
-        kept = {r["item"]: r for r in export_pairs(session, proj, ties="keep")}
+        rows = {r["item"]: r for r in export_pairs(session, proj, weighting="votes")}
+        kept = {r["item"]: r for r in export_pairs(session, proj, ties="keep", weighting="votes")}
         agreement = project_agreement(session, proj)
         stats = {s["annotator"]: s for s in annotator_stats(session, proj)}
     assert rows["item-0"]["chosen"] == "response 0.0" and rows["item-0"]["preference_prob"] == pytest.approx(2 / 3)
@@ -218,7 +218,7 @@ def test_exported_rows_are_valid_training_rows(db, make_project, tmp_path):
     proj, me = project(db), ids(db, ["a"])["a"]
     label_all(db, proj, me, lambda item, order: {"ranking": ["A", "B", "C"]})
     with db.read() as session:
-        path = write_jsonl(export_pairs(session, proj, margin_scale=0.5), tmp_path / "pairs.jsonl")
+        path = write_jsonl(export_pairs(session, proj, margin_scale=0.5, weighting="votes"), tmp_path / "pairs.jsonl")
     rows = load_records(str(path)).rows
     assert len(rows) == 6  # 2 items x 3 pairs
     assert all(set(r) >= {"prompt", "chosen", "rejected", "preference_prob", "margin"} for r in rows)

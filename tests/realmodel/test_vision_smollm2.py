@@ -9,8 +9,9 @@ import json
 
 import torch
 
+from helpers import write_jsonl
 from preftune.models import load_causal_lm
-from toyvision import make_colour_pairs, write_jsonl
+from toyvision import make_colour_pairs
 
 CHATML_PARTS = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
