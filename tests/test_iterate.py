@@ -185,7 +185,8 @@ def test_a_round_under_the_default_trains_on_finished_samples_only(toy_run, one_
 
 
 def test_kto_rounds_against_the_initial_reference(toy_run, one_thread):
-    result = train_iterate(toy_config(toy_run, "kto", rounds=2, loss_type="kto", ref="initial", max_steps=6),
+    result = train_iterate(toy_config(toy_run, "kto", rounds=2, loss_type="kto", ref="initial", max_steps=6,
+                                      missing_eos="penalize", missing_eos_penalty=1.0),
                            judge=calm_count, oracle=calm_minus_loud)
     for round_ in (1, 2):
         round_dir = result.run_dir / "rounds" / str(round_)
