@@ -114,7 +114,7 @@ def _fmt(figure: dict | None, signed: bool = False, digits: int = 3) -> str:
 
 
 def markdown_table(summary: dict) -> str:
-    """The README's table: every figure with its 95% interval, the seeds and the spread between them."""
+    """The README's table: every figure with its 95% interval, which seeds ran and the spread between them."""
     seeds, table = summary["seeds"], summary["table"]
     lines = [f"Seeds {', '.join(map(str, seeds))}; {summary['held_out_prompts']} held-out prompts per seed, one reply "
              f"each; [95% confidence interval]. Per-reply figures pool all {len(seeds)} x "
