@@ -199,7 +199,9 @@ def run_chat_demo(output_dir: str | Path = "runs/demo-chat", scale: ChatDemoScal
     for seed in seeds:
         console.rule(f"[bold]seed {seed}")
         seed_scale = ChatDemoScale(**{**asdict(scale), "seed": seed})
-        result = train_iterate(demo_config(seed_scale, model_dir, root / f"seed-{seed}"))
+        result = train_iterate(demo_config(seed_scale, model_dir, root / f"seed-{seed}"),
+                               title="SmolLM2-135M-Instruct, one-sentence product reviews (judge: VADER; independent "
+                                     "score: TextBlob)")
         runs[seed] = result.run_dir
     seconds = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -355,17 +355,18 @@ def watch_rounds(cfg: IterateConfig, run_dir: Path, records: list[dict]) -> None
     write_rows(run_dir / "metrics.jsonl", lines)
 
 
-def report_title(cfg: IterateConfig) -> str:
-    """The report's title: model, task (the prompts) and the settings that shape a run."""
+def report_title(cfg: IterateConfig, what: str | None = None) -> str:
+    """The report's title: ``what`` ran (default: the model on the prompt file) and the settings that shape a run."""
     model = Path(cfg.model_name_or_path).name or cfg.model_name_or_path
-    task = Path(cfg.dataset).name if cfg.dataset else "prompts"
-    return (f"preftune iterate: {model} on {task} — {cfg.rounds} rounds, {cfg.samples_per_prompt} samples per "
+    what = what or f"{model} on {Path(cfg.dataset).name if cfg.dataset else 'prompts'}"
+    return (f"preftune iterate: {what} — {cfg.rounds} rounds, {cfg.samples_per_prompt} samples per "
             f"prompt, {cfg.loss_type} β={cfg.beta:g}, lr {cfg.learning_rate:g}, {cfg.max_new_tokens} new tokens, "
             f"missing_eos {cfg.eos_mode()}, seed {cfg.seed}")
 
 
-def train_iterate(cfg: IterateConfig, *, judge=None, oracle=None) -> IterateResult:
-    """Run (or resume) ``cfg.rounds`` rounds. ``judge``/``oracle`` may be given as scorers or functions."""
+def train_iterate(cfg: IterateConfig, *, judge=None, oracle=None, title: str | None = None) -> IterateResult:
+    """Run (or resume) ``cfg.rounds`` rounds. ``judge``/``oracle`` may be given as scorers or functions; ``title``
+    names the model and task in the report's title."""
     from ..models import load_tokenizer
     from .report import write_iterate_report
 
@@ -389,6 +390,6 @@ def train_iterate(cfg: IterateConfig, *, judge=None, oracle=None) -> IterateResu
         write_json(run_dir / "timings.json", timings)
     watch_rounds(cfg, run_dir, records)
     write_rows(run_dir / "rounds.jsonl", records)
-    report = write_iterate_report(run_dir, records, run_dir / "report.html", title=report_title(cfg))
+    report = write_iterate_report(run_dir, records, run_dir / "report.html", title=report_title(cfg, title))
     write_json(run_dir / "summary.json", {"model_dir": str(policy), "rounds": records, "report": str(report)})
     return IterateResult(run_dir, policy, records, report)
