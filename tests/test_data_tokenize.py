@@ -85,6 +85,26 @@ def test_template_that_writes_eos_does_not_get_it_twice(tiny_tokenizer):
     assert pair.chosen_ids[-1] == tokenizer.eos_token_id
 
 
+def test_a_reply_marked_as_never_ended_is_trained_without_eos(tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    row = {"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED, "chosen_ended": False}
+    pair = tokenize(tiny_tokenizer, [row])[0]
+    assert pair.chosen_ids == ids(tiny_tokenizer, CHOSEN) and not pair.chosen_ended
+    assert pair.rejected_ids == ids(tiny_tokenizer, REJECTED) + [eos]
+    # a chat template that closes the reply with an end-of-turn text: cut off, the reply stops at its content
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                               "{% if m['role'] == 'assistant' %}<|end|>{{ eos_token }}\n{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    chat = make_toy_preferences(1, conversational=True)[0]
+    finished, cut = tokenize(tokenizer, [chat, {**chat, "rejected_ended": False}])
+    content = chat["rejected"][0]["content"]
+    assert tokenizer.decode(finished.rejected_ids).endswith("<|end|></s>")
+    assert cut.rejected_ids == ids(tokenizer, content) and cut.chosen_ids == finished.chosen_ids
+    with pytest.raises(DataError, match="chosen_ended"):
+        tokenize(tiny_tokenizer, [{**row, "chosen_ended": "no"}])
+
+
 def test_implicit_prompt_from_strings_stops_at_a_word_boundary(tiny_tokenizer):
     river = "Describe the river in a few words:"
     rows = [{"chosen": river + " calm kind", "rejected": river + " loud rude"},

@@ -31,8 +31,17 @@ def run_eval(tmp_path, model_dir, prompts_file, *extra):
 def test_function_judge_with_reference_and_baseline(tiny_model_dir, prompts_file, tmp_path):
     metrics, samples = run_eval(tmp_path, tiny_model_dir, prompts_file,
                                 "--judge", "function:preftune.demo.sentiment:sentiment_reward",
-                                "--ref_model", str(tiny_model_dir), "--baseline_model", str(tiny_model_dir))
+                                "--ref_model", str(tiny_model_dir), "--baseline_model", str(tiny_model_dir),
+                                "--independent", "function:preftune.demo.chat:independent_review_score")
     assert len(samples) == 4 and all("score" in s for s in samples)
+    # the reward-hacking monitors measured the samples, against the baseline model's
+    assert metrics["monitor"]["ended"] == pytest.approx(metrics["eos_rate"])
+    assert metrics["monitor"]["judge_mean"] == pytest.approx(metrics["reward"])
+    assert metrics["monitor"]["kl_per_token"] == pytest.approx(0.0, abs=1e-4)
+    assert "independent_mean" in metrics["monitor"] and "independent_mean" in metrics["monitor_baseline"]
+    logged = json.loads((tmp_path / "eval" / "metrics.jsonl").read_text())
+    assert logged["monitor/ended"] == pytest.approx(metrics["eos_rate"])
+    assert {f"monitor/alarm/{a['monitor']}" for a in metrics["alarms"]} == {k for k in logged if "/alarm/" in k}
     assert metrics["reward"] == pytest.approx(sum(s["score"] for s in samples) / 4)
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-4)  # the reference is the model itself
     assert 0.0 <= metrics["win_rate"] <= 1.0

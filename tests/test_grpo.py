@@ -19,7 +19,7 @@ from preftune.errors import ConfigError
 from preftune.recipes.grpo import Completion, GRPOTask, PolicyTokens, train_grpo
 from preftune.recipes.online import MicroBatch
 from preftune.recipes.ppo import read_metrics
-from test_ppo import online_setup
+from test_ppo import moved, never_ending, online_setup
 from toydata import TOPICS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -242,3 +242,21 @@ def test_cli_killed_grpo_run_resumes_exactly_and_rloo_runs(setup, tmp_path):
     args = build_parser().parse_args(["grpo", "--model_name_or_path", "m", "--dataset", "d", "--reward_funcs", "r.py:f",
                                       "--scale_rewards", "none", "--reward_weights", "0.5"])
     assert config_from_args(GRPOConfig, args).scale_rewards == "none"
+
+
+@pytest.mark.parametrize("mode", ["drop", "keep"])
+def test_missing_eos_drop_leaves_unfinished_completions_out_of_the_loss(setup, tmp_path, mode, tiny_tokenizer):
+    run = train_grpo(config(setup, tmp_path / mode, max_completion_length=3, max_steps=1, missing_eos=mode,
+                            reward_funcs=[setup["reward"]]), tokenizer=never_ending(tiny_tokenizer))
+    first = read_metrics(run.run_dir)[0]
+    assert first["completions/clipped_ratio"] == 1.0 and first["monitor/ended"] == 0.0
+    assert (moved(setup, run) == 0.0) == (mode == "drop")
+
+
+def test_missing_eos_penalize_lowers_the_reward_of_unfinished_completions(setup, tmp_path):
+    run = train_grpo(config(setup, tmp_path / "penalize", reward_funcs=[setup["half"]], max_completion_length=2,
+                            max_steps=1, missing_eos_penalty=2.0))
+    first = read_metrics(run.run_dir)[0]
+    assert 0.0 < first["completions/clipped_ratio"] < 1.0
+    assert first["rewards/half/mean"] == pytest.approx(0.5)       # each function's own reward, as it gave it
+    assert first["reward"] == pytest.approx(0.5 - 2.0 * first["completions/clipped_ratio"], abs=1e-6)

@@ -46,7 +46,8 @@ def toy_settings(root: Path, out: str, **extra) -> dict:
     values = dict(model_name_or_path=str(root / "init"), dataset=str(root / "train.jsonl"),
                   eval_dataset=str(root / "eval.jsonl"), eval_split="train", output_dir=str(root / out), rounds=3,
                   samples_per_prompt=8, max_new_tokens=16, max_length=64, learning_rate=1e-2, max_steps=10,
-                  per_device_batch_size=8, beta=0.1, warmup_ratio=0.0, logging_steps=5, eval_samples_per_prompt=4)
+                  per_device_batch_size=8, beta=0.1, warmup_ratio=0.0, logging_steps=5, eval_samples_per_prompt=4,
+                  missing_eos="keep")   # the random toy model seldom ends within 16 tokens: its replies are kept
     values.update(extra)
     return values
 
@@ -68,14 +69,16 @@ def test_best_worst_keeps_one_pair_per_prompt_and_drops_close_scores():
                               [[0.2, 1.0, -0.3], [0.1, 0.4], [-1.0, 3.0]])
     assert rows == [{"prompt": "p1", "chosen": "b", "rejected": "c", "score_chosen": 1.0, "score_rejected": -0.3}]
     # p2: gap 0.3 <= 0.5 dropped; p3: an empty text cannot be trained on, dropped
-    assert stats == {"pairs_considered": 3, "pairs_kept": 1, "pairs_dropped": 2}
+    assert stats == {"pairs_considered": 3, "pairs_kept": 1, "pairs_dropped": 2, "samples_ended": 1.0,
+                     "samples_unfinished_dropped": 0}
 
 
 def test_all_pairs_carry_margin_and_soft_labels_from_the_score_difference():
     cfg = select_config(selection="all_pairs", margin_scale=2.0, preference_prob_scale=1.5)
     prompt = [{"role": "user", "content": "hi"}]
     rows, stats = select_rows(cfg, [prompt], [["a", "b", "c"]], [[0.0, 1.0, 0.0]])
-    assert stats == {"pairs_considered": 3, "pairs_kept": 2, "pairs_dropped": 1}  # a and c tie
+    assert {k: stats[k] for k in ("pairs_considered", "pairs_kept", "pairs_dropped")} == {
+        "pairs_considered": 3, "pairs_kept": 2, "pairs_dropped": 1}  # a and c tie
     assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [("b", "a"), ("b", "c")]
     assert rows[0]["chosen"] == [{"role": "assistant", "content": "b"}] and rows[0]["prompt"] == prompt
     assert rows[0]["margin"] == pytest.approx(2.0)
@@ -87,6 +90,35 @@ def test_kto_takes_the_best_as_desirable_and_the_worst_as_undesirable():
     rows, stats = select_rows(cfg, ["p"], [["a", "b", "c"]], [[0.5, 2.0, -1.0]])
     assert [(r["completion"], r["label"], r["score"]) for r in rows] == [("b", True, 2.0), ("c", False, -1.0)]
     assert stats["pairs_kept"] == 1
+
+
+def test_unfinished_samples_are_never_chosen_or_rejected_by_default():
+    cfg = select_config()   # missing_eos defaults to drop
+    # the cut-off "long long long" has the best score and "x" (cut off too) the worst: neither may be picked
+    rows, stats = select_rows(cfg, ["p1", "p2"], [["long long long", "fine.", "ok.", "x"], ["a", "b"]],
+                              [[9.0, 2.0, 1.0, -5.0], [1.0, 0.0]], [[False, True, True, False], [True, False]])
+    assert rows == [{"prompt": "p1", "chosen": "fine.", "rejected": "ok.", "score_chosen": 2.0, "score_rejected": 1.0}]
+    # p2 has one finished sample: its pair with itself is dropped, never one with the unfinished "b"
+    assert stats["pairs_kept"] == 1 and stats["samples_unfinished_dropped"] == 3
+    assert stats["samples_ended"] == pytest.approx(3 / 6)
+
+
+def test_missing_eos_penalize_lowers_unfinished_scores_and_keep_marks_the_row():
+    texts, scores, ended = [["cut", "done.", "bad."]], [[3.0, 2.0, 0.0]], [[False, True, True]]
+    rows, _ = select_rows(select_config(missing_eos_penalty=2.0), ["p"], texts, scores, ended)
+    assert (rows[0]["chosen"], rows[0]["rejected"], rows[0]["score_chosen"]) == ("done.", "bad.", 2.0)
+    rows, _ = select_rows(select_config(missing_eos="keep"), ["p"], texts, scores, ended)
+    assert rows == [{"prompt": "p", "chosen": "cut", "rejected": "bad.", "score_chosen": 3.0, "score_rejected": 0.0,
+                     "chosen_ended": False, "rejected_ended": True}]
+
+
+def test_missing_eos_settings_that_contradict_each_other_are_refused():
+    with pytest.raises(ConfigError, match="penalize needs a missing_eos_penalty"):
+        select_config(missing_eos="penalize").validate(require_model=False)
+    with pytest.raises(ConfigError, match="applies with missing_eos: penalize, not drop"):
+        select_config(missing_eos="drop", missing_eos_penalty=1.0).validate(require_model=False)
+    with pytest.raises(ConfigError, match="KTO examples"):
+        select_config(missing_eos="keep", loss_type="kto").validate(require_model=False)
 
 
 class CountingJudge:
@@ -123,14 +155,38 @@ def test_iterate_raises_the_oracle_reward_round_over_round(toy_run, one_thread):
     page = result.report.read_text()
     assert "Rounds (held-out prompts" in page and page.count("data:image/png;base64") >= 4
     assert "Generations per round" in page
+    # the report speaks the console's names, says what ran, and has the monitors' own section
+    assert "independent score" in page and "oracle" not in page and "init on train.jsonl" in page
+    assert "Reward-hacking monitors" in page
+    assert "win_rate" not in result.rounds[0]["eval"]           # no invented round-0 win rate
+    logged = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in logged] == [0, 1, 2, 3] and all("monitor/ended" in m for m in logged)
     # a finished run is not redone: resuming it reads every round back
     again = train_iterate(toy_config(toy_run, "learns", seed=1, resume="latest"), judge=calm_count,
                           oracle=calm_minus_loud)
     assert again.rounds == result.rounds
 
 
+def test_a_round_under_the_default_trains_on_finished_samples_only(toy_run, one_thread):
+    result = train_iterate(toy_config(toy_run, "finished", rounds=1, max_steps=2, missing_eos="auto",
+                                      max_new_tokens=40, max_length=96, samples_per_prompt=8), judge=calm_count)
+    round_dir = result.run_dir / "rounds" / "1"
+    samples = [json.loads(line) for line in (round_dir / "samples.jsonl").read_text().splitlines()]
+    ended = {(json.dumps(r["prompt"]), t) for r in samples for t, e in zip(r["samples"], r["ended"]) if e}
+    cut = {(json.dumps(r["prompt"]), t) for r in samples for t, e in zip(r["samples"], r["ended"]) if not e}
+    pairs = [json.loads(line) for line in (round_dir / "pairs.jsonl").read_text().splitlines()]
+    assert cut and pairs, (len(cut), len(pairs))   # both kinds were sampled, and pairs were kept
+    for pair in pairs:
+        key = json.dumps(pair["prompt"])
+        assert (key, pair["chosen"]) in ended and (key, pair["rejected"]) in ended
+        assert "chosen_ended" not in pair
+    selected = json.loads((round_dir / "select.json").read_text())
+    assert selected["samples_unfinished_dropped"] == len(cut) and selected["pairs_kept"] == len(pairs)
+
+
 def test_kto_rounds_against_the_initial_reference(toy_run, one_thread):
-    result = train_iterate(toy_config(toy_run, "kto", rounds=2, loss_type="kto", ref="initial", max_steps=6),
+    result = train_iterate(toy_config(toy_run, "kto", rounds=2, loss_type="kto", ref="initial", max_steps=6,
+                                      missing_eos="penalize", missing_eos_penalty=1.0),
                            judge=calm_count, oracle=calm_minus_loud)
     for round_ in (1, 2):
         round_dir = result.run_dir / "rounds" / str(round_)
@@ -276,3 +332,28 @@ def test_the_chat_demo_oracle_penalises_degenerate_reviews():
     assert scores[2] == pytest.approx(vader(looping)["compound"] - 2.0 * 4 / 6)
     assert scores[3] == -2.0
     assert review_reward([review_prompt("hiking boots")], ["My new boot fits well."])[0] > 0  # singular counts
+    two = "These headphones sound wonderful. I love them."      # the task asks for one sentence
+    assert review_reward([prompt], [two])[0] == pytest.approx(vader(two)["compound"] - 1.0)
+    # a product named as one word ("smartwatch" for "smart watch") is on topic, another word ending alike is not
+    watch = review_prompt("smart watch")
+    assert review_reward([watch] * 2, ["This smartwatch is great.", "This smart-watch is great."]) == [
+        pytest.approx(vader("This smartwatch is great.")["compound"]),
+        pytest.approx(vader("This smart-watch is great.")["compound"])]
+    assert review_reward([watch], ["This stopwatch is great."])[0] < 0
+
+
+def test_the_chat_demo_independent_score_shares_no_lexicon_and_penalises_cut_off_replies():
+    from textblob.en.sentiments import PatternAnalyzer
+
+    from preftune.demo.chat import independent_review_score, review_prompt
+
+    polarity = PatternAnalyzer().analyze
+    prompt = review_prompt("smart watch")
+    replies = ["This smartwatch is great.", "This smartwatch is great and", "It is great.", " "]
+    scores = independent_review_score([prompt] * 4, replies)
+    assert scores[0] == pytest.approx(polarity(replies[0]).polarity) and scores[0] > 0.5
+    assert scores[1] == pytest.approx(polarity(replies[1]).polarity - 1.0)     # does not end a sentence
+    assert scores[2] == pytest.approx(polarity(replies[2]).polarity - 1.0)     # off-topic
+    assert scores[3] == -2.0
+    # a word VADER rates and the pattern lexicon does not know: the two scorers disagree on it
+    assert independent_review_score([prompt], ["This smartwatch is a lifesaver."])[0] == pytest.approx(0.0)

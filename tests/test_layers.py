@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "preftune"
 LAYERS = {
     "settings": (["errors", "config"], []),
     "components": (["data", "losses", "loading", "wrappers", "gguf_import", "gguf_metadata", "realmodel", "toy",
-                    "speed", "models", "logprobs", "generate", "engines", "multimodal", "export_gguf"], ["settings"]),
+                    "speed", "models", "logprobs", "generate", "engines", "multimodal", "export_gguf", "monitors"],
+                   ["settings"]),
     "scoring": (["scoring"], ["settings", "components"]),
     "modality": (["modality"], ["settings", "components", "scoring"]),
     "runtime": (["runtime"], ["settings", "components", "scoring", "modality"]),

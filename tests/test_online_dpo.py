@@ -17,7 +17,7 @@ from preftune.errors import ConfigError
 from preftune.recipes.online_dpo import train_online_dpo
 from preftune.recipes.ppo import read_metrics
 from test_grpo import cli
-from test_ppo import online_setup
+from test_ppo import moved, never_ending, online_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KEYS = {"objective/scores", "objective/scores_margin", "objective/kl", "objective/non_score_reward",
@@ -139,3 +139,14 @@ def test_cli_killed_online_dpo_run_resumes_exactly(setup, tmp_path):
             assert y[key] == pytest.approx(x[key], abs=1e-6), key
     samples = lambda d: [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()]  # noqa: E731
     assert samples(tmp_path / "resumed") == samples(tmp_path / "full")
+
+
+@pytest.mark.parametrize("mode", ["drop", "keep"])
+def test_missing_eos_drop_never_makes_an_unfinished_completion_chosen_or_rejected(setup, tmp_path, mode,
+                                                                                tiny_tokenizer):
+    run = train_online_dpo(config(setup, tmp_path / mode, max_new_tokens=3, max_steps=1, missing_eos=mode),
+                           tokenizer=never_ending(tiny_tokenizer))
+    first = read_metrics(run.run_dir)[0]
+    assert first["val/contain_eos_token"] == 0.0 and first["monitor/ended"] == 0.0
+    assert first["pairs_dropped_unfinished"] == (16.0 if mode == "drop" else 0.0)
+    assert (moved(setup, run) == 0.0) == (mode == "drop")

@@ -298,3 +298,29 @@ def test_cli_yaml_help_and_killed_run_resumes_exactly(setup, tmp_path):
     for flag in ("--reward_model_path", "--reward_function", "--kl_coef", "--kl_estimator", "--missing_eos_penalty",
                  "--num_ppo_epochs", "--value_model", "--resume"):
         assert flag in help_text
+
+
+def never_ending(tokenizer):
+    """The tokenizer with BOS as its EOS: the toy model never writes it, so no sampled reply ends."""
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.eos_token = tokenizer.bos_token
+    return tokenizer
+
+
+def moved(setup, run) -> float:
+    """The largest change of any policy weight from the starting model."""
+    before, after = load_file(str(setup["model"] / "model.safetensors")), load_file(str(run.model_dir /
+                                                                                         "model.safetensors"))
+    return max(float((after[k] - before[k]).abs().max()) for k in before)
+
+
+@pytest.mark.parametrize("mode", ["drop", "keep"])
+def test_missing_eos_drop_never_updates_on_unfinished_replies(setup, tmp_path, mode, tiny_tokenizer):
+    run = train_ppo(config(setup, tmp_path / mode, max_new_tokens=3, max_steps=1, missing_eos=mode),
+                    tokenizer=never_ending(tiny_tokenizer))
+    first = read_metrics(run.run_dir)[0]
+    assert first["response/ended"] == 0.0 and first["monitor/ended"] == 0.0
+    assert first["monitor/alarm/ended"] == 1.0          # the monitor saw that no reply ends
+    assert (moved(setup, run) == 0.0) == (mode == "drop")   # drop: no advantage, no policy update; keep: trained

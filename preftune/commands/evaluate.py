@@ -34,7 +34,14 @@ def eval_arguments(ev) -> None:
     ev.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="Sampling precision: auto (bf16 where the GPU or CPU has fast bf16 products, else fp32), "
                          "fp32, bf16 or fp16 (GPU).")
-    ev.add_argument("--output_dir", required=True, help="Writes eval.json and samples.jsonl here.")
+    ev.add_argument("--independent", help="A second scorer (reward_model:PATH or function:module:function) that did "
+                                          "not train the model: its mean score, and the reward-hacking monitor's gap "
+                                          "between it and the judge (needs --baseline_model).")
+    ev.add_argument("--monitor", nargs="*", default=[], metavar="NAME=NUMBER",
+                    help="Reward-hacking monitor thresholds (preftune/monitors.py: min_ended, max_length_ratio, ...); "
+                         "the baseline model's samples are the reference for ratios and drops.")
+    ev.add_argument("--output_dir", required=True, help="Writes eval.json, samples.jsonl and metrics.jsonl (the "
+                                                        "monitors) here.")
 
 
 def report_arguments(rep) -> None:
@@ -75,6 +82,7 @@ def run_eval(args) -> int:
     from ..evaluate.sampling import evaluate_policy, pair_accuracy, sample_responses
     from ..generate import SamplingSettings
     from ..models import load_any_causal_lm, load_tokenizer
+    from ..scoring import make_scorer
     from ..scoring.judges import is_pointwise, make_judge
 
     tokenizer = load_tokenizer(args.model)
@@ -83,12 +91,16 @@ def run_eval(args) -> int:
     model = load_any_causal_lm(args.model)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p)
-    baseline = None
+    from ..monitors import parse_thresholds
+
+    limits = parse_thresholds(args.monitor, "--monitor")
+    independent = make_scorer(args.independent, option="--independent") if args.independent else None
+    baseline, base_samples = None, None
     if args.baseline_model:
         base_model = load_any_causal_lm(args.baseline_model)
-        baseline = sample_responses(base_model, load_tokenizer(args.baseline_model), prompts, settings,
-                                    seed=args.seed + 1, batch_size=args.batch_size,
-                                    precision=args.precision).responses
+        base_samples = sample_responses(base_model, load_tokenizer(args.baseline_model), prompts, settings,
+                                        seed=args.seed + 1, batch_size=args.batch_size, precision=args.precision)
+        baseline = base_samples.responses
     ref = load_any_causal_lm(args.ref_model) if args.ref_model else None
     result = evaluate_policy(model, tokenizer, prompts, settings, judge=judge, ref_model=ref,
                              baseline_responses=baseline,
@@ -102,16 +114,41 @@ def run_eval(args) -> int:
         metrics["kl_note"] = "samples drawn at temperature != 1: KL is approximate"
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "eval.json").write_text(json.dumps(metrics, indent=2))
+    watched = watch(result, base_samples, judge, independent, limits)
+    (output / "metrics.jsonl").write_text(json.dumps(watched.pop("monitor_metrics")) + "\n")
+    (output / "eval.json").write_text(json.dumps({**metrics, **watched}, indent=2))
     (output / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.sample_rows()))
     table = Table(title=f"evaluation of {args.model} on {len(prompts)} prompts")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    if independent is not None:
+        table.add_row("independent score", f"{watched['monitor']['independent_mean']:.4f}")
     out.print(table)
     out.print(f"written: {output / 'eval.json'}, {output / 'samples.jsonl'}")
     return 0
+
+
+def watch(result, base_samples, judge, independent, limits) -> dict:
+    """The reward-hacking monitors over the evaluated samples, against the baseline model's when there are any."""
+    from ..evaluate.monitors import Monitor, flat_metrics, measure_samples
+    from ..scoring.judges import is_pointwise
+
+    prompts = result.samples.prompts
+
+    def scores(scorer, samples):
+        return scorer.score(prompts, samples.responses) if scorer is not None and is_pointwise(scorer) else None
+
+    current = measure_samples(result.samples, kls=result.kls, judge=result.scores,
+                              independent=scores(independent, result.samples))
+    base = None
+    if base_samples is not None:
+        base = measure_samples(base_samples, judge=scores(judge, base_samples),
+                               independent=scores(independent, base_samples))
+    alarms = Monitor(limits, warn=lambda text: out.print(f"[bold yellow]{text}")).check(current, base or {}, "eval")
+    return {"monitor": current, "monitor_baseline": base, "alarms": alarms,
+            "monitor_metrics": flat_metrics(current, alarms)}
 
 
 def run_report(args) -> int:

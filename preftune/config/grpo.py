@@ -105,7 +105,8 @@ class GRPOConfig(OnlineRLSettings):
                                          "not at all (none, Dr. GRPO). Ignored by rloo.",
                                 choices=list(SCALE_REWARDS))
     mask_truncated_completions: bool = option(False, "Leave completions that reach max_completion_length without EOS "
-                                                     "out of the loss (DAPO overlong filtering).")
+                                                     "out of the loss (DAPO overlong filtering; the same as "
+                                                     "missing_eos: drop).")
     overlong_cache: int = option(0, "DAPO soft overlong punishment: a penalty from 0 to -1 over the last this many "
                                     "tokens before max_completion_length, added to the reward (0: off).")
     dynamic_sampling: bool = option(False, "Drop groups whose rewards are all equal and sample more prompts (DAPO "

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from .base import check_ranges, option, with_default
 from .losses import PAIR_LOSS_NAMES, loss_help
+from .online import ReplySettings
 from .preference import DPOConfig, KTOConfig
 
 PAIR_LOSSES = PAIR_LOSS_NAMES
 
 
 @dataclass
-class IterateConfig(DPOConfig):
+class IterateConfig(DPOConfig, ReplySettings):
     """``preftune iterate``: rounds of sample -> judge -> select -> train -> evaluate.
 
     ``dataset`` holds the training prompts (a ``prompt`` column: text or chat messages), ``eval_dataset``
@@ -22,6 +23,8 @@ class IterateConfig(DPOConfig):
     with ``loss_type: kto``, of ``preftune kto``) applies to each round's training; ``max_steps`` and
     ``num_epochs`` count per round.
     """
+
+    default_missing_eos = "drop"   # an unfinished sample is never a chosen or rejected reply
 
     loss_type: str = option("sigmoid", loss_help("Loss of each round on chosen/rejected pairs") + " Or kto on the "
                                        "top (desirable) and bottom (undesirable) samples.")
@@ -94,6 +97,10 @@ class IterateConfig(DPOConfig):
         if self.max_prompt_length is not None and self.max_prompt_length + self.max_new_tokens > self.max_length:
             raise ConfigError(f"max_prompt_length + max_new_tokens ({self.max_prompt_length} + {self.max_new_tokens})"
                               f" must not exceed max_length ({self.max_length})")
+        self.check_replies()
+        if self.loss_type == "kto" and self.eos_mode() == "keep":
+            raise ConfigError("missing_eos: keep marks pairs whose replies never ended; KTO examples carry no such "
+                              "mark: use drop or penalize with loss_type kto")
         if not math.isfinite(self.annotate_timeout):
             raise ConfigError("annotate_timeout must be a finite number of seconds")
 

@@ -6,15 +6,67 @@ Each field is declared once here; a command changes only a default (:func:`~.bas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .base import option, with_default
+from .monitors import Thresholds, parse_thresholds
 from .shared import DataSource, ModelSettings, TrainSettings, validate_training
+
+MISSING_EOS = ("drop", "penalize", "keep")
 
 
 @dataclass
-class OnlineRLSettings(ModelSettings, DataSource, TrainSettings):
+class ReplySettings:
+    """What becomes of a sampled reply that never ends (no EOS within the length cap), and the reward-hacking
+    monitors' thresholds (:mod:`preftune.monitors`). Shared by the online commands and ``iterate``."""
+
+    missing_eos: str = option("auto", "A sample that never emits EOS: drop (never trained: left out of the "
+                                           "loss, never a chosen or rejected reply), penalize (missing_eos_penalty "
+                                           "subtracted from its score) or keep (trained as it is, without an EOS). "
+                                           "auto: iterate drops; the online commands penalize when "
+                                           "missing_eos_penalty is set, drop with mask_truncated_completions, "
+                                           "else keep.", choices=["auto", *MISSING_EOS])
+    missing_eos_penalty: float = option(0.0, "Subtracted from the score of a response that never emits EOS within "
+                                             "max_new_tokens (TRL's name; setting it means missing_eos: penalize).")
+    monitor: list[str] = option([], "Reward-hacking monitor thresholds as NAME=NUMBER (min_ended, max_ended_drop, "
+                                    "max_length_ratio, max_repeated_ngrams, max_distinct_drop, max_self_bleu_rise, "
+                                    "max_top_opening, max_kl_per_token, max_judge_gap); the others keep their "
+                                    "defaults.")
+
+    default_missing_eos = "keep"
+
+    def eos_mode(self) -> str:
+        """``missing_eos`` with its default resolved: drop, penalize or keep."""
+        if self.missing_eos != "auto":
+            return self.missing_eos
+        if self.missing_eos_penalty:
+            return "penalize"
+        if getattr(self, "mask_truncated_completions", False):
+            return "drop"
+        return self.default_missing_eos
+
+    def check_replies(self) -> None:
+        """missing_eos and its penalty agree; the monitor thresholds parse."""
+        if not math.isfinite(self.missing_eos_penalty):
+            raise ConfigError(f"missing_eos_penalty must be a finite number, got {self.missing_eos_penalty}")
+        if self.missing_eos == "penalize" and not self.missing_eos_penalty:
+            raise ConfigError("missing_eos: penalize needs a missing_eos_penalty (the amount subtracted), e.g. 1.0")
+        if self.missing_eos in ("drop", "keep") and self.missing_eos_penalty:
+            raise ConfigError(f"missing_eos_penalty applies with missing_eos: penalize, not {self.missing_eos}; "
+                              f"remove one of them")
+        if getattr(self, "mask_truncated_completions", False) and self.missing_eos in ("penalize", "keep"):
+            raise ConfigError(f"mask_truncated_completions is missing_eos: drop; it contradicts missing_eos: "
+                              f"{self.missing_eos}")
+        parse_thresholds(self.monitor, "monitor")
+
+    def thresholds(self) -> Thresholds:
+        return parse_thresholds(self.monitor, "monitor")
+
+
+@dataclass
+class OnlineRLSettings(ReplySettings, ModelSettings, DataSource, TrainSettings):
     """A policy sampling completions for prompts, scored and updated online."""
 
     output_dir: str = option("runs/online", "Run directory: metrics.jsonl, samples.jsonl, checkpoints/ and the "
@@ -57,7 +109,8 @@ class OnlineRLSettings(ModelSettings, DataSource, TrainSettings):
         validate_training(self)
 
     def check_sampling(self) -> None:
-        """top_k / top_p and the sample-logging counts are in range."""
+        """top_k / top_p, the sample-logging counts and missing_eos are in range."""
+        self.check_replies()
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k} and {self.top_p}")
         if self.log_samples_steps < 0 or self.log_samples < 0:

@@ -8,7 +8,6 @@ the sampling options PPO's and GRPO's (each declared once, only the default chan
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -41,7 +40,6 @@ class OnlineDPOConfig(OnlineRLSettings):
     nll_weight: float = with_default(DPOConfig, "nll_weight", 0.0)
     constraints: list[str] = with_default(DPOConfig, "constraints", [])
     max_new_tokens: int = with_default(PPOConfig, "max_new_tokens", 64)
-    missing_eos_penalty: float = with_default(PPOConfig, "missing_eos_penalty", 0.0)
     sampling_batch_size: int = with_default(GRPOConfig, "sampling_batch_size", 32)
     max_steps: int = option(-1, "Stop after this many steps (one batch of prompts, two completions each, one "
                                 "optimiser update; overrides num_epochs when > 0).")
@@ -58,8 +56,6 @@ class OnlineDPOConfig(OnlineRLSettings):
                      positive_numbers=["temperature", "beta"])
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if not math.isfinite(self.missing_eos_penalty):
-            raise ConfigError(f"missing_eos_penalty must be a finite number, got {self.missing_eos_penalty}")
         for spec in self.constraints:
             parse_constraint_spec(spec)
         self.check_sampling()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -21,8 +20,6 @@ class PPOConfig(OnlineRLSettings):
     reward_function: str | None = option(None, "Instead of a reward model: 'module:function' or "
                                                "'path/file.py:function', called as fn(prompts, responses) -> one "
                                                "number per response.")
-    missing_eos_penalty: float = option(0.0, "Subtracted from the score of a response that never emits EOS within "
-                                             "max_new_tokens.")
     normalize_scores: bool = option(False, "Standardise scores with a running mean and std over every score seen so "
                                            "far.")
     score_clip: float = option(0.0, "Clip (normalised) scores to [-score_clip, score_clip]; 0 disables.")
@@ -69,8 +66,6 @@ class PPOConfig(OnlineRLSettings):
                                       "num_ppo_epochs", "kl_horizon"],
                       positive_numbers=["temperature", "cliprange", "cliprange_value", "target_kl"],
                       non_negative=["vf_coef", "kl_coef", "score_clip"], unit_interval=["gamma", "lam"])
-        if not math.isfinite(self.missing_eos_penalty):
-            raise ConfigError(f"missing_eos_penalty must be a finite number, got {self.missing_eos_penalty}")
         self.check_sampling()
 
     def sanity_warnings(self) -> list[str]:

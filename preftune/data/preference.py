@@ -49,7 +49,8 @@ class TokenizeSettings:
 
 @dataclass
 class TokenizedPair:
-    """One preference pair as token ids; each response ends with EOS unless it was truncated."""
+    """One preference pair as token ids; each response ends with EOS unless it was truncated or its row
+    says it never ended (``chosen_ended`` / ``rejected_ended`` false)."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
@@ -57,6 +58,8 @@ class TokenizedPair:
     preference_prob: float   # NaN when the row has none: then the loss uses 1 - label_smoothing
     margin: float
     row: int
+    chosen_ended: bool = True     # False: the row says the reply never ended; trained without an appended EOS
+    rejected_ended: bool = True
 
 
 @dataclass
@@ -81,6 +84,8 @@ class RowTexts:
     preference_prob: float
     margin: float
     row: int
+    chosen_ended: bool = True
+    rejected_ended: bool = True
 
 
 # ---------------------------------------------------------------- format detection
@@ -152,6 +157,24 @@ def _preference_prob(row: dict) -> float:
         raise InvalidRow("probability out of range", "preference_prob",
                          f"probability out of range: must be between 0 and 1, found {prob}")
     return prob
+
+
+def _ended(row: dict, name: str) -> bool:
+    """A row's ``chosen_ended`` / ``rejected_ended`` flag (default true): false for a reply that was cut off
+    (``preftune iterate --missing_eos keep``), which is then trained without an appended EOS."""
+    value = row.get(f"{name}_ended", True)
+    if not isinstance(value, bool):
+        raise InvalidRow("wrong type", f"{name}_ended", f"wrong type: expected true or false, found "
+                                                         f"{type_name(value)} ({value!r})")
+    return value
+
+
+def _cut_after_content(text: str, reply) -> str:
+    """A rendered reply that never ended: its text up to the end of its content (no end-of-turn text)."""
+    content = reply[-1].get("content") if isinstance(reply, list) and reply else None
+    if isinstance(content, str) and content and content in text:
+        return text[:text.rindex(content) + len(content)]
+    return text
 
 
 def _margin(row: dict) -> float:
@@ -234,7 +257,11 @@ def validate_rows(records: Records, tokenizer=None, style: _Style | None = None,
     for row, number in zip(records.rows, records.row_numbers):
         try:
             prompt, chosen, rejected = _row_texts(row, style, tokenizer, whole_turn)
-            texts.append(RowTexts(prompt, chosen, rejected, _preference_prob(row), _margin(row), number))
+            ended = _ended(row, "chosen"), _ended(row, "rejected")
+            if style.messages and tokenizer is not None:
+                chosen = chosen if ended[0] else _cut_after_content(chosen, row.get("chosen"))
+                rejected = rejected if ended[1] else _cut_after_content(rejected, row.get("rejected"))
+            texts.append(RowTexts(prompt, chosen, rejected, _preference_prob(row), _margin(row), number, *ended))
         except InvalidRow as invalid:
             problem = invalid.problem(records.name, number)
             if invalid.fatal:
@@ -275,7 +302,8 @@ def tokenize_untruncated(records: Records, tokenizer,
     prompts = _token_ids(tokenizer, [t.prompt for t in texts], add_special_tokens=not style.messages)
     chosen = _token_ids(tokenizer, [t.chosen for t in texts], add_special_tokens=False)
     rejected = _token_ids(tokenizer, [t.rejected for t in texts], add_special_tokens=False)
-    pairs = [TokenizedPair(list(p), list(c) + end, list(r) + end, t.preference_prob, t.margin, t.row)
+    pairs = [TokenizedPair(list(p), list(c) + end * t.chosen_ended, list(r) + end * t.rejected_ended,
+                           t.preference_prob, t.margin, t.row, t.chosen_ended, t.rejected_ended)
              for t, p, c, r in zip(texts, prompts, chosen, rejected)]
     return pairs, problems
 

@@ -218,6 +218,37 @@ def final_metrics(run: RunData) -> dict:
     return last
 
 
+def run_alarm_section(runs) -> str:
+    """HTML for ``preftune report``: per run, each monitor that crossed its threshold and the first step (or the
+    evaluation) where it did; empty when no run logged the monitors."""
+    rows, watched = [], False
+    for run in runs:
+        seen: set[str] = set()
+        for record in run.records:
+            watched = watched or any(k.startswith("monitor/") for k in record)
+            for key in sorted(k for k in record if k.startswith("monitor/alarm/")):
+                name = key.removeprefix("monitor/alarm/")
+                if name not in seen:
+                    seen.add(name)
+                    rows.append([run.name, record.get("step", record.get("round", "")), name,
+                                 record.get(f"monitor/{_measure_of(name)}", "")])
+        for alarm in run.evaluation.get("alarms", []) if isinstance(run.evaluation, dict) else []:
+            watched = True
+            rows.append([run.name, "eval", alarm["monitor"], alarm["value"]])
+        watched = watched or "monitor" in (run.evaluation or {})
+    if not watched:
+        return ""
+    body = (html_table(["run", "first at", "monitor", "value"], rows) if rows
+            else "<p>No monitor crossed its threshold.</p>")
+    return "<h2>Reward-hacking monitors</h2>" + body
+
+
+def _measure_of(alarm: str) -> str:
+    """The logged measure behind an alarm (``length_ratio`` is a ratio of ``mean_length``, ...)."""
+    return {"ended_drop": "ended", "length_ratio": "mean_length", "distinct_2_drop": "distinct_2",
+            "self_bleu_rise": "self_bleu"}.get(alarm, alarm)
+
+
 def render_html(runs: list[RunData], title: str = "preftune report", notes: list[str] = ()) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>"]
     parts += [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
@@ -254,6 +285,7 @@ def render_html(runs: list[RunData], title: str = "preftune report", notes: list
             parts.append(f"<figure><img alt='{html.escape(plot_title)}' src='data:image/png;base64,{image}'>"
                          f"<figcaption>{html.escape(plot_title)}</figcaption></figure>")
         parts.append("</div>")
+    parts.append(run_alarm_section(runs))
     samples = [row for run in runs for row in sample_rows(run)]
     if samples:
         parts.append("<h2>Sample generations</h2>")

@@ -43,6 +43,7 @@ class Evaluation:
     metrics: dict[str, float]
     samples: Samples
     scores: list[float] = field(default_factory=list)
+    kls: list[float] = field(default_factory=list)     # each sample's KL to the reference (nats), when one is given
 
     def sample_rows(self) -> list[dict]:
         rows = []
@@ -128,7 +129,7 @@ def evaluate_policy(model, tokenizer, prompts: list, settings, *, judge=None, re
         metrics["reward_std"] = statistics.pstdev(scores)
     if judge is not None and baseline_responses is not None:
         metrics["win_rate"] = win_rate(judge, prompts, samples.responses, baseline_responses)
-    return Evaluation(metrics, samples, scores)
+    return Evaluation(metrics, samples, scores, list(stats["kl"]))
 
 
 def pair_accuracy(judge, prompts: list, chosen: list[str], rejected: list[str]) -> dict[str, float]:

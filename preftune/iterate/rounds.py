@@ -96,7 +96,7 @@ def prepare_run(cfg: IterateConfig) -> Path:
         if not cfg.overwrite_output_dir:
             raise ConfigError(f"{run_dir} already holds an iterate run; pass --resume to continue it, "
                               f"--overwrite_output_dir to start afresh, or choose another --output_dir")
-        for name in ("rounds", "cache", "config.json", "rounds.jsonl", "report.html", "summary.json"):
+        for name in ("rounds", "cache", "config.json", "rounds.jsonl", "report.html", "summary.json", "metrics.jsonl"):
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     write_json(saved, current)
@@ -206,7 +206,9 @@ class Rounds:
         from .select import select_rows
 
         carried = [self.train_prompts[r["prompt_index"]].carry for r in rows]   # a prompt's images
-        pairs, stats = select_rows(self.cfg, [r["prompt"] for r in rows], judged["texts"], judged["scores"], carried)
+        ended = [judged_ended(row, texts) for row, texts in zip(rows, judged["texts"])]
+        pairs, stats = select_rows(self.cfg, [r["prompt"] for r in rows], judged["texts"], judged["scores"], ended,
+                                   carried)
         write_rows(round_dir / "pairs.jsonl", pairs)
         flat = [s for scores in judged["scores"] for s in scores]
         stats["sample_score_mean"] = sum(flat) / len(flat) if flat else None
@@ -248,9 +250,10 @@ class Rounds:
         metrics, rows = evaluation.metrics, evaluation.sample_rows()
         if reference is None:
             metrics["kl"] = 0.0  # the initial model against itself
+        independent = None
         if self.oracle is not None:
             responses = evaluation.samples.responses
-            scores = self.oracle.score(prompts, responses)
+            scores = independent = self.oracle.score(prompts, responses)
             mean = sum(scores) / len(scores)
             metrics["oracle_reward"] = mean
             metrics["oracle_reward_std"] = (sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5
@@ -258,6 +261,10 @@ class Rounds:
                 metrics["oracle_win_rate"] = win_rate(self.oracle, prompts, responses, self.baseline)
             for row, score in zip(rows, scores):
                 row["oracle_score"] = score
+        from ..evaluate.monitors import measure_samples
+
+        metrics["monitor"] = measure_samples(evaluation.samples, kls=evaluation.kls, judge=evaluation.scores,
+                                             independent=independent)
         return metrics, rows
 
     def evaluation_stage(self, round_dir: Path, policy_dir, reference) -> dict:
@@ -270,6 +277,19 @@ class Rounds:
         if self.baseline is None:
             self.baseline = [r["response"] for r in read_rows(round_dir / "eval_samples.jsonl")]
         return metrics
+
+
+def judged_ended(row: dict, texts: list[str]) -> list[bool]:
+    """Whether each judged text ended: a text judged once for several equal samples ends only if all of them did."""
+    flags: dict[str, bool] = {}
+    for text, ended in zip(row["samples"], row.get("ended", [True] * len(row["samples"]))):
+        flags[text] = flags.get(text, True) and bool(ended)
+    return [flags.get(text, True) for text in texts]
+
+
+def progress(round_: int, total: int, stage_name: str, text: str) -> None:
+    """One line as a stage of a round starts."""
+    console.print(f"round {round_}/{total} · {stage_name}: {text}")
 
 
 def run_round(rounds: Rounds, round_: int, policy_dir, reference, timings: dict) -> tuple[Path, dict]:
@@ -286,26 +306,57 @@ def run_round(rounds: Rounds, round_: int, policy_dir, reference, timings: dict)
         spent[name] = round(time.perf_counter() - started, 2)
         return value
 
-    console.rule(f"[bold]iterate: round {round_} of {rounds.cfg.rounds}")
+    cfg, total = rounds.cfg, rounds.cfg.rounds
+    console.rule(f"[bold]iterate: round {round_} of {total}")
+    progress(round_, total, "sample", f"{len(rounds.train_prompts) * cfg.samples_per_prompt} replies "
+                                      f"({len(rounds.train_prompts)} prompts x {cfg.samples_per_prompt})")
     rows = timed("sample", lambda: stage(round_dir / "samples.jsonl", lambda: rounds.sample(policy_dir, round_),
                                           write_rows, read_rows))
+    ended = [e for r in rows for e in r.get("ended", [])]
+    progress(round_, total, "judge", f"{sum(ended)} of {len(ended)} samples ended; scoring them"
+                                     + ("" if rounds.judge is not None else " (people)"))
     judged = timed("judge", lambda: stage(round_dir / "judged.json", lambda: rounds.judge_round(round_dir, round_,
                                                                                                   rows)))
     selected = timed("select", lambda: stage(round_dir / "select.json", lambda: rounds.select(round_dir, rows, judged)))
+    progress(round_, total, "train", f"{selected['pairs_kept']} pairs kept of {selected['pairs_considered']} "
+                                     f"(missing_eos {cfg.eos_mode()}: {selected.get('samples_unfinished_dropped', 0)} "
+                                     f"unfinished samples left out)")
     policy = timed("train", lambda: rounds.train(round_dir, round_, policy_dir, selected))
+    progress(round_, total, "evaluate", f"{len(rounds.eval_prompts) * cfg.eval_samples_per_prompt} held-out replies")
     metrics = timed("evaluate", lambda: rounds.evaluation_stage(round_dir, policy, reference))
     summary_file = round_dir / "train" / "summary.json"
     train = json.loads(summary_file.read_text())["train"] if summary_file.is_file() else {}
     record = {"round": round_, "policy": str(policy), **selected, "eval": metrics,
               "train": {k: train[k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in train}}
     write_json(done, record)
+    from .report import round_line
+
+    console.print(round_line(record))
     return policy, record
 
 
-def train_iterate(cfg: IterateConfig, *, judge=None, oracle=None) -> IterateResult:
-    """Run (or resume) ``cfg.rounds`` rounds. ``judge``/``oracle`` may be given as scorers or functions."""
+def watch_rounds(cfg: IterateConfig, run_dir: Path, records: list[dict]) -> None:
+    """Each round's held-out replies against round 0's (the initial model's) through the monitors; crossed
+    thresholds are printed once, kept in the record (``alarms``) and written to ``metrics.jsonl``."""
+    from ..monitors import Monitor, flat_metrics
+
+    monitor = Monitor(cfg.thresholds(), warn=lambda text: console.print(f"[bold yellow]{text}"))
+    baseline = records[0]["eval"].get("monitor")
+    lines = []
+    for record in records:
+        current = record["eval"].get("monitor")
+        if current is None or baseline is None:
+            continue
+        record["alarms"] = monitor.check(current, baseline, where=f"round {record['round']}")
+        lines.append({"round": record["round"], **flat_metrics(current, record["alarms"])})
+    write_rows(run_dir / "metrics.jsonl", lines)
+
+
+def train_iterate(cfg: IterateConfig, *, judge=None, oracle=None, title: str | None = None) -> IterateResult:
+    """Run (or resume) ``cfg.rounds`` rounds. ``judge``/``oracle`` may be given as scorers or functions; ``title``
+    names the model and task in the report's title."""
     from ..modality import modality_of_data
-    from .report import write_iterate_report
+    from .report import report_title, write_iterate_report
 
     cfg.validate()
     judge, oracle = make_judges(cfg, judge, oracle)
@@ -326,6 +377,7 @@ def train_iterate(cfg: IterateConfig, *, judge=None, oracle=None) -> IterateResu
                           "be file paths (not bytes or decoded images)") from None
     rounds = Rounds(cfg, run_dir, modality, tokenizer, train_prompts, eval_prompts, judge, oracle)
     timings: dict = json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").is_file() else {}
+    progress(0, cfg.rounds, "evaluate", f"the initial model on {len(rounds.eval_prompts)} held-out prompts")
     records = [{"round": 0, "policy": cfg.model_name_or_path,
                 "eval": rounds.evaluation_stage(run_dir / "rounds" / "0", cfg.model_name_or_path, None)}]
     reference = rounds.load(cfg.model_name_or_path)
@@ -334,7 +386,8 @@ def train_iterate(cfg: IterateConfig, *, judge=None, oracle=None) -> IterateResu
         policy, record = run_round(rounds, round_, policy, reference, timings)
         records.append(record)
         write_json(run_dir / "timings.json", timings)
+    watch_rounds(cfg, run_dir, records)
     write_rows(run_dir / "rounds.jsonl", records)
-    report = write_iterate_report(run_dir, records, run_dir / "report.html")
+    report = write_iterate_report(run_dir, records, run_dir / "report.html", title=report_title(cfg, title))
     write_json(run_dir / "summary.json", {"model_dir": str(policy), "rounds": records, "report": str(report)})
     return IterateResult(run_dir, policy, records, report)

@@ -12,6 +12,11 @@ A pair whose scores differ by ``min_score_gap`` or less (or whose texts are equa
 counted, and so is one with an empty text (training rows need text). ``margin_scale`` turns the score
 difference into a per-pair ``margin``; ``preference_prob_scale`` into a soft label
 ``preference_prob = sigmoid(scale x difference)``.
+
+Samples that never ended (no EOS within ``max_new_tokens``) follow ``missing_eos``: ``drop`` (the
+default) leaves them out before the rule picks, so a cut-off reply is never chosen nor rejected;
+``penalize`` subtracts ``missing_eos_penalty`` from their scores first; ``keep`` selects them as they
+are and marks the row (``chosen_ended`` / ``rejected_ended`` false), so the trainer appends no EOS.
 """
 
 from __future__ import annotations
@@ -53,10 +58,12 @@ def _completion(prompt, text: str):
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
-def _pair_row(cfg, prompt, best: tuple[str, float], worst: tuple[str, float]) -> dict:
+def _pair_row(cfg, prompt, best: tuple, worst: tuple) -> dict:
     gap = best[1] - worst[1]
     row = {"prompt": prompt, "chosen": _completion(prompt, best[0]), "rejected": _completion(prompt, worst[0]),
            "score_chosen": best[1], "score_rejected": worst[1]}
+    if not (best[2] and worst[2]):
+        row.update(chosen_ended=best[2], rejected_ended=worst[2])
     if cfg.margin_scale > 0:
         row["margin"] = cfg.margin_scale * gap
     if cfg.preference_prob_scale > 0:
@@ -64,24 +71,38 @@ def _pair_row(cfg, prompt, best: tuple[str, float], worst: tuple[str, float]) ->
     return row
 
 
-def _candidates(cfg, texts: list[str], scores: list[float]) -> list[tuple[tuple[str, float], tuple[str, float]]]:
+def eligible(cfg, texts: list[str], scores: list[float], ended: list[bool]) -> list[tuple[str, float, bool]]:
+    """(text, score, ended) of the samples selection may use, under ``cfg``'s missing_eos rule."""
+    mode = cfg.eos_mode()
+    if mode == "drop":
+        return [(t, s, True) for t, s, e in zip(texts, scores, ended) if e]
+    if mode == "penalize":
+        return [(t, s - cfg.missing_eos_penalty * (not e), e) for t, s, e in zip(texts, scores, ended)]
+    return list(zip(texts, scores, ended))
+
+
+def _candidates(cfg, samples: list[tuple[str, float, bool]]) -> list[tuple[tuple, tuple]]:
     """(better, worse) sample pairs of one prompt that the selection rule considers."""
-    ranked = sorted(zip(texts, scores), key=lambda ts: -ts[1])  # stable: ties keep sampling order
+    ranked = sorted(samples, key=lambda ts: -ts[1])  # stable: ties keep sampling order
     if cfg.selection == "all_pairs" and cfg.loss_type != "kto":
         return [(ranked[i], ranked[j]) for i, j in combinations(range(len(ranked)), 2)]
     return [(ranked[0], ranked[-1])]
 
 
 def select_rows(cfg, prompts: list, samples: list[list[str]], scores: list[list[float]],
-                carried: list[dict] | None = None) -> tuple[list[dict], dict]:
-    """Training rows (pairs, or KTO examples) and counts: ``pairs_considered``, ``pairs_kept``, ``pairs_dropped``.
-    ``carried``: per prompt, fields every row written from it keeps (its images)."""
+                ended: list[list[bool]] | None = None, carried: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """Training rows (pairs, or KTO examples) and counts: ``pairs_considered``, ``pairs_kept``, ``pairs_dropped``,
+    ``samples_ended`` (share of samples that end) and ``samples_unfinished_dropped``. ``carried``: per prompt,
+    fields every row written from it keeps (its images)."""
     rows, considered, dropped = [], 0, 0
-    for number, (prompt, texts, values) in enumerate(zip(prompts, samples, scores)):
+    ended = ended if ended is not None else [[True] * len(texts) for texts in samples]
+    flat = [e for flags in ended for e in flags]
+    for number, (prompt, texts, values, flags) in enumerate(zip(prompts, samples, scores, ended)):
         extra = carried[number] if carried else {}
-        if not texts:
+        usable = eligible(cfg, texts, values, flags)
+        if not usable:
             continue
-        for best, worst in _candidates(cfg, texts, values):
+        for best, worst in _candidates(cfg, usable):
             considered += 1
             blank = not (best[0].strip() and worst[0].strip())
             if best[1] - worst[1] <= cfg.min_score_gap or best[0] == worst[0] or blank:
@@ -89,8 +110,10 @@ def select_rows(cfg, prompts: list, samples: list[list[str]], scores: list[list[
                 continue
             if cfg.loss_type == "kto":
                 rows += [{"prompt": prompt, "completion": _completion(prompt, text), "label": good, "score": score,
-                          **extra} for (text, score), good in ((best, True), (worst, False))]
+                          **extra} for (text, score, _), good in ((best, True), (worst, False))]
             else:
                 rows.append({**_pair_row(cfg, prompt, best, worst), **extra})
-    stats = {"pairs_considered": considered, "pairs_kept": considered - dropped, "pairs_dropped": dropped}
+    stats = {"pairs_considered": considered, "pairs_kept": considered - dropped, "pairs_dropped": dropped,
+             "samples_ended": sum(flat) / len(flat) if flat else None,
+             "samples_unfinished_dropped": (len(flat) - sum(flat)) if cfg.eos_mode() == "drop" else 0}
     return rows, stats

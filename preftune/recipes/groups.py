@@ -39,7 +39,7 @@ from ..runtime.distributed import gathered
 from ..runtime.seeds import mix_seed
 from ..scoring import FunctionScorer, as_scorer, check_scores
 from ..wrappers import evaluating
-from .online import PromptExample, device_batches, pad_rows
+from .online import PromptExample, Replies, device_batches, pad_rows
 
 
 @dataclass
@@ -105,6 +105,7 @@ class Batch:
     completions: list[Completion]
     stats: dict[str, float]
     examples: list[dict] = field(default_factory=list)
+    replies: Replies | None = None           # what the reward-hacking monitors read
 
 
 class GroupSampler:
@@ -137,6 +138,9 @@ class GroupSampler:
         per_function = torch.tensor(columns, dtype=torch.float32).T.reshape(len(texts), len(columns))
         reward = combined_rewards(per_function, self.weights)
         total = combined_rewards(per_function, self.weights, size, normalize=True) if cfg.normalized_sum else reward
+        if cfg.eos_mode() == "penalize":
+            penalty = -cfg.missing_eos_penalty * (~torch.tensor(generation.ended, dtype=torch.bool)).float()
+            reward, total = reward + penalty, total + penalty
         if cfg.overlong_cache:
             lengths = torch.tensor([len(r) for r in generation.response_ids])
             penalty = overlong_penalty(lengths, cfg.max_completion_length, cfg.overlong_cache)
@@ -213,7 +217,9 @@ class GroupSampler:
         examples = [{"prompt": p.text, "completion": t, "reward": r}
                     for p, t, r in zip([p for p in groups.prompts for _ in range(size)], groups.texts,
                                        groups.reward.tolist())]
-        return Batch(completions, stats, examples)
+        replies = Replies(groups.texts, list(groups.ended), [len(r) for r in groups.response_ids],
+                          scores=groups.reward.tolist())
+        return Batch(completions, stats, examples, replies)
 
     def everywhere(self, values: Tensor) -> Tensor:
         """``values`` of every process, concatenated in process order (each process has as many)."""

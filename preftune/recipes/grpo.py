@@ -89,7 +89,7 @@ class GRPOTask:
                         beta=cfg.beta if cfg.advantage == "grpo" else 0.0,
                         epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, aggregation=cfg.aggregation,
                         max_completion_length=cfg.max_completion_length,
-                        truncated=batch["truncated"] if cfg.mask_truncated_completions else None,
+                        truncated=batch["truncated"] if cfg.eos_mode() == "drop" else None,
                         num_tokens=float(batch["loss_tokens"]) if "loss_tokens" in batch and
                         cfg.aggregation == "token_mean" else None,
                         entropy=entropies, **cfg.policy_options())
@@ -100,7 +100,7 @@ class GRPOTask:
 
     def loss_tokens(self, samples: list[Completion]) -> int:
         """Completion tokens that enter the loss (truncated completions out when they are masked)."""
-        return sum(len(s.response_ids) for s in samples if not (self.cfg.mask_truncated_completions and s.truncated))
+        return sum(len(s.response_ids) for s in samples if not (self.cfg.eos_mode() == "drop" and s.truncated))
 
 
 def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, reward_funcs=None) -> RunResult:
@@ -170,7 +170,8 @@ class GRPOStep(OnlineStep):
 
     def sample(self, trainer: Trainer, step: int) -> Sampled:
         batch = self.sampler.collect(trainer, step, self.local_prompts)
-        return Sampled(batch.completions, batch.stats, batch.examples, len(batch.completions) * trainer.world)
+        return Sampled(batch.completions, batch.stats, batch.examples, len(batch.completions) * trainer.world,
+                       batch.replies)
 
     def update(self, trainer: Trainer, items: list[Completion], step: int) -> tuple[dict[str, list], int]:
         cfg = self.cfg

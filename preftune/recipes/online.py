@@ -26,6 +26,7 @@ from ..data.columns import REWARD_ARGUMENTS, note_unused_columns
 from ..data.prompts import PromptExample
 from ..errors import ConfigError
 from ..modality import TEXT, Modality, modality_for
+from ..monitors import OnlineMonitor
 from ..runtime.loop import StepOutput, window_mean
 from ..runtime.run import start_run
 from ..runtime.seeds import mix_seed
@@ -90,6 +91,18 @@ class Sampled:
     stats: dict[str, float]
     examples: list[dict] = field(default_factory=list)
     count: int = 0
+    replies: Replies | None = None
+
+
+@dataclass
+class Replies:
+    """This process's sampled replies, as the reward-hacking monitors (:mod:`preftune.monitors`) read them."""
+
+    texts: list[str]
+    ended: list[bool]
+    lengths: list[int]                      # tokens
+    kl: list[float] | None = None           # each reply's summed KL to the reference (nats)
+    scores: list[float] | None = None       # the training reward or judge score of each reply
 
 
 class MicroBatch(list):
@@ -110,6 +123,7 @@ class OnlineStep:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.monitor: OnlineMonitor | None = None
 
     def state_dict(self) -> dict:
         return {}
@@ -132,6 +146,8 @@ class OnlineStep:
         cfg = self.cfg
         started = time.perf_counter()
         sampled = self.sample(trainer, step)
+        if sampled.replies is not None:
+            sampled.stats.update(self.watch(trainer, sampled.replies))
         sampling_time = time.perf_counter() - started
         updates, tokens = self.update(trainer, sampled.items, step)
         metrics = {**mean_over_processes(trainer.acc, sampled.stats),
@@ -140,6 +156,15 @@ class OnlineStep:
         metrics.update({"time/rollout": sampling_time, "time/update": time.perf_counter() - started - sampling_time})
         logged = cfg.log_samples_steps and ((step + 1) % cfg.log_samples_steps == 0 or step == 0)
         return StepOutput(metrics, sampled.count, tokens, sampled.examples[:cfg.log_samples] if logged else [])
+
+
+    def watch(self, trainer, replies: Replies) -> dict[str, float]:
+        """The monitors' ``monitor/...`` numbers for this step's replies, against the first step's; a crossed
+        threshold is printed once (by the main process)."""
+        if self.monitor is None:
+            self.monitor = OnlineMonitor(self.cfg.thresholds(), trainer.acc.is_main_process, warn=console.print)
+        return self.monitor.observe(replies.texts, replies.ended, replies.lengths, kl=replies.kl,
+                                    scores=replies.scores)
 
 
 def minibatch_updates(trainer, samples: list, *, epochs: int, per_update: int, micro: int, seed: int, step: int,

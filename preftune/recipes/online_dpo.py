@@ -29,7 +29,7 @@ from ..runtime.seeds import mix_seed
 from ..scoring import make_scorer
 from ..scoring.judges import as_judge, compare, is_pointwise
 from .dpo import DPOTask
-from .online import OnlineStep, Sampled, start_online_run
+from .online import OnlineStep, Replies, Sampled, start_online_run
 
 
 def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_model=None, judge=None) -> RunResult:
@@ -45,6 +45,9 @@ def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_mo
                                      modality.load_model(cfg.model_name_or_path, settings=cfg), cfg)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type),
                                modality=modality)
+    if cfg.eos_mode() == "drop" and acc.num_processes > 1:
+        raise ConfigError("online DPO with missing_eos: drop leaves each process its own number of pairs, which "
+                          "several processes cannot update on together; use missing_eos: penalize")
     local_prompts = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     if len(prompts) < local_prompts * acc.num_processes:
         raise ConfigError(f"{len(prompts)} prompts are fewer than one batch of {local_prompts * acc.num_processes} "
@@ -87,8 +90,8 @@ class OnlineDPOStep(OnlineStep):
 
     def sample(self, trainer: Trainer, step: int) -> Sampled:
         prompts = trainer.step_examples(step, self.local_prompts)
-        pairs, stats, examples = self.pairs(prompts, step, trainer.rank * self.local_prompts)
-        return Sampled(pairs, stats, examples, len(pairs) * trainer.world)
+        pairs, stats, examples, replies = self.pairs(prompts, step, trainer.rank * self.local_prompts)
+        return Sampled(pairs, stats, examples, len(pairs) * trainer.world, replies)
 
     def update(self, trainer: Trainer, items: list, step: int) -> tuple[dict[str, list], int]:
         """One optimiser update over the step's pairs, in their order."""
@@ -99,9 +102,10 @@ class OnlineDPOStep(OnlineStep):
     def after_update(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> dict[str, float]:
         return {"beta": self.cfg.beta, **kl_metrics(metrics, self.cfg)}
 
-    def pairs(self, prompts: list, step: int, first: int) -> tuple[list, dict, list[dict]]:
+    def pairs(self, prompts: list, step: int, first: int) -> tuple[list, dict, list[dict], Replies]:
         """The step's pairs (the modality's: a :class:`TokenizedPair`, or a pair after a prompt with images):
-        completions ``2i`` and ``2i + 1`` are prompt ``i``'s, ordered chosen first."""
+        completions ``2i`` and ``2i + 1`` are prompt ``i``'s, ordered chosen first; with ``missing_eos: drop`` a
+        prompt whose completions did not both end gives no pair."""
         repeated = [p for p in prompts for _ in range(2)]
         seeds = [mix_seed(self.cfg.seed, step, first + i, j) for i in range(len(prompts)) for j in range(2)]
         images = self.modality.sampling_inputs([p.encoded for p in repeated])   # None for text
@@ -109,8 +113,10 @@ class OnlineDPOStep(OnlineStep):
                                  prompt_inputs=images)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         first_wins, scores = self.verdicts([p.prompt for p in prompts], texts, generation.ended)
-        pairs, examples = [], []
+        pairs, examples, drop = [], [], self.cfg.eos_mode() == "drop"
         for i, prompt in enumerate(prompts):
+            if drop and not (generation.ended[2 * i] and generation.ended[2 * i + 1]):
+                continue   # an unfinished completion is never the chosen nor the rejected one
             win, lose = (2 * i, 2 * i + 1) if first_wins[i] >= 0.5 else (2 * i + 1, 2 * i)
             responses = generation.response_ids
             pairs.append(self.modality.pair(prompt.encoded, responses[win], responses[lose], prompt.row,
@@ -122,13 +128,16 @@ class OnlineDPOStep(OnlineStep):
         lengths = torch.tensor([len(r) for r in generation.response_ids], dtype=torch.float32)
         stats = {"val/contain_eos_token": sum(generation.ended) / len(texts),
                  "completions/mean_length": float(lengths.mean()),
-                 "objective/ties": sum(v == 0.5 for v in first_wins) / len(prompts)}
+                 "objective/ties": sum(v == 0.5 for v in first_wins) / len(prompts),
+                 "pairs_dropped_unfinished": float(len(prompts) - len(pairs))}
         if scores is not None:
             chosen = [r["chosen_score"] for r in examples]
             rejected = [r["rejected_score"] for r in examples]
             stats["objective/scores"] = sum(scores) / len(scores)
-            stats["objective/scores_margin"] = sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)
-        return pairs, stats, examples
+            if chosen:
+                stats["objective/scores_margin"] = sum(c - r for c, r in zip(chosen, rejected)) / len(chosen)
+        replies = Replies(texts, list(generation.ended), [len(r) for r in generation.response_ids], scores=scores)
+        return pairs, stats, examples, replies
 
     def verdicts(self, prompts: list, texts: list[str], ended: list[bool]) -> tuple[list[float], list[float] | None]:
         """Per prompt, the probability that its first completion is preferred (ties 1/2), and the scores

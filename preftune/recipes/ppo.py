@@ -154,7 +154,8 @@ class PPOStep(OnlineStep):
     def sample(self, trainer: Trainer, step: int) -> Sampled:
         seed = mix_seed(self.cfg.seed, step * 7_919 + trainer.rank * 104_729)   # the iteration's rollout seed
         rollout = self.worker.collect(trainer.step_examples(step, self.local_batch), seed, self.kl_coef, self.moments)
-        return Sampled(rollout.samples, rollout.stats, rollout.examples, self.local_batch * trainer.world)
+        return Sampled(rollout.samples, rollout.stats, rollout.examples, self.local_batch * trainer.world,
+                       rollout.replies)
 
     def after_update(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """The KL coefficient this iteration used; then, adaptive, the next one."""

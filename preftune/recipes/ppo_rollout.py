@@ -21,7 +21,7 @@ from ..runtime.distributed import gathered
 from ..scoring import CheckedScorer, FunctionScorer, as_scorer
 from ..scoring.reward_model import RewardModelScorer
 from ..wrappers import evaluating
-from .online import PromptExample, device_batches, pad_rows
+from .online import PromptExample, Replies, device_batches, pad_rows
 
 
 def reward_scorer(cfg, device, reward=None) -> CheckedScorer:
@@ -75,6 +75,7 @@ class Rollout:
     samples: list[Sample]
     stats: dict[str, float]
     examples: list[dict] = field(default_factory=list)   # prompt / response / score rows for samples.jsonl
+    replies: Replies | None = None                        # what the reward-hacking monitors read
 
 
 def adjusted_scores(raw: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float,
@@ -125,6 +126,8 @@ class RolloutWorker:
         rewards = token_rewards(scores, kl, mask, kl_coef)
         advantages, returns = gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, mask)
+        if cfg.eos_mode() == "drop":   # an unfinished response takes no part in the policy update
+            advantages = advantages * ended[:, None].to(advantages.dtype)
 
         lengths = mask.sum(-1)
         samples = [Sample(list(p), list(r), logps[i, :n], values[i, :n], advantages[i, :n], returns[i, :n])
@@ -143,7 +146,8 @@ class RolloutWorker:
         }
         examples = [{"prompt": p.text, "response": t, "score": s, "ended": e}
                     for p, t, s, e in zip(prompts, texts, raw.tolist(), generation.ended)]
-        return Rollout(samples, stats, examples)
+        replies = Replies(texts, list(generation.ended), lengths.tolist(), kl.sum(-1).tolist(), raw.tolist())
+        return Rollout(samples, stats, examples, replies)
 
     @torch.no_grad()
     def forward_all(self, prompt_ids, response_ids) -> tuple[list[torch.Tensor], ...]:

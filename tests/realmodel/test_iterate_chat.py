@@ -13,11 +13,13 @@ def test_two_rounds_of_iterative_dpo_on_chat_prompts(smollm2_dir, tmp_path, one_
     for round_ in (1, 2):
         round_dir = result.run_dir / "rounds" / str(round_)
         samples = [json.loads(line) for line in (round_dir / "samples.jsonl").read_text().splitlines()]
-        assert all(isinstance(s["prompt"], list) and len(s["samples"]) == 2 for s in samples)  # chat prompts
+        assert all(isinstance(s["prompt"], list) and len(s["samples"]) == 3 for s in samples)  # chat prompts
+        finished = {(json.dumps(s["prompt"]), t) for s in samples for t, e in zip(s["samples"], s["ended"]) if e}
         pairs = [json.loads(line) for line in (round_dir / "pairs.jsonl").read_text().splitlines()]
         assert pairs, "no pair kept"
         for pair in pairs:   # the oracle's preference, in the conversational format
             chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+            assert {(json.dumps(pair["prompt"]), chosen), (json.dumps(pair["prompt"]), rejected)} <= finished
             assert review_reward([pair["prompt"]] * 2, [chosen, rejected]) == [pair["score_chosen"],
                                                                                pair["score_rejected"]]
             assert pair["score_chosen"] > pair["score_rejected"]
