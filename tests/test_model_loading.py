@@ -130,6 +130,8 @@ def test_quantized_loading_builds_a_bitsandbytes_config(tiny_model_dir, monkeypa
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "bitsandbytes" else real_find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)   # the fake GPU, as precision sees it
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "a fake GPU")
     recorder = record(monkeypatch, AutoModelForCausalLM)
     load_causal_lm(str(tiny_model_dir), settings=dpo_config(tiny_model_dir, load_in_4bit=True, lora=True,
                                                              precision="bf16", use_bnb_nested_quant=True))
