@@ -46,7 +46,10 @@ def test_the_labelling_page_shows_the_image_prompt(db_url, db, make_project, sta
     image = page.locator("img.prompt-image")
     assert image.count() == 1
     image.wait_for()
-    page.wait_for_function("document.querySelector('img.prompt-image').complete")
+    for _ in range(200):   # polled from here: the page's script-src 'self' policy refuses in-page eval (rightly)
+        if page.evaluate("document.querySelector('img.prompt-image').complete"):
+            break
+        page.wait_for_timeout(50)
     size = page.evaluate("[document.querySelector('img.prompt-image').naturalWidth, "
                          "document.querySelector('img.prompt-image').naturalHeight]")
     assert size == [28, 28]                     # loaded through the page's img-src 'self' policy

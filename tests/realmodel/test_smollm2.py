@@ -163,9 +163,9 @@ def test_cli_dpo_from_the_gguf_file_saves_a_loadable_adapter(smollm2_gguf, smoll
     saved = run / "model"
     assert (saved / "adapter_config.json").is_file()
     base_name = json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert base_name == str(smollm2_dir)         # the converted checkpoint, loadable by anyone
+    assert base_name == str(smollm2_gguf)        # the file the user gave, not preftune's cache of its conversion
     ids = torch.tensor([chat_ids(smollm2_tokenizer)])
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_name), saved)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir), saved)   # its conversion
     with torch.no_grad():
         tuned_logits = tuned(ids).logits
         with tuned.disable_adapter():
