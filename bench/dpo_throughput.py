@@ -23,11 +23,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from harness import add_model_arguments, add_worker_arguments, results_table, run_worker
+from harness import PeakRSS, add_model_arguments, add_worker_arguments, results_table, run_worker
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -69,36 +68,6 @@ def build_assets(root: Path, vocab: int, hidden: int, layers: int, pairs: int, s
     # tokens per pair as trained: prompt twice, both responses, one EOS each
     tokens = sum(2 * len(r["prompt"].split()) + len(r["chosen"].split()) + len(r["rejected"].split()) + 2 for r in rows)
     return {"model": str(model_dir), "data": str(data), "tokens_per_pair": tokens / len(rows)}
-
-
-class PeakRSS:
-    """Samples this process's resident set size in a thread; peak above the baseline at start()."""
-
-    def __init__(self, interval: float = 0.002):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self.peak = 0
-        self.baseline = 0
-        self._stop = threading.Event()
-
-    def start(self):
-        self.baseline = self.proc.memory_info().rss
-        self.peak = self.baseline
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-        return (self.peak - self.baseline) / 2**20
 
 
 # ---------------------------------------------------------------------- workers (one fresh process each)

@@ -9,6 +9,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -164,8 +165,6 @@ class Measure:
     """Peak memory from now on (loading included); then :meth:`train` times the training itself."""
 
     def __init__(self, stamps: list[tuple[float, float]]):
-        from dpo_throughput import PeakRSS
-
         self.stamps = stamps
         self.meter = PeakRSS()
         self.meter.start()
@@ -197,3 +196,33 @@ def console():
     from rich.console import Console
 
     return Console()
+
+
+class PeakRSS:
+    """Samples this process's resident set size in a thread; peak above the baseline at start()."""
+
+    def __init__(self, interval: float = 0.002):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self.baseline = 0
+        self._stop = threading.Event()
+
+    def start(self):
+        self.baseline = self.proc.memory_info().rss
+        self.peak = self.baseline
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        return (self.peak - self.baseline) / 2**20
