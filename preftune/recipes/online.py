@@ -227,8 +227,13 @@ def mean_over_processes(acc, stats: dict[str, float]) -> dict[str, float]:
     """Each statistic averaged over the processes (every process gets the same dict)."""
     if acc.num_processes == 1:
         return dict(stats)
-    keys = sorted(stats)
-    reduced = acc.reduce(torch.tensor([stats[k] for k in keys], device=acc.device), reduction="mean")
-    return dict(zip(keys, reduced.tolist()))
+    from accelerate.utils import gather_object
+
+    # a statistic one process lacks (a monitor's alarm only it raised) must not desynchronise the collective:
+    # every process reduces the union of the keys, each averaging over the processes that have it
+    keys = sorted(set(gather_object(sorted(stats))))
+    values = torch.tensor([[float(stats.get(k, float("nan"))) for k in keys]], device=acc.device)
+    gathered = acc.gather(values)
+    return dict(zip(keys, gathered.nanmean(dim=0).tolist()))
 
 
