@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 from .base import check_ranges, option, with_default
 from .online import OnlineRLSettings
+from .shared import check_reference_sync
 
 # the names preftune.losses.grpo accepts (a test keeps them equal); settings import no torch
 SCALE_REWARDS = ("group", "batch", "none")
@@ -230,13 +231,7 @@ class GRPOConfig(OnlineRLSettings):
             return
         if self.beta <= 0:
             raise ConfigError("sync_ref_model needs beta > 0 (with beta 0 there is no reference to sync)")
-        if self.lora and not self.ref_model_name_or_path:
-            raise ConfigError("sync_ref_model cannot sync a LoRA policy's adapter-disabled reference (its base "
-                              "weights are the policy's own); set ref_model_name_or_path for a separate frozen copy "
-                              "or turn sync_ref_model off")
-        if self.ref_model_sync_steps < 1 or not 0.0 < self.ref_model_mixup_alpha <= 1.0:
-            raise ConfigError(f"ref_model_sync_steps must be >= 1 and ref_model_mixup_alpha in (0, 1], got "
-                              f"{self.ref_model_sync_steps} and {self.ref_model_mixup_alpha}")
+        check_reference_sync(self)
 
     def sanity_warnings(self) -> list[str]:
         notes = []

@@ -18,7 +18,15 @@ from .losses import (
     needs_reference,
     parse_loss_types,
 )
-from .shared import DataSettings, ModelSettings, PairLayout, PairScores, TrainSettings, validate_data
+from .shared import (
+    DataSettings,
+    ModelSettings,
+    PairLayout,
+    PairScores,
+    TrainSettings,
+    check_reference_sync,
+    validate_data,
+)
 
 
 @dataclass
@@ -69,13 +77,7 @@ class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout, PairScor
                               "precomputed; turn precompute_ref off")
         if not needs_reference(self.loss_type):
             raise ConfigError(f"sync_ref_model: loss_type {self.loss_type} uses no reference model")
-        if self.lora and not self.ref_model_name_or_path:
-            raise ConfigError("sync_ref_model cannot sync a LoRA policy's adapter-disabled reference (its base "
-                              "weights are the policy's own); set ref_model_name_or_path for a separate frozen copy "
-                              "or turn sync_ref_model off")
-        if self.ref_model_sync_steps < 1 or not 0.0 < self.ref_model_mixup_alpha <= 1.0:
-            raise ConfigError(f"ref_model_sync_steps must be >= 1 and ref_model_mixup_alpha in (0, 1], got "
-                              f"{self.ref_model_sync_steps} and {self.ref_model_mixup_alpha}")
+        check_reference_sync(self)
 
     def validate_loss(self) -> None:
         """The loss names against the loss table; loss options none of them takes refused."""

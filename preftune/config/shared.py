@@ -204,6 +204,18 @@ def validate_training(cfg) -> None:
 
 
 
+def check_reference_sync(cfg) -> None:
+    """The checks every ``sync_ref_model`` (TR-DPO) shares: a separate frozen reference to move, and sane
+    ``ref_model_sync_steps`` / ``ref_model_mixup_alpha``."""
+    if cfg.lora and not cfg.ref_model_name_or_path:
+        raise ConfigError("sync_ref_model cannot sync a LoRA policy's adapter-disabled reference (its base weights "
+                          "are the policy's own); set ref_model_name_or_path for a separate frozen copy or turn "
+                          "sync_ref_model off")
+    if cfg.ref_model_sync_steps < 1 or not 0.0 < cfg.ref_model_mixup_alpha <= 1.0:
+        raise ConfigError(f"ref_model_sync_steps must be >= 1 and ref_model_mixup_alpha in (0, 1], got "
+                          f"{cfg.ref_model_sync_steps} and {cfg.ref_model_mixup_alpha}")
+
+
 def validate_quantization(cfg) -> None:
     """Quantized loading trains LoRA adapters on frozen quantized weights: one bit width, and LoRA."""
     if cfg.load_in_4bit and cfg.load_in_8bit:
