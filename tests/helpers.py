@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -23,3 +25,13 @@ def subprocess_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "KILL_AT_STEP")}
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def start_cli(*args, env_extra=None) -> subprocess.Popen:
+    """``python -m preftune.cli *args`` started in the background (one thread, offline, no crash hook unless
+    ``env_extra`` sets ``KILL_AT_STEP``), its output piped."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("KILL_AT_STEP", None)
+    env.update(env_extra or {})
+    return subprocess.Popen([sys.executable, "-m", "preftune.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)

@@ -3,14 +3,12 @@ with SFT on the toy data (held-out KL falls by more than half), LoRA, sequence-l
 exact resume after a crash, and the command."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import start_cli as cli
 from preftune.config import DistillConfig, load_config
 from preftune.errors import ConfigError
 from preftune.recipes.distill import DistillStep, train_distill
@@ -103,14 +101,6 @@ def test_teacher_with_another_tokenizer_and_bad_settings_are_refused(setup, tmp_
             config(setup, tmp_path, **{field: value})
     with pytest.raises(ConfigError, match="seq_kd"):
         config(setup, tmp_path, lmbda=1.0, seq_kd=True)
-
-
-def cli(*args, env_extra=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("KILL_AT_STEP", None)
-    env.update(env_extra or {})
-    return subprocess.Popen([sys.executable, "-m", "preftune.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_cli_killed_distill_run_resumes_exactly(setup, tmp_path):

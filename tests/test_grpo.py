@@ -6,14 +6,12 @@ function, the fraction of calm words in the completion: about 0.4 before trainin
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import start_cli as cli
 from preftune.config import GRPOConfig, RLOOConfig, config_from_args, load_config
 from preftune.errors import ConfigError
 from preftune.recipes.grpo import Completion, GRPOTask, PolicyTokens, train_grpo
@@ -187,14 +185,6 @@ def test_config_errors_are_for_people(setup, tmp_path):
     assert config(setup, tmp_path, loss_type="dr_grpo").aggregation == "constant"
     with pytest.raises(ConfigError, match="reward_funcs 'no_such_module:fn': cannot import"):
         train_grpo(config(setup, tmp_path / "fn", reward_funcs=["no_such_module:fn"]))
-
-
-def cli(*args, env_extra=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    env.pop("KILL_AT_STEP", None)
-    env.update(env_extra or {})
-    return subprocess.Popen([sys.executable, "-m", "preftune.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_cli_killed_grpo_run_resumes_exactly_and_rloo_runs(setup, tmp_path):

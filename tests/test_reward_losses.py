@@ -103,3 +103,12 @@ def test_gradients_pass_gradcheck(name):
     if name == "ranking":  # keep away from the hinge's kink, where the loss is not differentiable
         assert bool(((1.0 - (chosen - rejected)).abs() > 1e-3).all())
     assert torch.autograd.gradcheck(functions[name], (chosen, rejected))
+
+
+def test_eos_penalized_lowers_only_the_unfinished_scores():
+    from preftune.losses.reward import eos_penalized
+
+    got = eos_penalized([1.0, 0.25, -0.5], [True, False, False], 0.75)
+    assert got.tolist() == [1.0, 0.25 - 0.75, -0.5 - 0.75] and got.dtype == torch.float64
+    tensor = eos_penalized(torch.tensor([2.0, 2.0], dtype=torch.float32), torch.tensor([False, True]), 1.5)
+    assert tensor.tolist() == [0.5, 2.0] and tensor.dtype == torch.float32

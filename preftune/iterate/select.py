@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from itertools import combinations
 
+from ..losses.reward import eos_penalized
 from ..scoring.judges import compare, is_pointwise
 
 
@@ -77,7 +78,8 @@ def eligible(cfg, texts: list[str], scores: list[float], ended: list[bool]) -> l
     if mode == "drop":
         return [(t, s, True) for t, s, e in zip(texts, scores, ended) if e]
     if mode == "penalize":
-        return [(t, s - cfg.missing_eos_penalty * (not e), e) for t, s, e in zip(texts, scores, ended)]
+        penalized = eos_penalized(scores, ended, cfg.missing_eos_penalty).tolist()
+        return [(t, s, e) for t, s, e in zip(texts, penalized, ended)]
     return list(zip(texts, scores, ended))
 
 

@@ -116,3 +116,11 @@ def reward_loss(name: str, chosen: Tensor, rejected: Tensor, *, margin: Tensor |
         "rewards/rejected": r.mean(),
     })
     return total, metrics
+
+
+def eos_penalized(scores, ended, penalty: float) -> Tensor:
+    """Scores with TRL's ``missing_eos_penalty``: ``score - penalty`` for a response that never emitted EOS
+    (``ended`` false), unchanged otherwise. Lists or tensors in, a float tensor out (the scores' dtype)."""
+    scores = torch.as_tensor(scores, dtype=torch.float64) if not torch.is_tensor(scores) else scores   # lists: exact
+    ended = torch.as_tensor(ended, dtype=torch.bool, device=scores.device)
+    return scores - penalty * (~ended).to(scores.dtype)

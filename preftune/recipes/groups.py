@@ -35,6 +35,7 @@ from ..losses.grpo import (
     rloo_advantages,
     zero_std_groups,
 )
+from ..losses.reward import eos_penalized
 from ..runtime.distributed import gathered
 from ..runtime.seeds import mix_seed
 from ..scoring import FunctionScorer, as_scorer, check_scores
@@ -139,7 +140,7 @@ class GroupSampler:
         reward = combined_rewards(per_function, self.weights)
         total = combined_rewards(per_function, self.weights, size, normalize=True) if cfg.normalized_sum else reward
         if cfg.eos_mode() == "penalize":
-            penalty = -cfg.missing_eos_penalty * (~torch.tensor(generation.ended, dtype=torch.bool)).float()
+            penalty = eos_penalized(torch.zeros(len(generation.ended)), generation.ended, cfg.missing_eos_penalty)
             reward, total = reward + penalty, total + penalty
         if cfg.overlong_cache:
             lengths = torch.tensor([len(r) for r in generation.response_ids])

@@ -21,6 +21,7 @@ from ..config.online_dpo import OnlineDPOConfig
 from ..engines import online_engine, sample_with
 from ..errors import ConfigError
 from ..generate import SamplingSettings
+from ..losses.reward import eos_penalized
 from ..modality import TEXT, Modality
 from ..runtime.loop import Trainer
 from ..runtime.reference import make_reference
@@ -146,7 +147,7 @@ class OnlineDPOStep(OnlineStep):
         if not is_pointwise(self.judge):
             return compare(self.judge, prompts, first, second), None
         raw = self.judge.score([p for p in prompts for _ in range(2)], texts)
-        scores = [s - self.cfg.missing_eos_penalty * (not e) for s, e in zip(raw, ended)]
+        scores = eos_penalized(raw, ended, self.cfg.missing_eos_penalty).tolist()
         wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores[0::2], scores[1::2])]
         return wins, scores
 

@@ -17,6 +17,7 @@ import torch
 from ..engines import sample_with
 from ..generate import SamplingSettings
 from ..losses.ppo import explained_variance, gae_advantages, kl_penalty, masked_whiten, token_rewards
+from ..losses.reward import eos_penalized
 from ..runtime.distributed import gathered
 from ..scoring import CheckedScorer, FunctionScorer, as_scorer
 from ..scoring.reward_model import RewardModelScorer
@@ -81,7 +82,7 @@ class Rollout:
 def adjusted_scores(raw: torch.Tensor, ended: torch.Tensor, missing_eos_penalty: float,
                     moments: RunningMoments | None, all_scores: torch.Tensor | None, clip: float) -> torch.Tensor:
     """The score PPO optimises: penalise responses without EOS, then normalise (running) and clip."""
-    scores = raw - missing_eos_penalty * (~ended).to(raw.dtype)
+    scores = eos_penalized(raw, ended, missing_eos_penalty)
     if moments is not None:
         moments.update(all_scores if all_scores is not None else scores)
         scores = (scores - moments.mean) / (moments.std + 1e-8)
@@ -115,7 +116,7 @@ class RolloutWorker:
         ended = torch.tensor(generation.ended, device=device)
         all_scores = None
         if cfg.normalize_scores:  # every process keeps the same statistics: update them with all scores
-            all_scores = self.acc.gather(raw - cfg.missing_eos_penalty * (~ended).float())
+            all_scores = self.acc.gather(eos_penalized(raw, ended, cfg.missing_eos_penalty))
         scores = adjusted_scores(raw, ended, cfg.missing_eos_penalty, moments if cfg.normalize_scores else None,
                                  all_scores, cfg.score_clip)
 
