@@ -5,9 +5,7 @@ The symptoms a policy shows when it games its judge instead of getting better:
 * ``ended``: the share of replies that end (emit EOS) falls: replies run to the length cap;
 * ``length_ratio``: the mean reply length grows against the reference model's (the initial policy's);
 * ``repeated_ngrams``: the mean share of a reply's word trigrams that repeat an earlier one of the same reply;
-* ``distinct_2`` / ``self_bleu``: the replies look more and more alike (measured by
-  :mod:`preftune.evaluate.diversity`, handed in as ``diversity``: this module sits below ``evaluate/``
-  so that the online trainers in ``recipes/`` may import it);
+* ``distinct_2`` / ``self_bleu``: the replies look more and more alike (:mod:`preftune.diversity`);
 * ``top_opening``: the share of replies that open with the most common first three words;
 * ``kl_per_token``: nats per reply token to the reference;
 * ``judge_gap``: the training judge's gain over the baseline minus the independent scorer's gain, each in
@@ -26,6 +24,7 @@ import statistics
 from collections import Counter
 
 from .config.monitors import Thresholds, parse_thresholds
+from .diversity import distinct_n, self_bleu
 
 __all__ = ["Monitor", "OnlineMonitor", "Thresholds", "crossed", "flat_metrics", "judge_gap", "measure",
            "parse_thresholds", "repeated_ngrams", "top_opening"]
@@ -59,28 +58,24 @@ def _mean(values) -> float:
 
 
 def measure(responses: list[str], ended: list[bool], lengths: list[int], *, kl: list[float] | None = None,
-            judge: list[float] | None = None, independent: list[float] | None = None, diversity=None) -> dict:
+            judge: list[float] | None = None, independent: list[float] | None = None) -> dict:
     """The monitors' numbers for one batch of replies.
 
     ``lengths`` are reply lengths in tokens, ``kl`` each reply's summed KL to the reference (nats),
-    ``judge`` / ``independent`` each reply's score by the training judge and by an independent scorer,
-    ``diversity`` a function ``texts -> {"distinct_2": ..., "self_bleu": ...}``.
+    ``judge`` / ``independent`` each reply's score by the training judge and by an independent scorer.
     """
     if not responses:
         return {}
     phrase, share = top_opening(responses)
     out = {"ended": _mean(map(float, ended)), "mean_length": _mean(lengths),
            "repeated_ngrams": _mean(map(repeated_ngrams, responses)), "top_opening": share,
-           "top_opening_text": phrase}
+           "top_opening_text": phrase, "distinct_2": distinct_n(responses, 2), "self_bleu": self_bleu(responses)}
     if kl is not None and lengths:
         out["kl_per_token"] = sum(kl) / max(sum(lengths), 1)
     for name, scores in (("judge", judge), ("independent", independent)):
         if scores:
             out[f"{name}_mean"] = _mean(scores)
             out[f"{name}_sd"] = statistics.pstdev(scores) if len(scores) > 1 else 0.0
-    if diversity is not None:
-        found = diversity(responses)
-        out.update({k: found[k] for k in ("distinct_2", "self_bleu") if k in found})
     return out
 
 

@@ -61,6 +61,9 @@ def test_student_halves_its_held_out_kl_to_the_teacher_on_its_own_samples_and_th
     assert last["eval/loss"] < 0.5 * first["eval/loss"]
     records = [r for r in read_metrics(run.run_dir) if "on_policy" in r]
     assert {r["on_policy"] for r in records} == {0.0, 1.0}     # lmbda 0.5: both kinds of step happen
+    for r in records:   # the monitors watch the student's own samples, not the dataset's completions
+        watched = {"monitor/ended", "monitor/distinct_2", "monitor/self_bleu"} <= set(r)
+        assert watched == (r["on_policy"] == 1.0) and (not watched or 0.0 <= r["monitor/distinct_2"] <= 1.0)
     samples = [json.loads(line) for line in (run.run_dir / "samples.jsonl").read_text().splitlines()]
     assert {s["source"] for s in samples} <= {"student", "dataset"}
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from preftune.errors import PreftuneError
-from preftune.evaluate.diversity import bleu, distinct_n, self_bleu
+from preftune.diversity import bleu, distinct_n, self_bleu
 from preftune.evaluate.report import write_report
 from preftune.scoring import FunctionScorer
 from preftune.scoring.judges import make_judge, win_rate
@@ -163,3 +163,16 @@ def test_report_rejects_a_directory_without_results(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PreftuneError, match="neither metrics.jsonl"):
         write_report([tmp_path / "empty"], tmp_path / "x.html")
+
+
+def test_self_bleu_equals_bleu_of_each_text_against_all_the_others():
+    import random
+
+    rng = random.Random(3)
+    words = ["a", "b", "c", "d", "e"]                     # few words: many shared and repeated n-grams
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 9))) for _ in range(30)]
+    texts += [texts[4], texts[7]]                         # exact duplicates: a gram's largest count held twice
+    tokens = [t.split() for t in texts]
+    plain = sum(bleu(tokens[i], tokens[:i] + tokens[i + 1:]) for i in range(len(tokens))) / len(tokens)
+    assert plain > 0.1
+    assert self_bleu(texts) == pytest.approx(plain, rel=1e-12)

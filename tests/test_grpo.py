@@ -72,6 +72,17 @@ def test_grpo_raises_a_verifiable_reward_and_logs_each_reward_function(setup, tm
     assert (run.model_dir / "model.safetensors").is_file()
 
 
+def test_the_monitors_measure_diversity_on_every_step_s_completions(setup, tmp_path):
+    from preftune.diversity import distinct_n, self_bleu
+
+    run = train_grpo(config(setup, tmp_path / "run", max_steps=1, log_samples=32))
+    first = read_metrics(run.run_dir)[0]
+    texts = [json.loads(line)["completion"] for line in (run.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(texts) == 32                               # every completion of the step
+    assert first["monitor/distinct_2"] == pytest.approx(distinct_n(texts, 2))
+    assert first["monitor/self_bleu"] == pytest.approx(self_bleu(texts))
+
+
 def test_rloo_with_the_kl_in_the_reward_raises_the_reward(setup, tmp_path):
     run = train_grpo(config(setup, tmp_path / "rloo", cls=RLOOConfig))
     records = read_metrics(run.run_dir)

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "preftune"
 LAYERS = {
     "settings": (["errors", "config"], []),
     "components": (["data", "losses", "loading", "wrappers", "gguf_import", "gguf_metadata", "realmodel", "toy",
-                    "speed", "models", "logprobs", "generate", "engines", "multimodal", "export_gguf", "monitors"],
+                    "speed", "models", "logprobs", "generate", "engines", "multimodal", "export_gguf", "monitors",
+                    "diversity"],
                    ["settings"]),
     "scoring": (["scoring"], ["settings", "components"]),
     "modality": (["modality"], ["settings", "components", "scoring"]),

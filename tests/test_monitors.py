@@ -5,8 +5,9 @@ import random
 import pytest
 
 from preftune.errors import ConfigError
-from preftune.evaluate.diversity import diversity_metrics
-from preftune.monitors import Monitor, Thresholds, crossed, measure, parse_thresholds, repeated_ngrams, top_opening
+from preftune.diversity import distinct_n, self_bleu
+from preftune.monitors import (Monitor, OnlineMonitor, Thresholds, crossed, measure, parse_thresholds, repeated_ngrams,
+                               top_opening)
 
 WORDS = ["calm", "quiet", "soft", "warm", "gentle", "steady", "bright", "clear", "kind", "slow", "still", "light",
          "green", "blue", "round", "small", "plain", "fresh", "cool", "fine"]
@@ -37,7 +38,7 @@ def monitor_run(judge) -> tuple[list[dict], list[str]]:
 
     def numbers(replies):
         texts, ended, lengths = zip(*replies)
-        return measure(list(texts), list(ended), list(lengths), diversity=diversity_metrics)
+        return measure(list(texts), list(ended), list(lengths))
 
     warnings = []
     monitor = Monitor(Thresholds(), warn=warnings.append)
@@ -97,3 +98,18 @@ def test_the_report_lists_each_crossed_monitor_once_with_the_first_step(tmp_path
     assert "Reward-hacking monitors" in page and page.count("length_ratio") == 1
     assert "<td>2</td><td>length_ratio</td><td>20</td>" in page         # first crossed at step 2, mean length 20
     assert "No monitor crossed its threshold" in write_report([quiet], tmp_path / "b.html").read_text()
+
+
+def test_an_online_trainer_s_monitor_sees_its_replies_collapse_into_one():
+    rng = random.Random(1)
+    varied = [t for t, _, _ in candidates(rng, 32)]
+    warnings = []
+    monitor = OnlineMonitor(Thresholds(), warn=warnings.append)
+    first = monitor.observe(varied, [True] * 32, [10] * 32)
+    assert first["monitor/distinct_2"] == pytest.approx(distinct_n(varied, 2))
+    assert first["monitor/self_bleu"] == pytest.approx(self_bleu(varied))
+    assert not any(k.startswith("monitor/alarm/") for k in first)
+    same = monitor.observe(["calm quiet soft warm gentle ."] * 32, [True] * 32, [10] * 32)
+    assert same["monitor/distinct_2"] == pytest.approx(5 / (32 * 5)) and same["monitor/self_bleu"] == pytest.approx(1.0)
+    assert same["monitor/alarm/distinct_2_drop"] == 1.0 and same["monitor/alarm/self_bleu_rise"] == 1.0
+    assert sum("distinct-2 fell" in w for w in warnings) == 1 and sum("self-BLEU rose" in w for w in warnings) == 1

@@ -239,7 +239,7 @@ def best_of_n(scale, sft_model, tokenizer, reward: Path, prompts, settings, root
     """Sample N continuations from SFT, keep the one the learned reward model likes best.
 
     Its KL to SFT is the known closed form log N - (N - 1) / N (Stiennon et al. 2020, appendix)."""
-    from ..evaluate.diversity import diversity_metrics
+    from ..diversity import diversity_metrics
     from ..generate import generate_texts
     from ..scoring.judges import win_rate
     from ..scoring.reward_model import RewardModelScorer

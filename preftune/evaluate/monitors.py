@@ -1,7 +1,7 @@
 """The reward-hacking monitors (:mod:`preftune.monitors`) over an evaluation's samples, and their report section.
 
-``eval`` and ``iterate`` measure their held-out samples here, with distinct-2 and self-BLEU from
-:mod:`.diversity`; the online trainers use :mod:`preftune.monitors` directly.
+``eval`` and ``iterate`` measure their held-out samples here; the online trainers use :mod:`preftune.monitors`
+directly.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import html
 
 from ..monitors import Monitor, Thresholds, crossed, flat_metrics, measure
-from .diversity import diversity_metrics
 
 __all__ = ["Monitor", "Thresholds", "crossed", "flat_metrics", "measure", "measure_samples", "monitor_section"]
 
@@ -21,7 +20,7 @@ SHOWN = [("ended", "replies that end"), ("mean_length", "length (tokens)"), ("re
 def measure_samples(samples, *, kls=None, judge=None, independent=None) -> dict:
     """The monitors' numbers for a :class:`~preftune.evaluate.sampling.Samples`."""
     return measure(samples.responses, samples.ended, [len(r) for r in samples.response_ids], kl=kls or None,
-                   judge=judge or None, independent=independent or None, diversity=diversity_metrics)
+                   judge=judge or None, independent=independent or None)
 
 
 def monitor_section(rows: list[tuple[str, dict, list[dict]]]) -> str:

@@ -25,7 +25,7 @@ from ..generate import image_forward_inputs
 from ..logprobs import token_kl, token_logprobs_and_entropy
 from ..scoring.judges import is_pointwise, win_rate
 from ..wrappers import evaluating
-from .diversity import diversity_metrics
+from ..diversity import diversity_metrics
 
 
 @dataclass

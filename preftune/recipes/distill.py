@@ -38,7 +38,7 @@ from ..runtime.loop import Trainer
 from ..runtime.run import RunResult, finish_run, save_final_model, start_run, train_and_eval
 from ..runtime.seeds import mix_seed
 from ..speed import apply as apply_speed
-from .online import OnlineStep, Sampled, minibatch_updates, pad_rows
+from .online import OnlineStep, Replies, Sampled, minibatch_updates, pad_rows
 
 
 class StudentTeacher(nn.Module):
@@ -202,25 +202,27 @@ class DistillStep(OnlineStep):
         return "teacher" if self.cfg.seq_kd else "dataset"
 
     def sample(self, trainer: Trainer, step: int) -> Sampled:
-        rows = trainer.step_examples(step, self.local)
+        rows, ended = trainer.step_examples(step, self.local), None
         source = self.source(step)
         if source != "dataset":
-            rows = self.sampled(rows, source, step, trainer.rank * self.local)
+            rows, ended = self.sampled(rows, source, step, trainer.rank * self.local)
         lengths = [sum(r.loss_mask) for r in rows]
         stats = {"on_policy": float(source == "student"), "completions/mean_length": sum(lengths) / len(lengths)}
         examples = [{"prompt": self.tokenizer.decode(r.input_ids[:_prompt_length(r)]),
                      "completion": self.tokenizer.decode(r.input_ids[_prompt_length(r):]), "source": source}
                     for r in rows]
-        return Sampled(rows, stats, examples, len(rows) * trainer.world)
+        # the monitors watch the student's own samples (against its first sampled step's)
+        replies = Replies([e["completion"] for e in examples], ended, lengths) if source == "student" else None
+        return Sampled(rows, stats, examples, len(rows) * trainer.world, replies)
 
-    def sampled(self, rows: list[LMExample], source: str, step: int, first: int) -> list[LMExample]:
-        """The rows' prompts with completions sampled by the student or the teacher."""
+    def sampled(self, rows: list[LMExample], source: str, step: int, first: int) -> tuple[list[LMExample], list]:
+        """The rows' prompts with completions sampled by the student or the teacher, and which of them ended."""
         engine, model = self.samplers[source]
         prompts = [r.input_ids[:_prompt_length(r)][-self.cfg.max_prompt_length:] for r in rows]
         seeds = [mix_seed(self.cfg.seed, step, first + i) for i in range(len(rows))]
         generation = sample_with(engine, model, prompts, self.settings, row_seeds=seeds)
         return [LMExample(p + r, [False] * len(p) + [True] * len(r), row.row)
-                for p, r, row in zip(prompts, generation.response_ids, rows)]
+                for p, r, row in zip(prompts, generation.response_ids, rows)], list(generation.ended)
 
     def update(self, trainer: Trainer, items: list[LMExample], step: int) -> tuple[dict[str, list], int]:
         """One optimiser update over the step's rows, its loss the mean over all their completion tokens."""
