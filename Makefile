@@ -28,6 +28,12 @@ demo: $(STAMP)
 demo-chat: $(STAMP)
 	$(VENV)/bin/preftune demo --model smollm2 --output_dir runs/demo-chat
 
+# The README's demo-chat table: seeds 0, 1 and 2, the figures over them, written into README.md from the JSON
+demo-chat-seeds: $(STAMP)
+	$(VENV)/bin/preftune demo --model smollm2 --seeds 0 1 2 --output_dir runs/demo-chat-seeds
+	$(PY) scripts/demo_chat_table.py runs/demo-chat-seeds/demo_summary.json --readme README.md
+	cp runs/demo-chat-seeds/demo_summary.json docs/demo_chat_summary.json
+
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/dpo_throughput.py

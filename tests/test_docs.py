@@ -61,3 +61,12 @@ def test_no_module_points_to_a_document_outside_the_repository():
                 for path in files
                 for number, line in enumerate(path.read_text().splitlines(), 1) if OUTSIDE.search(line)]
     assert mentions == []
+
+
+def test_every_make_target_the_documents_name_exists():
+    makefile = (ROOT / "Makefile").read_text()
+    defined = set(re.findall(r"^([A-Za-z][\w-]*):", makefile, re.M))
+    phony = set(re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split())
+    named = {m for path in DOCUMENTS for m in re.findall(r"`make ([a-z][\w-]*)", path.read_text())}
+    assert {"demo", "demo-chat", "demo-chat-seeds", "test"} <= named
+    assert named - defined == set() and phony - defined == set()

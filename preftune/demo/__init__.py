@@ -9,7 +9,9 @@ model -> DPO at several beta, PPO at several KL coefficients, best-of-N -> held-
 from __future__ import annotations
 
 
-def run_demo(output_dir: str = "runs/demo", quick: bool = False) -> dict:
+def run_demo(output_dir: str = "runs/demo", quick: bool = False, precision: str = "fp32") -> dict:
+    from dataclasses import replace
+
     from .pipeline import DemoScale, run_pipeline
 
-    return run_pipeline(output_dir, DemoScale.quick() if quick else DemoScale())
+    return run_pipeline(output_dir, replace(DemoScale.quick() if quick else DemoScale(), precision=precision))

@@ -28,10 +28,6 @@ from ..config import DPOConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConf
 from ..toy import build_tiny_llama, build_toy_tokenizer
 from .sentiment import SentimentTask, review_corpus, sentiment_reward
 
-# The figures the README states were measured in fp32; precision auto (bf16 on CPUs with fast bf16 products)
-# is not re-measured for the demo yet, so it runs in fp32 everywhere.
-PRECISION = "fp32"
-
 console = Console()
 
 
@@ -59,6 +55,7 @@ class DemoScale:
     best_of_n: int = 8
     eval_repeats: int = 2   # samples per held-out prefix (more samples, less noise in the reward estimate)
     seed: int = 0
+    precision: str = "fp32"   # of every stage (the README's figures were measured in fp32); --precision sets it
 
     @classmethod
     def quick(cls) -> "DemoScale":
@@ -94,7 +91,7 @@ def base_model(scale: DemoScale, cache_root: Path) -> Path:
     from ..recipes.pretrain import train_pretrain
 
     key = hashlib.sha256(json.dumps([asdict(scale)[k] for k in ("corpus_reviews", "hidden_size", "layers", "vocab_size",
-                                                                 "pretrain_epochs", "seed")]).encode()).hexdigest()[:12]
+                                                                 "pretrain_epochs", "seed", "precision")]).encode()).hexdigest()[:12]
     cached = cache_root / f"base-{key}"
     if (cached / "model" / "config.json").is_file():
         console.print(f"base model: reusing the cached pretrained model at {cached / 'model'}")
@@ -106,7 +103,7 @@ def base_model(scale: DemoScale, cache_root: Path) -> Path:
                      seed=scale.seed).save_pretrained(init)
     tokenizer.save_pretrained(init)
     data = _write_jsonl([{"text": t} for t in corpus], cached / "corpus.jsonl")
-    cfg = PretrainConfig(model_name_or_path=str(init), precision=PRECISION,
+    cfg = PretrainConfig(model_name_or_path=str(init), precision=scale.precision,
                          dataset=str(data), output_dir=str(cached / "run"),
                          max_length=128, per_device_batch_size=16, num_epochs=scale.pretrain_epochs, learning_rate=2e-3,
                          warmup_ratio=0.05, lr_scheduler="cosine", logging_steps=20, eval_fraction=0.05,
@@ -121,7 +118,7 @@ def supervised_model(scale: DemoScale, base: Path, root: Path) -> Path:
 
     task = SentimentTask(seed=scale.seed)
     data = _write_jsonl(task.sft_rows(scale.sft_rows), root / "data" / "sft.jsonl")
-    cfg = SFTConfig(model_name_or_path=str(base), precision=PRECISION,
+    cfg = SFTConfig(model_name_or_path=str(base), precision=scale.precision,
                     dataset=str(data), output_dir=str(root / "sft"), max_length=96,
                     per_device_batch_size=32, num_epochs=1.0, learning_rate=5e-4, warmup_ratio=0.05,
                     logging_steps=10, eval_fraction=0.05, seed=scale.seed, overwrite_output_dir=True)
@@ -138,7 +135,7 @@ def preference_pairs(scale: DemoScale, sft: Path, root: Path) -> tuple[Path, dic
     prompts = SentimentTask(train_prompts=scale.train_prompts, seed=scale.seed).train_prefixes()
     settings = SamplingSettings(max_new_tokens=scale.max_new_tokens)
     samples = generate_texts(model, tokenizer, prompts, settings, n=scale.samples_per_prompt, batch_size=64,
-                             seed=scale.seed, precision=PRECISION)
+                             seed=scale.seed, precision=scale.precision)
     rows, spreads = [], []
     for prompt, texts in zip(prompts, samples):
         scores = sentiment_reward([prompt] * len(texts), texts)
@@ -158,7 +155,7 @@ def preference_pairs(scale: DemoScale, sft: Path, root: Path) -> tuple[Path, dic
 def reward_model(scale: DemoScale, sft: Path, pairs: Path, root: Path) -> tuple[Path, dict]:
     from ..recipes.reward import train_reward
 
-    cfg = RewardConfig(model_name_or_path=str(sft), precision=PRECISION,
+    cfg = RewardConfig(model_name_or_path=str(sft), precision=scale.precision,
                        dataset=str(pairs), output_dir=str(root / "reward"), max_length=96,
                        per_device_batch_size=32, num_epochs=scale.reward_epochs, learning_rate=3e-4, logging_steps=10,
                        eval_fraction=0.1, seed=scale.seed, overwrite_output_dir=True)
@@ -171,7 +168,7 @@ def dpo_runs(scale: DemoScale, sft: Path, pairs: Path, root: Path) -> list[Path]
 
     dirs = []
     for beta in scale.dpo_betas:
-        cfg = DPOConfig(model_name_or_path=str(sft), precision=PRECISION,
+        cfg = DPOConfig(model_name_or_path=str(sft), precision=scale.precision,
                         dataset=str(pairs), output_dir=str(root / f"dpo-beta{beta:g}"),
                         beta=beta, max_length=96, per_device_batch_size=32, num_epochs=scale.dpo_epochs,
                         learning_rate=scale.dpo_learning_rate, warmup_ratio=0.1, logging_steps=10, eval_fraction=0.1,
@@ -189,7 +186,7 @@ def ppo_runs(scale: DemoScale, sft: Path, reward: Path, root: Path) -> list[Path
                            root / "data" / "prompts.jsonl")
     dirs = []
     for coef in scale.ppo_kl_coefs:
-        cfg = PPOConfig(model_name_or_path=str(sft), precision=PRECISION,
+        cfg = PPOConfig(model_name_or_path=str(sft), precision=scale.precision,
                         dataset=str(prompts), reward_model_path=str(reward),
                         output_dir=str(root / f"ppo-kl{coef:g}"), kl_coef=coef, max_new_tokens=scale.max_new_tokens,
                         per_device_batch_size=16, num_mini_batches=2, num_ppo_epochs=2, max_steps=scale.ppo_iterations,
@@ -224,7 +221,7 @@ def evaluate_all(scale: DemoScale, sft: Path, reward: Path | None, runs: list[Pa
         model = reference if name == "sft" else load_causal_lm(str(model_dir))
         evaluation = evaluate_policy(model, tokenizer, prompts, settings, judge=oracle, ref_model=reference,
                                      baseline_responses=sft_samples, seed=scale.seed + 7, batch_size=64,
-                                     precision=PRECISION)
+                                     precision=scale.precision)
         if name == "sft":
             sft_samples = evaluation.samples.responses
         _save_evaluation(run_dir, evaluation.metrics, evaluation.sample_rows())
@@ -247,7 +244,7 @@ def best_of_n(scale, sft_model, tokenizer, reward: Path, prompts, settings, root
     n = scale.best_of_n
     rm = RewardModelScorer(str(reward), batch_size=64)
     samples = generate_texts(sft_model, tokenizer, prompts, settings, n=n, batch_size=64, seed=scale.seed + 11,
-                             precision=PRECISION)
+                             precision=scale.precision)
     picked = []
     for prompt, texts in zip(prompts, samples):
         scores = rm.score([prompt] * n, texts)
