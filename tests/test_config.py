@@ -300,6 +300,12 @@ def test_each_odd_value_gives_one_warning(overrides, word):
     assert len(notes) == 1 and word in notes[0]
 
 
+def test_lora_learning_rates_are_judged_against_lora_s_range():
+    assert make(learning_rate=3e-4, lora=True).sanity_warnings() == []      # usual for an adapter
+    assert "learning_rate=0.0003" in make(learning_rate=3e-4).sanity_warnings()[0]   # high for all weights
+    assert "for LoRA" in make(learning_rate=1e-2, lora=True).sanity_warnings()[0]
+
+
 def test_warnings_accumulate():
     notes = make(beta=5.0, learning_rate=1e-2, per_device_batch_size=1).sanity_warnings()
     assert len(notes) == 3

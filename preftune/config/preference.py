@@ -98,8 +98,10 @@ class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout, PairScor
         low, high = self.usual_beta()
         if not low <= self.beta <= high:
             notes.append(f"beta={self.beta} is far outside the usual range ({low}-{high}; 0.1-0.5 is typical for DPO).")
-        if not 1e-7 <= self.learning_rate <= 1e-4:
-            notes.append(f"learning_rate={self.learning_rate:g} is far outside the usual 1e-6 to 1e-5 for preference "
+        usual, limits = (("1e-5 to 5e-4 for LoRA", (1e-6, 2e-3)) if getattr(self, "lora", False)
+                         else ("1e-6 to 1e-5", (1e-7, 1e-4)))
+        if not limits[0] <= self.learning_rate <= limits[1]:
+            notes.append(f"learning_rate={self.learning_rate:g} is far outside the usual {usual} for preference "
                          f"tuning.")
         pairs = self.per_device_batch_size * self.gradient_accumulation_steps
         if not 4 <= pairs <= 1024:
