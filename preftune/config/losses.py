@@ -25,6 +25,8 @@ from ..errors import ConfigError
 
 LOSSES_DIR = Path(__file__).resolve().parents[1] / "losses"
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")   # f_divergence_type
+# losses that sort values over the batch: WPO's per-pair weights (use_weighting) have no pair to follow there
+UNWEIGHTABLE = ("aot", "aot_unpaired")
 ROW_FIELDS = ("name", "hyper", "needs_reference", "paper", "trl", "beta_range", "formula")
 
 
