@@ -144,8 +144,8 @@ def toy_task_pairs(tokenizer, model):
 def test_every_layout_and_head_path_gives_the_full_logits_values(tiny_model_dir, layout, fused_head):
     """LD-DPO sums (policy and live reference) and WPO weights of DPOTask, chunk by chunk through the head, equal
     those computed here from the full logits of padded rows in float64; so all six paths equal one another."""
-    from preftune.models import load_causal_lm, load_tokenizer, prepare_policy
     from preftune.modality import TEXT
+    from preftune.models import load_causal_lm, load_tokenizer, prepare_policy
     from preftune.recipes.dpo import DPOTask
     from preftune.runtime.reference import ModelReference
 
@@ -192,8 +192,8 @@ def test_every_layout_and_head_path_gives_the_full_logits_values(tiny_model_dir,
 
 
 def test_ld_alpha_one_and_unset_are_bit_identical_to_plain_sums(tiny_model_dir):
-    from preftune.models import load_causal_lm, load_tokenizer
     from preftune.modality.text import PairCollator, PolicyLogprobs, sequence_sums
+    from preftune.models import load_causal_lm, load_tokenizer
 
     tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir))
     pairs = toy_task_pairs(tokenizer, model)
@@ -208,10 +208,9 @@ def test_ld_alpha_one_and_unset_are_bit_identical_to_plain_sums(tiny_model_dir):
 
 
 def test_precomputed_reference_holds_ld_sums_keyed_by_ld_alpha(tiny_model, tmp_path):
-    from test_reference import context, settings
-
     from preftune.modality.text import PairCollator
     from preftune.runtime.reference import ModelReference, check_cache_file, make_reference
+    from test_reference import context, settings
 
     pairs = random_pairs(vocab=60)
     # pair 1's chosen response (6 tokens, against 6) again, against 1 token: its LD value differs by pair

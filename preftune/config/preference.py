@@ -11,8 +11,8 @@ from .base import check_ranges, option, with_default
 from .grpo import GRPOConfig
 from .losses import (
     F_DIVERGENCES,
-    UNWEIGHTABLE,
     LOSS_HYPERPARAMETERS,
+    UNWEIGHTABLE,
     beta_range,
     check_loss_settings,
     loss_help,

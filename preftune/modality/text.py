@@ -27,8 +27,8 @@ from ..data.packing import collate_rows, join_rows, pack_examples, single_row
 from ..data.preference import TokenizedPair, tokenize_preferences
 from ..data.prompts import read_text_prompts
 from ..data.text import SFTSettings, tokenize_sft
-from ..losses.weighting import active_ld_alpha
 from ..logprobs import final_hidden_states, packed_sequence_logprobs, sequence_logprobs, token_logprobs, weighted_sums
+from ..losses.weighting import active_ld_alpha
 from ..models import base_model, load_causal_lm, load_tokenizer, prepare_policy
 from ..scoring import reward_model as rm
 from ..scoring.files import score_file
@@ -57,7 +57,8 @@ class PolicyLogprobs(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 completion_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 prompt_lengths: torch.Tensor | None = None,
-                completion_lengths: torch.Tensor | None = None, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+                completion_lengths: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Padded rows: ``[B, L]`` per-token log-probs. A packed batch (``completion_lengths`` given): ``[S]``
         summed log-probs per sequence (each token times ``token_weights``, LD-DPO's, when given)."""
         stats = [] if self.collect_stats else None

@@ -61,7 +61,7 @@ class DPOTask:
         )
 
     def wpo_weights(self, pairs: int) -> torch.Tensor:
-        """WPO's per-pair weights from this forward's token statistics (:func:`~preftune.losses.weighting.wpo_weights`)."""
+        """WPO's per-pair weights from this forward's token statistics (``losses.weighting.wpo_weights``)."""
         stats, _ = self.token_stats
         if stats is None:
             raise ConfigError("use_weighting (WPO) needs the per-token statistics of preftune's text log-prob module")
