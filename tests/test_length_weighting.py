@@ -282,3 +282,26 @@ def test_flags_exit_2_where_refused_and_parse_where_offered(capsys, tmp_path):
     kto = KTOConfig(model_name_or_path="m", dataset="d", ld_alpha=0.5)
     with pytest.raises(ConfigError, match="KTO does not use it"):
         kto.validate(require_model=False)
+
+
+@pytest.mark.slow
+def test_ld_dpo_with_wpo_under_ddp_trains_as_one_process(tiny_model_dir, tmp_path):
+    """Two DDP processes (half the pairs each, the precomputed LD reference shared) log the losses and reach the
+    weights of one process: the LD weights and the WPO weights are per pair."""
+    from pathlib import Path
+
+    from preftune.recipes.dpo import train_dpo
+    from test_fsdp import assert_same_run, dpo_values, torchrun, write_config
+    from toydata import make_toy_preferences
+
+    data = {"pairs": tmp_path / "pairs.jsonl", "root": tmp_path}
+    rows = make_toy_preferences(32, seed=1)
+    for i, row in enumerate(rows):
+        row["rejected"] += " very" * (i % 3)
+    data["pairs"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    values = dpo_values(tiny_model_dir, data, tmp_path / "one", ld_alpha=0.5, use_weighting=True, precompute_ref=True)
+    train_dpo(DPOConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in values.items()}))
+    config = write_config(values, tmp_path / "dpo.yaml", output_dir=tmp_path / "two", per_device_batch_size=4)
+    run = torchrun("dpo", config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_run(tmp_path / "one", tmp_path / "two", keys=("loss", "rewards/margins", "grad_norm"), engine="ddp")
