@@ -18,9 +18,9 @@ completion). Policy and reference are combined alike, so the log-ratios (and the
 
 (:func:`wpo_weights`), the means over each completion's scored tokens, ``Σ_v π(v)²`` over the whole vocabulary at
 that token's position (computed with the chunked head, :func:`preftune.speed.head.token_stats`, never as a
-``[B, L, V]`` tensor), from the policy's own forward, without gradient. ``log π − log Σ π²`` is 0 for every token of
-a greedy-or-uniform policy, so the weight favours pairs whose tokens the policy would itself sample
-("on-policy" pairs). TRL 1.16 does not clamp the weight (older TRL clamped it at 1).
+``[B, L, V]`` tensor), from the policy's own forward, without gradient. ``exp(log π(y_j) − log Σ_v π(v)²) =
+π(y_j) / E_{v∼π}[π(v)]`` is a token's probability relative to that of a token the policy samples itself, so the
+weight favours pairs that look on-policy. TRL 1.16 does not clamp the weight (older TRL clamped it at 1).
 """
 
 from __future__ import annotations
