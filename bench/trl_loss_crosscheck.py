@@ -24,7 +24,11 @@ from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, entropy_from_logits, selective_log_softmax
 
+from preftune.data.collate import add_length_weights
+from preftune.logprobs import weighted_sums
 from preftune.losses import PreferenceLogps, chosen_nll, preference_loss
+from preftune.losses.weighting import wpo_weights
+from preftune.speed.head import STAT_COLUMNS, token_stats
 
 PAIRS, LENGTH, VOCAB, PROMPT = 6, 14, 11, 4
 
@@ -57,19 +61,32 @@ def make_batch(seed: int, dtype: torch.dtype):
     return ids, completion.long(), attention.long(), logits, ref_logits
 
 
-def sums(logits, ids, completion):
-    """preftune's side: per-sequence summed completion log-probs and token counts, written here."""
+def sums(logits, ids, completion, ld_alpha=None):
+    """preftune's side: per-sequence summed completion log-probs and token counts, written here; with ``ld_alpha``
+    each token weighted by preftune's LD-DPO weights (its pair collator's ``add_length_weights``)."""
     token = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     mask = completion[:, 1:].to(logits.dtype)
-    return (token * mask).sum(-1), mask.sum(-1)
+    if ld_alpha is None:
+        return (token * mask).sum(-1), mask.sum(-1)
+    weights = add_length_weights({"input_ids": ids, "completion_mask": completion}, ld_alpha)["token_weights"]
+    return weighted_sums(token * mask, weights[:, 1:]), mask.sum(-1)
 
 
-def ours(batch, names, reference=True, **options):
+def wpo(logits, ids, completion):
+    """preftune's WPO weights: its head's per-token statistics (one chunk: every completion row) and ``wpo_weights``."""
+    mask = completion[:, 1:].bool()
+    rows, targets = logits[:, :-1][mask], ids[:, 1:][mask]
+    stats = token_stats(rows, torch.log_softmax(rows, -1), targets)
+    return wpo_weights(stats[:, STAT_COLUMNS.index("wpo_aligned")], mask.nonzero()[:, 0], PAIRS)
+
+
+def ours(batch, names, reference=True, ld_alpha=None, use_weighting=False, **options):
     ids, completion, _, logits, ref_logits = batch
-    policy, lengths = sums(logits, ids, completion)
-    ref = sums(ref_logits, ids, completion)[0]
+    policy, lengths = sums(logits, ids, completion, ld_alpha)
+    ref = sums(ref_logits, ids, completion, ld_alpha)[0]
     lp = PreferenceLogps(policy[:PAIRS], policy[PAIRS:], ref[:PAIRS] if reference else None,
-                         ref[PAIRS:] if reference else None, lengths[:PAIRS], lengths[PAIRS:])
+                         ref[PAIRS:] if reference else None, lengths[:PAIRS], lengths[PAIRS:],
+                         pair_weights=wpo(logits, ids, completion) if use_weighting else None)
     total, metrics = preference_loss(names, lp, options.pop("beta"), **options)
     if names == "orpo":   # the odds-ratio term only (TRL's NLL covers the prompt too)
         total = total - chosen_nll(lp).mean()
@@ -92,17 +109,21 @@ def fused_head(logits):
 
 
 def trl_dpo(batch, loss_types, beta, loss_weights=None, label_smoothing=0.0, f_divergence_type="reverse_kl",
-            f_alpha_divergence_coef=0.5, discopop_tau=0.05):
+            f_alpha_divergence_coef=0.5, discopop_tau=0.05, ld_alpha=None, use_weighting=False):
+    """TRL's ``_compute_loss``; with ``ld_alpha`` its reference runs live (the same fused-head model answering from
+    the reference logits), so TRL combines the reference's log-probs itself."""
     ids, completion, attention, logits, ref_logits = batch
     ref = sums(ref_logits, ids, completion)[0]   # precomputed reference log-probs, as TRL's precompute passes them
     trainer = DPOTrainer.__new__(DPOTrainer)
     trainer.__dict__.update(
-        model=SimpleNamespace(training=True), accelerator=Accelerator(), aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type=f_divergence_type,
+        model=SimpleNamespace(training=True, is_gradient_checkpointing=False, _modules={}), accelerator=Accelerator(),
+        aux_loss_enabled=False, ld_alpha=ld_alpha, precompute_ref_logps=ld_alpha is None,
+        ref_model=fused_head(ref_logits), f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef, loss_types=loss_types,
         loss_weights=loss_weights or [1.0] * len(loss_types), beta=beta, label_smoothing=label_smoothing,
-        use_weighting=False, args=SimpleNamespace(discopop_tau=discopop_tau), _metrics={"train": defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1)
+        use_weighting=use_weighting,
+        args=SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None),
+        _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": ids, "attention_mask": attention, "completion_mask": completion,
               "ref_chosen_logps": ref[:PAIRS], "ref_rejected_logps": ref[PAIRS:]}
     loss = DPOTrainer._compute_loss(trainer, fused_head(logits), inputs, False)
@@ -173,6 +194,18 @@ CASES = [
     ("SimPO (CPOTrainer simpo, cpo_alpha 0)", "simpo", {"simpo_gamma": 0.7},
      lambda b, **o: trl_experimental(CPOTrainer, b, o["beta"], loss_type="simpo", cpo_alpha=0.0, alpha=0.0,
                                      label_smoothing=0.0, simpo_gamma=0.7), ""),
+    ("LD-DPO ld_alpha 0.5 (sigmoid)", "sigmoid", {"ld_alpha": 0.5}, lambda b, **o: trl_dpo(b, ["sigmoid"], **o),
+     "TRL's reference runs live here (its precompute would combine alike)"),
+    ("LD-DPO ld_alpha 0 (ipo_norm)", "ipo_norm", {"ld_alpha": 0.0}, lambda b, **o: trl_dpo(b, ["ipo"], **o), ""),
+    ("LD-DPO ld_alpha 0.3 (sigmoid_norm)", "sigmoid_norm", {"ld_alpha": 0.3},
+     lambda b, **o: trl_dpo(b, ["sigmoid_norm"], **o), ""),
+    ("WPO use_weighting (sigmoid)", "sigmoid", {"use_weighting": True}, lambda b, **o: trl_dpo(b, ["sigmoid"], **o),
+     ""),
+    ("WPO use_weighting (MPO: sigmoid + bco_pair)", ["sigmoid", "bco_pair"],
+     {"use_weighting": True, "loss_weights": [0.8, 0.2]}, lambda b, **o: trl_dpo(b, ["sigmoid", "bco_pair"], **o),
+     ""),
+    ("WPO use_weighting + LD-DPO 0.5 (hinge)", "hinge", {"use_weighting": True, "ld_alpha": 0.5},
+     lambda b, **o: trl_dpo(b, ["hinge"], **o), ""),
 ]
 
 

@@ -73,7 +73,7 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, comp
         chunk_size: rows projected onto the vocabulary at a time.
         position_ids: optional ``[B, L]`` position ids passed to the model (padding-free batches).
         model_kwargs: further keyword arguments of the model's forward (a packed row's block layout).
-        stats: a list that receives ``(token stats [N, 3], row of each token [N])`` of the N completion
+        stats: a list that receives ``(token stats [N, 4], row of each token [N])`` of the N completion
             tokens (:func:`~preftune.speed.head.token_stats`).
 
     Returns:
@@ -87,7 +87,7 @@ def token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, comp
     values, _ = completion_logprobs(model, hidden, input_ids, completion_mask, chunk_size=chunk_size, stats=chunks)
     if stats is not None:
         rows = completion_mask[:, 1:].to(device=values.device, dtype=torch.bool).nonzero()[:, 0]
-        stats.append((torch.cat(chunks) if chunks else values.new_zeros(0, 3), rows))
+        stats.append((torch.cat(chunks) if chunks else values.new_zeros(0, 4), rows))
     return _to_token_layout(values, completion_mask)
 
 
@@ -136,7 +136,7 @@ def completion_logprobs(model, hidden: Tensor, input_ids: Tensor, completion_mas
 def projected_logprobs(model, selected: Tensor, targets: Tensor, chunk_size: int = 1024, temperature: float = 1.0,
                        with_entropy: bool = False, stats: list | None = None) -> tuple[Tensor, Tensor | None]:
     """``log p(targets[i] | selected[i])`` (and the entropies) for ``[N, H]`` hidden states, chunk by chunk;
-    ``stats`` (a list) receives each chunk's :func:`~preftune.speed.head.token_stats`, ``[rows, 3]``."""
+    ``stats`` (a list) receives each chunk's :func:`~preftune.speed.head.token_stats`, ``[rows, 4]``."""
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     causal_lm, _, lm_head = _split_model(model)
@@ -194,7 +194,9 @@ def packed_sequence_logprobs(model, batch: dict[str, Tensor], chunk_size: int = 
     order (completion-major, as the rows of the padded batch). Each value equals
     :func:`sequence_logprobs` of the same sequence in a padded row: only the states that predict
     completion tokens are projected onto the vocabulary, in chunks, as there. ``stats`` (a list) receives
-    ``(token stats [N, 3], sequence of each token [N])`` (:func:`~preftune.speed.head.token_stats`).
+    ``(token stats [N, 4], sequence of each token [N])`` (:func:`~preftune.speed.head.token_stats`). A
+    ``token_weights`` entry of ``batch`` (``[1, T]``, LD-DPO's: :func:`~preftune.losses.weighting.ld_token_weights`)
+    weights each token's log-prob in its sum.
     """
     from .speed.attention import packed_model_inputs
 
@@ -205,7 +207,9 @@ def packed_sequence_logprobs(model, batch: dict[str, Tensor], chunk_size: int = 
     values, _ = projected_logprobs(model, hidden[predictors], batch["input_ids"][0, targets], chunk_size,
                                    stats=chunks)
     if stats is not None:
-        stats.append((torch.cat(chunks) if chunks else values.new_zeros(0, 3), sequences))
+        stats.append((torch.cat(chunks) if chunks else values.new_zeros(0, 4), sequences))
+    if batch.get("token_weights") is not None:
+        values = values * batch["token_weights"][0, targets].to(values)
     total = torch.zeros(layout.lengths().shape[0], dtype=torch.float32, device=values.device)
     return total.index_add(0, sequences, values)
 
@@ -228,17 +232,24 @@ def _to_token_layout(values: Tensor, completion_mask: Tensor) -> Tensor:
 
 
 def sequence_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None, completion_mask: Tensor,
-                      chunk_size: int = 1024, position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      chunk_size: int = 1024, position_ids: Tensor | None = None,
+                      token_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Summed completion log-probability per row and the number of completion tokens.
 
     Returns ``(logps [B] float32, lengths [B] float32)``; ``logps[b]`` is
     ``sum_t log p(input_ids[b, t] | input_ids[b, :t])`` over the completion tokens of row ``b``
-    (position 0 excluded, as in :func:`token_logprobs`).
+    (position 0 excluded, as in :func:`token_logprobs`), each term times ``token_weights[b, t]`` when given
+    (LD-DPO's, ``[B, L]``).
     """
     per_token = token_logprobs(model, input_ids, attention_mask, completion_mask, chunk_size=chunk_size,
                                position_ids=position_ids)
     lengths = completion_mask[:, 1:].to(torch.bool).sum(-1).to(torch.float32)
-    return per_token.sum(-1), lengths
+    return weighted_sums(per_token, token_weights), lengths
+
+
+def weighted_sums(per_token: Tensor, token_weights: Tensor | None) -> Tensor:
+    """``[B]`` row sums of ``[B, L]`` per-token log-probs, each token times its weight (None: the plain sum)."""
+    return per_token.sum(-1) if token_weights is None else (per_token * token_weights.to(per_token)).sum(-1)
 
 
 def _chunk_logprobs(lm_head: nn.Module, hidden: Tensor, targets: Tensor, scale: float | None,

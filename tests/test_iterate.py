@@ -200,6 +200,20 @@ def test_kto_rounds_against_the_initial_reference(toy_run, one_thread):
     assert result.rounds[2]["eval"]["oracle_reward"] > result.rounds[0]["eval"]["oracle_reward"]
 
 
+def test_dpo_rounds_take_ld_alpha_and_use_weighting_and_kto_refuses_them(toy_run, one_thread):
+    result = train_iterate(toy_config(toy_run, "ld-wpo", rounds=1, max_steps=4, ld_alpha=0.5, use_weighting=True),
+                           judge=calm_count)
+    train_dir = result.run_dir / "rounds" / "1" / "train"
+    trained = json.loads((train_dir / "config.json").read_text())
+    assert trained["ld_alpha"] == 0.5 and trained["use_weighting"] is True and trained["precompute_ref"] is True
+    cache = json.loads((train_dir / "reference_cache.json").read_text())["train"]
+    assert cache["sequences"] > 0 and not cache["reused"]
+    steps = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps and all(math.isfinite(r["loss"]) for r in steps)
+    with pytest.raises(ConfigError, match="KTO does not use them"):
+        toy_config(toy_run, "kto-ld", loss_type="kto", ld_alpha=0.5).validate()
+
+
 def run_outputs(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor], list[str]]:
     """What must be equal between two runs: per-round records (paths made relative), weights, eval samples."""
     records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]

@@ -57,3 +57,19 @@ def test_each_loss_learns_the_toy_preference(name, tiny_model_dir, toy_pairs, tm
     assert len(kinds) == 1 and (kinds[0] != "none") == PAIR_LOSSES[name].needs_reference
     assert before["eval/rewards/accuracies"] < 0.7
     assert after["eval/rewards/accuracies"] > 0.9, after
+
+
+@pytest.mark.parametrize("options", [{"ld_alpha": 0.5}, {"use_weighting": True}], ids=["ld_alpha", "use_weighting"])
+def test_ld_dpo_and_wpo_learn_the_toy_preference(options, tiny_model_dir, toy_pairs, tmp_path):
+    """LD-DPO (ld_alpha, the reference precomputed with it) and WPO-weighted DPO (use_weighting) train the toy task."""
+    cfg = DPOConfig(model_name_or_path=str(tiny_model_dir), dataset=str(toy_pairs["train"]),
+                    eval_dataset=str(toy_pairs["eval"]), eval_split="train", output_dir=str(tmp_path / "run"),
+                    beta=0.1, per_device_batch_size=8, learning_rate=1e-3, max_length=64, num_epochs=1,
+                    warmup_ratio=0.0, seed=0, logging_steps=4, eval_on_start=True,
+                    precompute_ref="ld_alpha" in options, cache_dir=str(tmp_path / "cache"), **options)
+    cfg.validate()
+    result = train_dpo(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    before = next(line for line in lines if line.get("step") == 0 and "eval/rewards/accuracies" in line)
+    assert before["eval/rewards/accuracies"] < 0.7
+    assert result.train.eval_metrics["eval/rewards/accuracies"] > 0.9, result.train.eval_metrics

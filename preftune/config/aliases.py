@@ -44,10 +44,9 @@ REFUSED = {
     "per_device_eval_batch_size": "held-out batches use per_device_batch_size",
     "reference_free": "preftune's losses that need no reference are " + ", ".join(f"loss_type {name}" for name in
                                                                                   sorted(REFERENCE_FREE)),
-    "use_weighting": "WPO weighting needs each token's log Σ_v p_v² under the policy, which preftune's log-prob "
-                     "path does not compute",
-    "ld_alpha": "LD-DPO needs each completion's log-prob split at the pair's shared length, which preftune's "
-                "sequence log-probs (and the cached reference) do not keep",
+    # options of preftune dpo (and iterate's DPO rounds), refused by the commands that do not have them
+    "use_weighting": "WPO weighting (use_weighting) is an option of preftune dpo and iterate (offline pairs)",
+    "ld_alpha": "LD-DPO (ld_alpha) is an option of preftune dpo and iterate (offline pairs)",
     "eval_strategy": "set eval_steps (evaluate every N steps; 0: only at the end)",
     "save_strategy": "set save_steps (checkpoint every N steps; 0: none)",
     "logging_strategy": "set logging_steps",

@@ -94,6 +94,9 @@ class IterateConfig(DPOConfig, ReplySettings):
             raise ConfigError("give either --judge (a scorer) or --annotate_db (people), not both")
         if self.loss_type == "kto" and (self.margin_scale or self.preference_prob_scale):
             raise ConfigError("margin_scale and preference_prob_scale label pairs; KTO takes single examples")
+        if self.loss_type == "kto" and (self.ld_alpha is not None or self.use_weighting):
+            raise ConfigError("ld_alpha (LD-DPO) and use_weighting (WPO) are options of the pairwise DPO losses; "
+                              "KTO does not use them")
         if self.max_prompt_length is not None and self.max_prompt_length + self.max_new_tokens > self.max_length:
             raise ConfigError(f"max_prompt_length + max_new_tokens ({self.max_prompt_length} + {self.max_new_tokens})"
                               f" must not exceed max_length ({self.max_length})")

@@ -25,6 +25,15 @@ from ..errors import ConfigError
 
 LOSSES_DIR = Path(__file__).resolve().parents[1] / "losses"
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")   # f_divergence_type
+# losses that sort values over the batch: WPO's per-pair weights (use_weighting) have no pair to follow there
+UNWEIGHTABLE = ("aot", "aot_unpaired")
+# options that modify every pair loss (preftune/losses/weighting.py): (option, what it does, paper, TRL 1.16 name)
+LOSS_MODIFIERS = (
+    ("ld_alpha", "log π(y) → Σ_{j<ℓ} log π(y_j) + α·Σ_{j≥ℓ} log π(y_j), ℓ = min(n_c, n_r) (token counts), α in [0, 1], "
+                 "policy and reference", "Liu et al. 2024 (LD-DPO)", "ld_alpha"),
+    ("use_weighting", "each pair's loss × exp(mean_j[log π(y_c,j) − log Σ_v π(v)²] + the same over y_r), "
+                      "no gradient; not " + " or ".join(UNWEIGHTABLE), "Zhou et al. 2024 (WPO)", "use_weighting"),
+)
 ROW_FIELDS = ("name", "hyper", "needs_reference", "paper", "trl", "beta_range", "formula")
 
 
@@ -159,6 +168,9 @@ def markdown_table() -> str:
         options = ", ".join(f"`{h}`" for h in spec.hyper) or "—"
         lines.append(f"| `{name}` | {spec.formula} | {spec.paper} | {trl} | "
                      f"{'needed' if spec.needs_reference else 'none loaded'} | {options} |")
+    lines += ["", "Options of `preftune dpo` (and `iterate`) that modify every loss above:", "",
+              "| option | effect | paper | TRL 1.16 name |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{option}` | {effect} | {paper} | `{trl}` |" for option, effect, paper, trl in LOSS_MODIFIERS]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from .grpo import GRPOConfig
 from .losses import (
     F_DIVERGENCES,
     LOSS_HYPERPARAMETERS,
+    UNWEIGHTABLE,
     beta_range,
     check_loss_settings,
     loss_help,
@@ -46,6 +47,12 @@ class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout, PairScor
     f_alpha_divergence_coef: float = option(0.5, "The alpha of f_divergence_type alpha_divergence (TRL's "
                                                  "parameterisation; 1 is reverse KL).")
     nll_weight: float = option(0.0, "Weight of an NLL term on the chosen response added to the loss.")
+    ld_alpha: float | None = option(None, "LD-DPO (Liu et al. 2024): each completion's log-prob (policy and "
+                                          "reference) counts its tokens beyond the pair's shared length min(|y_c|, "
+                                          "|y_r|) times this alpha, in [0, 1]; unset or 1: plain sums.")
+    use_weighting: bool = option(False, "WPO (Zhou et al. 2024): multiply each pair's loss by exp(mean of log p - "
+                                        "log Σ_v p_v² over the chosen tokens + the same over the rejected), from the "
+                                        "policy, without gradient.")
     constraints: list[str] = option([], "Extra penalty terms 'module:function[=weight]', each called with the batch's "
                                         "log-probs.")
     precompute_ref: bool = option(False, "Compute reference log-probs once before training and cache them on disk.")
@@ -84,6 +91,13 @@ class DPOConfig(ModelSettings, DataSettings, TrainSettings, PairLayout, PairScor
         parse_loss_types(self.loss_type)
         check_loss_settings(self, {f.name: f.default for f in dataclasses.fields(DPOConfig)})
         check_ranges(self, positive_numbers=["discopop_tau"], non_negative=["cpo_alpha"])
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ConfigError(f"ld_alpha must be in [0, 1] (LD-DPO's weight of the tokens beyond a pair's shared "
+                              f"length), got {self.ld_alpha}")
+        unweightable = sorted(set(parse_loss_types(self.loss_type)) & set(UNWEIGHTABLE))
+        if self.use_weighting and unweightable:
+            raise ConfigError(f"use_weighting (WPO) cannot weight loss_type {', '.join(unweightable)}: it sorts values "
+                              f"over the batch, so its loss values belong to no pair")
         if any(not (math.isfinite(w) and w >= 0) for w in self.loss_weights):
             raise ConfigError(f"loss_weights must be non-negative numbers, got {self.loss_weights}")
         if not math.isfinite(self.f_alpha_divergence_coef):
@@ -152,7 +166,8 @@ class KTOConfig(DPOConfig):
         check_ranges(self, positive_numbers=["desirable_weight", "undesirable_weight"])
         defaults = {f.name: f.default for f in dataclasses.fields(DPOConfig)}
         unused = {"label_smoothing": 0.0, "nll_weight": 0.0, "constraints": [], "loss_weights": [],
-                  "f_divergence_type": "reverse_kl", "margin_from_scores": False,
+                  "f_divergence_type": "reverse_kl", "margin_from_scores": False, "ld_alpha": None,
+                  "use_weighting": False,
                   **{name: defaults[name] for name in LOSS_HYPERPARAMETERS}}    # simpo_gamma, cpo_alpha, ...
         for name, default in unused.items():
             if getattr(self, name) != default:

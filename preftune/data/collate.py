@@ -9,9 +9,10 @@ import functools
 
 import torch
 
-from preftune.data.packed import blocks_of_sequences, collate_blocks
+from preftune.data.packed import PackedLayout, blocks_of_sequences, collate_blocks, is_packed
 from preftune.data.preference import TokenizedPair
 from preftune.errors import ConfigError
+from preftune.losses.weighting import ld_token_weights, pair_shared_lengths
 
 
 def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int,
@@ -40,6 +41,31 @@ def collate_pairs_packed(pairs: list[TokenizedPair], share_prefix: bool = True) 
 def collate_completions_packed(prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
     """The sequences of :func:`collate_completions` as one padding-free row (a block each)."""
     return collate_blocks(blocks_of_sequences(prompts, completions, share_prefix=False))
+
+
+def add_length_weights(batch: dict[str, torch.Tensor], ld_alpha: float | None,
+                       adjacent: bool = False) -> dict[str, torch.Tensor]:
+    """``batch`` with LD-DPO's weights (``ld_alpha`` None: unchanged): ``token_weights`` laid out as ``input_ids``
+    (padded ``[B, L]`` or packed ``[1, T]``; 1 off the completions), each completion token's
+    :func:`~preftune.losses.weighting.ld_token_weights` for its pair's shared length, and ``shared_lengths`` ``[S]``
+    (per sequence, in the batch's order). The batch's sequences are pairs completion-major (``i`` and ``i + S/2``, as
+    :func:`collate_pairs` lays them out) or, ``adjacent``, ``2i`` and ``2i + 1``."""
+    if ld_alpha is None:
+        return batch
+    if is_packed(batch):
+        layout = PackedLayout.of(batch)
+        spans = {seq: (offset, length) for seq, _, _, offset, length in layout.completions()}
+        lengths = torch.tensor([spans[s][1] for s in range(len(spans))], dtype=torch.long)
+        shared = pair_shared_lengths(lengths, adjacent)
+        weights = torch.ones(batch["input_ids"].shape, dtype=torch.float64)
+        for seq, (offset, length) in spans.items():
+            weights[0, offset:offset + length] = ld_token_weights(torch.arange(length), shared[seq], ld_alpha)
+    else:
+        mask = batch["completion_mask"].to(torch.bool)
+        shared = pair_shared_lengths(mask.sum(-1), adjacent)
+        index = mask.long().cumsum(-1) - 1                  # each completion token's index in its completion
+        weights = torch.where(mask, ld_token_weights(index, shared[:, None], ld_alpha), 1.0)
+    return {**batch, "token_weights": weights, "shared_lengths": shared}
 
 
 def pair_sequences_in_rows(pairs: list[TokenizedPair]) -> tuple[list[list[int]], list[list[int]]]:

@@ -49,6 +49,7 @@ from preftune.config.losses import (
 )
 from preftune.errors import ConfigError
 from preftune.loading import load_callable
+from preftune.losses.weighting import weighted_pair_losses
 
 
 @dataclass
@@ -63,6 +64,7 @@ class PreferenceLogps:
     rejected_lengths: Tensor
     preference_prob: Tensor | None = None   # in [0, 1]: probability that chosen really is better
     margin: Tensor | None = None            # reward units, default 0
+    pair_weights: Tensor | None = None      # WPO: each pair's loss is multiplied by it (losses/weighting.py)
 
 
 @dataclass
@@ -293,7 +295,7 @@ def preference_loss(loss_type: str | Sequence[str], lp: PreferenceLogps, beta: f
                     **options) -> tuple[Tensor, dict[str, Tensor]]:
     """The scalar training loss of a batch of pairs, and its metrics.
 
-    total = Σ_k w_k · mean(loss_k) + nll_weight · mean(-log π(y_c) / |y_c|) + Σ_j c_j · mean(constraint_j(lp))
+    total = Σ_k w_k · mean(ω ⊙ loss_k) + nll_weight · mean(-log π(y_c) / |y_c|) + Σ_j c_j · mean(constraint_j(lp))
 
     ``loss_type`` is one name of the loss table or several (a list, or names separated by commas),
     mixed with ``loss_weights`` (default 1 each; MPO, Wang et al. 2024, mixes sigmoid, bco_pair and
@@ -303,7 +305,9 @@ def preference_loss(loss_type: str | Sequence[str], lp: PreferenceLogps, beta: f
     The NLL term is the per-token negative log-likelihood of the chosen responses (RPO-style
     regularisation that keeps chosen responses likely). Each constraint is a function of the
     :class:`PreferenceLogps` returning a scalar or ``[B]`` penalty (e.g. a constitutional rule);
-    it is averaged over the batch and added with its weight.
+    it is averaged over the batch and added with its weight. ``ω`` is ``lp.pair_weights`` (WPO,
+    :func:`~preftune.losses.weighting.wpo_weights`; 1 when None): each pair loss's value of a pair times its
+    weight, as TRL's ``use_weighting`` (the NLL and constraint terms are not weighted).
 
     Metrics (detached scalars, TRL names): ``loss``, ``loss/preference``, ``loss/<name>`` per loss of
     a mix, ``loss/nll`` (when ``nll_weight > 0``), ``loss/constraint/<function name>``,
@@ -320,7 +324,7 @@ def preference_loss(loss_type: str | Sequence[str], lp: PreferenceLogps, beta: f
     terms, first = {}, None
     for name in names:
         out = pair_loss_function(name)(lp, beta, **{h: options[h] for h in PAIR_LOSSES[name].hyper if h in options})
-        terms[name] = out.losses.mean()
+        terms[name] = weighted_pair_losses(out.losses, lp.pair_weights, name).mean()
         first = first or out
     preference = sum(w * terms[name] for name, w in zip(names, weights))
     total = preference

@@ -14,14 +14,21 @@ import hashlib
 import torch
 from torch import nn
 
-from ..data.collate import collate_completions, collate_completions_packed, collate_pairs, collate_pairs_packed
+from ..data.collate import (
+    add_length_weights,
+    collate_completions,
+    collate_completions_packed,
+    collate_pairs,
+    collate_pairs_packed,
+)
 from ..data.kto import tokenize_kto
 from ..data.packed import PackedLayout, adjacent_blocks, collate_blocks, is_packed, packed_sequences
 from ..data.packing import collate_rows, join_rows, pack_examples, single_row
 from ..data.preference import TokenizedPair, tokenize_preferences
 from ..data.prompts import read_text_prompts
 from ..data.text import SFTSettings, tokenize_sft
-from ..logprobs import final_hidden_states, packed_sequence_logprobs, sequence_logprobs, token_logprobs
+from ..logprobs import final_hidden_states, packed_sequence_logprobs, sequence_logprobs, token_logprobs, weighted_sums
+from ..losses.weighting import active_ld_alpha
 from ..models import base_model, load_causal_lm, load_tokenizer, prepare_policy
 from ..scoring import reward_model as rm
 from ..scoring.files import score_file
@@ -38,8 +45,8 @@ PACKED_KEYS = ("input_ids", "attention_mask", "position_ids", "prompt_lengths", 
 
 class PolicyLogprobs(nn.Module):
     """The policy's completion log-probs, as the module a distributed wrapper wraps. With ``collect_stats`` on,
-    each forward leaves ``token_stats``: ``(stats [N, 3], sequence of each token [N])`` of its completion tokens
-    (:func:`preftune.speed.head.token_stats`: mean logit, argmax hit, entropy)."""
+    each forward leaves ``token_stats``: ``(stats [N, 4], sequence of each token [N])`` of its completion tokens
+    (:func:`preftune.speed.head.token_stats`: mean logit, argmax hit, entropy, WPO's aligned log-prob)."""
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024):
         super().__init__()
@@ -50,13 +57,14 @@ class PolicyLogprobs(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 completion_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 prompt_lengths: torch.Tensor | None = None,
-                completion_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                completion_lengths: torch.Tensor | None = None,
+                token_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Padded rows: ``[B, L]`` per-token log-probs. A packed batch (``completion_lengths`` given): ``[S]``
-        summed log-probs per sequence."""
+        summed log-probs per sequence (each token times ``token_weights``, LD-DPO's, when given)."""
         stats = [] if self.collect_stats else None
         if completion_lengths is not None:
             batch = dict(zip(PACKED_KEYS, (input_ids, attention_mask, position_ids, prompt_lengths,
-                                           completion_lengths)))
+                                           completion_lengths)), token_weights=token_weights)
             out = packed_sequence_logprobs(self.model, batch, self.chunk_size, stats=stats)
         else:
             out = token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size,
@@ -67,37 +75,44 @@ class PolicyLogprobs(nn.Module):
 
 def sequence_sums(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(summed log-probs, completion lengths)`` of every sequence of a padded or packed batch, through the
-    :class:`PolicyLogprobs` ``model`` (called as a module, so a distributed wrapper sees the forward)."""
+    :class:`PolicyLogprobs` ``model`` (called as a module, so a distributed wrapper sees the forward). A
+    ``token_weights`` entry (LD-DPO's, :func:`preftune.data.collate.add_length_weights`) weights each token's term."""
+    weights = batch.get("token_weights")
     if is_packed(batch):
-        sums = model(**{key: batch[key] for key in PACKED_KEYS})
+        sums = model(**{key: batch[key] for key in PACKED_KEYS}, token_weights=weights)
         return sums, PackedLayout.of(batch).lengths().to(sums.device)
-    sums = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).sum(-1)
+    sums = weighted_sums(model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]), weights)
     return sums, batch["completion_mask"].sum(-1).float()
 
 
 class PairCollator:
     """Pairs -> padded rows, or one packed row (prefix-shared blocks, or a block per sequence)."""
 
-    def __init__(self, pad_token_id: int, packed: bool = False, share_prefix: bool = False):
+    def __init__(self, pad_token_id: int, packed: bool = False, share_prefix: bool = False,
+                 ld_alpha: float | None = None):
         self.pad_token_id = pad_token_id
         self.packed = packed
         self.share_prefix = share_prefix and packed
+        self.ld_alpha = active_ld_alpha(ld_alpha)   # LD-DPO: each batch carries its token weights
 
     @classmethod
     def for_model(cls, cfg, pad_token_id: int, model: nn.Module | None) -> PairCollator:
         """The layout the config asks for, as far as ``model``'s attention allows (None: padded)."""
+        ld_alpha = getattr(cfg, "ld_alpha", None)
         if model is None:
-            return cls(pad_token_id)
+            return cls(pad_token_id, ld_alpha=ld_alpha)
         share = getattr(cfg, "prefix_sharing", False) and supports_prefix_sharing(model)
         packed = (share or getattr(cfg, "padding_free", False)) and supports_packing(model)
         if packed and not check_block_attention(model):   # attention that ignores the layout: stay padded
-            return cls(pad_token_id)
-        return cls(pad_token_id, packed, share)
+            return cls(pad_token_id, ld_alpha=ld_alpha)
+        return cls(pad_token_id, packed, share, ld_alpha)
 
     def __call__(self, pairs) -> dict[str, torch.Tensor]:
         if self.packed:
-            return collate_pairs_packed(pairs, self.share_prefix)
-        return collate_pairs(pairs, self.pad_token_id)
+            batch = collate_pairs_packed(pairs, self.share_prefix)
+        else:
+            batch = collate_pairs(pairs, self.pad_token_id)
+        return add_length_weights(batch, self.ld_alpha)
 
 
 class LMLogprobs(nn.Module):
@@ -254,7 +269,7 @@ class TextModality:
         if is_packed(batch):
             return packed_sequence_logprobs(model, batch, chunk_size)
         sums, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                    chunk_size=chunk_size)
+                                    chunk_size=chunk_size, token_weights=batch.get("token_weights"))
         return sums.float()
 
     def sequence_key(self, prompt, completion):
@@ -268,11 +283,13 @@ class TextModality:
 
     def reference_logps(self, reference, sequences, pad_token_id, layout, device):
         prompts, completions = (list(part) for part in zip(*sequences))
+        ld_alpha = getattr(layout, "ld_alpha", None)   # LD-DPO: sequences 2i and 2i + 1 are a pair
         if layout is None or not layout.packed:
-            batch = collate_completions(prompts, completions, pad_token_id)
+            batch = add_length_weights(collate_completions(prompts, completions, pad_token_id), ld_alpha, True)
             return reference.sequence_logps({k: v.to(device) for k, v in batch.items()}).cpu()
         blocks = adjacent_blocks(prompts, completions, layout.share_prefix)
-        logps = reference.sequence_logps({k: v.to(device) for k, v in collate_blocks(blocks).items()}).cpu()
+        batch = add_length_weights(collate_blocks(blocks), ld_alpha, adjacent=len(blocks[0][1]) == 1)
+        logps = reference.sequence_logps({k: v.to(device) for k, v in batch.items()}).cpu()
         return logps.view(len(blocks[0][1]), -1).t().reshape(-1)   # back to the given order
 
     def reward_processor(self, processor):

@@ -14,11 +14,14 @@ import torch
 from ..config import DPOConfig, parse_constraint_spec
 from ..config.losses import loss_options, needs_reference
 from ..data import TokenizedPair
+from ..errors import ConfigError
 from ..losses import PreferenceLogps, load_constraint, preference_loss
+from ..losses.weighting import wpo_weights
 from ..modality import TEXT, Modality, modality_for
 from ..runtime.loop import OfflineStep, Trainer
 from ..runtime.reference import Reference, make_reference, sync_reference
 from ..runtime.run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
+from ..speed.head import STAT_COLUMNS
 
 
 class DPOTask:
@@ -50,11 +53,20 @@ class DPOTask:
             ref_chosen, ref_rejected = ref[:half], ref[half:]
         probs = batch["preference_prob"]
         return PreferenceLogps(
+            pair_weights=self.wpo_weights(half) if getattr(self.cfg, "use_weighting", False) else None,
             policy_chosen=sums[:half], policy_rejected=sums[half:], ref_chosen=ref_chosen, ref_rejected=ref_rejected,
             chosen_lengths=lengths[:half], rejected_lengths=lengths[half:],
             preference_prob=None if bool(probs.isnan().all()) else probs,   # NaN: the row has none
             margin=batch["margin"] if bool((batch["margin"] != 0).any()) else None,
         )
+
+    def wpo_weights(self, pairs: int) -> torch.Tensor:
+        """WPO's per-pair weights from this forward's token statistics (``losses.weighting.wpo_weights``)."""
+        stats, _ = self.token_stats
+        if stats is None:
+            raise ConfigError("use_weighting (WPO) needs the per-token statistics of preftune's text log-prob module")
+        values, sequence = stats
+        return wpo_weights(values[:, STAT_COLUMNS.index("wpo_aligned")], sequence, pairs)
 
     def loss(self, model, batch):
         lp = self.logps(model, batch)
@@ -93,6 +105,9 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
     images: a vision-language model and its processor)."""
     cfg.validate(require_model=model is None)
     modality = modality_for(cfg)
+    if modality is not TEXT and (cfg.ld_alpha is not None or cfg.use_weighting):
+        raise ConfigError("ld_alpha (LD-DPO) and use_weighting (WPO) are options of text pairs; this dataset has "
+                          "images")
     ctx = start_run(cfg, cfg.sanity_warnings())
     processor = tokenizer or modality.load_processor(cfg.tokenizer_name_or_path or cfg.model_name_or_path, cfg)
     pad = modality.tokenizer_of(processor).pad_token_id

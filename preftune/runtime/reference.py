@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
 from ..logprobs import completion_logprobs
+from ..losses.weighting import active_ld_alpha, pair_shared_lengths
 from ..modality import TEXT, Modality
 from ..models import (
     base_model,
@@ -125,6 +126,8 @@ class PrecomputedReference(Reference):
 
     def sequence_logps(self, batch):
         keys = self.modality.batch_keys(batch)
+        if "shared_lengths" in batch:   # LD-DPO: a sequence's value depends on its pair's shared length
+            keys = list(zip(keys, batch["shared_lengths"].tolist()))
         try:
             values = [self.table[key] for key in keys]
         except KeyError:
@@ -181,40 +184,48 @@ def compute_words(precision: str) -> str:
     return "float32" if precision == "fp32" else f"{dtype} autocast, float32 weights and log-softmax"
 
 
-def check_cache_file(path: Path, precision: str) -> None:
-    """Refuse a cached file written in another precision or computation (or by another cache format)."""
+def check_cache_file(path: Path, precision: str, ld_alpha: float | None = None) -> None:
+    """Refuse a cached file written in another precision or computation (or by another cache format, or with
+    another LD-DPO ``ld_alpha``)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata() or {}
-    expected = {"format": CACHE_FORMAT, "precision": precision, "compute": compute_words(precision)}
+    expected = {"format": CACHE_FORMAT, "precision": precision, "compute": compute_words(precision),
+                "ld_alpha": None if ld_alpha is None else repr(float(ld_alpha))}
     wrong = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
     if wrong:
         found = ", ".join(f"{k} {v!r}" for k, v in wrong.items())
         raise ConfigError(f"{path}: cached reference log-probs of another computation ({found}; this run: precision "
-                          f"{precision!r}, compute {compute_words(precision)!r}); refusing to use them. Delete the "
-                          f"file or choose another --cache_dir")
+                          f"{precision!r}, compute {compute_words(precision)!r}, ld_alpha {ld_alpha!r}); refusing to "
+                          f"use them. Delete the file or choose another --cache_dir")
 
 
-def cache_metadata(precision: str, sequences: int) -> dict[str, str]:
+def cache_metadata(precision: str, sequences: int, ld_alpha: float | None = None) -> dict[str, str]:
+    extra = {} if ld_alpha is None else {"ld_alpha": repr(float(ld_alpha))}
     return {"format": CACHE_FORMAT, "sequences": str(sequences), "precision": precision,
-            "compute": compute_words(precision)}
+            "compute": compute_words(precision), **extra}
 
 
 def _precomputed(cfg, ctx, live: LiveReference, splits: dict[str, list[Sequence]], pad_token_id: int) -> Reference:
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     fingerprint = model_fingerprint(base_model(live.model), cfg.ref_model_name_or_path or cfg.model_name_or_path)
     table, described = {}, {}
+    ld_alpha = active_ld_alpha(getattr(cfg, "ld_alpha", None))
     for split, sequences in splits.items():
         if not sequences:
             continue
         modality = live.modality
-        path = cache_root / f"{cache_key(fingerprint, sequences, ctx.precision, modality)}.safetensors"
+        path = cache_root / f"{cache_key(fingerprint, sequences, ctx.precision, modality, ld_alpha)}.safetensors"
         with live.autocast():   # the layout probe runs the model as training will
             layout = modality.pair_collator(cfg, pad_token_id, live.model)
         cached = precompute_logps(live, sequences, pad_token_id, 2 * cfg.per_device_batch_size, path, ctx.accelerator,
                                   layout=layout, precision=ctx.precision)
-        table.update(zip((modality.sequence_key(*s) for s in sequences), cached.logps.tolist()))
+        keys = [modality.sequence_key(*s) for s in sequences]
+        if ld_alpha is not None:   # sequences 2i and 2i + 1 are a pair: the value holds its shared length
+            shared = pair_shared_lengths(torch.tensor([len(completion) for _, completion in sequences]), True)
+            keys = list(zip(keys, shared.tolist()))
+        table.update(zip(keys, cached.logps.tolist()))
         described[split] = {"path": str(cached.path), "reused": cached.hit, "sequences": len(sequences)}
         if ctx.is_main_process:
             state = "reused cached" if cached.hit else "computed and cached"
@@ -230,10 +241,12 @@ def default_cache_dir() -> Path:
     return Path(root) / "reference-logps"
 
 
-def cache_key(model_fingerprint: str, sequences: list[Sequence], precision: str, modality: Modality = TEXT) -> str:
+def cache_key(model_fingerprint: str, sequences: list[Sequence], precision: str, modality: Modality = TEXT,
+              ld_alpha: float | None = None) -> str:
     """The cache file's name: reference model, exact tokens (and images), precision and compute dtype
-    (:func:`compute_words`)."""
+    (:func:`compute_words`), and LD-DPO's ``ld_alpha`` when set (the values are then LD-combined)."""
     parts = [CACHE_FORMAT, model_fingerprint, modality.digest(sequences), precision, compute_words(precision)]
+    parts += [] if ld_alpha is None else [f"ld_alpha={float(ld_alpha)!r}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
@@ -248,13 +261,15 @@ def precompute_logps(reference: LiveReference, sequences: list[Sequence], pad_to
                      cache_path: Path, accelerator=None, layout=None, precision: str = "fp32") -> CachedLogps:
     """Reference log-probs of every sequence, loaded from ``cache_path`` or computed and written there.
 
-    ``precision`` is the run's: a cached file of another precision or computation is refused (ConfigError).
+    ``precision`` is the run's: a cached file of another precision or computation (or LD-DPO ``ld_alpha``: the
+    values are LD-combined as ``layout.ld_alpha`` says) is refused (ConfigError).
     ``layout`` (default: padded rows) may pack each batch; with prefix sharing, sequences ``2i`` and
     ``2i + 1`` that share a prompt (a pair's chosen and rejected) share one block."""
     device = accelerator.device if accelerator is not None else "cpu"
+    ld_alpha = getattr(layout, "ld_alpha", None)
     with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
         if cache_path.is_file():
-            check_cache_file(cache_path, precision)
+            check_cache_file(cache_path, precision, ld_alpha)
             logps = load_file(cache_path)["logps"]
             if logps.numel() == len(sequences):
                 return CachedLogps(logps, cache_path, hit=True)
@@ -265,6 +280,6 @@ def precompute_logps(reference: LiveReference, sequences: list[Sequence], pad_to
         if accelerator is None or accelerator.is_main_process:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             staging = cache_path.with_suffix(".partial")
-            save_file({"logps": logps}, staging, metadata=cache_metadata(precision, len(sequences)))
+            save_file({"logps": logps}, staging, metadata=cache_metadata(precision, len(sequences), ld_alpha))
             staging.replace(cache_path)
     return CachedLogps(logps, cache_path, hit=False)

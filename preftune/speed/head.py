@@ -66,13 +66,22 @@ def log_softmax_stats(logits: Tensor, targets: Tensor, with_entropy: bool = Fals
     return picked, entropy
 
 
+STAT_COLUMNS = ("mean_logit", "top1", "entropy", "wpo_aligned")   # the columns of token_stats
+
+
 def token_stats(logits: Tensor, logp: Tensor, targets: Tensor) -> Tensor:
-    """``[rows, 3]`` diagnostics of one chunk, no gradient: each row's mean logit over the vocabulary, whether its
-    most likely token is the target (1/0) and its entropy (TRL's ``logits/*``, ``mean_token_accuracy``,
-    ``entropy``)."""
+    """``[rows, 4]`` diagnostics of one chunk, no gradient (:data:`STAT_COLUMNS`): each row's mean logit over the
+    vocabulary, whether its most likely token is the target (1/0), its entropy (TRL's ``logits/*``,
+    ``mean_token_accuracy``, ``entropy``) and WPO's aligned log-prob ``log p[target] - log Σ_v p_v²``
+    (:func:`preftune.losses.weighting.wpo_weights`). float32; float64 logits give float64."""
     with torch.no_grad():
         hit = (logits.argmax(-1) == targets).to(logp.dtype)
-        return torch.stack([logits.mean(-1).to(logp.dtype), hit, -(logp.exp() * logp).sum(-1)], -1).float()
+        probs = logp.exp()
+        entropy = -(probs * logp).sum(-1)
+        aligned = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - probs.square_().sum(-1).log()
+        columns = [logits.mean(-1).to(logp.dtype), hit, entropy, aligned]
+        stats = torch.stack(columns, -1)
+        return stats if stats.dtype == torch.float64 else stats.float()
 
 
 def linear_head_logprobs(head: nn.Linear, hidden: Tensor, targets: Tensor, chunk_size: int, multiplier: float,
