@@ -32,7 +32,7 @@ entropy (computed in the same chunks, optionally at a sampling temperature), and
 head on the same backbone).
 
 Under data parallelism, call this inside the forward of the module the distributed wrapper wraps
-(``preftune.modality.text.PolicyLogprobs``): calling the inner model's submodules from outside the
+(``preftune.modality.logprobs.CompletionLogprobs``): calling the inner model's submodules from outside the
 wrapper's forward would skip its gradient synchronisation. Likewise ``model.forward`` itself is
 never called, so an autocast patched into it (accelerate's mixed precision) does not apply: run
 under ``accelerator.autocast()`` / ``torch.autocast`` or load the weights in the target dtype.
