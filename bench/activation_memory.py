@@ -85,7 +85,8 @@ def measure(name: str) -> dict:
     import torch
 
     from preftune.config import DPOConfig
-    from preftune.modality.text import PairCollator, PolicyLogprobs, sequence_sums
+    from preftune.modality import TEXT, CompletionLogprobs, sequence_sums
+    from preftune.modality.text import PairCollator
     from preftune.models import load_causal_lm, prepare_policy
     from preftune.realmodel import obtain_checkpoint
 
@@ -93,7 +94,7 @@ def measure(name: str) -> dict:
     cfg = DPOConfig(lora_r=16, lora_alpha=32, **SETTINGS[name])
     policy = prepare_policy(load_causal_lm(str(obtain_checkpoint())), cfg)
     policy.train()
-    lm = PolicyLogprobs(policy)
+    lm = CompletionLogprobs(policy, TEXT)
     pairs = toy_pairs(policy.config.vocab_size)
     batch = PairCollator.for_model(cfg, 0, policy)(pairs)
     real_tokens = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)

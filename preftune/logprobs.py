@@ -32,7 +32,7 @@ entropy (computed in the same chunks, optionally at a sampling temperature), and
 head on the same backbone).
 
 Under data parallelism, call this inside the forward of the module the distributed wrapper wraps
-(``preftune.modality.text.PolicyLogprobs``): calling the inner model's submodules from outside the
+(``preftune.modality.logprobs.CompletionLogprobs``): calling the inner model's submodules from outside the
 wrapper's forward would skip its gradient synchronisation. Likewise ``model.forward`` itself is
 never called, so an autocast patched into it (accelerate's mixed precision) does not apply: run
 under ``accelerator.autocast()`` / ``torch.autocast`` or load the weights in the target dtype.
@@ -190,27 +190,39 @@ def packed_sequence_logprobs(model, batch: dict[str, Tensor], chunk_size: int = 
                              stats: list | None = None) -> Tensor:
     """Summed completion log-probability of every sequence of a packed batch, ``[S]`` float32.
 
-    ``batch`` is a padding-free or prefix-shared row (:mod:`preftune.data.packed`); sequences come in its
-    order (completion-major, as the rows of the padded batch). Each value equals
-    :func:`sequence_logprobs` of the same sequence in a padded row: only the states that predict
-    completion tokens are projected onto the vocabulary, in chunks, as there. ``stats`` (a list) receives
-    ``(token stats [N, 4], sequence of each token [N])`` (:func:`~preftune.speed.head.token_stats`). A
-    ``token_weights`` entry of ``batch`` (``[1, T]``, LD-DPO's: :func:`~preftune.losses.weighting.ld_token_weights`)
-    weights each token's log-prob in its sum.
+    ``batch`` is a padding-free or prefix-shared row (:mod:`preftune.data.packed`); sequences come in its order
+    (completion-major, as the rows of the padded batch). Each value equals :func:`sequence_logprobs` of the same
+    sequence in a padded row: only the states that predict completion tokens are projected, in chunks, as there.
+    ``stats`` (a list) receives ``(token stats [N, 4], sequence of each token [N])`` (:func:`~.speed.head.token_stats`).
     """
     from .speed.attention import packed_model_inputs
 
-    layout = PackedLayout.of(batch)
-    targets, predictors, sequences = (t.to(batch["input_ids"].device) for t in scored_positions(layout))
-    hidden = final_hidden_states(model, batch["input_ids"], **packed_model_inputs(model, batch))[0]
+    hidden = final_hidden_states(model, batch["input_ids"], **packed_model_inputs(model, batch))
     chunks = [] if stats is not None else None
-    values, _ = projected_logprobs(model, hidden[predictors], batch["input_ids"][0, targets], chunk_size,
-                                   stats=chunks)
+    values, _, sequences, targets = packed_completion_logprobs(model, hidden, batch, chunk_size, stats=chunks)
     if stats is not None:
         stats.append((torch.cat(chunks) if chunks else values.new_zeros(0, 4), sequences))
+    return packed_sums(values, sequences, targets, batch)
+
+
+def packed_completion_logprobs(model, hidden: Tensor, batch: dict[str, Tensor], chunk_size: int = 1024,
+                               temperature: float = 1.0, with_entropy: bool = False, stats: list | None = None):
+    """``(log-probs [N], entropies [N] or None, sequence of each [N], target position of each [N])`` of the
+    completion tokens of a packed row, from its final hidden states ``[1, T, H]``: its layout says which state
+    predicts which token (:func:`~preftune.data.packed.scored_positions`)."""
+    targets, predictors, sequences = (t.to(batch["input_ids"].device)
+                                      for t in scored_positions(PackedLayout.of(batch)))
+    values, entropy = projected_logprobs(model, hidden[0][predictors], batch["input_ids"][0, targets], chunk_size,
+                                         temperature, with_entropy, stats)
+    return values, entropy, sequences, targets
+
+
+def packed_sums(values: Tensor, sequences: Tensor, targets: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """``[S]`` float32 sums per sequence of a packed row's token log-probs, each times the batch's ``token_weights``
+    (``[1, T]`` by position, LD-DPO's: :func:`~preftune.losses.weighting.ld_token_weights`) if it has them."""
     if batch.get("token_weights") is not None:
         values = values * batch["token_weights"][0, targets].to(values)
-    total = torch.zeros(layout.lengths().shape[0], dtype=torch.float32, device=values.device)
+    total = torch.zeros(PackedLayout.of(batch).lengths().shape[0], dtype=torch.float32, device=values.device)
     return total.index_add(0, sequences, values)
 
 

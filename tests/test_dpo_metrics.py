@@ -37,7 +37,7 @@ def test_logits_accuracy_and_entropy_equal_trl_definitions_on_full_logits(tiny_m
 
     from preftune.data import collate_pairs
     from preftune.data.preference import TokenizedPair
-    from preftune.modality import TEXT
+    from preftune.modality import TEXT, CompletionLogprobs
     from preftune.models import load_causal_lm, prepare_policy
     from preftune.recipes.dpo import DPOTask
     from preftune.runtime.reference import Reference
@@ -59,7 +59,7 @@ def test_logits_accuracy_and_entropy_equal_trl_definitions_on_full_logits(tiny_m
     task = DPOTask(cfg, tokenizer.pad_token_id, Reference(), policy=policy)
     batch = task.collate(pairs)
     with torch.no_grad():
-        _, metrics = task.loss(TEXT.logprob_module(policy, cfg.logprob_chunk_size), batch)
+        _, metrics = task.loss(CompletionLogprobs(policy, TEXT, cfg.logprob_chunk_size), batch)
 
         padded = collate_pairs(pairs, tokenizer.pad_token_id)
         logits = policy(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits[:, :-1]

@@ -18,7 +18,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from preftune.config import DPOConfig
 from preftune.data.preference import TokenizedPair
-from preftune.modality.text import PairCollator, PolicyLogprobs, sequence_sums
+from preftune.modality import TEXT, CompletionLogprobs, sequence_sums
+from preftune.modality.text import PairCollator
 from preftune.models import freeze, prepare_policy
 from preftune.recipes.dpo import DPOTask
 from preftune.runtime.reference import AdapterReference, ModelReference
@@ -163,7 +164,7 @@ def dpo_loss_and_grads(kind: str, fused: bool, lora: bool, checkpointing: bool):
     task = DPOTask(cfg, 0, reference, policy)
     batch = task.collate(toy_pairs())
     assert "completion_lengths" in batch and batch["input_ids"].shape[0] == 1    # prefix-shared
-    loss, _ = task.loss(PolicyLogprobs(policy), batch)
+    loss, _ = task.loss(CompletionLogprobs(policy, TEXT), batch)
     loss.backward()
     patches = sum(patched(m) for m in policy.modules())
     return loss.detach(), {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}, patches
@@ -189,7 +190,7 @@ def saved_bytes_per_token(kind: str, fused: bool, lora: bool) -> float:
     policy.train()
     batch = PairCollator.for_model(cfg, 0, policy)(toy_pairs())
     with SavedBytes(policy).counting() as saved:
-        sums, _ = sequence_sums(PolicyLogprobs(policy), batch)
+        sums, _ = sequence_sums(CompletionLogprobs(policy, TEXT), batch)
     sums.sum().backward()
     return saved.total / batch["input_ids"].numel()
 

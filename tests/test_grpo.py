@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from helpers import start_cli as cli
 from preftune.config import GRPOConfig, RLOOConfig, config_from_args, load_config
 from preftune.errors import ConfigError
-from preftune.recipes.grpo import Completion, GRPOTask, PolicyTokens, train_grpo
+from preftune.modality import TEXT, CompletionLogprobs
+from preftune.recipes.grpo import Completion, GRPOTask, train_grpo
 from preftune.recipes.online import MicroBatch
 from preftune.recipes.ppo import read_metrics
 from test_ppo import moved, never_ending, online_setup
@@ -118,7 +119,7 @@ def test_loss_over_micro_batches_is_the_loss_of_the_whole_batch(setup, tiny_toke
 
     cfg = config(setup, "unused", loss_type=loss_type, per_device_batch_size=2, gradient_accumulation_steps=2,
                  mask_truncated_completions=True)
-    module = PolicyTokens(AutoModelForCausalLM.from_pretrained(setup["model"]))
+    module = CompletionLogprobs(AutoModelForCausalLM.from_pretrained(setup["model"]), TEXT)
     task = GRPOTask(cfg, tiny_tokenizer.pad_token_id)
     prompt = tiny_tokenizer("Describe the river in a few words:")["input_ids"]
     rows = [([301, 2], 0.5, False), ([302, 303, 304, 305, 2], -1.0, False), ([306], 2.0, False),

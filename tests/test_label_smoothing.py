@@ -8,6 +8,7 @@ import torch
 from preftune.config import DPOConfig
 from preftune.data import Records, TokenizeSettings, tokenize_preferences
 from preftune.losses.preference import sigmoid_loss
+from preftune.modality import SUMS, Logprobs
 from preftune.recipes.dpo import DPOTask
 
 BETA, EPS = 0.5, 0.1
@@ -31,9 +32,15 @@ def fake_policy(input_ids, attention_mask, completion_mask):
     return -(input_ids.float() % 7 + 1) / 10 * completion_mask
 
 
+def fake_module(batch, shape, **_):
+    """:func:`fake_policy` as the log-prob module (``CompletionLogprobs``) DPO calls: per-sequence sums."""
+    assert shape == SUMS
+    return Logprobs(fake_policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).sum(-1))
+
+
 def pair_losses(task, examples):
     batch = task.collate(examples)
-    return sigmoid_loss(task.logps(fake_policy, batch), BETA, label_smoothing=EPS).losses
+    return sigmoid_loss(task.logps(fake_module, batch), BETA, label_smoothing=EPS).losses
 
 
 def test_the_same_pair_has_the_same_loss_in_any_batch(tiny_tokenizer):

@@ -144,7 +144,7 @@ def toy_task_pairs(tokenizer, model):
 def test_every_layout_and_head_path_gives_the_full_logits_values(tiny_model_dir, layout, fused_head):
     """LD-DPO sums (policy and live reference) and WPO weights of DPOTask, chunk by chunk through the head, equal
     those computed here from the full logits of padded rows in float64; so all six paths equal one another."""
-    from preftune.modality import TEXT
+    from preftune.modality import TEXT, CompletionLogprobs
     from preftune.models import load_causal_lm, load_tokenizer, prepare_policy
     from preftune.recipes.dpo import DPOTask
     from preftune.runtime.reference import ModelReference
@@ -164,7 +164,7 @@ def test_every_layout_and_head_path_gives_the_full_logits_values(tiny_model_dir,
     task = DPOTask(cfg, tokenizer.pad_token_id, ModelReference(reference_model, 7), policy=policy)
     batch = task.collate(pairs)
     assert ("completion_lengths" in batch) == (layout != "padded")
-    lp = task.logps(TEXT.logprob_module(policy, cfg.logprob_chunk_size), batch)
+    lp = task.logps(CompletionLogprobs(policy, TEXT, cfg.logprob_chunk_size), batch)
 
     padded = collate_pairs(pairs, tokenizer.pad_token_id)
     mask = padded["completion_mask"][:, 1:].bool()
@@ -192,12 +192,13 @@ def test_every_layout_and_head_path_gives_the_full_logits_values(tiny_model_dir,
 
 
 def test_ld_alpha_one_and_unset_are_bit_identical_to_plain_sums(tiny_model_dir):
-    from preftune.modality.text import PairCollator, PolicyLogprobs, sequence_sums
+    from preftune.modality import TEXT, CompletionLogprobs, sequence_sums
+    from preftune.modality.text import PairCollator
     from preftune.models import load_causal_lm, load_tokenizer
 
     tokenizer, model = load_tokenizer(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir))
     pairs = toy_task_pairs(tokenizer, model)
-    module = PolicyLogprobs(model, 7)
+    module = CompletionLogprobs(model, TEXT, 7)
     for packed in (False, True):
         plain = PairCollator(tokenizer.pad_token_id, packed, packed)(pairs)
         for alpha in (None, 1.0):

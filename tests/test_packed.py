@@ -183,7 +183,7 @@ def test_precomputed_reference_packed_equals_padded(tiny_tokenizer, tmp_path):
 
 def test_dpo_loss_and_gradients_equal_in_every_layout(tiny_tokenizer):
     from preftune.config import DPOConfig
-    from preftune.modality.text import PolicyLogprobs
+    from preftune.modality import TEXT, CompletionLogprobs
     from preftune.recipes.dpo import DPOTask
     from preftune.runtime.reference import ModelReference
 
@@ -193,7 +193,7 @@ def test_dpo_loss_and_gradients_equal_in_every_layout(tiny_tokenizer):
         for p in policy.parameters():
             p.add_(0.1 * torch.randn_like(p))
     pairs = toy_pairs(len(tiny_tokenizer), seed=4)
-    lm = PolicyLogprobs(policy, chunk_size=5)
+    lm = CompletionLogprobs(policy, TEXT, chunk_size=5)
     results = []
     for share, free in ((False, False), (False, True), (True, True)):
         cfg = DPOConfig(beta=1.0, prefix_sharing=share, padding_free=free)
@@ -216,7 +216,7 @@ def test_kto_loss_equal_packed_and_padded(kto_kl, tiny_tokenizer):
     from accelerate import Accelerator
 
     from preftune.config import KTOConfig
-    from preftune.modality.text import PolicyLogprobs
+    from preftune.modality import TEXT, CompletionLogprobs
     from preftune.recipes.kto import KTOItem, KTOTask
     from preftune.runtime.reference import ModelReference
 
@@ -226,7 +226,7 @@ def test_kto_loss_equal_packed_and_padded(kto_kl, tiny_tokenizer):
         for p in policy.parameters():
             p.add_(0.1 * torch.randn_like(p))
     items = [KTOItem(pair, i % 2 == 0) for i, pair in enumerate(toy_pairs(len(tiny_tokenizer), seed=5))]
-    lm = PolicyLogprobs(policy, chunk_size=5)
+    lm = CompletionLogprobs(policy, TEXT, chunk_size=5)
     out = []
     for free in (False, True):
         cfg = KTOConfig(kto_kl=kto_kl, padding_free=free, prefix_sharing=free)
@@ -243,7 +243,7 @@ def test_kto_loss_equal_packed_and_padded(kto_kl, tiny_tokenizer):
 @pytest.mark.parametrize("packing", [False, True])
 def test_sft_padding_free_equals_padded(packing, tiny_tokenizer):
     from preftune.data.packing import LMExample, pack_examples, single_row
-    from preftune.modality.text import LMLogprobs
+    from preftune.modality import TEXT, CompletionLogprobs
     from preftune.recipes.sft import LMTask
 
     generator = torch.Generator().manual_seed(6)
@@ -253,7 +253,7 @@ def test_sft_padding_free_equals_padded(packing, tiny_tokenizer):
         examples.append(LMExample(ids, [t >= n // 3 for t in range(n)], i))
     rows = pack_examples(examples, 16) if packing else [single_row(e) for e in examples]
     model = gqa_llama(len(tiny_tokenizer))
-    lm = LMLogprobs(model, chunk_size=5)
+    lm = CompletionLogprobs(model, TEXT, chunk_size=5, mask="loss_mask")
     losses = []
     for free in (False, True):
         task = LMTask(tiny_tokenizer.pad_token_id, packing, padding_free=free)

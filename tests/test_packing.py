@@ -14,8 +14,7 @@ from preftune.data.packing import (
 )
 from preftune.errors import ConfigError
 from preftune.logprobs import token_logprobs
-from preftune.modality import text as text_modality
-from preftune.modality.text import LMLogprobs
+from preftune.modality import TEXT, TOKENS, CompletionLogprobs, text as text_modality
 from preftune.recipes.sft import LMTask, check_packed_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,16 +101,16 @@ def test_block_causal_mask_and_padding():
 
 def test_packed_logprobs_equal_each_example_alone(model):
     examples = random_examples(12, seed=1)
-    lm = LMLogprobs(model, chunk_size=7)
+    lm = CompletionLogprobs(model, TEXT, chunk_size=7, mask="loss_mask")
     packed_task, plain_task = LMTask(0, packed=True), LMTask(0, packed=False)
     rows = pack_examples(examples, 30)
     batch = packed_task.collate(rows)
     with torch.no_grad():
-        packed = lm(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["position_ids"])
+        packed = lm(batch, TOKENS).values
         alone = {}
         for e in examples:
             b = plain_task.collate([single_row(e)])
-            alone[tuple(e.input_ids)] = lm(b["input_ids"], b["attention_mask"], b["loss_mask"])[0]
+            alone[tuple(e.input_ids)] = lm(b, TOKENS).values[0]
     checked = 0
     for r, row in enumerate(rows):
         starts = [i for i, p in enumerate(row.position_ids) if p == 0] + [len(row.input_ids)]
@@ -130,13 +129,13 @@ def test_packed_logprobs_equal_each_example_alone(model):
 def test_changing_one_example_leaves_its_neighbours_unchanged(model):
     first, second = LMExample([5, 9, 33, 71, 8], [True] * 5), LMExample([17, 4, 99, 23, 61, 7], [True] * 6)
     changed = LMExample([88, 12, 45, 3, 200], [True] * 5)
-    lm, task = LMLogprobs(model), LMTask(0, packed=True)
+    lm, task = CompletionLogprobs(model, TEXT, mask="loss_mask"), LMTask(0, packed=True)
     with torch.no_grad():
         outs = []
         for a in (first, changed):
             row = pack_stream([a.input_ids, second.input_ids], max_length=11)
             b = task.collate(row)
-            outs.append(lm(b["input_ids"], b["attention_mask"], b["loss_mask"], b["position_ids"])[0])
+            outs.append(lm(b, TOKENS).values[0])
     assert outs[0][5] == 0 and outs[1][5] == 0  # the boundary token is not scored
     torch.testing.assert_close(outs[0][5:], outs[1][5:], atol=1e-6, rtol=0)
     assert not torch.allclose(outs[0][:5], outs[1][:5])
@@ -144,12 +143,12 @@ def test_changing_one_example_leaves_its_neighbours_unchanged(model):
 
 def test_position_ids_alone_give_the_same_packed_result(tiny_model):
     """What flash / flex attention rely on: transformers derives the packed mask from position_ids."""
-    lm, task = LMLogprobs(tiny_model.eval()), LMTask(0, packed=True)
+    lm, task = CompletionLogprobs(tiny_model.eval(), TEXT, mask="loss_mask"), LMTask(0, packed=True)
     rows = pack_examples(random_examples(8, seed=2), 30)
     batch = task.collate(rows)
     args = (batch["input_ids"], batch["loss_mask"])
     with torch.no_grad():
-        explicit = lm(args[0], batch["attention_mask"], args[1], batch["position_ids"])
+        explicit = lm(batch, TOKENS).values
         derived = token_logprobs(tiny_model, args[0], None, args[1], position_ids=batch["position_ids"])
         leaky = token_logprobs(tiny_model, args[0], batch["attention_mask"], args[1],
                                position_ids=batch["position_ids"])
@@ -158,9 +157,9 @@ def test_position_ids_alone_give_the_same_packed_result(tiny_model):
 
 
 def test_a_model_that_ignores_the_packed_mask_is_refused(tiny_model, monkeypatch):
-    check_packed_attention(LMLogprobs(tiny_model))  # honours it: no error
+    check_packed_attention(CompletionLogprobs(tiny_model, TEXT, mask="loss_mask"))  # honours it: no error
     monkeypatch.setattr(text_modality, "packed_lm_inputs",
                         lambda model, attention_mask, position_ids: {"attention_mask": torch.ones_like(position_ids),
                                                                      "position_ids": position_ids})
     with pytest.raises(ConfigError, match="packing is not supported"):
-        check_packed_attention(LMLogprobs(tiny_model))
+        check_packed_attention(CompletionLogprobs(tiny_model, TEXT, mask="loss_mask"))

@@ -201,9 +201,8 @@ def test_padding_after_eos_is_masked(setup, tiny_tokenizer):
     batch = task.collate([a, b])
     assert batch["response_mask"].tolist() == [[True, True] + [False] * 4, [True] * 6]
     with torch.no_grad():
-        together = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        alone = module(**{k: v for k, v in task.collate([a]).items() if k in ("input_ids", "attention_mask",
-                                                                              "completion_mask")})
+        together = module(batch)
+        alone = module(task.collate([a]))
         torch.testing.assert_close(together[0][:2], alone[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(together[1][:2], alone[1], atol=1e-5, rtol=0)
         loss_ab = task.loss(module, batch)[1]

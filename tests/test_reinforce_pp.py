@@ -17,8 +17,8 @@ from test_grpo import assert_learns, config, setup  # noqa: F401  (the module's 
 @pytest.mark.parametrize("advantage", ["reinforce_pp", "reinforce_pp_baseline"])
 def test_batch_advantages_are_the_whitened_kl_penalised_returns(tiny_tokenizer, advantage):
     from preftune.logprobs import token_logprobs
+    from preftune.modality import TEXT, CompletionLogprobs
     from preftune.recipes.groups import Groups, GroupSampler
-    from preftune.recipes.grpo import PolicyTokens
     from preftune.recipes.online import PromptExample
     from preftune.runtime.reference import ModelReference
     from preftune.toy import build_tiny_llama
@@ -29,8 +29,8 @@ def test_batch_advantages_are_the_whitened_kl_penalised_returns(tiny_tokenizer, 
                      per_device_batch_size=4, beta=beta, advantage=advantage)
     cfg.validate()
     acc = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"), autocast=nullcontext)
-    sampler = GroupSampler(cfg, acc, PolicyTokens(policy), [("r", None)], tiny_tokenizer, ModelReference(ref, 64),
-                           None)
+    sampler = GroupSampler(cfg, acc, CompletionLogprobs(policy, TEXT), [("r", None)], tiny_tokenizer,
+                           ModelReference(ref, 64), None)
     prompts = [PromptExample("a", "a", [5, 6, 7], 0), PromptExample("b", "b", [8, 9], 1)]
     responses = [[10, 11, 12], [13, 14], [15], [16, 17, 18, 19]]
     rewards = [1.0, 0.0, 0.5, 0.75]

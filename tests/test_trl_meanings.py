@@ -78,8 +78,8 @@ def test_rloo_logs_the_k1_kl_it_subtracts(tiny_tokenizer):
     """The sampling statistics of an RLOO batch carry TRL's kl: Σ (log π_old - log π_ref) over every completion
     token / their number, recomputed here with the log-prob function on the two models (not the k3 estimate)."""
     from preftune.logprobs import token_logprobs
+    from preftune.modality import TEXT, CompletionLogprobs
     from preftune.recipes.groups import Groups, GroupSampler
-    from preftune.recipes.grpo import PolicyTokens
     from preftune.recipes.online import PromptExample
     from preftune.runtime.reference import ModelReference
     from preftune.toy import build_tiny_llama
@@ -89,7 +89,7 @@ def test_rloo_logs_the_k1_kl_it_subtracts(tiny_tokenizer):
                      per_device_batch_size=4, beta=0.1)
     cfg.validate()
     acc = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"), autocast=nullcontext)
-    sampler = GroupSampler(cfg, acc, PolicyTokens(policy), [("r", None)], tiny_tokenizer,
+    sampler = GroupSampler(cfg, acc, CompletionLogprobs(policy, TEXT), [("r", None)], tiny_tokenizer,
                            ModelReference(ref, 64), None)
     prompts = [PromptExample("a", "a", [5, 6, 7], 0), PromptExample("b", "b", [8, 9], 1)]
     responses = [[10, 11, 12], [13, 14], [15], [16, 17, 18, 19]]

@@ -17,7 +17,7 @@ from helpers import write_jsonl
 from preftune import KTOConfig, RewardConfig
 from preftune.cli import main
 from preftune.data import TokenizeSettings, load_records
-from preftune.modality import VISION, modality_for
+from preftune.modality import TOKENS, VISION, CompletionLogprobs, modality_for
 from preftune.multimodal.data import collate_prompts, tokenize_vision_labelled
 from preftune.multimodal.logprobs import image_inputs
 from preftune.recipes.kto import train_kto
@@ -131,5 +131,5 @@ def test_the_vision_policy_takes_the_speed_switches(family, colour_data, tmp_pat
         assert sum(patched(m) for m in language.modules()) == (2 * (3 + 7) + 1 if fused else 0)
         trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
         assert trainable and all("lora_" in n and any(f".{lm}." in n for lm in LANGUAGE_MODELS) for n in trainable)
-        logps.append(VISION.logprob_module(policy, 8)(batch))
+        logps.append(CompletionLogprobs(policy, VISION, 8)(batch, TOKENS).values)
     torch.testing.assert_close(logps[1], logps[0], rtol=0, atol=1e-5)

@@ -76,23 +76,10 @@ class Modality(Protocol):
         """SFT examples (or packed LM rows) -> a batch with a ``loss_mask``."""
 
     # ---- log-probs
-    def logprob_module(self, policy: nn.Module, chunk_size: int) -> nn.Module:
-        """The module the loop trains for pair and labelled-completion recipes: a batch -> completion log-probs."""
-
-    def sequence_sums(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(summed completion log-probs, completion lengths)`` per row, through :meth:`logprob_module`'s module."""
-
-    def lm_module(self, policy: nn.Module, chunk_size: int) -> nn.Module:
-        """The module the loop trains for SFT: a batch -> log-probs of its labelled tokens."""
-
-    def nll(self, module: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: summed NLL of the labelled tokens and their count, through :meth:`lm_module`'s module."""
-
     def hidden_states(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        """``[rows, L, H]`` final hidden states of a padded batch (what the output projection receives)."""
-
-    def sequence_logps(self, model: nn.Module, batch: dict, chunk_size: int) -> torch.Tensor:
-        """``[rows]`` float32 summed completion log-probs of ``model`` (a reference) on a batch."""
+        """Final hidden states of a batch (what the output projection receives): ``[rows, L, H]`` of padded rows,
+        ``[1, T, H]`` of a packed one; :class:`~.logprobs.CompletionLogprobs` projects those that predict
+        completion tokens."""
 
     # ---- reference cache
     def sequence_key(self, prompt, completion: list[int]) -> tuple:

@@ -1,8 +1,9 @@
 """Text, the first modality: token ids in, per-token log-probs of the completions out.
 
-The loop prepares (and, under data parallelism, wraps) a module built here rather than the bare language
-model (:class:`PolicyLogprobs`, :class:`LMLogprobs`, :class:`RewardScorer`), so that the forward that
-computes chunked log-probs is the one the distributed wrapper sees. Pairs are packed into one row of
+A batch's final hidden states (:func:`hidden_states`: padded rows, a packed row of blocks, packed
+language-modelling rows) are what :class:`~.logprobs.CompletionLogprobs` projects onto the vocabulary; the
+reward model trains as :class:`RewardScorer`, the module the loop prepares (and, under data parallelism,
+wraps) so that the distributed wrapper sees the forward. Pairs are packed into one row of
 blocks (a prompt shared by its two responses) where the model's attention allows
 (:class:`PairCollator`); :class:`TextModality` gathers it all behind :class:`~.base.Modality`.
 """
@@ -27,7 +28,7 @@ from ..data.packing import collate_rows, join_rows, pack_examples, single_row
 from ..data.preference import TokenizedPair, tokenize_preferences
 from ..data.prompts import read_text_prompts
 from ..data.text import SFTSettings, tokenize_sft
-from ..logprobs import final_hidden_states, packed_sequence_logprobs, sequence_logprobs, token_logprobs, weighted_sums
+from ..logprobs import final_hidden_states
 from ..losses.weighting import active_ld_alpha
 from ..models import base_model, load_causal_lm, load_tokenizer, prepare_policy
 from ..scoring import reward_model as rm
@@ -40,49 +41,17 @@ from ..speed.attention import (
     supports_prefix_sharing,
 )
 
-PACKED_KEYS = ("input_ids", "attention_mask", "position_ids", "prompt_lengths", "completion_lengths")
 
-
-class PolicyLogprobs(nn.Module):
-    """The policy's completion log-probs, as the module a distributed wrapper wraps. With ``collect_stats`` on,
-    each forward leaves ``token_stats``: ``(stats [N, 4], sequence of each token [N])`` of its completion tokens
-    (:func:`preftune.speed.head.token_stats`: mean logit, argmax hit, entropy, WPO's aligned log-prob)."""
-
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-        self.collect_stats, self.token_stats = False, None
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                completion_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                prompt_lengths: torch.Tensor | None = None,
-                completion_lengths: torch.Tensor | None = None,
-                token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Padded rows: ``[B, L]`` per-token log-probs. A packed batch (``completion_lengths`` given): ``[S]``
-        summed log-probs per sequence (each token times ``token_weights``, LD-DPO's, when given)."""
-        stats = [] if self.collect_stats else None
-        if completion_lengths is not None:
-            batch = dict(zip(PACKED_KEYS, (input_ids, attention_mask, position_ids, prompt_lengths,
-                                           completion_lengths)), token_weights=token_weights)
-            out = packed_sequence_logprobs(self.model, batch, self.chunk_size, stats=stats)
-        else:
-            out = token_logprobs(self.model, input_ids, attention_mask, completion_mask, chunk_size=self.chunk_size,
-                                 stats=stats)
-        self.token_stats = stats[0] if stats else None
-        return out
-
-
-def sequence_sums(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(summed log-probs, completion lengths)`` of every sequence of a padded or packed batch, through the
-    :class:`PolicyLogprobs` ``model`` (called as a module, so a distributed wrapper sees the forward). A
-    ``token_weights`` entry (LD-DPO's, :func:`preftune.data.collate.add_length_weights`) weights each token's term."""
-    weights = batch.get("token_weights")
+def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states of a text batch: ``[1, T, H]`` of a packed row of blocks (pairs, completions), else
+    ``[rows, L, H]`` of padded rows or of packed language-modelling rows (``position_ids`` restarting at 0)."""
     if is_packed(batch):
-        sums = model(**{key: batch[key] for key in PACKED_KEYS}, token_weights=weights)
-        return sums, PackedLayout.of(batch).lengths().to(sums.device)
-    sums = weighted_sums(model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]), weights)
-    return sums, batch["completion_mask"].sum(-1).float()
+        return final_hidden_states(model, batch["input_ids"], **packed_model_inputs(model, batch))
+    if "position_ids" in batch:
+        inputs = packed_lm_inputs(model, batch["attention_mask"], batch["position_ids"])
+        return final_hidden_states(model, batch["input_ids"], inputs.pop("attention_mask"), inputs.pop("position_ids"),
+                                   **inputs)
+    return final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
 
 
 class PairCollator:
@@ -113,22 +82,6 @@ class PairCollator:
         else:
             batch = collate_pairs(pairs, self.pad_token_id)
         return add_length_weights(batch, self.ld_alpha)
-
-
-class LMLogprobs(nn.Module):
-    """A causal LM as the log-probs of its labelled tokens (what the loop prepares and wraps for SFT)."""
-
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-
-    def forward(self, input_ids, attention_mask, loss_mask, position_ids=None) -> torch.Tensor:
-        if position_ids is None:
-            return token_logprobs(self.model, input_ids, attention_mask, loss_mask, chunk_size=self.chunk_size)
-        inputs = packed_lm_inputs(self.model, attention_mask, position_ids)   # packed rows
-        return token_logprobs(self.model, input_ids, inputs.pop("attention_mask"), loss_mask,
-                              chunk_size=self.chunk_size, position_ids=inputs.pop("position_ids"), model_kwargs=inputs)
 
 
 class RewardScorer(nn.Module):
@@ -249,28 +202,8 @@ class TextModality:
             del batch["position_ids"]  # one example per row: the ordinary padding mask is enough
         return batch
 
-    def logprob_module(self, policy, chunk_size):
-        return PolicyLogprobs(policy, chunk_size)
-
-    def sequence_sums(self, module, batch):
-        return sequence_sums(module, batch)
-
-    def lm_module(self, policy, chunk_size):
-        return LMLogprobs(policy, chunk_size)
-
-    def nll(self, module, batch):
-        logps = module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch.get("position_ids"))
-        return -logps.sum(-1), batch["loss_mask"][:, 1:].sum(-1).float()
-
     def hidden_states(self, model, batch):
-        return final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
-
-    def sequence_logps(self, model, batch, chunk_size):
-        if is_packed(batch):
-            return packed_sequence_logprobs(model, batch, chunk_size)
-        sums, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                    chunk_size=chunk_size, token_weights=batch.get("token_weights"))
-        return sums.float()
+        return hidden_states(model, batch)
 
     def sequence_key(self, prompt, completion):
         return sequence_key(prompt, completion)

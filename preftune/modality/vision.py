@@ -33,7 +33,7 @@ from ..multimodal.data import (
     tokenize_vision_pairs,
     tokenize_vision_prompts,
 )
-from ..multimodal.logprobs import VisionLogprobs, VisionRewardScorer, vision_hidden_states, vision_token_logprobs
+from ..multimodal.logprobs import VisionRewardScorer, vision_hidden_states
 from ..multimodal.models import load_processor, load_vision_model, trainable_parts
 from ..scoring.files import ScoreResult, write_scored
 from .text import row_keys, sequence_key, token_fingerprint
@@ -103,23 +103,8 @@ class VisionModality:
     def collate_lm(self, examples, pad_token_id, packed, padding_free):
         return collate_vision_examples(examples, pad_token_id)
 
-    def logprob_module(self, policy, chunk_size):
-        return VisionLogprobs(policy, chunk_size)
-
-    def sequence_sums(self, module, batch):
-        return module(batch).sum(-1), batch["completion_mask"].sum(-1).float()
-
-    def lm_module(self, policy, chunk_size):
-        return VisionLogprobs(policy, chunk_size)
-
-    def nll(self, module, batch):
-        return -module(batch).sum(-1), batch["loss_mask"][:, 1:].sum(-1).float()
-
     def hidden_states(self, model, batch):
         return vision_hidden_states(model, batch)
-
-    def sequence_logps(self, model, batch, chunk_size):
-        return vision_token_logprobs(model, batch, chunk_size).sum(-1)
 
     def sequence_key(self, prompt, completion):
         return sequence_key(prompt.ids, completion), prompt.image_key

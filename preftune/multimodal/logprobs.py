@@ -13,7 +13,9 @@ tensors once (:mod:`preftune.multimodal.data`). Two ways to run the model on it:
 
 Either way the final hidden states go through :func:`preftune.logprobs.completion_logprobs`, the same
 chunked vocabulary projection as text: only completion positions are projected, so image tokens and
-the prompt are never scored and no ``[batch, seq, vocab]`` tensor exists.
+the prompt are never scored and no ``[batch, seq, vocab]`` tensor exists. The trainers run them through
+the one log-prob module (:class:`preftune.modality.logprobs.CompletionLogprobs`, which asks the vision
+modality for :func:`vision_hidden_states`); :func:`vision_token_logprobs` is the same as a plain function.
 """
 
 from __future__ import annotations
@@ -79,19 +81,6 @@ def last_token_states(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """``[rows, H]``: each right-padded row's state at its last attended token."""
     last = attention_mask.long().sum(-1) - 1
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-class VisionLogprobs(nn.Module):
-    """A vision-language model as "batch → per-token completion log-probs" (the module the loop prepares)."""
-
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, share_images: bool = True):
-        super().__init__()
-        self.model = model
-        self.chunk_size = chunk_size
-        self.share_images = share_images
-
-    def forward(self, batch: dict) -> Tensor:
-        return vision_token_logprobs(self.model, batch, self.chunk_size, self.share_images)
 
 
 class VisionRewardScorer(nn.Module):

@@ -17,7 +17,7 @@ from ..data import TokenizedPair
 from ..errors import ConfigError
 from ..losses import PreferenceLogps, load_constraint, preference_loss
 from ..losses.weighting import wpo_weights
-from ..modality import TEXT, Modality, modality_for
+from ..modality import SUMS, TEXT, CompletionLogprobs, Modality, completion_lengths, modality_for
 from ..runtime.loop import OfflineStep, Trainer
 from ..runtime.reference import Reference, make_reference, sync_reference
 from ..runtime.run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
@@ -41,12 +41,10 @@ class DPOTask:
         return self.collator(pairs)
 
     def logps(self, model, batch) -> PreferenceLogps:
-        inner = getattr(model, "module", model)   # a distributed wrapper's module
-        if hasattr(inner, "collect_stats"):
-            inner.collect_stats = True
-        sums, lengths = self.modality.sequence_sums(model, batch)
+        out = model(batch, SUMS, with_stats=True)   # the stats: TRL's per-token metrics (token_metrics)
+        sums, lengths = out.values, completion_lengths(batch).to(out.values.device)
         half = sums.shape[0] // 2
-        self.token_stats = getattr(inner, "token_stats", None), half
+        self.token_stats = out.stats, half
         ref_chosen = ref_rejected = None
         if self.reference.kind != "none":
             ref = self.reference.sequence_logps(batch)
@@ -119,7 +117,7 @@ def train_dpo(cfg: DPOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
               if cfg.precompute_ref else None)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=needs_reference(cfg.loss_type),
                                precompute=splits, pad_token_id=pad, modality=modality)
-    trainer = Trainer.from_run(ctx, model=modality.logprob_module(policy, cfg.logprob_chunk_size),
+    trainer = Trainer.from_run(ctx, model=CompletionLogprobs(policy, modality, cfg.logprob_chunk_size),
                                task=DPOTask(cfg, pad, reference, policy, modality), train_examples=train_pairs,
                                eval_examples=eval_pairs,
                                step=ReferenceSync(cfg, reference) if cfg.sync_ref_model else None)

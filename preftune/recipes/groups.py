@@ -36,6 +36,7 @@ from ..losses.grpo import (
     zero_std_groups,
 )
 from ..losses.reward import eos_penalized
+from ..modality import FLAT
 from ..runtime.distributed import gathered
 from ..runtime.seeds import mix_seed
 from ..scoring import FunctionScorer, as_scorer, check_scores
@@ -115,7 +116,7 @@ class GroupSampler:
     def __init__(self, cfg: GRPOConfig, accelerator, module, scorers: list, tokenizer, reference, engine):
         self.cfg = cfg
         self.acc = accelerator
-        self.module = module              # the unwrapped PolicyTokens the loop trains
+        self.module = module              # the unwrapped CompletionLogprobs the loop trains
         self.scorers = scorers            # [(name, scorer)]
         self.tokenizer = tokenizer
         self.reference = reference
@@ -132,7 +133,7 @@ class GroupSampler:
         seeds = [mix_seed(seed, first + i, j) for i in range(len(prompts)) for j in range(size)]
         images = self.module.modality.sampling_inputs([p.encoded for p in repeated])   # None for text
         with self.acc.autocast(), gathered(self.module):  # FSDP2: the whole policy, no collective per token
-            generation = sample_with(self.engine, self.module.policy, [p.ids for p in repeated], self.settings,
+            generation = sample_with(self.engine, self.module.model, [p.ids for p in repeated], self.settings,
                                      row_seeds=seeds, prompt_inputs=images)
         texts = self.tokenizer.batch_decode(generation.response_ids, skip_special_tokens=True)
         columns = [score(scorer, repeated, texts) for _, scorer in self.scorers]
@@ -254,7 +255,7 @@ class GroupSampler:
                                                  self.tokenizer.pad_token_id, self.acc.device, self.module.modality):
                 with self.acc.autocast():
                     if want_old:
-                        old += torch.split(self.module(batch)[0].float(), lengths)
+                        old += torch.split(self.module(batch, FLAT).values.float(), lengths)
                     if want_ref:
                         ref += torch.split(self.reference.token_logps(batch, self.cfg.temperature).float(), lengths)
         return old or None, ref or None

@@ -16,39 +16,19 @@ prompts and minibatch orders are functions of (seed, iteration, attempt, prompt 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..config import GRPOConfig
 from ..engines import online_engine
 from ..errors import ConfigError
-from ..logprobs import completion_logprobs
 from ..losses.grpo import grpo_loss
-from ..modality import TEXT, Modality
+from ..modality import FLAT, TEXT, CompletionLogprobs, Modality
 from ..runtime.loop import Trainer
 from ..runtime.reference import make_reference, sync_reference
 from ..runtime.run import RunResult, finish_run, save_final_model
 from ..wrappers import disable_dropout
 from .groups import Completion, GroupSampler, reward_scorers
 from .online import OnlineStep, Sampled, minibatch_updates, pad_rows, start_online_run
-
-
-class PolicyTokens(nn.Module):
-    """The module the loop trains: flat ``[N]`` log-probs (and entropies) of the completion tokens, row-major, of a
-    batch of the modality's completions (the final hidden states from :meth:`~preftune.modality.base.Modality.
-    hidden_states`: a vision batch's images are encoded with its prompts)."""
-
-    def __init__(self, policy: nn.Module, chunk_size: int = 1024, temperature: float = 1.0,
-                 modality: Modality = TEXT):
-        super().__init__()
-        self.policy = policy
-        self.chunk_size = chunk_size
-        self.temperature = temperature
-        self.modality = modality
-
-    def forward(self, batch: dict, with_entropy: bool = False):
-        hidden = self.modality.hidden_states(self.policy, batch)
-        return completion_logprobs(self.policy, hidden, batch["input_ids"], batch["completion_mask"], self.chunk_size,
-                                   self.temperature, with_entropy)
 
 
 class GRPOTask:
@@ -80,7 +60,7 @@ class GRPOTask:
 
     def loss(self, model, batch):
         cfg = self.cfg
-        logps_flat, entropy = model(batch, with_entropy=True)
+        logps_flat, entropy = model(batch, FLAT, with_entropy=True)[:2]
         mask = batch["response_mask"]
         logps = torch.zeros(mask.shape, dtype=logps_flat.dtype, device=mask.device).masked_scatter(mask, logps_flat)
         entropies = torch.zeros_like(logps).masked_scatter(mask, entropy.to(logps.dtype))
@@ -117,7 +97,7 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
                                      modality.load_model(cfg.model_name_or_path, settings=cfg), cfg)
     disable_dropout(policy, keep_lora_dropout=False)
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, needed=cfg.beta > 0, modality=modality)
-    module = PolicyTokens(policy, cfg.logprob_chunk_size, cfg.temperature, modality)
+    module = CompletionLogprobs(policy, modality, cfg.logprob_chunk_size, cfg.temperature)
 
     per_update = cfg.per_device_batch_size * cfg.gradient_accumulation_steps
     updates = cfg.updates_per_generation(acc.num_processes)
@@ -134,7 +114,7 @@ def train_grpo(cfg: GRPOConfig, *, model=None, tokenizer=None, ref_model=None, r
                                examples_per_step=local_prompts * acc.num_processes,
                                updates_per_step=cfg.num_iterations * updates)
     result = trainer.train()
-    model_dir = save_final_model(acc, trainer.unwrapped().policy, start.processor, ctx.run_dir / "model",
+    model_dir = save_final_model(acc, trainer.unwrapped().model, start.processor, ctx.run_dir / "model",
                                  cfg.merge_lora)
     return finish_run(ctx, model_dir, result)
 
@@ -166,7 +146,7 @@ class GRPOStep(OnlineStep):
         this iteration, made at its end (the reference is next used by the next iteration's rollout)."""
         every, done = self.cfg.ref_model_sync_steps, trainer.updates_per_step
         for _ in range((step + 1) * done // every - step * done // every):
-            sync_reference(self.sampler.reference, trainer.unwrapped().policy, self.cfg.ref_model_mixup_alpha)
+            sync_reference(self.sampler.reference, trainer.unwrapped().model, self.cfg.ref_model_mixup_alpha)
 
     def sample(self, trainer: Trainer, step: int) -> Sampled:
         batch = self.sampler.collect(trainer, step, self.local_prompts)

@@ -24,7 +24,7 @@ from ..config import KTOConfig
 from ..data import TokenizedPair
 from ..data.kto import KTOExample, label_counts, mismatched_completions
 from ..losses import kto_loss, kto_metrics
-from ..modality import TEXT, Modality, modality_for
+from ..modality import TEXT, CompletionLogprobs, Modality, modality_for, sequence_sums
 from ..runtime.loop import Trainer
 from ..runtime.reference import Reference, Sequence, make_reference
 from ..runtime.run import RunResult, finish_run, save_final_model, start_run, tokenized_reader, train_and_eval
@@ -84,7 +84,7 @@ class KTOTask:
 
     def logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(policy, reference) log-probs of the own completions, and log-ratios of the mismatched ones."""
-        sums, _ = self.modality.sequence_sums(model, batch)
+        sums, _ = sequence_sums(model, batch)
         ref = self.reference.sequence_logps(batch)
         n = batch["desirable"].shape[0]
         kl = (sums[n:] - ref[n:]).detach() if self.cfg.kto_kl else None
@@ -183,7 +183,7 @@ def train_kto(cfg: KTOConfig, *, model=None, tokenizer=None, ref_model=None) -> 
               for name, items in (("train", train_items), ("eval", eval_items))}
     reference = make_reference(cfg, ctx, policy, ref_model=ref_model, precompute=splits if cfg.precompute_ref else None,
                                pad_token_id=pad, modality=modality)
-    trainer = Trainer.from_run(ctx, model=modality.logprob_module(policy, cfg.logprob_chunk_size),
+    trainer = Trainer.from_run(ctx, model=CompletionLogprobs(policy, modality, cfg.logprob_chunk_size),
                                task=KTOTask(cfg, pad, reference, ctx.accelerator, policy, modality),
                                train_examples=train_items, eval_examples=eval_items, unit="examples")
     result = trainer.train()

@@ -22,7 +22,7 @@ from ..engines import online_engine, sample_with
 from ..errors import ConfigError
 from ..generate import SamplingSettings
 from ..losses.reward import eos_penalized
-from ..modality import TEXT, Modality
+from ..modality import TEXT, CompletionLogprobs, Modality
 from ..runtime.loop import Trainer
 from ..runtime.reference import make_reference
 from ..runtime.run import RunResult, finish_run, save_final_model
@@ -55,7 +55,7 @@ def train_online_dpo(cfg: OnlineDPOConfig, *, model=None, tokenizer=None, ref_mo
                           "(per_device_batch_size x processes x gradient_accumulation_steps)")
     step = OnlineDPOStep(cfg, online_engine(cfg, policy, tokenizer, ctx.run_dir), judge, tokenizer, policy,
                          local_prompts, modality)
-    trainer = Trainer.from_run(ctx, model=modality.logprob_module(policy, cfg.logprob_chunk_size),
+    trainer = Trainer.from_run(ctx, model=CompletionLogprobs(policy, modality, cfg.logprob_chunk_size),
                                task=DPOTask(cfg, tokenizer.pad_token_id, reference, modality=modality),
                                train_examples=prompts, unit="pairs", step=step,
                                examples_per_step=local_prompts * acc.num_processes)

@@ -27,9 +27,8 @@ from ..config import PPOConfig
 from ..data.collate import collate_completions
 from ..engines import online_engine
 from ..errors import ConfigError
-from ..logprobs import completion_logprobs, final_hidden_states
 from ..losses.ppo import adaptive_kl_coef, policy_loss, value_loss
-from ..modality import TEXT
+from ..modality import FLAT, TEXT, CompletionLogprobs
 from ..models import base_model, enable_checkpointing, load_causal_lm, prepare_policy
 from ..runtime.loop import Trainer
 from ..runtime.records import METRICS, read_records
@@ -42,28 +41,31 @@ from .ppo_rollout import RolloutWorker, RunningMoments, Sample, reward_scorer
 
 
 class PolicyValue(nn.Module):
-    """The module the loop trains: per-token log-probs of the policy and values of the critic, in one forward."""
+    """The module the loop trains: the policy's log-prob module (:class:`~preftune.modality.CompletionLogprobs`) and
+    a value head on the policy's own final hidden states (computed once, for both) or on a separate critic's."""
 
     def __init__(self, policy: nn.Module, value_head: nn.Linear, critic: nn.Module | None = None,
                  chunk_size: int = 1024, temperature: float = 1.0):
         super().__init__()
-        self.policy = policy
+        self.logprobs = CompletionLogprobs(policy, TEXT, chunk_size, temperature)
         self.value_head = value_head
         self.critic = critic          # a separate backbone, or None to share the policy's
-        self.chunk_size = chunk_size
-        self.temperature = temperature
 
-    def forward(self, input_ids, attention_mask, completion_mask, with_entropy: bool = False):
-        """Flat ``[N]`` log-probs, values and (optionally) entropies of the completion tokens, row-major."""
-        hidden = final_hidden_states(self.policy, input_ids, attention_mask)
-        logps, entropy = completion_logprobs(self.policy, hidden, input_ids, completion_mask, self.chunk_size,
-                                             self.temperature, with_entropy)
+    @property
+    def policy(self) -> nn.Module:
+        return self.logprobs.model
+
+    def forward(self, batch: dict, with_entropy: bool = False):
+        """Flat ``[N]`` log-probs, values and (with ``with_entropy``, else None) entropies of the completion tokens,
+        row-major."""
+        out = self.logprobs(batch, FLAT, with_entropy=with_entropy, with_hidden=self.critic is None)
+        hidden = out.hidden
         if self.critic is not None:
-            out = self.critic(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        target = completion_mask[:, 1:].to(torch.bool)
+            states = self.critic(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            hidden = states[0] if isinstance(states, tuple) else states.last_hidden_state
+        target = batch["completion_mask"][:, 1:].to(torch.bool)
         values = self.value_head(hidden[:, :-1][target]).squeeze(-1).float()
-        return logps, values, entropy
+        return out.values, values, out.entropy
 
 
 class PPOTask:
@@ -81,7 +83,7 @@ class PPOTask:
         return batch
 
     def loss(self, model, batch):
-        logps_flat, values_flat, _ = model(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        logps_flat, values_flat, _ = model(batch)
         mask = batch["response_mask"]
         logps = torch.zeros_like(batch["old_logps"]).masked_scatter(mask, logps_flat)
         values = torch.zeros_like(batch["old_values"]).masked_scatter(mask, values_flat)

@@ -159,8 +159,7 @@ class RolloutWorker:
             for batch, lengths in device_batches(prompt_ids, response_ids, self.cfg.sampling_batch_size,
                                                  self.tokenizer.pad_token_id, self.acc.device):
                 with self.acc.autocast():
-                    logps, values, entropy = module(batch["input_ids"], batch["attention_mask"],
-                                                    batch["completion_mask"], with_entropy=True)
+                    logps, values, entropy = module(batch, with_entropy=True)
                     ref = self.reference.token_logps(batch, self.cfg.temperature)
                 for target, flat in zip(out, (logps, values, entropy, ref)):
                     target += list(torch.split(flat.float(), lengths))

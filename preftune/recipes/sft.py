@@ -1,7 +1,7 @@
 """Supervised fine-tuning on the shared loop, and the language-modelling task it shares with pretraining.
 
 The loss is the mean negative log-likelihood of the labelled tokens of a batch (completion tokens, or
-all of them), computed with :func:`preftune.logprobs.token_logprobs`: only labelled positions reach
+all of them), computed by :class:`preftune.modality.logprobs.CompletionLogprobs`: only labelled positions reach
 the vocabulary projection, chunk by chunk. Packed rows get position ids restarting at 0 for every
 example and attention that stays inside each example (:func:`preftune.speed.attention.packed_lm_inputs`:
 SDPA block by block, else a block-diagonal causal mask), so examples never see each other; a short
@@ -20,8 +20,7 @@ from rich.console import Console
 from ..config import SFTConfig
 from ..data.packing import LMRow
 from ..errors import ConfigError
-from ..modality import TEXT, Modality, modality_for
-from ..modality.text import LMLogprobs
+from ..modality import TEXT, TOKENS, CompletionLogprobs, Modality, modality_for
 from ..runtime.loop import Trainer
 from ..runtime.run import (
     RunContext,
@@ -39,7 +38,7 @@ console = Console(stderr=True)
 
 
 @torch.no_grad()
-def check_packed_attention(lm: LMLogprobs) -> None:
+def check_packed_attention(lm: CompletionLogprobs) -> None:
     """Raise ConfigError unless packing two sequences leaves the second one's log-probs unchanged."""
     param = next(lm.parameters())
     vocab = lm.model.get_input_embeddings().weight.shape[0]
@@ -48,9 +47,10 @@ def check_packed_attention(lm: LMLogprobs) -> None:
     positions = torch.cat([torch.arange(5), torch.arange(6)])[None].to(param.device)
     mask = torch.ones(1, 11, dtype=torch.bool, device=param.device)
     with evaluating(lm):
-        alone = lm(second[None].to(param.device), mask[:, :6].long(), mask[:, :6])[0]
-        packed = [lm(torch.cat([a, second])[None].to(param.device), mask.long(), mask, positions)[0, 5:]
-                  for a in (first, other)]
+        alone = lm({"input_ids": second[None].to(param.device), "attention_mask": mask[:, :6].long(),
+                    lm.mask: mask[:, :6]}, TOKENS).values[0]
+        packed = [lm({"input_ids": torch.cat([a, second])[None].to(param.device), "attention_mask": mask.long(),
+                      lm.mask: mask, "position_ids": positions}, TOKENS).values[0, 5:] for a in (first, other)]
     alone[0] = packed[0][0] = packed[1][0] = 0.0  # first tokens are not scored in a packed row
     tolerance = 1e-4 if param.dtype == torch.float32 else 5e-2
     worst = max(float((p - alone).abs().max()) for p in packed)
@@ -75,8 +75,9 @@ class LMTask:
         return self.modality.collate_lm(rows, self.pad_token_id, self.packed, self.padding_free)
 
     def nll(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: summed NLL of the labelled tokens, and how many there are."""
-        return self.modality.nll(model, batch)
+        """Per row: summed NLL of the labelled tokens, and how many there are (``model``: a
+        :class:`~preftune.modality.logprobs.CompletionLogprobs` that scores the ``loss_mask``)."""
+        return -model(batch, TOKENS).values.sum(-1), batch["loss_mask"][:, 1:].sum(-1).float()
 
     def loss(self, model, batch):
         nll, count = self.nll(model, batch)
@@ -112,7 +113,8 @@ def train_lm(cfg, ctx: RunContext, model, tokenizer, train_rows: list[LMRow], ev
     if ctx.is_main_process:
         tokens = sum(len(r.input_ids) for r in train_rows)
         console.print(f"training on {len(train_rows)} rows ({tokens} tokens), evaluating on {len(eval_rows)} rows")
-    lm = modality.lm_module(modality.prepare_policy(model, cfg), cfg.logprob_chunk_size).to(ctx.accelerator.device)
+    lm = CompletionLogprobs(modality.prepare_policy(model, cfg), modality, cfg.logprob_chunk_size,
+                            mask="loss_mask").to(ctx.accelerator.device)
     packed, padding_free = packed and modality.packs, getattr(cfg, "padding_free", False) and modality.packs
     if packed or padding_free:
         check_packed_attention(lm)

@@ -36,9 +36,8 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
-from ..logprobs import completion_logprobs
 from ..losses.weighting import active_ld_alpha, pair_shared_lengths
-from ..modality import TEXT, Modality
+from ..modality import FLAT, SUMS, TEXT, CompletionLogprobs, Modality
 from ..models import (
     base_model,
     compute_dtype,
@@ -81,18 +80,19 @@ class LiveReference(Reference):
     def running(self):
         return contextlib.nullcontext()
 
+    def logprobs(self, temperature: float = 1.0) -> CompletionLogprobs:
+        """The model as the one log-prob module the policy trains as (the same hidden states and projection)."""
+        return CompletionLogprobs(self.model, self.modality, self.chunk_size, temperature)
+
     @torch.no_grad()
     def sequence_logps(self, batch):
         with self._evaluating():
-            return self.modality.sequence_logps(self.model, batch, self.chunk_size)
+            return self.logprobs()(batch, SUMS).values
 
     @torch.no_grad()
     def token_logps(self, batch, temperature: float = 1.0):
         with self._evaluating():
-            hidden = self.modality.hidden_states(self.model, batch)
-            logps, _ = completion_logprobs(self.model, hidden, batch["input_ids"], batch["completion_mask"],
-                                           chunk_size=self.chunk_size, temperature=temperature)
-        return logps
+            return self.logprobs(temperature)(batch, FLAT).values
 
     @contextlib.contextmanager
     def _evaluating(self):

@@ -5,7 +5,8 @@ import torch
 
 from preftune.config import DPOConfig
 from preftune.data.preference import TokenizedPair
-from preftune.modality.text import PairCollator, PolicyLogprobs, sequence_sums
+from preftune.modality import TEXT, CompletionLogprobs, sequence_sums
+from preftune.modality.text import PairCollator
 from preftune.models import load_causal_lm
 from preftune.speed.fused_layers import fuse_layers
 from saved_bytes import SavedBytes
@@ -24,7 +25,7 @@ def forward_backward(model, batch):
     """Summed log-probs per sequence, a few gradients, and the bytes autograd keeps (once per storage)."""
     model.zero_grad(set_to_none=True)
     with SavedBytes(model).counting() as saved:
-        sums, _ = sequence_sums(PolicyLogprobs(model), batch)
+        sums, _ = sequence_sums(CompletionLogprobs(model, TEXT), batch)
     (sums * torch.tensor([1.0, -1.0, 0.5, -0.5])).sum().backward()
     layer = model.model.layers[3]
     grads = {"embed": model.model.embed_tokens.weight.grad, "gate": layer.mlp.gate_proj.weight.grad,
