@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import read_jsonl, write_jsonl
 from preftune import DPOConfig
@@ -74,3 +75,17 @@ def test_logits_accuracy_and_entropy_equal_trl_definitions_on_full_logits(tiny_m
     for key, value in expected.items():
         assert float(metrics[key]) == pytest.approx(float(value), abs=1e-5), key
     assert 0.5 < float(metrics["mean_token_accuracy"]) < 1.0   # the greedy tokens hit, their EOS need not
+
+
+def test_token_stats_taken_in_row_blocks_equal_the_whole_chunk_at_once(monkeypatch):
+    from preftune.speed import head
+
+    torch.manual_seed(0)
+    for rows in (1, head.STATS_ROWS - 1, head.STATS_ROWS, head.STATS_ROWS + 1, 3 * head.STATS_ROWS + 5):
+        logits = torch.randn(rows, 500) * 3
+        logp, targets = torch.log_softmax(logits, -1), torch.randint(0, 500, (rows,))
+        blocked = head.token_stats(logits, logp, targets)
+        monkeypatch.setattr(head, "STATS_ROWS", 10**9)
+        whole = head.token_stats(logits, logp, targets)
+        monkeypatch.undo()
+        assert blocked.shape == (rows, len(head.STAT_COLUMNS)) and torch.equal(blocked, whole)

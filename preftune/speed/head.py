@@ -69,18 +69,28 @@ def log_softmax_stats(logits: Tensor, targets: Tensor, with_entropy: bool = Fals
 STAT_COLUMNS = ("mean_logit", "top1", "entropy", "wpo_aligned")   # the columns of token_stats
 
 
+STATS_ROWS = 64   # rows of a chunk whose statistics are taken at once: the [rows, vocab] temporaries stay small
+
+
 def token_stats(logits: Tensor, logp: Tensor, targets: Tensor) -> Tensor:
     """``[rows, 4]`` diagnostics of one chunk, no gradient (:data:`STAT_COLUMNS`): each row's mean logit over the
     vocabulary, whether its most likely token is the target (1/0), its entropy (TRL's ``logits/*``,
     ``mean_token_accuracy``, ``entropy``) and WPO's aligned log-prob ``log p[target] - log Σ_v p_v²``
-    (:func:`preftune.losses.weighting.wpo_weights`). float32; float64 logits give float64."""
+    (:func:`preftune.losses.weighting.wpo_weights`). float32; float64 logits give float64. Taken
+    :data:`STATS_ROWS` rows at a time, so the probabilities and products it needs never add a chunk-sized
+    ``[rows, vocab]`` tensor to the head's peak (each row's numbers are the same either way)."""
     with torch.no_grad():
-        hit = (logits.argmax(-1) == targets).to(logp.dtype)
-        probs = logp.exp()
-        entropy = -(probs * logp).sum(-1)
-        aligned = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - probs.square_().sum(-1).log()
-        columns = [logits.mean(-1).to(logp.dtype), hit, entropy, aligned]
-        stats = torch.stack(columns, -1)
+        blocks = []
+        for start in range(0, logits.shape[0], STATS_ROWS):
+            rows = slice(start, start + STATS_ROWS)
+            block_logits, block_logp, block_targets = logits[rows], logp[rows], targets[rows]
+            hit = (block_logits.argmax(-1) == block_targets).to(block_logp.dtype)
+            probs = block_logp.exp()
+            entropy = -(probs * block_logp).sum(-1)
+            picked = block_logp.gather(-1, block_targets.unsqueeze(-1)).squeeze(-1)
+            aligned = picked - probs.square_().sum(-1).log()
+            blocks.append(torch.stack([block_logits.mean(-1).to(block_logp.dtype), hit, entropy, aligned], -1))
+        stats = torch.cat(blocks) if blocks else logp.new_zeros(0, len(STAT_COLUMNS))
         return stats if stats.dtype == torch.float64 else stats.float()
 
 
