@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from preftune.errors import PreftuneError
 from preftune.diversity import bleu, distinct_n, self_bleu
+from preftune.errors import PreftuneError
 from preftune.evaluate.report import write_report
 from preftune.scoring import FunctionScorer
 from preftune.scoring.judges import make_judge, win_rate

@@ -4,10 +4,18 @@ import random
 
 import pytest
 
-from preftune.errors import ConfigError
 from preftune.diversity import distinct_n, self_bleu
-from preftune.monitors import (Monitor, OnlineMonitor, Thresholds, crossed, measure, parse_thresholds, repeated_ngrams,
-                               top_opening)
+from preftune.errors import ConfigError
+from preftune.monitors import (
+    Monitor,
+    OnlineMonitor,
+    Thresholds,
+    crossed,
+    measure,
+    parse_thresholds,
+    repeated_ngrams,
+    top_opening,
+)
 
 WORDS = ["calm", "quiet", "soft", "warm", "gentle", "steady", "bright", "clear", "kind", "slow", "still", "light",
          "green", "blue", "round", "small", "plain", "fresh", "cool", "fine"]

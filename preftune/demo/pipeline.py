@@ -90,8 +90,8 @@ def base_model(scale: DemoScale, cache_root: Path) -> Path:
     """Pretrain a small Llama on the review corpus once; later demos reuse it from the cache."""
     from ..recipes.pretrain import train_pretrain
 
-    key = hashlib.sha256(json.dumps([asdict(scale)[k] for k in ("corpus_reviews", "hidden_size", "layers", "vocab_size",
-                                                                 "pretrain_epochs", "seed", "precision")]).encode()).hexdigest()[:12]
+    fields = ("corpus_reviews", "hidden_size", "layers", "vocab_size", "pretrain_epochs", "seed", "precision")
+    key = hashlib.sha256(json.dumps([asdict(scale)[k] for k in fields]).encode()).hexdigest()[:12]
     cached = cache_root / f"base-{key}"
     if (cached / "model" / "config.json").is_file():
         console.print(f"base model: reusing the cached pretrained model at {cached / 'model'}")

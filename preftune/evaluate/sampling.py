@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.collate import collate_completions
+from ..diversity import diversity_metrics
 from ..generate import image_forward_inputs
 from ..logprobs import token_kl, token_logprobs_and_entropy
 from ..scoring.judges import is_pointwise, win_rate
 from ..wrappers import evaluating
-from ..diversity import diversity_metrics
 
 
 @dataclass
